@@ -1,0 +1,32 @@
+# make run: start the server with its defaults; make test: lint, type-check and run the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: run test lint typecheck pytest clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python run_perf_db_server.py $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check perfdb tests benchmarks run_perf_db_server.py
+	$(BIN)/ruff format --check perfdb tests benchmarks run_perf_db_server.py
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,7 @@
+"""python -m perfdb: run the perfdb server."""
+
+import sys
+
+from perfdb.server import main
+
+sys.exit(main())

@@ -1,0 +1,231 @@
+"""Command dispatch: one request line in, one reply line out.
+
+Parses the JSON, checks the envelope, looks the op up in the command table, validates its
+fields, calls the services (token resolution, storage) and encodes the reply. Failures
+become coded error replies; nothing raised here reaches the framing layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from perfdb import PROTOCOL_VERSION, SERVER_NAME, __version__
+from perfdb.auth import Profile, TokenResolver, public_profile
+from perfdb.config import Config
+from perfdb.errors import ErrorCode, PerfdbError, quote_input
+from perfdb.protocol import Reply
+from perfdb.schema import ENVELOPE_FIELDS, RecordDraft, check_fields, check_request_id, parse_query, parse_record
+from perfdb.stats import ServerStats
+from perfdb.storage import Page, RecordAck, ResultStore
+
+log = logging.getLogger("perfdb.commands")
+
+Fields = dict[str, Any]
+# A command answers at once, or later through a future or a coroutine.
+Outcome = Fields | asyncio.Future[Any] | Coroutine[Any, Any, Fields]
+Command = Callable[[dict[str, Any], str], Outcome]
+
+_ENCODE = orjson.OPT_APPEND_NEWLINE
+
+
+def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:
+    return orjson.dumps(
+        {"id": request_id, "ok": False, "error": {"code": code.value, "message": message, "retryable": code.retryable}},
+        option=_ENCODE,
+    )
+
+
+def _json_array(documents: list[bytes]) -> orjson.Fragment:
+    """Splice stored JSON documents into the reply without decoding them."""
+    return orjson.Fragment(b"[" + b",".join(documents) + b"]")
+
+
+class CommandDispatcher:
+    """Implements the framing layer's LineHandler on top of the services."""
+
+    def __init__(self, config: Config, store: ResultStore, resolver: TokenResolver, stats: ServerStats) -> None:
+        self._config = config
+        self._store = store
+        self._resolver = resolver
+        self._stats = stats
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Fields]] = set()
+        self.draining = False
+        # The command table, built once from the op_* methods.
+        self._commands: dict[str, Command] = {
+            name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")
+        }
+
+    @property
+    def ops(self) -> list[str]:
+        return sorted(self._commands)
+
+    # -- LineHandler -------------------------------------------------------------------------
+
+    def handle_line(self, line: bytes, peer: str) -> Reply:
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            return self._error(None, ErrorCode.BAD_JSON, f"the line is not valid UTF-8 JSON ({exc})")
+        if not isinstance(request, dict):
+            return self._error(None, ErrorCode.BAD_REQUEST, "a request must be a JSON object")
+        request_id = request.get("id")
+        try:
+            check_request_id(request_id)
+        except PerfdbError as exc:
+            return self._error(None, exc.code, exc.message)
+        op = request.get("op")
+        if not isinstance(op, str):
+            return self._error(request_id, ErrorCode.BAD_REQUEST, "op: is required and must be a string")
+        command = self._commands.get(op)
+        if command is None:
+            return self._error(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {quote_input(op)}; see hello for the ops")
+        self._stats.requests[op] += 1
+        if self.draining:
+            return self._error(request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        try:
+            outcome = command(request, peer)
+        except PerfdbError as exc:
+            return self._error(request_id, exc.code, exc.message)
+        except Exception:
+            log.exception("%s: op %s failed", peer, op)
+            return self._error(request_id, ErrorCode.INTERNAL, "internal server error")
+        if isinstance(outcome, dict):
+            return self._ok(request_id, outcome)
+        reply: asyncio.Future[bytes] = self._loop.create_future()
+        if not asyncio.isfuture(outcome):
+            task = self._loop.create_task(outcome)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            outcome = task
+        outcome.add_done_callback(functools.partial(self._settle, reply, request_id, peer, op))
+        return reply
+
+    def line_too_long_reply(self) -> bytes:
+        self._stats.errors[ErrorCode.LINE_TOO_LONG.value] += 1
+        return encode_error(
+            None, ErrorCode.LINE_TOO_LONG, f"request line longer than {self._config.max_line_bytes} bytes; discarded"
+        )
+
+    def internal_error_reply(self) -> bytes:
+        return self._error(None, ErrorCode.INTERNAL, "internal server error")
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def _ok(self, request_id: Any, fields: Fields) -> bytes:
+        return orjson.dumps({"id": request_id, "ok": True, **fields}, option=_ENCODE)
+
+    def _error(self, request_id: Any, code: ErrorCode, message: str) -> bytes:
+        self._stats.errors[code.value] += 1
+        return encode_error(request_id, code, message)
+
+    def _settle(self, reply: asyncio.Future[bytes], request_id: Any, peer: str, op: str, outcome: asyncio.Future[Any]) -> None:
+        if outcome.cancelled():
+            reply.set_result(self._error(request_id, ErrorCode.SHUTTING_DOWN, "the request was cancelled"))
+            return
+        error = outcome.exception()
+        if error is None:
+            result = outcome.result()
+            fields = result if isinstance(result, dict) else result.to_fields()
+            reply.set_result(self._ok(request_id, fields))
+        elif isinstance(error, PerfdbError):
+            reply.set_result(self._error(request_id, error.code, error.message))
+        else:
+            log.error("%s: op %s failed", peer, op, exc_info=error)
+            reply.set_result(self._error(request_id, ErrorCode.INTERNAL, "internal server error"))
+
+    # -- ops (method name op_<name> puts it in the command table) ----------------------------
+
+    def op_hello(self, request: dict[str, Any], peer: str) -> Fields:
+        check_fields(request, ENVELOPE_FIELDS)
+        config = self._config
+        return {
+            "server": SERVER_NAME,
+            "version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "ops": self.ops,
+            "limits": {
+                "max_line_bytes": config.max_line_bytes,
+                "max_inflight": config.max_inflight,
+                "default_page_size": config.default_page_size,
+                "max_page_size": config.max_page_size,
+            },
+        }
+
+    def op_ping(self, request: dict[str, Any], peer: str) -> Fields:
+        check_fields(request, ENVELOPE_FIELDS)
+        return {}
+
+    def op_record(self, request: dict[str, Any], peer: str) -> Outcome:
+        token, draft = parse_record(request)
+        resolved = self._resolver.resolve(token)
+        if isinstance(resolved, Profile):
+            return self._store.submit(resolved, draft)  # resolves to a RecordAck
+        return self._record_once_resolved(resolved, draft)
+
+    async def _record_once_resolved(self, profile_future: asyncio.Future[Profile], draft: RecordDraft) -> Fields:
+        # Other requests may share the lookup: shield it from this one being cancelled.
+        profile = await asyncio.shield(profile_future)
+        ack: RecordAck = await self._store.submit(profile, draft)
+        return ack.to_fields()
+
+    def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
+        query = parse_query(
+            request, with_user=True, default_limit=self._config.default_page_size, max_limit=self._config.max_page_size
+        )
+        return self._get_user(query)
+
+    async def _get_user(self, query: Any) -> Fields:
+        profile, page = await self._store.get_user(query)
+        return {
+            "user": public_profile(profile, self._config.expose_emails),
+            "records": _json_array(page.records),
+            "next_cursor": page.next_cursor,
+        }
+
+    def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
+        query = parse_query(
+            request, with_user=False, default_limit=self._config.default_page_size, max_limit=self._config.max_page_size
+        )
+        return self._get_all(query)
+
+    async def _get_all(self, query: Any) -> Fields:
+        page: Page = await self._store.get_all(query)
+        expose = self._config.expose_emails
+        return {
+            "users": {user_id: public_profile(profile, expose) for user_id, profile in page.profiles.items()},
+            "records": _json_array(page.records),
+            "next_cursor": page.next_cursor,
+        }
+
+    def op_stats(self, request: dict[str, Any], peer: str) -> Fields:
+        check_fields(request, ENVELOPE_FIELDS)
+        stats, writer, cache = self._stats, self._store.writer, self._resolver.cache
+        return {
+            "users": writer.user_count,
+            "records": writer.record_count,
+            "uptime_seconds": round(stats.uptime_seconds, 3),
+            "connections": {"open": stats.connections_open, "total": stats.connections_total},
+            "requests": dict(stats.requests),
+            "errors": dict(stats.errors),
+            "commits": {
+                "batches": writer.batches,
+                "records": writer.batched_records,
+                "mean_batch_size": round(writer.batched_records / writer.batches, 2) if writer.batches else 0.0,
+                "failed_batches": writer.failed_batches,
+                "sync": self._config.sync,
+            },
+            "token_cache": {
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "entries": len(cache),
+                "upstream_requests": self._resolver.upstream_requests,
+            },
+            "corrupt_records": self._store.corrupt_records,
+        }

@@ -1,0 +1,253 @@
+"""Framing: bytes on a TCP connection to request lines and back, with limits and flow control.
+
+This layer knows nothing about what a request means. It splits the stream into lines,
+enforces the line-length limit (on the unterminated tail too), hands each line to a
+LineHandler, and writes the replies in request order. It never imports storage or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import typing
+from typing import Protocol as TypingProtocol
+
+log = logging.getLogger("perfdb.protocol")
+
+# A reply is ready (bytes) or will be (a future that always resolves to bytes).
+Reply = bytes | asyncio.Future[bytes]
+
+
+class LineHandler(TypingProtocol):
+    """What the framing layer needs from the command layer."""
+
+    def handle_line(self, line: bytes, peer: str) -> Reply:
+        """Answer one complete request line (terminator stripped). Must not raise."""
+        ...
+
+    def line_too_long_reply(self) -> bytes:
+        """The error reply for a line over the limit, none of whose bytes were looked at."""
+        ...
+
+    def internal_error_reply(self) -> bytes:
+        """The reply sent in place of a reply future that failed or was cancelled."""
+        ...
+
+
+class ConnectionTracker(TypingProtocol):
+    """Where the server keeps its open connections, so shutdown can find them."""
+
+    def connection_opened(self, connection: LineProtocol) -> None: ...
+
+    def connection_closed(self, connection: LineProtocol) -> None: ...
+
+
+class LineProtocol(asyncio.Protocol):
+    """One client connection speaking newline-delimited requests."""
+
+    __slots__ = (
+        "_handler", "_tracker", "_max_line_bytes", "_max_inflight", "_loop",
+        "_transport", "_peer", "_buffer", "_discarding", "_pending", "_flush_scheduled",
+        "_write_paused", "_inflight_full", "_reading_paused", "_draining", "_closed",
+    )
+
+    def __init__(
+        self,
+        handler: LineHandler,
+        tracker: ConnectionTracker,
+        *,
+        max_line_bytes: int,
+        max_inflight: int,
+    ) -> None:
+        # Collaborators and limits
+        self._handler = handler
+        self._tracker = tracker
+        self._max_line_bytes = max_line_bytes
+        self._max_inflight = max_inflight
+        self._loop = asyncio.get_running_loop()
+        # Per-connection state
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._buffer = bytearray()
+        self._discarding = False  # inside an over-long line, dropping bytes up to its newline
+        # Replies in request order; the head is written as soon as it is ready.
+        self._pending: collections.deque[Reply] = collections.deque()
+        self._flush_scheduled = False
+        # Flow control: reading is paused while any of these holds.
+        self._write_paused = False
+        self._inflight_full = False
+        self._reading_paused = False
+        self._draining = False
+        self._closed = False
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def idle(self) -> bool:
+        """No reply is owed to the client."""
+        return not self._pending
+
+    # -- transport callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Set up the connection and register it with the server."""
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = typing.cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self._peer = f"[{peername[0]}]:{peername[1]}" if ":" in str(peername[0]) else f"{peername[0]}:{peername[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # already closed by the peer; connection_lost follows
+                pass
+        self._tracker.connection_opened(self)
+        log.debug("%s: connected", self._peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; replies still being computed are dropped when they finish."""
+        self._closed = True
+        self._buffer.clear()
+        self._pending.clear()
+        self._tracker.connection_closed(self)
+        log.debug("%s: disconnected%s", self._peer, f" ({exc})" if exc else "")
+
+    def data_received(self, data: bytes) -> None:
+        """Frame the new bytes into lines and hand each complete one on."""
+        if self._draining or self._closed:
+            return
+        if self._discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return
+            data = data[newline + 1 :]
+            self._discarding = False
+        self._buffer += data
+        self._process_buffer()
+
+    def eof_received(self) -> bool:
+        """The client finished sending: answer what it sent, then close."""
+        self._drain()
+        return True  # keep the write side open until the replies are out
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is full: stop reading new requests."""
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        """The write buffer drained: read again."""
+        self._write_paused = False
+        self._update_reading()
+
+    # -- framing ---------------------------------------------------------------------------
+
+    def _process_buffer(self) -> None:
+        buffer = self._buffer
+        limit = self._max_line_bytes
+        pending = self._pending
+        start = 0
+        while self._draining or len(pending) < self._max_inflight:
+            newline = buffer.find(b"\n", start)
+            if newline < 0:
+                break
+            end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
+            if end - start > limit:
+                pending.append(self._handler.line_too_long_reply())
+            elif end > start:
+                self._enqueue(self._handler.handle_line(bytes(buffer[start:end]), self._peer))
+            start = newline + 1
+        if start:
+            del buffer[:start]
+        # The unterminated tail counts against the limit too (one spare byte for a '\r').
+        if len(buffer) > limit + 1 and buffer.find(b"\n") < 0:
+            buffer.clear()
+            self._discarding = True
+            pending.append(self._handler.line_too_long_reply())
+        if len(pending) >= self._max_inflight:
+            self._inflight_full = True
+        self._update_reading()
+        self._flush()
+
+    def _enqueue(self, reply: Reply) -> None:
+        self._pending.append(reply)
+        if not isinstance(reply, bytes):
+            reply.add_done_callback(self._on_reply_done)
+
+    def _on_reply_done(self, _future: asyncio.Future[bytes]) -> None:
+        # Many replies complete in one loop iteration (a group commit); write them together.
+        if not self._flush_scheduled and not self._closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write every reply at the head of the queue that is ready, as one write."""
+        self._flush_scheduled = False
+        if self._closed or self._transport is None:
+            return
+        pending = self._pending
+        ready: list[bytes] = []
+        while pending:
+            head = pending[0]
+            if isinstance(head, bytes):
+                ready.append(head)
+            elif head.done():
+                ready.append(self._future_reply(head))
+            else:
+                break
+            pending.popleft()
+        if ready:
+            self._transport.write(b"".join(ready))
+        if self._inflight_full and len(pending) <= self._max_inflight // 2:
+            self._inflight_full = False
+            if self._buffer:
+                self._process_buffer()  # requests that arrived while we were paused
+                return
+            self._update_reading()
+        self._close_if_done()
+
+    def _future_reply(self, future: asyncio.Future[bytes]) -> bytes:
+        if future.cancelled() or future.exception() is not None:
+            return self._handler.internal_error_reply()
+        return future.result()
+
+    # -- flow control and shutdown -------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading so that it is paused exactly while some reason holds."""
+        if self._transport is None or self._closed:
+            return
+        should_pause = self._write_paused or self._inflight_full or self._draining
+        if should_pause and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        elif not should_pause and self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def begin_shutdown(self) -> None:
+        """Stop reading; answer the complete lines already received, then close."""
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._draining or self._closed:
+            return
+        self._draining = True
+        if not self._discarding:
+            self._process_buffer()  # with _draining set, the in-flight cap no longer holds lines back
+        self._buffer.clear()  # an unterminated last line is not a request
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self._draining and not self._pending and not self._closed and self._transport is not None:
+            self._transport.close()  # sends what is buffered, then closes
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent replies (shutdown grace period is over)."""
+        if self._transport is not None and not self._closed:
+            self._transport.abort()

@@ -1,0 +1,313 @@
+"""What a valid request looks like: record submissions, read queries, and privacy scrubbing.
+
+Every check raises a bad_request PerfdbError whose message starts with the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import re
+from typing import Any
+
+import orjson
+
+from perfdb.errors import bad_request, quote_input
+from perfdb.scenario import map_scenario_result
+from perfdb.timestamps import parse_rfc3339
+
+# The 2015 performance database's metric names: latencies in microseconds, CPU times in percent.
+CORE_METRICS = (
+    "qps",
+    "qps_per_core",
+    "perc_lat_50",
+    "perc_lat_90",
+    "perc_lat_95",
+    "perc_lat_99",
+    "perc_lat_99_point_9",
+    "server_system_time",
+    "server_user_time",
+    "client_system_time",
+    "client_user_time",
+)
+
+# Size bounds, documented in protocol_spec.md.
+MAX_ACCESS_TOKEN_CHARS = 4096
+MAX_NAME_CHARS = 256  # test_name, tag
+MAX_REQUEST_ID_CHARS = 128
+MAX_USER_ID_CHARS = 256
+MAX_METRICS = 256
+MAX_METRIC_NAME_CHARS = 128
+MAX_SYS_INFO_BYTES = 16 * 1024
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CURSOR_CHARS = 64
+
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+ENVELOPE_FIELDS = frozenset({"op", "id"})
+RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
+    {
+        "access_token", "test_name", "tag", "sys_info", "metrics",
+        "client_config", "server_config", "request_id", "scenario_result",
+    }
+)
+QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
+
+
+@dataclasses.dataclass(slots=True)
+class RecordDraft:
+    """A validated, scrubbed result waiting for its user, id and timestamp."""
+
+    test_name: str
+    tag: str
+    sys_info: str | dict[str, Any]
+    metrics: dict[str, int | float]
+    client_config: dict[str, Any]
+    server_config: dict[str, Any]
+    request_id: str | None = None
+    scenario: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Query:
+    """A validated read: whose records, which ones, and where the page starts."""
+
+    user_id: str | None
+    test_name: str | None
+    tag: str | None
+    since: int | None  # microseconds since the epoch, inclusive
+    until: int | None  # microseconds since the epoch, exclusive
+    limit: int
+    cursor: str | None
+
+
+# -- field checks -----------------------------------------------------------------------
+
+
+def check_fields(request: dict[str, Any], allowed: frozenset[str]) -> None:
+    for name in request:
+        if name not in allowed:
+            raise bad_request(quote_input(name), "unknown field for this op")
+
+
+def required_string(request: dict[str, Any], field: str, max_chars: int) -> str:
+    value = request.get(field)
+    if value is None:
+        raise bad_request(field, "is required")
+    return _string(field, value, max_chars, allow_empty=False)
+
+
+def optional_string(request: dict[str, Any], field: str, max_chars: int) -> str | None:
+    value = request.get(field)
+    if value is None:
+        return None
+    return _string(field, value, max_chars, allow_empty=False)
+
+
+def _string(field: str, value: Any, max_chars: int, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise bad_request(field, f"must be a string, got {_json_type(value)}")
+    if len(value) > max_chars:
+        raise bad_request(field, f"longer than {max_chars} characters")
+    if not allow_empty and not value.strip():
+        raise bad_request(field, "must not be empty")
+    if _CONTROL_CHARS.search(value):
+        raise bad_request(field, "must not contain control characters")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _bounded_object(field: str, value: Any, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad_request(field, f"must be a JSON object, got {_json_type(value)}")
+    if len(orjson.dumps(value)) > max_bytes:
+        raise bad_request(field, f"larger than {max_bytes} bytes of JSON")
+    return value
+
+
+def check_metrics(value: Any, field: str = "metrics") -> dict[str, int | float]:
+    if not isinstance(value, dict):
+        raise bad_request(field, f"must be an object of metric name to number, got {_json_type(value)}")
+    if not value:
+        raise bad_request(field, "needs at least one metric")
+    if len(value) > MAX_METRICS:
+        raise bad_request(field, f"more than {MAX_METRICS} metrics")
+    for name, number in value.items():
+        if len(name) > MAX_METRIC_NAME_CHARS or not _METRIC_NAME.fullmatch(name):
+            raise bad_request(
+                f"{field}.{quote_input(name)}",
+                f"metric names are 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'",
+            )
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise bad_request(f"{field}.{name}", f"must be a number, got {_json_type(number)}")
+        if isinstance(number, float) and not math.isfinite(number):
+            raise bad_request(f"{field}.{name}", "must be a finite number")
+    return value
+
+
+# -- privacy ---------------------------------------------------------------------------
+
+IP_REPLACEMENT = "[redacted]"
+# Candidates only: each match is confirmed by the ipaddress module, so "16:19:53" survives.
+_IP_CANDIDATE = re.compile(
+    r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?)(?![\w:])"
+)
+_CONFIG_KEYS_REMOVED = frozenset({"host", "server_targets", "serverTargets"})
+
+
+def _replace_ip(match: re.Match[str]) -> str:
+    candidate = match.group(0).split("%", 1)[0]
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return match.group(0)
+    return IP_REPLACEMENT
+
+
+def scrub_ips(value: Any) -> Any:
+    """Replace every IP address inside strings (keys included) with IP_REPLACEMENT."""
+    if isinstance(value, str):
+        return _IP_CANDIDATE.sub(_replace_ip, value) if any(c in value for c in ".:") else value
+    if isinstance(value, dict):
+        return {scrub_ips(key): scrub_ips(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub_ips(item) for item in value]
+    return value
+
+
+def remove_host_fields(config: Any) -> Any:
+    """Drop host and server-target fields at any depth: they name the benchmark machines."""
+    if isinstance(config, dict):
+        return {key: remove_host_fields(item) for key, item in config.items() if key not in _CONFIG_KEYS_REMOVED}
+    if isinstance(config, list):
+        return [remove_host_fields(item) for item in config]
+    return config
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
+    """Validate a record request; returns the access token and the scrubbed draft."""
+    check_fields(request, RECORD_FIELDS)
+    token = request.get("access_token")
+    if token is None:
+        raise bad_request("access_token", "is required")
+    if not isinstance(token, str) or not token or len(token) > MAX_ACCESS_TOKEN_CHARS or not token.isascii():
+        # Never quote the token: it is a secret even when malformed.
+        raise bad_request("access_token", f"must be a non-empty ASCII string of at most {MAX_ACCESS_TOKEN_CHARS} characters")
+
+    scenario: dict[str, Any] | None = None
+    default_test_name: str | None = None
+    if "scenario_result" in request:
+        for field in ("metrics", "client_config", "server_config"):
+            if field in request:
+                raise bad_request(field, "cannot be combined with scenario_result")
+        mapped = map_scenario_result(request["scenario_result"])
+        metrics = mapped.metrics
+        client_config = mapped.client_config
+        server_config = mapped.server_config
+        scenario = mapped.scenario
+        default_test_name = mapped.name
+    else:
+        if "metrics" not in request:
+            raise bad_request("metrics", "is required (or send scenario_result)")
+        metrics = check_metrics(request["metrics"])
+        client_config = request.get("client_config") or {}
+        server_config = request.get("server_config") or {}
+    client_config = _bounded_object("client_config", client_config, MAX_CONFIG_BYTES)
+    server_config = _bounded_object("server_config", server_config, MAX_CONFIG_BYTES)
+
+    if request.get("test_name") is None and default_test_name:
+        test_name = _string("scenario_result.scenario.name", default_test_name, MAX_NAME_CHARS, allow_empty=False)
+    else:
+        test_name = required_string(request, "test_name", MAX_NAME_CHARS)
+    tag_value = request.get("tag")
+    tag = "" if tag_value is None else _string("tag", tag_value, MAX_NAME_CHARS, allow_empty=True)
+
+    sys_info = request.get("sys_info")
+    if sys_info is None:
+        sys_info = {}
+    elif isinstance(sys_info, str):
+        if len(sys_info.encode()) > MAX_SYS_INFO_BYTES:
+            raise bad_request("sys_info", f"larger than {MAX_SYS_INFO_BYTES} bytes")
+    else:
+        if not isinstance(sys_info, dict):
+            raise bad_request("sys_info", f"must be a string or an object, got {_json_type(sys_info)}")
+        _bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)
+
+    draft = RecordDraft(
+        test_name=test_name,
+        tag=tag,
+        sys_info=scrub_ips(sys_info),
+        metrics=metrics,
+        client_config=remove_host_fields(client_config),
+        server_config=remove_host_fields(server_config),
+        request_id=optional_string(request, "request_id", MAX_REQUEST_ID_CHARS),
+        scenario=scenario,
+    )
+    return token, draft
+
+
+def parse_query(request: dict[str, Any], *, with_user: bool, default_limit: int, max_limit: int) -> Query:
+    """Validate the filters shared by get_user and get_all."""
+    check_fields(request, QUERY_FIELDS | {"user_id"} if with_user else QUERY_FIELDS)
+    user_id = required_string(request, "user_id", MAX_USER_ID_CHARS) if with_user else None
+    since = _timestamp(request, "since")
+    until = _timestamp(request, "until")
+    if since is not None and until is not None and until <= since:
+        raise bad_request("until", "must be later than since")
+    limit = request.get("limit", default_limit)
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise bad_request("limit", f"must be an integer, got {_json_type(limit)}")
+    if not 1 <= limit <= max_limit:
+        raise bad_request("limit", f"must be between 1 and {max_limit}")
+    cursor = optional_string(request, "cursor", MAX_CURSOR_CHARS)
+    return Query(
+        user_id=user_id,
+        test_name=optional_string(request, "test_name", MAX_NAME_CHARS),
+        tag=_optional_tag(request),
+        since=since,
+        until=until,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+def _optional_tag(request: dict[str, Any]) -> str | None:
+    value = request.get("tag")
+    return None if value is None else _string("tag", value, MAX_NAME_CHARS, allow_empty=True)
+
+
+def _timestamp(request: dict[str, Any], field: str) -> int | None:
+    value = request.get(field)
+    if value is None:
+        return None
+    try:
+        return parse_rfc3339(value)
+    except (ValueError, TypeError, OverflowError):
+        raise bad_request(field, "must be an RFC 3339 timestamp with an offset, e.g. 2026-01-31T12:00:00Z") from None
+
+
+def check_request_id(value: Any) -> None:
+    """The echoed 'id' must be a JSON scalar of modest size."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return
+    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS:
+        return
+    raise bad_request("id", f"must be a string of at most {MAX_REQUEST_ID_CHARS} characters, a number, a boolean or null")

@@ -1,0 +1,205 @@
+"""Server wiring: builds the services, listens, tracks connections, and shuts down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from perfdb import __version__
+from perfdb.auth import TokenResolver, load_static_tokens
+from perfdb.commands import CommandDispatcher
+from perfdb.config import Config, ConfigError, config_from_args, format_address
+from perfdb.protocol import LineProtocol
+from perfdb.stats import ServerStats
+from perfdb.storage import ResultStore, StoreOpenError
+
+log = logging.getLogger("perfdb.server")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is one line for the operator."""
+
+
+class PerfdbServer:
+    """One perfdb server: storage, token resolution, commands and the TCP listener."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self.store = ResultStore(config.database, sync=config.sync, max_batch=config.max_batch_records)
+        self.resolver: TokenResolver | None = None
+        self.dispatcher: CommandDispatcher | None = None
+        self._listener: asyncio.Server | None = None
+        self._connections: set[LineProtocol] = set()
+        self._all_closed = asyncio.Event()
+        self._shutdown_started = False
+
+    # -- start-up -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, start the resolver and listen. Raises StartupError."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        static_tokens = {}
+        if config.tokens_file is not None:
+            try:
+                static_tokens = await loop.run_in_executor(None, load_static_tokens, config.tokens_file)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
+        try:
+            await loop.run_in_executor(None, self.store.open, loop)
+        except StoreOpenError as exc:
+            raise StartupError(str(exc)) from None
+        self.resolver = TokenResolver(
+            userinfo_url=config.userinfo_url,
+            static_tokens=static_tokens,
+            cache_ttl=config.token_cache_ttl,
+            negative_ttl=config.token_negative_ttl,
+            cache_size=config.token_cache_size,
+            timeout=config.auth_timeout,
+            max_connections=config.auth_max_connections,
+        )
+        await self.resolver.start()
+        self.dispatcher = CommandDispatcher(config, self.store, self.resolver, self.stats)
+        dispatcher = self.dispatcher
+        try:
+            self._listener = await loop.create_server(
+                lambda: LineProtocol(
+                    dispatcher, self, max_line_bytes=config.max_line_bytes, max_inflight=config.max_inflight
+                ),
+                config.host,
+                config.port,
+                backlog=1024,
+            )
+        except OSError as exc:
+            await self._close_services()
+            raise StartupError(_listen_error(config, exc)) from None
+        log.info("perfdb %s listening on %s (database %s, %s)", __version__, self.address, config.database,
+                 "sync commits" if config.sync else "no-sync commits")
+
+    @property
+    def address(self) -> str:
+        """The bound address, with the real port when the configured one was 0."""
+        assert self._listener is not None
+        host, port = self._listener.sockets[0].getsockname()[:2]
+        return format_address(host, port)
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        port: int = self._listener.sockets[0].getsockname()[1]
+        return port
+
+    # -- ConnectionTracker ----------------------------------------------------------------
+
+    def connection_opened(self, connection: LineProtocol) -> None:
+        self._connections.add(connection)
+        self.stats.connections_open = len(self._connections)
+        self.stats.connections_total += 1
+        if self._shutdown_started:
+            connection.begin_shutdown()  # accepted just before the listener closed
+
+    def connection_closed(self, connection: LineProtocol) -> None:
+        self._connections.discard(connection)
+        self.stats.connections_open = len(self._connections)
+        if not self._connections:
+            self._all_closed.set()
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer what was received, commit, and close everything, in that order."""
+        if self._shutdown_started:
+            return
+        self._shutdown_started = True
+        log.info("shutting down: %d connection(s) open", len(self._connections))
+        if self._listener is not None:
+            self._listener.close()
+        if self.dispatcher is not None:
+            self.dispatcher.draining = True
+        for connection in list(self._connections):
+            connection.begin_shutdown()
+        if self._connections:
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), self.config.shutdown_timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d connection(s) still busy after %.1fs; closing them",
+                            len(self._connections), self.config.shutdown_timeout)
+                for connection in list(self._connections):
+                    connection.abort()
+        await self._close_services()
+        log.info("shut down cleanly")
+
+    async def _close_services(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Flushes the last write batch and stops the writer thread before LevelDB closes.
+        await loop.run_in_executor(None, self.store.close)
+        if self.resolver is not None:
+            await self.resolver.close()
+
+
+def _listen_error(config: Config, exc: OSError) -> str:
+    address = format_address(config.host, config.port)
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {address}: address already in use"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot listen on {address}: unknown host {config.host!r}"
+    return f"cannot listen on {address}: {exc.strerror or exc}"
+
+
+async def serve(config: Config) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut it down cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    server = PerfdbServer(config)
+    await server.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.shutdown()
+
+
+def run(main: Coroutine[Any, Any, None], loop_choice: str) -> None:
+    """Run a coroutine on uvloop when available (or required), else plain asyncio."""
+    if loop_choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop_choice == "uvloop":
+                main.close()
+                raise StartupError("--loop=uvloop was requested but uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of run_perf_db_server, python -m perfdb and run_perf_db_server.py."""
+    try:
+        config = config_from_args(argv)
+    except ConfigError as exc:
+        print(f"run_perf_db_server: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        run(serve(config), config.loop)
+    except StartupError as exc:
+        print(f"run_perf_db_server: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

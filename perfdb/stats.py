@@ -1,0 +1,23 @@
+"""Counters the server keeps about itself, reported by the stats op."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+
+class ServerStats:
+    """Request, error and connection counters; updated on the event loop only."""
+
+    __slots__ = ("started", "requests", "errors", "connections_open", "connections_total")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests: collections.Counter[str] = collections.Counter()  # by op
+        self.errors: collections.Counter[str] = collections.Counter()  # by error code
+        self.connections_open = 0
+        self.connections_total = 0
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self.started

@@ -1,0 +1,97 @@
+"""The LevelDB key layout and value encoding; the one place that knows how bytes are laid out.
+
+    m:schema                     -> schema version (ASCII integer)
+    m:records, m:users           -> counters (ASCII integers), updated in the same batch
+    p:<user_id>                  -> the user's profile (JSON)
+    r:<record_id><user_id>       -> the record (checksummed JSON); record ids sort by time
+    u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
+    i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
+
+Record ids are 20 lowercase hex digits: 14 of server time in microseconds, then 6 of a
+sequence number, so byte order is time order and the record keyspace is the time index.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+
+SCHEMA_VERSION = 1
+
+SCHEMA_KEY = b"m:schema"
+RECORD_COUNT_KEY = b"m:records"
+USER_COUNT_KEY = b"m:users"
+PROFILE_PREFIX = b"p:"
+RECORD_PREFIX = b"r:"
+USER_INDEX_PREFIX = b"u:"
+IDEMPOTENCY_PREFIX = b"i:"
+SEPARATOR = b"\x00"
+
+RECORD_ID_CHARS = 20
+_SEQUENCE_LIMIT = 1 << 24
+_RECORD_ID = re.compile(r"[0-9a-f]{20}")
+_CHECKSUM = struct.Struct(">I")
+
+
+class CorruptValue(ValueError):
+    """A stored value whose checksum does not match its bytes."""
+
+
+def make_record_id(micros: int, sequence: int) -> str:
+    return f"{micros:014x}{sequence:06x}"
+
+
+def record_id_micros(record_id: str) -> int:
+    return int(record_id[:14], 16)
+
+
+def is_record_id(text: str) -> bool:
+    return bool(_RECORD_ID.fullmatch(text))
+
+
+def time_bound(micros: int) -> bytes:
+    """The smallest record id (as bytes) at or after `micros`."""
+    return make_record_id(micros, 0).encode()
+
+
+def profile_key(user_id: str) -> bytes:
+    return PROFILE_PREFIX + user_id.encode()
+
+
+def record_key(record_id: str, user_id: str) -> bytes:
+    return RECORD_PREFIX + record_id.encode() + user_id.encode()
+
+
+def split_record_key(key: bytes) -> tuple[str, str]:
+    """(record_id, user_id) of a record key."""
+    start = len(RECORD_PREFIX)
+    return key[start : start + RECORD_ID_CHARS].decode(), key[start + RECORD_ID_CHARS :].decode()
+
+
+def user_index_prefix(user_id: str) -> bytes:
+    return USER_INDEX_PREFIX + user_id.encode() + SEPARATOR
+
+
+def idempotency_key(user_id: str, request_id: str) -> bytes:
+    return IDEMPOTENCY_PREFIX + user_id.encode() + SEPARATOR + request_id.encode()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with `prefix` (prefixes here never end in 0xff)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def seal(document: bytes) -> bytes:
+    """Prefix a value with the CRC-32 of its bytes, so damage is detected on read."""
+    return _CHECKSUM.pack(zlib.crc32(document)) + document
+
+
+def unseal(value: bytes) -> bytes:
+    """The document inside a sealed value; raises CorruptValue if it was damaged."""
+    if len(value) < _CHECKSUM.size:
+        raise CorruptValue("value shorter than its checksum")
+    document = value[_CHECKSUM.size :]
+    if _CHECKSUM.unpack_from(value)[0] != zlib.crc32(document):
+        raise CorruptValue("checksum mismatch")
+    return document

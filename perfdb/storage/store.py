@@ -1,0 +1,291 @@
+"""The result store: opens and locks the database, hands writes to the writer thread, and
+serves paged reads from snapshots on a small thread pool, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import plyvel
+
+from perfdb.auth import Profile
+from perfdb.errors import ErrorCode, PerfdbError
+from perfdb.schema import Query, RecordDraft
+from perfdb.storage import layout
+from perfdb.storage.writer import GroupCommitWriter, RecordAck
+
+log = logging.getLogger("perfdb.storage")
+
+LOCK_FILE_NAME = "perfdb.lock"
+# A page examines at most this many index entries, so a filter that matches little
+# cannot turn one request into a scan of the whole database.
+SCAN_BUDGET = 50_000
+_READ_THREADS = 4
+
+
+class StoreOpenError(Exception):
+    """The database cannot be opened; the message is meant for the operator."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Page:
+    """One page of records, each already JSON, in record-id (time) order."""
+
+    records: list[bytes]
+    profiles: dict[str, dict[str, Any]]  # stored profiles of the users in the page, by id
+    next_cursor: str | None
+
+
+class ResultStore:
+    """LevelDB-backed storage of profiles and records; see layout.py for the keys."""
+
+    def __init__(self, path: Path, *, sync: bool, max_batch: int) -> None:
+        self._path = path
+        self._sync = sync
+        self._max_batch = max_batch
+        self._lock_fd: int | None = None
+        self._db: plyvel.DB | None = None
+        self._writer: GroupCommitWriter | None = None
+        self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="perfdb-read")
+        self.corrupt_records = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Lock, open and check the database, then start the writer. Blocking; raises StoreOpenError."""
+        real_path = self._take_lock()
+        try:
+            self._db = plyvel.DB(
+                str(real_path),
+                create_if_missing=True,
+                bloom_filter_bits=10,
+                lru_cache_size=64 * 1024 * 1024,
+                write_buffer_size=16 * 1024 * 1024,
+            )
+        except plyvel.Error as exc:
+            self._release_lock()
+            raise StoreOpenError(f"cannot open database {self._path}: {exc}") from None
+        try:
+            self._check_schema()
+            record_count = int(self._db.get(layout.RECORD_COUNT_KEY, b"0"))
+            user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
+            last_record_id = self._last_record_id()
+        except BaseException:
+            self._db.close()
+            self._release_lock()
+            raise
+        self._writer = GroupCommitWriter(
+            self._db,
+            loop,
+            sync=self._sync,
+            max_batch=self._max_batch,
+            record_count=record_count,
+            user_count=user_count,
+            last_record_id=last_record_id,
+        )
+        self._writer.start()
+
+    def _take_lock(self) -> Path:
+        """Hold our own lock on the resolved path: LevelDB's in-process check compares path text."""
+        try:
+            self._path.mkdir(parents=True, exist_ok=True)
+            real_path = self._path.resolve(strict=True)
+            fd = os.open(real_path / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreOpenError(f"database path {self._path} is not writable: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                owner = f" (pid {holder})" if holder.isdigit() else ""
+                raise StoreOpenError(f"database {real_path} is already in use by another perfdb server{owner}") from None
+            raise StoreOpenError(f"cannot lock database {real_path}: {exc.strerror or exc}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        return real_path
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _check_schema(self) -> None:
+        assert self._db is not None
+        version = self._db.get(layout.SCHEMA_KEY)
+        if version is None:
+            with self._db.iterator(include_value=False) as keys:
+                if next(keys, None) is not None:
+                    raise StoreOpenError(f"{self._path} holds a LevelDB database that is not a perfdb database")
+            self._db.put(layout.SCHEMA_KEY, str(layout.SCHEMA_VERSION).encode(), sync=True)
+        elif version != str(layout.SCHEMA_VERSION).encode():
+            raise StoreOpenError(
+                f"database {self._path} has schema version {version.decode(errors='replace')}, "
+                f"this server reads version {layout.SCHEMA_VERSION}"
+            )
+
+    def _last_record_id(self) -> str | None:
+        assert self._db is not None
+        with self._db.iterator(prefix=layout.RECORD_PREFIX, reverse=True, include_value=False) as keys:
+            last = next(keys, None)
+        return None if last is None else layout.split_record_key(last)[0]
+
+    def stop_writes(self) -> None:
+        """Commit everything queued and stop the writer thread. Blocking."""
+        if self._writer is not None:
+            self._writer.stop()
+
+    def close(self) -> None:
+        """Stop writes, let running reads finish, close LevelDB and release the lock. Blocking."""
+        self.stop_writes()
+        self._readers.shutdown(wait=True)
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._release_lock()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    @property
+    def writer(self) -> GroupCommitWriter:
+        assert self._writer is not None, "store is not open"
+        return self._writer
+
+    def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
+        return self.writer.submit(profile, draft)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get_user(self, query: Query) -> tuple[dict[str, Any], Page]:
+        """The user's stored profile and one page of their records; not_found for unknown users."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read_user_page, query)
+
+    async def get_all(self, query: Query) -> Page:
+        """One page of every user's records, in time order."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read_all_page, query)
+
+    def _database(self) -> plyvel.DB:
+        if self._db is None:
+            raise PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        return self._db
+
+    def _read_user_page(self, query: Query) -> tuple[dict[str, Any], Page]:
+        assert query.user_id is not None
+        user_id = query.user_id
+        snapshot = self._database().snapshot()
+        try:
+            stored_profile = snapshot.get(layout.profile_key(user_id))
+            if stored_profile is None:
+                raise PerfdbError(ErrorCode.NOT_FOUND, "no such user")
+            prefix = layout.user_index_prefix(user_id)
+            start, include_start = self._page_start(prefix, query)
+            stop = prefix + layout.time_bound(query.until) if query.until is not None else layout.prefix_end(prefix)
+            records: list[bytes] = []
+            last_seen: str | None = None
+            more = False
+            scanned = 0
+            with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
+                for key, filter_fields in entries:
+                    record_id = key[len(prefix) :].decode()
+                    if records and len(records) == query.limit or scanned == SCAN_BUDGET:
+                        more = True
+                        break
+                    scanned += 1
+                    last_seen = record_id
+                    if not _matches_fields(query, orjson.loads(filter_fields)):
+                        continue
+                    value = snapshot.get(layout.record_key(record_id, user_id))
+                    document = self._checked(value, record_id)
+                    if document is not None:
+                        records.append(document)
+            page = Page(records, {}, last_seen if more else None)
+            return orjson.loads(stored_profile), page
+        finally:
+            snapshot.close()
+
+    def _read_all_page(self, query: Query) -> Page:
+        snapshot = self._database().snapshot()
+        try:
+            start, include_start = self._page_start(layout.RECORD_PREFIX, query)
+            stop = (
+                layout.RECORD_PREFIX + layout.time_bound(query.until)
+                if query.until is not None
+                else layout.prefix_end(layout.RECORD_PREFIX)
+            )
+            filtered = query.test_name is not None or query.tag is not None
+            records: list[bytes] = []
+            user_ids: set[str] = set()
+            last_seen: str | None = None
+            more = False
+            scanned = 0
+            with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
+                for key, value in entries:
+                    if records and len(records) == query.limit or scanned == SCAN_BUDGET:
+                        more = True
+                        break
+                    scanned += 1
+                    record_id, user_id = layout.split_record_key(key)
+                    last_seen = record_id
+                    document = self._checked(value, record_id)
+                    if document is None:
+                        continue
+                    if filtered:
+                        fields = orjson.loads(document)
+                        if not _matches_fields(query, (fields.get("test_name"), fields.get("tag"))):
+                            continue
+                    records.append(document)
+                    user_ids.add(user_id)
+            profiles = {}
+            for user_id in sorted(user_ids):
+                stored = snapshot.get(layout.profile_key(user_id))
+                if stored is not None:
+                    profiles[user_id] = orjson.loads(stored)
+            return Page(records, profiles, last_seen if more else None)
+        finally:
+            snapshot.close()
+
+    @staticmethod
+    def _page_start(prefix: bytes, query: Query) -> tuple[bytes, bool]:
+        """Where a page's scan begins: just after the cursor, else at `since`, else the prefix."""
+        if query.cursor is not None:
+            if not layout.is_record_id(query.cursor):
+                raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned")
+            start = prefix + query.cursor.encode()
+            if query.since is not None:
+                start = max(start, prefix + layout.time_bound(query.since))
+            # The cursor names the last record id seen; every record key with it sorts at or
+            # after it, so skip past all of them (user ids never contain 0xff).
+            return start + b"\xff", True
+        if query.since is not None:
+            return prefix + layout.time_bound(query.since), True
+        return prefix, True
+
+    def _checked(self, value: bytes | None, record_id: str) -> bytes | None:
+        """The record's JSON, or None (logged and counted) if it is missing or damaged."""
+        if value is None:
+            self.corrupt_records += 1
+            log.error("record %s is indexed but missing", record_id)
+            return None
+        try:
+            return layout.unseal(value)
+        except layout.CorruptValue as exc:
+            self.corrupt_records += 1
+            log.error("record %s is damaged (%s); skipped", record_id, exc)
+            return None
+
+
+def _matches_fields(query: Query, fields: Any) -> bool:
+    test_name, tag = fields
+    return (query.test_name is None or query.test_name == test_name) and (query.tag is None or query.tag == tag)
