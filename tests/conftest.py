@@ -1,0 +1,44 @@
+"""Test harness: every async test runs once on asyncio and once on uvloop, with a deadline,
+and fails if the event loop reports an exception nobody handled."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+ASYNC_TEST_DEADLINE = 45.0
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if inspect.iscoroutinefunction(metafunc.function):
+        metafunc.fixturenames.append("loop_kind")
+        metafunc.parametrize("loop_kind", list(LOOP_FACTORIES))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    kind = pyfuncitem.callspec.params["loop_kind"]
+    arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    unhandled: list[dict[str, Any]] = []
+
+    async def run_test() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unhandled.append(context))
+        async with asyncio.timeout(ASYNC_TEST_DEADLINE):
+            await pyfuncitem.obj(**arguments)
+
+    with asyncio.Runner(loop_factory=LOOP_FACTORIES[kind]) as runner:
+        runner.run(run_test())
+    if unhandled:
+        pytest.fail(f"the event loop reported unhandled errors: {unhandled}")
+    return True
