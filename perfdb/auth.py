@@ -224,7 +224,7 @@ class TokenResolver:
             ) as response:
                 status = response.status
                 body = await response.content.read(MAX_USERINFO_BYTES + 1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _unavailable("the identity provider did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise _unavailable(f"cannot reach the identity provider ({type(exc).__name__})") from None

@@ -125,7 +125,9 @@ class CommandDispatcher:
         self._stats.errors[code.value] += 1
         return encode_error(request_id, code, message)
 
-    def _settle(self, reply: asyncio.Future[bytes], request_id: Any, peer: str, op: str, outcome: asyncio.Future[Any]) -> None:
+    def _settle(
+        self, reply: asyncio.Future[bytes], request_id: Any, peer: str, op: str, outcome: asyncio.Future[Any]
+    ) -> None:
         if outcome.cancelled():
             reply.set_result(self._error(request_id, ErrorCode.SHUTTING_DOWN, "the request was cancelled"))
             return

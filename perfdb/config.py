@@ -123,44 +123,99 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"perfdb {__version__}")
     net = parser.add_argument_group("network")
     net.add_argument("--address", default=DEFAULT_ADDRESS, help="hostname:port to listen on (port 0 picks a free one)")
-    net.add_argument("--max-line-bytes", type=_positive_int, default=defaults.max_line_bytes,
-                     help="longest request line accepted, newline excluded")
-    net.add_argument("--max-inflight", type=_positive_int, default=defaults.max_inflight,
-                     help="pipelined requests per connection before reading pauses (resumes at half)")
-    net.add_argument("--max-page-size", type=_positive_int, default=defaults.max_page_size,
-                     help="largest 'limit' accepted by get_user/get_all")
+    net.add_argument(
+        "--max-line-bytes",
+        type=_positive_int,
+        default=defaults.max_line_bytes,
+        help="longest request line accepted, newline excluded",
+    )
+    net.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        default=defaults.max_inflight,
+        help="pipelined requests per connection before reading pauses (resumes at half)",
+    )
+    net.add_argument(
+        "--max-page-size",
+        type=_positive_int,
+        default=defaults.max_page_size,
+        help="largest 'limit' accepted by get_user/get_all",
+    )
     store = parser.add_argument_group("storage")
     store.add_argument("--database", default=DEFAULT_DATABASE, help="LevelDB directory (created if missing)")
-    store.add_argument("--no-sync", dest="sync", action="store_false",
-                       help="acknowledge a write once LevelDB has it, without fsync: survives a process "
-                            "crash but not a power loss or kernel crash")
-    store.add_argument("--max-batch-records", type=_positive_int, default=defaults.max_batch_records,
-                       help="most records committed in one group-commit write batch")
+    store.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="acknowledge a write once LevelDB has it, without fsync: survives a process "
+        "crash but not a power loss or kernel crash",
+    )
+    store.add_argument(
+        "--max-batch-records",
+        type=_positive_int,
+        default=defaults.max_batch_records,
+        help="most records committed in one group-commit write batch",
+    )
     auth = parser.add_argument_group("authentication")
-    auth.add_argument("--userinfo-url", default=defaults.userinfo_url,
-                      help="OIDC userinfo endpoint that resolves access tokens (https, or http on loopback)")
-    auth.add_argument("--tokens-file", default=None,
-                      help="JSON file of static tokens (SHA-256 hashes) for CI bots; see README")
-    auth.add_argument("--token-cache-ttl", type=_positive_float, default=defaults.token_cache_ttl,
-                      help="seconds a resolved token stays cached")
-    auth.add_argument("--token-negative-ttl", type=_positive_float, default=defaults.token_negative_ttl,
-                      help="seconds a token the provider rejected stays rejected without asking again")
-    auth.add_argument("--token-cache-size", type=_positive_int, default=defaults.token_cache_size,
-                      help="most tokens kept in the cache")
-    auth.add_argument("--auth-timeout", type=_positive_float, default=defaults.auth_timeout,
-                      help="seconds allowed for one userinfo request, connect included")
-    auth.add_argument("--auth-max-connections", type=_positive_int, default=defaults.auth_max_connections,
-                      help="most simultaneous connections to the userinfo endpoint")
+    auth.add_argument(
+        "--userinfo-url",
+        default=defaults.userinfo_url,
+        help="OIDC userinfo endpoint that resolves access tokens (https, or http on loopback)",
+    )
+    auth.add_argument(
+        "--tokens-file", default=None, help="JSON file of static tokens (SHA-256 hashes) for CI bots; see README"
+    )
+    auth.add_argument(
+        "--token-cache-ttl",
+        type=_positive_float,
+        default=defaults.token_cache_ttl,
+        help="seconds a resolved token stays cached",
+    )
+    auth.add_argument(
+        "--token-negative-ttl",
+        type=_positive_float,
+        default=defaults.token_negative_ttl,
+        help="seconds a token the provider rejected stays rejected without asking again",
+    )
+    auth.add_argument(
+        "--token-cache-size",
+        type=_positive_int,
+        default=defaults.token_cache_size,
+        help="most tokens kept in the cache",
+    )
+    auth.add_argument(
+        "--auth-timeout",
+        type=_positive_float,
+        default=defaults.auth_timeout,
+        help="seconds allowed for one userinfo request, connect included",
+    )
+    auth.add_argument(
+        "--auth-max-connections",
+        type=_positive_int,
+        default=defaults.auth_max_connections,
+        help="most simultaneous connections to the userinfo endpoint",
+    )
     privacy = parser.add_argument_group("privacy")
-    privacy.add_argument("--expose-emails", action="store_true",
-                         help="include e-mail addresses in public profiles")
+    privacy.add_argument("--expose-emails", action="store_true", help="include e-mail addresses in public profiles")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--shutdown-timeout", type=_positive_float, default=defaults.shutdown_timeout,
-                         help="seconds to finish in-flight requests on SIGTERM/SIGINT before closing connections")
-    runtime.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default=defaults.loop,
-                         help="event loop: uvloop when importable (auto), or force one")
-    runtime.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=defaults.log_level,
-                         help="logging threshold (logs go to stderr)")
+    runtime.add_argument(
+        "--shutdown-timeout",
+        type=_positive_float,
+        default=defaults.shutdown_timeout,
+        help="seconds to finish in-flight requests on SIGTERM/SIGINT before closing connections",
+    )
+    runtime.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=defaults.loop,
+        help="event loop: uvloop when importable (auto), or force one",
+    )
+    runtime.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=defaults.log_level,
+        help="logging threshold (logs go to stderr)",
+    )
     return parser
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
 import typing
 from typing import Protocol as TypingProtocol
+
+from perfdb.config import format_address
 
 log = logging.getLogger("perfdb.protocol")
 
@@ -48,9 +51,22 @@ class LineProtocol(asyncio.Protocol):
     """One client connection speaking newline-delimited requests."""
 
     __slots__ = (
-        "_handler", "_tracker", "_max_line_bytes", "_max_inflight", "_loop",
-        "_transport", "_peer", "_buffer", "_discarding", "_pending", "_flush_scheduled",
-        "_write_paused", "_inflight_full", "_reading_paused", "_draining", "_closed",
+        "_buffer",
+        "_closed",
+        "_discarding",
+        "_draining",
+        "_flush_scheduled",
+        "_handler",
+        "_inflight_full",
+        "_loop",
+        "_max_inflight",
+        "_max_line_bytes",
+        "_peer",
+        "_pending",
+        "_reading_paused",
+        "_tracker",
+        "_transport",
+        "_write_paused",
     )
 
     def __init__(
@@ -99,13 +115,12 @@ class LineProtocol(asyncio.Protocol):
         self._transport = typing.cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
-            self._peer = f"[{peername[0]}]:{peername[1]}" if ":" in str(peername[0]) else f"{peername[0]}:{peername[1]}"
+            self._peer = format_address(str(peername[0]), peername[1])
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
+            # Replies are small and latency matters; OSError means the peer already left.
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # already closed by the peer; connection_lost follows
-                pass
         self._tracker.connection_opened(self)
         log.debug("%s: connected", self._peer)
 

@@ -115,7 +115,7 @@ def map_scenario_result(result: Any) -> MappedScenario:
         scenario = {}
     if not isinstance(scenario, dict):
         raise bad_request("scenario_result.scenario", "must be an object")
-    name = scenario.get("name")
+    name: Any = scenario.get("name")
     if name is not None and not isinstance(name, str):
         raise bad_request("scenario_result.scenario.name", "must be a string")
     for camel, snake in _SCENARIO_FIELDS:

@@ -49,8 +49,15 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 ENVELOPE_FIELDS = frozenset({"op", "id"})
 RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
     {
-        "access_token", "test_name", "tag", "sys_info", "metrics",
-        "client_config", "server_config", "request_id", "scenario_result",
+        "access_token",
+        "test_name",
+        "tag",
+        "sys_info",
+        "metrics",
+        "client_config",
+        "server_config",
+        "request_id",
+        "scenario_result",
     }
 )
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
@@ -210,7 +217,9 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
         raise bad_request("access_token", "is required")
     if not isinstance(token, str) or not token or len(token) > MAX_ACCESS_TOKEN_CHARS or not token.isascii():
         # Never quote the token: it is a secret even when malformed.
-        raise bad_request("access_token", f"must be a non-empty ASCII string of at most {MAX_ACCESS_TOKEN_CHARS} characters")
+        raise bad_request(
+            "access_token", f"must be a non-empty ASCII string of at most {MAX_ACCESS_TOKEN_CHARS} characters"
+        )
 
     scenario: dict[str, Any] | None = None
     default_test_name: str | None = None
@@ -310,4 +319,6 @@ def check_request_id(value: Any) -> None:
         return
     if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS:
         return
-    raise bad_request("id", f"must be a string of at most {MAX_REQUEST_ID_CHARS} characters, a number, a boolean or null")
+    raise bad_request(
+        "id", f"must be a string of at most {MAX_REQUEST_ID_CHARS} characters, a number, a boolean or null"
+    )

@@ -80,8 +80,13 @@ class PerfdbServer:
         except OSError as exc:
             await self._close_services()
             raise StartupError(_listen_error(config, exc)) from None
-        log.info("perfdb %s listening on %s (database %s, %s)", __version__, self.address, config.database,
-                 "sync commits" if config.sync else "no-sync commits")
+        log.info(
+            "perfdb %s listening on %s (database %s, %s)",
+            __version__,
+            self.address,
+            config.database,
+            "sync commits" if config.sync else "no-sync commits",
+        )
 
     @property
     def address(self) -> str:
@@ -129,9 +134,12 @@ class PerfdbServer:
             self._all_closed.clear()
             try:
                 await asyncio.wait_for(self._all_closed.wait(), self.config.shutdown_timeout)
-            except asyncio.TimeoutError:
-                log.warning("%d connection(s) still busy after %.1fs; closing them",
-                            len(self._connections), self.config.shutdown_timeout)
+            except TimeoutError:
+                log.warning(
+                    "%d connection(s) still busy after %.1fs; closing them",
+                    len(self._connections),
+                    self.config.shutdown_timeout,
+                )
                 for connection in list(self._connections):
                     connection.abort()
         await self._close_services()

@@ -9,7 +9,7 @@ import time
 class ServerStats:
     """Request, error and connection counters; updated on the event loop only."""
 
-    __slots__ = ("started", "requests", "errors", "connections_open", "connections_total")
+    __slots__ = ("connections_open", "connections_total", "errors", "requests", "started")
 
     def __init__(self) -> None:
         self.started = time.monotonic()

@@ -28,7 +28,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if not inspect.iscoroutinefunction(pyfuncitem.obj):
         return None
-    kind = pyfuncitem.callspec.params["loop_kind"]
+    kind = str(pyfuncitem.callspec.params["loop_kind"])
     arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     unhandled: list[dict[str, Any]] = []
 

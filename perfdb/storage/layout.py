@@ -34,7 +34,7 @@ _RECORD_ID = re.compile(r"[0-9a-f]{20}")
 _CHECKSUM = struct.Struct(">I")
 
 
-class CorruptValue(ValueError):
+class CorruptValueError(ValueError):
     """A stored value whose checksum does not match its bytes."""
 
 
@@ -88,10 +88,10 @@ def seal(document: bytes) -> bytes:
 
 
 def unseal(value: bytes) -> bytes:
-    """The document inside a sealed value; raises CorruptValue if it was damaged."""
+    """The document inside a sealed value; raises CorruptValueError if it was damaged."""
     if len(value) < _CHECKSUM.size:
-        raise CorruptValue("value shorter than its checksum")
+        raise CorruptValueError("value shorter than its checksum")
     document = value[_CHECKSUM.size :]
     if _CHECKSUM.unpack_from(value)[0] != zlib.crc32(document):
-        raise CorruptValue("checksum mismatch")
+        raise CorruptValueError("checksum mismatch")
     return document

@@ -108,7 +108,9 @@ class ResultStore:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 owner = f" (pid {holder})" if holder.isdigit() else ""
-                raise StoreOpenError(f"database {real_path} is already in use by another perfdb server{owner}") from None
+                raise StoreOpenError(
+                    f"database {real_path} is already in use by another perfdb server{owner}"
+                ) from None
             raise StoreOpenError(f"cannot lock database {real_path}: {exc.strerror or exc}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -199,7 +201,7 @@ class ResultStore:
             with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
                 for key, filter_fields in entries:
                     record_id = key[len(prefix) :].decode()
-                    if records and len(records) == query.limit or scanned == SCAN_BUDGET:
+                    if (records and len(records) == query.limit) or scanned == SCAN_BUDGET:
                         more = True
                         break
                     scanned += 1
@@ -232,7 +234,7 @@ class ResultStore:
             scanned = 0
             with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
                 for key, value in entries:
-                    if records and len(records) == query.limit or scanned == SCAN_BUDGET:
+                    if (records and len(records) == query.limit) or scanned == SCAN_BUDGET:
                         more = True
                         break
                     scanned += 1
@@ -280,7 +282,7 @@ class ResultStore:
             return None
         try:
             return layout.unseal(value)
-        except layout.CorruptValue as exc:
+        except layout.CorruptValueError as exc:
             self.corrupt_records += 1
             log.error("record %s is damaged (%s); skipped", record_id, exc)
             return None

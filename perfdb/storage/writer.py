@@ -40,7 +40,12 @@ class RecordAck:
     duplicate: bool
 
     def to_fields(self) -> dict[str, Any]:
-        return {"record_id": self.record_id, "user_id": self.user_id, "timestamp": self.timestamp, "duplicate": self.duplicate}
+        return {
+            "record_id": self.record_id,
+            "user_id": self.user_id,
+            "timestamp": self.timestamp,
+            "duplicate": self.duplicate,
+        }
 
 
 @dataclasses.dataclass(slots=True)
@@ -176,8 +181,13 @@ class GroupCommitWriter:
                     continue
             record_id, micros = self._clock.next()
             timestamp = format_micros(micros)
-            batch.put(layout.record_key(record_id, user_id), layout.seal(_record_document(record_id, user_id, timestamp, draft)))
-            batch.put(layout.user_index_prefix(user_id) + record_id.encode(), orjson.dumps([draft.test_name, draft.tag]))
+            batch.put(
+                layout.record_key(record_id, user_id),
+                layout.seal(_record_document(record_id, user_id, timestamp, draft)),
+            )
+            batch.put(
+                layout.user_index_prefix(user_id) + record_id.encode(), orjson.dumps([draft.test_name, draft.tag])
+            )
             ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
             if request_key:
                 batch.put(request_key, orjson.dumps({"record_id": record_id, "timestamp": timestamp}))
