@@ -105,8 +105,8 @@ def map_scenario_result(result: Any) -> MappedScenario:
         if core is None:
             metrics[field] = number  # custom metric under its own name
         else:
-            name, divisor = core
-            metrics[name] = number / divisor if divisor != 1 else number
+            metric, divisor = core
+            metrics[metric] = number / divisor if divisor != 1 else number
     if not metrics:
         raise bad_request("scenario_result.summary", "holds no finite metric")
 
@@ -115,7 +115,7 @@ def map_scenario_result(result: Any) -> MappedScenario:
         scenario = {}
     if not isinstance(scenario, dict):
         raise bad_request("scenario_result.scenario", "must be an object")
-    name: Any = scenario.get("name")
+    name = scenario.get("name")
     if name is not None and not isinstance(name, str):
         raise bad_request("scenario_result.scenario.name", "must be a string")
     for camel, snake in _SCENARIO_FIELDS:

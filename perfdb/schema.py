@@ -172,7 +172,10 @@ def check_metrics(value: Any, field: str = "metrics") -> dict[str, int | float]:
 IP_REPLACEMENT = "[redacted]"
 # Candidates only: each match is confirmed by the ipaddress module, so "16:19:53" survives.
 _IP_CANDIDATE = re.compile(
-    r"(?<![\w.:])(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?)(?![\w:])"
+    # IPv4, not inside a longer dotted run such as a version number; a ":port" may follow.
+    r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
+    # IPv6 (with an optional zone), not inside a longer run of hex and colons.
+    r"|(?<![\w.:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])"
 )
 _CONFIG_KEYS_REMOVED = frozenset({"host", "server_targets", "serverTargets"})
 
