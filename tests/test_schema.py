@@ -114,5 +114,5 @@ def test_timestamps_round_trip_with_microseconds() -> None:
     assert text == "2025-11-29T08:00:00.123456Z"
     assert parse_rfc3339(text) == micros
     for bad in ("2025-11-29", "2025-11-29T08:00:00", "nonsense", "1969-12-31T23:59:59Z"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"."):
             parse_rfc3339(bad)
