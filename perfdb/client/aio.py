@@ -1,0 +1,258 @@
+"""The asyncio client: pipelined requests over one connection, replies matched in order."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from perfdb.client.common import (
+    IDEMPOTENT_OPS,
+    NO_RETRY,
+    TIMEOUT,
+    PerfdbClientError,
+    RecordWindow,
+    RetryPolicy,
+    check_reply,
+    connection_failed,
+    encode_request,
+    new_request_id,
+)
+from perfdb.config import parse_address
+
+
+class _ReplyStream(asyncio.Protocol):
+    """One connection: each request written gets the next reply line, in order."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        start = 0
+        while (newline := self._buffer.find(b"\n", start)) >= 0:
+            line = bytes(self._buffer[start:newline])
+            start = newline + 1
+            if not self._waiters:
+                self._fail(ConnectionError("the server sent a reply nobody asked for"))
+                return
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(line)
+        del self._buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionResetError("the server closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _fail(self, exc: Exception) -> None:
+        if self.lost is None:
+            self.lost = exc
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(str(exc)))
+        self._writable.set()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def send(self, data: bytes) -> asyncio.Future[bytes]:
+        if self.lost is not None or self._transport is None:
+            raise ConnectionError(str(self.lost or "not connected"))
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._transport.write(data)
+        return waiter
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+        if self.lost is not None:
+            raise ConnectionError(str(self.lost))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class AsyncClient:
+    """A perfdb client for asyncio code. Use `async with AsyncClient("host:port") as client:`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._retry = retry or RetryPolicy()
+        self._stream: _ReplyStream | None = None
+        self._connecting = asyncio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection now rather than on the first request."""
+        await self._connection()
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+            await asyncio.sleep(0)  # let the transport finish closing
+
+    async def _connection(self) -> _ReplyStream:
+        async with self._connecting:
+            if self._stream is not None and self._stream.lost is None:
+                return self._stream
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    _, stream = await loop.create_connection(
+                        _ReplyStream,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl else None,
+                    )
+            except TimeoutError:
+                raise PerfdbClientError(
+                    TIMEOUT, f"no connection to {self.host}:{self.port} within {self._connect_timeout}s", True
+                ) from None
+            except (OSError, ssl.SSLError) as exc:
+                raise connection_failed(exc) from None
+            self._stream = stream
+            return stream
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            self._stream._fail(ConnectionResetError("connection abandoned by the client"))
+            self._stream = None
+
+    async def _await_reply(self, waiter: asyncio.Future[bytes]) -> bytes:
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                return await waiter
+        except TimeoutError:
+            # The reply may still come; the connection's order can no longer be trusted.
+            self._drop()
+            raise PerfdbClientError(TIMEOUT, f"no reply within {self._request_timeout}s", True) from None
+        except ConnectionError as exc:
+            self._drop()
+            raise connection_failed(exc) from None
+
+    async def _roundtrip(self, data: bytes) -> dict[str, Any]:
+        stream = await self._connection()
+        try:
+            waiter = stream.send(data)
+            await stream.drain()
+        except ConnectionError as exc:
+            self._drop()
+            raise connection_failed(exc) from None
+        return check_reply(await self._await_reply(waiter))
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply; retries reads and keyed records on retryable errors."""
+        request = encode_request(op, {key: value for key, value in fields.items() if value is not None})
+        retryable = op in IDEMPOTENT_OPS or (op == "record" and "request_id" in fields)
+        delays = (self._retry if retryable else NO_RETRY).delays()
+        while True:
+            try:
+                return await self._roundtrip(request)
+            except PerfdbClientError as error:
+                delay = next(delays, None) if error.retryable else None
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    # -- ops -------------------------------------------------------------------------------
+
+    async def hello(self) -> dict[str, Any]:
+        return await self.call("hello")
+
+    async def ping(self) -> None:
+        await self.call("ping")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call("stats")
+
+    async def record(self, **fields: Any) -> dict[str, Any]:
+        """Store one result; a request_id is generated when none is given, so retries are safe."""
+        fields.setdefault("request_id", new_request_id())
+        return await self.call("record", **fields)
+
+    async def record_many(
+        self, records: Iterable[dict[str, Any]], *, window: int = 256
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Store many results with up to `window` in flight; yields their acks in input order.
+
+        Raises PerfdbClientError with `.index` set for the first record that failed for good.
+        """
+        pipeline = RecordWindow(iter(records), window, self._retry)
+        waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        while not pipeline.finished:
+            try:
+                stream = await self._connection()
+                for request in pipeline.to_send():
+                    waiters.append(stream.send(request))
+                await stream.drain()
+                line = await self._await_reply(waiters.popleft())
+            except (PerfdbClientError, ConnectionError) as exc:
+                error = exc if isinstance(exc, PerfdbClientError) else connection_failed(exc)
+                if not error.retryable:
+                    raise
+                self._drop()
+                waiters.clear()
+                await asyncio.sleep(pipeline.on_disconnect(error))
+                continue
+            pause = pipeline.on_reply(line)
+            for ack in pipeline.acks():
+                yield ack
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def pages(self, op: str, **query: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every page of a get_user/get_all query, following next_cursor."""
+        while True:
+            page = await self.call(op, **query)
+            yield page
+            if not page.get("next_cursor"):
+                return
+            query["cursor"] = page["next_cursor"]
+
+    async def get_user(self, user_id: str, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        """One user's records, oldest first, across as many pages as it takes."""
+        async for page in self.pages("get_user", user_id=user_id, **filters):
+            for record in page["records"]:
+                yield record
+
+    async def get_all(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every user's records, oldest first, across as many pages as it takes."""
+        async for page in self.pages("get_all", **filters):
+            for record in page["records"]:
+                yield record

@@ -1,0 +1,185 @@
+"""The blocking client: the same calls as AsyncClient over a plain socket, no event loop."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from perfdb.client.common import (
+    IDEMPOTENT_OPS,
+    NO_RETRY,
+    TIMEOUT,
+    PerfdbClientError,
+    RecordWindow,
+    RetryPolicy,
+    check_reply,
+    connection_failed,
+    encode_request,
+    new_request_id,
+)
+from perfdb.config import parse_address
+
+_READ_CHUNK = 256 * 1024
+
+
+class Client:
+    """A perfdb client for code without an event loop (the web frontend, scripts).
+
+    Not thread-safe: give each thread its own Client.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._retry = retry or RetryPolicy()
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        self._connection()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        self._buffer.clear()
+        if sock is not None:
+            sock.close()
+
+    def _connection(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
+        except TimeoutError:
+            raise PerfdbClientError(
+                TIMEOUT, f"no connection to {self.host}:{self.port} within {self._connect_timeout}s", True
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise connection_failed(exc) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self._request_timeout)
+        self._sock = sock
+        return sock
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._connection().sendall(data)
+        except TimeoutError:
+            self.close()
+            raise PerfdbClientError(TIMEOUT, f"could not send within {self._request_timeout}s", True) from None
+        except OSError as exc:
+            self.close()
+            raise connection_failed(exc) from None
+
+    def _read_line(self) -> bytes:
+        sock = self._connection()
+        while (newline := self._buffer.find(b"\n")) < 0:
+            try:
+                chunk = sock.recv(_READ_CHUNK)
+            except TimeoutError:
+                self.close()
+                raise PerfdbClientError(TIMEOUT, f"no reply within {self._request_timeout}s", True) from None
+            except OSError as exc:
+                self.close()
+                raise connection_failed(exc) from None
+            if not chunk:
+                self.close()
+                raise connection_failed(ConnectionResetError("the server closed the connection"))
+            self._buffer += chunk
+        line = bytes(self._buffer[:newline])
+        del self._buffer[: newline + 1]
+        return line
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply; retries reads and keyed records on retryable errors."""
+        request = encode_request(op, {key: value for key, value in fields.items() if value is not None})
+        retryable = op in IDEMPOTENT_OPS or (op == "record" and "request_id" in fields)
+        delays = (self._retry if retryable else NO_RETRY).delays()
+        while True:
+            try:
+                self._send(request)
+                return check_reply(self._read_line())
+            except PerfdbClientError as error:
+                delay = next(delays, None) if error.retryable else None
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    # -- ops -------------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        return self.call("hello")
+
+    def ping(self) -> None:
+        self.call("ping")
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """Store one result; a request_id is generated when none is given, so retries are safe."""
+        fields.setdefault("request_id", new_request_id())
+        return self.call("record", **fields)
+
+    def record_many(self, records: Iterable[dict[str, Any]], *, window: int = 64) -> Iterator[dict[str, Any]]:
+        """Store many results with up to `window` in flight; yields their acks in input order."""
+        pipeline = RecordWindow(iter(records), window, self._retry)
+        while not pipeline.finished:
+            try:
+                requests = pipeline.to_send()
+                if requests:
+                    self._send(b"".join(requests))
+                line = self._read_line()
+            except PerfdbClientError as error:
+                if not error.retryable:
+                    raise
+                self.close()
+                time.sleep(pipeline.on_disconnect(error))
+                continue
+            pause = pipeline.on_reply(line)
+            yield from pipeline.acks()
+            if pause:
+                time.sleep(pause)
+
+    def pages(self, op: str, **query: Any) -> Iterator[dict[str, Any]]:
+        """Every page of a get_user/get_all query, following next_cursor."""
+        while True:
+            page = self.call(op, **query)
+            yield page
+            if not page.get("next_cursor"):
+                return
+            query["cursor"] = page["next_cursor"]
+
+    def get_user(self, user_id: str, **filters: Any) -> Iterator[dict[str, Any]]:
+        """One user's records, oldest first, across as many pages as it takes."""
+        for page in self.pages("get_user", user_id=user_id, **filters):
+            yield from page["records"]
+
+    def get_all(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every user's records, oldest first, across as many pages as it takes."""
+        for page in self.pages("get_all", **filters):
+            yield from page["records"]

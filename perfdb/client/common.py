@@ -1,0 +1,186 @@
+"""What both clients share: request encoding, reply checking, retry policy, TLS set-up."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+import ssl
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from perfdb.errors import ErrorCode
+
+# Client-side codes, beside the server's (perfdb.errors.ErrorCode): the request may or may
+# not have reached the server, so both are retryable for idempotent requests.
+CONNECTION_FAILED = "connection_failed"
+TIMEOUT = "timeout"
+PROTOCOL_ERROR = "protocol_error"
+
+# Ops that are safe to send again: reads, and records that carry a request_id.
+IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "export", "import"})
+
+
+class PerfdbClientError(Exception):
+    """A request failed: the server's error code, message and retryability, or a client-side one."""
+
+    def __init__(self, code: str, message: str, retryable: bool, *, index: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.index = index  # position in a record_many stream, when that is where it failed
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter; attempts counts the first try."""
+
+    attempts: int = 6
+    first_delay: float = 0.05
+    max_delay: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """The pauses before each retry (attempts - 1 of them)."""
+        delay = self.first_delay
+        for _ in range(self.attempts - 1):
+            yield delay * random.uniform(0.5, 1.0)
+            delay = min(delay * 2, self.max_delay)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode_request(op: str, fields: dict[str, Any]) -> bytes:
+    return orjson.dumps({"op": op, **fields}, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def check_reply(line: bytes) -> dict[str, Any]:
+    """Decode a reply line; raises PerfdbClientError for an error reply or garbage."""
+    try:
+        reply = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise PerfdbClientError(PROTOCOL_ERROR, "the server sent a line that is not JSON", False) from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise PerfdbClientError(PROTOCOL_ERROR, "the server sent a reply without 'ok'", False)
+    if reply["ok"] is not True:
+        error = reply.get("error") or {}
+        raise PerfdbClientError(
+            str(error.get("code", ErrorCode.INTERNAL.value)),
+            str(error.get("message", "")),
+            bool(error.get("retryable", False)),
+        )
+    return reply
+
+
+def connection_failed(exc: BaseException) -> PerfdbClientError:
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return PerfdbClientError(CONNECTION_FAILED, f"connection to the server failed: {detail}", True)
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A client TLS context that verifies the server's certificate (TLS 1.2 or newer)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    index: int
+    request: bytes
+    reply: dict[str, Any] | None = None
+
+
+class RecordWindow:
+    """Sans-I/O bookkeeping for pipelined record submission with retries.
+
+    Keeps up to `size` records in flight. Replies arrive in the order requests were sent; acks
+    leave in the order records came in. A record whose reply is a retryable error, and every
+    record outstanding when a connection drops, is sent again with the same request_id, so
+    the server stores it once. Gives up after `policy.attempts` consecutive failures.
+    """
+
+    def __init__(self, records: Iterator[dict[str, Any]], size: int, policy: RetryPolicy) -> None:
+        self._source = records
+        self._size = size
+        self._policy = policy
+        self._window: collections.deque[_Pending] = collections.deque()  # input order
+        self._sent: collections.deque[_Pending] = collections.deque()  # reply order
+        self._unsent: list[_Pending] = []
+        self._next_index = 0
+        self._exhausted = False
+        self._failures = 0
+        self._delays = policy.delays()
+
+    @property
+    def finished(self) -> bool:
+        return self._exhausted and not self._window
+
+    @property
+    def awaiting_replies(self) -> int:
+        return len(self._sent)
+
+    def to_send(self) -> list[bytes]:
+        """Requests to write now: resends first, then new records up to the window size."""
+        while not self._exhausted and len(self._window) < self._size:
+            record = next(self._source, None)
+            if record is None:
+                self._exhausted = True
+                break
+            fields = {key: value for key, value in record.items() if key != "op"}
+            fields.setdefault("request_id", new_request_id())
+            pending = _Pending(self._next_index, encode_request("record", fields))
+            self._next_index += 1
+            self._window.append(pending)
+            self._unsent.append(pending)
+        batch, self._unsent = self._unsent, []
+        self._sent.extend(batch)
+        return [pending.request for pending in batch]
+
+    def on_reply(self, line: bytes) -> float:
+        """Take the next reply; returns how long to wait before sending again (0 for no wait).
+
+        Raises PerfdbClientError (with .index) for a record the server will not take.
+        """
+        pending = self._sent.popleft()
+        try:
+            pending.reply = check_reply(line)
+        except PerfdbClientError as error:
+            if not error.retryable:
+                error.index = pending.index
+                raise
+            self._unsent.append(pending)
+            return self._backoff(error, pending.index)
+        self._failures = 0
+        self._delays = self._policy.delays()
+        return 0.0
+
+    def on_disconnect(self, error: PerfdbClientError) -> float:
+        """The connection is gone: everything awaiting a reply goes again. Returns the pause."""
+        self._unsent = sorted(self._unsent + list(self._sent), key=lambda pending: pending.index)
+        self._sent.clear()
+        return self._backoff(error, self._unsent[0].index if self._unsent else None)
+
+    def _backoff(self, error: PerfdbClientError, index: int | None) -> float:
+        self._failures += 1
+        delay = next(self._delays, None)
+        if delay is None:
+            error.index = index
+            raise error
+        return delay
+
+    def acks(self) -> Iterator[dict[str, Any]]:
+        """Acks that are ready, in input order."""
+        window = self._window
+        while window and window[0].reply is not None:
+            reply = window.popleft().reply
+            assert reply is not None
+            yield reply
