@@ -53,6 +53,7 @@ class LineProtocol(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_closed",
+        "_closing",
         "_discarding",
         "_draining",
         "_flush_scheduled",
@@ -96,6 +97,7 @@ class LineProtocol(asyncio.Protocol):
         self._inflight_full = False
         self._reading_paused = False
         self._draining = False
+        self._closing = False
         self._closed = False
 
     @property
@@ -163,31 +165,42 @@ class LineProtocol(asyncio.Protocol):
     # -- framing ---------------------------------------------------------------------------
 
     def _process_buffer(self) -> None:
+        """Dispatch the complete lines in the buffer, up to the in-flight cap, and write what is ready."""
         buffer = self._buffer
         limit = self._max_line_bytes
         pending = self._pending
         start = 0
-        while self._draining or len(pending) < self._max_inflight:
-            newline = buffer.find(b"\n", start)
-            if newline < 0:
+        while True:
+            held_back = False
+            while True:
+                if not self._draining and len(pending) >= self._max_inflight:
+                    held_back = True
+                    break
+                newline = buffer.find(b"\n", start)
+                if newline < 0:
+                    break
+                end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
+                if end - start > limit:
+                    pending.append(self._handler.line_too_long_reply())
+                elif end > start:
+                    self._enqueue(self._handler.handle_line(bytes(buffer[start:end]), self._peer))
+                start = newline + 1
+            self._write_ready()
+            # Replies answered at once free their places; keep going in this loop, not by recursion.
+            if not (held_back and len(pending) < self._max_inflight):
                 break
-            end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
-            if end - start > limit:
-                pending.append(self._handler.line_too_long_reply())
-            elif end > start:
-                self._enqueue(self._handler.handle_line(bytes(buffer[start:end]), self._peer))
-            start = newline + 1
         if start:
             del buffer[:start]
         # The unterminated tail counts against the limit too (one spare byte for a '\r').
-        if len(buffer) > limit + 1 and buffer.find(b"\n") < 0:
+        if not held_back and len(buffer) > limit + 1:
             buffer.clear()
             self._discarding = True
             pending.append(self._handler.line_too_long_reply())
+            self._write_ready()
         if len(pending) >= self._max_inflight:
             self._inflight_full = True
         self._update_reading()
-        self._flush()
+        self._close_if_done()
 
     def _enqueue(self, reply: Reply) -> None:
         self._pending.append(reply)
@@ -201,8 +214,21 @@ class LineProtocol(asyncio.Protocol):
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Write every reply at the head of the queue that is ready, as one write."""
+        """Write the replies that became ready; read again once half the in-flight places are free."""
         self._flush_scheduled = False
+        if self._closed:
+            return
+        self._write_ready()
+        if self._inflight_full and len(self._pending) <= self._max_inflight // 2:
+            self._inflight_full = False
+            if self._buffer:
+                self._process_buffer()  # requests that arrived while we were paused
+                return
+            self._update_reading()
+        self._close_if_done()
+
+    def _write_ready(self) -> None:
+        """Write every reply at the head of the queue that is ready, as one write."""
         if self._closed or self._transport is None:
             return
         pending = self._pending
@@ -218,13 +244,6 @@ class LineProtocol(asyncio.Protocol):
             pending.popleft()
         if ready:
             self._transport.write(b"".join(ready))
-        if self._inflight_full and len(pending) <= self._max_inflight // 2:
-            self._inflight_full = False
-            if self._buffer:
-                self._process_buffer()  # requests that arrived while we were paused
-                return
-            self._update_reading()
-        self._close_if_done()
 
     def _future_reply(self, future: asyncio.Future[bytes]) -> bytes:
         if future.cancelled() or future.exception() is not None:
@@ -259,7 +278,8 @@ class LineProtocol(asyncio.Protocol):
         self._close_if_done()
 
     def _close_if_done(self) -> None:
-        if self._draining and not self._pending and not self._closed and self._transport is not None:
+        if self._draining and not self._pending and not self._closing and not self._closed and self._transport:
+            self._closing = True
             self._transport.close()  # sends what is buffered, then closes
 
     def abort(self) -> None:

@@ -1,0 +1,690 @@
+"""Unit tests of the framing layer (LineProtocol) against a fake transport, handler and tracker."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+from perfdb.protocol import LineProtocol, Reply
+
+LIMIT = 16  # max_line_bytes for the tests about over-long lines
+TOO_LONG = b"E:too-long\n"
+INTERNAL = b"E:internal\n"
+PEER = ("127.0.0.1", 5555)
+
+
+def reply_for(line: bytes) -> bytes:
+    return b"R(" + line + b")\n"
+
+
+def replies_for(lines: Iterable[bytes]) -> bytes:
+    return b"".join(reply_for(line) for line in lines)
+
+
+# -- fakes -------------------------------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Records everything the protocol does to it, in order: written bytes, and the strings
+    "pause", "resume", "close", "abort". Refuses pause/resume twice in a row."""
+
+    def __init__(self, peername: Any = PEER) -> None:
+        super().__init__()
+        self._peername = peername
+        self.events: list[str | bytes] = []
+        self.reading = True
+        self.closing = False
+        self.on_write: Callable[[bytes], None] | None = None  # e.g. to call pause_writing like asyncio does
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._peername
+        if name == "socket":
+            return None
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
+        self.events.append(bytes(data))
+        if self.on_write is not None:
+            self.on_write(bytes(data))
+
+    def pause_reading(self) -> None:
+        # Raising here fails the test whether the call came from the test or from a loop callback.
+        if not self.reading:
+            raise AssertionError("pause_reading called while reading is already paused")
+        self.reading = False
+        self.events.append("pause")
+
+    def resume_reading(self) -> None:
+        if self.reading:
+            raise AssertionError("resume_reading called while reading is not paused")
+        self.reading = True
+        self.events.append("resume")
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def close(self) -> None:
+        self.closing = True
+        self.events.append("close")
+
+    def abort(self) -> None:
+        self.closing = True
+        self.events.append("abort")
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    @property
+    def writes(self) -> list[bytes]:
+        return [event for event in self.events if isinstance(event, bytes)]
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.writes)
+
+    @property
+    def flow(self) -> list[str]:
+        return [event for event in self.events if event in ("pause", "resume")]
+
+    @property
+    def closed(self) -> bool:
+        return "close" in self.events
+
+    def written_after_close(self) -> list[bytes]:
+        if "close" not in self.events:
+            return []
+        first_close = self.events.index("close")
+        return [event for event in self.events[first_close:] if isinstance(event, bytes)]
+
+
+class FakeHandler:
+    """A LineHandler: lines starting with b"slow" get a future the test settles; any other
+    line is answered at once with reply_for(line)."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.peers: list[str] = []
+        self.futures: dict[bytes, asyncio.Future[bytes]] = {}
+        self.too_long_replies = 0
+        self.internal_error_replies = 0
+
+    def handle_line(self, line: bytes, peer: str) -> Reply:
+        self.lines.append(line)
+        self.peers.append(peer)
+        if line.startswith(b"slow"):
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self.futures[line] = future
+            return future
+        return reply_for(line)
+
+    def line_too_long_reply(self) -> bytes:
+        self.too_long_replies += 1
+        return TOO_LONG
+
+    def internal_error_reply(self) -> bytes:
+        self.internal_error_replies += 1
+        return INTERNAL
+
+    def resolve(self, *lines: bytes) -> None:
+        for line in lines:
+            self.futures[line].set_result(reply_for(line))
+
+
+class FakeTracker:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, LineProtocol]] = []
+
+    def connection_opened(self, connection: LineProtocol) -> None:
+        self.events.append(("opened", connection))
+
+    def connection_closed(self, connection: LineProtocol) -> None:
+        self.events.append(("closed", connection))
+
+
+@dataclasses.dataclass
+class Connection:
+    protocol: LineProtocol
+    transport: FakeTransport
+    handler: FakeHandler
+    tracker: FakeTracker
+
+    def feed(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.protocol.data_received(chunk)
+
+
+def connect(*, max_line_bytes: int = 64, max_inflight: int = 64, peername: Any = PEER) -> Connection:
+    """A connected LineProtocol; call from inside the running loop."""
+    handler = FakeHandler()
+    tracker = FakeTracker()
+    protocol = LineProtocol(handler, tracker, max_line_bytes=max_line_bytes, max_inflight=max_inflight)
+    transport = FakeTransport(peername)
+    protocol.connection_made(transport)
+    return Connection(protocol, transport, handler, tracker)
+
+
+async def run_callbacks(rounds: int = 5) -> None:
+    """Let done-callbacks and the flushes they schedule run."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def complete_lines(stream: bytes) -> list[bytes]:
+    """The request lines a correct framer finds in a stream prefix (reference implementation)."""
+    lines = stream.split(b"\n")[:-1]  # the last piece is unterminated
+    stripped = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    return [line for line in stripped if line]
+
+
+# -- connection set-up ---------------------------------------------------------------------
+
+
+async def test_tracker_is_told_of_open_and_close_and_handler_gets_the_peer() -> None:
+    conn = connect()
+    assert conn.tracker.events == [("opened", conn.protocol)]
+    assert conn.protocol.peer == "127.0.0.1:5555"
+    conn.feed(b"hello\n")
+    assert conn.handler.peers == ["127.0.0.1:5555"]
+    conn.protocol.connection_lost(None)
+    assert conn.tracker.events == [("opened", conn.protocol), ("closed", conn.protocol)]
+
+
+async def test_ipv6_peer_is_bracketed() -> None:
+    conn = connect(peername=("::1", 5555, 0, 0))
+    conn.feed(b"hello\n")
+    assert conn.protocol.peer == "[::1]:5555"
+    assert conn.handler.peers == ["[::1]:5555"]
+
+
+# -- framing -------------------------------------------------------------------------------
+
+STREAM = b'alpha\nbeta\r\n\n\r\ngamma delta\n{"op":"ping"}\r\n'
+STREAM_LINES = [b"alpha", b"beta", b"gamma delta", b'{"op":"ping"}']
+
+
+async def test_requests_split_at_every_pair_of_byte_boundaries() -> None:
+    assert complete_lines(STREAM) == STREAM_LINES
+    for i in range(len(STREAM) + 1):
+        for j in range(i, len(STREAM) + 1):
+            conn = connect()
+            for end, chunk in ((i, STREAM[:i]), (j, STREAM[i:j]), (len(STREAM), STREAM[j:])):
+                if chunk:
+                    conn.feed(chunk)
+                # Each line is handled (and its immediate reply written) as soon as it is complete.
+                assert conn.handler.lines == complete_lines(STREAM[:end]), (i, j)
+                assert conn.transport.output == replies_for(complete_lines(STREAM[:end])), (i, j)
+            assert conn.handler.too_long_replies == 0
+
+
+async def test_requests_fed_one_byte_at_a_time() -> None:
+    conn = connect()
+    for index in range(len(STREAM)):
+        conn.feed(STREAM[index : index + 1])
+        assert conn.handler.lines == complete_lines(STREAM[: index + 1])
+    assert conn.handler.lines == STREAM_LINES
+    assert conn.transport.output == replies_for(STREAM_LINES)
+
+
+async def test_many_requests_in_one_chunk_are_answered_in_order_in_one_write() -> None:
+    lines = [b"request-%d" % n for n in range(500)]
+    conn = connect(max_inflight=1024)
+    conn.feed(b"".join(line + b"\n" for line in lines))
+    assert conn.handler.lines == lines
+    assert conn.transport.writes == [replies_for(lines)]
+
+
+async def test_crlf_is_accepted_and_empty_lines_are_ignored() -> None:
+    conn = connect()
+    conn.feed(b"\n\r\n\n\r\none\r\ntwo\n\n\r\nthree\r\n\n")
+    assert conn.handler.lines == [b"one", b"two", b"three"]
+    assert conn.transport.output == replies_for([b"one", b"two", b"three"])
+
+
+async def test_partial_line_waits_for_its_newline() -> None:
+    conn = connect()
+    conn.feed(b"first\nsec")
+    assert conn.handler.lines == [b"first"]
+    conn.feed(b"ond")
+    assert conn.handler.lines == [b"first"]
+    conn.feed(b"\r")
+    assert conn.handler.lines == [b"first"]
+    conn.feed(b"\n")
+    assert conn.handler.lines == [b"first", b"second"]
+
+
+# -- reply order and batching ------------------------------------------------------------
+
+
+async def test_replies_follow_request_order_when_a_later_future_finishes_first() -> None:
+    conn = connect()
+    conn.feed(b"slow1\nslow2\nslow3\n")
+    conn.handler.resolve(b"slow3")
+    await run_callbacks()
+    assert conn.transport.writes == []
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.writes == [reply_for(b"slow1")]
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
+    assert conn.transport.writes == [reply_for(b"slow1"), replies_for([b"slow2", b"slow3"])]
+
+
+async def test_immediate_reply_waits_behind_an_earlier_future() -> None:
+    conn = connect()
+    conn.feed(b"fast1\nslow2\nfast3\n")
+    # fast1 goes out at once, inside data_received; fast3 must wait for slow2.
+    assert conn.transport.writes == [reply_for(b"fast1")]
+    await run_callbacks()
+    assert conn.transport.writes == [reply_for(b"fast1")]
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
+    assert conn.transport.writes == [reply_for(b"fast1"), replies_for([b"slow2", b"fast3"])]
+
+
+async def test_replies_ready_together_are_written_in_one_write() -> None:
+    lines = [b"slow%d" % n for n in range(6)]
+    conn = connect()
+    conn.feed(b"".join(line + b"\n" for line in lines) + b"fast\n")
+    conn.handler.resolve(*reversed(lines))
+    await run_callbacks()
+    assert conn.transport.writes == [replies_for([*lines, b"fast"])]
+
+
+async def test_replies_completed_by_separate_callbacks_in_one_iteration_share_a_write() -> None:
+    # Like a group commit: one callback settles slow1 and schedules the settling of slow2, which
+    # then runs in the same loop iteration as the protocol's done-callback for slow1.
+    conn = connect()
+    conn.feed(b"slow1\nslow2\n")
+    loop = asyncio.get_running_loop()
+
+    def settle_batch() -> None:
+        conn.handler.resolve(b"slow1")
+        loop.call_soon(conn.handler.resolve, b"slow2")
+
+    loop.call_soon(settle_batch)
+    await run_callbacks()
+    assert conn.transport.writes == [replies_for([b"slow1", b"slow2"])]
+
+
+async def test_failed_or_cancelled_future_becomes_internal_error_in_its_place() -> None:
+    conn = connect()
+    conn.feed(b"slow1\nslow2\nslow3\nfast4\n")
+    conn.handler.futures[b"slow3"].set_result(reply_for(b"slow3"))
+    conn.handler.futures[b"slow2"].set_exception(RuntimeError("handler broke its promise"))
+    await run_callbacks()
+    assert conn.transport.writes == []
+    conn.handler.futures[b"slow1"].cancel()
+    await run_callbacks()
+    assert conn.transport.output == INTERNAL + INTERNAL + reply_for(b"slow3") + reply_for(b"fast4")
+    assert conn.handler.internal_error_replies == 2
+
+
+async def test_idle_is_true_only_when_no_reply_is_owed() -> None:
+    conn = connect()
+    assert conn.protocol.idle
+    conn.feed(b"fast\n")
+    assert conn.protocol.idle
+    conn.feed(b"slow\n")
+    assert not conn.protocol.idle
+    conn.handler.resolve(b"slow")
+    await run_callbacks()
+    assert conn.protocol.idle
+
+
+# -- line-length limit -------------------------------------------------------------------
+
+
+async def test_complete_line_over_the_limit_is_answered_with_an_error_and_never_handled() -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    conn.feed(
+        b"A" * LIMIT
+        + b"\n"  # exactly the limit: fine
+        + b"slowB"
+        + b"B" * (LIMIT - 4)
+        + b"\n"  # one over
+        + b"C" * LIMIT
+        + b"\r\n"  # the '\r' does not count
+        + b"D" * (LIMIT + 1)
+        + b"\r\n"  # one over, with CRLF
+        + b"ok\n"
+    )
+    assert conn.handler.lines == [b"A" * LIMIT, b"C" * LIMIT, b"ok"]
+    assert conn.transport.output == (
+        reply_for(b"A" * LIMIT) + TOO_LONG + reply_for(b"C" * LIMIT) + TOO_LONG + reply_for(b"ok")
+    )
+    assert conn.handler.too_long_replies == 2
+
+
+HIDDEN = b'{"op":"ping"}'  # looks like a request, but is the tail of an over-long line
+
+
+async def test_overlong_unterminated_tail_sent_at_once_is_discarded_up_to_its_newline() -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    conn.feed(b"first\n" + b"X" * (3 * LIMIT))
+    # Answered as soon as the tail is over the limit, before its newline arrives.
+    assert conn.transport.output == reply_for(b"first") + TOO_LONG
+    conn.feed(HIDDEN)
+    conn.feed(b"\n" + HIDDEN + b"\n")
+    assert len(HIDDEN) <= LIMIT
+    assert conn.handler.lines == [b"first", HIDDEN]  # only the copy after the newline
+    assert conn.handler.too_long_replies == 1
+    assert conn.transport.output == reply_for(b"first") + TOO_LONG + reply_for(HIDDEN)
+
+
+async def test_overlong_tail_with_hidden_request_in_the_same_chunk() -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    conn.feed(b"X" * (2 * LIMIT) + HIDDEN)
+    conn.feed(b"\nok\n")
+    assert conn.handler.lines == [b"ok"]
+    assert conn.transport.output == TOO_LONG + reply_for(b"ok")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, LIMIT, LIMIT + 3])
+@pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
+async def test_overlong_tail_trickled_gets_one_error_and_bounded_buffer(chunk_size: int, terminator: bytes) -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    stream = b"X" * (3 * LIMIT) + HIDDEN + b"X" * LIMIT + HIDDEN + terminator + b"ok" + terminator
+    for start in range(0, len(stream), chunk_size):
+        conn.feed(stream[start : start + chunk_size])
+        # One spare byte for a '\r'; never the whole over-long line.
+        assert len(conn.protocol._buffer) <= LIMIT + 1
+        assert conn.handler.too_long_replies <= 1
+    assert conn.handler.lines == [b"ok"]
+    assert conn.handler.too_long_replies == 1
+    assert conn.transport.output == TOO_LONG + reply_for(b"ok")
+
+
+@pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
+async def test_line_of_exactly_the_limit_trickled_is_accepted(terminator: bytes) -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    stream = b"A" * LIMIT + terminator
+    for index in range(len(stream)):
+        conn.feed(stream[index : index + 1])
+    assert conn.handler.lines == [b"A" * LIMIT]
+    assert conn.handler.too_long_replies == 0
+
+
+@pytest.mark.parametrize("terminator", [b"\n", b"\r\n"])
+async def test_line_one_byte_over_the_limit_trickled_gets_exactly_one_error(terminator: bytes) -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    stream = b"A" * (LIMIT + 1) + terminator + b"ok\n"
+    for index in range(len(stream)):
+        conn.feed(stream[index : index + 1])
+    assert conn.handler.lines == [b"ok"]
+    assert conn.handler.too_long_replies == 1
+    assert conn.transport.output == TOO_LONG + reply_for(b"ok")
+
+
+# -- in-flight cap -------------------------------------------------------------------------
+
+
+async def test_inflight_cap_pauses_reading_at_n_and_resumes_at_half() -> None:
+    conn = connect(max_inflight=4)
+    conn.feed(b"slow1\nslow2\nslow3\n")
+    assert conn.transport.flow == []
+    conn.feed(b"slow4\n")
+    assert conn.transport.flow == ["pause"]
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.output == reply_for(b"slow1")
+    assert conn.transport.flow == ["pause"]  # 3 pending: still over half
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
+    assert conn.transport.flow == ["pause", "resume"]  # 2 pending = N/2
+    assert conn.transport.reading
+
+
+async def test_inflight_cap_holds_back_buffered_lines_and_dispatches_them_in_order() -> None:
+    conn = connect(max_inflight=4)
+    first = [b"slow1", b"slow2", b"slow3", b"slow4"]
+    held = [b"fast5", b"slow6", b"fast7", b"slow8"]
+    conn.feed(b"".join(line + b"\n" for line in first + held) + b"slow9")
+    assert conn.handler.lines == first
+    assert not conn.transport.reading
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.handler.lines == first  # 3 pending: nothing more dispatched
+    assert not conn.transport.reading
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
+    # Down to N/2: held-back lines are dispatched, in order, until the cap is reached again.
+    assert conn.handler.lines == [*first, b"fast5", b"slow6"]
+    assert not conn.transport.reading
+    conn.handler.resolve(b"slow3", b"slow4")
+    await run_callbacks()
+    assert conn.handler.lines == first + held
+    assert conn.transport.reading  # buffer holds only the partial line now
+    conn.handler.resolve(b"slow6", b"slow8")
+    await run_callbacks()
+    assert conn.transport.output == replies_for(first + held)
+    conn.feed(b"\n")
+    assert conn.handler.lines == [*first, *held, b"slow9"]
+
+
+async def test_lines_arriving_while_inflight_full_are_not_dispatched() -> None:
+    conn = connect(max_inflight=2)
+    conn.feed(b"slow1\nslow2\n")
+    assert not conn.transport.reading
+    conn.feed(b"fast3\n")  # a transport may still hand over what it had already read
+    assert conn.handler.lines == [b"slow1", b"slow2"]
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.handler.lines == [b"slow1", b"slow2", b"fast3"]
+
+
+async def test_many_immediate_replies_under_a_small_inflight_cap() -> None:
+    # A client pipelining small requests: 64 KiB of "{}\n" in one read, max_inflight=4.
+    count = 65536 // 3
+    conn = connect(max_inflight=4)
+    conn.feed(b"{}\n" * count)
+    assert len(conn.handler.lines) == count
+    assert conn.transport.output == reply_for(b"{}") * count
+    assert conn.transport.reading
+
+
+# -- flow control --------------------------------------------------------------------------
+
+
+async def test_pause_writing_pauses_reading_and_resume_writing_resumes_it() -> None:
+    conn = connect()
+    conn.protocol.pause_writing()
+    assert conn.transport.flow == ["pause"]
+    conn.protocol.resume_writing()
+    assert conn.transport.flow == ["pause", "resume"]
+
+
+async def test_resume_writing_does_not_resume_while_inflight_is_full() -> None:
+    conn = connect(max_inflight=2)
+    conn.feed(b"slow1\nslow2\n")
+    conn.protocol.pause_writing()
+    conn.protocol.resume_writing()
+    assert conn.transport.flow == ["pause"]
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.flow == ["pause", "resume"]
+
+
+async def test_inflight_release_does_not_resume_while_writing_is_paused() -> None:
+    conn = connect(max_inflight=2)
+    conn.protocol.pause_writing()
+    conn.feed(b"slow1\nslow2\n")
+    conn.handler.resolve(b"slow1", b"slow2")
+    await run_callbacks()
+    assert conn.transport.flow == ["pause"]
+    conn.protocol.resume_writing()
+    assert conn.transport.flow == ["pause", "resume"]
+
+
+async def test_write_that_fills_the_transport_pauses_reading() -> None:
+    # asyncio transports call pause_writing from inside write() once over the high-water mark.
+    conn = connect()
+    conn.transport.on_write = lambda _data: conn.protocol.pause_writing()
+    conn.feed(b"fast1\n")
+    assert conn.transport.events == [reply_for(b"fast1"), "pause"]
+    conn.transport.on_write = None
+    conn.feed(b"fast2\n")  # data the transport had already read is still answered
+    conn.protocol.resume_writing()
+    assert conn.transport.events == [reply_for(b"fast1"), "pause", reply_for(b"fast2"), "resume"]
+
+
+async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
+    rng = random.Random(20240611)
+    for _ in range(40):
+        conn = connect(max_inflight=4)
+        write_paused = False
+        sent: list[bytes] = []
+        for step in range(60):
+            action = rng.choice(["slow", "fast", "resolve", "writing"])
+            if action == "writing":
+                if write_paused:
+                    conn.protocol.resume_writing()
+                else:
+                    conn.protocol.pause_writing()
+                write_paused = not write_paused
+            elif action == "resolve":
+                unresolved = [line for line, future in conn.handler.futures.items() if not future.done()]
+                if unresolved:
+                    conn.handler.resolve(rng.choice(unresolved))
+                await run_callbacks(2)
+            else:
+                line = b"%s%d" % (action.encode(), step)
+                sent.append(line)
+                conn.feed(line + b"\n")
+            # The fake transport raises on a repeated pause or resume; check the record too.
+            flow = conn.transport.flow
+            assert all(a != b for a, b in itertools.pairwise(flow))
+        if write_paused:
+            conn.protocol.resume_writing()
+        while any(not future.done() for future in conn.handler.futures.values()):
+            conn.handler.resolve(*[line for line, future in conn.handler.futures.items() if not future.done()])
+            await run_callbacks()
+        assert conn.handler.lines == sent
+        assert conn.transport.output == replies_for(sent)
+        assert conn.transport.reading
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+async def test_begin_shutdown_answers_buffered_lines_drops_partial_and_closes_after_last_reply() -> None:
+    conn = connect(max_inflight=2)
+    conn.feed(b"slow1\nslow2\nfast3\nslow4\npartial")
+    assert conn.handler.lines == [b"slow1", b"slow2"]  # the cap holds the rest back
+    conn.protocol.begin_shutdown()
+    # The complete lines are dispatched anyway (the handler decides what to answer).
+    assert conn.handler.lines == [b"slow1", b"slow2", b"fast3", b"slow4"]
+    assert not conn.transport.reading
+    assert not conn.transport.closed
+    conn.feed(b"\nlate\n")  # anything after begin_shutdown is ignored
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.output == reply_for(b"slow1")
+    assert not conn.transport.closed
+    conn.handler.resolve(b"slow4")
+    await run_callbacks()
+    assert not conn.transport.closed
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
+    assert conn.transport.output == replies_for([b"slow1", b"slow2", b"fast3", b"slow4"])
+    assert conn.transport.closed
+    assert conn.transport.written_after_close() == []
+    assert "abort" not in conn.transport.events
+    assert conn.handler.lines == [b"slow1", b"slow2", b"fast3", b"slow4"]
+    assert conn.transport.flow == ["pause"]
+
+
+async def test_begin_shutdown_with_nothing_owed_closes_at_once() -> None:
+    conn = connect()
+    conn.feed(b"fast1\nfast2\npart")
+    conn.protocol.begin_shutdown()
+    assert conn.transport.closed
+    assert conn.transport.output == replies_for([b"fast1", b"fast2"])
+    assert conn.transport.written_after_close() == []
+    assert conn.handler.lines == [b"fast1", b"fast2"]
+    assert conn.transport.flow == ["pause"]
+
+
+async def test_begin_shutdown_while_discarding_an_overlong_line() -> None:
+    conn = connect(max_line_bytes=LIMIT)
+    conn.feed(b"X" * (2 * LIMIT))
+    conn.feed(HIDDEN)  # still inside the over-long line
+    conn.protocol.begin_shutdown()
+    assert conn.handler.lines == []
+    assert conn.transport.output == TOO_LONG
+    assert conn.transport.closed
+
+
+async def test_eof_received_answers_what_was_sent_then_closes() -> None:
+    conn = connect()
+    conn.feed(b"slow1\nfast2\npartial")
+    assert conn.protocol.eof_received() is True
+    assert conn.handler.lines == [b"slow1", b"fast2"]
+    assert not conn.transport.closed
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.output == replies_for([b"slow1", b"fast2"])
+    assert conn.transport.closed
+    assert conn.transport.written_after_close() == []
+    assert conn.handler.lines == [b"slow1", b"fast2"]
+
+
+async def test_eof_received_with_nothing_owed_closes_at_once() -> None:
+    conn = connect()
+    conn.feed(b"fast\n")
+    assert conn.protocol.eof_received() is True
+    assert conn.transport.closed
+    assert conn.transport.output == reply_for(b"fast")
+
+
+async def test_eof_after_begin_shutdown_changes_nothing() -> None:
+    conn = connect()
+    conn.feed(b"slow1\n")
+    conn.protocol.begin_shutdown()
+    assert conn.protocol.eof_received() is True
+    assert conn.handler.lines == [b"slow1"]
+    assert not conn.transport.closed
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.output == reply_for(b"slow1")
+    assert conn.transport.closed
+
+
+# -- connection lost and abort -------------------------------------------------------------
+
+
+async def test_nothing_is_written_after_connection_lost() -> None:
+    conn = connect()
+    conn.feed(b"slow1\nslow2\nfast3\n")
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.output == reply_for(b"slow1")
+    conn.protocol.connection_lost(ConnectionResetError("peer went away"))
+    assert conn.tracker.events == [("opened", conn.protocol), ("closed", conn.protocol)]
+    assert conn.protocol.idle
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
+    conn.feed(b"fast4\n")
+    conn.protocol.pause_writing()
+    conn.protocol.resume_writing()
+    conn.protocol.begin_shutdown()
+    conn.protocol.abort()
+    assert conn.transport.events == [reply_for(b"slow1")]
+    assert conn.handler.lines == [b"slow1", b"slow2", b"fast3"]
+
+
+async def test_abort_closes_at_once_without_writing_owed_replies() -> None:
+    conn = connect()
+    conn.feed(b"slow1\n")
+    conn.protocol.abort()
+    assert conn.transport.events == ["abort"]
+    conn.protocol.connection_lost(None)
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.events == ["abort"]
