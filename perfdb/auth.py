@@ -10,6 +10,7 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import hmac
 import logging
 import time
 from pathlib import Path
@@ -42,6 +43,13 @@ class Profile:
     def create(cls, user_id: str, claims: dict[str, Any]) -> Profile:
         document = {"user_id": user_id, **claims}
         return cls(user_id, claims, orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
+
+
+def profile_from_document(user_id: str, document: Any) -> Profile:
+    """Rebuild a profile from its stored JSON (as export gives it); raises ValueError if unusable."""
+    if not isinstance(document, dict) or document.get("user_id", user_id) != user_id:
+        raise ValueError("a profile must be an object whose user_id matches its key")
+    return Profile.create(user_id, _clean_claims(document))
 
 
 def public_profile(stored: dict[str, Any], expose_emails: bool) -> dict[str, Any]:
@@ -100,6 +108,27 @@ def load_static_tokens(path: Path) -> dict[bytes, Profile]:
             raise ValueError(f"{where}: the same token hash appears twice")
         tokens[digest] = Profile.create(STATIC_USER_PREFIX + user_id, _clean_claims(entry))
     return tokens
+
+
+# -- the admin key ------------------------------------------------------------------------
+
+MIN_ADMIN_KEY_CHARS = 16
+
+
+def load_admin_key(path: Path) -> str:
+    """Read the admin key (surrounding whitespace ignored); raises ValueError for the operator."""
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read admin key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(key) < MIN_ADMIN_KEY_CHARS or not key.isascii():
+        raise ValueError(f"admin key file {path} must hold an ASCII key of at least {MIN_ADMIN_KEY_CHARS} characters")
+    return key
+
+
+def admin_key_matches(expected: str, presented: object) -> bool:
+    """Constant-time comparison, so response timing does not reveal the key."""
+    return isinstance(presented, str) and hmac.compare_digest(expected.encode(), presented.encode())
 
 
 # -- the cache ------------------------------------------------------------------------------

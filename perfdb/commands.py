@@ -16,11 +16,22 @@ from typing import Any
 import orjson
 
 from perfdb import PROTOCOL_VERSION, SERVER_NAME, __version__
-from perfdb.auth import Profile, TokenResolver, public_profile
+from perfdb.auth import Profile, TokenResolver, admin_key_matches, profile_from_document, public_profile
 from perfdb.config import Config
-from perfdb.errors import ErrorCode, PerfdbError, quote_input
+from perfdb.errors import ErrorCode, PerfdbError, bad_request, quote_input
 from perfdb.protocol import Reply
-from perfdb.schema import ENVELOPE_FIELDS, RecordDraft, check_fields, check_request_id, parse_query, parse_record
+from perfdb.schema import (
+    ADMIN_FIELDS,
+    ENVELOPE_FIELDS,
+    IMPORT_FIELDS,
+    Query,
+    RecordDraft,
+    check_fields,
+    check_request_id,
+    parse_import_records,
+    parse_query,
+    parse_record,
+)
 from perfdb.stats import ServerStats
 from perfdb.storage import Page, RecordAck, ResultStore
 
@@ -49,8 +60,17 @@ def _json_array(documents: list[bytes]) -> orjson.Fragment:
 class CommandDispatcher:
     """Implements the framing layer's LineHandler on top of the services."""
 
-    def __init__(self, config: Config, store: ResultStore, resolver: TokenResolver, stats: ServerStats) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: ResultStore,
+        resolver: TokenResolver,
+        stats: ServerStats,
+        *,
+        admin_key: str | None = None,
+    ) -> None:
         self._config = config
+        self._admin_key = admin_key
         self._store = store
         self._resolver = resolver
         self._stats = stats
@@ -177,13 +197,25 @@ class CommandDispatcher:
         ack: RecordAck = await self._store.submit(profile, draft)
         return ack.to_fields()
 
-    def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
-        query = parse_query(
-            request, with_user=True, default_limit=self._config.default_page_size, max_limit=self._config.max_page_size
-        )
-        return self._get_user(query)
+    def _require_admin(self, request: dict[str, Any]) -> None:
+        if self._admin_key is None:
+            raise PerfdbError(ErrorCode.FORBIDDEN, "this server has no admin key configured (--admin-key-file)")
+        if not admin_key_matches(self._admin_key, request.get("admin_key")):
+            raise PerfdbError(ErrorCode.FORBIDDEN, "admin_key: missing or wrong")
 
-    async def _get_user(self, query: Any) -> Fields:
+    def _query(self, request: dict[str, Any], *, with_user: bool, extra_fields: frozenset[str] = frozenset()) -> Query:
+        return parse_query(
+            request,
+            with_user=with_user,
+            default_limit=self._config.default_page_size,
+            max_limit=self._config.max_page_size,
+            extra_fields=extra_fields,
+        )
+
+    def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
+        return self._get_user(self._query(request, with_user=True))
+
+    async def _get_user(self, query: Query) -> Fields:
         profile, page = await self._store.get_user(query)
         return {
             "user": public_profile(profile, self._config.expose_emails),
@@ -192,19 +224,37 @@ class CommandDispatcher:
         }
 
     def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
-        query = parse_query(
-            request, with_user=False, default_limit=self._config.default_page_size, max_limit=self._config.max_page_size
-        )
-        return self._get_all(query)
+        return self._get_all(self._query(request, with_user=False), full_profiles=False)
 
-    async def _get_all(self, query: Any) -> Fields:
+    async def _get_all(self, query: Query, *, full_profiles: bool) -> Fields:
         page: Page = await self._store.get_all(query)
-        expose = self._config.expose_emails
+        expose = full_profiles or self._config.expose_emails
         return {
             "users": {user_id: public_profile(profile, expose) for user_id, profile in page.profiles.items()},
             "records": _json_array(page.records),
             "next_cursor": page.next_cursor,
         }
+
+    def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_admin(request)
+        query = self._query(request, with_user=False, extra_fields=ADMIN_FIELDS)
+        return self._get_all(query, full_profiles=True)
+
+    def op_import(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_admin(request)
+        check_fields(request, IMPORT_FIELDS)
+        records = parse_import_records(request.get("records"))
+        users = request.get("users")
+        if not isinstance(users, dict):
+            raise bad_request("users", "must be an object of user id to profile")
+        profiles: dict[str, Profile] = {}
+        for record in records:
+            if record.user_id not in profiles:
+                try:
+                    profiles[record.user_id] = profile_from_document(record.user_id, users.get(record.user_id))
+                except ValueError as exc:
+                    raise bad_request(f"users.{quote_input(record.user_id)}", str(exc)) from None
+        return self._store.restore(records, profiles)  # resolves to an ImportAck
 
     def op_stats(self, request: dict[str, Any], peer: str) -> Fields:
         check_fields(request, ENVELOPE_FIELDS)

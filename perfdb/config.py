@@ -44,8 +44,9 @@ class Config:
     token_cache_size: int = 100_000
     auth_timeout: float = 5.0
     auth_max_connections: int = 32
-    # Privacy
+    # Privacy and access
     expose_emails: bool = False
+    admin_key_file: Path | None = None
     # Lifecycle and runtime
     shutdown_timeout: float = 10.0
     loop: str = "auto"
@@ -195,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.auth_max_connections,
         help="most simultaneous connections to the userinfo endpoint",
     )
-    privacy = parser.add_argument_group("privacy")
+    privacy = parser.add_argument_group("privacy and access")
     privacy.add_argument("--expose-emails", action="store_true", help="include e-mail addresses in public profiles")
+    privacy.add_argument(
+        "--admin-key-file",
+        default=None,
+        help="file holding the admin key (16+ characters) that export and import must present; "
+        "without it those ops are refused",
+    )
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
         "--shutdown-timeout",
@@ -244,6 +251,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         auth_timeout=args.auth_timeout,
         auth_max_connections=args.auth_max_connections,
         expose_emails=args.expose_emails,
+        admin_key_file=Path(args.admin_key_file) if args.admin_key_file else None,
         shutdown_timeout=args.shutdown_timeout,
         loop=args.loop,
         log_level=args.log_level,

@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-from perfdb.errors import bad_request, quote_input
+from perfdb.errors import PerfdbError, bad_request, quote_input
+from perfdb.record_ids import is_record_id, record_id_micros
 from perfdb.scenario import map_scenario_result
 from perfdb.timestamps import parse_rfc3339
 
@@ -60,6 +61,8 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
         "scenario_result",
     }
 )
+ADMIN_FIELDS = frozenset({"admin_key"})
+IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
 
 
@@ -223,36 +226,34 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
         raise bad_request(
             "access_token", f"must be a non-empty ASCII string of at most {MAX_ACCESS_TOKEN_CHARS} characters"
         )
+    if "scenario_result" not in request:
+        return token, _draft(request)
+    for field in ("metrics", "client_config", "server_config"):
+        if field in request:
+            raise bad_request(field, "cannot be combined with scenario_result")
+    mapped = map_scenario_result(request["scenario_result"])
+    fields = {
+        **request,
+        "metrics": mapped.metrics,
+        "client_config": mapped.client_config,
+        "server_config": mapped.server_config,
+    }
+    if request.get("test_name") is None and mapped.name:
+        fields["test_name"] = mapped.name
+    return token, _draft(fields, scenario=mapped.scenario)
 
-    scenario: dict[str, Any] | None = None
-    default_test_name: str | None = None
-    if "scenario_result" in request:
-        for field in ("metrics", "client_config", "server_config"):
-            if field in request:
-                raise bad_request(field, "cannot be combined with scenario_result")
-        mapped = map_scenario_result(request["scenario_result"])
-        metrics = mapped.metrics
-        client_config = mapped.client_config
-        server_config = mapped.server_config
-        scenario = mapped.scenario
-        default_test_name = mapped.name
-    else:
-        if "metrics" not in request:
-            raise bad_request("metrics", "is required (or send scenario_result)")
-        metrics = check_metrics(request["metrics"])
-        client_config = request.get("client_config") or {}
-        server_config = request.get("server_config") or {}
-    client_config = _bounded_object("client_config", client_config, MAX_CONFIG_BYTES)
-    server_config = _bounded_object("server_config", server_config, MAX_CONFIG_BYTES)
 
-    if request.get("test_name") is None and default_test_name:
-        test_name = _string("scenario_result.scenario.name", default_test_name, MAX_NAME_CHARS, allow_empty=False)
-    else:
-        test_name = required_string(request, "test_name", MAX_NAME_CHARS)
-    tag_value = request.get("tag")
+def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> RecordDraft:
+    """The checks and scrubbing shared by submitted and imported records."""
+    if "metrics" not in fields:
+        raise bad_request("metrics", "is required (or send scenario_result)")
+    metrics = check_metrics(fields["metrics"])
+    client_config = _bounded_object("client_config", fields.get("client_config") or {}, MAX_CONFIG_BYTES)
+    server_config = _bounded_object("server_config", fields.get("server_config") or {}, MAX_CONFIG_BYTES)
+    test_name = required_string(fields, "test_name", MAX_NAME_CHARS)
+    tag_value = fields.get("tag")
     tag = "" if tag_value is None else _string("tag", tag_value, MAX_NAME_CHARS, allow_empty=True)
-
-    sys_info = request.get("sys_info")
+    sys_info = fields.get("sys_info")
     if sys_info is None:
         sys_info = {}
     elif isinstance(sys_info, str):
@@ -262,23 +263,76 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
         if not isinstance(sys_info, dict):
             raise bad_request("sys_info", f"must be a string or an object, got {_json_type(sys_info)}")
         _bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)
-
-    draft = RecordDraft(
+    return RecordDraft(
         test_name=test_name,
         tag=tag,
         sys_info=scrub_ips(sys_info),
         metrics=metrics,
         client_config=remove_host_fields(client_config),
         server_config=remove_host_fields(server_config),
-        request_id=optional_string(request, "request_id", MAX_REQUEST_ID_CHARS),
+        request_id=optional_string(fields, "request_id", MAX_REQUEST_ID_CHARS),
         scenario=scenario,
     )
-    return token, draft
 
 
-def parse_query(request: dict[str, Any], *, with_user: bool, default_limit: int, max_limit: int) -> Query:
-    """Validate the filters shared by get_user and get_all."""
-    check_fields(request, QUERY_FIELDS | {"user_id"} if with_user else QUERY_FIELDS)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImportedRecord:
+    """A record restored from an export, keeping its identity."""
+
+    record_id: str
+    user_id: str
+    timestamp: str
+    draft: RecordDraft
+
+
+STORED_RECORD_FIELDS = frozenset(
+    {
+        "record_id", "user_id", "timestamp", "test_name", "tag", "sys_info", "metrics",
+        "client_config", "server_config", "request_id", "scenario",
+    }
+)  # fmt: skip
+MAX_IMPORT_RECORDS = 1000
+
+
+def parse_import_records(value: Any) -> list[ImportedRecord]:
+    """Validate the records of an import request: stored records exactly as export gives them."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_IMPORT_RECORDS:
+        raise bad_request("records", f"must be a list of 1 to {MAX_IMPORT_RECORDS} records")
+    return [_imported_record(document, index) for index, document in enumerate(value)]
+
+
+def _imported_record(document: Any, index: int) -> ImportedRecord:
+    where = f"records[{index}]"
+    if not isinstance(document, dict):
+        raise bad_request(where, "must be a record object")
+    try:
+        check_fields(document, STORED_RECORD_FIELDS)
+        record_id = required_string(document, "record_id", 32)
+        if not is_record_id(record_id):
+            raise bad_request("record_id", "is not a perfdb record id")
+        user_id = required_string(document, "user_id", MAX_USER_ID_CHARS)
+        timestamp = required_string(document, "timestamp", 40)
+        if _timestamp(document, "timestamp") != record_id_micros(record_id):
+            raise bad_request("timestamp", "does not match the record id")
+        scenario = document.get("scenario")
+        if scenario is not None:
+            scenario = _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
+        draft = _draft(document, scenario=scenario)
+    except PerfdbError as error:
+        raise bad_request(where, error.message) from None
+    return ImportedRecord(record_id, user_id, timestamp, draft)
+
+
+def parse_query(
+    request: dict[str, Any],
+    *,
+    with_user: bool,
+    default_limit: int,
+    max_limit: int,
+    extra_fields: frozenset[str] = frozenset(),
+) -> Query:
+    """Validate the filters shared by get_user, get_all and export."""
+    check_fields(request, QUERY_FIELDS | extra_fields | ({"user_id"} if with_user else frozenset()))
     user_id = required_string(request, "user_id", MAX_USER_ID_CHARS) if with_user else None
     since = _timestamp(request, "since")
     until = _timestamp(request, "until")

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from perfdb import __version__
-from perfdb.auth import TokenResolver, load_static_tokens
+from perfdb.auth import TokenResolver, load_admin_key, load_static_tokens
 from perfdb.commands import CommandDispatcher
 from perfdb.config import Config, ConfigError, config_from_args, format_address
 from perfdb.protocol import LineProtocol
@@ -47,11 +47,14 @@ class PerfdbServer:
         loop = asyncio.get_running_loop()
         config = self.config
         static_tokens = {}
-        if config.tokens_file is not None:
-            try:
+        admin_key = None
+        try:
+            if config.tokens_file is not None:
                 static_tokens = await loop.run_in_executor(None, load_static_tokens, config.tokens_file)
-            except ValueError as exc:
-                raise StartupError(str(exc)) from None
+            if config.admin_key_file is not None:
+                admin_key = await loop.run_in_executor(None, load_admin_key, config.admin_key_file)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         try:
             await loop.run_in_executor(None, self.store.open, loop)
         except StoreOpenError as exc:
@@ -66,7 +69,7 @@ class PerfdbServer:
             max_connections=config.auth_max_connections,
         )
         await self.resolver.start()
-        self.dispatcher = CommandDispatcher(config, self.store, self.resolver, self.stats)
+        self.dispatcher = CommandDispatcher(config, self.store, self.resolver, self.stats, admin_key=admin_key)
         dispatcher = self.dispatcher
         try:
             self._listener = await loop.create_server(

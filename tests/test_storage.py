@@ -9,8 +9,8 @@ import plyvel
 import pytest
 
 from perfdb.storage import ResultStore, StoreOpenError, layout
-from perfdb.storage import writer as writer_module
-from perfdb.storage.writer import RecordIdClock
+from perfdb import record_ids
+from perfdb.record_ids import RecordIdClock
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
 
@@ -46,15 +46,15 @@ def test_foreign_leveldb_is_refused(tmp_path: Path) -> None:
 
 def test_record_ids_never_go_back_when_the_clock_does(monkeypatch: pytest.MonkeyPatch) -> None:
     times = iter([1_000_000, 1_000_000, 999_000, 2_000_000])
-    monkeypatch.setattr(writer_module, "now_micros", lambda: next(times))
+    monkeypatch.setattr(record_ids, "now_micros", lambda: next(times))
     clock = RecordIdClock(None)
     ids = [clock.next() for _ in range(4)]
     assert [micros for _, micros in ids] == [1_000_000, 1_000_000, 1_000_000, 2_000_000]
-    record_ids = [record_id for record_id, _ in ids]
-    assert record_ids == sorted(record_ids) and len(set(record_ids)) == 4
-    resumed = RecordIdClock(record_ids[-1])
-    monkeypatch.setattr(writer_module, "now_micros", lambda: 5)
-    assert resumed.next()[0] > record_ids[-1]
+    issued = [record_id for record_id, _ in ids]
+    assert issued == sorted(issued) and len(set(issued)) == 4
+    resumed = RecordIdClock(issued[-1])
+    monkeypatch.setattr(record_ids, "now_micros", lambda: 5)
+    assert resumed.next()[0] > issued[-1]
 
 
 async def test_damaged_record_is_skipped_reported_and_counted(tmp_path: Path) -> None:

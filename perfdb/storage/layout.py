@@ -7,15 +7,15 @@
     u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
 
-Record ids are 20 lowercase hex digits: 14 of server time in microseconds, then 6 of a
-sequence number, so byte order is time order and the record keyspace is the time index.
+Record ids (perfdb.record_ids) sort by time, so the record keyspace is the time index.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 import zlib
+
+from perfdb.record_ids import RECORD_ID_CHARS, make_record_id
 
 SCHEMA_VERSION = 1
 
@@ -28,26 +28,11 @@ USER_INDEX_PREFIX = b"u:"
 IDEMPOTENCY_PREFIX = b"i:"
 SEPARATOR = b"\x00"
 
-RECORD_ID_CHARS = 20
-_SEQUENCE_LIMIT = 1 << 24
-_RECORD_ID = re.compile(r"[0-9a-f]{20}")
 _CHECKSUM = struct.Struct(">I")
 
 
 class CorruptValueError(ValueError):
     """A stored value whose checksum does not match its bytes."""
-
-
-def make_record_id(micros: int, sequence: int) -> str:
-    return f"{micros:014x}{sequence:06x}"
-
-
-def record_id_micros(record_id: str) -> int:
-    return int(record_id[:14], 16)
-
-
-def is_record_id(text: str) -> bool:
-    return bool(_RECORD_ID.fullmatch(text))
 
 
 def time_bound(micros: int) -> bytes:

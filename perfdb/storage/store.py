@@ -18,9 +18,10 @@ import plyvel
 
 from perfdb.auth import Profile
 from perfdb.errors import ErrorCode, PerfdbError
-from perfdb.schema import Query, RecordDraft
+from perfdb.record_ids import is_record_id
+from perfdb.schema import ImportedRecord, Query, RecordDraft
 from perfdb.storage import layout
-from perfdb.storage.writer import GroupCommitWriter, RecordAck
+from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
 
 log = logging.getLogger("perfdb.storage")
 
@@ -166,6 +167,9 @@ class ResultStore:
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
 
+    def restore(self, records: list[ImportedRecord], profiles: dict[str, Profile]) -> asyncio.Future[ImportAck]:
+        return self.writer.restore(records, profiles)
+
     # -- reads ----------------------------------------------------------------------------
 
     async def get_user(self, query: Query) -> tuple[dict[str, Any], Page]:
@@ -262,7 +266,7 @@ class ResultStore:
     def _page_start(prefix: bytes, query: Query) -> tuple[bytes, bool]:
         """Where a page's scan begins: just after the cursor, else at `since`, else the prefix."""
         if query.cursor is not None:
-            if not layout.is_record_id(query.cursor):
+            if not is_record_id(query.cursor):
                 raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned")
             start = prefix + query.cursor.encode()
             if query.since is not None:

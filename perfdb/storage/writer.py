@@ -20,9 +20,10 @@ import plyvel
 
 from perfdb.auth import Profile
 from perfdb.errors import ErrorCode, PerfdbError
-from perfdb.schema import RecordDraft
+from perfdb.record_ids import RecordIdClock
+from perfdb.schema import ImportedRecord, RecordDraft
 from perfdb.storage import layout
-from perfdb.timestamps import format_micros, now_micros
+from perfdb.timestamps import format_micros
 
 log = logging.getLogger("perfdb.storage")
 
@@ -48,34 +49,104 @@ class RecordAck:
         }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImportAck:
+    """What an import of a batch of restored records did."""
+
+    imported: int
+    duplicates: int
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"imported": self.imported, "duplicates": self.duplicates}
+
+
 @dataclasses.dataclass(slots=True)
 class Submission:
+    """A new record from a client."""
+
     profile: Profile
     draft: RecordDraft
-    future: asyncio.Future[RecordAck]
+    future: asyncio.Future[Any]
 
 
-class RecordIdClock:
-    """Strictly increasing record ids whose time part never goes back, even if the clock does."""
+@dataclasses.dataclass(slots=True)
+class Restoration:
+    """Records restored from an export, keeping their ids, timestamps and users."""
 
-    __slots__ = ("_micros", "_sequence")
+    records: list[ImportedRecord]
+    profiles: dict[str, Profile]
+    future: asyncio.Future[Any]
 
-    def __init__(self, last_record_id: str | None) -> None:
-        if last_record_id is None:
-            self._micros, self._sequence = -1, 0
-        else:
-            self._micros = layout.record_id_micros(last_record_id)
-            self._sequence = int(last_record_id[14:], 16)
 
-    def next(self) -> tuple[str, int]:
-        now = now_micros()
-        if now > self._micros:
-            self._micros, self._sequence = now, 0
-        else:
-            self._sequence += 1
-            if self._sequence >= 1 << 24:  # 16M ids in one microsecond: borrow the next one
-                self._micros, self._sequence = self._micros + 1, 0
-        return layout.make_record_id(self._micros, self._sequence), self._micros
+Outcome = tuple[asyncio.Future[Any], RecordAck | ImportAck | PerfdbError]
+
+
+class _Batch:
+    """One write batch being built, with the state it will change staged beside it."""
+
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self.writer = writer
+        self.db = writer._db
+        self.batch = writer._db.write_batch(sync=writer._sync)
+        self.requests: dict[bytes, RecordAck] = {}
+        self.records: set[bytes] = set()
+        self.profiles: dict[str, bytes] = {}
+        self.new_users = 0
+        self.new_records = 0
+
+    def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
+        return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id)
+
+    def add_record(self, record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> RecordAck:
+        key = layout.record_key(record_id, user_id)
+        self.batch.put(key, layout.seal(_record_document(record_id, user_id, timestamp, draft)))
+        self.batch.put(
+            layout.user_index_prefix(user_id) + record_id.encode(), orjson.dumps([draft.test_name, draft.tag])
+        )
+        self.records.add(key)
+        ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
+        if draft.request_id is not None:
+            request_key = layout.idempotency_key(user_id, draft.request_id)
+            if self.earlier_request(request_key, user_id) is None:
+                self.batch.put(request_key, orjson.dumps({"record_id": record_id, "timestamp": timestamp}))
+                self.requests[request_key] = ack
+        self.new_records += 1
+        return ack
+
+    def has_record(self, record_id: str, user_id: str) -> bool:
+        key = layout.record_key(record_id, user_id)
+        return key in self.records or self.db.get(key) is not None
+
+    def add_profile(self, profile: Profile) -> None:
+        """Write the profile only when it is new or changed."""
+        user_id = profile.user_id
+        known = self.profiles.get(user_id) or self.writer._profiles.get(user_id)
+        if known == profile.stored:
+            return
+        if known is None:
+            known = self.db.get(layout.profile_key(user_id))
+            if known is None:
+                self.new_users += 1
+        if known != profile.stored:
+            self.batch.put(layout.profile_key(user_id), profile.stored)
+        self.profiles[user_id] = profile.stored
+
+    def commit(self) -> None:
+        writer = self.writer
+        if self.new_records:
+            self.batch.put(layout.RECORD_COUNT_KEY, str(writer.record_count + self.new_records).encode())
+        if self.new_users:
+            self.batch.put(layout.USER_COUNT_KEY, str(writer.user_count + self.new_users).encode())
+        if writer.write_batch_hook is not None:
+            writer.write_batch_hook()
+        self.batch.write()
+        writer.record_count += self.new_records
+        writer.user_count += self.new_users
+        if len(writer._profiles) + len(self.profiles) > _MAX_CACHED_PROFILES:
+            writer._profiles.clear()
+        writer._profiles.update(self.profiles)
+        writer.batches += 1
+        writer.batched_records += self.new_records
 
 
 class GroupCommitWriter:
@@ -117,11 +188,20 @@ class GroupCommitWriter:
 
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         """Queue a record; the future resolves once it is durable (or fails with PerfdbError)."""
+        future: asyncio.Future[RecordAck] = self._loop.create_future()
+        self._enqueue(Submission(profile, draft, future))
+        return future
+
+    def restore(self, records: list[ImportedRecord], profiles: dict[str, Profile]) -> asyncio.Future[ImportAck]:
+        """Queue restored records; records already present are counted as duplicates, not rewritten."""
+        future: asyncio.Future[ImportAck] = self._loop.create_future()
+        self._enqueue(Restoration(records, profiles, future))
+        return future
+
+    def _enqueue(self, item: Submission | Restoration) -> None:
         if not self._accepting:
             raise PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        future: asyncio.Future[RecordAck] = self._loop.create_future()
-        self._queue.put(Submission(profile, draft, future))
-        return future
+        self._queue.put(item)
 
     def stop(self) -> None:
         """Commit what is queued, then end the thread. Blocks: call it off the event loop."""
@@ -149,76 +229,50 @@ class GroupCommitWriter:
                 batch.append(item)
             self._commit(batch)
 
-    def _commit(self, submissions: list[Submission]) -> None:
-        outcomes: list[tuple[asyncio.Future[RecordAck], RecordAck | PerfdbError]] = []
+    def _commit(self, items: list[Submission | Restoration]) -> None:
+        outcomes: list[Outcome]
         try:
-            outcomes = self._write(submissions)
+            outcomes = self._write(items)
         except Exception as exc:  # any failure of the batch fails every submission in it
             self.failed_batches += 1
-            log.error("write batch of %d records failed: %s", len(submissions), exc)
+            log.error("write batch of %d submissions failed: %s", len(items), exc)
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
-            outcomes = [(submission.future, error) for submission in submissions]
+            outcomes = [(item.future, error) for item in items]
         self._loop.call_soon_threadsafe(_settle, outcomes)
 
-    def _write(self, submissions: list[Submission]) -> list[tuple[asyncio.Future[RecordAck], RecordAck | PerfdbError]]:
-        db = self._db
-        batch = db.write_batch(sync=self._sync)
-        # Staged state, applied to self only once the batch is on disk.
-        seen_requests: dict[bytes, RecordAck] = {}
-        new_profiles: dict[str, bytes] = {}
-        new_users = 0
-        new_records = 0
-        outcomes: list[tuple[asyncio.Future[RecordAck], RecordAck | PerfdbError]] = []
-        for submission in submissions:
-            profile, draft = submission.profile, submission.draft
-            user_id = profile.user_id
-            request_key = b""
-            if draft.request_id is not None:
-                request_key = layout.idempotency_key(user_id, draft.request_id)
-                earlier = seen_requests.get(request_key) or _stored_ack(db.get(request_key), user_id)
-                if earlier is not None:
-                    outcomes.append((submission.future, dataclasses.replace(earlier, duplicate=True)))
-                    continue
-            record_id, micros = self._clock.next()
-            timestamp = format_micros(micros)
-            batch.put(
-                layout.record_key(record_id, user_id),
-                layout.seal(_record_document(record_id, user_id, timestamp, draft)),
-            )
-            batch.put(
-                layout.user_index_prefix(user_id) + record_id.encode(), orjson.dumps([draft.test_name, draft.tag])
-            )
-            ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
-            if request_key:
-                batch.put(request_key, orjson.dumps({"record_id": record_id, "timestamp": timestamp}))
-                seen_requests[request_key] = ack
-            new_records += 1
-            # The profile is written only when it is new or changed.
-            known = new_profiles.get(user_id) or self._profiles.get(user_id)
-            if known != profile.stored:
-                if known is None:
-                    known = db.get(layout.profile_key(user_id))
-                    if known is None:
-                        new_users += 1
-                if known != profile.stored:
-                    batch.put(layout.profile_key(user_id), profile.stored)
-                new_profiles[user_id] = profile.stored
-            outcomes.append((submission.future, ack))
-        if new_records:
-            batch.put(layout.RECORD_COUNT_KEY, str(self.record_count + new_records).encode())
-        if new_users:
-            batch.put(layout.USER_COUNT_KEY, str(self.user_count + new_users).encode())
-        if self.write_batch_hook is not None:
-            self.write_batch_hook()
-        batch.write()
-        self.record_count += new_records
-        self.user_count += new_users
-        if len(self._profiles) + len(new_profiles) > _MAX_CACHED_PROFILES:
-            self._profiles.clear()
-        self._profiles.update(new_profiles)
-        self.batches += 1
-        self.batched_records += new_records
+    def _write(self, items: list[Submission | Restoration]) -> list[Outcome]:
+        batch = _Batch(self)
+        outcomes: list[Outcome] = []
+        for item in items:
+            if isinstance(item, Submission):
+                outcomes.append((item.future, self._add_submission(batch, item)))
+            else:
+                outcomes.append((item.future, self._add_restoration(batch, item)))
+        batch.commit()
         return outcomes
+
+    def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck:
+        profile, draft = submission.profile, submission.draft
+        if draft.request_id is not None:
+            earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
+            if earlier is not None:
+                return dataclasses.replace(earlier, duplicate=True)
+        record_id, micros = self._clock.next()
+        ack = batch.add_record(record_id, profile.user_id, format_micros(micros), draft)
+        batch.add_profile(profile)
+        return ack
+
+    def _add_restoration(self, batch: _Batch, restoration: Restoration) -> ImportAck:
+        imported = duplicates = 0
+        for record in restoration.records:
+            if batch.has_record(record.record_id, record.user_id):
+                duplicates += 1
+                continue
+            self._clock.advance_past(record.record_id)
+            batch.add_record(record.record_id, record.user_id, record.timestamp, record.draft)
+            batch.add_profile(restoration.profiles[record.user_id])
+            imported += 1
+        return ImportAck(imported, duplicates)
 
 
 def _record_document(record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> bytes:
@@ -247,7 +301,7 @@ def _stored_ack(value: bytes | None, user_id: str) -> RecordAck | None:
     return RecordAck(document["record_id"], user_id, document["timestamp"], duplicate=True)
 
 
-def _settle(outcomes: list[tuple[asyncio.Future[RecordAck], RecordAck | PerfdbError]]) -> None:
+def _settle(outcomes: list[Outcome]) -> None:
     """Runs on the event loop: hand each submitter its outcome."""
     for future, outcome in outcomes:
         if future.done():
