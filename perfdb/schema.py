@@ -18,21 +18,6 @@ from perfdb.record_ids import is_record_id, record_id_micros
 from perfdb.scenario import map_scenario_result
 from perfdb.timestamps import parse_rfc3339
 
-# The 2015 performance database's metric names: latencies in microseconds, CPU times in percent.
-CORE_METRICS = (
-    "qps",
-    "qps_per_core",
-    "perc_lat_50",
-    "perc_lat_90",
-    "perc_lat_95",
-    "perc_lat_99",
-    "perc_lat_99_point_9",
-    "server_system_time",
-    "server_user_time",
-    "client_system_time",
-    "client_user_time",
-)
-
 # Size bounds, documented in protocol_spec.md.
 MAX_ACCESS_TOKEN_CHARS = 4096
 MAX_NAME_CHARS = 256  # test_name, tag

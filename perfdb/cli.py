@@ -1,0 +1,533 @@
+"""The perfdb command line: submit results, read them back, export and import a database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import getpass
+import hashlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from perfdb import __version__
+from perfdb.client import AsyncClient, PerfdbClientError, tls_context
+from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
+from perfdb.config import DEFAULT_ADDRESS, ConfigError
+from perfdb.sysinfo import collect_sys_info
+from perfdb.units import CORE_METRICS, format_value
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the server refused a request (or some submissions)
+EXIT_USAGE = 2  # bad command line
+EXIT_UNREACHABLE = 3  # no connection, or no reply in time
+EXIT_BAD_INPUT = 4  # an input file could not be read or understood
+
+DUMP_HEADER = {"format": "perfdb-dump", "version": 1}
+SUBMITTED_FIELDS = ("test_name", "tag", "sys_info", "metrics", "client_config", "server_config", "request_id")
+
+
+class CliError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class InputError(CliError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_BAD_INPUT)
+
+
+# -- progress ----------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int | None = None, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._enabled = self._stream.isatty()
+        self._label = label
+        self._total = total
+        self._done = 0
+        self._drawn = 0.0
+        self._started = time.monotonic()
+
+    def advance(self, count: int = 1) -> None:
+        self._done += count
+        now = time.monotonic()
+        if self._enabled and now - self._drawn >= 0.1:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self._done / max(now - self._started, 1e-6)
+        if self._total:
+            fraction = min(self._done / self._total, 1.0)
+            bar = "#" * int(fraction * 30)
+            text = f"{self._label} [{bar:<30}] {self._done}/{self._total} {fraction:4.0%} {rate:,.0f}/s"
+        else:
+            text = f"{self._label} {self._done} {rate:,.0f}/s"
+        self._stream.write("\r" + text + "\x1b[K")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._enabled and self._drawn:
+            self._draw(time.monotonic())
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+# -- inputs ------------------------------------------------------------------------------
+
+
+def read_secret(path: str | None, env_var: str, prompt: str, what: str) -> str:
+    """A secret from a file, else the environment, else a prompt that does not echo."""
+    if path is not None:
+        try:
+            secret = Path(path).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    elif os.environ.get(env_var):
+        secret = os.environ[env_var].strip()
+    elif sys.stdin.isatty():
+        secret = getpass.getpass(prompt).strip()
+    else:
+        raise CliError(f"no {what}: use --{what.replace(' ', '-')}-file or {env_var}", EXIT_USAGE)
+    if not secret:
+        raise InputError(f"the {what} is empty")
+    return secret
+
+
+def read_documents(stream: IO[bytes], name: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects in a file: one document (pretty-printed or not), or one per line."""
+    first = stream.readline()
+    try:
+        document = orjson.loads(first) if first.strip() else None
+    except orjson.JSONDecodeError:
+        document = None
+    if document is None:
+        # Not a complete object on the first line: the whole file is one document.
+        data = first + stream.read()
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"{name}: not JSON or NDJSON ({exc})") from None
+        if not isinstance(document, dict):
+            raise InputError(f"{name}: expected a JSON object")
+        yield document
+        return
+    if not isinstance(document, dict):
+        raise InputError(f"{name}: line 1: expected a JSON object")
+    yield document
+    for number, line in enumerate(stream, start=2):
+        if not line.strip():
+            continue
+        try:
+            document = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"{name}: line {number}: not JSON ({exc})") from None
+        if not isinstance(document, dict):
+            raise InputError(f"{name}: line {number}: expected a JSON object")
+        yield document
+
+
+def record_fields(document: dict[str, Any], name: str) -> dict[str, Any]:
+    """Request fields for one document: a gRPC ScenarioResult or a perfdb record."""
+    if "summary" in document and "metrics" not in document:
+        return {"scenario_result": document}
+    if "scenarios" in document:
+        raise InputError(f"{name}: a scenario input file (what qps_json_driver reads), not a result")
+    if "metrics" in document or "scenario_result" in document:
+        fields = {key: document[key] for key in (*SUBMITTED_FIELDS, "scenario_result") if key in document}
+        return fields
+    raise InputError(f"{name}: neither a gRPC ScenarioResult nor a perfdb record (no summary or metrics)")
+
+
+def content_request_id(fields: dict[str, Any]) -> str:
+    """The same submission always gets the same key, so submitting a file twice stores it once."""
+    digest = hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return "sha256-" + digest[:32]
+
+
+# -- output ------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("record_id", "user_id", "timestamp", "test_name", "tag", *(m.name for m in CORE_METRICS))
+
+
+class RecordWriter:
+    """Writes records as a table, JSON, NDJSON or CSV, one at a time (constant memory)."""
+
+    def __init__(self, output_format: str, out: IO[str]) -> None:
+        self._format = output_format
+        self._out = out
+        self._count = 0
+        self._csv = csv.writer(out) if output_format == "csv" else None
+
+    def start(self) -> None:
+        if self._format == "json":
+            self._out.write("[")
+        elif self._csv is not None:
+            self._csv.writerow(CSV_COLUMNS)
+        elif self._format == "table":
+            self._out.write(self._table_row(["time (UTC)", "user", "test", "tag", *(m.label for m in CORE_METRICS)]))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._format == "json":
+            self._out.write(("," if self._count else "") + "\n" + orjson.dumps(record).decode())
+        elif self._format == "ndjson":
+            self._out.write(orjson.dumps(record).decode() + "\n")
+        elif self._csv is not None:
+            metrics = record.get("metrics", {})
+            self._csv.writerow(
+                [*(record.get(c, "") for c in CSV_COLUMNS[:5]), *(metrics.get(c, "") for c in CSV_COLUMNS[5:])]
+            )
+        else:
+            metrics = record.get("metrics", {})
+            cells = [
+                record["timestamp"][:19].replace("T", " "),
+                record["user_id"],
+                record["test_name"],
+                record["tag"],
+                *(format_value(metrics.get(m.name), m.unit) for m in CORE_METRICS),
+            ]
+            self._out.write(self._table_row(cells))
+        self._count += 1
+
+    def finish(self) -> None:
+        if self._format == "json":
+            self._out.write("\n]\n" if self._count else "]\n")
+        elif self._format == "table" and not self._count:
+            self._out.write("(no records)\n")
+        self._out.flush()
+
+    @staticmethod
+    def _table_row(cells: list[str]) -> str:
+        widths = (19, 16, 28, 12, *([10] * len(CORE_METRICS)))
+        parts = [_fit(cell, width) for cell, width in zip(cells, widths, strict=True)]
+        return "  ".join(parts).rstrip() + "\n"
+
+
+def _fit(text: str, width: int) -> str:
+    return text.ljust(width) if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def make_client(args: argparse.Namespace) -> AsyncClient:
+    context = tls_context(args.ca_file) if args.tls or args.ca_file else None
+    try:
+        return AsyncClient(args.server, ssl_context=context, request_timeout=args.timeout)
+    except ConfigError as exc:
+        raise CliError(f"--server: {exc}".replace("--address", "the address"), EXIT_USAGE) from None
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    token = read_secret(args.token_file, "PERFDB_ACCESS_TOKEN", "perfdb access token: ", "token")
+    overrides: dict[str, Any] = {}
+    if args.test_name is not None:
+        overrides["test_name"] = args.test_name
+    if args.tag is not None:
+        overrides["tag"] = args.tag
+    if args.sys_info == "auto":
+        overrides["sys_info"] = collect_sys_info()
+    refused = unreadable = 0
+    async with make_client(args) as client:
+        for name in args.files:
+            progress = Progress(f"submitting {name}")
+            try:
+                with _open_input(name) as stream:
+                    requests = _submission_requests(stream, name, overrides, token)
+                    async for ack in client.record_many(requests, window=args.window):
+                        progress.advance()
+                        state = "duplicate" if ack["duplicate"] else "stored"
+                        print(f"{name}: {ack['record_id']} {state}", flush=False)
+            except InputError as exc:
+                unreadable += 1
+                print(f"perfdb: {exc}", file=sys.stderr)
+            except PerfdbClientError as exc:
+                if exc.code in (CONNECTION_FAILED, TIMEOUT):
+                    raise
+                refused += 1
+                where = f" (record {exc.index + 1})" if exc.index else ""
+                print(f"perfdb: {name}{where}: {exc.code}: {exc.message}", file=sys.stderr)
+            finally:
+                progress.finish()
+                sys.stdout.flush()
+    if unreadable:
+        return EXIT_BAD_INPUT
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def _submission_requests(
+    stream: IO[bytes], name: str, overrides: dict[str, Any], token: str
+) -> Iterator[dict[str, Any]]:
+    for document in read_documents(stream, name):
+        fields = {**record_fields(document, name), **overrides}
+        fields.setdefault("request_id", content_request_id(fields))
+        yield {**fields, "access_token": token}
+
+
+@contextlib.contextmanager
+def _open_input(name: str) -> Iterator[IO[bytes]]:
+    """A named file, or stdin for '-'."""
+    if name == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = open(name, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    with stream:
+        yield stream
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"test_name": args.test_name, "tag": args.tag, "since": args.since, "until": args.until}
+
+
+async def _print_records(args: argparse.Namespace, records: AsyncIterator[dict[str, Any]]) -> int:
+    output_format = args.format or ("table" if sys.stdout.isatty() else "ndjson")
+    writer = RecordWriter(output_format, sys.stdout)
+    writer.start()
+    async for record in records:
+        writer.write(record)
+    writer.finish()
+    return EXIT_OK
+
+
+async def cmd_get_user(args: argparse.Namespace) -> int:
+    async with make_client(args) as client:
+        return await _print_records(args, client.get_user(args.user_id, **_filters(args)))
+
+
+async def cmd_get_all(args: argparse.Namespace) -> int:
+    async with make_client(args) as client:
+        return await _print_records(args, client.get_all(**_filters(args)))
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    admin_key = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "perfdb admin key: ", "admin key")
+    out = sys.stdout.buffer
+    async with make_client(args) as client:
+        total = (await client.stats())["records"] if sys.stderr.isatty() else None
+        progress = Progress("exporting", total)
+        out.write(orjson.dumps(DUMP_HEADER) + b"\n")
+        users_written: set[str] = set()
+        pages = client.pages("export", admin_key=admin_key, since=args.since, until=args.until, limit=args.page_size)
+        async for page in pages:
+            lines = []
+            for record in page["records"]:
+                user_id = record["user_id"]
+                if user_id not in users_written:
+                    users_written.add(user_id)
+                    lines.append(orjson.dumps({"user": page["users"][user_id]}))
+                lines.append(orjson.dumps({"record": record}))
+            out.write(b"\n".join(lines) + b"\n" if lines else b"")
+            progress.advance(len(page["records"]))
+        out.flush()
+        progress.finish()
+    return EXIT_OK
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    admin_key = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "perfdb admin key: ", "admin key")
+    imported = duplicates = 0
+    async with make_client(args) as client:
+        # Keep each import request well inside the server's line limit.
+        budget = (await client.hello())["limits"]["max_line_bytes"] // 2
+        progress = Progress("importing")
+        users: dict[str, Any] = {}
+        batch: list[dict[str, Any]] = []
+        batch_bytes = 0
+
+        async def send() -> None:
+            nonlocal imported, duplicates, batch, batch_bytes
+            needed = {record["user_id"]: users[record["user_id"]] for record in batch}
+            reply = await client.call("import", admin_key=admin_key, records=batch, users=needed)
+            imported += reply["imported"]
+            duplicates += reply["duplicates"]
+            progress.advance(len(batch))
+            batch, batch_bytes = [], 0
+
+        with _open_input(args.file) as stream:
+            for number, line in enumerate(stream, start=1):
+                item = _dump_item(line, args.file, number)
+                if item is None:
+                    continue
+                if "user" in item:
+                    users[item["user"]["user_id"]] = item["user"]
+                    continue
+                record = item["record"]
+                if record.get("user_id") not in users:
+                    raise InputError(f"{args.file}: line {number}: record of a user not listed before it")
+                if batch and (batch_bytes + len(line) > budget or len(batch) >= 1000):
+                    await send()
+                batch.append(record)
+                batch_bytes += len(line)
+            if batch:
+                await send()
+        progress.finish()
+    print(f"imported {imported} records ({duplicates} were already present)")
+    return EXIT_OK
+
+
+def _dump_item(line: bytes, name: str, number: int) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{name}: line {number}: not JSON ({exc})") from None
+    if number == 1:
+        if item != DUMP_HEADER:
+            raise InputError(f"{name}: not a perfdb dump (version 1); the first line must be {DUMP_HEADER}")
+        return None
+    if not isinstance(item, dict) or not (
+        (isinstance(item.get("user"), dict) and isinstance(item["user"].get("user_id"), str))
+        or isinstance(item.get("record"), dict)
+    ):
+        raise InputError(f"{name}: line {number}: expected a user or a record")
+    return item
+
+
+async def cmd_stats(args: argparse.Namespace) -> int:
+    async with make_client(args) as client:
+        stats = await client.stats()
+    sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+async def cmd_ping(args: argparse.Namespace) -> int:
+    async with make_client(args) as client:
+        started = time.perf_counter()
+        await client.ping()
+        elapsed = time.perf_counter() - started
+    print(f"pong from {args.server} in {elapsed * 1000:.1f} ms")
+    return EXIT_OK
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    connection = argparse.ArgumentParser(add_help=False)
+    group = connection.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        default=os.environ.get("PERFDB_SERVER", DEFAULT_ADDRESS),
+        help="perfdb server host:port (default: $PERFDB_SERVER or %(default)s)",
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server's certificate")
+    group.add_argument("--ca-file", help="CA bundle to verify the server's certificate with (implies --tls)")
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
+
+    filters = argparse.ArgumentParser(add_help=False)
+    group = filters.add_argument_group("filters")
+    group.add_argument("--test-name", help="only records of this test")
+    group.add_argument("--tag", help="only records with this tag")
+    group.add_argument("--since", help="only records at or after this RFC 3339 time, e.g. 2026-01-31T00:00:00Z")
+    group.add_argument("--until", help="only records before this RFC 3339 time")
+    group.add_argument(
+        "--format",
+        choices=("table", "json", "ndjson", "csv"),
+        help="output format (default: table on a terminal, ndjson otherwise)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="perfdb",
+        description="Submit benchmark results to a perfdb server, read them back, export and import databases.",
+        epilog="Exit codes: 0 success, 1 the server refused a request, 2 bad command line, "
+        "3 server unreachable or too slow, 4 unreadable input (takes precedence over 1).",
+    )
+    parser.add_argument("--version", action="version", version=f"perfdb {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[connection],
+        help="store results: gRPC ScenarioResult files, perfdb record JSON or NDJSON",
+        description="Store results. Each FILE is a gRPC ScenarioResult (qps_json_driver --scenario_result_file), "
+        "a perfdb record as JSON, or NDJSON of records; '-' reads stdin. Prints one line per stored record. "
+        "Submitting the same content twice stores it once.",
+    )
+    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument(
+        "--token-file", help="file holding the OAuth access token (else $PERFDB_ACCESS_TOKEN, else a prompt)"
+    )
+    submit.add_argument("--test-name", help="test name for every record (default: the file's own)")
+    submit.add_argument("--tag", help="tag for every record")
+    submit.add_argument(
+        "--sys-info", choices=("auto",), help="'auto' attaches this machine's CPU, memory, OS and Python"
+    )
+    submit.add_argument("--window", type=int, default=256, help="records in flight at once (default: 256)")
+    submit.set_defaults(handler=cmd_submit)
+
+    get_user = commands.add_parser("get-user", parents=[connection, filters], help="print one user's records")
+    get_user.add_argument("user_id", metavar="USER_ID")
+    get_user.set_defaults(handler=cmd_get_user)
+
+    get_all = commands.add_parser("get-all", parents=[connection, filters], help="print every user's records")
+    get_all.set_defaults(handler=cmd_get_all)
+
+    export = commands.add_parser(
+        "export",
+        parents=[connection],
+        help="write a complete, restorable NDJSON dump to stdout (admin)",
+        description="Write every user and record (or those in --since/--until) to stdout as NDJSON, streaming.",
+    )
+    export.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
+    export.add_argument("--since", help="only records at or after this RFC 3339 time")
+    export.add_argument("--until", help="only records before this RFC 3339 time")
+    export.add_argument("--page-size", type=int, default=1000, help="records per request (default: 1000)")
+    export.set_defaults(handler=cmd_export)
+
+    restore = commands.add_parser(
+        "import",
+        parents=[connection],
+        help="restore a dump written by export (admin); safe to run twice",
+        description="Restore users and records from a perfdb export, keeping record ids, timestamps and users. "
+        "Records already present are skipped.",
+    )
+    restore.add_argument("file", metavar="DUMP", help="the dump file, or '-' for stdin")
+    restore.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
+    restore.set_defaults(handler=cmd_import)
+
+    stats = commands.add_parser("stats", parents=[connection], help="print the server's counters as JSON")
+    stats.set_defaults(handler=cmd_stats)
+    ping = commands.add_parser("ping", parents=[connection], help="check that the server answers")
+    ping.set_defaults(handler=cmd_ping)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
+    try:
+        return asyncio.run(handler(args))
+    except CliError as exc:
+        print(f"perfdb: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PerfdbClientError as exc:
+        unreachable = exc.code in (CONNECTION_FAILED, TIMEOUT)
+        print(f"perfdb: {args.server}: {exc.message if unreachable else f'{exc.code}: {exc.message}'}", file=sys.stderr)
+        return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`); that is not an error.
+        sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
