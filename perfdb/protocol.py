@@ -59,10 +59,13 @@ class LineProtocol(asyncio.Protocol):
         "_flush_scheduled",
         "_handler",
         "_inflight_full",
+        "_linger",
+        "_linger_seconds",
         "_loop",
         "_max_inflight",
         "_max_line_bytes",
         "_peer",
+        "_peer_done",
         "_pending",
         "_reading_paused",
         "_tracker",
@@ -77,12 +80,14 @@ class LineProtocol(asyncio.Protocol):
         *,
         max_line_bytes: int,
         max_inflight: int,
+        linger_seconds: float = 2.0,
     ) -> None:
         # Collaborators and limits
         self._handler = handler
         self._tracker = tracker
         self._max_line_bytes = max_line_bytes
         self._max_inflight = max_inflight
+        self._linger_seconds = linger_seconds  # after our end-of-stream, how long the client has to close
         self._loop = asyncio.get_running_loop()
         # Per-connection state
         self._transport: asyncio.Transport | None = None
@@ -97,8 +102,10 @@ class LineProtocol(asyncio.Protocol):
         self._inflight_full = False
         self._reading_paused = False
         self._draining = False
-        self._closing = False
+        self._closing = False  # end-of-stream sent; input is discarded from here on
         self._closed = False
+        self._peer_done = False  # the client sent end-of-stream
+        self._linger: asyncio.TimerHandle | None = None
 
     @property
     def peer(self) -> str:
@@ -129,6 +136,8 @@ class LineProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection; replies still being computed are dropped when they finish."""
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         self._buffer.clear()
         self._pending.clear()
         self._tracker.connection_closed(self)
@@ -136,8 +145,8 @@ class LineProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Frame the new bytes into lines and hand each complete one on."""
-        if self._draining or self._closed:
-            return
+        if self._closing or self._closed:
+            return  # after our end-of-stream nothing more is answered, so nothing more is run
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
@@ -149,7 +158,9 @@ class LineProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client finished sending: answer what it sent, then close."""
+        self._peer_done = True
         self._drain()
+        self._buffer.clear()  # an unterminated last line is not a request
         return True  # keep the write side open until the replies are out
 
     def pause_writing(self) -> None:
@@ -256,7 +267,9 @@ class LineProtocol(asyncio.Protocol):
         """Pause or resume reading so that it is paused exactly while some reason holds."""
         if self._transport is None or self._closed:
             return
-        should_pause = self._write_paused or self._inflight_full or self._draining
+        # While draining, reading goes on: each late line gets a quick refusal, and the
+        # kernel holds no unread input that would turn our close into a reset.
+        should_pause = self._write_paused or (self._inflight_full and not self._draining)
         if should_pause and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
@@ -265,7 +278,7 @@ class LineProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def begin_shutdown(self) -> None:
-        """Stop reading; answer the complete lines already received, then close."""
+        """Answer what was received (new lines get the handler's shutting-down reply), then close."""
         self._drain()
 
     def _drain(self) -> None:
@@ -274,13 +287,21 @@ class LineProtocol(asyncio.Protocol):
         self._draining = True
         if not self._discarding:
             self._process_buffer()  # with _draining set, the in-flight cap no longer holds lines back
-        self._buffer.clear()  # an unterminated last line is not a request
         self._close_if_done()
 
     def _close_if_done(self) -> None:
-        if self._draining and not self._pending and not self._closing and not self._closed and self._transport:
-            self._closing = True
-            self._transport.close()  # sends what is buffered, then closes
+        """Once draining and every reply is out: end our side of the stream."""
+        transport = self._transport
+        if not self._draining or self._pending or self._closing or self._closed or transport is None:
+            return
+        self._closing = True
+        if self._peer_done or not transport.can_write_eof():
+            transport.close()  # sends what is buffered, then closes
+            return
+        # Closing with unread input would make the kernel reset the connection and could
+        # destroy replies still in flight; send end-of-stream and let the client close.
+        transport.write_eof()
+        self._linger = self._loop.call_later(self._linger_seconds, transport.close)
 
     def abort(self) -> None:
         """Close at once, dropping unsent replies (shutdown grace period is over)."""

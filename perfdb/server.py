@@ -74,7 +74,11 @@ class PerfdbServer:
         try:
             self._listener = await loop.create_server(
                 lambda: LineProtocol(
-                    dispatcher, self, max_line_bytes=config.max_line_bytes, max_inflight=config.max_inflight
+                    dispatcher,
+                    self,
+                    max_line_bytes=config.max_line_bytes,
+                    max_inflight=config.max_inflight,
+                    linger_seconds=min(2.0, config.shutdown_timeout),
                 ),
                 config.host,
                 config.port,
@@ -170,15 +174,16 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     server = PerfdbServer(config)
-    await server.start()
+    # Handlers first: a signal that arrives while starting must still shut down cleanly.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        await server.start()
         await stop.wait()
+        await server.shutdown()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await server.shutdown()
 
 
 def run(main: Coroutine[Any, Any, None], loop_choice: str) -> None:

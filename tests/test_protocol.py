@@ -81,6 +81,16 @@ class FakeTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closing
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.events.append("eof")
+
+    @property
+    def eof_sent(self) -> bool:
+        return "eof" in self.events
+
     @property
     def writes(self) -> list[bytes]:
         return [event for event in self.events if isinstance(event, bytes)]
@@ -98,10 +108,11 @@ class FakeTransport(asyncio.Transport):
         return "close" in self.events
 
     def written_after_close(self) -> list[bytes]:
-        if "close" not in self.events:
+        """Bytes written after end-of-stream or close: there must never be any."""
+        ends = [index for index, event in enumerate(self.events) if event in ("close", "eof")]
+        if not ends:
             return []
-        first_close = self.events.index("close")
-        return [event for event in self.events[first_close:] if isinstance(event, bytes)]
+        return [event for event in self.events[ends[0] :] if isinstance(event, bytes)]
 
 
 class FakeHandler:
@@ -160,11 +171,16 @@ class Connection:
             self.protocol.data_received(chunk)
 
 
+LINGER = 0.05
+
+
 def connect(*, max_line_bytes: int = 64, max_inflight: int = 64, peername: Any = PEER) -> Connection:
     """A connected LineProtocol; call from inside the running loop."""
     handler = FakeHandler()
     tracker = FakeTracker()
-    protocol = LineProtocol(handler, tracker, max_line_bytes=max_line_bytes, max_inflight=max_inflight)
+    protocol = LineProtocol(
+        handler, tracker, max_line_bytes=max_line_bytes, max_inflight=max_inflight, linger_seconds=LINGER
+    )
     transport = FakeTransport(peername)
     protocol.connection_made(transport)
     return Connection(protocol, transport, handler, tracker)
@@ -573,42 +589,47 @@ async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
 # -- shutdown ------------------------------------------------------------------------------
 
 
-async def test_begin_shutdown_answers_buffered_lines_drops_partial_and_closes_after_last_reply() -> None:
+async def test_begin_shutdown_answers_every_line_then_ends_the_stream_and_lingers() -> None:
     conn = connect(max_inflight=2)
-    conn.feed(b"slow1\nslow2\nfast3\nslow4\npartial")
+    conn.feed(b"slow1\nslow2\nfast3\nslow4\npart")
     assert conn.handler.lines == [b"slow1", b"slow2"]  # the cap holds the rest back
+    assert conn.transport.flow == ["pause"]
     conn.protocol.begin_shutdown()
-    # The complete lines are dispatched anyway (the handler decides what to answer).
+    # The held-back lines are dispatched (the handler decides what to answer) and reading
+    # resumes, so that nothing unread is left in the kernel when the connection closes.
     assert conn.handler.lines == [b"slow1", b"slow2", b"fast3", b"slow4"]
-    assert not conn.transport.reading
-    assert not conn.transport.closed
-    conn.feed(b"\nlate\n")  # anything after begin_shutdown is ignored
-    conn.handler.resolve(b"slow1")
+    assert conn.transport.flow == ["pause", "resume"]
+    conn.feed(b"ial\nlate\n")  # lines completed or sent while draining are answered too
+    assert conn.handler.lines[-2:] == [b"partial", b"late"]
+    conn.handler.resolve(b"slow1", b"slow4")
     await run_callbacks()
     assert conn.transport.output == reply_for(b"slow1")
-    assert not conn.transport.closed
-    conn.handler.resolve(b"slow4")
-    await run_callbacks()
-    assert not conn.transport.closed
+    assert not conn.transport.eof_sent
     conn.handler.resolve(b"slow2")
     await run_callbacks()
-    assert conn.transport.output == replies_for([b"slow1", b"slow2", b"fast3", b"slow4"])
-    assert conn.transport.closed
+    expected = [b"slow1", b"slow2", b"fast3", b"slow4", b"partial", b"late"]
+    assert conn.transport.output == replies_for(expected)
+    # Every reply is out: end-of-stream, then input is discarded unrun until the client closes.
+    assert conn.transport.eof_sent and not conn.transport.closed
+    conn.feed(b"after-eof\n")
+    assert conn.handler.lines == expected
+    await asyncio.sleep(LINGER * 3)
+    assert conn.transport.closed  # the client did not close: the linger ran out
     assert conn.transport.written_after_close() == []
     assert "abort" not in conn.transport.events
-    assert conn.handler.lines == [b"slow1", b"slow2", b"fast3", b"slow4"]
-    assert conn.transport.flow == ["pause"]
 
 
-async def test_begin_shutdown_with_nothing_owed_closes_at_once() -> None:
+async def test_begin_shutdown_with_nothing_owed_ends_the_stream_at_once() -> None:
     conn = connect()
     conn.feed(b"fast1\nfast2\npart")
     conn.protocol.begin_shutdown()
-    assert conn.transport.closed
+    assert conn.transport.eof_sent
     assert conn.transport.output == replies_for([b"fast1", b"fast2"])
     assert conn.transport.written_after_close() == []
     assert conn.handler.lines == [b"fast1", b"fast2"]
-    assert conn.transport.flow == ["pause"]
+    conn.protocol.connection_lost(None)  # the client closed in answer
+    await asyncio.sleep(LINGER * 3)
+    assert not conn.transport.closed  # no close call after the connection is gone
 
 
 async def test_begin_shutdown_while_discarding_an_overlong_line() -> None:
@@ -618,7 +639,7 @@ async def test_begin_shutdown_while_discarding_an_overlong_line() -> None:
     conn.protocol.begin_shutdown()
     assert conn.handler.lines == []
     assert conn.transport.output == TOO_LONG
-    assert conn.transport.closed
+    assert conn.transport.eof_sent
 
 
 async def test_eof_received_answers_what_was_sent_then_closes() -> None:
