@@ -159,6 +159,9 @@ class LineProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client finished sending: answer what it sent, then close."""
         self._peer_done = True
+        if self._closing and self._transport is not None:
+            self._transport.close()  # both sides have ended the stream: no need to linger
+            return True
         self._drain()
         self._buffer.clear()  # an unterminated last line is not a request
         return True  # keep the write side open until the replies are out

@@ -47,6 +47,8 @@ _RESULT_FIELDS = (
     ("serverSuccess", "server_success"),
 )
 _MAX_LIST_ITEMS = 1024
+_INT64_MIN = -(1 << 63)
+_UINT64_MAX = (1 << 64) - 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,9 +74,12 @@ def proto_number(value: Any) -> int | float | None:
         return value if math.isfinite(value) else None
     if isinstance(value, str) and 0 < len(value) <= 40:
         try:
-            return int(value)
+            integer = int(value)
         except ValueError:
             pass
+        else:
+            # JSON readers (and the store) keep integers to 64 bits; larger ones become floats.
+            return integer if _INT64_MIN <= integer <= _UINT64_MAX else float(integer)
         try:
             number = float(value)
         except ValueError:
@@ -103,7 +108,7 @@ def map_scenario_result(result: Any) -> MappedScenario:
             continue  # "Infinity", "NaN" and non-numbers carry no measurement
         core = _CORE_SUMMARY_FIELDS.get(field)
         if core is None:
-            metrics[field] = number  # custom metric under its own name
+            metrics.setdefault(field, number)  # custom metric under its own name; never over a core one
         else:
             metric, divisor = core
             metrics[metric] = number / divisor if divisor != 1 else number

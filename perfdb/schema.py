@@ -16,7 +16,7 @@ import orjson
 from perfdb.errors import PerfdbError, bad_request, quote_input
 from perfdb.record_ids import is_record_id, record_id_micros
 from perfdb.scenario import map_scenario_result
-from perfdb.timestamps import parse_rfc3339
+from perfdb.timestamps import format_micros, parse_rfc3339
 
 # Size bounds, documented in protocol_spec.md.
 MAX_ACCESS_TOKEN_CHARS = 4096
@@ -135,6 +135,11 @@ def _bounded_object(field: str, value: Any, max_bytes: int) -> dict[str, Any]:
     return value
 
 
+def _optional_object(fields: dict[str, Any], field: str, max_bytes: int) -> dict[str, Any]:
+    value = fields.get(field)
+    return {} if value is None else _bounded_object(field, value, max_bytes)
+
+
 def check_metrics(value: Any, field: str = "metrics") -> dict[str, int | float]:
     if not isinstance(value, dict):
         raise bad_request(field, f"must be an object of metric name to number, got {_json_type(value)}")
@@ -160,10 +165,12 @@ def check_metrics(value: Any, field: str = "metrics") -> dict[str, int | float]:
 IP_REPLACEMENT = "[redacted]"
 # Candidates only: each match is confirmed by the ipaddress module, so "16:19:53" survives.
 _IP_CANDIDATE = re.compile(
+    # IPv6 ending in an embedded IPv4 address (::ffff:10.1.2.3), before the plain forms.
+    r"(?<![\w.:])(?:[0-9A-Fa-f]{0,4}:){2,6}\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
     # IPv4, not inside a longer dotted run such as a version number; a ":port" may follow.
-    r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
-    # IPv6 (with an optional zone), not inside a longer run of hex and colons.
-    r"|(?<![\w.:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])"
+    r"|(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
+    # IPv6 (with an optional zone), not inside a longer run of hex, colons and dots.
+    r"|(?<![\w.:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:]|\.\d)"
 )
 _CONFIG_KEYS_REMOVED = frozenset({"host", "server_targets", "serverTargets"})
 
@@ -233,8 +240,8 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
     if "metrics" not in fields:
         raise bad_request("metrics", "is required (or send scenario_result)")
     metrics = check_metrics(fields["metrics"])
-    client_config = _bounded_object("client_config", fields.get("client_config") or {}, MAX_CONFIG_BYTES)
-    server_config = _bounded_object("server_config", fields.get("server_config") or {}, MAX_CONFIG_BYTES)
+    client_config = _optional_object(fields, "client_config", MAX_CONFIG_BYTES)
+    server_config = _optional_object(fields, "server_config", MAX_CONFIG_BYTES)
     test_name = required_string(fields, "test_name", MAX_NAME_CHARS)
     tag_value = fields.get("tag")
     tag = "" if tag_value is None else _string("tag", tag_value, MAX_NAME_CHARS, allow_empty=True)
@@ -296,9 +303,9 @@ def _imported_record(document: Any, index: int) -> ImportedRecord:
         if not is_record_id(record_id):
             raise bad_request("record_id", "is not a perfdb record id")
         user_id = required_string(document, "user_id", MAX_USER_ID_CHARS)
-        timestamp = required_string(document, "timestamp", 40)
         if _timestamp(document, "timestamp") != record_id_micros(record_id):
             raise bad_request("timestamp", "does not match the record id")
+        timestamp = format_micros(record_id_micros(record_id))  # stored in the one canonical form
         scenario = document.get("scenario")
         if scenario is not None:
             scenario = _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
@@ -323,7 +330,9 @@ def parse_query(
     until = _timestamp(request, "until")
     if since is not None and until is not None and until <= since:
         raise bad_request("until", "must be later than since")
-    limit = request.get("limit", default_limit)
+    limit = request.get("limit")
+    if limit is None:
+        limit = default_limit
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise bad_request("limit", f"must be an integer, got {_json_type(limit)}")
     if not 1 <= limit <= max_limit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 _UTC = datetime.UTC
@@ -21,16 +22,25 @@ def format_micros(micros: int) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{fraction:06d}Z"
 
 
-def parse_rfc3339(text: str) -> int:
-    """Parse an RFC 3339 timestamp with an explicit offset into microseconds since the epoch.
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})")
 
-    Raises ValueError for anything else (no offset, not a date, out of range).
+
+def parse_rfc3339(text: str) -> int:
+    """Parse an RFC 3339 date-time (offset required) into microseconds since the epoch.
+
+    Fractions beyond microseconds are truncated; a leap second (:60) counts as :59.999999.
+    Raises ValueError for anything else.
     """
-    if not isinstance(text, str) or len(text) > 40:
-        raise ValueError("not an RFC 3339 timestamp")
-    moment = datetime.datetime.fromisoformat(text)
-    if moment.tzinfo is None or "T" not in text.upper():
-        raise ValueError("an RFC 3339 timestamp needs a date, a time and an offset (Z or +hh:mm)")
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError("not an RFC 3339 date-time with an offset, e.g. 2026-01-31T12:00:00Z")
+    date, hour, minute, second, fraction, offset = match.groups()
+    leap = second == "60"
+    micros_text = (fraction or "").ljust(6, "0")[:6]
+    moment = datetime.datetime.fromisoformat(
+        f"{date}T{hour}:{minute}:{'59' if leap else second}.{'999999' if leap else micros_text}"
+        f"{'+00:00' if offset in 'Zz' else offset}"
+    )
     delta = moment - _EPOCH
     micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     if micros < 0:

@@ -709,3 +709,11 @@ async def test_abort_closes_at_once_without_writing_owed_replies() -> None:
     conn.handler.resolve(b"slow1")
     await run_callbacks()
     assert conn.transport.events == ["abort"]
+
+
+async def test_client_end_of_stream_after_ours_closes_without_lingering() -> None:
+    conn = connect()
+    conn.protocol.begin_shutdown()
+    assert conn.transport.eof_sent and not conn.transport.closed
+    assert conn.protocol.eof_received() is True
+    assert conn.transport.closed  # at once, not after the linger

@@ -165,3 +165,9 @@ async def test_scenario_without_name_needs_a_test_name(tmp_path: Path) -> None:
     assert refused["ok"] is False and refused["error"]["message"].startswith("test_name")
     assert named["ok"] is True
     assert [r["test_name"] for r in stored] == ["given"]
+
+
+def test_huge_int64_strings_become_floats_and_core_names_win() -> None:
+    mapped = map_scenario_result({"summary": {"qps": "1" * 30, "perc_lat_50": 5, "latency50": 7000}})
+    assert mapped.metrics["qps"] == float("1" * 30)
+    assert mapped.metrics["perc_lat_50"] == 7.0  # from latency50, not the clashing custom field

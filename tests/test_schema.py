@@ -116,3 +116,33 @@ def test_timestamps_round_trip_with_microseconds() -> None:
     for bad in ("2025-11-29", "2025-11-29T08:00:00", "nonsense", "1969-12-31T23:59:59Z"):
         with pytest.raises(ValueError, match=r"."):
             parse_rfc3339(bad)
+
+
+def test_wrong_but_falsy_config_types_are_refused() -> None:
+    for value in ("", 0, False, []):
+        with pytest.raises(PerfdbError, match="^client_config"):
+            parse_record(record(client_config=value))
+    _, draft = parse_record(record(client_config=None))
+    assert draft.client_config == {}
+
+
+def test_null_limit_means_the_default() -> None:
+    query = parse_query({"op": "get_all", "limit": None}, with_user=False, default_limit=100, max_limit=500)
+    assert query.limit == 100
+
+
+def test_ipv4_mapped_ipv6_is_scrubbed_whole() -> None:
+    assert scrub_ips("a ::ffff:10.1.2.3 b") == f"a {IP_REPLACEMENT} b"
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-01-31T12:00Z", "20260131T120000Z", "2026-01-31T12:00:00+0100", "2026-W05-1T00:00:00Z"]
+)
+def test_timestamps_that_are_not_rfc3339_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="RFC 3339"):
+        parse_rfc3339(text)
+
+
+def test_rfc3339_lower_case_nanoseconds_and_leap_seconds() -> None:
+    assert format_micros(parse_rfc3339("2026-01-31t12:00:00.1234567z")) == "2026-01-31T12:00:00.123456Z"
+    assert format_micros(parse_rfc3339("2016-12-31T23:59:60Z")) == "2016-12-31T23:59:59.999999Z"

@@ -8,9 +8,9 @@ from pathlib import Path
 import plyvel
 import pytest
 
-from perfdb.storage import ResultStore, StoreOpenError, layout
 from perfdb import record_ids
 from perfdb.record_ids import RecordIdClock
+from perfdb.storage import ResultStore, StoreOpenError, layout
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
 
@@ -133,3 +133,55 @@ async def test_write_batches_are_synchronous_by_default(tmp_path: Path) -> None:
                 stats = await conn.request("stats")
                 assert stats["commits"]["sync"] is sync
     assert seen == [True, False]
+
+
+async def test_import_keeps_ids_skips_existing_ids_and_never_replaces_a_profile(tmp_path: Path) -> None:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("an-admin-key-of-some-length\n")
+    async with userinfo_server() as provider:
+        config = make_config(tmp_path / "db", provider.url, admin_key_file=key_file)
+        async with running_server(config) as server, connect(server) as conn:
+            mine = await conn.request(**record_request())
+            exported = await conn.request("export", admin_key="an-admin-key-of-some-length")
+            [original] = exported["records"]
+            restored = {
+                **original,
+                "record_id": "0" * 6 + original["record_id"][6:],  # an older id, same microsecond part
+                "timestamp": None,
+            }
+            restored["timestamp"] = _timestamp_for(restored["record_id"]).replace("Z", "+00:00")
+            other_user = {**original, "user_id": "someone-else"}
+            profiles = {
+                "alice": {"user_id": "alice", "name": "Old name"},
+                "someone-else": {"user_id": "someone-else", "name": "Else"},
+            }
+            reply = await conn.request(
+                "import",
+                admin_key="an-admin-key-of-some-length",
+                records=[restored, other_user, restored],
+                users=profiles,
+            )
+            stored = (await conn.request("get_all"))["records"]
+            profile = (await conn.request("get_user", user_id="alice"))["user"]
+            huge = {**restored, "record_id": "1" + restored["record_id"][1:], "metrics": {"qps": 1}}
+            huge["timestamp"] = _timestamp_for(huge["record_id"])
+            bad = await conn.request(
+                "import", admin_key="an-admin-key-of-some-length", records=[huge, {"record_id": "x"}], users=profiles
+            )
+            after_bad = (await conn.request("stats"))["records"]
+    assert reply["ok"], reply
+    # The same id under another user, and the same id twice, are duplicates, not new records.
+    assert (reply["imported"], reply["duplicates"]) == (1, 2)
+    assert [r["record_id"] for r in stored] == sorted([restored["record_id"], mine["record_id"]])
+    old = next(r for r in stored if r["record_id"] == restored["record_id"])
+    assert old["timestamp"].endswith("Z")  # canonical form, whatever the dump said
+    assert profile["name"] == "User alice"  # the newer profile stays
+    assert error_code(bad) == "bad_request" and bad["error"]["message"].startswith("records[1]")
+    assert after_bad == 2  # a refused import stores none of its records
+
+
+def _timestamp_for(record_id: str) -> str:
+    from perfdb.record_ids import record_id_micros
+    from perfdb.timestamps import format_micros
+
+    return format_micros(record_id_micros(record_id))

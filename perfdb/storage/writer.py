@@ -89,7 +89,7 @@ class _Batch:
         self.db = writer._db
         self.batch = writer._db.write_batch(sync=writer._sync)
         self.requests: dict[bytes, RecordAck] = {}
-        self.records: set[bytes] = set()
+        self.records: set[str] = set()  # ids of the records staged in this batch
         self.profiles: dict[str, bytes] = {}
         self.new_users = 0
         self.new_records = 0
@@ -97,13 +97,16 @@ class _Batch:
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
         return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id)
 
-    def add_record(self, record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> RecordAck:
+    def add_record(
+        self, record_id: str, user_id: str, timestamp: str, draft: RecordDraft, document: bytes
+    ) -> RecordAck:
+        """Stage a record whose stored JSON is `document` (see _record_document)."""
         key = layout.record_key(record_id, user_id)
-        self.batch.put(key, layout.seal(_record_document(record_id, user_id, timestamp, draft)))
+        self.batch.put(key, layout.seal(document))
         self.batch.put(
             layout.user_index_prefix(user_id) + record_id.encode(), orjson.dumps([draft.test_name, draft.tag])
         )
-        self.records.add(key)
+        self.records.add(record_id)
         ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
         if draft.request_id is not None:
             request_key = layout.idempotency_key(user_id, draft.request_id)
@@ -113,12 +116,15 @@ class _Batch:
         self.new_records += 1
         return ack
 
-    def has_record(self, record_id: str, user_id: str) -> bool:
-        key = layout.record_key(record_id, user_id)
-        return key in self.records or self.db.get(key) is not None
+    def has_record(self, record_id: str) -> bool:
+        """Whether a record with this id exists, whoever it belongs to."""
+        if record_id in self.records:
+            return True
+        with self.db.iterator(prefix=layout.RECORD_PREFIX + record_id.encode(), include_value=False) as keys:
+            return next(keys, None) is not None
 
-    def add_profile(self, profile: Profile) -> None:
-        """Write the profile only when it is new or changed."""
+    def add_profile(self, profile: Profile, *, replace: bool = True) -> None:
+        """Write the profile when it is new, or changed and `replace` allows it."""
         user_id = profile.user_id
         known = self.profiles.get(user_id) or self.writer._profiles.get(user_id)
         if known == profile.stored:
@@ -127,9 +133,11 @@ class _Batch:
             known = self.db.get(layout.profile_key(user_id))
             if known is None:
                 self.new_users += 1
-        if known != profile.stored:
+        if known is None or (replace and known != profile.stored):
             self.batch.put(layout.profile_key(user_id), profile.stored)
-        self.profiles[user_id] = profile.stored
+            self.profiles[user_id] = profile.stored
+        else:
+            self.profiles[user_id] = known
 
     def commit(self) -> None:
         writer = self.writer
@@ -251,28 +259,44 @@ class GroupCommitWriter:
         batch.commit()
         return outcomes
 
-    def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck:
+    def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
         profile, draft = submission.profile, submission.draft
         if draft.request_id is not None:
             earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
             if earlier is not None:
                 return dataclasses.replace(earlier, duplicate=True)
         record_id, micros = self._clock.next()
-        ack = batch.add_record(record_id, profile.user_id, format_micros(micros), draft)
+        timestamp = format_micros(micros)
+        try:
+            document = _record_document(record_id, profile.user_id, timestamp, draft)
+        except orjson.JSONEncodeError as exc:
+            # Only this record fails, not the batch it shares with others.
+            return PerfdbError(ErrorCode.BAD_REQUEST, f"the record cannot be stored as JSON ({exc})")
+        ack = batch.add_record(record_id, profile.user_id, timestamp, draft, document)
         batch.add_profile(profile)
         return ack
 
-    def _add_restoration(self, batch: _Batch, restoration: Restoration) -> ImportAck:
-        imported = duplicates = 0
+    def _add_restoration(self, batch: _Batch, restoration: Restoration) -> ImportAck | PerfdbError:
+        """All of a restoration's new records go into the batch, or none of them do."""
+        staged: list[tuple[ImportedRecord, bytes]] = []
+        staged_ids: set[str] = set()
+        duplicates = 0
         for record in restoration.records:
-            if batch.has_record(record.record_id, record.user_id):
+            if record.record_id in staged_ids or batch.has_record(record.record_id):
                 duplicates += 1
                 continue
+            staged_ids.add(record.record_id)
+            try:
+                document = _record_document(record.record_id, record.user_id, record.timestamp, record.draft)
+            except orjson.JSONEncodeError as exc:
+                return PerfdbError(ErrorCode.BAD_REQUEST, f"record {record.record_id} cannot be stored as JSON ({exc})")
+            staged.append((record, document))
+        for record, document in staged:
             self._clock.advance_past(record.record_id)
-            batch.add_record(record.record_id, record.user_id, record.timestamp, record.draft)
-            batch.add_profile(restoration.profiles[record.user_id])
-            imported += 1
-        return ImportAck(imported, duplicates)
+            batch.add_record(record.record_id, record.user_id, record.timestamp, record.draft, document)
+            # A restored profile never replaces the newer one a user's own submissions wrote.
+            batch.add_profile(restoration.profiles[record.user_id], replace=False)
+        return ImportAck(len(staged), duplicates)
 
 
 def _record_document(record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> bytes:
