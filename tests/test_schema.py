@@ -119,8 +119,9 @@ def test_timestamps_round_trip_with_microseconds() -> None:
 
 
 def test_wrong_but_falsy_config_types_are_refused() -> None:
-    for value in ("", 0, False, []):
-        with pytest.raises(PerfdbError, match="^client_config"):
+    wrong: list[Any] = ["", 0, False, []]
+    for value in wrong:
+        with pytest.raises(PerfdbError, match=r"^client_config"):
             parse_record(record(client_config=value))
     _, draft = parse_record(record(client_config=None))
     assert draft.client_config == {}
