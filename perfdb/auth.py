@@ -223,7 +223,9 @@ class TokenResolver:
         if isinstance(cached, Profile):
             return cached
         if isinstance(cached, PerfdbError):
-            raise cached
+            # A fresh exception each time: re-raising the cached one would chain every
+            # request's frames onto its traceback and keep them alive until it expires.
+            raise PerfdbError(cached.code, cached.message)
         future = self._inflight.get(digest)
         if future is None:
             future = asyncio.ensure_future(self._fetch(token, digest))
@@ -252,7 +254,7 @@ class TokenResolver:
                 allow_redirects=False,
             ) as response:
                 status = response.status
-                body = await response.content.read(MAX_USERINFO_BYTES + 1)
+                body = await _read_bounded(response.content, MAX_USERINFO_BYTES + 1)
         except TimeoutError:
             raise _unavailable("the identity provider did not answer in time") from None
         except aiohttp.ClientError as exc:
@@ -281,6 +283,17 @@ class TokenResolver:
         if user_id.startswith(STATIC_USER_PREFIX):
             raise PerfdbError(ErrorCode.UNAUTHENTICATED, "the provider's subject collides with static token ids")
         return Profile.create(user_id, _clean_claims(document))
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` bytes, however many pieces it arrives in."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await stream.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 def _unavailable(message: str) -> PerfdbError:

@@ -213,10 +213,16 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
     token = request.get("access_token")
     if token is None:
         raise bad_request("access_token", "is required")
-    if not isinstance(token, str) or not token or len(token) > MAX_ACCESS_TOKEN_CHARS or not token.isascii():
+    if (
+        not isinstance(token, str)
+        or not token
+        or len(token) > MAX_ACCESS_TOKEN_CHARS
+        or not (token.isascii() and token.isprintable())
+    ):
         # Never quote the token: it is a secret even when malformed.
         raise bad_request(
-            "access_token", f"must be a non-empty ASCII string of at most {MAX_ACCESS_TOKEN_CHARS} characters"
+            "access_token",
+            f"must be 1-{MAX_ACCESS_TOKEN_CHARS} printable ASCII characters",
         )
     if "scenario_result" not in request:
         return token, _draft(request)

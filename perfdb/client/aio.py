@@ -67,13 +67,15 @@ class _ReplyStream(asyncio.Protocol):
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(ConnectionError(str(exc)))
+                # Whoever awaits it still gets the error; one nobody awaits is not worth a warning.
+                waiter.exception()
         self._writable.set()
         if self._transport is not None:
             self._transport.abort()
 
     def send(self, data: bytes) -> asyncio.Future[bytes]:
-        if self.lost is not None or self._transport is None:
-            raise ConnectionError(str(self.lost or "not connected"))
+        if self.lost is not None or self._transport is None or self._transport.is_closing():
+            raise ConnectionError(str(self.lost or "the connection is closing"))
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._transport.write(data)
@@ -217,8 +219,11 @@ class AsyncClient:
         waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
         while not pipeline.finished:
             try:
+                requests = pipeline.to_send()
+                if not pipeline.awaiting_replies:
+                    break  # the source ran dry and every ack is out
                 stream = await self._connection()
-                for request in pipeline.to_send():
+                for request in requests:
                     waiters.append(stream.send(request))
                 await stream.drain()
                 line = await self._await_reply(waiters.popleft())

@@ -148,22 +148,29 @@ class Client:
     def record_many(self, records: Iterable[dict[str, Any]], *, window: int = 64) -> Iterator[dict[str, Any]]:
         """Store many results with up to `window` in flight; yields their acks in input order."""
         pipeline = RecordWindow(iter(records), window, self._retry)
-        while not pipeline.finished:
-            try:
-                requests = pipeline.to_send()
-                if requests:
-                    self._send(b"".join(requests))
-                line = self._read_line()
-            except PerfdbClientError as error:
-                if not error.retryable:
-                    raise
+        try:
+            while not pipeline.finished:
+                try:
+                    requests = pipeline.to_send()
+                    if not pipeline.awaiting_replies:
+                        break  # the source ran dry and every ack is out
+                    if requests:
+                        self._send(b"".join(requests))
+                    line = self._read_line()
+                except PerfdbClientError as error:
+                    if not error.retryable:
+                        raise
+                    self.close()
+                    time.sleep(pipeline.on_disconnect(error))
+                    continue
+                pause = pipeline.on_reply(line)
+                yield from pipeline.acks()
+                if pause:
+                    time.sleep(pause)
+        finally:
+            if pipeline.awaiting_replies:
+                # Replies still owed would be read by the next call as its own: start afresh.
                 self.close()
-                time.sleep(pipeline.on_disconnect(error))
-                continue
-            pause = pipeline.on_reply(line)
-            yield from pipeline.acks()
-            if pause:
-                time.sleep(pause)
 
     def pages(self, op: str, **query: Any) -> Iterator[dict[str, Any]]:
         """Every page of a get_user/get_all query, following next_cursor."""

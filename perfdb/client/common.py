@@ -43,12 +43,19 @@ class RetryPolicy:
     first_delay: float = 0.05
     max_delay: float = 2.0
 
+    def delay(self, failures: int) -> float | None:
+        """The pause before trying again after `failures` failed tries; None once they are used up."""
+        if failures >= self.attempts:
+            return None
+        pause: float = min(self.first_delay * 2 ** (failures - 1), self.max_delay)
+        return pause * random.uniform(0.5, 1.0)
+
     def delays(self) -> Iterator[float]:
         """The pauses before each retry (attempts - 1 of them)."""
-        delay = self.first_delay
-        for _ in range(self.attempts - 1):
-            yield delay * random.uniform(0.5, 1.0)
-            delay = min(delay * 2, self.max_delay)
+        for failures in range(1, self.attempts):
+            delay = self.delay(failures)
+            assert delay is not None
+            yield delay
 
 
 NO_RETRY = RetryPolicy(attempts=1)
@@ -97,6 +104,7 @@ class _Pending:
     index: int
     request: bytes
     reply: dict[str, Any] | None = None
+    failures: int = 0
 
 
 class RecordWindow:
@@ -117,8 +125,6 @@ class RecordWindow:
         self._unsent: list[_Pending] = []
         self._next_index = 0
         self._exhausted = False
-        self._failures = 0
-        self._delays = policy.delays()
 
     @property
     def finished(self) -> bool:
@@ -158,22 +164,26 @@ class RecordWindow:
                 error.index = pending.index
                 raise
             self._unsent.append(pending)
-            return self._backoff(error, pending.index)
-        self._failures = 0
-        self._delays = self._policy.delays()
+            return self._backoff(error, [pending])
         return 0.0
 
     def on_disconnect(self, error: PerfdbClientError) -> float:
         """The connection is gone: everything awaiting a reply goes again. Returns the pause."""
-        self._unsent = sorted(self._unsent + list(self._sent), key=lambda pending: pending.index)
+        outstanding = list(self._sent)
+        self._unsent = sorted(self._unsent + outstanding, key=lambda pending: pending.index)
         self._sent.clear()
-        return self._backoff(error, self._unsent[0].index if self._unsent else None)
+        return self._backoff(error, outstanding or self._unsent[:1])
 
-    def _backoff(self, error: PerfdbClientError, index: int | None) -> float:
-        self._failures += 1
-        delay = next(self._delays, None)
+    def _backoff(self, error: PerfdbClientError, failed: list[_Pending]) -> float:
+        """Count one more failure for each record in `failed`; the pause, or raise when used up."""
+        worst: _Pending | None = None
+        for pending in failed:
+            pending.failures += 1
+            if worst is None or pending.failures > worst.failures:
+                worst = pending
+        delay = self._policy.delay(worst.failures if worst else 1)
         if delay is None:
-            error.index = index
+            error.index = worst.index if worst else None
             raise error
         return delay
 
