@@ -226,7 +226,9 @@ def _fit(text: str, width: int) -> str:
 def make_client(args: argparse.Namespace) -> AsyncClient:
     context = tls_context(args.ca_file) if args.tls or args.ca_file else None
     try:
-        return AsyncClient(args.server, ssl_context=context, request_timeout=args.timeout)
+        return AsyncClient(
+            args.server, ssl_context=context, connect_timeout=min(args.timeout, 5.0), request_timeout=args.timeout
+        )
     except ConfigError as exc:
         raise CliError(f"--server: {exc}".replace("--address", "the address"), EXIT_USAGE) from None
 
@@ -247,10 +249,15 @@ async def cmd_submit(args: argparse.Namespace) -> int:
             try:
                 with _open_input(name) as stream:
                     requests = _submission_requests(stream, name, overrides, token)
-                    async for ack in client.record_many(requests, window=args.window):
+                    async for outcome in client.record_outcomes(requests, window=args.window):
                         progress.advance()
-                        state = "duplicate" if ack["duplicate"] else "stored"
-                        print(f"{name}: {ack['record_id']} {state}", flush=False)
+                        if isinstance(outcome, PerfdbClientError):
+                            refused += 1
+                            where = f" (record {outcome.index + 1})" if outcome.index is not None else ""
+                            print(f"perfdb: {name}{where}: {outcome.code}: {outcome.message}", file=sys.stderr)
+                        else:
+                            state = "duplicate" if outcome["duplicate"] else "stored"
+                            print(f"{name}: {outcome['record_id']} {state}", flush=False)
             except InputError as exc:
                 unreadable += 1
                 print(f"perfdb: {exc}", file=sys.stderr)
@@ -258,8 +265,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                 if exc.code in (CONNECTION_FAILED, TIMEOUT):
                     raise
                 refused += 1
-                where = f" (record {exc.index + 1})" if exc.index else ""
-                print(f"perfdb: {name}{where}: {exc.code}: {exc.message}", file=sys.stderr)
+                print(f"perfdb: {name}: {exc.code}: {exc.message}", file=sys.stderr)
             finally:
                 progress.finish()
                 sys.stdout.flush()
@@ -321,11 +327,14 @@ async def cmd_export(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         total = (await client.stats())["records"] if sys.stderr.isatty() else None
         progress = Progress("exporting", total)
-        out.write(orjson.dumps(DUMP_HEADER) + b"\n")
         users_written: set[str] = set()
         pages = client.pages("export", admin_key=admin_key, since=args.since, until=args.until, limit=args.page_size)
+        header_written = False
         async for page in pages:
             lines = []
+            if not header_written:  # only once the server has accepted the export
+                lines.append(orjson.dumps(DUMP_HEADER))
+                header_written = True
             for record in page["records"]:
                 user_id = record["user_id"]
                 if user_id not in users_written:
@@ -403,6 +412,8 @@ def _dump_item(line: bytes, name: str, number: int) -> dict[str, Any] | None:
 async def cmd_stats(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         stats = await client.stats()
+    for envelope in ("id", "ok"):
+        stats.pop(envelope, None)
     sys.stdout.write(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
 

@@ -831,6 +831,13 @@ def window_of(count: int, size: int, policy: RetryPolicy = QUICK_RETRY) -> Recor
     return RecordWindow(iter([bench(seq) for seq in range(count)]), size, policy)
 
 
+def acks(window: RecordWindow) -> list[dict[str, Any]]:
+    """The ready outcomes of a window, which must all be acks."""
+    ready = list(window.outcomes())
+    assert all(isinstance(outcome, dict) for outcome in ready), ready
+    return [outcome for outcome in ready if isinstance(outcome, dict)]
+
+
 def test_window_acks_in_input_order_when_some_replies_say_retry() -> None:
     window = window_of(5, 3)
     first = window.to_send()
@@ -838,18 +845,18 @@ def test_window_acks_in_input_order_when_some_replies_say_retry() -> None:
     assert window.on_reply(ok_reply(0)) == 0.0
     assert window.on_reply(error_reply("storage_error", True)) > 0.0  # record 1: try again
     assert window.on_reply(ok_reply(2)) == 0.0
-    assert [ack["n"] for ack in window.acks()] == [0]  # 2 waits behind 1
+    assert [ack["n"] for ack in acks(window)] == [0]  # 2 waits behind 1
     second = window.to_send()
     assert second[0] == first[1]  # the resend comes first, byte for byte
     assert [request["metrics"]["seq"] for request in decoded(second)] == [1, 3]
     window.on_reply(ok_reply(1))
-    assert [ack["n"] for ack in window.acks()] == [1, 2]
+    assert [ack["n"] for ack in acks(window)] == [1, 2]
     window.on_reply(error_reply("shutting_down", True))  # record 3
     third = window.to_send()
     assert [request["metrics"]["seq"] for request in decoded(third)] == [3, 4]
     window.on_reply(ok_reply(3))
     window.on_reply(ok_reply(4))
-    assert [ack["n"] for ack in window.acks()] == [3, 4]
+    assert [ack["n"] for ack in acks(window)] == [3, 4]
     assert window.to_send() == []
     assert window.finished and window.awaiting_replies == 0
 
@@ -870,7 +877,7 @@ def test_window_on_disconnect_resends_outstanding_in_input_order() -> None:
     assert len(first) == 4 and window.awaiting_replies == 4
     window.on_reply(ok_reply(0))
     window.on_reply(error_reply("auth_unavailable", True))  # record 1 queued for resend
-    assert [ack["n"] for ack in window.acks()] == [0]
+    assert [ack["n"] for ack in acks(window)] == [0]
     assert window.on_disconnect(PerfdbClientError("connection_failed", "gone", True)) > 0.0
     assert window.awaiting_replies == 0
     resent = window.to_send()
@@ -881,19 +888,22 @@ def test_window_on_disconnect_resends_outstanding_in_input_order() -> None:
     ]
     for number in (1, 2, 3, 4):
         window.on_reply(ok_reply(number))
-    assert [ack["n"] for ack in window.acks()] == [1, 2, 3, 4]
+    assert [ack["n"] for ack in acks(window)] == [1, 2, 3, 4]
 
 
-def test_window_non_retryable_reply_raises_with_its_index() -> None:
+def test_window_refusal_is_an_outcome_with_its_index_and_the_rest_go_on() -> None:
     window = window_of(10, 4)
     window.to_send()
     for number in range(3):
         window.on_reply(ok_reply(number))
-    assert [ack["n"] for ack in window.acks()] == [0, 1, 2]
+    assert [ack["n"] for ack in acks(window)] == [0, 1, 2]
     window.to_send()
-    with pytest.raises(PerfdbClientError) as caught:
-        window.on_reply(error_reply("bad_request", False))  # record 3
-    assert (caught.value.code, caught.value.index, caught.value.retryable) == ("bad_request", 3, False)
+    assert window.on_reply(error_reply("bad_request", False)) == 0.0  # record 3
+    [refusal] = list(window.outcomes())
+    assert isinstance(refusal, PerfdbClientError)
+    assert (refusal.code, refusal.index, refusal.retryable) == ("bad_request", 3, False)
+    window.on_reply(ok_reply(4))
+    assert [ack["n"] for ack in acks(window)] == [4]
 
 
 def test_window_gives_up_after_the_policy_attempts_in_a_row() -> None:
@@ -918,6 +928,6 @@ def test_window_success_resets_the_failure_count() -> None:
             assert window.on_reply(error_reply("storage_error", True)) > 0.0
         window.to_send()
         window.on_reply(ok_reply(number))
-        assert [ack["n"] for ack in window.acks()] == [number]
+        assert [ack["n"] for ack in acks(window)] == [number]
     window.to_send()
     assert window.finished

@@ -213,15 +213,25 @@ class AsyncClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """Store many results with up to `window` in flight; yields their acks in input order.
 
-        Raises PerfdbClientError with `.index` set for the first record that failed for good.
+        Raises PerfdbClientError, with `.index` set, at the first record the server refused
+        (records after it may have been stored: submitting them again is safe).
         """
+        async for outcome in self.record_outcomes(records, window=window):
+            if isinstance(outcome, PerfdbClientError):
+                raise outcome
+            yield outcome
+
+    async def record_outcomes(
+        self, records: Iterable[dict[str, Any]], *, window: int = 256
+    ) -> AsyncIterator[dict[str, Any] | PerfdbClientError]:
+        """Like record_many, but a refused record yields its error (with `.index`) and the rest go on."""
         pipeline = RecordWindow(iter(records), window, self._retry)
         waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
         while not pipeline.finished:
             try:
                 requests = pipeline.to_send()
                 if not pipeline.awaiting_replies:
-                    break  # the source ran dry and every ack is out
+                    break  # the source ran dry and every outcome is out
                 stream = await self._connection()
                 for request in requests:
                     waiters.append(stream.send(request))
@@ -236,8 +246,8 @@ class AsyncClient:
                 await asyncio.sleep(pipeline.on_disconnect(error))
                 continue
             pause = pipeline.on_reply(line)
-            for ack in pipeline.acks():
-                yield ack
+            for outcome in pipeline.outcomes():
+                yield outcome
             if pause:
                 await asyncio.sleep(pause)
 

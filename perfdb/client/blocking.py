@@ -146,14 +146,26 @@ class Client:
         return self.call("record", **fields)
 
     def record_many(self, records: Iterable[dict[str, Any]], *, window: int = 64) -> Iterator[dict[str, Any]]:
-        """Store many results with up to `window` in flight; yields their acks in input order."""
+        """Store many results with up to `window` in flight; yields their acks in input order.
+
+        Raises PerfdbClientError, with `.index` set, at the first record the server refused.
+        """
+        for outcome in self.record_outcomes(records, window=window):
+            if isinstance(outcome, PerfdbClientError):
+                raise outcome
+            yield outcome
+
+    def record_outcomes(
+        self, records: Iterable[dict[str, Any]], *, window: int = 64
+    ) -> Iterator[dict[str, Any] | PerfdbClientError]:
+        """Like record_many, but a refused record yields its error (with `.index`) and the rest go on."""
         pipeline = RecordWindow(iter(records), window, self._retry)
         try:
             while not pipeline.finished:
                 try:
                     requests = pipeline.to_send()
                     if not pipeline.awaiting_replies:
-                        break  # the source ran dry and every ack is out
+                        break  # the source ran dry and every outcome is out
                     if requests:
                         self._send(b"".join(requests))
                     line = self._read_line()
@@ -164,7 +176,7 @@ class Client:
                     time.sleep(pipeline.on_disconnect(error))
                     continue
                 pause = pipeline.on_reply(line)
-                yield from pipeline.acks()
+                yield from pipeline.outcomes()
                 if pause:
                     time.sleep(pause)
         finally:

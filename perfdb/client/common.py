@@ -103,7 +103,7 @@ def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
 class _Pending:
     index: int
     request: bytes
-    reply: dict[str, Any] | None = None
+    outcome: dict[str, Any] | PerfdbClientError | None = None
     failures: int = 0
 
 
@@ -154,15 +154,16 @@ class RecordWindow:
     def on_reply(self, line: bytes) -> float:
         """Take the next reply; returns how long to wait before sending again (0 for no wait).
 
-        Raises PerfdbClientError (with .index) for a record the server will not take.
+        A refusal (a non-retryable error) becomes that record's outcome, with .index set.
         """
         pending = self._sent.popleft()
         try:
-            pending.reply = check_reply(line)
+            pending.outcome = check_reply(line)
         except PerfdbClientError as error:
             if not error.retryable:
                 error.index = pending.index
-                raise
+                pending.outcome = error
+                return 0.0
             self._unsent.append(pending)
             return self._backoff(error, [pending])
         return 0.0
@@ -187,10 +188,10 @@ class RecordWindow:
             raise error
         return delay
 
-    def acks(self) -> Iterator[dict[str, Any]]:
-        """Acks that are ready, in input order."""
+    def outcomes(self) -> Iterator[dict[str, Any] | PerfdbClientError]:
+        """The acks and refusals that are ready, in input order."""
         window = self._window
-        while window and window[0].reply is not None:
-            reply = window.popleft().reply
-            assert reply is not None
-            yield reply
+        while window and window[0].outcome is not None:
+            outcome = window.popleft().outcome
+            assert outcome is not None
+            yield outcome

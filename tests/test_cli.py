@@ -1,0 +1,782 @@
+"""The perfdb command line end to end: the real CLI in a child process against a real server in
+another, with static tokens and an admin key, the way a CI job or an operator runs them."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import http.server
+import io
+import os
+import platform
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support import FIXTURES, GRPC_RESULT_FILES, REPO_ROOT, ServerProcess, grpc_result, token_hash
+
+BOT_TOKEN = "ci-bot-" + secrets.token_hex(16)
+BOT_USER = "static:ci-bot"
+LAB_TOKEN = "perf-lab-" + secrets.token_hex(16)
+LAB_USER = "static:perf-lab"
+ADMIN_KEY = "admin-" + secrets.token_hex(16)
+UNREACHABLE_USERINFO = "http://127.0.0.1:9/userinfo"
+CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
+CLI_TIMEOUT = 30.0
+COMMANDS = ("submit", "get-user", "get-all", "export", "import", "stats", "ping")
+RECORD_ID = r"[0-9a-f]{20}"
+CSV_HEADER = [
+    "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
+    "perc_lat_95", "perc_lat_99", "perc_lat_99_point_9", "server_system_time", "server_user_time",
+    "client_system_time", "client_user_time",
+]  # fmt: skip
+
+# ScenarioResult summary field -> (perfdb metric, divisor), written out here rather than taken
+# from perfdb.scenario so that a wrong mapping there fails these tests.
+SUMMARY_MAPPING = {
+    "qps": ("qps", 1),
+    "qpsPerServerCore": ("qps_per_core", 1),
+    "latency50": ("perc_lat_50", 1000),
+    "latency90": ("perc_lat_90", 1000),
+    "latency95": ("perc_lat_95", 1000),
+    "latency99": ("perc_lat_99", 1000),
+    "latency999": ("perc_lat_99_point_9", 1000),
+    "serverSystemTime": ("server_system_time", 1),
+    "serverUserTime": ("server_user_time", 1),
+    "clientSystemTime": ("client_system_time", 1),
+    "clientUserTime": ("client_user_time", 1),
+}
+CPU_TIME_METRICS = ("server_system_time", "server_user_time", "client_system_time", "client_user_time")
+
+
+# -- running things ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CliResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode()
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode()
+
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+    def error_line(self) -> str:
+        """The one line a failing command writes to stderr."""
+        lines = self.err.splitlines()
+        assert len(lines) == 1, f"expected one line on stderr from {self.args}, got:\n{self.err}"
+        assert lines[0].startswith("perfdb: "), lines[0]
+        return lines[0]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI run: no PERFDB_* settings unless the test gives them."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PERFDB_")}
+    env.update(extra)
+    return env
+
+
+def perfdb(
+    *args: str,
+    server: RunningServer | None = None,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    console_script: bool = False,
+) -> CliResult:
+    """Run the CLI; `server` appends --server. No run may print a traceback, whatever its outcome."""
+    program = [str(CONSOLE_SCRIPT)] if console_script else [sys.executable, "-m", "perfdb.cli"]
+    argv = (*args, "--server", server.address) if server is not None else args
+    completed = subprocess.run(
+        [*program, *argv],
+        input=stdin if stdin is not None else b"",  # never a terminal: no prompts, no progress bars
+        capture_output=True,
+        cwd=REPO_ROOT,
+        env=env if env is not None else clean_env(),
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    result = CliResult(tuple(argv), completed.returncode, completed.stdout, completed.stderr)
+    assert "Traceback" not in result.err, f"perfdb {' '.join(argv)} printed a traceback:\n{result.err}"
+    return result
+
+
+def ok(*args: str, **kwargs: Any) -> CliResult:
+    result = perfdb(*args, **kwargs)
+    assert result.returncode == 0, f"perfdb {' '.join(result.args)} exited {result.returncode}:\n{result.err}"
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Secrets:
+    directory: Path
+    tokens_file: Path
+    admin_key_file: Path
+
+    def token_file(self, token: str, name: str) -> Path:
+        path = self.directory / name
+        path.write_text(token + "\n")
+        return path
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Secrets:
+    directory = tmp_path_factory.mktemp("secrets")
+    tokens_file = directory / "tokens.json"
+    tokens_file.write_bytes(
+        orjson.dumps(
+            {
+                "tokens": [
+                    {"sha256": token_hash(BOT_TOKEN), "user_id": "ci-bot", "name": "CI bot"},
+                    {"sha256": token_hash(LAB_TOKEN), "user_id": "perf-lab", "name": "Perf lab"},
+                ]
+            }
+        )
+    )
+    admin_key_file = directory / "admin.key"
+    admin_key_file.write_text(ADMIN_KEY + "\n")
+    return Secrets(directory, tokens_file, admin_key_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    process: ServerProcess
+    address: str
+    bot_token_file: Path
+    lab_token_file: Path
+    admin_key_file: Path
+
+
+@contextlib.contextmanager
+def serving(keys: Secrets, database: Path, userinfo_url: str = UNREACHABLE_USERINFO) -> Iterator[RunningServer]:
+    """run_perf_db_server in a child process; stopped with SIGTERM, which must end it cleanly."""
+    process = ServerProcess(
+        "--address=127.0.0.1:0",
+        f"--database={database}",
+        f"--tokens-file={keys.tokens_file}",
+        f"--admin-key-file={keys.admin_key_file}",
+        f"--userinfo-url={userinfo_url}",
+    )
+    try:
+        port = process.wait_listening()
+        yield RunningServer(
+            process,
+            f"127.0.0.1:{port}",
+            keys.token_file(BOT_TOKEN, "bot.token"),
+            keys.token_file(LAB_TOKEN, "lab.token"),
+            keys.admin_key_file,
+        )
+    except BaseException:
+        process.kill()
+        raise
+    process.process.send_signal(signal.SIGTERM)
+    code, stderr = process.finish()
+    assert code == 0 and "Traceback" not in stderr, stderr
+
+
+@pytest.fixture
+def server(keys: Secrets, tmp_path: Path) -> Iterator[RunningServer]:
+    """A fresh server with an empty database."""
+    with serving(keys, tmp_path / "db") as running:
+        yield running
+
+
+def stats(server: RunningServer) -> dict[str, Any]:
+    document: dict[str, Any] = orjson.loads(ok("stats", server=server).stdout)
+    return document
+
+
+def records_of(result: CliResult) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = orjson.loads(result.stdout)
+    assert isinstance(records, list)
+    return records
+
+
+def stored_ids(lines: list[str], name: str, state: str = "stored") -> list[str]:
+    """Record ids from submit's `<file>: <record_id> <state>` lines, checking every line's shape."""
+    ids: list[str] = []
+    for line in lines:
+        match = re.fullmatch(rf"{re.escape(name)}: ({RECORD_ID}) {state}", line)
+        assert match, f"unexpected submit output line {line!r}"
+        ids.append(match.group(1))
+    return ids
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of a table row: columns are separated by two or more spaces."""
+    return [cell for cell in re.split(r"\s{2,}", line.strip()) if cell]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def perfdb_records(count: int, *, tag: str, first: int = 0) -> bytes:
+    """NDJSON of perfdb records (not ScenarioResults), each different."""
+    return b"".join(
+        orjson.dumps(
+            {
+                "test_name": f"bulk-{i % 3}",
+                "tag": tag,
+                "metrics": {"qps": 1000 + i, "perc_lat_50": 100.5 + i},
+                "client_config": {"index": i},
+            }
+        )
+        + b"\n"
+        for i in range(first, first + count)
+    )
+
+
+# -- a populated server, shared by the read-only tests ------------------------------------------
+
+# Records of the perf-lab bot: small latencies (shown in µs) and CPU times (shown in %).
+LAB_RECORDS: list[dict[str, Any]] = [
+    {
+        "test_name": "unary-small",
+        "tag": "lab-a",
+        "metrics": {
+            "qps": 1234567.0,
+            "qps_per_core": 45.5,
+            "perc_lat_50": 850.0,
+            "perc_lat_90": 912.25,
+            "perc_lat_95": 1500.0,
+            "perc_lat_99": 2_500_000.0,
+            "perc_lat_99_point_9": 3_750_000.0,
+            "server_user_time": 97.25,
+        },
+    },
+    {"test_name": "unary-small", "tag": "lab-b", "metrics": {"qps": 2000.0, "perc_lat_50": 90.0}},
+    {"test_name": "streaming-small", "tag": "lab-a", "metrics": {"qps": 3000.0, "perc_lat_50": 95.0}},
+    {"test_name": "unary-small", "tag": "lab-a", "metrics": {"qps": 4000.0, "perc_lat_50": 99.0}},
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Populated:
+    server: RunningServer
+    records: list[dict[str, Any]]  # every record, oldest first, as get-all --format json gives them
+    grpc_ids: dict[str, str]  # fixture file name -> record id
+
+
+@pytest.fixture(scope="module")
+def populated(keys: Secrets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Populated]:
+    """The three real gRPC results (ci-bot, tag nightly), then four perfdb records (perf-lab)."""
+    with serving(keys, tmp_path_factory.mktemp("populated") / "db") as running:
+        paths = [str(FIXTURES / name) for name in GRPC_RESULT_FILES]
+        submitted = ok(
+            "submit", *paths, "--tag", "nightly", "--token-file", str(running.bot_token_file), server=running
+        )
+        grpc_ids: dict[str, str] = {}
+        for name, path, line in zip(GRPC_RESULT_FILES, paths, submitted.lines(), strict=True):
+            grpc_ids[name] = stored_ids([line], path)[0]
+        lab = b"".join(orjson.dumps(record) + b"\n" for record in LAB_RECORDS)
+        ok("submit", "-", "--token-file", str(running.lab_token_file), stdin=lab, server=running)
+        records = records_of(ok("get-all", "--format", "json", server=running))
+        assert len(records) == len(GRPC_RESULT_FILES) + len(LAB_RECORDS)
+        yield Populated(running, records, grpc_ids)
+
+
+# -- help and usage ------------------------------------------------------------------------------
+
+
+def test_program_help_lists_every_command_and_the_exit_codes() -> None:
+    result = ok("--help", console_script=True)
+    assert result.out.startswith("usage: perfdb")
+    for command in COMMANDS:
+        assert command in result.out
+    assert "Exit codes" in result.out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = ok(command, "--help")
+    assert result.out.startswith(f"usage: perfdb {command}"), result.out
+    assert "--server" in result.out
+    assert result.err == ""
+
+
+def test_unknown_or_missing_command_is_a_usage_error() -> None:
+    unknown = perfdb("frobnicate")
+    assert unknown.returncode == 2
+    assert "invalid choice: 'frobnicate'" in unknown.err
+    assert unknown.out == ""
+    missing = perfdb()
+    assert missing.returncode == 2
+    assert "required" in missing.err
+    bad_option = perfdb("ping", "--timeout", "soon")
+    assert bad_option.returncode == 2
+    assert "--timeout" in bad_option.err
+
+
+def test_bad_server_address_is_a_usage_error() -> None:
+    result = perfdb("ping", "--server", "no-port-here")
+    assert result.returncode == 2
+    assert "no-port-here" in result.error_line()
+
+
+# -- submit: real gRPC results ---------------------------------------------------------------
+
+
+def test_submit_real_grpc_results_and_read_them_back(server: RunningServer) -> None:
+    paths = [str(FIXTURES / name) for name in GRPC_RESULT_FILES]
+    result = ok("submit", *paths, "--tag", "nightly", "--token-file", str(server.bot_token_file), server=server)
+    lines = result.lines()
+    assert len(lines) == len(paths), result.out
+    ids = [stored_ids([line], path)[0] for line, path in zip(lines, paths, strict=True)]
+    assert len(set(ids)) == len(ids)
+    assert result.err == ""
+
+    records = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
+    assert [record["record_id"] for record in records] == ids  # oldest first
+    cpu_times_seen = 0
+    for name, record in zip(GRPC_RESULT_FILES, records, strict=True):
+        scenario_result = grpc_result(name)
+        summary = scenario_result["summary"]
+        assert record["user_id"] == BOT_USER
+        assert record["test_name"] == scenario_result["scenario"]["name"]
+        assert record["tag"] == "nightly"
+        metrics = record["metrics"]
+        for field, (metric, divisor) in SUMMARY_MAPPING.items():
+            if field in summary:
+                assert metrics[metric] == summary[field] / divisor, (name, metric)
+            else:
+                assert metric not in metrics, (name, metric)
+        cpu_times_seen += sum(metric in metrics for metric in CPU_TIME_METRICS)
+        # Non-finite summary values ("Infinity") carry no measurement and are dropped.
+        for field, value in summary.items():
+            if value in ("Infinity", "NaN"):
+                assert field not in metrics, (name, field)
+    assert cpu_times_seen == len(CPU_TIME_METRICS)  # only grpc_scenario_result.json has them
+    unary = records[GRPC_RESULT_FILES.index("grpc_scenario_result.json")]["metrics"]
+    assert unary["perc_lat_50"] == pytest.approx(28564.97, abs=0.01)
+    assert unary["server_user_time"] == pytest.approx(504.005, abs=0.001)
+
+
+def test_test_name_option_overrides_the_scenario_name(server: RunningServer) -> None:
+    path = str(FIXTURES / GRPC_RESULT_FILES[1])
+    ok("submit", path, "--test-name", "renamed", "--token-file", str(server.bot_token_file), server=server)
+    (record,) = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
+    assert record["test_name"] == "renamed"
+    assert record["tag"] == ""
+
+
+def test_submitting_the_same_file_again_stores_nothing_new(server: RunningServer) -> None:
+    path = str(FIXTURES / "grpc_scenario_result.json")
+    token = ("--token-file", str(server.bot_token_file))
+    (first,) = stored_ids(ok("submit", path, *token, server=server).lines(), path)
+    assert stats(server)["records"] == 1
+    # The token from the environment this time: the same content is the same submission.
+    again = ok("submit", path, server=server, env=clean_env(PERFDB_ACCESS_TOKEN=BOT_TOKEN))
+    assert stored_ids(again.lines(), path, "duplicate") == [first]
+    assert stats(server)["records"] == 1
+    # Different content (another tag) is a different result.
+    (tagged,) = stored_ids(ok("submit", path, "--tag", "rerun", *token, server=server).lines(), path)
+    assert tagged != first
+    assert stats(server)["records"] == 2
+
+
+def test_sys_info_auto_describes_the_machine_without_naming_it(server: RunningServer) -> None:
+    path = str(FIXTURES / GRPC_RESULT_FILES[2])
+    submitted = ok("submit", path, "--sys-info", "auto", "--token-file", str(server.bot_token_file), server=server)
+    stored_ids(submitted.lines(), path)
+    output = ok("get-user", BOT_USER, "--format", "json", server=server)
+    (record,) = records_of(output)
+    sys_info = record["sys_info"]
+    assert sys_info["cpu_cores"] == os.cpu_count()
+    assert sys_info["python"] == platform.python_version()
+    assert sys_info["architecture"] == platform.machine()
+    assert isinstance(sys_info["os"], str) and sys_info["os"]
+    for key in sys_info:
+        assert not any(word in key.lower() for word in ("host", "node", "ip", "addr")), key
+    text = orjson.dumps(sys_info).decode()
+    assert "[redacted]" not in text  # nothing had to be scrubbed: no address was sent
+    assert not re.search(r"(?<![\d.])\d{1,3}(\.\d{1,3}){3}(?![\d.])", text), text
+    names = {socket.gethostname(), socket.getfqdn()}
+    for name in names:
+        word = rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])"
+        assert not re.search(word, output.out, re.IGNORECASE), f"host name {name!r} stored in {output.out}"
+
+
+# -- submit: perfdb records in bulk, and input errors -----------------------------------------
+
+
+def test_ndjson_file_and_stdin_submit_hundreds_of_records(server: RunningServer, tmp_path: Path) -> None:
+    token = ("--token-file", str(server.bot_token_file))
+    path = tmp_path / "records.ndjson"
+    path.write_bytes(perfdb_records(300, tag="file"))
+    from_file = stored_ids(ok("submit", str(path), *token, server=server).lines(), str(path))
+    assert len(from_file) == 300 and len(set(from_file)) == 300
+
+    from_stdin = stored_ids(
+        ok("submit", "-", *token, stdin=perfdb_records(200, tag="stdin", first=300), server=server).lines(), "-"
+    )
+    assert len(from_stdin) == 200 and not set(from_stdin) & set(from_file)
+    assert stats(server)["records"] == 500
+
+    # The file's content again, through stdin: the same submissions, so nothing new.
+    repeated = ok("submit", "-", *token, stdin=path.read_bytes(), server=server)
+    assert stored_ids(repeated.lines(), "-", "duplicate") == from_file
+    assert stats(server)["records"] == 500
+
+    lines = ok("get-all", "--tag", "stdin", "--format", "ndjson", server=server).lines()
+    records = [orjson.loads(line) for line in lines]
+    assert [record["record_id"] for record in records] == from_stdin
+    assert [record["metrics"]["qps"] for record in records] == list(range(1300, 1500))
+
+
+def test_a_file_that_is_not_json_exits_4_naming_it(server: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "results.txt"
+    path.write_text("QPS: 1000 (this is not JSON)\n")
+    result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 4
+    assert str(path) in result.error_line()
+    assert result.out == ""
+    missing = perfdb("submit", str(tmp_path / "nope.json"), "--token-file", str(server.bot_token_file), server=server)
+    assert missing.returncode == 4
+    assert str(tmp_path / "nope.json") in missing.error_line()
+    assert stats(server)["records"] == 0
+
+
+def test_a_scenario_input_file_exits_4_naming_it(server: RunningServer) -> None:
+    path = str(FIXTURES / "test-infra_cxx_example_scenario.json")
+    result = perfdb("submit", path, "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 4
+    line = result.error_line()
+    assert path in line and "scenario" in line
+    assert stats(server)["records"] == 0
+
+
+def test_bad_input_does_not_stop_the_other_files_and_wins_the_exit_code(server: RunningServer, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    refused = tmp_path / "refused.json"
+    refused.write_bytes(orjson.dumps({"test_name": "t", "metrics": {}}))
+    good = str(FIXTURES / "grpc_scenario_result.json")
+    result = perfdb("submit", str(bad), good, str(refused), "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 4  # unreadable input takes precedence over a refusal
+    stored_ids(result.lines(), good)
+    errors = result.err.splitlines()
+    assert len(errors) == 2, result.err
+    assert str(bad) in errors[0] and str(refused) in errors[1]
+    assert stats(server)["records"] == 1
+
+
+def test_a_record_the_server_refuses_exits_1_with_its_code(server: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "empty-metrics.json"
+    path.write_bytes(orjson.dumps({"test_name": "unary", "metrics": {}}))
+    result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 1
+    line = result.error_line()
+    assert line.startswith(f"perfdb: {path} (record 1): bad_request: metrics"), line
+    assert result.out == ""
+    assert stats(server)["records"] == 0
+
+
+def test_a_refusal_inside_a_file_reports_exactly_what_was_stored(server: RunningServer, tmp_path: Path) -> None:
+    """submit promises one output line per stored record, also when a later record is refused."""
+    records = [{"test_name": "mixed", "metrics": {} if i == 2 else {"qps": 1000 + i}} for i in range(6)]
+    path = tmp_path / "mixed.ndjson"
+    path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
+    result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 1
+    assert result.error_line().startswith(f"perfdb: {path} (record 3): bad_request: metrics"), result.err
+    printed = stored_ids(result.lines(), str(path))
+    assert len(printed) >= 2  # the records before the refused one
+    stored = [record["record_id"] for record in records_of(ok("get-user", BOT_USER, "--format", "json", server=server))]
+    assert stored == printed, f"stored {len(stored)} records but reported {len(printed)} as stored"
+
+
+class _RejectingUserinfo(http.server.BaseHTTPRequestHandler):
+    """An identity provider that knows no token."""
+
+    def do_GET(self) -> None:
+        body = b'{"error": "invalid_token"}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep the test output clean
+
+
+@contextlib.contextmanager
+def rejecting_provider() -> Iterator[str]:
+    provider = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RejectingUserinfo)
+    thread = threading.Thread(target=provider.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{provider.server_address[1]}/userinfo"
+    finally:
+        provider.shutdown()
+        provider.server_close()
+        thread.join(timeout=5)
+
+
+def test_a_wrong_token_exits_1_unauthenticated(keys: Secrets, tmp_path: Path) -> None:
+    path = str(FIXTURES / "grpc_scenario_result.json")
+    with rejecting_provider() as userinfo_url, serving(keys, tmp_path / "db", userinfo_url) as running:
+        wrong = keys.token_file("not-" + BOT_TOKEN, "wrong.token")
+        result = perfdb("submit", path, "--token-file", str(wrong), server=running)
+        assert result.returncode == 1
+        assert result.error_line().startswith(f"perfdb: {path} (record 1): unauthenticated: "), result.err
+        assert BOT_TOKEN not in result.err
+        assert result.out == ""
+        assert stats(running)["records"] == 0
+
+
+def test_an_unknown_token_with_no_provider_reachable_exits_1(server: RunningServer) -> None:
+    """Static tokens need no provider; any other token does, so the server cannot judge it."""
+    path = str(FIXTURES / "grpc_scenario_result.json")
+    result = perfdb("submit", path, server=server, env=clean_env(PERFDB_ACCESS_TOKEN="someone-else"))
+    assert result.returncode == 1
+    assert result.error_line().startswith(f"perfdb: {path}: auth_unavailable: "), result.err
+    assert stats(server)["records"] == 0
+
+
+def test_submit_without_a_usable_token(server: RunningServer, tmp_path: Path) -> None:
+    path = str(FIXTURES / "grpc_scenario_result.json")
+    none = perfdb("submit", path, server=server)
+    assert none.returncode == 2
+    assert "--token-file" in none.error_line() and "PERFDB_ACCESS_TOKEN" in none.err
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    assert perfdb("submit", path, "--token-file", str(empty), server=server).returncode == 4
+    missing = perfdb("submit", path, "--token-file", str(tmp_path / "absent.token"), server=server)
+    assert missing.returncode == 4
+    assert str(tmp_path / "absent.token") in missing.error_line()
+    assert stats(server)["records"] == 0
+
+
+# -- reading: formats and filters ---------------------------------------------------------------
+
+
+def test_json_output_parses_to_a_list(populated: Populated) -> None:
+    everything = records_of(ok("get-all", "--format", "json", server=populated.server))
+    assert everything == populated.records
+    bot = records_of(ok("get-user", BOT_USER, "--format", "json", server=populated.server))
+    assert [record["record_id"] for record in bot] == list(populated.grpc_ids.values())
+    nothing = ok("get-all", "--tag", "no-such-tag", "--format", "json", server=populated.server)
+    assert orjson.loads(nothing.stdout) == []
+
+
+def test_ndjson_output_is_one_object_per_line_and_the_default_off_a_terminal(populated: Populated) -> None:
+    result = ok("get-all", "--format", "ndjson", server=populated.server)
+    assert [orjson.loads(line) for line in result.lines()] == populated.records
+    assert ok("get-all", server=populated.server).stdout == result.stdout
+    lab = ok("get-user", LAB_USER, "--format", "ndjson", server=populated.server).lines()
+    assert [orjson.loads(line)["metrics"]["qps"] for line in lab] == [r["metrics"]["qps"] for r in LAB_RECORDS]
+
+
+def test_csv_output_has_the_core_metric_columns(populated: Populated) -> None:
+    rows = list(csv.reader(io.StringIO(ok("get-all", "--format", "csv", server=populated.server).out)))
+    assert rows[0] == CSV_HEADER
+    assert len(rows) == 1 + len(populated.records)
+    for row, record in zip(rows[1:], populated.records, strict=True):
+        cells = dict(zip(CSV_HEADER, row, strict=True))
+        assert cells["record_id"] == record["record_id"]
+        assert cells["user_id"] == record["user_id"]
+        assert cells["test_name"] == record["test_name"]
+        assert cells["tag"] == record["tag"]
+        for metric in CSV_HEADER[5:]:
+            value = record["metrics"].get(metric)
+            assert cells[metric] == ("" if value is None else str(value)), metric
+    lab = list(csv.reader(io.StringIO(ok("get-user", LAB_USER, "--format", "csv", server=populated.server).out)))
+    assert lab[0] == CSV_HEADER
+    assert [row[1] for row in lab[1:]] == [LAB_USER] * len(LAB_RECORDS)
+
+
+def test_table_output_shows_readable_units(populated: Populated) -> None:
+    table = ok("get-all", "--format", "table", server=populated.server).lines()
+    assert len(table) == 1 + len(populated.records)
+    for heading in ("time (UTC)", "user", "test", "tag", "QPS", "QPS/core", "p50", "p99.9", "srv sys", "cli user"):
+        assert heading in table[0]
+    unary = table[1 + list(populated.grpc_ids).index("grpc_scenario_result.json")]
+    for cell in ("221,994", "18,500", "28.6 ms", "70.2 ms", "131.2%", "504.0%", "89.3%", "391.0%"):
+        assert cell in table_cells(unary), (cell, unary)
+    lab = ok("get-user", LAB_USER, "--format", "table", server=populated.server).lines()
+    assert len(lab) == 1 + len(LAB_RECORDS)
+    cells = table_cells(lab[1])
+    for cell in ("1,234,567", "45.50", "850 µs", "912 µs", "1.5 ms", "2.5 s", "3.75 s", "97.2%"):
+        assert cell in cells, (cell, lab[1])
+    assert "-" in cells  # metrics a record does not have
+    empty = ok("get-all", "--tag", "no-such-tag", "--format", "table", server=populated.server).lines()
+    assert empty[1:] == ["(no records)"]
+
+
+def test_filters_narrow_the_output(populated: Populated) -> None:
+    def ids(*args: str) -> list[str]:
+        return [record["record_id"] for record in records_of(ok(*args, "--format", "json", server=populated.server))]
+
+    records = populated.records
+    by_name = ids("get-all", "--test-name", "unary-small")
+    assert by_name == [r["record_id"] for r in records if r["test_name"] == "unary-small"]
+    assert len(by_name) == 3
+    by_tag = ids("get-all", "--tag", "nightly")
+    assert by_tag == list(populated.grpc_ids.values())
+    both = ids("get-user", LAB_USER, "--test-name", "unary-small", "--tag", "lab-a")
+    assert both == [r["record_id"] for r in records if r["test_name"] == "unary-small" and r["tag"] == "lab-a"]
+    assert len(both) == 2
+
+    since, until = records[2]["timestamp"], records[5]["timestamp"]
+    window = ids("get-all", "--since", since, "--until", until)
+    assert window == [r["record_id"] for r in records if since <= r["timestamp"] < until]
+    assert records[2]["record_id"] in window and records[5]["record_id"] not in window
+    assert ids("get-all", "--since", since) == [r["record_id"] for r in records if r["timestamp"] >= since]
+    until_second = ids("get-user", BOT_USER, "--until", records[1]["timestamp"])
+    assert until_second == [r["record_id"] for r in records[:3] if r["timestamp"] < records[1]["timestamp"]]
+    assert records[0]["record_id"] in until_second and records[1]["record_id"] not in until_second
+
+
+def test_a_query_the_server_refuses_exits_1(populated: Populated) -> None:
+    result = perfdb("get-all", "--since", "yesterday", server=populated.server)
+    assert result.returncode == 1
+    assert "bad_request" in result.error_line() and "since" in result.err
+    assert result.out == ""
+
+
+# -- export and import ---------------------------------------------------------------------------
+
+
+def test_export_import_export_round_trip(populated: Populated, server: RunningServer, tmp_path: Path) -> None:
+    admin = ("--admin-key-file", str(populated.server.admin_key_file))
+    first = ok("export", *admin, server=populated.server).stdout
+    lines = first.splitlines()
+    assert orjson.loads(lines[0]) == {"format": "perfdb-dump", "version": 1}
+    items = [orjson.loads(line) for line in lines[1:]]
+    assert [item["user"]["user_id"] for item in items if "user" in item] == [BOT_USER, LAB_USER]
+    assert [item["record"] for item in items if "record" in item] == populated.records
+    dump = tmp_path / "dump.ndjson"
+    dump.write_bytes(first)
+
+    count = len(populated.records)
+    imported = ok("import", str(dump), *admin, server=server)
+    assert imported.out == f"imported {count} records (0 were already present)\n"
+    second = ok("export", server=server, env=clean_env(PERFDB_ADMIN_KEY=ADMIN_KEY)).stdout
+    assert second == first
+    assert ok("get-all", server=server).stdout == ok("get-all", server=populated.server).stdout
+
+    again = ok("import", "-", *admin, stdin=first, server=server)
+    assert again.out == f"imported 0 records ({count} were already present)\n"
+    after = stats(server)
+    assert (after["records"], after["users"]) == (count, 2)
+
+
+def test_export_and_import_need_the_admin_key(server: RunningServer, keys: Secrets, tmp_path: Path) -> None:
+    ok("submit", str(FIXTURES / GRPC_RESULT_FILES[0]), "--token-file", str(server.bot_token_file), server=server)
+    no_key = perfdb("export", server=server)
+    assert no_key.returncode == 2
+    assert "--admin-key-file" in no_key.error_line() and "PERFDB_ADMIN_KEY" in no_key.err
+    assert no_key.out == ""
+
+    wrong = keys.token_file("wrong-" + ADMIN_KEY, "wrong.key")
+    refused = perfdb("export", "--admin-key-file", str(wrong), server=server)
+    assert refused.returncode == 1
+    assert "forbidden" in refused.error_line()
+    assert ADMIN_KEY not in refused.err
+
+    dump = tmp_path / "dump.ndjson"
+    dump.write_bytes(ok("export", "--admin-key-file", str(server.admin_key_file), server=server).stdout)
+    refused_import = perfdb("import", str(dump), "--admin-key-file", str(wrong), server=server)
+    assert refused_import.returncode == 1
+    assert "forbidden" in refused_import.error_line()
+    assert perfdb("import", str(dump), server=server).returncode == 2
+    assert stats(server)["records"] == 1
+
+
+def test_a_refused_export_writes_no_dump(server: RunningServer, keys: Secrets) -> None:
+    """`perfdb export > dump` with a wrong key must not leave a dump that imports as empty."""
+    wrong = keys.token_file("wrong-" + ADMIN_KEY, "wrong.key")
+    refused = perfdb("export", "--admin-key-file", str(wrong), server=server)
+    assert refused.returncode == 1
+    assert refused.stdout == b"", f"a refused export wrote {refused.stdout!r}"
+
+
+def test_import_of_something_that_is_not_a_dump_exits_4(server: RunningServer) -> None:
+    path = str(FIXTURES / "grpc_scenario_result.json")
+    result = perfdb("import", path, "--admin-key-file", str(server.admin_key_file), server=server)
+    assert result.returncode == 4
+    assert path in result.error_line() and "dump" in result.err
+    assert stats(server)["records"] == 0
+
+
+# -- stats and ping --------------------------------------------------------------------------------
+
+
+def test_stats_prints_json_with_the_counts(populated: Populated) -> None:
+    document = stats(populated.server)
+    assert document["records"] == len(populated.records)
+    assert document["users"] == 2
+    assert document["corrupt_records"] == 0
+
+
+def test_ping_answers_pong(server: RunningServer) -> None:
+    result = ok("ping", server=server, console_script=True)
+    assert re.fullmatch(rf"pong from {re.escape(server.address)} in \d+\.\d ms\n", result.out), result.out
+    from_env = ok("ping", console_script=True, env=clean_env(PERFDB_SERVER=server.address))
+    assert from_env.out.startswith(f"pong from {server.address} ")
+
+
+def test_an_unreachable_server_exits_3_with_one_line(keys: Secrets) -> None:
+    address = f"127.0.0.1:{closed_port()}"
+    token = ("--token-file", str(keys.token_file(BOT_TOKEN, "bot.token")))
+    admin = ("--admin-key-file", str(keys.admin_key_file))
+    for command in (
+        ("ping",),
+        ("stats",),
+        ("get-all",),
+        ("get-user", BOT_USER),
+        ("submit", str(FIXTURES / "grpc_scenario_result.json"), *token),
+        ("export", *admin),
+    ):
+        result = perfdb(*command, "--server", address, "--timeout", "0.5")
+        assert result.returncode == 3, (command, result.err)
+        assert result.error_line().startswith(f"perfdb: {address}: "), result.err
+        assert result.out == ""
+
+
+def test_a_server_that_never_answers_exits_3(keys: Secrets) -> None:
+    token = str(keys.token_file(BOT_TOKEN, "bot.token"))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel accepts the connections; nobody ever reads or replies
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        pinged = perfdb("ping", "--server", address, "--timeout", "0.1")
+        submitted = perfdb(
+            "submit",
+            str(FIXTURES / GRPC_RESULT_FILES[0]),
+            "--token-file",
+            token,
+            "--server",
+            address,
+            "--timeout",
+            "0.1",
+        )
+    for result in (pinged, submitted):
+        assert result.returncode == 3, result.err
+        assert result.error_line() == f"perfdb: {address}: no reply within 0.1s"
+        assert result.out == ""
