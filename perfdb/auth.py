@@ -110,23 +110,23 @@ def load_static_tokens(path: Path) -> dict[bytes, Profile]:
     return tokens
 
 
-# -- the admin key ------------------------------------------------------------------------
+# -- access keys (admin, read) --------------------------------------------------------------
 
-MIN_ADMIN_KEY_CHARS = 16
+MIN_KEY_CHARS = 16
 
 
-def load_admin_key(path: Path) -> str:
-    """Read the admin key (surrounding whitespace ignored); raises ValueError for the operator."""
+def load_key(path: Path, what: str) -> str:
+    """Read an access key (surrounding whitespace ignored); raises ValueError for the operator."""
     try:
         key = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read admin key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(key) < MIN_ADMIN_KEY_CHARS or not key.isascii():
-        raise ValueError(f"admin key file {path} must hold an ASCII key of at least {MIN_ADMIN_KEY_CHARS} characters")
+        raise ValueError(f"cannot read {what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(key) < MIN_KEY_CHARS or not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{what} file {path} must hold a printable ASCII key of at least {MIN_KEY_CHARS} characters")
     return key
 
 
-def admin_key_matches(expected: str, presented: object) -> bool:
+def key_matches(expected: str, presented: object) -> bool:
     """Constant-time comparison, so response timing does not reveal the key."""
     return isinstance(presented, str) and hmac.compare_digest(expected.encode(), presented.encode())
 

@@ -16,14 +16,16 @@ from typing import Any
 import orjson
 
 from perfdb import PROTOCOL_VERSION, SERVER_NAME, __version__
-from perfdb.auth import Profile, TokenResolver, admin_key_matches, profile_from_document, public_profile
+from perfdb.auth import Profile, TokenResolver, key_matches, profile_from_document, public_profile
 from perfdb.config import Config
 from perfdb.errors import ErrorCode, PerfdbError, bad_request, quote_input
 from perfdb.protocol import Reply
+from perfdb.ratelimit import UserRateLimiter
 from perfdb.schema import (
     ADMIN_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
+    READ_FIELDS,
     Query,
     RecordDraft,
     check_fields,
@@ -68,9 +70,12 @@ class CommandDispatcher:
         stats: ServerStats,
         *,
         admin_key: str | None = None,
+        read_key: str | None = None,
     ) -> None:
         self._config = config
         self._admin_key = admin_key
+        self._read_key = read_key
+        self._rate_limiter = UserRateLimiter(config.user_rate, config.user_burst)
         self._store = store
         self._resolver = resolver
         self._stats = stats
@@ -127,14 +132,8 @@ class CommandDispatcher:
         outcome.add_done_callback(functools.partial(self._settle, reply, request_id, peer, op))
         return reply
 
-    def line_too_long_reply(self) -> bytes:
-        self._stats.errors[ErrorCode.LINE_TOO_LONG.value] += 1
-        return encode_error(
-            None, ErrorCode.LINE_TOO_LONG, f"request line longer than {self._config.max_line_bytes} bytes; discarded"
-        )
-
-    def internal_error_reply(self) -> bytes:
-        return self._error(None, ErrorCode.INTERNAL, "internal server error")
+    def error_reply(self, code: ErrorCode, message: str) -> bytes:
+        return self._error(None, code, message)
 
     # -- replies -----------------------------------------------------------------------------
 
@@ -188,19 +187,35 @@ class CommandDispatcher:
         token, draft = parse_record(request)
         resolved = self._resolver.resolve(token)
         if isinstance(resolved, Profile):
-            return self._store.submit(resolved, draft)  # resolves to a RecordAck
+            return self._store_record(resolved, draft)
         return self._record_once_resolved(resolved, draft)
 
     async def _record_once_resolved(self, profile_future: asyncio.Future[Profile], draft: RecordDraft) -> Fields:
         # Other requests may share the lookup: shield it from this one being cancelled.
         profile = await asyncio.shield(profile_future)
-        ack: RecordAck = await self._store.submit(profile, draft)
+        ack: RecordAck = await self._store_record(profile, draft)
         return ack.to_fields()
+
+    def _store_record(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
+        if not self._rate_limiter.allow(profile.user_id):
+            raise PerfdbError(ErrorCode.OVERLOADED, "this user is storing records faster than the server allows")
+        return self._store.submit(profile, draft)
+
+    def _require_read(self, request: dict[str, Any]) -> None:
+        """Reads are open unless the server has a read key; the admin key opens them too."""
+        if self._read_key is None:
+            return
+        presented = request.get("read_key")
+        if key_matches(self._read_key, presented):
+            return
+        if self._admin_key is not None and key_matches(self._admin_key, request.get("admin_key", presented)):
+            return
+        raise PerfdbError(ErrorCode.FORBIDDEN, "read_key: missing or wrong; this server requires one for reads")
 
     def _require_admin(self, request: dict[str, Any]) -> None:
         if self._admin_key is None:
             raise PerfdbError(ErrorCode.FORBIDDEN, "this server has no admin key configured (--admin-key-file)")
-        if not admin_key_matches(self._admin_key, request.get("admin_key")):
+        if not key_matches(self._admin_key, request.get("admin_key")):
             raise PerfdbError(ErrorCode.FORBIDDEN, "admin_key: missing or wrong")
 
     def _query(self, request: dict[str, Any], *, with_user: bool, extra_fields: frozenset[str] = frozenset()) -> Query:
@@ -213,7 +228,8 @@ class CommandDispatcher:
         )
 
     def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
-        return self._get_user(self._query(request, with_user=True))
+        self._require_read(request)
+        return self._get_user(self._query(request, with_user=True, extra_fields=READ_FIELDS))
 
     async def _get_user(self, query: Query) -> Fields:
         profile, page = await self._store.get_user(query)
@@ -224,7 +240,8 @@ class CommandDispatcher:
         }
 
     def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
-        return self._get_all(self._query(request, with_user=False), full_profiles=False)
+        self._require_read(request)
+        return self._get_all(self._query(request, with_user=False, extra_fields=READ_FIELDS), full_profiles=False)
 
     async def _get_all(self, query: Query, *, full_profiles: bool) -> Fields:
         page: Page = await self._store.get_all(query)
@@ -257,13 +274,18 @@ class CommandDispatcher:
         return self._store.restore(records, profiles)  # resolves to an ImportAck
 
     def op_stats(self, request: dict[str, Any], peer: str) -> Fields:
-        check_fields(request, ENVELOPE_FIELDS)
+        self._require_read(request)
+        check_fields(request, ENVELOPE_FIELDS | READ_FIELDS)
         stats, writer, cache = self._stats, self._store.writer, self._resolver.cache
         return {
             "users": writer.user_count,
             "records": writer.record_count,
             "uptime_seconds": round(stats.uptime_seconds, 3),
-            "connections": {"open": stats.connections_open, "total": stats.connections_total},
+            "connections": {
+                "open": stats.connections_open,
+                "total": stats.connections_total,
+                "refused": stats.connections_refused,
+            },
             "requests": dict(stats.requests),
             "errors": dict(stats.errors),
             "commits": {

@@ -30,12 +30,24 @@ class Config:
     # Storage
     database: Path = Path(DEFAULT_DATABASE)
     sync: bool = True
+    paranoid_checks: bool = False
     max_batch_records: int = 4096
     # Wire limits
     max_line_bytes: int = 1024 * 1024
     max_inflight: int = 1024
     default_page_size: int = 1000
     max_page_size: int = 5000
+    max_connections: int = 1000
+    idle_timeout: float = 300.0
+    line_timeout: float = 30.0
+    write_timeout: float = 30.0
+    # TLS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_handshake_timeout: float = 10.0
+    # Write rate limit per user (records per second, and burst); 0 turns it off
+    user_rate: float = 1000.0
+    user_burst: int = 20_000
     # Token resolution
     userinfo_url: str = GOOGLE_USERINFO_URL
     tokens_file: Path | None = None
@@ -47,6 +59,7 @@ class Config:
     # Privacy and access
     expose_emails: bool = False
     admin_key_file: Path | None = None
+    read_key_file: Path | None = None
     # Lifecycle and runtime
     shutdown_timeout: float = 10.0
     loop: str = "auto"
@@ -142,6 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.max_page_size,
         help="largest 'limit' accepted by get_user/get_all",
     )
+    net.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=defaults.max_connections,
+        help="connections served at once; more are sent an 'overloaded' error and closed",
+    )
+    net.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=defaults.idle_timeout,
+        help="seconds a connection may sit with no request and nothing owed before it is closed",
+    )
+    net.add_argument(
+        "--line-timeout",
+        type=_positive_float,
+        default=defaults.line_timeout,
+        help="seconds a started request line has to arrive in full (defeats slow-drip clients)",
+    )
+    net.add_argument(
+        "--write-timeout",
+        type=_positive_float,
+        default=defaults.write_timeout,
+        help="seconds a client may leave its replies unread (our send buffer full) before it is dropped",
+    )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key, serve TLS 1.2+ only")
+    tls.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    tls.add_argument(
+        "--tls-handshake-timeout",
+        type=_positive_float,
+        default=defaults.tls_handshake_timeout,
+        help="seconds allowed for a TLS handshake",
+    )
     store = parser.add_argument_group("storage")
     store.add_argument("--database", default=DEFAULT_DATABASE, help="LevelDB directory (created if missing)")
     store.add_argument(
@@ -150,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="acknowledge a write once LevelDB has it, without fsync: survives a process "
         "crash but not a power loss or kernel crash",
+    )
+    store.add_argument(
+        "--paranoid-checks",
+        action="store_true",
+        help="have LevelDB verify checksums aggressively and stop at the first sign of damage "
+        "(see 'perfdb repair' in the README)",
     )
     store.add_argument(
         "--max-batch-records",
@@ -199,6 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = parser.add_argument_group("privacy and access")
     privacy.add_argument("--expose-emails", action="store_true", help="include e-mail addresses in public profiles")
     privacy.add_argument(
+        "--read-key-file",
+        default=None,
+        help="file holding a key (16+ characters) that get_user, get_all and stats must present; "
+        "without it reads are open to anyone who can connect",
+    )
+    privacy.add_argument(
+        "--user-rate",
+        type=float,
+        default=defaults.user_rate,
+        help="records per second one user may store, sustained (0: no limit); over it: 'overloaded'",
+    )
+    privacy.add_argument(
+        "--user-burst",
+        type=_positive_int,
+        default=defaults.user_burst,
+        help="records one user may store at once above --user-rate before it applies",
+    )
+    privacy.add_argument(
         "--admin-key-file",
         default=None,
         help="file holding the admin key (16+ characters) that export and import must present; "
@@ -226,33 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PATH_SETTINGS = ("database", "tokens_file", "admin_key_file", "read_key_file", "tls_cert", "tls_key")
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> Config:
     """Parse the command line; raises ConfigError for settings that cannot work."""
-    args = build_parser().parse_args(argv)
-    host, port = parse_address(args.address)
-    check_userinfo_url(args.userinfo_url)
-    if args.max_page_size < 1:
-        raise ConfigError("--max-page-size must be at least 1")
-    return Config(
-        host=host,
-        port=port,
-        database=Path(args.database),
-        sync=args.sync,
-        max_batch_records=args.max_batch_records,
-        max_line_bytes=args.max_line_bytes,
-        max_inflight=args.max_inflight,
-        default_page_size=min(Config().default_page_size, args.max_page_size),
-        max_page_size=args.max_page_size,
-        userinfo_url=args.userinfo_url,
-        tokens_file=Path(args.tokens_file) if args.tokens_file else None,
-        token_cache_ttl=args.token_cache_ttl,
-        token_negative_ttl=args.token_negative_ttl,
-        token_cache_size=args.token_cache_size,
-        auth_timeout=args.auth_timeout,
-        auth_max_connections=args.auth_max_connections,
-        expose_emails=args.expose_emails,
-        admin_key_file=Path(args.admin_key_file) if args.admin_key_file else None,
-        shutdown_timeout=args.shutdown_timeout,
-        loop=args.loop,
-        log_level=args.log_level,
-    )
+    values = vars(build_parser().parse_args(argv))
+    host, port = parse_address(values.pop("address"))
+    check_userinfo_url(values["userinfo_url"])
+    for name in _PATH_SETTINGS:
+        if values[name] is not None:
+            values[name] = Path(values[name])
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if values["user_rate"] < 0:
+        raise ConfigError("--user-rate must be 0 (no limit) or more")
+    values["default_page_size"] = min(Config().default_page_size, values["max_page_size"])
+    return Config(host=host, port=port, **values)

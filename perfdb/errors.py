@@ -19,6 +19,7 @@ class ErrorCode(enum.Enum):
     OVERLOADED = "overloaded"
     STORAGE_ERROR = "storage_error"
     SHUTTING_DOWN = "shutting_down"
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
     @property
@@ -33,6 +34,7 @@ _RETRYABLE = frozenset(
         ErrorCode.OVERLOADED,
         ErrorCode.STORAGE_ERROR,
         ErrorCode.SHUTTING_DOWN,
+        ErrorCode.TIMEOUT,
     }
 )
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import socket
 import typing
 from typing import Protocol as TypingProtocol
 
 from perfdb.config import format_address
+from perfdb.errors import ErrorCode
 
 log = logging.getLogger("perfdb.protocol")
 
@@ -30,21 +32,32 @@ class LineHandler(TypingProtocol):
         """Answer one complete request line (terminator stripped). Must not raise."""
         ...
 
-    def line_too_long_reply(self) -> bytes:
-        """The error reply for a line over the limit, none of whose bytes were looked at."""
-        ...
-
-    def internal_error_reply(self) -> bytes:
-        """The reply sent in place of a reply future that failed or was cancelled."""
+    def error_reply(self, code: ErrorCode, message: str) -> bytes:
+        """An error reply the framing layer sends on its own (id null): over-long lines,
+        timeouts, refused connections, reply futures that failed."""
         ...
 
 
 class ConnectionTracker(TypingProtocol):
-    """Where the server keeps its open connections, so shutdown can find them."""
+    """Where the server keeps its open connections, so shutdown and the deadline sweep find them."""
 
-    def connection_opened(self, connection: LineProtocol) -> None: ...
+    def connection_opened(self, connection: LineProtocol) -> bool:
+        """Register the connection; False refuses it (too many connections)."""
+        ...
 
     def connection_closed(self, connection: LineProtocol) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Per-connection limits; protocol_spec.md documents each one."""
+
+    max_line_bytes: int = 1024 * 1024
+    max_inflight: int = 1024
+    idle_timeout: float = 300.0  # no request and nothing owed for this long: close
+    line_timeout: float = 30.0  # a started line must be complete within this
+    write_timeout: float = 30.0  # a client that reads nothing for this long is dropped
+    linger: float = 2.0  # after our end-of-stream, how long the client has to close
 
 
 class LineProtocol(asyncio.Protocol):
@@ -59,11 +72,13 @@ class LineProtocol(asyncio.Protocol):
         "_flush_scheduled",
         "_handler",
         "_inflight_full",
+        "_last_activity",
+        "_limits",
         "_linger",
-        "_linger_seconds",
         "_loop",
         "_max_inflight",
         "_max_line_bytes",
+        "_partial_since",
         "_peer",
         "_peer_done",
         "_pending",
@@ -71,24 +86,21 @@ class LineProtocol(asyncio.Protocol):
         "_tracker",
         "_transport",
         "_write_paused",
+        "_write_paused_since",
     )
 
-    def __init__(
-        self,
-        handler: LineHandler,
-        tracker: ConnectionTracker,
-        *,
-        max_line_bytes: int,
-        max_inflight: int,
-        linger_seconds: float = 2.0,
-    ) -> None:
+    def __init__(self, handler: LineHandler, tracker: ConnectionTracker, limits: ConnectionLimits) -> None:
         # Collaborators and limits
         self._handler = handler
         self._tracker = tracker
-        self._max_line_bytes = max_line_bytes
-        self._max_inflight = max_inflight
-        self._linger_seconds = linger_seconds  # after our end-of-stream, how long the client has to close
+        self._limits = limits
+        self._max_line_bytes = limits.max_line_bytes
+        self._max_inflight = limits.max_inflight
         self._loop = asyncio.get_running_loop()
+        # Deadlines, checked by the server's periodic sweep (loop.time() values)
+        self._last_activity = self._loop.time()
+        self._partial_since: float | None = None  # an incomplete line has been waiting since
+        self._write_paused_since: float | None = None
         # Per-connection state
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
@@ -130,7 +142,12 @@ class LineProtocol(asyncio.Protocol):
             # Replies are small and latency matters; OSError means the peer already left.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._tracker.connection_opened(self)
+        if not self._tracker.connection_opened(self):
+            log.warning("%s: refused: too many connections", self._peer)
+            self._closing = True
+            self._transport.write(self._handler.error_reply(ErrorCode.OVERLOADED, "too many connections; retry later"))
+            self._transport.close()
+            return
         log.debug("%s: connected", self._peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -147,6 +164,7 @@ class LineProtocol(asyncio.Protocol):
         """Frame the new bytes into lines and hand each complete one on."""
         if self._closing or self._closed:
             return  # after our end-of-stream nothing more is answered, so nothing more is run
+        self._last_activity = self._loop.time()
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
@@ -169,11 +187,13 @@ class LineProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         """The transport's write buffer is full: stop reading new requests."""
         self._write_paused = True
+        self._write_paused_since = self._loop.time()
         self._update_reading()
 
     def resume_writing(self) -> None:
         """The write buffer drained: read again."""
         self._write_paused = False
+        self._write_paused_since = None
         self._update_reading()
 
     # -- framing ---------------------------------------------------------------------------
@@ -195,7 +215,7 @@ class LineProtocol(asyncio.Protocol):
                     break
                 end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
                 if end - start > limit:
-                    pending.append(self._handler.line_too_long_reply())
+                    pending.append(self._line_too_long())
                 elif end > start:
                     self._enqueue(self._handler.handle_line(bytes(buffer[start:end]), self._peer))
                 start = newline + 1
@@ -209,12 +229,22 @@ class LineProtocol(asyncio.Protocol):
         if not held_back and len(buffer) > limit + 1:
             buffer.clear()
             self._discarding = True
-            pending.append(self._handler.line_too_long_reply())
+            pending.append(self._line_too_long())
             self._write_ready()
+        # The line deadline runs while an incomplete line waits for the client, not for us.
+        if held_back or not (buffer or self._discarding):
+            self._partial_since = None
+        elif self._partial_since is None:
+            self._partial_since = self._loop.time()
         if len(pending) >= self._max_inflight:
             self._inflight_full = True
         self._update_reading()
         self._close_if_done()
+
+    def _line_too_long(self) -> bytes:
+        return self._handler.error_reply(
+            ErrorCode.LINE_TOO_LONG, f"request line longer than {self._max_line_bytes} bytes; discarded"
+        )
 
     def _enqueue(self, reply: Reply) -> None:
         self._pending.append(reply)
@@ -258,10 +288,11 @@ class LineProtocol(asyncio.Protocol):
             pending.popleft()
         if ready:
             self._transport.write(b"".join(ready))
+            self._last_activity = self._loop.time()
 
     def _future_reply(self, future: asyncio.Future[bytes]) -> bytes:
         if future.cancelled() or future.exception() is not None:
-            return self._handler.internal_error_reply()
+            return self._handler.error_reply(ErrorCode.INTERNAL, "internal server error")
         return future.result()
 
     # -- flow control and shutdown -------------------------------------------------------
@@ -304,7 +335,31 @@ class LineProtocol(asyncio.Protocol):
         # Closing with unread input would make the kernel reset the connection and could
         # destroy replies still in flight; send end-of-stream and let the client close.
         transport.write_eof()
-        self._linger = self._loop.call_later(self._linger_seconds, transport.close)
+        self._linger = self._loop.call_later(self._limits.linger, transport.close)
+
+    def check_deadlines(self, now: float) -> None:
+        """Enforce the write, line and idle timeouts (called about once a second by the server)."""
+        if self._closed or self._closing or self._transport is None:
+            return
+        limits = self._limits
+        if self._write_paused_since is not None and now - self._write_paused_since > limits.write_timeout:
+            log.warning("%s: not reading its replies for %.0fs; dropped", self._peer, limits.write_timeout)
+            self._transport.abort()
+        elif self._partial_since is not None and now - self._partial_since > limits.line_timeout:
+            log.info("%s: request line not completed within %.0fs; closing", self._peer, limits.line_timeout)
+            self._give_up(f"request line not completed within {limits.line_timeout:g}s; closing")
+        elif not self._pending and self._partial_since is None and now - self._last_activity > limits.idle_timeout:
+            log.debug("%s: idle for %.0fs; closing", self._peer, limits.idle_timeout)
+            self._give_up(f"idle for {limits.idle_timeout:g}s; closing")
+
+    def _give_up(self, message: str) -> None:
+        """Tell the client why, then close; anything it still sends is ignored."""
+        assert self._transport is not None
+        self._closing = True
+        self._buffer.clear()
+        self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
+        self._write_ready()
+        self._transport.close()
 
     def abort(self) -> None:
         """Close at once, dropping unsent replies (shutdown grace period is over)."""

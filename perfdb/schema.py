@@ -47,6 +47,7 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
     }
 )
 ADMIN_FIELDS = frozenset({"admin_key"})
+READ_FIELDS = frozenset({"read_key", "admin_key"})
 IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
 

@@ -7,19 +7,34 @@ import errno
 import logging
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from perfdb import __version__
-from perfdb.auth import TokenResolver, load_admin_key, load_static_tokens
+from perfdb.auth import TokenResolver, load_key, load_static_tokens
 from perfdb.commands import CommandDispatcher
 from perfdb.config import Config, ConfigError, config_from_args, format_address
-from perfdb.protocol import LineProtocol
+from perfdb.protocol import ConnectionLimits, LineProtocol
 from perfdb.stats import ServerStats
 from perfdb.storage import ResultStore, StoreOpenError
 
 log = logging.getLogger("perfdb.server")
+
+_SWEEP_INTERVAL = 1.0  # seconds between deadline checks; timeouts are enforced to within this
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer with the given certificate; raises ValueError for the operator."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS certificate {cert} and key {key}: {exc}") from None
+    return context
 
 
 class StartupError(Exception):
@@ -32,13 +47,19 @@ class PerfdbServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = ServerStats()
-        self.store = ResultStore(config.database, sync=config.sync, max_batch=config.max_batch_records)
+        self.store = ResultStore(
+            config.database,
+            sync=config.sync,
+            max_batch=config.max_batch_records,
+            paranoid_checks=config.paranoid_checks,
+        )
         self.resolver: TokenResolver | None = None
         self.dispatcher: CommandDispatcher | None = None
         self._listener: asyncio.Server | None = None
         self._connections: set[LineProtocol] = set()
         self._all_closed = asyncio.Event()
         self._shutdown_started = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -47,12 +68,17 @@ class PerfdbServer:
         loop = asyncio.get_running_loop()
         config = self.config
         static_tokens = {}
-        admin_key = None
+        admin_key = read_key = None
+        tls = None
         try:
             if config.tokens_file is not None:
                 static_tokens = await loop.run_in_executor(None, load_static_tokens, config.tokens_file)
             if config.admin_key_file is not None:
-                admin_key = await loop.run_in_executor(None, load_admin_key, config.admin_key_file)
+                admin_key = await loop.run_in_executor(None, load_key, config.admin_key_file, "admin key")
+            if config.read_key_file is not None:
+                read_key = await loop.run_in_executor(None, load_key, config.read_key_file, "read key")
+            if config.tls_cert is not None and config.tls_key is not None:
+                tls = await loop.run_in_executor(None, server_tls_context, config.tls_cert, config.tls_key)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -69,24 +95,31 @@ class PerfdbServer:
             max_connections=config.auth_max_connections,
         )
         await self.resolver.start()
-        self.dispatcher = CommandDispatcher(config, self.store, self.resolver, self.stats, admin_key=admin_key)
+        self.dispatcher = CommandDispatcher(
+            config, self.store, self.resolver, self.stats, admin_key=admin_key, read_key=read_key
+        )
         dispatcher = self.dispatcher
+        limits = ConnectionLimits(
+            max_line_bytes=config.max_line_bytes,
+            max_inflight=config.max_inflight,
+            idle_timeout=config.idle_timeout,
+            line_timeout=config.line_timeout,
+            write_timeout=config.write_timeout,
+            linger=min(2.0, config.shutdown_timeout),
+        )
         try:
             self._listener = await loop.create_server(
-                lambda: LineProtocol(
-                    dispatcher,
-                    self,
-                    max_line_bytes=config.max_line_bytes,
-                    max_inflight=config.max_inflight,
-                    linger_seconds=min(2.0, config.shutdown_timeout),
-                ),
+                lambda: LineProtocol(dispatcher, self, limits),
                 config.host,
                 config.port,
                 backlog=1024,
+                ssl=tls,
+                ssl_handshake_timeout=config.tls_handshake_timeout if tls else None,
             )
         except OSError as exc:
             await self._close_services()
             raise StartupError(_listen_error(config, exc)) from None
+        self._sweeper = loop.create_task(self._sweep_deadlines(), name="perfdb-deadlines")
         log.info(
             "perfdb %s listening on %s (database %s, %s)",
             __version__,
@@ -110,18 +143,31 @@ class PerfdbServer:
 
     # -- ConnectionTracker ----------------------------------------------------------------
 
-    def connection_opened(self, connection: LineProtocol) -> None:
+    def connection_opened(self, connection: LineProtocol) -> bool:
+        if len(self._connections) >= self.config.max_connections:
+            self.stats.connections_refused += 1
+            return False
         self._connections.add(connection)
         self.stats.connections_open = len(self._connections)
         self.stats.connections_total += 1
         if self._shutdown_started:
             connection.begin_shutdown()  # accepted just before the listener closed
+        return True
 
     def connection_closed(self, connection: LineProtocol) -> None:
         self._connections.discard(connection)
         self.stats.connections_open = len(self._connections)
         if not self._connections:
             self._all_closed.set()
+
+    async def _sweep_deadlines(self) -> None:
+        """Once a second, let each connection enforce its idle, line and write timeouts."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = loop.time()
+            for connection in list(self._connections):
+                connection.check_deadlines(now)
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -133,6 +179,8 @@ class PerfdbServer:
         log.info("shutting down: %d connection(s) open", len(self._connections))
         if self._listener is not None:
             self._listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.dispatcher is not None:
             self.dispatcher.draining = True
         for connection in list(self._connections):

@@ -9,7 +9,7 @@ import time
 class ServerStats:
     """Request, error and connection counters; updated on the event loop only."""
 
-    __slots__ = ("connections_open", "connections_total", "errors", "requests", "started")
+    __slots__ = ("connections_open", "connections_refused", "connections_total", "errors", "requests", "started")
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -17,6 +17,7 @@ class ServerStats:
         self.errors: collections.Counter[str] = collections.Counter()  # by error code
         self.connections_open = 0
         self.connections_total = 0
+        self.connections_refused = 0
 
     @property
     def uptime_seconds(self) -> float:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from perfdb.protocol import LineProtocol, Reply
+from perfdb.errors import ErrorCode
+from perfdb.protocol import ConnectionLimits, LineProtocol, Reply
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
 TOO_LONG = b"E:too-long\n"
@@ -125,6 +126,7 @@ class FakeHandler:
         self.futures: dict[bytes, asyncio.Future[bytes]] = {}
         self.too_long_replies = 0
         self.internal_error_replies = 0
+        self.other_errors: list[tuple[ErrorCode, str]] = []
 
     def handle_line(self, line: bytes, peer: str) -> Reply:
         self.lines.append(line)
@@ -135,13 +137,15 @@ class FakeHandler:
             return future
         return reply_for(line)
 
-    def line_too_long_reply(self) -> bytes:
-        self.too_long_replies += 1
-        return TOO_LONG
-
-    def internal_error_reply(self) -> bytes:
-        self.internal_error_replies += 1
-        return INTERNAL
+    def error_reply(self, code: ErrorCode, message: str) -> bytes:
+        if code is ErrorCode.LINE_TOO_LONG:
+            self.too_long_replies += 1
+            return TOO_LONG
+        if code is ErrorCode.INTERNAL:
+            self.internal_error_replies += 1
+            return INTERNAL
+        self.other_errors.append((code, message))
+        return f"E({code.value})\n".encode()
 
     def resolve(self, *lines: bytes) -> None:
         for line in lines:
@@ -149,11 +153,13 @@ class FakeHandler:
 
 
 class FakeTracker:
-    def __init__(self) -> None:
+    def __init__(self, accepting: bool = True) -> None:
         self.events: list[tuple[str, LineProtocol]] = []
+        self.accepting = accepting
 
-    def connection_opened(self, connection: LineProtocol) -> None:
+    def connection_opened(self, connection: LineProtocol) -> bool:
         self.events.append(("opened", connection))
+        return self.accepting
 
     def connection_closed(self, connection: LineProtocol) -> None:
         self.events.append(("closed", connection))
@@ -172,15 +178,22 @@ class Connection:
 
 
 LINGER = 0.05
+IDLE, LINE, WRITE = 100.0, 10.0, 20.0  # deadlines, driven by check_deadlines(now) in the tests
 
 
 def connect(*, max_line_bytes: int = 64, max_inflight: int = 64, peername: Any = PEER) -> Connection:
     """A connected LineProtocol; call from inside the running loop."""
     handler = FakeHandler()
     tracker = FakeTracker()
-    protocol = LineProtocol(
-        handler, tracker, max_line_bytes=max_line_bytes, max_inflight=max_inflight, linger_seconds=LINGER
+    limits = ConnectionLimits(
+        max_line_bytes=max_line_bytes,
+        max_inflight=max_inflight,
+        linger=LINGER,
+        idle_timeout=IDLE,
+        line_timeout=LINE,
+        write_timeout=WRITE,
     )
+    protocol = LineProtocol(handler, tracker, limits)
     transport = FakeTransport(peername)
     protocol.connection_made(transport)
     return Connection(protocol, transport, handler, tracker)
@@ -717,3 +730,74 @@ async def test_client_end_of_stream_after_ours_closes_without_lingering() -> Non
     assert conn.transport.eof_sent and not conn.transport.closed
     assert conn.protocol.eof_received() is True
     assert conn.transport.closed  # at once, not after the linger
+
+
+# -- deadlines and refusal ------------------------------------------------------------------
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def test_refused_connection_gets_overloaded_and_is_closed() -> None:
+    handler, tracker = FakeHandler(), FakeTracker(accepting=False)
+    protocol = LineProtocol(handler, tracker, ConnectionLimits())
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    assert [code for code, _ in handler.other_errors] == [ErrorCode.OVERLOADED]
+    assert transport.output == b"E(overloaded)\n" and transport.closed
+    protocol.data_received(b"ping\n")
+    assert handler.lines == []  # nothing a refused client sends is run
+
+
+async def test_incomplete_line_past_the_line_timeout_is_refused_and_closed() -> None:
+    conn = connect()
+    conn.feed(b"partial-request")
+    conn.protocol.check_deadlines(now() + LINE / 2)
+    assert not conn.transport.closed
+    conn.feed(b"-still-going")  # a slow drip does not reset the deadline
+    conn.protocol.check_deadlines(now() + LINE + 1)
+    assert [code for code, _ in conn.handler.other_errors] == [ErrorCode.TIMEOUT]
+    assert conn.transport.output == b"E(timeout)\n" and conn.transport.closed
+    conn.feed(b"\nfast\n")
+    assert conn.handler.lines == []
+
+
+async def test_line_deadline_restarts_with_each_line_and_ignores_lines_held_back_by_us() -> None:
+    conn = connect(max_inflight=1)
+    conn.feed(b"pa")
+    conn.feed(b"rt\nsecond-par")  # the first line completed; the second starts its own clock
+    started = now()
+    conn.protocol.check_deadlines(started + LINE - 1)
+    assert not conn.transport.closed
+    conn.feed(b"t\nslow3\nslow4\n")
+    # slow lines wait on us (the in-flight cap), not on the client: no line deadline
+    conn.protocol.check_deadlines(now() + LINE * 3)
+    assert not conn.transport.closed
+
+
+async def test_idle_connection_is_closed_only_when_nothing_is_owed() -> None:
+    conn = connect()
+    conn.feed(b"slow1\n")
+    conn.protocol.check_deadlines(now() + IDLE * 2)
+    assert not conn.transport.closed  # a reply is still owed
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    conn.protocol.check_deadlines(now() + IDLE / 2)
+    assert not conn.transport.closed
+    conn.protocol.check_deadlines(now() + IDLE + 1)
+    assert conn.transport.closed
+    assert conn.transport.output == reply_for(b"slow1") + b"E(timeout)\n"
+
+
+async def test_client_that_does_not_read_is_dropped_after_the_write_timeout() -> None:
+    conn = connect()
+    conn.protocol.pause_writing()
+    conn.protocol.check_deadlines(now() + WRITE / 2)
+    assert "abort" not in conn.transport.events
+    conn.protocol.resume_writing()
+    conn.protocol.check_deadlines(now() + WRITE * 2)  # resumed: the clock stopped
+    assert "abort" not in conn.transport.events
+    conn.protocol.pause_writing()
+    conn.protocol.check_deadlines(now() + WRITE + 1)
+    assert "abort" in conn.transport.events

@@ -48,9 +48,10 @@ class Page:
 class ResultStore:
     """LevelDB-backed storage of profiles and records; see layout.py for the keys."""
 
-    def __init__(self, path: Path, *, sync: bool, max_batch: int) -> None:
+    def __init__(self, path: Path, *, sync: bool, max_batch: int, paranoid_checks: bool = False) -> None:
         self._path = path
         self._sync = sync
+        self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
         self._lock_fd: int | None = None
         self._db: plyvel.DB | None = None
@@ -70,6 +71,7 @@ class ResultStore:
                 bloom_filter_bits=10,
                 lru_cache_size=64 * 1024 * 1024,
                 write_buffer_size=16 * 1024 * 1024,
+                paranoid_checks=self._paranoid_checks,
             )
         except plyvel.Error as exc:
             self._release_lock()
