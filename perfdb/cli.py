@@ -225,9 +225,16 @@ def _fit(text: str, width: int) -> str:
 
 def make_client(args: argparse.Namespace) -> AsyncClient:
     context = tls_context(args.ca_file) if args.tls or args.ca_file else None
+    read_key = None
+    if args.read_key_file is not None or os.environ.get("PERFDB_READ_KEY"):
+        read_key = read_secret(args.read_key_file, "PERFDB_READ_KEY", "", "read key")
     try:
         return AsyncClient(
-            args.server, ssl_context=context, connect_timeout=min(args.timeout, 5.0), request_timeout=args.timeout
+            args.server,
+            ssl_context=context,
+            connect_timeout=min(args.timeout, 5.0),
+            request_timeout=args.timeout,
+            read_key=read_key,
         )
     except ConfigError as exc:
         raise CliError(f"--server: {exc}".replace("--address", "the address"), EXIT_USAGE) from None
@@ -409,6 +416,25 @@ def _dump_item(line: bytes, name: str, number: int) -> dict[str, Any] | None:
     return item
 
 
+async def cmd_repair(args: argparse.Namespace) -> int:
+    # Imported here: the other commands need no LevelDB on the client machine.
+    from perfdb.storage import StoreOpenError
+    from perfdb.storage.repair import repair_database
+
+    try:
+        report = await asyncio.to_thread(repair_database, Path(args.database), drop_damaged=args.drop_damaged)
+    except StoreOpenError as exc:
+        raise CliError(str(exc), EXIT_REFUSED) from None
+    print(f"{report.records} good records, {report.users} users")
+    for record_id in report.damaged:
+        print(f"damaged record {record_id}{' (dropped)' if report.dropped else ''}")
+    print(f"{report.dangling_index_entries} index entries without their record{' (dropped)' if report.dropped else ''}")
+    if (report.damaged or report.dangling_index_entries) and not report.dropped:
+        print("run again with --drop-damaged to delete them and fix the counters")
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
 async def cmd_stats(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         stats = await client.stats()
@@ -441,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server's certificate")
     group.add_argument("--ca-file", help="CA bundle to verify the server's certificate with (implies --tls)")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
+    group.add_argument(
+        "--read-key-file", help="file holding the server's read key, if it requires one (else $PERFDB_READ_KEY)"
+    )
 
     filters = argparse.ArgumentParser(add_help=False)
     group = filters.add_argument_group("filters")
@@ -512,6 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("file", metavar="DUMP", help="the dump file, or '-' for stdin")
     restore.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
     restore.set_defaults(handler=cmd_import)
+
+    repair = commands.add_parser(
+        "repair",
+        help="repair a database directory offline (server stopped), and check every record's checksum",
+        description="Run LevelDB's repair on the database, then check every record against its checksum "
+        "and every index entry against its record. Exits 1 if damage remains.",
+    )
+    repair.add_argument("--database", required=True, help="the server's --database directory")
+    repair.add_argument("--drop-damaged", action="store_true", help="delete damaged records and dangling index entries")
+    repair.set_defaults(handler=cmd_repair)
 
     stats = commands.add_parser("stats", parents=[connection], help="print the server's counters as JSON")
     stats.set_defaults(handler=cmd_stats)

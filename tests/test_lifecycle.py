@@ -309,7 +309,7 @@ def test_database_in_use_by_another_server_is_one_line(launch: Launcher, tmp_pat
     else:
         second_name = f"{tmp_path}/./db/../db/."
     line = expect_startup_failure(launch, "--address=127.0.0.1:0", f"--database={second_name}", cwd=cwd)
-    assert "already in use by another perfdb server" in line
+    assert "already in use by another perfdb process" in line
     assert f"pid {first.process.pid}" in line
     # The first server is unharmed and still owns its database.
     assert sync_request(first_port, {"op": "ping", "id": 1}) == {"id": 1, "ok": True}

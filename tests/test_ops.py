@@ -404,3 +404,19 @@ async def test_stats_counts_everything(tmp_path: Path) -> None:
     assert math.isclose(stats["commits"]["mean_batch_size"], 10 / stats["commits"]["batches"], rel_tol=0.01)
     assert stats["token_cache"]["upstream_requests"] == 2
     assert stats["uptime_seconds"] >= 0
+
+
+async def test_duplicate_keys_are_refused_wherever_they_are(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        await conn.send_raw(
+            b'{"op":"ping","op":"ping"}\n'
+            b'{"op": "record", "access_token": "user-a", "test_name": "t", "test_name": "u", "metrics": {"qps": 1}}\n'
+            b'{"op":"record","access_token":"user-a","test_name":"t","metrics":{"qps":1,"qps":2}}\n'
+            b'{"op": "ping", "id": 4}\n'
+        )
+        replies = await conn.replies(4)
+        stats = await conn.request("stats")
+    assert [error_code(r) for r in replies[:3]] == ["bad_json"] * 3
+    assert "repeats a key" in replies[0]["error"]["message"]
+    assert replies[3] == {"id": 4, "ok": True}  # spaced-out JSON without duplicates is fine
+    assert stats["records"] == 0

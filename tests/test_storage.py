@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import plyvel
@@ -185,3 +187,51 @@ def _timestamp_for(record_id: str) -> str:
     from perfdb.timestamps import format_micros
 
     return format_micros(record_id_micros(record_id))
+
+
+async def test_repair_finds_damage_and_drops_it_on_request(tmp_path: Path) -> None:
+    async with userinfo_server() as provider:
+        config = make_config(tmp_path / "db", provider.url)
+        async with running_server(config) as server, connect(server) as conn:
+            acks = [await conn.request(**record_request(request_id=f"r{n}")) for n in range(4)]
+        victim = acks[2]
+        db = plyvel.DB(str(config.database))
+        key = layout.record_key(victim["record_id"], victim["user_id"])
+        db.put(key, b"\x00\x00" + db.get(key)[2:])  # damage the checksum itself
+        db.close()
+        command = [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(config.database)]
+        checked = await run_command(command)
+        dropped = await run_command([*command, "--drop-damaged"])
+        again = await run_command(command)
+        async with running_server(config) as server, connect(server) as conn:
+            stats = await conn.request("stats")
+            records = (await conn.request("get_all"))["records"]
+            retry = await conn.request(**record_request(request_id="r2"))
+    assert checked.returncode == 1, checked.stderr
+    assert f"damaged record {victim['record_id']}" in checked.stdout
+    assert "3 good records" in checked.stdout
+    assert dropped.returncode == 0, dropped.stderr
+    assert "(dropped)" in dropped.stdout
+    assert again.returncode == 0 and "0 index entries" in again.stdout
+    assert stats["records"] == 3 and stats["corrupt_records"] == 0
+    assert [r["record_id"] for r in records] == [a["record_id"] for i, a in enumerate(acks) if i != 2]
+    # The damaged record's idempotency key went with it, so a retry stores it afresh.
+    assert retry["duplicate"] is False
+
+
+async def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """A command run to completion off the event loop (the test's server shares the loop)."""
+    return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+
+
+def test_repair_refuses_a_database_in_use(tmp_path: Path) -> None:
+    from perfdb.storage.repair import repair_database
+    from perfdb.storage.store import DatabaseLock
+
+    lock = DatabaseLock(tmp_path / "db")
+    lock.acquire()
+    try:
+        with pytest.raises(StoreOpenError, match="already in use"):
+            repair_database(tmp_path / "db", drop_damaged=False)
+    finally:
+        lock.release()

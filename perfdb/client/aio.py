@@ -102,8 +102,10 @@ class AsyncClient:
         connect_timeout: float = 5.0,
         request_timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        read_key: str | None = None,
     ) -> None:
         self.host, self.port = parse_address(address)
+        self._read_key = read_key  # sent with get_user, get_all and stats when the server wants one
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
@@ -180,7 +182,7 @@ class AsyncClient:
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; retries reads and keyed records on retryable errors."""
-        request = encode_request(op, {key: value for key, value in fields.items() if value is not None})
+        request = encode_request(op, fields, self._read_key)
         retryable = op in IDEMPOTENT_OPS or (op == "record" and "request_id" in fields)
         delays = (self._retry if retryable else NO_RETRY).delays()
         while True:

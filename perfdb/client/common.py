@@ -22,6 +22,8 @@ PROTOCOL_ERROR = "protocol_error"
 
 # Ops that are safe to send again: reads, and records that carry a request_id.
 IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "export", "import"})
+# Ops that carry the read key when the client has one.
+READ_OPS = frozenset({"stats", "get_user", "get_all"})
 
 
 class PerfdbClientError(Exception):
@@ -65,8 +67,12 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def encode_request(op: str, fields: dict[str, Any]) -> bytes:
-    return orjson.dumps({"op": op, **fields}, option=orjson.OPT_APPEND_NEWLINE)
+def encode_request(op: str, fields: dict[str, Any], read_key: str | None = None) -> bytes:
+    """One request line; fields that are None are left out, and reads carry the read key."""
+    request = {"op": op, **{key: value for key, value in fields.items() if value is not None}}
+    if read_key is not None and op in READ_OPS:
+        request.setdefault("read_key", read_key)
+    return orjson.dumps(request, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def check_reply(line: bytes) -> dict[str, Any]:

@@ -45,59 +45,20 @@ class Page:
     next_cursor: str | None
 
 
-class ResultStore:
-    """LevelDB-backed storage of profiles and records; see layout.py for the keys."""
+class DatabaseLock:
+    """Our own exclusive lock on a database directory, by its resolved path.
 
-    def __init__(self, path: Path, *, sync: bool, max_batch: int, paranoid_checks: bool = False) -> None:
+    LevelDB's in-process lock check compares path text, so two spellings of one directory
+    would both open it; flock on a file inside it conflicts whatever the spelling, in this
+    process or another.
+    """
+
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._sync = sync
-        self._paranoid_checks = paranoid_checks
-        self._max_batch = max_batch
-        self._lock_fd: int | None = None
-        self._db: plyvel.DB | None = None
-        self._writer: GroupCommitWriter | None = None
-        self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="perfdb-read")
-        self.corrupt_records = 0
+        self._fd: int | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def open(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Lock, open and check the database, then start the writer. Blocking; raises StoreOpenError."""
-        real_path = self._take_lock()
-        try:
-            self._db = plyvel.DB(
-                str(real_path),
-                create_if_missing=True,
-                bloom_filter_bits=10,
-                lru_cache_size=64 * 1024 * 1024,
-                write_buffer_size=16 * 1024 * 1024,
-                paranoid_checks=self._paranoid_checks,
-            )
-        except plyvel.Error as exc:
-            self._release_lock()
-            raise StoreOpenError(f"cannot open database {self._path}: {exc}") from None
-        try:
-            self._check_schema()
-            record_count = int(self._db.get(layout.RECORD_COUNT_KEY, b"0"))
-            user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
-            last_record_id = self._last_record_id()
-        except BaseException:
-            self._db.close()
-            self._release_lock()
-            raise
-        self._writer = GroupCommitWriter(
-            self._db,
-            loop,
-            sync=self._sync,
-            max_batch=self._max_batch,
-            record_count=record_count,
-            user_count=user_count,
-            last_record_id=last_record_id,
-        )
-        self._writer.start()
-
-    def _take_lock(self) -> Path:
-        """Hold our own lock on the resolved path: LevelDB's in-process check compares path text."""
+    def acquire(self) -> Path:
+        """Create the directory if needed and lock it; returns its real path. Raises StoreOpenError."""
         try:
             self._path.mkdir(parents=True, exist_ok=True)
             real_path = self._path.resolve(strict=True)
@@ -112,18 +73,70 @@ class ResultStore:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 owner = f" (pid {holder})" if holder.isdigit() else ""
                 raise StoreOpenError(
-                    f"database {real_path} is already in use by another perfdb server{owner}"
+                    f"database {real_path} is already in use by another perfdb process{owner}"
                 ) from None
             raise StoreOpenError(f"cannot lock database {real_path}: {exc.strerror or exc}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+        self._fd = fd
         return real_path
 
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+class ResultStore:
+    """LevelDB-backed storage of profiles and records; see layout.py for the keys."""
+
+    def __init__(self, path: Path, *, sync: bool, max_batch: int, paranoid_checks: bool = False) -> None:
+        self._path = path
+        self._sync = sync
+        self._paranoid_checks = paranoid_checks
+        self._max_batch = max_batch
+        self._lock = DatabaseLock(path)
+        self._db: plyvel.DB | None = None
+        self._writer: GroupCommitWriter | None = None
+        self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="perfdb-read")
+        self.corrupt_records = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Lock, open and check the database, then start the writer. Blocking; raises StoreOpenError."""
+        real_path = self._lock.acquire()
+        try:
+            self._db = plyvel.DB(
+                str(real_path),
+                create_if_missing=True,
+                bloom_filter_bits=10,
+                lru_cache_size=64 * 1024 * 1024,
+                write_buffer_size=16 * 1024 * 1024,
+                paranoid_checks=self._paranoid_checks,
+            )
+        except plyvel.Error as exc:
+            self._lock.release()
+            raise StoreOpenError(f"cannot open database {self._path}: {exc}") from None
+        try:
+            self._check_schema()
+            record_count = int(self._db.get(layout.RECORD_COUNT_KEY, b"0"))
+            user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
+            last_record_id = self._last_record_id()
+        except BaseException:
+            self._db.close()
+            self._lock.release()
+            raise
+        self._writer = GroupCommitWriter(
+            self._db,
+            loop,
+            sync=self._sync,
+            max_batch=self._max_batch,
+            record_count=record_count,
+            user_count=user_count,
+            last_record_id=last_record_id,
+        )
+        self._writer.start()
 
     def _check_schema(self) -> None:
         assert self._db is not None
@@ -157,7 +170,7 @@ class ResultStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-        self._release_lock()
+        self._lock.release()
 
     # -- writes ---------------------------------------------------------------------------
 

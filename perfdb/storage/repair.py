@@ -1,0 +1,81 @@
+"""Offline repair: LevelDB's own repair, then a check of every record against its checksum
+and of every index entry against its record. Run with the server stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import orjson
+import plyvel
+
+from perfdb.storage import layout
+from perfdb.storage.store import DatabaseLock, StoreOpenError
+
+log = logging.getLogger("perfdb.repair")
+
+
+@dataclasses.dataclass
+class RepairReport:
+    records: int = 0  # records whose checksum holds
+    users: int = 0
+    damaged: list[str] = dataclasses.field(default_factory=list)  # ids of records that fail it
+    dangling_index_entries: int = 0  # user-index or idempotency entries without their record
+    dropped: bool = False
+
+
+def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
+    """Repair the database at `path`; with drop_damaged, delete damaged records and dangling
+    index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
+    lock = DatabaseLock(path)
+    real_path = lock.acquire()
+    try:
+        try:
+            plyvel.repair_db(str(real_path))
+            db = plyvel.DB(str(real_path))
+        except plyvel.Error as exc:
+            raise StoreOpenError(f"cannot repair database {path}: {exc}") from None
+        try:
+            return _check(db, drop_damaged)
+        finally:
+            db.close()
+    finally:
+        lock.release()
+
+
+def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
+    report = RepairReport()
+    if db.get(layout.SCHEMA_KEY) != str(layout.SCHEMA_VERSION).encode():
+        raise StoreOpenError("not a perfdb database of this version (schema key missing or different)")
+    good: set[str] = set()
+    doomed: list[bytes] = []
+    for key, value in db.iterator(prefix=layout.RECORD_PREFIX):
+        record_id, _ = layout.split_record_key(key)
+        try:
+            layout.unseal(value)
+        except layout.CorruptValueError:
+            report.damaged.append(record_id)
+            doomed.append(key)
+            continue
+        good.add(record_id)
+    report.records = len(good)
+    for key in db.iterator(prefix=layout.USER_INDEX_PREFIX, include_value=False):
+        if key.rsplit(layout.SEPARATOR, 1)[1].decode() not in good:
+            report.dangling_index_entries += 1
+            doomed.append(key)
+    for key, value in db.iterator(prefix=layout.IDEMPOTENCY_PREFIX):
+        if orjson.loads(value).get("record_id") not in good:
+            report.dangling_index_entries += 1
+            doomed.append(key)
+    report.users = sum(1 for _ in db.iterator(prefix=layout.PROFILE_PREFIX, include_value=False))
+    if drop_damaged:
+        with db.write_batch(sync=True) as batch:
+            for key in doomed:
+                batch.delete(key)
+            batch.put(layout.RECORD_COUNT_KEY, str(report.records).encode())
+            batch.put(layout.USER_COUNT_KEY, str(report.users).encode())
+        report.dropped = True
+    for record_id in report.damaged:
+        log.warning("record %s is damaged%s", record_id, " and was dropped" if drop_damaged else "")
+    return report
