@@ -83,9 +83,10 @@ class Query:
 
 
 def check_fields(request: dict[str, Any], allowed: frozenset[str]) -> None:
-    for name in request:
-        if name not in allowed:
-            raise bad_request(quote_input(name), "unknown field for this op")
+    if request.keys() <= allowed:
+        return
+    unknown = next(name for name in request if name not in allowed)
+    raise bad_request(quote_input(unknown), "unknown field for this op")
 
 
 def required_string(request: dict[str, Any], field: str, max_chars: int) -> str:
@@ -128,17 +129,27 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def _bounded_object(field: str, value: Any, max_bytes: int) -> dict[str, Any]:
+def _bounded_object(field: str, value: Any, max_bytes: int) -> bytes:
+    """Check that `value` is an object of at most `max_bytes` of JSON; returns that JSON."""
     if not isinstance(value, dict):
         raise bad_request(field, f"must be a JSON object, got {_json_type(value)}")
-    if len(orjson.dumps(value)) > max_bytes:
+    encoded = orjson.dumps(value)
+    if len(encoded) > max_bytes:
         raise bad_request(field, f"larger than {max_bytes} bytes of JSON")
-    return value
+    return encoded
 
 
-def _optional_object(fields: dict[str, Any], field: str, max_bytes: int) -> dict[str, Any]:
+def _config(fields: dict[str, Any], field: str) -> dict[str, Any]:
+    """An optional configuration object, bounded, with its host fields removed."""
     value = fields.get(field)
-    return {} if value is None else _bounded_object(field, value, max_bytes)
+    if value is None:
+        return {}
+    encoded = _bounded_object(field, value, MAX_CONFIG_BYTES)
+    # Walk the object only when its JSON names a field to remove (rarely): the walk copies it.
+    if _HOST_KEY.search(encoded):
+        value = remove_host_fields(value)
+    result: dict[str, Any] = value
+    return result
 
 
 def check_metrics(value: Any, field: str = "metrics") -> dict[str, int | float]:
@@ -149,16 +160,26 @@ def check_metrics(value: Any, field: str = "metrics") -> dict[str, int | float]:
     if len(value) > MAX_METRICS:
         raise bad_request(field, f"more than {MAX_METRICS} metrics")
     for name, number in value.items():
-        if len(name) > MAX_METRIC_NAME_CHARS or not _METRIC_NAME.fullmatch(name):
-            raise bad_request(
-                f"{field}.{quote_input(name)}",
-                f"metric names are 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'",
-            )
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
+        if name not in _valid_metric_names:
+            if len(name) > MAX_METRIC_NAME_CHARS or not _METRIC_NAME.fullmatch(name):
+                raise bad_request(
+                    f"{field}.{quote_input(name)}",
+                    f"metric names are 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'",
+                )
+            if len(_valid_metric_names) < _MAX_REMEMBERED_NAMES:
+                _valid_metric_names.add(name)
+        kind = type(number)  # exact types: bool is an int subclass and is refused
+        if kind is float:
+            if not math.isfinite(number):
+                raise bad_request(f"{field}.{name}", "must be a finite number")
+        elif kind is not int:
             raise bad_request(f"{field}.{name}", f"must be a number, got {_json_type(number)}")
-        if isinstance(number, float) and not math.isfinite(number):
-            raise bad_request(f"{field}.{name}", "must be a finite number")
     return value
+
+
+# Metric names already checked: most submissions repeat the same few dozen.
+_valid_metric_names: set[str] = set()
+_MAX_REMEMBERED_NAMES = 4096
 
 
 # -- privacy ---------------------------------------------------------------------------
@@ -174,6 +195,12 @@ _IP_CANDIDATE = re.compile(
     r"|(?<![\w.:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:]|\.\d)"
 )
 _CONFIG_KEYS_REMOVED = frozenset({"host", "server_targets", "serverTargets"})
+_HOST_KEY = re.compile(rb'"(?:host|server_targets|serverTargets)"')
+# A cheap necessary condition for any valid address (four dotted numbers, or two colons with
+# hex between them, or '::'): four times faster than the full pattern on text without one.
+_IP_HINT = r"\d\.\d{1,3}\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]*:|::"
+_IP_HINT_TEXT = re.compile(_IP_HINT)
+_IP_HINT_BYTES = re.compile(_IP_HINT.encode())
 
 
 def _replace_ip(match: re.Match[str]) -> str:
@@ -188,7 +215,7 @@ def _replace_ip(match: re.Match[str]) -> str:
 def scrub_ips(value: Any) -> Any:
     """Replace every IP address inside strings (keys included) with IP_REPLACEMENT."""
     if isinstance(value, str):
-        return _IP_CANDIDATE.sub(_replace_ip, value) if any(c in value for c in ".:") else value
+        return _IP_CANDIDATE.sub(_replace_ip, value) if _IP_HINT_TEXT.search(value) else value
     if isinstance(value, dict):
         return {scrub_ips(key): scrub_ips(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -247,8 +274,8 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
     if "metrics" not in fields:
         raise bad_request("metrics", "is required (or send scenario_result)")
     metrics = check_metrics(fields["metrics"])
-    client_config = _optional_object(fields, "client_config", MAX_CONFIG_BYTES)
-    server_config = _optional_object(fields, "server_config", MAX_CONFIG_BYTES)
+    client_config = _config(fields, "client_config")
+    server_config = _config(fields, "server_config")
     test_name = required_string(fields, "test_name", MAX_NAME_CHARS)
     tag_value = fields.get("tag")
     tag = "" if tag_value is None else _string("tag", tag_value, MAX_NAME_CHARS, allow_empty=True)
@@ -258,17 +285,20 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
     elif isinstance(sys_info, str):
         if len(sys_info.encode()) > MAX_SYS_INFO_BYTES:
             raise bad_request("sys_info", f"larger than {MAX_SYS_INFO_BYTES} bytes")
+        sys_info = scrub_ips(sys_info)
     else:
         if not isinstance(sys_info, dict):
             raise bad_request("sys_info", f"must be a string or an object, got {_json_type(sys_info)}")
-        _bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)
+        # Walk the object only when its JSON holds something shaped like an address.
+        if _IP_HINT_BYTES.search(_bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)):
+            sys_info = scrub_ips(sys_info)
     return RecordDraft(
         test_name=test_name,
         tag=tag,
-        sys_info=scrub_ips(sys_info),
+        sys_info=sys_info,
         metrics=metrics,
-        client_config=remove_host_fields(client_config),
-        server_config=remove_host_fields(server_config),
+        client_config=client_config,
+        server_config=server_config,
         request_id=optional_string(fields, "request_id", MAX_REQUEST_ID_CHARS),
         scenario=scenario,
     )
@@ -315,7 +345,7 @@ def _imported_record(document: Any, index: int) -> ImportedRecord:
         timestamp = format_micros(record_id_micros(record_id))  # stored in the one canonical form
         scenario = document.get("scenario")
         if scenario is not None:
-            scenario = _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
+            _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
         draft = _draft(document, scenario=scenario)
     except PerfdbError as error:
         raise bad_request(where, error.message) from None

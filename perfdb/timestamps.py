@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 import time
 
@@ -18,8 +19,13 @@ def now_micros() -> int:
 def format_micros(micros: int) -> str:
     """Format as RFC 3339 UTC with exactly six fractional digits, e.g. 2026-01-02T03:04:05.000006Z."""
     seconds, fraction = divmod(micros, 1_000_000)
-    moment = _EPOCH + datetime.timedelta(seconds=seconds)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{fraction:06d}Z"
+    return f"{_second_prefix(seconds)}.{fraction:06d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second_prefix(seconds: int) -> str:
+    # Records come in bursts within the same second: format each second once.
+    return f"{_EPOCH + datetime.timedelta(seconds=seconds):%Y-%m-%dT%H:%M:%S}"
 
 
 _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})")
