@@ -80,7 +80,7 @@ def has_duplicate_keys(line: bytes) -> bool:
     return False
 
 
-def _json_array(documents: list[bytes]) -> orjson.Fragment:
+def _json_array(documents: list[bytes | memoryview]) -> orjson.Fragment:
     """Splice stored JSON documents into the reply without decoding them."""
     return orjson.Fragment(b"[" + b",".join(documents) + b"]")
 

@@ -48,6 +48,9 @@ def record_key(record_id: str, user_id: str) -> bytes:
     return RECORD_PREFIX + record_id.encode() + user_id.encode()
 
 
+RECORD_ID_END = len(RECORD_PREFIX) + RECORD_ID_CHARS  # record key bytes up to here are prefix and id
+
+
 def split_record_key(key: bytes) -> tuple[str, str]:
     """(record_id, user_id) of a record key."""
     start = len(RECORD_PREFIX)
@@ -72,11 +75,11 @@ def seal(document: bytes) -> bytes:
     return _CHECKSUM.pack(zlib.crc32(document)) + document
 
 
-def unseal(value: bytes) -> bytes:
-    """The document inside a sealed value; raises CorruptValueError if it was damaged."""
+def unseal(value: bytes) -> memoryview:
+    """The document inside a sealed value, without copying it; raises CorruptValueError if damaged."""
     if len(value) < _CHECKSUM.size:
         raise CorruptValueError("value shorter than its checksum")
-    document = value[_CHECKSUM.size :]
+    document = memoryview(value)[_CHECKSUM.size :]
     if _CHECKSUM.unpack_from(value)[0] != zlib.crc32(document):
         raise CorruptValueError("checksum mismatch")
     return document

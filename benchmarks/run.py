@@ -1,0 +1,291 @@
+"""perfdb load benchmarks: every figure, against this machine's limits measured in the same run.
+
+    python benchmarks/run.py [--quick] [--json FILE]
+
+The server runs as its own process on a fresh database; the load generator (loadgen.py) is
+another process. Baselines, in the same run and on the same records: the store's own write
+limit (store_baseline.py) and the load generator against a trivial echo server
+(echo_server.py). benchmarks/README.md explains each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from workload import USERS, write_tokens_file  # noqa: E402
+
+GET_USER_ID = USERS - 1  # the user who gets 10,000 records of their own
+LISTENING = re.compile(r"listening on [^\s:]+:(\d+)|listening on \[[^\]]+\]:(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    ingest_records: int  # records per saturated-ingest measurement
+    paced_seconds: float  # length of the half-load latency measurement
+    user_records: int  # records of the get_user user
+    user_read_rounds: int
+    big_records: int  # database size for get_all, peak RSS and growth
+
+
+QUICK = Sizes(ingest_records=30_000, paced_seconds=3.0, user_records=10_000, user_read_rounds=5, big_records=100_000)
+FULL = Sizes(
+    ingest_records=200_000, paced_seconds=10.0, user_records=10_000, user_read_rounds=30, big_records=1_000_000
+)
+
+# Targets on this 2-core machine; figure -> (comparison, bound).
+TARGETS: dict[str, tuple[str, float]] = {
+    "ingest_ratio": (">=", 0.5),
+    "ack_p99_ms": ("<=", 5.0),
+    "get_user_p99_ms": ("<=", 20.0),
+    "get_all_rps": (">=", 150_000),
+    "server_peak_rss_mb": ("<=", 200.0),
+    "growth_ratio": (">=", 0.8),
+}
+
+
+def progress(message: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def run_json(command: list[str], timeout: float = 900) -> dict[str, Any]:
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-2000:]}")
+    result: dict[str, Any] = orjson.loads(completed.stdout.strip().splitlines()[-1])
+    return result
+
+
+class Process:
+    """A server process whose log goes to a file; knows its port once it listens."""
+
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.port = self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.log_path.read_text(errors="replace"))
+            if match:
+                return int(match.group(1) or match.group(2))
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("server did not start listening")
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        return int(match.group(1)) / 1024 if match else float("nan")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def perfdb_server(work: Path, database: Path, *flags: str) -> Iterator[Process]:
+    command = python(
+        str(ROOT / "run_perf_db_server.py"),
+        "--address=127.0.0.1:0",
+        f"--database={database}",
+        f"--tokens-file={work / 'tokens.json'}",
+        "--userinfo-url=http://127.0.0.1:9/userinfo",
+        "--user-rate=0",  # the load is many records per user, on purpose
+        *flags,
+    )
+    server = Process(command, work / f"server-{time.monotonic_ns()}.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def loadgen(mode: str, port: int, *args: str) -> dict[str, Any]:
+    return run_json(python(str(HERE / "loadgen.py"), mode, "--port", str(port), *args))
+
+
+def ingest(port: int, records: int, start: int, *extra: str) -> dict[str, Any]:
+    return loadgen("ingest", port, "--records", str(records), "--start", str(start),
+                   "--connections", "16", "--window", "256", *extra)  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+
+
+def run(sizes: Sizes, work: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {"machine": machine(), "sizes": dataclasses.asdict(sizes)}
+    write_tokens_file(work / "tokens.json")
+    next_record = 0
+
+    def take(count: int) -> int:
+        nonlocal next_record
+        first, next_record = next_record, next_record + count
+        return first
+
+    progress(f"store baseline: {sizes.ingest_records:,} records into plyvel, batches of 1,000, sync")
+    store = run_json(python(str(HERE / "store_baseline.py"), "--records", str(sizes.ingest_records),
+                            "--database", str(work / "store-baseline")))  # fmt: skip
+    figures["store_limit_rps"] = store["rps"]
+
+    progress("echo baseline: the load generator against a trivial NDJSON echo server")
+    echo = Process(python(str(HERE / "echo_server.py")), work / "echo.log")
+    try:
+        figures["echo_rps"] = ingest(echo.port, sizes.ingest_records, 0)["rps"]
+    finally:
+        echo.stop()
+
+    progress("durable ingest at saturation (sync commits)")
+    with perfdb_server(work, work / "db-durable") as server:
+        result = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))
+        assert result["errors"] == 0, result
+        figures["ingest_durable_rps"] = result["rps"]
+        rate = figures["ingest_durable_rps"] / 2
+        progress(f"ack latency at half load: {rate:,.0f} records/s for {sizes.paced_seconds:g}s")
+        count = int(rate * sizes.paced_seconds)
+        paced = loadgen("paced", server.port, "--records", str(count), "--start", str(take(count)),
+                        "--rate", str(rate), "--connections", "16")  # fmt: skip
+        figures.update(ack_p50_ms=paced["p50_ms"], ack_p99_ms=paced["p99_ms"], ack_max_ms=paced["max_ms"])
+        progress(f"get_user: one user with {sizes.user_records:,} records, read in full pages of 1,000")
+        ingest(server.port, sizes.user_records, take(sizes.user_records), "--single-user", str(GET_USER_ID))
+        reads = loadgen("read-user", server.port, "--user-id", f"static:bench-{GET_USER_ID:04d}",
+                        "--rounds", str(sizes.user_read_rounds), "--page-size", "1000")  # fmt: skip
+        figures.update(
+            get_user_p50_ms=reads["page_p50_ms"],
+            get_user_p99_ms=reads["page_p99_ms"],
+            get_user_full_read_ms=reads["full_read_median_ms"],
+            get_user_records=reads["records_per_read"],
+        )
+
+    progress("no-sync ingest at saturation")
+    big = work / "db-big"
+    with perfdb_server(work, big, "--no-sync") as server:
+        result = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))
+        figures["ingest_nosync_rps"] = result["rps"]
+        remaining = sizes.big_records - sizes.ingest_records
+        progress(f"filling the database to {sizes.big_records:,} records (no-sync)")
+        while remaining > 0:
+            step = min(remaining, 250_000)
+            ingest(server.port, step, take(step))
+            remaining -= step
+
+    progress(f"get_all: streaming {sizes.big_records:,} records in pages of 5,000, fresh server process")
+    with perfdb_server(work, big) as server:
+        result = loadgen("read-all", server.port, "--page-size", "5000")
+        figures["get_all_rps"] = result["rps"]
+        figures["get_all_records"] = result["records"]
+        figures["server_peak_rss_mb"] = server.peak_rss_mb()
+
+    progress(f"durable ingest with {sizes.big_records:,} records already stored")
+    with perfdb_server(work, big) as server:
+        figures["ingest_durable_full_rps"] = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))[
+            "rps"
+        ]
+
+    progress("durable ingest on plain asyncio (the rest ran on uvloop)")
+    with perfdb_server(work, work / "db-asyncio", "--loop=asyncio") as server:
+        figures["ingest_asyncio_rps"] = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))["rps"]
+
+    figures["ingest_ratio"] = figures["ingest_durable_rps"] / figures["store_limit_rps"]
+    figures["echo_ratio"] = figures["ingest_durable_rps"] / figures["echo_rps"]
+    figures["growth_ratio"] = figures["ingest_durable_full_rps"] / figures["ingest_durable_rps"]
+    figures["uvloop_speedup"] = figures["ingest_durable_rps"] / figures["ingest_asyncio_rps"]
+    return figures
+
+
+ROWS: list[tuple[str, str, str | None]] = [
+    # figure, unit, baseline figure it is a ratio of
+    ("ingest_durable_rps", "records/s", "store_limit_rps"),
+    ("ingest_nosync_rps", "records/s", "store_limit_rps"),
+    ("ingest_durable_rps", "records/s", "echo_rps"),
+    ("ingest_ratio", "", None),
+    ("ack_p50_ms", "ms", None),
+    ("ack_p99_ms", "ms", None),
+    ("get_user_p99_ms", "ms", None),
+    ("get_user_full_read_ms", "ms", None),
+    ("get_all_rps", "records/s", None),
+    ("server_peak_rss_mb", "MiB", None),
+    ("ingest_durable_full_rps", "records/s", "ingest_durable_rps"),
+    ("growth_ratio", "", None),
+    ("ingest_durable_rps", "records/s", "ingest_asyncio_rps"),
+]
+
+
+def table(figures: dict[str, Any]) -> str:
+    lines = [f"{'figure':<26} {'value':>14} {'baseline':>28} {'ratio':>7}  target"]
+    for name, unit, baseline in ROWS:
+        value = figures[name]
+        base = f"{figures[baseline]:,.0f} ({baseline})" if baseline else ""
+        ratio = f"{value / figures[baseline]:.2f}" if baseline else ""
+        target = ""
+        if name in TARGETS:
+            comparison, bound = TARGETS[name]
+            met = value >= bound if comparison == ">=" else value <= bound
+            target = f"{comparison} {bound:g}  {'met' if met else 'NOT MET'}"
+        shown = f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+        lines.append(f"{name:<26} {shown + ' ' + unit:>14} {base:>28} {ratio:>7}  {target}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes; under a minute")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (databases, server logs)")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="perfdb-bench-"))
+    started = time.monotonic()
+    try:
+        figures = run(sizes, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    figures["seconds"] = time.monotonic() - started
+    print(table(figures))
+    print(f"\n{figures['machine']['cores']} cores, {figures['machine']['cpu']}; {figures['seconds']:.0f}s")
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+
+
+if __name__ == "__main__":
+    main()
