@@ -24,6 +24,7 @@ from perfdb.errors import ErrorCode, PerfdbError
 log = logging.getLogger("perfdb.auth")
 
 STATIC_USER_PREFIX = "static:"
+MAX_USER_ID_CHARS = 256  # whole user ids, the static prefix included
 MAX_USERINFO_BYTES = 64 * 1024
 # Profile claims kept from a userinfo response; everything else (tokens, custom claims) is dropped.
 PROFILE_CLAIMS = ("name", "given_name", "family_name", "picture", "locale", "email", "email_verified", "hd")
@@ -102,7 +103,12 @@ def load_static_tokens(path: Path) -> dict[bytes, Profile]:
             digest = b""
         if len(digest) != 32:
             raise ValueError(f'{where}: "sha256" must be the 64-hex-digit SHA-256 of the token')
-        if not isinstance(user_id, str) or not user_id or len(user_id) > 200 or "\x00" in user_id:
+        if (
+            not isinstance(user_id, str)
+            or not user_id
+            or len(STATIC_USER_PREFIX + user_id) > MAX_USER_ID_CHARS
+            or "\x00" in user_id
+        ):
             raise ValueError(f'{where}: "user_id" must be a non-empty string')
         if digest in tokens:
             raise ValueError(f"{where}: the same token hash appears twice")
@@ -201,7 +207,7 @@ class TokenResolver:
             connector=connector,
             timeout=self._timeout,
             headers={"Accept": "application/json", "User-Agent": "perfdb"},
-            # The Authorization header must never follow a redirect to another host.
+            # No proxy or .netrc settings from the environment: tokens go straight to the provider.
             trust_env=False,
         )
 
@@ -278,7 +284,7 @@ class TokenResolver:
         user_id = document.get("sub", document.get("id"))
         if isinstance(user_id, int) and not isinstance(user_id, bool):
             user_id = str(user_id)
-        if not isinstance(user_id, str) or not user_id or len(user_id) > 255 or "\x00" in user_id:
+        if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_CHARS or "\x00" in user_id:
             raise _unavailable("the identity provider's answer has no usable subject (sub)")
         if user_id.startswith(STATIC_USER_PREFIX):
             raise PerfdbError(ErrorCode.UNAUTHENTICATED, "the provider's subject collides with static token ids")

@@ -21,6 +21,7 @@ from perfdb import __version__
 from perfdb.client import AsyncClient, PerfdbClientError, tls_context
 from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
 from perfdb.config import DEFAULT_ADDRESS, ConfigError
+from perfdb.schema import RECORD_FIELDS
 from perfdb.sysinfo import collect_sys_info
 from perfdb.units import CORE_METRICS, format_value
 
@@ -32,7 +33,8 @@ EXIT_UNREACHABLE = 3  # no connection, or no reply in time
 EXIT_BAD_INPUT = 4  # an input file could not be read or understood
 
 DUMP_HEADER = {"format": "perfdb-dump", "version": 1}
-SUBMITTED_FIELDS = ("test_name", "tag", "sys_info", "metrics", "client_config", "server_config", "request_id")
+# What a record file may carry into a record request; the token comes from the command line.
+SUBMITTED_FIELDS = RECORD_FIELDS - {"op", "id", "access_token"}
 
 
 class CliError(Exception):
@@ -147,8 +149,7 @@ def record_fields(document: dict[str, Any], name: str) -> dict[str, Any]:
     if "scenarios" in document:
         raise InputError(f"{name}: a scenario input file (what qps_json_driver reads), not a result")
     if "metrics" in document or "scenario_result" in document:
-        fields = {key: document[key] for key in (*SUBMITTED_FIELDS, "scenario_result") if key in document}
-        return fields
+        return {key: value for key, value in document.items() if key in SUBMITTED_FIELDS}
     raise InputError(f"{name}: neither a gRPC ScenarioResult nor a perfdb record (no summary or metrics)")
 
 
@@ -221,6 +222,13 @@ def _fit(text: str, width: int) -> str:
 
 
 # -- commands ----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def make_client(args: argparse.Namespace) -> AsyncClient:
@@ -332,7 +340,8 @@ async def cmd_export(args: argparse.Namespace) -> int:
     admin_key = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "perfdb admin key: ", "admin key")
     out = sys.stdout.buffer
     async with make_client(args) as client:
-        total = (await client.stats())["records"] if sys.stderr.isatty() else None
+        # The admin key opens reads too, on a server that wants a read key.
+        total = (await client.call("stats", admin_key=admin_key))["records"] if sys.stderr.isatty() else None
         progress = Progress("exporting", total)
         users_written: set[str] = set()
         pages = client.pages("export", admin_key=admin_key, since=args.since, until=args.until, limit=args.page_size)
@@ -346,8 +355,9 @@ async def cmd_export(args: argparse.Namespace) -> int:
                 user_id = record["user_id"]
                 if user_id not in users_written:
                     users_written.add(user_id)
-                    lines.append(orjson.dumps({"user": page["users"][user_id]}))
-                lines.append(orjson.dumps({"record": record}))
+                    lines.append(b'{"user":' + orjson.dumps(page["users"][user_id]) + b"}")
+                # Wrapped by hand: one more level of nesting could exceed what orjson will write.
+                lines.append(b'{"record":' + orjson.dumps(record) + b"}")
             out.write(b"\n".join(lines) + b"\n" if lines else b"")
             progress.advance(len(page["records"]))
         out.flush()
@@ -376,7 +386,14 @@ async def cmd_import(args: argparse.Namespace) -> int:
             batch, batch_bytes = [], 0
 
         with _open_input(args.file) as stream:
+            header_seen = False
             for number, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue
+                if not header_seen:
+                    _check_dump_header(line, args.file)
+                    header_seen = True
+                    continue
                 item = _dump_item(line, args.file, number)
                 if item is None:
                     continue
@@ -397,17 +414,20 @@ async def cmd_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_dump_header(line: bytes, name: str) -> None:
+    try:
+        header = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        header = None
+    if header != DUMP_HEADER:
+        raise InputError(f"{name}: not a perfdb dump (version 1); the first line must be {DUMP_HEADER}")
+
+
 def _dump_item(line: bytes, name: str, number: int) -> dict[str, Any] | None:
-    if not line.strip():
-        return None
     try:
         item = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise InputError(f"{name}: line {number}: not JSON ({exc})") from None
-    if number == 1:
-        if item != DUMP_HEADER:
-            raise InputError(f"{name}: not a perfdb dump (version 1); the first line must be {DUMP_HEADER}")
-        return None
     if not isinstance(item, dict) or not (
         (isinstance(item.get("user"), dict) and isinstance(item["user"].get("user_id"), str))
         or isinstance(item.get("record"), dict)
@@ -509,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--sys-info", choices=("auto",), help="'auto' attaches this machine's CPU, memory, OS and Python"
     )
-    submit.add_argument("--window", type=int, default=256, help="records in flight at once (default: 256)")
+    submit.add_argument("--window", type=_positive_int, default=256, help="records in flight at once (default: 256)")
     submit.set_defaults(handler=cmd_submit)
 
     get_user = commands.add_parser("get-user", parents=[connection, filters], help="print one user's records")
@@ -528,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
     export.add_argument("--since", help="only records at or after this RFC 3339 time")
     export.add_argument("--until", help="only records before this RFC 3339 time")
-    export.add_argument("--page-size", type=int, default=1000, help="records per request (default: 1000)")
+    export.add_argument("--page-size", type=_positive_int, default=1000, help="records per request (default: 1000)")
     export.set_defaults(handler=cmd_export)
 
     restore = commands.add_parser(

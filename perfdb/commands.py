@@ -128,7 +128,11 @@ class CommandDispatcher:
             return self._error(None, ErrorCode.BAD_REQUEST, "a request must be a JSON object")
         # Compact JSON that re-encodes to the same bytes cannot hide a duplicate key (the
         # common case, and what perfdb's clients send); anything else gets the exact check.
-        if orjson.dumps(request) != line and has_duplicate_keys(line):
+        try:
+            reencoded = orjson.dumps(request)
+        except orjson.JSONEncodeError:  # orjson writes at most 254 levels, though it reads more
+            return self._error(None, ErrorCode.BAD_REQUEST, "the request is nested too deeply")
+        if reencoded != line and has_duplicate_keys(line):
             return self._error(None, ErrorCode.BAD_JSON, "the request repeats a key inside one object")
         request_id = request.get("id")
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import typing
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,9 +125,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Command-line mistakes are one line on stderr (and exit 2), like every other start-up failure."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="run_perf_db_server",
         description=(
             "perfdb server: stores gRPC-style benchmark results in LevelDB and serves them "

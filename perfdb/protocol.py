@@ -58,6 +58,9 @@ class ConnectionLimits:
     line_timeout: float = 30.0  # a started line must be complete within this
     write_timeout: float = 30.0  # a client that reads nothing for this long is dropped
     linger: float = 2.0  # after our end-of-stream, how long the client has to close
+    # While draining, end the stream only after this long without input, so that requests
+    # already on their way are answered rather than cut off.
+    drain_quiet: float = 0.1
 
 
 class LineProtocol(asyncio.Protocol):
@@ -70,9 +73,11 @@ class LineProtocol(asyncio.Protocol):
         "_discarding",
         "_draining",
         "_flush_scheduled",
+        "_giving_up",
         "_handler",
         "_inflight_full",
         "_last_activity",
+        "_last_received",
         "_limits",
         "_linger",
         "_loop",
@@ -82,6 +87,7 @@ class LineProtocol(asyncio.Protocol):
         "_peer",
         "_peer_done",
         "_pending",
+        "_quiet_check",
         "_reading_paused",
         "_tracker",
         "_transport",
@@ -98,7 +104,7 @@ class LineProtocol(asyncio.Protocol):
         self._max_inflight = limits.max_inflight
         self._loop = asyncio.get_running_loop()
         # Deadlines, checked by the server's periodic sweep (loop.time() values)
-        self._last_activity = self._loop.time()
+        self._last_activity = self._last_received = self._loop.time()
         self._partial_since: float | None = None  # an incomplete line has been waiting since
         self._write_paused_since: float | None = None
         # Per-connection state
@@ -117,16 +123,13 @@ class LineProtocol(asyncio.Protocol):
         self._closing = False  # end-of-stream sent; input is discarded from here on
         self._closed = False
         self._peer_done = False  # the client sent end-of-stream
+        self._giving_up = False  # a timeout fired: owed replies go out, nothing new is read
         self._linger: asyncio.TimerHandle | None = None
+        self._quiet_check: asyncio.TimerHandle | None = None
 
     @property
     def peer(self) -> str:
         return self._peer
-
-    @property
-    def idle(self) -> bool:
-        """No reply is owed to the client."""
-        return not self._pending
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -153,8 +156,9 @@ class LineProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection; replies still being computed are dropped when they finish."""
         self._closed = True
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._quiet_check):
+            if timer is not None:
+                timer.cancel()
         self._buffer.clear()
         self._pending.clear()
         self._tracker.connection_closed(self)
@@ -162,9 +166,9 @@ class LineProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Frame the new bytes into lines and hand each complete one on."""
-        if self._closing or self._closed:
+        if self._closing or self._closed or self._giving_up:
             return  # after our end-of-stream nothing more is answered, so nothing more is run
-        self._last_activity = self._loop.time()
+        self._last_activity = self._last_received = self._loop.time()
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
@@ -191,10 +195,13 @@ class LineProtocol(asyncio.Protocol):
         self._update_reading()
 
     def resume_writing(self) -> None:
-        """The write buffer drained: read again."""
+        """The write buffer drained: take up the requests held back, and read again."""
         self._write_paused = False
         self._write_paused_since = None
-        self._update_reading()
+        if self._buffer and not self._closing:
+            self._process_buffer()
+        else:
+            self._update_reading()
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -207,7 +214,8 @@ class LineProtocol(asyncio.Protocol):
         while True:
             held_back = False
             while True:
-                if not self._draining and len(pending) >= self._max_inflight:
+                # A client that is not reading its replies gets no new work done either.
+                if not self._draining and (len(pending) >= self._max_inflight or self._write_paused):
                     held_back = True
                     break
                 newline = buffer.find(b"\n", start)
@@ -221,7 +229,7 @@ class LineProtocol(asyncio.Protocol):
                 start = newline + 1
             self._write_ready()
             # Replies answered at once free their places; keep going in this loop, not by recursion.
-            if not (held_back and len(pending) < self._max_inflight):
+            if not (held_back and len(pending) < self._max_inflight and not self._write_paused):
                 break
         if start:
             del buffer[:start]
@@ -231,10 +239,11 @@ class LineProtocol(asyncio.Protocol):
             self._discarding = True
             pending.append(self._line_too_long())
             self._write_ready()
-        # The line deadline runs while an incomplete line waits for the client, not for us.
+        # The line deadline runs while an incomplete line waits for the client, not for us;
+        # a line that starts in the same read that completed the previous one starts a new clock.
         if held_back or not (buffer or self._discarding):
             self._partial_since = None
-        elif self._partial_since is None:
+        elif self._partial_since is None or start:
             self._partial_since = self._loop.time()
         if len(pending) >= self._max_inflight:
             self._inflight_full = True
@@ -303,7 +312,7 @@ class LineProtocol(asyncio.Protocol):
             return
         # While draining, reading goes on: each late line gets a quick refusal, and the
         # kernel holds no unread input that would turn our close into a reset.
-        should_pause = self._write_paused or (self._inflight_full and not self._draining)
+        should_pause = self._write_paused or self._giving_up or (self._inflight_full and not self._draining)
         if should_pause and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
@@ -328,6 +337,14 @@ class LineProtocol(asyncio.Protocol):
         transport = self._transport
         if not self._draining or self._pending or self._closing or self._closed or transport is None:
             return
+        if not self._peer_done:
+            # Requests the client sent just before we began draining may still be in flight;
+            # end the stream only once the connection has been quiet for a moment.
+            quiet_for = self._loop.time() - self._last_received
+            if quiet_for < self._limits.drain_quiet:
+                if self._quiet_check is None:
+                    self._quiet_check = self._loop.call_later(self._limits.drain_quiet - quiet_for, self._recheck_close)
+                return
         self._closing = True
         if self._peer_done or not transport.can_write_eof():
             transport.close()  # sends what is buffered, then closes
@@ -337,9 +354,13 @@ class LineProtocol(asyncio.Protocol):
         transport.write_eof()
         self._linger = self._loop.call_later(self._limits.linger, transport.close)
 
+    def _recheck_close(self) -> None:
+        self._quiet_check = None
+        self._close_if_done()
+
     def check_deadlines(self, now: float) -> None:
         """Enforce the write, line and idle timeouts (called about once a second by the server)."""
-        if self._closed or self._closing or self._transport is None:
+        if self._closed or self._closing or self._giving_up or self._transport is None:
             return
         limits = self._limits
         if self._write_paused_since is not None and now - self._write_paused_since > limits.write_timeout:
@@ -353,13 +374,16 @@ class LineProtocol(asyncio.Protocol):
             self._give_up(f"idle for {limits.idle_timeout:g}s; closing")
 
     def _give_up(self, message: str) -> None:
-        """Tell the client why, then close; anything it still sends is ignored."""
-        assert self._transport is not None
-        self._closing = True
+        """Stop reading, answer what is owed and then why, then close."""
+        self._giving_up = True
         self._buffer.clear()
+        self._discarding = False
         self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
+        self._draining = True
+        self._peer_done = True  # nothing more is read, so nothing unread can turn the close into a reset
+        self._update_reading()
         self._write_ready()
-        self._transport.close()
+        self._close_if_done()
 
     def abort(self) -> None:
         """Close at once, dropping unsent replies (shutdown grace period is over)."""

@@ -47,6 +47,7 @@ _RESULT_FIELDS = (
     ("serverSuccess", "server_success"),
 )
 _MAX_LIST_ITEMS = 1024
+_CORE_METRIC_NAMES = frozenset(metric for metric, _ in _CORE_SUMMARY_FIELDS.values())
 _INT64_MIN = -(1 << 63)
 _UINT64_MAX = (1 << 64) - 1
 
@@ -108,7 +109,10 @@ def map_scenario_result(result: Any) -> MappedScenario:
             continue  # "Infinity", "NaN" and non-numbers carry no measurement
         core = _CORE_SUMMARY_FIELDS.get(field)
         if core is None:
-            metrics.setdefault(field, number)  # custom metric under its own name; never over a core one
+            # A custom metric keeps its name, unless that name is a core metric's: its unit
+            # would be wrong (latencies in ns, not us).
+            if field not in _CORE_METRIC_NAMES:
+                metrics[field] = number
         else:
             metric, divisor = core
             metrics[metric] = number / divisor if divisor != 1 else number

@@ -13,21 +13,24 @@ from typing import Any
 
 import orjson
 
+from perfdb import auth
 from perfdb.errors import PerfdbError, bad_request, quote_input
 from perfdb.record_ids import is_record_id, record_id_micros
 from perfdb.scenario import map_scenario_result
-from perfdb.timestamps import format_micros, parse_rfc3339
+from perfdb.timestamps import format_micros, now_micros, parse_rfc3339
 
 # Size bounds, documented in protocol_spec.md.
 MAX_ACCESS_TOKEN_CHARS = 4096
 MAX_NAME_CHARS = 256  # test_name, tag
 MAX_REQUEST_ID_CHARS = 128
-MAX_USER_ID_CHARS = 256
+MAX_USER_ID_CHARS = auth.MAX_USER_ID_CHARS
 MAX_METRICS = 256
 MAX_METRIC_NAME_CHARS = 128
 MAX_SYS_INFO_BYTES = 16 * 1024
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_CURSOR_CHARS = 64
+MAX_NESTING = 32  # objects and arrays inside sys_info, the configs and the scenario
+MAX_FUTURE_SKEW_MICROS = 300 * 1_000_000  # an imported record may be dated this far ahead
 
 _METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -130,13 +133,33 @@ def _json_type(value: Any) -> str:
 
 
 def _bounded_object(field: str, value: Any, max_bytes: int) -> bytes:
-    """Check that `value` is an object of at most `max_bytes` of JSON; returns that JSON."""
+    """Check that `value` is an object of at most `max_bytes` of JSON, nested at most
+    MAX_NESTING deep; returns that JSON."""
     if not isinstance(value, dict):
         raise bad_request(field, f"must be a JSON object, got {_json_type(value)}")
-    encoded = orjson.dumps(value)
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise bad_request(field, f"nested deeper than {MAX_NESTING} levels") from None
     if len(encoded) > max_bytes:
         raise bad_request(field, f"larger than {max_bytes} bytes of JSON")
+    # Counting brackets is cheap; only an object with many gets its depth measured.
+    if encoded.count(b"{") + encoded.count(b"[") > MAX_NESTING and nesting_depth(value) > MAX_NESTING:
+        raise bad_request(field, f"nested deeper than {MAX_NESTING} levels")
     return encoded
+
+
+def nesting_depth(value: Any) -> int:
+    """How many objects and arrays deep `value` goes (a scalar is 0)."""
+    depth = 0
+    level = [value]
+    while level:
+        containers = [item for item in level if isinstance(item, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
 
 
 def _config(fields: dict[str, Any], field: str) -> dict[str, Any]:
@@ -188,11 +211,11 @@ IP_REPLACEMENT = "[redacted]"
 # Candidates only: each match is confirmed by the ipaddress module, so "16:19:53" survives.
 _IP_CANDIDATE = re.compile(
     # IPv6 ending in an embedded IPv4 address (::ffff:10.1.2.3), before the plain forms.
-    r"(?<![\w.:])(?:[0-9A-Fa-f]{0,4}:){2,6}\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
+    r"(?<![0-9A-Fa-f.:])(?:[0-9A-Fa-f]{0,4}:){2,6}\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
     # IPv4, not inside a longer dotted run such as a version number; a ":port" may follow.
-    r"|(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w]|\.\d)"
+    r"|(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d]|\.\d)"
     # IPv6 (with an optional zone), not inside a longer run of hex, colons and dots.
-    r"|(?<![\w.:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:]|\.\d)"
+    r"|(?<![0-9A-Fa-f.:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:]|\.\d)"
 )
 _CONFIG_KEYS_REMOVED = frozenset({"host", "server_targets", "serverTargets"})
 _HOST_KEY = re.compile(rb'"(?:host|server_targets|serverTargets)"')
@@ -277,21 +300,24 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
     client_config = _config(fields, "client_config")
     server_config = _config(fields, "server_config")
     test_name = required_string(fields, "test_name", MAX_NAME_CHARS)
-    tag_value = fields.get("tag")
-    tag = "" if tag_value is None else _string("tag", tag_value, MAX_NAME_CHARS, allow_empty=True)
+    tag = _optional_tag(fields) or ""
     sys_info = fields.get("sys_info")
     if sys_info is None:
         sys_info = {}
     elif isinstance(sys_info, str):
+        # Bounds apply to what is stored, after scrubbing, so an export always imports again.
+        sys_info = scrub_ips(sys_info)
         if len(sys_info.encode()) > MAX_SYS_INFO_BYTES:
             raise bad_request("sys_info", f"larger than {MAX_SYS_INFO_BYTES} bytes")
-        sys_info = scrub_ips(sys_info)
     else:
         if not isinstance(sys_info, dict):
             raise bad_request("sys_info", f"must be a string or an object, got {_json_type(sys_info)}")
         # Walk the object only when its JSON holds something shaped like an address.
         if _IP_HINT_BYTES.search(_bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)):
             sys_info = scrub_ips(sys_info)
+            _bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)
+    if scenario is not None:
+        _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
     return RecordDraft(
         test_name=test_name,
         tag=tag,
@@ -342,6 +368,9 @@ def _imported_record(document: Any, index: int) -> ImportedRecord:
         user_id = required_string(document, "user_id", MAX_USER_ID_CHARS)
         if _timestamp(document, "timestamp") != record_id_micros(record_id):
             raise bad_request("timestamp", "does not match the record id")
+        if record_id_micros(record_id) > now_micros() + MAX_FUTURE_SKEW_MICROS:
+            # New records must sort after it, so a future date would stall the server's clock.
+            raise bad_request("timestamp", "is in the future")
         timestamp = format_micros(record_id_micros(record_id))  # stored in the one canonical form
         scenario = document.get("scenario")
         if scenario is not None:

@@ -192,6 +192,7 @@ def connect(*, max_line_bytes: int = 64, max_inflight: int = 64, peername: Any =
         idle_timeout=IDLE,
         line_timeout=LINE,
         write_timeout=WRITE,
+        drain_quiet=0.0,
     )
     protocol = LineProtocol(handler, tracker, limits)
     transport = FakeTransport(peername)
@@ -353,18 +354,6 @@ async def test_failed_or_cancelled_future_becomes_internal_error_in_its_place() 
     await run_callbacks()
     assert conn.transport.output == INTERNAL + INTERNAL + reply_for(b"slow3") + reply_for(b"fast4")
     assert conn.handler.internal_error_replies == 2
-
-
-async def test_idle_is_true_only_when_no_reply_is_owed() -> None:
-    conn = connect()
-    assert conn.protocol.idle
-    conn.feed(b"fast\n")
-    assert conn.protocol.idle
-    conn.feed(b"slow\n")
-    assert not conn.protocol.idle
-    conn.handler.resolve(b"slow")
-    await run_callbacks()
-    assert conn.protocol.idle
 
 
 # -- line-length limit -------------------------------------------------------------------
@@ -542,8 +531,8 @@ async def test_resume_writing_does_not_resume_while_inflight_is_full() -> None:
 
 async def test_inflight_release_does_not_resume_while_writing_is_paused() -> None:
     conn = connect(max_inflight=2)
-    conn.protocol.pause_writing()
     conn.feed(b"slow1\nslow2\n")
+    conn.protocol.pause_writing()
     conn.handler.resolve(b"slow1", b"slow2")
     await run_callbacks()
     assert conn.transport.flow == ["pause"]
@@ -701,7 +690,6 @@ async def test_nothing_is_written_after_connection_lost() -> None:
     assert conn.transport.output == reply_for(b"slow1")
     conn.protocol.connection_lost(ConnectionResetError("peer went away"))
     assert conn.tracker.events == [("opened", conn.protocol), ("closed", conn.protocol)]
-    assert conn.protocol.idle
     conn.handler.resolve(b"slow2")
     await run_callbacks()
     conn.feed(b"fast4\n")
@@ -752,15 +740,39 @@ async def test_refused_connection_gets_overloaded_and_is_closed() -> None:
 
 async def test_incomplete_line_past_the_line_timeout_is_refused_and_closed() -> None:
     conn = connect()
-    conn.feed(b"partial-request")
+    conn.feed(b"slow1\npartial-request")
     conn.protocol.check_deadlines(now() + LINE / 2)
     assert not conn.transport.closed
     conn.feed(b"-still-going")  # a slow drip does not reset the deadline
     conn.protocol.check_deadlines(now() + LINE + 1)
     assert [code for code, _ in conn.handler.other_errors] == [ErrorCode.TIMEOUT]
-    assert conn.transport.output == b"E(timeout)\n" and conn.transport.closed
+    assert not conn.transport.closed  # a reply is still owed: it goes out first
     conn.feed(b"\nfast\n")
-    assert conn.handler.lines == []
+    assert conn.handler.lines == [b"slow1"]  # nothing more is read or run
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert conn.transport.output == reply_for(b"slow1") + b"E(timeout)\n"
+    assert conn.transport.closed
+
+
+async def test_busy_client_whose_reads_end_mid_line_is_not_timed_out() -> None:
+    conn = connect()
+    conn.feed(b"fast1\nfa")
+    for number in range(2, 40):
+        conn.protocol.check_deadlines(now() + LINE / 2)
+        conn.feed(b"st" + str(number).encode() + b"\nfa")  # every read completes a line and starts one
+    assert not conn.transport.closed
+    assert len(conn.handler.lines) == 39
+
+
+async def test_requests_wait_while_the_client_is_not_reading() -> None:
+    conn = connect()
+    conn.protocol.pause_writing()
+    conn.feed(b"fast1\nfast2\n")
+    assert conn.handler.lines == []  # no new work while our replies pile up unread
+    conn.protocol.resume_writing()
+    assert conn.handler.lines == [b"fast1", b"fast2"]
+    assert conn.transport.output == replies_for([b"fast1", b"fast2"])
 
 
 async def test_line_deadline_restarts_with_each_line_and_ignores_lines_held_back_by_us() -> None:
@@ -801,3 +813,21 @@ async def test_client_that_does_not_read_is_dropped_after_the_write_timeout() ->
     conn.protocol.pause_writing()
     conn.protocol.check_deadlines(now() + WRITE + 1)
     assert "abort" in conn.transport.events
+
+
+async def test_drain_waits_for_a_quiet_moment_before_ending_the_stream() -> None:
+    handler, tracker = FakeHandler(), FakeTracker()
+    protocol = LineProtocol(handler, tracker, ConnectionLimits(drain_quiet=0.05, linger=LINGER))
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"fast1\n")
+    protocol.begin_shutdown()
+    assert not transport.eof_sent  # input arrived just now: more may be on its way
+    await asyncio.sleep(0.02)
+    protocol.data_received(b"fast2\n")  # and it was: answered, and the quiet clock restarts
+    await asyncio.sleep(0.035)
+    assert not transport.eof_sent
+    await asyncio.sleep(0.05)
+    assert transport.eof_sent
+    assert handler.lines == [b"fast1", b"fast2"]
+    assert transport.output == replies_for([b"fast1", b"fast2"])

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from perfdb.client.common import (
-    IDEMPOTENT_OPS,
     NO_RETRY,
     TIMEOUT,
     PerfdbClientError,
@@ -18,7 +17,8 @@ from perfdb.client.common import (
     check_reply,
     connection_failed,
     encode_request,
-    new_request_id,
+    may_resend,
+    with_request_id,
 )
 from perfdb.config import parse_address
 
@@ -153,21 +153,24 @@ class AsyncClient:
             self._stream = stream
             return stream
 
-    def _drop(self) -> None:
-        if self._stream is not None:
-            self._stream._fail(ConnectionResetError("connection abandoned by the client"))
-            self._stream = None
+    def _drop(self, stream: _ReplyStream | None = None) -> None:
+        """Abandon `stream` (by default the current one); a late failure of an older one is ignored."""
+        stream = stream or self._stream
+        if stream is not None:
+            stream._fail(ConnectionResetError("connection abandoned by the client"))
+            if stream is self._stream:
+                self._stream = None
 
-    async def _await_reply(self, waiter: asyncio.Future[bytes]) -> bytes:
+    async def _await_reply(self, stream: _ReplyStream, waiter: asyncio.Future[bytes]) -> bytes:
         try:
             async with asyncio.timeout(self._request_timeout):
                 return await waiter
         except TimeoutError:
             # The reply may still come; the connection's order can no longer be trusted.
-            self._drop()
+            self._drop(stream)
             raise PerfdbClientError(TIMEOUT, f"no reply within {self._request_timeout}s", True) from None
         except ConnectionError as exc:
-            self._drop()
+            self._drop(stream)
             raise connection_failed(exc) from None
 
     async def _roundtrip(self, data: bytes) -> dict[str, Any]:
@@ -176,15 +179,14 @@ class AsyncClient:
             waiter = stream.send(data)
             await stream.drain()
         except ConnectionError as exc:
-            self._drop()
+            self._drop(stream)
             raise connection_failed(exc) from None
-        return check_reply(await self._await_reply(waiter))
+        return check_reply(await self._await_reply(stream, waiter))
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; retries reads and keyed records on retryable errors."""
         request = encode_request(op, fields, self._read_key)
-        retryable = op in IDEMPOTENT_OPS or (op == "record" and "request_id" in fields)
-        delays = (self._retry if retryable else NO_RETRY).delays()
+        delays = (self._retry if may_resend(op, fields) else NO_RETRY).delays()
         while True:
             try:
                 return await self._roundtrip(request)
@@ -207,16 +209,16 @@ class AsyncClient:
 
     async def record(self, **fields: Any) -> dict[str, Any]:
         """Store one result; a request_id is generated when none is given, so retries are safe."""
-        fields.setdefault("request_id", new_request_id())
-        return await self.call("record", **fields)
+        return await self.call("record", **with_request_id(fields))
 
     async def record_many(
         self, records: Iterable[dict[str, Any]], *, window: int = 256
     ) -> AsyncIterator[dict[str, Any]]:
         """Store many results with up to `window` in flight; yields their acks in input order.
 
-        Raises PerfdbClientError, with `.index` set, at the first record the server refused
-        (records after it may have been stored: submitting them again is safe).
+        Raises PerfdbClientError, with `.index` set, at the first record the server refused.
+        Records after it may have been stored: to submit them again without duplicates, give
+        each record its own request_id rather than relying on generated ones.
         """
         async for outcome in self.record_outcomes(records, window=window):
             if isinstance(outcome, PerfdbClientError):
@@ -238,7 +240,7 @@ class AsyncClient:
                 for request in requests:
                     waiters.append(stream.send(request))
                 await stream.drain()
-                line = await self._await_reply(waiters.popleft())
+                line = await self._await_reply(stream, waiters.popleft())
             except (PerfdbClientError, ConnectionError) as exc:
                 error = exc if isinstance(exc, PerfdbClientError) else connection_failed(exc)
                 if not error.retryable:

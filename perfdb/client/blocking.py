@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import time
@@ -10,7 +11,6 @@ from types import TracebackType
 from typing import Any
 
 from perfdb.client.common import (
-    IDEMPOTENT_OPS,
     NO_RETRY,
     TIMEOUT,
     PerfdbClientError,
@@ -19,7 +19,8 @@ from perfdb.client.common import (
     check_reply,
     connection_failed,
     encode_request,
-    new_request_id,
+    may_resend,
+    with_request_id,
 )
 from perfdb.config import parse_address
 
@@ -68,6 +69,12 @@ class Client:
         self._buffer.clear()
         if sock is not None:
             sock.close()
+
+    def _drop_if_stale(self) -> None:
+        """Call when no reply is owed: a connection with something to read then was closed by
+        the server (idle timeout, shutdown) or sent a line nobody asked for; start afresh."""
+        if self._sock is not None and (self._buffer or select.select([self._sock], [], [], 0)[0]):
+            self.close()
 
     def _connection(self) -> socket.socket:
         if self._sock is not None:
@@ -119,10 +126,10 @@ class Client:
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; retries reads and keyed records on retryable errors."""
         request = encode_request(op, fields, self._read_key)
-        retryable = op in IDEMPOTENT_OPS or (op == "record" and "request_id" in fields)
-        delays = (self._retry if retryable else NO_RETRY).delays()
+        delays = (self._retry if may_resend(op, fields) else NO_RETRY).delays()
         while True:
             try:
+                self._drop_if_stale()
                 self._send(request)
                 return check_reply(self._read_line())
             except PerfdbClientError as error:
@@ -144,8 +151,7 @@ class Client:
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Store one result; a request_id is generated when none is given, so retries are safe."""
-        fields.setdefault("request_id", new_request_id())
-        return self.call("record", **fields)
+        return self.call("record", **with_request_id(fields))
 
     def record_many(self, records: Iterable[dict[str, Any]], *, window: int = 64) -> Iterator[dict[str, Any]]:
         """Store many results with up to `window` in flight; yields their acks in input order.
@@ -162,6 +168,7 @@ class Client:
     ) -> Iterator[dict[str, Any] | PerfdbClientError]:
         """Like record_many, but a refused record yields its error (with `.index`) and the rest go on."""
         pipeline = RecordWindow(iter(records), window, self._retry)
+        self._drop_if_stale()
         try:
             while not pipeline.finished:
                 try:

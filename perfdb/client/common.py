@@ -67,6 +67,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def with_request_id(fields: dict[str, Any]) -> dict[str, Any]:
+    """The record's fields with a request_id, generated when it is missing or null."""
+    if fields.get("request_id") is None:
+        return {**fields, "request_id": new_request_id()}
+    return fields
+
+
+def may_resend(op: str, fields: dict[str, Any]) -> bool:
+    """Whether sending this request again cannot do anything twice: reads, and keyed records."""
+    return op in IDEMPOTENT_OPS or (op == "record" and fields.get("request_id") is not None)
+
+
 def encode_request(op: str, fields: dict[str, Any], read_key: str | None = None) -> bytes:
     """One request line; fields that are None are left out, and reads carry the read key."""
     request = {"op": op, **{key: value for key, value in fields.items() if value is not None}}
@@ -123,6 +135,8 @@ class RecordWindow:
     """
 
     def __init__(self, records: Iterator[dict[str, Any]], size: int, policy: RetryPolicy) -> None:
+        if size < 1:
+            raise ValueError("the window must hold at least one record")
         self._source = records
         self._size = size
         self._policy = policy
@@ -147,8 +161,7 @@ class RecordWindow:
             if record is None:
                 self._exhausted = True
                 break
-            fields = {key: value for key, value in record.items() if key != "op"}
-            fields.setdefault("request_id", new_request_id())
+            fields = with_request_id({key: value for key, value in record.items() if key != "op"})
             pending = _Pending(self._next_index, encode_request("record", fields))
             self._next_index += 1
             self._window.append(pending)

@@ -29,7 +29,7 @@ def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
     """Repair the database at `path`; with drop_damaged, delete damaged records and dangling
     index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
     lock = DatabaseLock(path)
-    real_path = lock.acquire()
+    real_path = lock.acquire(create=False)
     try:
         try:
             plyvel.repair_db(str(real_path))

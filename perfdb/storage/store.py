@@ -29,6 +29,9 @@ LOCK_FILE_NAME = "perfdb.lock"
 # A page examines at most this many index entries, so a filter that matches little
 # cannot turn one request into a scan of the whole database.
 SCAN_BUDGET = 50_000
+# A page also stops once its records add up to this many bytes, whatever the limit, so one
+# reply (and the memory behind it) stays bounded.
+PAGE_BYTES = 8 * 1024 * 1024
 _READ_THREADS = 4
 
 
@@ -57,8 +60,10 @@ class DatabaseLock:
         self._path = path
         self._fd: int | None = None
 
-    def acquire(self) -> Path:
-        """Create the directory if needed and lock it; returns its real path. Raises StoreOpenError."""
+    def acquire(self, *, create: bool = True) -> Path:
+        """Lock the directory (creating it if allowed); returns its real path. Raises StoreOpenError."""
+        if not create and not self._path.is_dir():
+            raise StoreOpenError(f"no database directory at {self._path}")
         try:
             self._path.mkdir(parents=True, exist_ok=True)
             real_path = self._path.resolve(strict=True)
@@ -122,8 +127,11 @@ class ResultStore:
             raise StoreOpenError(f"cannot open database {self._path}: {exc}") from None
         try:
             self._check_schema()
-            record_count = int(self._db.get(layout.RECORD_COUNT_KEY, b"0"))
-            user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
+            try:
+                record_count = int(self._db.get(layout.RECORD_COUNT_KEY, b"0"))
+                user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
+            except ValueError:
+                raise StoreOpenError(f"database {self._path} has damaged counters; run 'perfdb repair'") from None
             last_record_id = self._last_record_id()
         except BaseException:
             self._db.close()
@@ -160,14 +168,11 @@ class ResultStore:
             last = next(keys, None)
         return None if last is None else layout.split_record_key(last)[0]
 
-    def stop_writes(self) -> None:
-        """Commit everything queued and stop the writer thread. Blocking."""
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, let running reads finish, close LevelDB and
+        release the lock. Blocking."""
         if self._writer is not None:
             self._writer.stop()
-
-    def close(self) -> None:
-        """Stop writes, let running reads finish, close LevelDB and release the lock. Blocking."""
-        self.stop_writes()
         self._readers.shutdown(wait=True)
         if self._db is not None:
             self._db.close()
@@ -220,9 +225,10 @@ class ResultStore:
             more = False
             scanned = 0
             with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
+                page_bytes = 0
                 for key, filter_fields in entries:
                     record_id = key[len(prefix) :].decode()
-                    if (records and len(records) == query.limit) or scanned == SCAN_BUDGET:
+                    if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
                         more = True
                         break
                     scanned += 1
@@ -233,6 +239,7 @@ class ResultStore:
                     document = self._checked(snapshot.get(record_key), record_key)
                     if document is not None:
                         records.append(document)
+                        page_bytes += len(document)
             page = Page(records, {}, last_seen if more else None)
             return orjson.loads(stored_profile), page
         finally:
@@ -257,8 +264,9 @@ class ResultStore:
             # The hot loop of a full export: no decoding, no copies. A scan of history should
             # not push recent data out of LevelDB's block cache, hence fill_cache=False.
             with snapshot.iterator(start=start, stop=stop, include_start=include_start, fill_cache=False) as entries:
+                page_bytes = 0
                 for key, value in entries:
-                    if len(records) == query.limit or scanned == SCAN_BUDGET:
+                    if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
                         more = True
                         break
                     scanned += 1
@@ -271,6 +279,7 @@ class ResultStore:
                         if not _matches_fields(query, (fields.get("test_name"), fields.get("tag"))):
                             continue
                     records.append(document)
+                    page_bytes += len(document)
                     user_ids.add(key[id_end:])
             profiles = {}
             for user_id in sorted(user_ids):

@@ -27,7 +27,8 @@ from perfdb.timestamps import format_micros
 
 log = logging.getLogger("perfdb.storage")
 
-# Kept in memory to skip re-reading profiles that did not change; cleared when it grows past this.
+# Profiles kept in memory to skip re-reading ones that did not change; past this many the
+# cache is emptied and refills from the database as users come back.
 _MAX_CACHED_PROFILES = 100_000
 
 
@@ -95,12 +96,22 @@ class _Batch:
         self.new_records = 0
 
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
-        return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id)
+        return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id, request_key)
 
     def add_record(
-        self, record_id: str, user_id: str, timestamp: str, draft: RecordDraft, document: bytes
+        self,
+        record_id: str,
+        user_id: str,
+        timestamp: str,
+        draft: RecordDraft,
+        document: bytes,
+        *,
+        request_checked: bool,
     ) -> RecordAck:
-        """Stage a record whose stored JSON is `document` (see _record_document)."""
+        """Stage a record whose stored JSON is `document` (see _record_document).
+
+        request_checked: the caller already found no earlier record with this request_id.
+        """
         key = layout.record_key(record_id, user_id)
         self.batch.put(key, layout.seal(document))
         self.batch.put(
@@ -110,7 +121,7 @@ class _Batch:
         ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
         if draft.request_id is not None:
             request_key = layout.idempotency_key(user_id, draft.request_id)
-            if self.earlier_request(request_key, user_id) is None:
+            if request_checked or self.earlier_request(request_key, user_id) is None:
                 self.batch.put(request_key, orjson.dumps({"record_id": record_id, "timestamp": timestamp}))
                 self.requests[request_key] = ack
         self.new_records += 1
@@ -226,7 +237,8 @@ class GroupCommitWriter:
             if first is self._STOP:
                 break
             batch = [first]
-            while len(batch) < self._max_batch:
+            records = _record_count(first)
+            while records < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -235,7 +247,22 @@ class GroupCommitWriter:
                     stopping = True
                     break
                 batch.append(item)
+                records += _record_count(item)
             self._commit(batch)
+        self._refuse_leftovers()
+
+    def _refuse_leftovers(self) -> None:
+        """Answer anything that slipped in behind the stop marker, so no future is left hanging."""
+        leftovers: list[Outcome] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not self._STOP:
+                leftovers.append((item.future, PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
+        if leftovers:
+            self._loop.call_soon_threadsafe(_settle, leftovers)
 
     def _commit(self, items: list[Submission | Restoration]) -> None:
         outcomes: list[Outcome]
@@ -272,7 +299,7 @@ class GroupCommitWriter:
         except orjson.JSONEncodeError as exc:
             # Only this record fails, not the batch it shares with others.
             return PerfdbError(ErrorCode.BAD_REQUEST, f"the record cannot be stored as JSON ({exc})")
-        ack = batch.add_record(record_id, profile.user_id, timestamp, draft, document)
+        ack = batch.add_record(record_id, profile.user_id, timestamp, draft, document, request_checked=True)
         batch.add_profile(profile)
         return ack
 
@@ -293,7 +320,9 @@ class GroupCommitWriter:
             staged.append((record, document))
         for record, document in staged:
             self._clock.advance_past(record.record_id)
-            batch.add_record(record.record_id, record.user_id, record.timestamp, record.draft, document)
+            batch.add_record(
+                record.record_id, record.user_id, record.timestamp, record.draft, document, request_checked=False
+            )
             # A restored profile never replaces the newer one a user's own submissions wrote.
             batch.add_profile(restoration.profiles[record.user_id], replace=False)
         return ImportAck(len(staged), duplicates)
@@ -318,11 +347,20 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
     return orjson.dumps(document)
 
 
-def _stored_ack(value: bytes | None, user_id: str) -> RecordAck | None:
+def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> RecordAck | None:
     if value is None:
         return None
-    document = orjson.loads(value)
-    return RecordAck(document["record_id"], user_id, document["timestamp"], duplicate=True)
+    try:
+        document = orjson.loads(value)
+        return RecordAck(str(document["record_id"]), user_id, str(document["timestamp"]), duplicate=True)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        # Damaged: treat the request as new (its entry is rewritten) rather than fail the batch.
+        log.error("idempotency entry %r is damaged; treating the request as new", request_key[:80])
+        return None
+
+
+def _record_count(item: Submission | Restoration) -> int:
+    return 1 if isinstance(item, Submission) else len(item.records)
 
 
 def _settle(outcomes: list[Outcome]) -> None:
