@@ -17,8 +17,8 @@ run: $(STAMP)
 	$(BIN)/python run_perf_db_server.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check perfdb tests run_perf_db_server.py
-	$(BIN)/ruff format --check perfdb tests run_perf_db_server.py
+	$(BIN)/ruff check perfdb tests benchmarks run_perf_db_server.py
+	$(BIN)/ruff format --check perfdb tests benchmarks run_perf_db_server.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

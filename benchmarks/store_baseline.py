@@ -22,10 +22,11 @@ import plyvel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perfdb.record_ids import make_record_id  # noqa: E402
-from perfdb.storage import layout  # noqa: E402
-from perfdb.timestamps import format_micros, now_micros  # noqa: E402
-from workload import record_lines  # noqa: E402
+from workload import record_lines
+
+from perfdb.record_ids import make_record_id
+from perfdb.storage import layout
+from perfdb.timestamps import format_micros, now_micros
 
 BATCH = 1000
 STORED = ("test_name", "tag", "sys_info", "metrics", "client_config", "server_config", "request_id")
