@@ -20,7 +20,7 @@ from perfdb import PROTOCOL_VERSION, SERVER_NAME, __version__
 from perfdb.auth import Profile, TokenResolver, key_matches, profile_from_document, public_profile
 from perfdb.config import Config
 from perfdb.errors import ErrorCode, PerfdbError, bad_request, quote_input
-from perfdb.protocol import Reply
+from perfdb.protocol import DeferredReply, Reply
 from perfdb.ratelimit import UserRateLimiter
 from perfdb.schema import (
     ADMIN_FIELDS,
@@ -41,8 +41,20 @@ from perfdb.storage import Page, RecordAck, ResultStore
 log = logging.getLogger("perfdb.commands")
 
 Fields = dict[str, Any]
-# A command answers at once, or later through a future or a coroutine.
-Outcome = Fields | asyncio.Future[Any] | Coroutine[Any, Any, Fields]
+
+
+class Deferred:
+    """A command's work that the framing layer starts when the connection is ready for its
+    (possibly large) reply; see protocol.DeferredReply."""
+
+    __slots__ = ("start",)
+
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, Fields]]) -> None:
+        self.start = start
+
+
+# A command answers at once, or later through a future, a coroutine or deferred work.
+Outcome = Fields | asyncio.Future[Any] | Coroutine[Any, Any, Fields] | Deferred
 Command = Callable[[dict[str, Any], str], Outcome]
 
 _ENCODE = orjson.OPT_APPEND_NEWLINE
@@ -106,7 +118,7 @@ class CommandDispatcher:
         self._resolver = resolver
         self._stats = stats
         self._loop = asyncio.get_running_loop()
-        self._tasks: set[asyncio.Task[Fields]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.draining = False
         # The command table, built once from the op_* methods.
         self._commands: dict[str, Command] = {
@@ -157,13 +169,27 @@ class CommandDispatcher:
             return self._error(request_id, ErrorCode.INTERNAL, "internal server error")
         if isinstance(outcome, dict):
             return self._ok(request_id, outcome)
+        if isinstance(outcome, Deferred):
+            start = outcome.start
+            return DeferredReply(lambda: self._follow(start(), request_id, peer, op))
+        return self._follow(outcome, request_id, peer, op)
+
+    def _follow(
+        self,
+        outcome: asyncio.Future[Any] | Coroutine[Any, Any, Fields],
+        request_id: Any,
+        peer: str,
+        op: str,
+    ) -> asyncio.Future[bytes]:
+        """A future of the reply line for work that finishes later."""
         reply: asyncio.Future[bytes] = self._loop.create_future()
-        if not asyncio.isfuture(outcome):
-            task = self._loop.create_task(outcome)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            outcome = task
-        outcome.add_done_callback(functools.partial(self._settle, reply, request_id, peer, op))
+        if isinstance(outcome, asyncio.Future):
+            future: asyncio.Future[Any] = outcome
+        else:
+            future = self._loop.create_task(outcome)
+            self._tasks.add(future)
+            future.add_done_callback(self._tasks.discard)
+        future.add_done_callback(functools.partial(self._settle, reply, request_id, peer, op))
         return reply
 
     def error_reply(self, code: ErrorCode, message: str) -> bytes:
@@ -263,7 +289,8 @@ class CommandDispatcher:
 
     def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        return self._get_user(self._query(request, with_user=True, extra_fields=READ_FIELDS))
+        query = self._query(request, with_user=True, extra_fields=READ_FIELDS)
+        return Deferred(lambda: self._get_user(query))
 
     async def _get_user(self, query: Query) -> Fields:
         profile, page = await self._store.get_user(query)
@@ -275,7 +302,8 @@ class CommandDispatcher:
 
     def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        return self._get_all(self._query(request, with_user=False, extra_fields=READ_FIELDS), full_profiles=False)
+        query = self._query(request, with_user=False, extra_fields=READ_FIELDS)
+        return Deferred(lambda: self._get_all(query, full_profiles=False))
 
     async def _get_all(self, query: Query, *, full_profiles: bool) -> Fields:
         page: Page = await self._store.get_all(query)
@@ -289,7 +317,7 @@ class CommandDispatcher:
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
         query = self._query(request, with_user=False, extra_fields=ADMIN_FIELDS)
-        return self._get_all(query, full_profiles=True)
+        return Deferred(lambda: self._get_all(query, full_profiles=True))
 
     def op_import(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import socket
 import typing
+from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 from perfdb.config import format_address
@@ -21,8 +22,19 @@ from perfdb.errors import ErrorCode
 
 log = logging.getLogger("perfdb.protocol")
 
+
 # A reply is ready (bytes) or will be (a future that always resolves to bytes).
-Reply = bytes | asyncio.Future[bytes]
+class DeferredReply:
+    """Work whose reply may be large (a page of records): started only when every reply before
+    it is written and the client is reading, so one connection holds at most one such reply."""
+
+    __slots__ = ("start",)
+
+    def __init__(self, start: Callable[[], bytes | asyncio.Future[bytes]]) -> None:
+        self.start = start
+
+
+Reply = bytes | asyncio.Future[bytes] | DeferredReply
 
 
 class LineHandler(TypingProtocol):
@@ -201,7 +213,9 @@ class LineProtocol(asyncio.Protocol):
         if self._buffer and not self._closing:
             self._process_buffer()
         else:
+            self._write_ready()  # deferred work held back while the client was not reading
             self._update_reading()
+            self._close_if_done()
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -257,7 +271,7 @@ class LineProtocol(asyncio.Protocol):
 
     def _enqueue(self, reply: Reply) -> None:
         self._pending.append(reply)
-        if not isinstance(reply, bytes):
+        if isinstance(reply, asyncio.Future):
             reply.add_done_callback(self._on_reply_done)
 
     def _on_reply_done(self, _future: asyncio.Future[bytes]) -> None:
@@ -281,13 +295,22 @@ class LineProtocol(asyncio.Protocol):
         self._close_if_done()
 
     def _write_ready(self) -> None:
-        """Write every reply at the head of the queue that is ready, as one write."""
+        """Write every reply at the head of the queue that is ready, as one write; start deferred
+        work that has reached the head."""
         if self._closed or self._transport is None:
             return
         pending = self._pending
         ready: list[bytes] = []
         while pending:
             head = pending[0]
+            if isinstance(head, DeferredReply):
+                if self._write_paused:
+                    break  # the client is not reading: produce nothing more for it yet
+                started = head.start()
+                pending[0] = started
+                if not isinstance(started, bytes):
+                    started.add_done_callback(self._on_reply_done)
+                continue
             if isinstance(head, bytes):
                 ready.append(head)
             elif head.done():

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from perfdb.errors import ErrorCode
-from perfdb.protocol import ConnectionLimits, LineProtocol, Reply
+from perfdb.protocol import ConnectionLimits, DeferredReply, LineProtocol, Reply
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
 TOO_LONG = b"E:too-long\n"
@@ -831,3 +831,30 @@ async def test_drain_waits_for_a_quiet_moment_before_ending_the_stream() -> None
     assert transport.eof_sent
     assert handler.lines == [b"fast1", b"fast2"]
     assert transport.output == replies_for([b"fast1", b"fast2"])
+
+
+async def test_deferred_work_starts_at_the_head_and_only_while_the_client_reads() -> None:
+    conn = connect()
+    started: list[str] = []
+
+    def deferred(name: str) -> DeferredReply:
+        def start() -> bytes:
+            started.append(name)
+            return reply_for(name.encode())
+
+        return DeferredReply(start)
+
+    conn.protocol._enqueue(conn.handler.handle_line(b"slow1", "127.0.0.1:5555"))
+    conn.protocol._enqueue(deferred("page1"))
+    conn.protocol._write_ready()
+    assert started == []  # a reply before it is still owed
+    conn.handler.resolve(b"slow1")
+    await run_callbacks()
+    assert started == ["page1"]
+    conn.protocol.pause_writing()
+    conn.protocol._enqueue(deferred("page2"))
+    conn.protocol._write_ready()
+    assert started == ["page1"]  # the client is not reading: nothing more is produced for it
+    conn.protocol.resume_writing()
+    assert started == ["page1", "page2"]
+    assert conn.transport.output == replies_for([b"slow1", b"page1", b"page2"])

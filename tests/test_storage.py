@@ -165,7 +165,8 @@ async def test_import_keeps_ids_skips_existing_ids_and_never_replaces_a_profile(
             )
             stored = (await conn.request("get_all"))["records"]
             profile = (await conn.request("get_user", user_id="alice"))["user"]
-            huge = {**restored, "record_id": "1" + restored["record_id"][1:], "metrics": {"qps": 1}}
+            # A record that could be imported, beside one that cannot: neither may be stored.
+            huge = {**restored, "record_id": restored["record_id"][:-1] + "f", "metrics": {"qps": 1}}
             huge["timestamp"] = _timestamp_for(huge["record_id"])
             bad = await conn.request(
                 "import", admin_key="an-admin-key-of-some-length", records=[huge, {"record_id": "x"}], users=profiles
