@@ -355,6 +355,7 @@ class CommandDispatcher:
                 "records": writer.batched_records,
                 "mean_batch_size": round(writer.batched_records / writer.batches, 2) if writer.batches else 0.0,
                 "failed_batches": writer.failed_batches,
+                "reopens": writer.reopens,
                 "sync": self._config.sync,
             },
             "token_cache": {

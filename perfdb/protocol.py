@@ -11,8 +11,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import socket
+import sys
+import termios
 import typing
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
@@ -193,6 +196,13 @@ class LineProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client finished sending: answer what it sent, then close."""
         self._peer_done = True
+        if self._transport is not None and self._transport.get_extra_info("sslcontext") is not None:
+            # TLS cannot stay half-open: the transport closes whatever we return. Lines not
+            # yet started are dropped unrun; the client learns nothing of the ones in flight
+            # and must resend them with their request_ids (protocol_spec.md, shutdown).
+            self._giving_up = True
+            self._buffer.clear()
+            return False
         if self._closing and self._transport is not None:
             self._transport.close()  # both sides have ended the stream: no need to linger
             return True
@@ -351,6 +361,9 @@ class LineProtocol(asyncio.Protocol):
         if self._draining or self._closed:
             return
         self._draining = True
+        # Reading may have been paused (in-flight cap, a full send buffer): input may be
+        # waiting unread, so the quiet period counts from now.
+        self._last_received = self._loop.time()
         if not self._discarding:
             self._process_buffer()  # with _draining set, the in-flight cap no longer holds lines back
         self._close_if_done()
@@ -364,9 +377,11 @@ class LineProtocol(asyncio.Protocol):
             # Requests the client sent just before we began draining may still be in flight;
             # end the stream only once the connection has been quiet for a moment.
             quiet_for = self._loop.time() - self._last_received
-            if quiet_for < self._limits.drain_quiet:
+            unread = self._unread_bytes()
+            if quiet_for < self._limits.drain_quiet or unread:
                 if self._quiet_check is None:
-                    self._quiet_check = self._loop.call_later(self._limits.drain_quiet - quiet_for, self._recheck_close)
+                    wait = self._limits.drain_quiet if unread else self._limits.drain_quiet - quiet_for
+                    self._quiet_check = self._loop.call_later(wait, self._recheck_close)
                 return
         self._closing = True
         if self._peer_done or not transport.can_write_eof():
@@ -376,6 +391,17 @@ class LineProtocol(asyncio.Protocol):
         # destroy replies still in flight; send end-of-stream and let the client close.
         transport.write_eof()
         self._linger = self._loop.call_later(self._limits.linger, transport.close)
+
+    def _unread_bytes(self) -> int:
+        """Bytes the kernel holds for us that we have not read yet (0 if it cannot tell)."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is None:
+            return 0
+        try:
+            available = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return int.from_bytes(available, sys.byteorder)
 
     def _recheck_close(self) -> None:
         self._quiet_check = None

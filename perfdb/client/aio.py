@@ -32,6 +32,7 @@ class _ReplyStream(asyncio.Protocol):
         self._waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._closed = asyncio.Event()  # set once the transport is gone
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,6 +54,7 @@ class _ReplyStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or ConnectionResetError("the server closed the connection"))
+        self._closed.set()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -86,9 +88,15 @@ class _ReplyStream(asyncio.Protocol):
         if self.lost is not None:
             raise ConnectionError(str(self.lost))
 
-    def close(self) -> None:
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close, and wait (within `timeout`) until the transport is gone: TLS needs a round trip."""
         if self._transport is not None:
             self._transport.close()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._closed.wait()
+            except TimeoutError:
+                self._transport.abort()
 
 
 class AsyncClient:
@@ -127,8 +135,7 @@ class AsyncClient:
     async def close(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            stream.close()
-            await asyncio.sleep(0)  # let the transport finish closing
+            await stream.close()
 
     async def _connection(self) -> _ReplyStream:
         async with self._connecting:

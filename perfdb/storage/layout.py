@@ -2,6 +2,7 @@
 
     m:schema                     -> schema version (ASCII integer)
     m:records, m:users           -> counters (ASCII integers), updated in the same batch
+    m:heal                       -> empty; rewritten to test the database after a failed write
     p:<user_id>                  -> the user's profile (JSON)
     r:<record_id><user_id>       -> the record (checksummed JSON); record ids sort by time
     u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
@@ -22,6 +23,7 @@ SCHEMA_VERSION = 1
 SCHEMA_KEY = b"m:schema"
 RECORD_COUNT_KEY = b"m:records"
 USER_COUNT_KEY = b"m:users"
+HEAL_PROBE_KEY = b"m:heal"  # written (empty) to test LevelDB's health after a failed write
 PROFILE_PREFIX = b"p:"
 RECORD_PREFIX = b"r:"
 USER_INDEX_PREFIX = b"u:"

@@ -10,8 +10,9 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import plyvel
@@ -33,6 +34,9 @@ SCAN_BUDGET = 50_000
 # reply (and the memory behind it) stays bounded.
 PAGE_BYTES = 8 * 1024 * 1024
 _READ_THREADS = 4
+
+
+_T = TypeVar("_T")
 
 
 class StoreOpenError(Exception):
@@ -110,18 +114,9 @@ class ResultStore:
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Lock, open and check the database, then start the writer. Blocking; raises StoreOpenError."""
-        real_path = self._lock.acquire()
+        self._real_path = self._lock.acquire()
         try:
-            self._db = plyvel.DB(
-                str(real_path),
-                create_if_missing=True,
-                bloom_filter_bits=10,
-                lru_cache_size=64 * 1024 * 1024,
-                # Large memtables flush less often: each flush's compaction slows the fsyncs
-                # of concurrent commits (ack p99 at 8k records/s: 16 ms with 4 MiB, 3.4 ms with 64).
-                write_buffer_size=64 * 1024 * 1024,
-                paranoid_checks=self._paranoid_checks,
-            )
+            self._db = self._open_leveldb()
         except plyvel.Error as exc:
             self._lock.release()
             raise StoreOpenError(f"cannot open database {self._path}: {exc}") from None
@@ -140,6 +135,8 @@ class ResultStore:
         self._writer = GroupCommitWriter(
             self._db,
             loop,
+            directory=self._real_path,
+            reopen=self._reopen,
             sync=self._sync,
             max_batch=self._max_batch,
             record_count=record_count,
@@ -147,6 +144,28 @@ class ResultStore:
             last_record_id=last_record_id,
         )
         self._writer.start()
+
+    def _open_leveldb(self) -> plyvel.DB:
+        return plyvel.DB(
+            str(self._real_path),
+            create_if_missing=True,
+            bloom_filter_bits=10,
+            lru_cache_size=64 * 1024 * 1024,
+            # Large memtables flush less often: each flush's compaction slows the fsyncs
+            # of concurrent commits (ack p99 at 8k records/s: 16 ms with 4 MiB, 3.4 ms with 64).
+            write_buffer_size=64 * 1024 * 1024,
+            paranoid_checks=self._paranoid_checks,
+        )
+
+    def _reopen(self) -> plyvel.DB:
+        """Close and reopen LevelDB (writer thread; see GroupCommitWriter._heal). Reads in
+        progress on the old handle fail with storage_error. Raises plyvel.Error."""
+        old, self._db = self._db, None
+        if old is not None:
+            old.close()
+        self._db = self._open_leveldb()
+        log.warning("database reopened after a failed write")
+        return self._db
 
     def _check_schema(self) -> None:
         assert self._db is not None
@@ -196,16 +215,23 @@ class ResultStore:
 
     async def get_user(self, query: Query) -> tuple[dict[str, Any], Page]:
         """The user's stored profile and one page of their records; not_found for unknown users."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._read_user_page, query)
+        return await self._read(self._read_user_page, query)
 
     async def get_all(self, query: Query) -> Page:
         """One page of every user's records, in time order."""
+        return await self._read(self._read_all_page, query)
+
+    async def _read(self, read: Callable[[Query], _T], query: Query) -> _T:
+        """Run a read on the reader threads; LevelDB failures become storage_error."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._read_all_page, query)
+        try:
+            return await loop.run_in_executor(self._readers, read, query)
+        except (plyvel.Error, RuntimeError) as exc:  # RuntimeError: the handle closed under the read
+            log.error("read failed: %s", exc)
+            raise PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not be read; retry later") from None
 
     def _database(self) -> plyvel.DB:
-        if self._db is None:
+        if self._db is None:  # closed, or being reopened after a failed write
             raise PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         return self._db
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,6 +28,11 @@ from perfdb.storage import layout
 from perfdb.timestamps import format_micros
 
 log = logging.getLogger("perfdb.storage")
+
+# Keys past every key perfdb writes: compacting this empty range only renews the log.
+_HEAL_RANGE_START = b"\xfe"
+_HEAL_RANGE_STOP = b"\xfe\x00"
+_ROOM_TO_REOPEN = 4 * 1024 * 1024  # free bytes below which reopening would fail anyway
 
 # Profiles kept in memory to skip re-reading ones that did not change; past this many the
 # cache is emptied and refills from the database as users come back.
@@ -178,6 +185,8 @@ class GroupCommitWriter:
         db: plyvel.DB,
         loop: asyncio.AbstractEventLoop,
         *,
+        directory: Path,
+        reopen: Callable[[], plyvel.DB],
         sync: bool,
         max_batch: int,
         record_count: int,
@@ -185,6 +194,9 @@ class GroupCommitWriter:
         last_record_id: str | None,
     ) -> None:
         self._db = db
+        self._directory = directory
+        self._reopen = reopen
+        self._needs_heal = False  # a write failed: LevelDB's log may hold a torn record
         self._loop = loop
         self._sync = sync
         self._max_batch = max_batch
@@ -199,6 +211,7 @@ class GroupCommitWriter:
         self.batches = 0
         self.batched_records = 0
         self.failed_batches = 0
+        self.reopens = 0
         # Test seam: replaces the batch write to inject storage faults.
         self.write_batch_hook: Callable[[], None] | None = None
 
@@ -267,13 +280,45 @@ class GroupCommitWriter:
     def _commit(self, items: list[Submission | Restoration]) -> None:
         outcomes: list[Outcome]
         try:
+            if self._needs_heal:
+                self._heal()
             outcomes = self._write(items)
         except Exception as exc:  # any failure of the batch fails every submission in it
             self.failed_batches += 1
+            self._needs_heal = True
             log.error("write batch of %d submissions failed: %s", len(items), exc)
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
             outcomes = [(item.future, error) for item in items]
         self._loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _heal(self) -> None:
+        """Make LevelDB start a fresh log before writing again (raises while it cannot).
+
+        A failed append can leave a torn record in the log, and at the next recovery LevelDB
+        drops every record after it in that log: later acknowledged writes would be lost.
+        Compacting an empty key range makes LevelDB flush its memtable and switch logs, with
+        reads carrying on. A failed flush makes LevelDB refuse every later write on this
+        handle; once there is room again, the database is reopened to clear that.
+        """
+        try:
+            self._db.compact_range(start=_HEAL_RANGE_START, stop=_HEAL_RANGE_STOP)
+            # The flush runs in LevelDB's background thread and reports no error here: a
+            # durable probe write shows whether LevelDB is healthy again.
+            self._db.put(layout.HEAL_PROBE_KEY, b"", sync=True)
+        except plyvel.Error:
+            if not self._has_room():
+                raise
+            self._db = self._reopen()
+            self.reopens += 1
+        self._needs_heal = False
+        log.warning("database log renewed after a failed write; writes resume")
+
+    def _has_room(self) -> bool:
+        try:
+            stats = os.statvfs(self._directory)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize >= _ROOM_TO_REOPEN
 
     def _write(self, items: list[Submission | Restoration]) -> list[Outcome]:
         batch = _Batch(self)
