@@ -109,37 +109,31 @@ def read_secret(path: str | None, env_var: str, prompt: str, what: str) -> str:
     return secret
 
 
+def _json_object(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    return document
+
+
 def read_documents(stream: IO[bytes], name: str) -> Iterator[dict[str, Any]]:
     """The JSON objects in a file: one document (pretty-printed or not), or one per line."""
     first = stream.readline()
     try:
-        document = orjson.loads(first) if first.strip() else None
+        complete_first_line = isinstance(orjson.loads(first), dict) if first.strip() else False
     except orjson.JSONDecodeError:
-        document = None
-    if document is None:
+        complete_first_line = False
+    if not complete_first_line:
         # Not a complete object on the first line: the whole file is one document.
-        data = first + stream.read()
-        try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise InputError(f"{name}: not JSON or NDJSON ({exc})") from None
-        if not isinstance(document, dict):
-            raise InputError(f"{name}: expected a JSON object")
-        yield document
+        yield _json_object(first + stream.read(), name)
         return
-    if not isinstance(document, dict):
-        raise InputError(f"{name}: line 1: expected a JSON object")
-    yield document
+    yield _json_object(first, f"{name}: line 1")
     for number, line in enumerate(stream, start=2):
-        if not line.strip():
-            continue
-        try:
-            document = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise InputError(f"{name}: line {number}: not JSON ({exc})") from None
-        if not isinstance(document, dict):
-            raise InputError(f"{name}: line {number}: expected a JSON object")
-        yield document
+        if line.strip():
+            yield _json_object(line, f"{name}: line {number}")
 
 
 def record_fields(document: dict[str, Any], name: str) -> dict[str, Any]:

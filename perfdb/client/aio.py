@@ -11,6 +11,7 @@ from typing import Any
 from perfdb.client.common import (
     NO_RETRY,
     TIMEOUT,
+    ClientSettings,
     PerfdbClientError,
     RecordWindow,
     RetryPolicy,
@@ -20,7 +21,6 @@ from perfdb.client.common import (
     may_resend,
     with_request_id,
 )
-from perfdb.config import parse_address
 
 
 class _ReplyStream(asyncio.Protocol):
@@ -99,7 +99,7 @@ class _ReplyStream(asyncio.Protocol):
                 self._transport.abort()
 
 
-class AsyncClient:
+class AsyncClient(ClientSettings):
     """A perfdb client for asyncio code. Use `async with AsyncClient("host:port") as client:`."""
 
     def __init__(
@@ -112,12 +112,14 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         read_key: str | None = None,
     ) -> None:
-        self.host, self.port = parse_address(address)
-        self._read_key = read_key  # sent with get_user, get_all and stats when the server wants one
-        self._ssl = ssl_context
-        self._connect_timeout = connect_timeout
-        self._request_timeout = request_timeout
-        self._retry = retry or RetryPolicy()
+        super().__init__(
+            address,
+            ssl_context=ssl_context,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            retry=retry,
+            read_key=read_key,
+        )
         self._stream: _ReplyStream | None = None
         self._connecting = asyncio.Lock()
 
@@ -152,9 +154,7 @@ class AsyncClient:
                         server_hostname=self.host if self._ssl else None,
                     )
             except TimeoutError:
-                raise PerfdbClientError(
-                    TIMEOUT, f"no connection to {self.host}:{self.port} within {self._connect_timeout}s", True
-                ) from None
+                raise self._connect_timed_out() from None
             except (OSError, ssl.SSLError) as exc:
                 raise connection_failed(exc) from None
             self._stream = stream

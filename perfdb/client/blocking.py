@@ -13,6 +13,7 @@ from typing import Any
 from perfdb.client.common import (
     NO_RETRY,
     TIMEOUT,
+    ClientSettings,
     PerfdbClientError,
     RecordWindow,
     RetryPolicy,
@@ -22,12 +23,11 @@ from perfdb.client.common import (
     may_resend,
     with_request_id,
 )
-from perfdb.config import parse_address
 
 _READ_CHUNK = 256 * 1024
 
 
-class Client:
+class Client(ClientSettings):
     """A perfdb client for code without an event loop (the web frontend, scripts).
 
     Not thread-safe: give each thread its own Client.
@@ -43,12 +43,14 @@ class Client:
         retry: RetryPolicy | None = None,
         read_key: str | None = None,
     ) -> None:
-        self.host, self.port = parse_address(address)
-        self._read_key = read_key  # sent with get_user, get_all and stats when the server wants one
-        self._ssl = ssl_context
-        self._connect_timeout = connect_timeout
-        self._request_timeout = request_timeout
-        self._retry = retry or RetryPolicy()
+        super().__init__(
+            address,
+            ssl_context=ssl_context,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            retry=retry,
+            read_key=read_key,
+        )
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
 
@@ -84,9 +86,7 @@ class Client:
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
         except TimeoutError:
-            raise PerfdbClientError(
-                TIMEOUT, f"no connection to {self.host}:{self.port} within {self._connect_timeout}s", True
-            ) from None
+            raise self._connect_timed_out() from None
         except (OSError, ssl.SSLError) as exc:
             raise connection_failed(exc) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from perfdb.config import parse_address
 from perfdb.errors import ErrorCode
 
 # Client-side codes, beside the server's (perfdb.errors.ErrorCode): the request may or may
@@ -24,6 +25,32 @@ PROTOCOL_ERROR = "protocol_error"
 IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "export", "import"})
 # Ops that carry the read key when the client has one.
 READ_OPS = frozenset({"stats", "get_user", "get_all"})
+
+
+class ClientSettings:
+    """Where and how a client connects; shared by AsyncClient and the blocking Client."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        read_key: str | None = None,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._retry = retry or RetryPolicy()
+        self._read_key = read_key  # sent with get_user, get_all and stats when the server wants one
+
+    def _connect_timed_out(self) -> PerfdbClientError:
+        return PerfdbClientError(
+            TIMEOUT, f"no connection to {self.host}:{self.port} within {self._connect_timeout}s", True
+        )
 
 
 class PerfdbClientError(Exception):
