@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import plyvel
 import pytest
 
 from perfdb import record_ids
+from perfdb.config import config_from_args
 from perfdb.record_ids import RecordIdClock
 from perfdb.storage import ResultStore, StoreOpenError, layout
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
@@ -127,8 +129,10 @@ class RecordingDB:
 async def test_write_batches_are_synchronous_by_default(tmp_path: Path) -> None:
     seen: list[bool] = []
     async with userinfo_server() as provider:
-        for sync in (True, False):
-            config = make_config(tmp_path / f"db-{sync}", provider.url, sync=sync)
+        for flags, sync in (([], True), (["--no-sync"], False)):
+            # The default comes from the command line, as an operator gets it.
+            parsed = config_from_args(["--address=127.0.0.1:0", f"--userinfo-url={provider.url}", *flags])
+            config = dataclasses.replace(parsed, database=tmp_path / f"db-{sync}")
             async with running_server(config) as server, connect(server) as conn:
                 server.store.writer._db = RecordingDB(server.store.writer._db, seen)
                 assert (await conn.request(**record_request()))["ok"]
