@@ -109,7 +109,10 @@ def load_static_tokens(path: Path) -> dict[bytes, Profile]:
             or len(STATIC_USER_PREFIX + user_id) > MAX_USER_ID_CHARS
             or "\x00" in user_id
         ):
-            raise ValueError(f'{where}: "user_id" must be a non-empty string')
+            raise ValueError(
+                f'{where}: "user_id" must be a non-empty string of at most '
+                f"{MAX_USER_ID_CHARS - len(STATIC_USER_PREFIX)} characters"
+            )
         if digest in tokens:
             raise ValueError(f"{where}: the same token hash appears twice")
         tokens[digest] = Profile.create(STATIC_USER_PREFIX + user_id, _clean_claims(entry))

@@ -219,7 +219,10 @@ def _fit(text: str, width: int) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -288,7 +291,8 @@ def _submission_requests(
 ) -> Iterator[dict[str, Any]]:
     for document in read_documents(stream, name):
         fields = {**record_fields(document, name), **overrides}
-        fields.setdefault("request_id", content_request_id(fields))
+        if fields.get("request_id") is None:  # absent or null: derive it from the content
+            fields["request_id"] = content_request_id({k: v for k, v in fields.items() if k != "request_id"})
         yield {**fields, "access_token": token}
 
 
@@ -443,7 +447,9 @@ async def cmd_repair(args: argparse.Namespace) -> int:
     for record_id in report.damaged:
         print(f"damaged record {record_id}{' (dropped)' if report.dropped else ''}")
     print(f"{report.dangling_index_entries} index entries without their record{' (dropped)' if report.dropped else ''}")
-    if (report.damaged or report.dangling_index_entries) and not report.dropped:
+    if report.counters_wrong:
+        print(f"the stored counters were wrong{' (rewritten)' if report.dropped else ''}")
+    if (report.damaged or report.dangling_index_entries or report.counters_wrong) and not report.dropped:
         print("run again with --drop-damaged to delete them and fix the counters")
         return EXIT_REFUSED
     return EXIT_OK

@@ -409,13 +409,17 @@ class LineProtocol(asyncio.Protocol):
 
     def check_deadlines(self, now: float) -> None:
         """Enforce the write, line and idle timeouts (called about once a second by the server)."""
-        if self._closed or self._closing or self._giving_up or self._transport is None:
+        if self._closed or self._transport is None:
             return
         limits = self._limits
+        # The write timeout holds in every state: a client that reads nothing is dropped.
         if self._write_paused_since is not None and now - self._write_paused_since > limits.write_timeout:
             log.warning("%s: not reading its replies for %.0fs; dropped", self._peer, limits.write_timeout)
             self._transport.abort()
-        elif self._partial_since is not None and now - self._partial_since > limits.line_timeout:
+            return
+        if self._closing or self._giving_up:
+            return
+        if self._partial_since is not None and now - self._partial_since > limits.line_timeout:
             log.info("%s: request line not completed within %.0fs; closing", self._peer, limits.line_timeout)
             self._give_up(f"request line not completed within {limits.line_timeout:g}s; closing")
         elif not self._pending and self._partial_since is None and now - self._last_activity > limits.idle_timeout:

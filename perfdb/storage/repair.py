@@ -22,6 +22,7 @@ class RepairReport:
     users: int = 0
     damaged: list[str] = dataclasses.field(default_factory=list)  # ids of records that fail it
     dangling_index_entries: int = 0  # user-index or idempotency entries without their record
+    counters_wrong: bool = False  # the stored record or user count disagrees with what is there
     dropped: bool = False
 
 
@@ -30,6 +31,9 @@ def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
     index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
     lock = DatabaseLock(path)
     real_path = lock.acquire(create=False)
+    if not (real_path / "CURRENT").is_file():
+        lock.release()
+        raise StoreOpenError(f"{path} holds no LevelDB database")
     try:
         try:
             plyvel.repair_db(str(real_path))
@@ -65,10 +69,18 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
             report.dangling_index_entries += 1
             doomed.append(key)
     for key, value in db.iterator(prefix=layout.IDEMPOTENCY_PREFIX):
-        if orjson.loads(value).get("record_id") not in good:
+        try:
+            target = orjson.loads(value).get("record_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            target = None  # a damaged entry points nowhere
+        if target not in good:
             report.dangling_index_entries += 1
             doomed.append(key)
     report.users = sum(1 for _ in db.iterator(prefix=layout.PROFILE_PREFIX, include_value=False))
+    report.counters_wrong = (
+        db.get(layout.RECORD_COUNT_KEY) != str(report.records).encode()
+        or db.get(layout.USER_COUNT_KEY) != str(report.users).encode()
+    )
     if drop_damaged:
         with db.write_batch(sync=True) as batch:
             for key in doomed:

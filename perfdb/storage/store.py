@@ -105,6 +105,7 @@ class ResultStore:
         self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
         self._lock = DatabaseLock(path)
+        self._closed = False
         self._db: plyvel.DB | None = None
         self._writer: GroupCommitWriter | None = None
         self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="perfdb-read")
@@ -193,6 +194,7 @@ class ResultStore:
         if self._writer is not None:
             self._writer.stop()
         self._readers.shutdown(wait=True)
+        self._closed = True
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -231,7 +233,9 @@ class ResultStore:
             raise PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not be read; retry later") from None
 
     def _database(self) -> plyvel.DB:
-        if self._db is None:  # closed, or being reopened after a failed write
+        if self._db is None and not self._closed:
+            raise PerfdbError(ErrorCode.STORAGE_ERROR, "the database is being reopened after a failed write")
+        if self._db is None:
             raise PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         return self._db
 

@@ -305,7 +305,7 @@ class GroupCommitWriter:
             # The flush runs in LevelDB's background thread and reports no error here: a
             # durable probe write shows whether LevelDB is healthy again.
             self._db.put(layout.HEAL_PROBE_KEY, b"", sync=True)
-        except plyvel.Error:
+        except (plyvel.Error, RuntimeError):  # RuntimeError: a reopen failed and left it closed
             if not self._has_room():
                 raise
             self._db = self._reopen()
