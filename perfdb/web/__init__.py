@@ -1,0 +1,1 @@
+"""The perfdb web dashboard: an aiohttp application that reads results from a perfdb server."""

@@ -1,0 +1,760 @@
+"""The dashboard's HTML: one function per page, all values escaped by perfdb.web.markup."""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from perfdb import __version__
+from perfdb.units import CORE_METRICS, format_value
+from perfdb.web.analysis import LeaderboardEntry
+from perfdb.web.markup import Markup, concat, render
+from perfdb.web.queries import (
+    DEFAULT_BINS,
+    DEFAULT_PER_PAGE,
+    HISTOGRAM_BINS,
+    METRICS_BY_NAME,
+    OPTIONAL_COLUMNS,
+    PER_PAGE_CHOICES,
+    QUICK_RANGES,
+    Filters,
+    OverviewView,
+    TableView,
+    UserView,
+    build_url,
+    higher_is_better,
+    quick_range,
+)
+from perfdb.web.source import ResultRow, display_name
+
+COLUMN_LABELS = {
+    "time": "Time (UTC)",
+    "user": "User",
+    "test": "Test",
+    "tag": "Tag",
+    **{metric.name: metric.label for metric in CORE_METRICS},
+}
+# Longer descriptions for headers' tooltips and the result page.
+METRIC_DESCRIPTIONS = {
+    "qps": "queries per second",
+    "qps_per_core": "queries per second per server core",
+    "perc_lat_50": "median latency",
+    "perc_lat_90": "90th percentile latency",
+    "perc_lat_95": "95th percentile latency",
+    "perc_lat_99": "99th percentile latency",
+    "perc_lat_99_point_9": "99.9th percentile latency",
+    "server_system_time": "server system CPU time",
+    "server_user_time": "server user CPU time",
+    "client_system_time": "client system CPU time",
+    "client_user_time": "client user CPU time",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Site:
+    """What every page needs to know about the dashboard itself."""
+
+    server_address: str
+    assets: Mapping[str, str]  # static file name -> URL with a content hash, so caches never go stale
+
+
+def user_url(user_id: str) -> str:
+    return "/users/" + urllib.parse.quote(user_id, safe="")
+
+
+def result_url(record_id: str) -> str:
+    return "/results/" + record_id
+
+
+def short_time(timestamp: str) -> str:
+    """2026-11-29T08:21:31.356665Z -> 2026-11-29 08:21"""
+    return timestamp[:16].replace("T", " ")
+
+
+def time_cell(timestamp: str) -> Markup:
+    return render('<time datetime="{full}" title="{full}">{short}</time>', full=timestamp, short=short_time(timestamp))
+
+
+def layout(site: Site, *, title: str, active: str, body: Markup, scripts: Iterable[str] = ()) -> Markup:
+    nav = concat(
+        render('<a href="{href}"{current}>{label}</a>', href=href, label=label, current=_current(name == active))
+        for name, href, label in (("results", "/", "Results"), ("overview", "/overview", "Overview"))
+    )
+    script_tags = concat(
+        render('<script src="{src}" defer></script>', src=site.assets[name])
+        for name in ("vendor/uplot/uPlot.iife.min.js", *scripts)
+        if scripts
+    )
+    return render(
+        """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · perfdb</title>
+<link rel="icon" href="{favicon}">
+<link rel="stylesheet" href="{uplot_css}">
+<link rel="stylesheet" href="{css}">
+</head>
+<body data-page="{active}">
+<header class="topbar">
+  <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>perfdb</a>
+  <nav aria-label="Pages">{nav}</nav>
+  <span class="server" title="perfdb server this dashboard reads from">{server}</span>
+</header>
+<main>
+{body}
+</main>
+<footer>perfdb {version} · reading from {server} · <a href="/api">JSON API</a></footer>
+<script src="{common_js}" defer></script>
+{script_tags}
+</body>
+</html>
+""",
+        title=title,
+        active=active,
+        nav=nav,
+        body=body,
+        server=site.server_address,
+        version=__version__,
+        favicon=site.assets["favicon.svg"],
+        uplot_css=site.assets["vendor/uplot/uPlot.min.css"],
+        css=site.assets["dashboard.css"],
+        common_js=site.assets["dashboard.js"],
+        script_tags=script_tags,
+    )
+
+
+def _current(is_current: bool) -> Markup:
+    return Markup(' aria-current="page"') if is_current else Markup("")
+
+
+def _selected(is_selected: bool) -> Markup:
+    return Markup(" selected") if is_selected else Markup("")
+
+
+def _checked(is_checked: bool) -> Markup:
+    return Markup(" checked") if is_checked else Markup("")
+
+
+def _date_input(name: str, label: str, value: str) -> Markup:
+    # A plain day gets the browser's date picker; a full RFC 3339 time stays editable as text.
+    kind = "date" if value == "" or len(value) == 10 else "text"
+    return render(
+        '<div class="field"><label for="f-{name}">{label}</label>'
+        '<input id="f-{name}" name="{name}" type="{kind}" value="{value}" placeholder="2026-01-31"></div>',
+        name=name,
+        label=label,
+        kind=kind,
+        value=value,
+    )
+
+
+def _text_input(name: str, label: str, value: str, *, datalist: str = "", placeholder: str = "") -> Markup:
+    return render(
+        '<div class="field"><label for="f-{name}">{label}</label>'
+        '<input id="f-{name}" name="{name}" value="{value}" placeholder="{placeholder}"{list}></div>',
+        name=name,
+        label=label,
+        value=value,
+        placeholder=placeholder,
+        list=render(' list="{id}"', id=datalist) if datalist else Markup(""),
+    )
+
+
+def _datalist(element_id: str, values: Iterable[str]) -> Markup:
+    options = concat(render('<option value="{value}">', value=value) for value in sorted(set(values)) if value)
+    return render('<datalist id="{id}">{options}</datalist>', id=element_id, options=options)
+
+
+def _quick_ranges(url_for_range: Any, filters: Filters) -> Markup:
+    """Links to common date ranges; the current one is marked."""
+    links = []
+    for label, days in QUICK_RANGES:
+        date_from, date_to = quick_range(days)
+        current = (filters.date_from, filters.date_to) == (date_from, date_to)
+        links.append(
+            render(
+                '<a href="{href}"{current}>{label}</a>',
+                href=url_for_range(date_from, date_to),
+                label=label,
+                current=_current(current),
+            )
+        )
+    all_time = not filters.date_from and not filters.date_to
+    links.append(
+        render('<a href="{href}"{current}>All time</a>', href=url_for_range("", ""), current=_current(all_time))
+    )
+    return render(
+        '<nav class="quick-ranges" aria-label="Date range"><span>Range:</span>{links}</nav>', links=concat(links)
+    )
+
+
+def notice(text: str, kind: str = "info") -> Markup:
+    return render('<p class="notice notice-{kind}" role="status">{text}</p>', kind=kind, text=text)
+
+
+# -- results table -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TablePage:
+    """One page of the results table, as the handler found it."""
+
+    rows: list[ResultRow]  # in display order
+    users: dict[str, dict[str, Any]]
+    previous: TableView | None  # toward the start of the order
+    next: TableView | None  # further along the order
+    first: TableView | None  # the start of the order, when this page is not it
+    summary: str
+    truncated_note: str | None = None
+
+
+def results_page(site: Site, view: TableView, page: TablePage) -> Markup:
+    filters = view.filters
+    columns = view.visible_columns
+    hidden = concat(
+        render('<input type="hidden" name="{name}" value="{value}">', name=name, value=value)
+        for name, value in view.params()
+        if name in ("sort", "order")
+    )
+    column_boxes = concat(
+        render(
+            '<label><input type="checkbox" name="cols" value="{name}"{checked}> {label}</label>',
+            name=name,
+            label=COLUMN_LABELS[name],
+            checked=_checked(name in view.columns),
+        )
+        for name in OPTIONAL_COLUMNS
+    )
+    per_page = concat(
+        render('<option value="{n}"{sel}>{n}</option>', n=n, sel=_selected(n == view.per_page))
+        for n in PER_PAGE_CHOICES
+    )
+    form = render(
+        """<form class="filters" method="get" action="/" id="filters">
+  {test}{tag}{user}{search}{date_from}{date_to}
+  <div class="field"><label for="f-per_page">Per page</label>
+    <select id="f-per_page" name="per_page" data-default="{default_per_page}">{per_page}</select></div>
+  {hidden}
+  <details class="columns"><summary>Columns</summary><input type="hidden" name="cols" value="">
+    <div class="column-boxes">{column_boxes}</div></details>
+  <div class="actions"><button type="submit">Apply</button><a class="button-link" href="/">Reset</a></div>
+</form>
+{lists}""",
+        test=_text_input("test", "Test", filters.test, datalist="tests-list", placeholder="any test"),
+        tag=_text_input("tag", "Tag", filters.tag, datalist="tags-list", placeholder="any tag"),
+        user=_text_input("user", "User id", filters.user, datalist="users-list", placeholder="any user"),
+        search=_text_input("q", "Search", filters.search, placeholder="words in test, tag or user"),
+        date_from=_date_input("from", "From", filters.date_from),
+        date_to=_date_input("to", "To", filters.date_to),
+        per_page=per_page,
+        default_per_page=DEFAULT_PER_PAGE,
+        hidden=hidden,
+        column_boxes=column_boxes,
+        lists=concat(
+            [
+                _datalist("tests-list", (row.test_name for row in page.rows)),
+                _datalist("tags-list", (row.tag for row in page.rows)),
+                _datalist("users-list", (row.user_id for row in page.rows)),
+            ]
+        ),
+    )
+    ranges = _quick_ranges(
+        lambda date_from, date_to: view.first_page(filters=filters.with_dates(date_from, date_to)).url(), filters
+    )
+    head = concat(_header_cell(view, column) for column in columns)
+    body_rows = concat(_result_row(row, columns, page.users) for row in page.rows)
+    if page.rows:
+        table = render(
+            '<div class="table-wrap"><table class="results" id="results-table">'
+            "<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>",
+            head=head,
+            rows=body_rows,
+        )
+    else:
+        table = render(
+            '<div class="empty" id="no-results"><p>No results match these filters.</p>'
+            '<p><a href="{reset}">Show all results</a></p></div>',
+            reset="/",
+        )
+    pager = _pager(view, page)
+    body = render(
+        """<section class="page-head">
+  <h1>Results</h1>
+  <p class="lede">Every benchmark result in perfdb. A test opens the full result; a user opens their charts.</p>
+</section>
+{form}
+{ranges}
+<p class="summary" id="summary">{summary}</p>
+{truncated}
+{table}
+{pager}""",
+        form=form,
+        ranges=ranges,
+        summary=page.summary,
+        truncated=notice(page.truncated_note, "warn") if page.truncated_note else Markup(""),
+        table=table,
+        pager=pager,
+    )
+    return layout(site, title="Results", active="results", body=body)
+
+
+def _header_cell(view: TableView, column: str) -> Markup:
+    sorted_here = view.sort == column
+    aria = ("descending" if view.descending else "ascending") if sorted_here else "none"
+    arrow = ("▼" if view.descending else "▲") if sorted_here else ""
+    numeric = column in METRICS_BY_NAME
+    title = METRIC_DESCRIPTIONS.get(column, "") + (
+        " (higher is better)" if numeric and higher_is_better(column) else " (lower is better)" if numeric else ""
+    )
+    return render(
+        '<th scope="col" class="{cls}" data-column="{column}" aria-sort="{aria}" title="{title}">'
+        '<a href="{href}">{label}<span class="arrow" aria-hidden="true">{arrow}</span></a></th>',
+        cls="num" if numeric else "text",
+        column=column,
+        aria=aria,
+        title=title.strip(),
+        href=view.sorted_by(column).url(),
+        label=COLUMN_LABELS[column],
+        arrow=arrow,
+    )
+
+
+def _result_row(row: ResultRow, columns: list[str], users: dict[str, dict[str, Any]]) -> Markup:
+    cells = []
+    for column in columns:
+        if column == "time":
+            cells.append(render('<td class="time">{time}</td>', time=time_cell(row.timestamp)))
+        elif column == "user":
+            cells.append(
+                render(
+                    '<td class="user"><a href="{href}" title="{user_id}">{name}</a></td>',
+                    href=user_url(row.user_id),
+                    user_id=row.user_id,
+                    name=display_name(row.user_id, users.get(row.user_id)),
+                )
+            )
+        elif column == "test":
+            cells.append(
+                render(
+                    '<td class="test"><a href="{href}" title="{name}">{name}</a></td>',
+                    href=result_url(row.record_id),
+                    name=row.test_name,
+                )
+            )
+        elif column == "tag":
+            cells.append(
+                render(
+                    '<td class="tag">{chip}</td>',
+                    chip=render('<span class="chip">{tag}</span>', tag=row.tag) if row.tag else "",
+                )
+            )
+        else:
+            value = row.metrics.get(column)
+            unit = METRICS_BY_NAME[column].unit
+            cells.append(
+                render(
+                    '<td class="num" data-value="{raw}" title="{raw}">{text}</td>',
+                    raw="" if value is None else repr(value),
+                    text=format_value(value, unit),
+                )
+            )
+    return render('<tr data-record-id="{id}">{cells}</tr>', id=row.record_id, cells=concat(cells))
+
+
+def _pager(view: TableView, page: TablePage) -> Markup:
+    if view.by_time:
+        toward_start, further = ("Newer", "Older") if view.descending else ("Earlier", "Later")
+        first = "Newest" if view.descending else "Oldest"
+    else:
+        toward_start, further, first = "Previous", "Next", "First"
+    links = [
+        _pager_link(page.first, f"⇤ {first}", "first"),
+        _pager_link(page.previous, f"← {toward_start}", "prev"),
+        _pager_link(page.next, f"{further} →", "next"),
+    ]
+    return render('<nav class="pager" aria-label="Pages">{links}</nav>', links=concat(links))
+
+
+def _pager_link(view: TableView | None, label: str, rel: str) -> Markup:
+    if view is None:
+        return render('<span class="disabled">{label}</span>', label=label)
+    return render('<a href="{url}" rel="{rel}" data-pager="{rel}">{label}</a>', url=view.url(), rel=rel, label=label)
+
+
+# -- user page ---------------------------------------------------------------------------
+
+
+def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
+    filters = view.filters
+    name = display_name(view.user_id, profile)
+    test_options = render('<option value="">All tests (one line each)</option>')
+    if filters.test:
+        test_options = concat([test_options, render('<option value="{t}" selected>{t}</option>', t=filters.test)])
+    form = render(
+        """<form class="filters" method="get" action="{action}" id="filters">
+  <div class="field wide"><label for="f-test">Test</label>
+    <select id="f-test" name="test" data-current="{test}">{options}</select></div>
+  {tag}{date_from}{date_to}
+  <div class="actions"><button type="submit">Apply</button><a class="button-link" href="{action}">Reset</a></div>
+</form>""",
+        action=view.path,
+        test=filters.test,
+        options=test_options,
+        tag=_text_input("tag", "Tag", filters.tag, placeholder="any tag"),
+        date_from=_date_input("from", "From", filters.date_from),
+        date_to=_date_input("to", "To", filters.date_to),
+    )
+    ranges = _quick_ranges(lambda date_from, date_to: view.url(**_dates(filters, date_from, date_to)), filters)
+    table_link = build_url("/", [("user", view.user_id), *view.params()])
+    body = render(
+        """<section class="page-head">
+  <h1>{name}</h1>
+  <p class="lede"><code>{user_id}</code> · <a href="{table}">these results as a table</a></p>
+</section>
+{form}
+{ranges}
+<p class="summary" id="chart-summary" aria-live="polite">Loading results…</p>
+<div class="charts" id="charts" data-api="{api}"></div>
+<div class="chart-tooltip" id="chart-tooltip" hidden></div>""",
+        name=name,
+        user_id=view.user_id,
+        table=table_link,
+        form=form,
+        ranges=ranges,
+        api=view.api_url(),
+    )
+    return layout(site, title=name, active="user", body=body, scripts=("charts.js",))
+
+
+def _dates(filters: Filters, date_from: str, date_to: str) -> dict[str, Any]:
+    changed = filters.with_dates(date_from, date_to)
+    return {"date_from": changed.date_from, "date_to": changed.date_to, "since": changed.since, "until": changed.until}
+
+
+# -- overview ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OverviewPage:
+    tests: list[tuple[str, int]]  # in the range, most frequent first
+    leaderboard_test: str
+    leaderboard: list[LeaderboardEntry]
+    results: int
+    users: int
+    truncated_note: str | None
+
+
+def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
+    filters = view.filters
+    metric = METRICS_BY_NAME[view.metric]
+    metric_options = concat(
+        render('<option value="{name}"{sel}>{label} — {desc}</option>', name=m.name, label=m.label,
+               desc=METRIC_DESCRIPTIONS[m.name], sel=_selected(m.name == view.metric))
+        for m in CORE_METRICS
+    )  # fmt: skip
+    tests = list(page.tests)
+    if filters.test and filters.test not in {name for name, _ in tests}:
+        tests.insert(0, (filters.test, 0))
+    test_options = concat(
+        [
+            render('<option value="">All tests</option>'),
+            *(
+                render(
+                    '<option value="{t}"{sel}>{t} ({n})</option>', t=name, n=count, sel=_selected(name == filters.test)
+                )
+                for name, count in tests
+            ),
+        ]
+    )
+    bin_options = concat(
+        render('<option value="{n}"{sel}>{n}</option>', n=n, sel=_selected(n == view.bins)) for n in HISTOGRAM_BINS
+    )
+    form = render(
+        """<form class="filters" method="get" action="/overview" id="filters">
+  <div class="field wide"><label for="f-metric">Metric</label>
+    <select id="f-metric" name="metric">{metrics}</select></div>
+  <div class="field wide"><label for="f-test">Test</label><select id="f-test" name="test">{tests}</select></div>
+  {tag}{date_from}{date_to}
+  <div class="field"><label for="f-bins">Bins</label>
+    <select id="f-bins" name="bins" data-default="{default_bins}">{bins}</select></div>
+  <div class="actions"><button type="submit">Apply</button><a class="button-link" href="/overview">Reset</a></div>
+</form>""",
+        metrics=metric_options,
+        tests=test_options,
+        tag=_text_input("tag", "Tag", filters.tag, placeholder="any tag"),
+        date_from=_date_input("from", "From", filters.date_from),
+        date_to=_date_input("to", "To", filters.date_to),
+        bins=bin_options,
+        default_bins=DEFAULT_BINS,
+    )
+    ranges = _quick_ranges(lambda date_from, date_to: view.url(filters=filters.with_dates(date_from, date_to)), filters)
+    better = "highest" if higher_is_better(view.metric) else "lowest"
+    scope = f"of {filters.test}" if filters.test else "of all tests"
+    body = render(
+        """<section class="page-head">
+  <h1>Overview</h1>
+  <p class="lede">How {metric} is distributed across everyone's results, and who holds the best one.</p>
+</section>
+{form}
+{ranges}
+<div class="stat-cards">
+  <div class="stat"><span class="stat-value" id="stat-results">{results}</span>
+    <span class="stat-label">results</span></div>
+  <div class="stat"><span class="stat-value" id="stat-users">{users}</span>
+    <span class="stat-label">users</span></div>
+  <div class="stat"><span class="stat-value" id="stat-tests">{test_count}</span>
+    <span class="stat-label">tests in range</span></div>
+</div>
+{truncated}
+<section class="card">
+  <h2>Distribution of {metric} {scope}</h2>
+  <div class="chart histogram" id="histogram" data-api="{api}" data-unit="{unit}"></div>
+  <p class="chart-note" id="histogram-note"></p>
+</section>
+{leaderboard}
+<div class="chart-tooltip" id="chart-tooltip" hidden></div>""",
+        metric=metric.label,
+        scope=scope,
+        form=form,
+        ranges=ranges,
+        results=f"{page.results:,}",
+        users=f"{page.users:,}",
+        test_count=f"{len(page.tests):,}",
+        truncated=notice(page.truncated_note, "warn") if page.truncated_note else Markup(""),
+        api=view.url("/api/overview"),
+        unit=metric.unit,
+        leaderboard=_leaderboard(view, page, better),
+    )
+    return layout(site, title="Overview", active="overview", body=body, scripts=("charts.js",))
+
+
+def _leaderboard(view: OverviewView, page: OverviewPage, better: str) -> Markup:
+    metric = METRICS_BY_NAME[view.metric]
+    if not page.leaderboard_test:
+        return render(
+            '<section class="card"><h2>Leaderboard</h2><p class="empty">No results in this range.</p></section>'
+        )
+    why = "" if view.filters.test else " (the most frequent test in this range; choose another above)"
+    rows = concat(
+        render(
+            '<tr><td class="num rank">{rank}</td>'
+            '<td class="user"><a href="{user_href}" title="{user_id}">{user}</a></td>'
+            '<td class="num best"><a href="{result_href}">{value}</a></td><td class="tag">{tag}</td>'
+            '<td class="time">{time}</td><td class="num">{results}</td></tr>',
+            rank=entry.rank,
+            user_href=build_url(user_url(entry.user_id), [("test", page.leaderboard_test)]),
+            user_id=entry.user_id,
+            user=entry.user_name,
+            result_href=result_url(entry.record_id),
+            value=entry.text,
+            tag=render('<span class="chip">{tag}</span>', tag=entry.tag) if entry.tag else "",
+            time=time_cell(entry.timestamp),
+            results=entry.results,
+        )
+        for entry in page.leaderboard
+    )
+    return render(
+        """<section class="card">
+  <h2>Leaderboard: best {metric} per user</h2>
+  <p class="chart-note">Test <a href="{test_href}"><strong>{test}</strong></a>{why}; {better} first.</p>
+  <div class="table-wrap"><table class="results leaderboard" id="leaderboard">
+    <thead><tr><th class="num">#</th><th>User</th><th class="num">Best {metric}</th><th>Tag</th>
+      <th>Time (UTC)</th><th class="num">Results</th></tr></thead>
+    <tbody>{rows}</tbody>
+  </table></div>
+</section>""",
+        metric=metric.label,
+        test=page.leaderboard_test,
+        test_href=build_url("/", [("test", page.leaderboard_test), ("sort", view.metric)]),
+        why=why,
+        better=better,
+        rows=rows,
+    )
+
+
+# -- result page -------------------------------------------------------------------------
+
+
+def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | None) -> Markup:
+    user_id = str(record["user_id"])
+    metrics: dict[str, Any] = record.get("metrics") or {}
+    core_rows = concat(
+        render(
+            '<tr><th scope="row">{label}</th><td class="num">{text}</td>'
+            '<td class="desc">{desc}</td><td class="raw">{raw}</td></tr>',
+            label=m.label,
+            text=format_value(metrics[m.name], m.unit),
+            desc=METRIC_DESCRIPTIONS[m.name],
+            raw=repr(metrics[m.name]),
+        )
+        for m in CORE_METRICS
+        if m.name in metrics
+    )
+    custom_rows = concat(
+        render(
+            '<tr><th scope="row">{name}</th><td class="num">{text}</td>'
+            '<td class="desc">custom metric</td><td class="raw">{raw}</td></tr>',
+            name=name,
+            text=format_value(value, ""),
+            raw=repr(value),
+        )
+        for name, value in sorted(metrics.items())
+        if name not in METRICS_BY_NAME
+    )
+    sections = [
+        render(
+            '<section class="card"><h2>Metrics</h2><div class="table-wrap"><table class="kv metrics" id="metrics">'
+            '<thead><tr><th>Metric</th><th class="num">Value</th><th>Meaning</th><th>As stored</th></tr></thead>'
+            "<tbody>{core}{custom}</tbody></table></div></section>",
+            core=core_rows,
+            custom=custom_rows,
+        )
+    ]
+    for key, title in (
+        ("scenario", "Scenario"),
+        ("client_config", "Client configuration"),
+        ("server_config", "Server configuration"),
+        ("sys_info", "System info"),
+    ):
+        if key in record:
+            sections.append(_structure_card(key, title, record[key]))
+    raw = orjson.dumps(record, option=orjson.OPT_INDENT_2).decode()
+    sections.append(
+        render(
+            '<section class="card"><h2>Raw JSON</h2><p class="chart-note">As perfdb stores it; also at '
+            '<a href="{api}">{api}</a>.</p><pre class="json" id="raw-json">{raw}</pre></section>',
+            api="/api/results/" + str(record["record_id"]),
+            raw=raw,
+        )
+    )
+    tag = str(record.get("tag", ""))
+    test = str(record["test_name"])
+    body = render(
+        """<section class="page-head">
+  <p class="crumbs"><a href="/">Results</a> &rsaquo; result <code>{record_id}</code></p>
+  <h1>{test}</h1>
+  <p class="lede">by <a href="{user_href}" title="{user_id}">{user}</a> · {time}{tag}</p>
+  <p class="links"><a href="{user_test_href}" id="user-test-link">This user's results of this test over time</a> ·
+    <a href="{test_href}">everyone's results of this test</a></p>
+</section>
+<div class="result-grid">{sections}</div>""",
+        record_id=record["record_id"],
+        test=test,
+        user_href=user_url(user_id),
+        user_id=user_id,
+        user=display_name(user_id, profile),
+        time=time_cell(str(record["timestamp"])),
+        tag=render(' · tag <span class="chip">{tag}</span>', tag=tag) if tag else "",
+        user_test_href=build_url(user_url(user_id), [("test", test)]),
+        test_href=build_url("/", [("test", test)]),
+        sections=concat(sections),
+    )
+    return layout(site, title=test, active="result", body=body)
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested JSON as (path, scalar) pairs: {"a": {"b": [1, 2]}} -> [("a.b", "1, 2")]."""
+    if isinstance(value, dict):
+        if not value:
+            return [(prefix, "{}")] if prefix else []
+        pairs: list[tuple[str, Any]] = []
+        for key, item in value.items():
+            pairs.extend(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return pairs
+    if isinstance(value, list):
+        if all(not isinstance(item, (dict, list)) for item in value):
+            return [(prefix, ", ".join(_scalar_text(item) for item in value) or "[]")]
+        pairs = []
+        for index, item in enumerate(value):
+            pairs.extend(flatten(item, f"{prefix}[{index}]"))
+        return pairs
+    return [(prefix, value)]
+
+
+def _scalar_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _structure_card(key: str, title: str, value: Any) -> Markup:
+    if isinstance(value, str):
+        content = render('<pre class="text">{text}</pre>', text=value)
+    else:
+        pairs = flatten(value)
+        if not pairs:
+            content = render('<p class="empty">None recorded.</p>')
+        else:
+            content = render(
+                '<div class="table-wrap"><table class="kv"><tbody>{rows}</tbody></table></div>',
+                rows=concat(
+                    render('<tr><th scope="row">{path}</th><td>{value}</td></tr>', path=path, value=_scalar_text(item))
+                    for path, item in pairs
+                ),
+            )
+    return render(
+        '<section class="card" id="{key}"><h2>{title}</h2>{content}</section>',
+        key=key.replace("_", "-"),
+        title=title,
+        content=content,
+    )
+
+
+# -- errors and the API index --------------------------------------------------------------
+
+
+def error_page(site: Site, *, status: int, title: str, message: str, retry_url: str | None) -> Markup:
+    retry = (
+        render(
+            '<p class="retry">The dashboard reconnects by itself once perfdb is back. '
+            '<a class="button-link" href="{url}" id="retry">Retry</a></p>',
+            url=retry_url,
+        )
+        if retry_url
+        else Markup("")
+    )
+    body = render(
+        """<section class="error-panel" data-status="{status}">
+  <h1>{title}</h1>
+  <p class="error-message" id="error-message">{message}</p>
+  {retry}
+  <p><a href="/">Back to the results</a></p>
+</section>""",
+        status=status,
+        title=title,
+        message=message,
+        retry=retry,
+    )
+    return layout(site, title=title, active="error", body=body)
+
+
+API_ENDPOINTS = (
+    ("/api/results", "A page of the results table; takes the table's query parameters."),
+    ("/api/results/{record_id}", "One stored result and its user's public profile."),
+    ("/api/users/{user_id}/series", "One user's results as chart columns (test, from, to, tag)."),
+    ("/api/overview", "Histogram and leaderboard of one metric (metric, test, tag, from, to, bins)."),
+    ("/api/health", "Whether perfdb answers, and its version."),
+)
+
+
+def api_index_page(site: Site) -> Markup:
+    rows = concat(
+        render("<tr><td><code>GET {path}</code></td><td>{text}</td></tr>", path=path, text=text)
+        for path, text in API_ENDPOINTS
+    )
+    body = render(
+        """<section class="page-head"><h1>JSON API</h1>
+<p class="lede">The endpoints behind the charts. Every page's query parameters work here too; errors come
+as <code>{{"error": {{"code": ..., "message": ...}}}}</code>.</p></section>
+<section class="card"><table class="kv"><tbody>{rows}</tbody></table></section>""",
+        rows=rows,
+    )
+    return layout(site, title="JSON API", active="api", body=body)

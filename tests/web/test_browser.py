@@ -1,0 +1,285 @@
+"""The dashboard in a real browser: headless Chromium (Debian's package) driven by Playwright,
+against perfdb-web started as a process. Screenshots of every page go to test-artifacts/web/."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.web.conftest import ARTIFACTS, DashboardProcess, SeededPerfdb, dashboard_process
+from tests.web.seed import TESTS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+GO_PING_PONG = "go_generic_sync_streaming_ping_pong"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="browser tests need Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+)
+
+# How many strongly coloured pixels a canvas holds: lines and bars are coloured, axes and grid grey.
+COLOURED_PIXELS = """(canvas) => {
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let coloured = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    const high = Math.max(data[i], data[i + 1], data[i + 2]);
+    const low = Math.min(data[i], data[i + 1], data[i + 2]);
+    if (data[i + 3] > 128 && high - low > 60) coloured += 1;
+  }
+  return coloured;
+}"""
+
+
+@dataclasses.dataclass
+class BrowserPage:
+    """A browser tab that remembers every console error and uncaught exception."""
+
+    page: Any
+    base_url: str
+    errors: list[str]
+
+    def goto(self, path: str) -> Any:
+        return self.page.goto(self.base_url + path)
+
+    def screenshot(self, name: str, *, full_page: bool = True) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
+
+    def coloured_pixels(self, selector: str) -> int:
+        count: int = self.page.eval_on_selector(selector, COLOURED_PIXELS)
+        return count
+
+
+@pytest.fixture(scope="module")
+def dashboard(seeded: SeededPerfdb, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashboardProcess]:
+    log_file = tmp_path_factory.mktemp("perfdb-web-process") / "perfdb-web.log"
+    with dashboard_process(seeded.address, log_file) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh user-data-dir
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1600, "height": 1000},
+            env={**os.environ, "TZ": "UTC"},
+        )
+        context.set_default_timeout(10_000)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def _open_tab(browser: Any, base_url: str) -> BrowserPage:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
+    return BrowserPage(page, base_url, errors)
+
+
+@pytest.fixture
+def tab(browser: Any, dashboard: DashboardProcess) -> Iterator[BrowserPage]:
+    opened = _open_tab(browser, dashboard.url)
+    try:
+        yield opened
+    finally:
+        opened.page.close()
+
+
+def _cell_values(tab: BrowserPage, column: str) -> list[str]:
+    values: list[str] = tab.page.eval_on_selector_all(
+        f"#results-table tbody td:nth-child({_column_index(tab, column) + 1})", "cells => cells.map(c => c.innerText)"
+    )
+    return values
+
+
+def _column_index(tab: BrowserPage, column: str) -> int:
+    columns: list[str] = tab.page.eval_on_selector_all("#results-table th", "ths => ths.map(th => th.dataset.column)")
+    return columns.index(column)
+
+
+def _numbers(tab: BrowserPage, column: str) -> list[float]:
+    raw: list[str] = tab.page.eval_on_selector_all(
+        f"#results-table tbody td:nth-child({_column_index(tab, column) + 1})",
+        "cells => cells.map(c => c.dataset.value)",
+    )
+    return [float(value) for value in raw]
+
+
+def test_results_table_sorts_filters_and_pages(tab: BrowserPage, seeded: SeededPerfdb) -> None:
+    tab.goto("/")
+    assert tab.page.locator("#results-table tbody tr").count() == 50
+    tab.screenshot("results.png", full_page=False)  # the first screenful, as a reader sees it
+
+    tab.page.click("#results-table th[data-column=qps] a")
+    tab.page.wait_for_url(re.compile(r"sort=qps"))
+    values = _numbers(tab, "qps")
+    assert values == sorted(values, reverse=True)
+    assert values[0] == max(record["metrics"]["qps"] for record in seeded.data.records)
+    assert tab.page.get_attribute("#results-table th[data-column=qps]", "aria-sort") == "descending"
+    tab.page.click("#results-table th[data-column=qps] a")
+    tab.page.wait_for_url(re.compile(r"order=asc"))
+    ascending = _numbers(tab, "qps")
+    assert ascending == sorted(ascending) and ascending[0] < values[-1]
+
+    # Filtering: the form leaves empty fields out of the URL, so the link stays short.
+    tab.goto("/")
+    tab.page.fill("#f-test", GO_PING_PONG)
+    tab.page.click("#filters button[type=submit]")
+    tab.page.wait_for_url(re.compile(r"test=go_generic"))
+    assert tab.page.url == f"{tab.base_url}/?test={GO_PING_PONG}"
+    assert set(_cell_values(tab, "test")) == {GO_PING_PONG}
+    # Paging on: the next page holds older results, none of this page's.
+    first_page = tab.page.eval_on_selector_all("#results-table tbody tr", "rows => rows.map(r => r.dataset.recordId)")
+    tab.page.click("a[data-pager=next]")
+    tab.page.wait_for_url(re.compile(r"before="))
+    second_page = tab.page.eval_on_selector_all("#results-table tbody tr", "rows => rows.map(r => r.dataset.recordId)")
+    assert second_page and not set(first_page) & set(second_page) and max(second_page) < min(first_page)
+    assert set(_cell_values(tab, "test")) == {GO_PING_PONG}  # the filter holds on every page
+
+    tab.page.fill("#f-q", "grace")
+    tab.page.press("#f-q", "Enter")
+    tab.page.wait_for_url(re.compile(r"q=grace"))
+    assert set(_cell_values(tab, "user")) == {"Grace Hopper"}
+    assert tab.errors == []
+
+
+def test_columns_can_be_hidden_from_the_table(tab: BrowserPage) -> None:
+    tab.goto("/")
+    assert "perc_lat_50" in tab.page.eval_on_selector_all(
+        "#results-table th", "ths => ths.map(th => th.dataset.column)"
+    )
+    tab.page.click("details.columns summary")
+    tab.page.uncheck("input[name=cols][value=perc_lat_50]")  # takes effect at once
+    tab.page.wait_for_url(re.compile(r"cols="))
+    columns = tab.page.eval_on_selector_all("#results-table th", "ths => ths.map(th => th.dataset.column)")
+    assert "perc_lat_50" not in columns and "perc_lat_99" in columns
+    tab.page.click("details.columns summary")
+    tab.page.check("input[name=cols][value=perc_lat_50]")
+    tab.page.wait_for_url(re.compile(r"/\??$"))  # all columns again: the default, so no cols in the URL
+    assert tab.errors == []
+
+
+def test_user_page_draws_charts_and_a_click_on_a_point_opens_the_result(tab: BrowserPage) -> None:
+    tab.goto("/users/static:nightly-ci")
+    tab.page.wait_for_selector("#charts[data-ready=true]")
+    canvases = tab.page.locator("#charts canvas")
+    assert canvases.count() == 5
+    for chart in ("qps", "qps_per_core", "latency", "server_cpu", "client_cpu"):
+        assert tab.coloured_pixels(f"#chart-{chart} canvas") > 300, chart
+    options = tab.page.eval_on_selector_all("#f-test option", "options => options.map(o => o.value)")
+    assert sorted(options) == sorted(["", *TESTS])
+
+    # Hover a point of the first line: the tooltip names its test, tag and value.
+    point = tab.page.evaluate(
+        """() => {
+          const chart = window.perfdbCharts.find((c) => c.id === "qps");
+          const u = chart.plot;
+          const values = u.data[1];
+          let index = Math.floor(values.length * 0.8);
+          while (values[index] == null) index -= 1;
+          const box = u.over.getBoundingClientRect();
+          return {
+            x: box.left + u.valToPos(u.data[0][index], "x"),
+            y: box.top + u.valToPos(values[index], "y"),
+            recordId: chart.recordIds[index],
+            test: chart.series[0].test,
+          };
+        }"""
+    )
+    tab.page.mouse.move(point["x"], point["y"])
+    tooltip = tab.page.locator("#chart-tooltip")
+    tooltip.wait_for(state="visible")
+    text = tooltip.inner_text()
+    assert point["test"] in text and "tag nightly" in text and "QPS" in text
+    tab.screenshot("user.png")
+
+    # The full-page screenshot resized the view: point again, then click.
+    tab.page.mouse.move(point["x"] + 3, point["y"] + 3)
+    tab.page.mouse.move(point["x"], point["y"])
+    tooltip.wait_for(state="visible")
+    tab.page.mouse.click(point["x"], point["y"])
+    tab.page.wait_for_url(re.compile(r"/results/[0-9a-f]{20}$"))
+    assert tab.page.url.endswith(f"/results/{point['recordId']}")
+    assert tab.page.inner_text("h1") == point["test"]
+    assert "Nightly CI" in tab.page.inner_text(".lede")
+    assert tab.page.locator("#metrics tbody tr").count() >= 11
+    tab.screenshot("result.png")
+    assert tab.errors == []
+
+
+def test_user_page_percentile_charts_follow_the_chosen_test(tab: BrowserPage) -> None:
+    tab.goto("/users/static:nightly-ci")
+    tab.page.wait_for_selector("#charts[data-ready=true]")
+    labels = "() => window.perfdbCharts.find((c) => c.id === 'latency').plot.series.slice(1).map((s) => s.label)"
+    assert tab.page.evaluate(labels) == ["p50", "p90", "p95", "p99", "p99.9"]
+    tests_shown = "() => [...new Set(window.perfdbCharts.find((c) => c.id === 'latency').series.map((s) => s.test))]"
+    first = tab.page.evaluate(tests_shown)
+    tab.page.select_option("#detail-test", GO_PING_PONG)
+    assert tab.page.evaluate(tests_shown) == [GO_PING_PONG] != first
+    assert tab.coloured_pixels("#chart-latency canvas") > 300
+    assert f"detail={GO_PING_PONG}" in tab.page.url
+    # The choice is part of the link: opening it again shows the same test.
+    tab.page.reload()
+    tab.page.wait_for_selector("#charts[data-ready=true]")
+    assert tab.page.evaluate(tests_shown) == [GO_PING_PONG]
+    assert tab.errors == []
+
+
+def test_overview_draws_the_histogram_and_the_leaderboard(tab: BrowserPage) -> None:
+    tab.goto("/overview")
+    tab.page.wait_for_selector("#histogram[data-ready=true]")
+    assert tab.coloured_pixels("#histogram canvas") > 2000  # bars are filled
+    assert tab.page.locator("#leaderboard tbody tr").count() == 3
+    box = tab.page.locator("#histogram .u-over").bounding_box()
+    assert box is not None
+    tab.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tab.page.locator("#chart-tooltip").wait_for(state="visible")
+    assert re.search(r"\d+ results? from \d+ users?", tab.page.inner_text("#chart-tooltip"))
+    tab.page.mouse.move(0, 0)
+    tab.screenshot("overview.png")
+    tab.page.select_option("#f-metric", "perc_lat_99")  # takes effect at once
+    tab.page.wait_for_url(re.compile(r"metric=perc_lat_99"))
+    tab.page.wait_for_selector("#histogram[data-ready=true]")
+    assert "Best p99" in tab.page.text_content("#leaderboard thead")
+    assert tab.errors == []
+
+
+def test_perfdb_down_shows_a_readable_page_that_retries(browser: Any, tmp_path: Path) -> None:
+    with dashboard_process("127.0.0.1:9", tmp_path / "perfdb-web.log") as down:
+        tab = _open_tab(browser, down.url)
+        try:
+            response = tab.goto("/")
+            assert response.status == 503
+            message = tab.page.inner_text("#error-message")
+            assert message.startswith("The perfdb server at 127.0.0.1:9 cannot be reached")
+            assert "Retrying by itself in" in tab.page.inner_text("#retry-countdown")
+            tab.screenshot("perfdb-down.png")
+            # The only console error is the browser noting the 503 itself.
+            assert [error for error in tab.errors if "503" not in error] == []
+        finally:
+            tab.page.close()

@@ -1,0 +1,209 @@
+"""The dashboard's reads from perfdb: newest-first pages built from oldest-first perfdb pages,
+bounded scans, record lookup by id, and the cache of recent scans. Against a real perfdb server
+holding dense bursts (many results in one microsecond) and years-long gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perfdb.client import AsyncClient
+from perfdb.record_ids import make_record_id
+from perfdb.timestamps import format_micros, now_micros
+from perfdb.web import source as source_module
+from perfdb.web.source import RecentScans, RecordQuery, ResultSource, Scan
+from tests.support import perfdb_with_provider
+
+ADMIN_KEY = "admin-key-for-scan-tests-0123456789"
+DAY = 86_400 * 1_000_000
+USERS = {"alice": {"user_id": "alice", "name": "Alice Adams"}, "bob": {"user_id": "bob", "name": "Bob Brown"}}
+
+
+def _records() -> list[dict[str, Any]]:
+    """440 results: sparse over three years, a few a day lately, and a burst of 300 within one
+    second an hour ago, five at a time sharing a microsecond."""
+    now = now_micros()
+    moments: list[tuple[int, int]] = []
+    moments += [(now - 4 * 365 * DAY + index * 27 * DAY, 0) for index in range(40)]
+    moments += [(now - 10 * DAY + index * DAY // 10, 0) for index in range(100)]
+    burst = now - 3600 * 1_000_000
+    moments += [(burst + (index // 5) * 16_000, index % 5) for index in range(300)]
+    records = []
+    for index, (micros, sequence) in enumerate(sorted(moments)):
+        user = "bob" if index % 9 == 0 else "alice"
+        records.append(
+            {
+                "record_id": make_record_id(micros, sequence),
+                "user_id": user,
+                "timestamp": format_micros(micros),
+                "test_name": "burst" if sequence or index % 2 else "steady",
+                "tag": "",
+                "metrics": {"qps": float(index)},
+            }
+        )
+    return records
+
+
+@contextlib.asynccontextmanager
+async def seeded_source(tmp_path: Path) -> AsyncIterator[tuple[ResultSource, list[dict[str, Any]]]]:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(ADMIN_KEY)
+    records = _records()
+    async with perfdb_with_provider(tmp_path, admin_key_file=key_file) as (server, _):
+        address = f"127.0.0.1:{server.port}"
+        async with AsyncClient(address) as client:
+            for start in range(0, len(records), 200):
+                batch = records[start : start + 200]
+                users = {record["user_id"]: USERS[record["user_id"]] for record in batch}
+                await client.call("import", admin_key=ADMIN_KEY, records=batch, users=users)
+        source = ResultSource(address)
+        try:
+            yield source, records
+        finally:
+            await source.close()
+
+
+def _ids(records: list[dict[str, Any]]) -> list[str]:
+    return [record["record_id"] for record in records]
+
+
+async def _newest_first_pages(source: ResultSource, query: RecordQuery, wanted: int, budget: int) -> list[list[str]]:
+    pages = []
+    position: str | None = None
+    while True:
+        scan = await source.scan_newest(query, wanted=wanted, budget=budget, before=position)
+        pages.append([row.record_id for row in reversed(scan.rows)])
+        if not scan.more:
+            return pages
+        assert scan.resume is not None and scan.resume != position
+        position = scan.resume
+
+
+async def test_newest_first_pages_cover_every_result_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small perfdb pages, so that windows span several pages and bursts overflow them.
+    monkeypatch.setattr(source_module, "PAGE_LIMIT", 20)
+    async with seeded_source(tmp_path) as (source, records):
+        newest = _ids(records)[::-1]
+        for wanted in (3, 50):
+            pages = await _newest_first_pages(source, RecordQuery(), wanted, budget=100_000)
+            assert [record_id for page in pages for record_id in page] == newest
+            assert all(len(page) == wanted for page in pages[:-1])
+        bob = [record["record_id"] for record in records if record["user_id"] == "bob"][::-1]
+        pages = await _newest_first_pages(source, RecordQuery(search_words=("brown",)), 7, budget=100_000)
+        assert [record_id for page in pages for record_id in page] == bob
+        # perfdb's own filters and the date range narrow the windows too.
+        since, until = records[50]["record_id"], records[400]["record_id"]
+        ranged = RecordQuery(test_name="burst", since=int(since[:14], 16), until=int(until[:14], 16))
+        expected = [
+            record["record_id"]
+            for record in records
+            if record["test_name"] == "burst" and since[:14] <= record["record_id"][:14] < until[:14]
+        ][::-1]
+        pages = await _newest_first_pages(source, ranged, 40, budget=100_000)
+        assert [record_id for page in pages for record_id in page] == expected
+
+
+async def test_oldest_first_pages_cover_every_result_once(tmp_path: Path) -> None:
+    async with seeded_source(tmp_path) as (source, records):
+        for query, expected in (
+            (RecordQuery(), _ids(records)),
+            (RecordQuery(user_id="bob"), [r["record_id"] for r in records if r["user_id"] == "bob"]),
+            (RecordQuery(search_words=("alice", "steady")), [
+                r["record_id"] for r in records if r["user_id"] == "alice" and r["test_name"] == "steady"
+            ]),
+        ):  # fmt: skip
+            seen: list[str] = []
+            position = None
+            while True:
+                scan = await source.scan_forward(query, wanted=33, budget=100_000, after=position)
+                seen += [row.record_id for row in scan.rows]
+                if not scan.more:
+                    break
+                position = scan.resume
+            assert seen == expected
+
+
+async def test_a_small_budget_stops_early_but_leaves_no_gap(tmp_path: Path) -> None:
+    async with seeded_source(tmp_path) as (source, records):
+        bob = [record["record_id"] for record in records if record["user_id"] == "bob"]
+        query = RecordQuery(search_words=("bob",))
+        pages = await _newest_first_pages(source, query, wanted=10, budget=60)
+        assert [record_id for page in pages for record_id in page] == bob[::-1]
+        assert any(len(page) < 10 for page in pages[:-1])  # some pages ran out of budget
+        scan = await source.scan_forward(query, wanted=10, budget=60)
+        assert scan.truncated and scan.more and scan.examined == 60
+        assert [row.record_id for row in scan.rows] == [r for r in bob if r <= _ids(records)[59]]
+
+
+async def test_find_record_picks_one_result_out_of_its_microsecond(tmp_path: Path) -> None:
+    async with seeded_source(tmp_path) as (source, records):
+        shared = [record for record in records if record["record_id"][:14] == records[-1]["record_id"][:14]]
+        assert len(shared) == 5
+        for record in shared:
+            found = await source.find_record(record["record_id"])
+            assert found is not None
+            assert found[0]["record_id"] == record["record_id"] and found[0]["metrics"] == record["metrics"]
+            assert found[1] == USERS[record["user_id"]]
+        assert await source.find_record(shared[0]["record_id"][:14] + "0000ff") is None
+        assert await source.profile("bob") == USERS["bob"]
+        assert await source.profile("carol") is None
+
+
+# -- the cache of recent scans -------------------------------------------------------------------
+
+
+def _scan(marker: str) -> Scan:
+    return Scan(rows=[], users={marker: {}}, more=False, resume=None)
+
+
+async def test_recent_scans_share_one_read_and_expire() -> None:
+    scans = RecentScans(ttl=0.2)
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def produce() -> Scan:
+        calls.append("read")
+        await release.wait()
+        return _scan(str(len(calls)))
+
+    waiting = [asyncio.ensure_future(scans.get("key", produce)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    release.set()
+    results = await asyncio.gather(*waiting)
+    assert len(calls) == 1 and all(result is results[0] for result in results)
+    assert await scans.get("key", produce) is results[0]  # still fresh
+    await asyncio.sleep(0.25)
+    assert (await scans.get("key", produce)).users == {"2": {}}
+    await scans.close()
+
+
+async def test_recent_scans_forget_failures_and_can_be_off() -> None:
+    scans = RecentScans(ttl=60)
+    attempts = 0
+
+    async def flaky() -> Scan:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise source_module.PerfdbError("connection_failed", "down", unavailable=True)
+        return _scan("ok")
+
+    with pytest.raises(source_module.PerfdbError):
+        await scans.get("key", flaky)
+    assert (await scans.get("key", flaky)).users == {"ok": {}}
+    assert attempts == 2
+    uncached = RecentScans(ttl=0)
+    await uncached.get("key", flaky)
+    await uncached.get("key", flaky)
+    assert attempts == 4
+    # Closing cancels a read still in flight, quietly.
+    stuck = asyncio.ensure_future(scans.get("other", lambda: asyncio.sleep(30, _scan("late"))))
+    await asyncio.sleep(0.01)
+    await scans.close()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
