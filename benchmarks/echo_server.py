@@ -19,7 +19,6 @@ REPLY = b'{"id":null,"ok":true,"record_id":"0000000000000000000000","duplicate":
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.tail = 0
 
     def data_received(self, data: bytes) -> None:
         count = data.count(b"\n")

@@ -63,7 +63,7 @@ def main() -> None:
     entries = encoded_entries(args.records)
     # The server's LevelDB options, so the comparison is like for like.
     db = plyvel.DB(args.database, create_if_missing=True, bloom_filter_bits=10,
-                   lru_cache_size=64 * 1024 * 1024, write_buffer_size=16 * 1024 * 1024)  # fmt: skip
+                   lru_cache_size=64 * 1024 * 1024, write_buffer_size=64 * 1024 * 1024)  # fmt: skip
     started = time.perf_counter()
     for first in range(0, len(entries), BATCH):
         with db.write_batch(sync=True) as batch:

@@ -20,7 +20,7 @@ import orjson
 from perfdb import __version__
 from perfdb.client import AsyncClient, PerfdbClientError, tls_context
 from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
-from perfdb.config import DEFAULT_ADDRESS, ConfigError
+from perfdb.config import DEFAULT_ADDRESS, ConfigError, positive_int
 from perfdb.schema import RECORD_FIELDS
 from perfdb.sysinfo import collect_sys_info
 from perfdb.units import CORE_METRICS, format_value
@@ -216,16 +216,6 @@ def _fit(text: str, width: int) -> str:
 
 
 # -- commands ----------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def make_client(args: argparse.Namespace) -> AsyncClient:
@@ -529,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--sys-info", choices=("auto",), help="'auto' attaches this machine's CPU, memory, OS and Python"
     )
-    submit.add_argument("--window", type=_positive_int, default=256, help="records in flight at once (default: 256)")
+    submit.add_argument("--window", type=positive_int, default=256, help="records in flight at once (default: 256)")
     submit.set_defaults(handler=cmd_submit)
 
     get_user = commands.add_parser("get-user", parents=[connection, filters], help="print one user's records")
@@ -548,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
     export.add_argument("--since", help="only records at or after this RFC 3339 time")
     export.add_argument("--until", help="only records before this RFC 3339 time")
-    export.add_argument("--page-size", type=_positive_int, default=1000, help="records per request (default: 1000)")
+    export.add_argument("--page-size", type=positive_int, default=1000, help="records per request (default: 1000)")
     export.set_defaults(handler=cmd_export)
 
     restore = commands.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import typing
 import urllib.parse
 from collections.abc import Sequence
@@ -111,7 +112,7 @@ def check_userinfo_url(url: str) -> None:
         raise ConfigError("--userinfo-url must not carry credentials")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -153,25 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--address", default=DEFAULT_ADDRESS, help="hostname:port to listen on (port 0 picks a free one)")
     net.add_argument(
         "--max-line-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_line_bytes,
         help="longest request line accepted, newline excluded",
     )
     net.add_argument(
         "--max-inflight",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_inflight,
         help="pipelined requests per connection before reading pauses (resumes at half)",
     )
     net.add_argument(
         "--max-page-size",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_page_size,
         help="largest 'limit' accepted by get_user/get_all",
     )
     net.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_connections,
         help="connections served at once; more are sent an 'overloaded' error and closed",
     )
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     store.add_argument(
         "--max-batch-records",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.max_batch_records,
         help="most records committed in one group-commit write batch",
     )
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auth.add_argument(
         "--token-cache-size",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.token_cache_size,
         help="most tokens kept in the cache",
     )
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auth.add_argument(
         "--auth-max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.auth_max_connections,
         help="most simultaneous connections to the userinfo endpoint",
     )
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     privacy.add_argument(
         "--user-burst",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.user_burst,
         help="records one user may store at once above --user-rate before it applies",
     )
@@ -323,7 +324,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             values[name] = Path(values[name])
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
-    if values["user_rate"] < 0:
-        raise ConfigError("--user-rate must be 0 (no limit) or more")
+    if not (math.isfinite(values["user_rate"]) and values["user_rate"] >= 0):
+        raise ConfigError("--user-rate must be 0 (no limit) or a positive number")
     values["default_page_size"] = min(Config().default_page_size, values["max_page_size"])
     return Config(host=host, port=port, **values)

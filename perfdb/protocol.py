@@ -314,7 +314,12 @@ class LineProtocol(asyncio.Protocol):
         while pending:
             head = pending[0]
             if isinstance(head, DeferredReply):
-                if self._write_paused:
+                if ready:
+                    # Hand what is ready to the transport first: if that fills its buffer,
+                    # pause_writing() comes now, before another page is produced.
+                    self._write(ready)
+                    ready = []
+                if self._write_paused or self._closed:
                     break  # the client is not reading: produce nothing more for it yet
                 started = head.start()
                 pending[0] = started
@@ -329,8 +334,12 @@ class LineProtocol(asyncio.Protocol):
                 break
             pending.popleft()
         if ready:
-            self._transport.write(b"".join(ready))
-            self._last_activity = self._loop.time()
+            self._write(ready)
+
+    def _write(self, replies: list[bytes]) -> None:
+        assert self._transport is not None
+        self._transport.write(b"".join(replies))
+        self._last_activity = self._loop.time()
 
     def _future_reply(self, future: asyncio.Future[bytes]) -> bytes:
         if future.cancelled() or future.exception() is not None:
@@ -433,7 +442,9 @@ class LineProtocol(asyncio.Protocol):
         self._discarding = False
         self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
         self._draining = True
-        self._peer_done = True  # nothing more is read, so nothing unread can turn the close into a reset
+        # No end-of-stream and linger here: a client this late or this idle gets a plain close
+        # (should it still be sending, it may see a reset, after the replies it was owed).
+        self._peer_done = True
         self._update_reading()
         self._write_ready()
         self._close_if_done()

@@ -858,3 +858,31 @@ async def test_deferred_work_starts_at_the_head_and_only_while_the_client_reads(
     conn.protocol.resume_writing()
     assert started == ["page1", "page2"]
     assert conn.transport.output == replies_for([b"slow1", b"page1", b"page2"])
+
+
+async def test_a_page_that_fills_the_send_buffer_stops_the_next_page_from_starting() -> None:
+    conn = connect()
+    conn.transport.on_write = lambda _data: conn.protocol.pause_writing()  # every write fills it
+    started: list[str] = []
+    first_page: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def start_first() -> asyncio.Future[bytes]:
+        started.append("page1")
+        return first_page
+
+    def start_second() -> bytes:
+        started.append("page2")
+        return reply_for(b"page2")
+
+    conn.protocol._enqueue(DeferredReply(start_first))
+    conn.protocol._enqueue(DeferredReply(start_second))
+    conn.protocol._write_ready()
+    assert started == ["page1"]
+    first_page.set_result(reply_for(b"page1"))
+    await run_callbacks()
+    # page1 went to the transport, which filled up: page2 waits until the client reads.
+    assert started == ["page1"]
+    assert conn.transport.output == reply_for(b"page1")
+    conn.transport.on_write = None
+    conn.protocol.resume_writing()
+    assert started == ["page1", "page2"]

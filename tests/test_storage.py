@@ -12,8 +12,11 @@ import plyvel
 import pytest
 
 from perfdb import record_ids
+from perfdb.auth import Profile
 from perfdb.config import config_from_args
+from perfdb.errors import PerfdbError
 from perfdb.record_ids import RecordIdClock
+from perfdb.schema import Query, RecordDraft
 from perfdb.storage import ResultStore, StoreOpenError, layout
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
@@ -240,3 +243,44 @@ def test_repair_refuses_a_database_in_use(tmp_path: Path) -> None:
             repair_database(tmp_path / "db", drop_damaged=False)
     finally:
         lock.release()
+
+
+class CompactionFails:
+    """Stands in for the writer's handle so that healing it fails and forces a reopen."""
+
+    def compact_range(self, **_range: bytes) -> None:
+        raise plyvel.IOError("injected")
+
+
+async def test_reopening_under_running_reads_neither_crashes_nor_loses_data(tmp_path: Path) -> None:
+    """plyvel frees LevelDB's memory on close: a reopen must wait for the reads using it."""
+    store = ResultStore(tmp_path / "db", sync=False, max_batch=4096)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    profile = Profile.create("static:reader", {})
+    config = {"padding": "x" * 1000}  # 5,000 of them fit in one page (PAGE_BYTES)
+    drafts = [RecordDraft("t", "", {}, {"qps": n}, config, {}) for n in range(5000)]
+    await asyncio.gather(*[store.submit(profile, draft) for draft in drafts])
+    failures: list[str] = []
+    reading = True
+
+    async def read_everything() -> None:
+        while reading:
+            try:
+                page = await store.get_all(Query(None, None, None, None, None, 5000, None))
+                assert len(page.records) == 5000
+            except PerfdbError as exc:  # none expected: reads wait for the reopen
+                failures.append(exc.code.value)
+
+    readers = [asyncio.create_task(read_everything()) for _ in range(4)]
+    writer = store.writer
+    for _ in range(10):
+        await asyncio.sleep(0.02)
+        writer._needs_heal = True
+        writer._db = CompactionFails()
+        await store.submit(profile, RecordDraft("t", "", {}, {"qps": -1}, {}, {}))
+    reading = False
+    await asyncio.gather(*readers)
+    await loop.run_in_executor(None, store.close)
+    assert writer.reopens == 10
+    assert failures == []

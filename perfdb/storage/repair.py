@@ -35,6 +35,7 @@ def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
         lock.release()
         raise StoreOpenError(f"{path} holds no LevelDB database")
     try:
+        _refuse_foreign(real_path)
         try:
             plyvel.repair_db(str(real_path))
             db = plyvel.DB(str(real_path))
@@ -42,10 +43,25 @@ def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
             raise StoreOpenError(f"cannot repair database {path}: {exc}") from None
         try:
             return _check(db, drop_damaged)
+        except plyvel.Error as exc:
+            raise StoreOpenError(f"cannot read database {path}: {exc}") from None
         finally:
             db.close()
     finally:
         lock.release()
+
+
+def _refuse_foreign(real_path: Path) -> None:
+    """Refuse, before changing anything, a LevelDB that opens and is not a perfdb database."""
+    try:
+        db = plyvel.DB(str(real_path))
+    except plyvel.Error:
+        return  # too damaged to open: repairing it is the point
+    try:
+        if db.get(layout.SCHEMA_KEY) is None:
+            raise StoreOpenError(f"{real_path} holds a LevelDB database that is not a perfdb database")
+    finally:
+        db.close()
 
 
 def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
@@ -73,7 +89,7 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
             target = orjson.loads(value).get("record_id")
         except (orjson.JSONDecodeError, AttributeError):
             target = None  # a damaged entry points nowhere
-        if target not in good:
+        if not isinstance(target, str) or target not in good:
             report.dangling_index_entries += 1
             doomed.append(key)
     report.users = sum(1 for _ in db.iterator(prefix=layout.PROFILE_PREFIX, include_value=False))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,6 +98,45 @@ class DatabaseLock:
             self._fd = None
 
 
+class HandleGuard:
+    """Readers share the LevelDB handle; replacing it waits until no read is using it.
+
+    plyvel frees LevelDB's memory on close, so closing under a running read would crash the
+    process rather than raise. Reads are bounded (SCAN_BUDGET, PAGE_BYTES), so the wait is short.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._replacing = False
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._condition:
+            while self._replacing:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def replacing(self) -> Iterator[None]:
+        with self._condition:
+            self._replacing = True
+            while self._readers:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._replacing = False
+                self._condition.notify_all()
+
+
 class ResultStore:
     """LevelDB-backed storage of profiles and records; see layout.py for the keys."""
 
@@ -105,6 +146,7 @@ class ResultStore:
         self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
         self._lock = DatabaseLock(path)
+        self._guard = HandleGuard()
         self._closed = False
         self._db: plyvel.DB | None = None
         self._writer: GroupCommitWriter | None = None
@@ -159,12 +201,13 @@ class ResultStore:
         )
 
     def _reopen(self) -> plyvel.DB:
-        """Close and reopen LevelDB (writer thread; see GroupCommitWriter._heal). Reads in
-        progress on the old handle fail with storage_error. Raises plyvel.Error."""
-        old, self._db = self._db, None
-        if old is not None:
-            old.close()
-        self._db = self._open_leveldb()
+        """Close and reopen LevelDB (writer thread; see GroupCommitWriter._heal), once the reads
+        in progress are done; reads that come meanwhile wait. Raises plyvel.Error."""
+        with self._guard.replacing():
+            old, self._db = self._db, None
+            if old is not None:
+                old.close()
+            self._db = self._open_leveldb()
         log.warning("database reopened after a failed write")
         return self._db
 
@@ -240,6 +283,14 @@ class ResultStore:
         return self._db
 
     def _read_user_page(self, query: Query) -> tuple[dict[str, Any], Page]:
+        with self._guard.reading():
+            return self._read_user_page_guarded(query)
+
+    def _read_all_page(self, query: Query) -> Page:
+        with self._guard.reading():
+            return self._read_all_page_guarded(query)
+
+    def _read_user_page_guarded(self, query: Query) -> tuple[dict[str, Any], Page]:
         assert query.user_id is not None
         user_id = query.user_id
         snapshot = self._database().snapshot()
@@ -275,7 +326,7 @@ class ResultStore:
         finally:
             snapshot.close()
 
-    def _read_all_page(self, query: Query) -> Page:
+    def _read_all_page_guarded(self, query: Query) -> Page:
         snapshot = self._database().snapshot()
         try:
             start, include_start = self._page_start(layout.RECORD_PREFIX, query)

@@ -310,6 +310,9 @@ class GroupCommitWriter:
                 raise
             self._db = self._reopen()
             self.reopens += 1
+            # Recovery may have replayed a batch whose write reported failure: count afresh.
+            self.record_count = int(self._db.get(layout.RECORD_COUNT_KEY, b"0"))
+            self.user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
         self._needs_heal = False
         log.warning("database log renewed after a failed write; writes resume")
 
@@ -397,7 +400,10 @@ def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> Record
         return None
     try:
         document = orjson.loads(value)
-        return RecordAck(str(document["record_id"]), user_id, str(document["timestamp"]), duplicate=True)
+        record_id, timestamp = document["record_id"], document["timestamp"]
+        if not (isinstance(record_id, str) and isinstance(timestamp, str)):
+            raise TypeError("not strings")
+        return RecordAck(record_id, user_id, timestamp, duplicate=True)
     except (orjson.JSONDecodeError, KeyError, TypeError):
         # Damaged: treat the request as new (its entry is rewritten) rather than fail the batch.
         log.error("idempotency entry %r is damaged; treating the request as new", request_key[:80])

@@ -795,7 +795,8 @@ atheris.Fuzz()
 
 
 def test_atheris_fuzz_if_available(tmp_path: Path, long_run: bool) -> None:
-    """Coverage-guided fuzzing of the server process, only where atheris is already installed."""
+    """atheris-driven mutation fuzzing of a server process over its socket, where atheris is
+    installed. The server is not instrumented, so this is mutation without coverage feedback."""
     pytest.importorskip("atheris")
     runs = 20000 if long_run else 1000
     with child_server(tmp_path, "--max-line-bytes=4096") as (_, port):
