@@ -122,7 +122,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -178,19 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.idle_timeout,
         help="seconds a connection may sit with no request and nothing owed before it is closed",
     )
     net.add_argument(
         "--line-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.line_timeout,
         help="seconds a started request line has to arrive in full (defeats slow-drip clients)",
     )
     net.add_argument(
         "--write-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.write_timeout,
         help="seconds a client may leave its replies unread (our send buffer full) before it is dropped",
     )
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     tls.add_argument(
         "--tls-handshake-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.tls_handshake_timeout,
         help="seconds allowed for a TLS handshake",
     )
@@ -235,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auth.add_argument(
         "--token-cache-ttl",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.token_cache_ttl,
         help="seconds a resolved token stays cached",
     )
     auth.add_argument(
         "--token-negative-ttl",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.token_negative_ttl,
         help="seconds a token the provider rejected stays rejected without asking again",
     )
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     auth.add_argument(
         "--auth-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.auth_timeout,
         help="seconds allowed for one userinfo request, connect included",
     )
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
         "--shutdown-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.shutdown_timeout,
         help="seconds to finish in-flight requests on SIGTERM/SIGINT before closing connections",
     )

@@ -9,15 +9,15 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from perfdb import __version__
 from perfdb.auth import TokenResolver, load_key, load_static_tokens
 from perfdb.commands import CommandDispatcher
 from perfdb.config import Config, ConfigError, config_from_args, format_address
 from perfdb.protocol import ConnectionLimits, LineProtocol
+from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
 from perfdb.stats import ServerStats
 from perfdb.storage import ResultStore, StoreOpenError
 
@@ -234,21 +234,6 @@ async def serve(config: Config) -> None:
             loop.remove_signal_handler(signum)
 
 
-def run(main: Coroutine[Any, Any, None], loop_choice: str) -> None:
-    """Run a coroutine on uvloop when available (or required), else plain asyncio."""
-    if loop_choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if loop_choice == "uvloop":
-                main.close()
-                raise StartupError("--loop=uvloop was requested but uvloop is not installed") from None
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of run_perf_db_server, python -m perfdb and run_perf_db_server.py."""
     try:
@@ -256,14 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run_perf_db_server: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level)
     try:
-        run(serve(config), config.loop)
-    except StartupError as exc:
+        run_event_loop(serve(config), config.loop)
+    except (StartupError, LoopUnavailableError) as exc:
         print(f"run_perf_db_server: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -11,15 +11,22 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from perfdb import __version__
 from perfdb.client import tls_context
-from perfdb.config import DEFAULT_ADDRESS, ConfigError, format_address, parse_address
+from perfdb.config import (
+    DEFAULT_ADDRESS,
+    ConfigError,
+    format_address,
+    parse_address,
+    positive_float,
+    positive_int,
+)
+from perfdb.runtime import configure_logging, run_event_loop
 from perfdb.web import handlers, pages
 from perfdb.web.source import PerfdbError, RecentScans, ResultSource
 
@@ -89,20 +96,6 @@ async def _close_source(app: web.Application) -> AsyncIterator[None]:
 # -- the command line ----------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perfdb-web",
@@ -129,13 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file", help="CA bundle to verify the perfdb server's certificate with (implies --tls)")
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="seconds to wait for each perfdb reply; connecting waits at most 2 s (default: %(default)s)",
     )
     parser.add_argument(
         "--scan-limit",
-        type=_positive_int,
+        type=positive_int,
         default=20_000,
         help="most results, the newest of the range, that charts, the overview and sorting by a column "
         "read at once (default: %(default)s)",
@@ -226,16 +219,6 @@ async def _check_perfdb(app: web.Application) -> None:
         log.info("perfdb %s answers at %s", hello.get("version"), app[handlers.DASHBOARD].source.address)
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """uvloop when it is installed, else plain asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the perfdb-web console script and `python -m perfdb.web`."""
     try:
@@ -243,13 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"perfdb-web: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level)
     try:
-        run(serve(config))
+        run_event_loop(serve(config))
     except ConfigError as exc:
         print(f"perfdb-web: error: {exc}", file=sys.stderr)
         return 1

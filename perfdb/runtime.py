@@ -1,0 +1,37 @@
+"""Process set-up shared by perfdb's programs (server, dashboard): logging and the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+
+class LoopUnavailableError(RuntimeError):
+    """The event loop asked for cannot be had (uvloop not installed)."""
+
+
+def configure_logging(level: str) -> None:
+    """Logs go to stderr, one line each, with the logger's name."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_event_loop(main: Coroutine[Any, Any, None], loop_choice: str = "auto") -> None:
+    """Run a coroutine on uvloop when available ("auto") or required ("uvloop"), else asyncio."""
+    if loop_choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop_choice == "uvloop":
+                main.close()
+                raise LoopUnavailableError("--loop=uvloop was requested but uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
