@@ -14,7 +14,6 @@ from perfdb.client.common import (
     ClientSettings,
     PerfdbClientError,
     RecordWindow,
-    RetryPolicy,
     check_reply,
     connection_failed,
     encode_request,
@@ -102,24 +101,7 @@ class _ReplyStream(asyncio.Protocol):
 class AsyncClient(ClientSettings):
     """A perfdb client for asyncio code. Use `async with AsyncClient("host:port") as client:`."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        connect_timeout: float = 5.0,
-        request_timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        read_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            address,
-            ssl_context=ssl_context,
-            connect_timeout=connect_timeout,
-            request_timeout=request_timeout,
-            retry=retry,
-            read_key=read_key,
-        )
+    def _init_connection_state(self) -> None:
         self._stream: _ReplyStream | None = None
         self._connecting = asyncio.Lock()
 

@@ -16,7 +16,6 @@ from perfdb.client.common import (
     ClientSettings,
     PerfdbClientError,
     RecordWindow,
-    RetryPolicy,
     check_reply,
     connection_failed,
     encode_request,
@@ -33,24 +32,7 @@ class Client(ClientSettings):
     Not thread-safe: give each thread its own Client.
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        connect_timeout: float = 5.0,
-        request_timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        read_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            address,
-            ssl_context=ssl_context,
-            connect_timeout=connect_timeout,
-            request_timeout=request_timeout,
-            retry=retry,
-            read_key=read_key,
-        )
+    def _init_connection_state(self) -> None:
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
 

@@ -28,7 +28,12 @@ READ_OPS = frozenset({"stats", "get_user", "get_all"})
 
 
 class ClientSettings:
-    """Where and how a client connects; shared by AsyncClient and the blocking Client."""
+    """Where and how a client connects; shared by AsyncClient and the blocking Client.
+
+    address: "host:port"; ssl_context: TLS (see tls_context) or None for plain TCP;
+    connect_timeout, request_timeout: seconds; retry: backoff for retryable failures;
+    read_key: sent with get_user, get_all and stats to a server that requires one.
+    """
 
     def __init__(
         self,
@@ -46,6 +51,10 @@ class ClientSettings:
         self._request_timeout = request_timeout
         self._retry = retry or RetryPolicy()
         self._read_key = read_key  # sent with get_user, get_all and stats when the server wants one
+        self._init_connection_state()
+
+    def _init_connection_state(self) -> None:
+        """Set up the (not yet open) connection; each client kind has its own."""
 
     def _connect_timed_out(self) -> PerfdbClientError:
         return PerfdbClientError(
