@@ -382,7 +382,8 @@ class LineProtocol(asyncio.Protocol):
         transport = self._transport
         if not self._draining or self._pending or self._closing or self._closed or transport is None:
             return
-        if not self._peer_done:
+        close_at_once = self._peer_done or self._giving_up  # nothing more will be read
+        if not close_at_once:
             # Requests the client sent just before we began draining may still be in flight;
             # end the stream only once the connection has been quiet for a moment.
             quiet_for = self._loop.time() - self._last_received
@@ -393,7 +394,7 @@ class LineProtocol(asyncio.Protocol):
                     self._quiet_check = self._loop.call_later(wait, self._recheck_close)
                 return
         self._closing = True
-        if self._peer_done or not transport.can_write_eof():
+        if close_at_once or not transport.can_write_eof():
             transport.close()  # sends what is buffered, then closes
             return
         # Closing with unread input would make the kernel reset the connection and could
@@ -441,10 +442,9 @@ class LineProtocol(asyncio.Protocol):
         self._buffer.clear()
         self._discarding = False
         self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
+        # No end-of-stream and linger: a client this late or this idle gets a plain close once
+        # it has its replies (should it still be sending, it may see a reset after them).
         self._draining = True
-        # No end-of-stream and linger here: a client this late or this idle gets a plain close
-        # (should it still be sending, it may see a reset, after the replies it was owed).
-        self._peer_done = True
         self._update_reading()
         self._write_ready()
         self._close_if_done()

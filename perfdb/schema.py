@@ -372,10 +372,7 @@ def _imported_record(document: Any, index: int) -> ImportedRecord:
             # New records must sort after it, so a future date would stall the server's clock.
             raise bad_request("timestamp", "is in the future")
         timestamp = format_micros(record_id_micros(record_id))  # stored in the one canonical form
-        scenario = document.get("scenario")
-        if scenario is not None:
-            _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
-        draft = _draft(document, scenario=scenario)
+        draft = _draft(document, scenario=document.get("scenario"))  # _draft bounds the scenario
     except PerfdbError as error:
         raise bad_request(where, error.message) from None
     return ImportedRecord(record_id, user_id, timestamp, draft)

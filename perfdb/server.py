@@ -209,7 +209,7 @@ class PerfdbServer:
 
 
 def _listen_error(config: Config, exc: OSError) -> str:
-    address = format_address(config.host, config.port)
+    address = config.address
     if exc.errno == errno.EADDRINUSE:
         return f"cannot listen on {address}: address already in use"
     if isinstance(exc, socket.gaierror):

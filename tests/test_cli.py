@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import orjson
 import pytest
 
+from perfdb.cli import Progress
 from tests.support import FIXTURES, GRPC_RESULT_FILES, REPO_ROOT, ServerProcess, grpc_result, token_hash
 
 BOT_TOKEN = "ci-bot-" + secrets.token_hex(16)
@@ -34,7 +36,7 @@ ADMIN_KEY = "admin-" + secrets.token_hex(16)
 UNREACHABLE_USERINFO = "http://127.0.0.1:9/userinfo"
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
-COMMANDS = ("submit", "get-user", "get-all", "export", "import", "stats", "ping")
+COMMANDS = ("submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping")
 RECORD_ID = r"[0-9a-f]{20}"
 CSV_HEADER = [
     "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
@@ -314,7 +316,8 @@ def test_program_help_lists_every_command_and_the_exit_codes() -> None:
 def test_every_command_has_help(command: str) -> None:
     result = ok(command, "--help")
     assert result.out.startswith(f"usage: perfdb {command}"), result.out
-    assert "--server" in result.out
+    # repair works on a database directory offline; every other command talks to a server.
+    assert ("--database" if command == "repair" else "--server") in result.out
     assert result.err == ""
 
 
@@ -780,3 +783,24 @@ def test_a_server_that_never_answers_exits_3(keys: Secrets) -> None:
         assert result.returncode == 3, result.err
         assert result.error_line() == f"perfdb: {address}: no reply within 0.1s"
         assert result.out == ""
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_is_drawn_on_a_terminal_and_nowhere_else() -> None:
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        progress = Progress("submitting", total=4, stream=stream)
+        for _ in range(4):
+            progress.advance()
+            time.sleep(0.11)  # the bar redraws at most ten times a second
+        progress.finish()
+    assert pipe.getvalue() == ""
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\rsubmitting [") and drawn.endswith("\n")
+    assert "4/4 100%" in drawn

@@ -403,6 +403,11 @@ async def test_stats_counts_everything(tmp_path: Path) -> None:
     assert stats["commits"]["records"] == 10 and 1 <= stats["commits"]["batches"] <= 10
     assert math.isclose(stats["commits"]["mean_batch_size"], 10 / stats["commits"]["batches"], rel_tol=0.01)
     assert stats["token_cache"]["upstream_requests"] == 2
+    # Each of the 10 records looked its token up once: the first of each user missed, and the
+    # rest hit or (while that first lookup was in flight) missed and shared it.
+    cache = stats["token_cache"]
+    assert cache["hits"] + cache["misses"] == 10
+    assert cache["misses"] >= 2 and cache["entries"] == 2
     assert stats["uptime_seconds"] >= 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -76,27 +77,27 @@ class Client(ClientSettings):
         self._sock = sock
         return sock
 
-    def _send(self, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _socket_failures(self, timed_out: str) -> Iterator[None]:
+        """Socket errors become PerfdbClientError, and the connection (its order lost) is closed."""
         try:
-            self._connection().sendall(data)
+            yield
         except TimeoutError:
             self.close()
-            raise PerfdbClientError(TIMEOUT, f"could not send within {self._request_timeout}s", True) from None
+            raise PerfdbClientError(TIMEOUT, f"{timed_out} within {self._request_timeout}s", True) from None
         except OSError as exc:
             self.close()
             raise connection_failed(exc) from None
 
+    def _send(self, data: bytes) -> None:
+        with self._socket_failures("could not send"):
+            self._connection().sendall(data)
+
     def _read_line(self) -> bytes:
         sock = self._connection()
         while (newline := self._buffer.find(b"\n")) < 0:
-            try:
+            with self._socket_failures("no reply"):
                 chunk = sock.recv(_READ_CHUNK)
-            except TimeoutError:
-                self.close()
-                raise PerfdbClientError(TIMEOUT, f"no reply within {self._request_timeout}s", True) from None
-            except OSError as exc:
-                self.close()
-                raise connection_failed(exc) from None
             if not chunk:
                 self.close()
                 raise connection_failed(ConnectionResetError("the server closed the connection"))

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterable
-from typing import Any
-
-import orjson
 
 
 class Markup(str):
@@ -34,11 +31,3 @@ def render(template: str, **values: object) -> Markup:
 def concat(parts: Iterable[object]) -> Markup:
     """Markup for a sequence of parts (escaping those that are not Markup)."""
     return Markup("").join_markup(parts)
-
-
-def json_script(element_id: str, data: Any) -> Markup:
-    """Data for page scripts, in a <script type="application/json"> that no value can close early."""
-    text = orjson.dumps(data).decode()
-    # "</script>" or "<!--" inside a string must not end the element: escape the three characters.
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return Markup(f'<script type="application/json" id="{html.escape(element_id)}">{text}</script>')

@@ -13,7 +13,7 @@ import pytest
 from perfdb.config import ConfigError
 from perfdb.web.analysis import axis_scale, chart_series, histogram, leaderboard, sort_rows
 from perfdb.web.app import asset_urls, build_parser, config_from_args, main
-from perfdb.web.markup import Markup, json_script, render
+from perfdb.web.markup import Markup, render
 from perfdb.web.pages import flatten
 from perfdb.web.queries import (
     MICROS_PER_DAY,
@@ -103,9 +103,6 @@ def test_columns_list_and_defaults() -> None:
 def test_templates_escape_every_value_that_is_not_markup() -> None:
     html = render('<a title="{title}">{body}</a>', title='"><script>', body=Markup("<b>ok</b>"))
     assert html == '<a title="&quot;&gt;&lt;script&gt;"><b>ok</b></a>'
-    script = json_script("data", {"name": "</script><script>alert(1)</script>", "amp": "&"})
-    assert "</script><script>" not in script.removesuffix("</script>")
-    assert script.count("</script>") == 1
 
 
 def test_nested_configuration_flattens_to_paths() -> None:
