@@ -19,6 +19,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check perfdb tests benchmarks run_perf_db_server.py
 	$(BIN)/ruff format --check perfdb tests benchmarks run_perf_db_server.py
+	$(BIN)/lint-imports --no-cache --no-logo
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

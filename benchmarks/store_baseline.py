@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workload import record_lines
 
-from perfdb.record_ids import make_record_id
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
-from perfdb.timestamps import format_micros, now_micros
 
 BATCH = 1000
 STORED = ("test_name", "tag", "sys_info", "metrics", "client_config", "server_config", "request_id")

@@ -20,10 +20,11 @@ import orjson
 from perfdb import __version__
 from perfdb.client import AsyncClient, PerfdbClientError, tls_context
 from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
-from perfdb.config import DEFAULT_ADDRESS, ConfigError, positive_int
-from perfdb.schema import RECORD_FIELDS
-from perfdb.sysinfo import collect_sys_info
-from perfdb.units import CORE_METRICS, format_value
+from perfdb.config import DEFAULT_ADDRESS, positive_int
+from perfdb.protocol.addresses import AddressError
+from perfdb.records.schema import RECORD_FIELDS
+from perfdb.records.sysinfo import collect_sys_info
+from perfdb.records.units import CORE_METRICS, format_value
 
 # Exit codes, documented in the README.
 EXIT_OK = 0
@@ -231,8 +232,8 @@ def make_client(args: argparse.Namespace) -> AsyncClient:
             request_timeout=args.timeout,
             read_key=read_key,
         )
-    except ConfigError as exc:
-        raise CliError(f"--server: {exc}".replace("--address", "the address"), EXIT_USAGE) from None
+    except AddressError as exc:
+        raise CliError(f"--server: the address {exc}", EXIT_USAGE) from None
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:

@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from perfdb import __version__
-from perfdb.auth import TokenResolver, load_key, load_static_tokens
-from perfdb.commands import CommandDispatcher
-from perfdb.config import Config, ConfigError, config_from_args, format_address
-from perfdb.protocol import ConnectionLimits, LineProtocol
+from perfdb.auth.tokens import TokenResolver, load_key, load_static_tokens
+from perfdb.commands.dispatcher import CommandDispatcher
+from perfdb.commands.stats import ServerStats
+from perfdb.config import Config, ConfigError, config_from_args
+from perfdb.protocol.addresses import format_address
+from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
-from perfdb.stats import ServerStats
 from perfdb.storage import ResultStore, StoreOpenError
 
 log = logging.getLogger("perfdb.server")

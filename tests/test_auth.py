@@ -19,7 +19,7 @@ import plyvel
 import pytest
 from aiohttp import web
 
-from perfdb.auth import STATIC_USER_PREFIX, load_static_tokens, token_digest
+from perfdb.auth.tokens import STATIC_USER_PREFIX, load_static_tokens, token_digest
 from perfdb.config import ConfigError, check_userinfo_url, config_from_args
 from perfdb.server import PerfdbServer, StartupError
 from perfdb.storage import layout

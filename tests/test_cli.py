@@ -45,7 +45,7 @@ CSV_HEADER = [
 ]  # fmt: skip
 
 # ScenarioResult summary field -> (perfdb metric, divisor), written out here rather than taken
-# from perfdb.scenario so that a wrong mapping there fails these tests.
+# from perfdb.records.scenario so that a wrong mapping there fails these tests.
 SUMMARY_MAPPING = {
     "qps": ("qps", 1),
     "qpsPerServerCore": ("qps_per_core", 1),

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from perfdb import PROTOCOL_VERSION
-from perfdb.timestamps import parse_rfc3339
+from perfdb.records.timestamps import parse_rfc3339
 from tests.support import (
     Connection,
     connect,
@@ -357,7 +357,7 @@ async def test_paging_get_all_with_filters_and_time_range(tmp_path: Path) -> Non
 
 
 def _just_after(timestamp: str) -> str:
-    from perfdb.timestamps import format_micros
+    from perfdb.records.timestamps import format_micros
 
     return format_micros(parse_rfc3339(timestamp) + 1)
 

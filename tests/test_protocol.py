@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from perfdb.errors import ErrorCode
-from perfdb.protocol import ConnectionLimits, DeferredReply, LineProtocol, Reply
+from perfdb.protocol.connection import ConnectionLimits, DeferredReply, LineProtocol, Reply
+from perfdb.protocol.errors import ErrorCode
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
 TOO_LONG = b"E:too-long\n"

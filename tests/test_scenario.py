@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from perfdb.errors import PerfdbError
-from perfdb.scenario import map_scenario_result, proto_number
+from perfdb.protocol.errors import PerfdbError
+from perfdb.records.scenario import map_scenario_result, proto_number
 from tests.support import GRPC_RESULT_FILES, connect, grpc_result, perfdb_with_provider
 
 # Expected mapping, written out from SOURCES.txt rather than derived from the code under test.

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from perfdb.errors import PerfdbError
-from perfdb.schema import (
+from perfdb.protocol.errors import PerfdbError
+from perfdb.records.schema import (
     IP_REPLACEMENT,
     MAX_CONFIG_BYTES,
     MAX_SYS_INFO_BYTES,
@@ -16,7 +16,7 @@ from perfdb.schema import (
     remove_host_fields,
     scrub_ips,
 )
-from perfdb.timestamps import format_micros, parse_rfc3339
+from perfdb.records.timestamps import format_micros, parse_rfc3339
 
 
 def record(**fields: Any) -> dict[str, Any]:

@@ -11,12 +11,12 @@ from pathlib import Path
 import plyvel
 import pytest
 
-from perfdb import record_ids
-from perfdb.auth import Profile
 from perfdb.config import config_from_args
-from perfdb.errors import PerfdbError
-from perfdb.record_ids import RecordIdClock
-from perfdb.schema import Query, RecordDraft
+from perfdb.protocol.errors import PerfdbError
+from perfdb.records import record_ids
+from perfdb.records.profiles import Profile
+from perfdb.records.record_ids import RecordIdClock
+from perfdb.records.schema import Query, RecordDraft
 from perfdb.storage import ResultStore, StoreOpenError, layout
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
@@ -191,8 +191,8 @@ async def test_import_keeps_ids_skips_existing_ids_and_never_replaces_a_profile(
 
 
 def _timestamp_for(record_id: str) -> str:
-    from perfdb.record_ids import record_id_micros
-    from perfdb.timestamps import format_micros
+    from perfdb.records.record_ids import record_id_micros
+    from perfdb.records.timestamps import format_micros
 
     return format_micros(record_id_micros(record_id))
 

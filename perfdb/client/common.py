@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
-from perfdb.config import parse_address
-from perfdb.errors import ErrorCode
+from perfdb.protocol.addresses import parse_address
+from perfdb.protocol.errors import ErrorCode
 
-# Client-side codes, beside the server's (perfdb.errors.ErrorCode): the request may or may
+# Client-side codes, beside the server's (perfdb.protocol.errors.ErrorCode): the request may or may
 # not have reached the server, so both are retryable for idempotent requests.
 CONNECTION_FAILED = "connection_failed"
 TIMEOUT = "timeout"

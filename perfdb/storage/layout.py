@@ -8,7 +8,7 @@
     u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
 
-Record ids (perfdb.record_ids) sort by time, so the record keyspace is the time index.
+Record ids (perfdb.records.record_ids) sort by time, so the record keyspace is the time index.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from perfdb.record_ids import RECORD_ID_CHARS, make_record_id
+from perfdb.records.record_ids import RECORD_ID_CHARS, make_record_id
 
 SCHEMA_VERSION = 1
 

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import orjson
 import plyvel
 
-from perfdb.auth import Profile
-from perfdb.errors import ErrorCode, PerfdbError
-from perfdb.record_ids import is_record_id
-from perfdb.schema import ImportedRecord, Query, RecordDraft
+from perfdb.protocol.errors import ErrorCode, PerfdbError
+from perfdb.records.profiles import Profile
+from perfdb.records.record_ids import is_record_id
+from perfdb.records.schema import ImportedRecord, Query, RecordDraft
 from perfdb.storage import layout
 from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
 

@@ -20,12 +20,12 @@ from typing import Any
 import orjson
 import plyvel
 
-from perfdb.auth import Profile
-from perfdb.errors import ErrorCode, PerfdbError
-from perfdb.record_ids import RecordIdClock
-from perfdb.schema import ImportedRecord, RecordDraft
+from perfdb.protocol.errors import ErrorCode, PerfdbError
+from perfdb.records.profiles import Profile
+from perfdb.records.record_ids import RecordIdClock
+from perfdb.records.schema import ImportedRecord, RecordDraft
+from perfdb.records.timestamps import format_micros
 from perfdb.storage import layout
-from perfdb.timestamps import format_micros
 
 log = logging.getLogger("perfdb.storage")
 

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from perfdb.units import CORE_METRICS, format_value
+from perfdb.records.units import CORE_METRICS, format_value
 from perfdb.web.queries import METRICS_BY_NAME, higher_is_better
 from perfdb.web.source import ResultRow, display_name
 

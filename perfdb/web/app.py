@@ -18,14 +18,8 @@ from aiohttp import web
 
 from perfdb import __version__
 from perfdb.client import tls_context
-from perfdb.config import (
-    DEFAULT_ADDRESS,
-    ConfigError,
-    format_address,
-    parse_address,
-    positive_float,
-    positive_int,
-)
+from perfdb.config import DEFAULT_ADDRESS, ConfigError, positive_float, positive_int
+from perfdb.protocol.addresses import AddressError, format_address, parse_address
 from perfdb.runtime import configure_logging, run_event_loop
 from perfdb.web import handlers, pages
 from perfdb.web.source import PerfdbError, RecentScans, ResultSource
@@ -167,8 +161,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> WebConfig:
     for option, value in (("--server", args.server), ("--listen", args.listen)):
         try:
             parse_address(value)
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace("--address", option)) from None
+        except AddressError as exc:
+            raise ConfigError(f"{option} {exc}") from None
     return WebConfig(
         server=args.server,
         listen=args.listen,

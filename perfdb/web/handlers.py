@@ -13,7 +13,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from perfdb import __version__
-from perfdb.record_ids import is_record_id
+from perfdb.records.record_ids import is_record_id
 from perfdb.web import pages
 from perfdb.web.analysis import chart_series, count_tests, histogram, leaderboard, sort_rows
 from perfdb.web.markup import Markup

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from perfdb import __version__
-from perfdb.units import CORE_METRICS, format_value
+from perfdb.records.units import CORE_METRICS, format_value
 from perfdb.web.analysis import LeaderboardEntry
 from perfdb.web.markup import Markup, concat, render
 from perfdb.web.queries import (

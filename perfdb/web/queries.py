@@ -10,9 +10,9 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from perfdb.record_ids import is_record_id
-from perfdb.timestamps import format_micros, now_micros, parse_rfc3339
-from perfdb.units import CORE_METRIC_NAMES, CORE_METRICS, Metric
+from perfdb.records.record_ids import is_record_id
+from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
+from perfdb.records.units import CORE_METRIC_NAMES, CORE_METRICS, Metric
 
 MICROS_PER_DAY = 86_400 * 1_000_000
 # Field bounds of the perfdb protocol (test_name, tag, user_id): longer values could never match.

@@ -15,9 +15,9 @@ from typing import Any
 
 from perfdb.client import AsyncClient, PerfdbClientError, RetryPolicy
 from perfdb.client.common import CONNECTION_FAILED, PROTOCOL_ERROR, TIMEOUT
-from perfdb.record_ids import make_record_id, record_id_micros
-from perfdb.timestamps import format_micros, now_micros
-from perfdb.units import CORE_METRIC_NAMES
+from perfdb.records.record_ids import make_record_id, record_id_micros
+from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.records.units import CORE_METRIC_NAMES
 
 # Records per perfdb request. Every handler shares one pipelined connection, so a page must be
 # small enough that its reply never holds up the others for long.

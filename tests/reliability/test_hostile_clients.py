@@ -35,9 +35,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from perfdb.record_ids import make_record_id
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros
 from perfdb.server import PerfdbServer
-from perfdb.timestamps import format_micros
 from tests.support import (
     Connection,
     ServerProcess,

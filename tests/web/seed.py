@@ -9,8 +9,8 @@ import random
 from typing import Any
 
 from perfdb.client import Client
-from perfdb.record_ids import make_record_id
-from perfdb.timestamps import format_micros, now_micros
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros, now_micros
 from tests.support import FIXTURES, GRPC_RESULT_FILES, grpc_result
 
 DAY = 86_400 * 1_000_000

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from perfdb.client import AsyncClient
-from perfdb.record_ids import make_record_id
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import PerfdbServer
-from perfdb.timestamps import format_micros, now_micros
 from perfdb.web import handlers
 from tests.support import make_config, perfdb_with_provider, userinfo_server
 from tests.web.conftest import dashboard_client

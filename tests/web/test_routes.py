@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from perfdb.client import AsyncClient
-from perfdb.units import CORE_METRIC_NAMES
+from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.web.app import STATIC_DIR
 from tests.web.conftest import SeededPerfdb, dashboard_client, newest_first
 from tests.web.parse import Page, parse_page

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from perfdb.client import AsyncClient
-from perfdb.record_ids import make_record_id
-from perfdb.timestamps import format_micros, now_micros
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.web import source as source_module
 from perfdb.web.source import RecentScans, RecordQuery, ResultSource, Scan
 from tests.support import perfdb_with_provider

@@ -17,12 +17,14 @@ from typing import Any
 import orjson
 
 from perfdb import PROTOCOL_VERSION, SERVER_NAME, __version__
-from perfdb.auth import Profile, TokenResolver, key_matches, profile_from_document, public_profile
+from perfdb.auth.tokens import TokenResolver, key_matches
+from perfdb.commands.ratelimit import UserRateLimiter
+from perfdb.commands.stats import ServerStats
 from perfdb.config import Config
-from perfdb.errors import ErrorCode, PerfdbError, bad_request, quote_input
-from perfdb.protocol import DeferredReply, Reply
-from perfdb.ratelimit import UserRateLimiter
-from perfdb.schema import (
+from perfdb.protocol.connection import DeferredReply, Reply
+from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_input
+from perfdb.records.profiles import Profile, profile_from_document, public_profile
+from perfdb.records.schema import (
     ADMIN_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
@@ -35,7 +37,6 @@ from perfdb.schema import (
     parse_query,
     parse_record,
 )
-from perfdb.stats import ServerStats
 from perfdb.storage import Page, RecordAck, ResultStore
 
 log = logging.getLogger("perfdb.commands")

@@ -13,17 +13,16 @@ from typing import Any
 
 import orjson
 
-from perfdb import auth
-from perfdb.errors import PerfdbError, bad_request, quote_input
-from perfdb.record_ids import is_record_id, record_id_micros
-from perfdb.scenario import map_scenario_result
-from perfdb.timestamps import format_micros, now_micros, parse_rfc3339
+from perfdb.protocol.errors import PerfdbError, bad_request, quote_input
+from perfdb.records.record_ids import is_record_id, record_id_micros
+from perfdb.records.scenario import map_scenario_result
+from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
 
 # Size bounds, documented in protocol_spec.md.
 MAX_ACCESS_TOKEN_CHARS = 4096
 MAX_NAME_CHARS = 256  # test_name, tag
 MAX_REQUEST_ID_CHARS = 128
-MAX_USER_ID_CHARS = auth.MAX_USER_ID_CHARS
+MAX_USER_ID_CHARS = 256  # whole user ids, the static-token prefix included
 MAX_METRICS = 256
 MAX_METRIC_NAME_CHARS = 128
 MAX_SYS_INFO_BYTES = 16 * 1024

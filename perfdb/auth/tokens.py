@@ -8,69 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import hashlib
 import hmac
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 
-from perfdb.errors import ErrorCode, PerfdbError
+from perfdb.protocol.errors import ErrorCode, PerfdbError
+from perfdb.records.profiles import Profile, clean_claims
+from perfdb.records.schema import MAX_USER_ID_CHARS
 
 log = logging.getLogger("perfdb.auth")
 
 STATIC_USER_PREFIX = "static:"
-MAX_USER_ID_CHARS = 256  # whole user ids, the static prefix included
 MAX_USERINFO_BYTES = 64 * 1024
-# Profile claims kept from a userinfo response; everything else (tokens, custom claims) is dropped.
-PROFILE_CLAIMS = ("name", "given_name", "family_name", "picture", "locale", "email", "email_verified", "hd")
-PRIVATE_CLAIMS = frozenset({"email", "email_verified"})
-_MAX_CLAIM_CHARS = 2048
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Profile:
-    """A resolved submitter. `stored` is the canonical JSON kept in the database."""
-
-    user_id: str
-    claims: dict[str, Any]
-    stored: bytes
-
-    @classmethod
-    def create(cls, user_id: str, claims: dict[str, Any]) -> Profile:
-        document = {"user_id": user_id, **claims}
-        return cls(user_id, claims, orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
-
-
-def profile_from_document(user_id: str, document: Any) -> Profile:
-    """Rebuild a profile from its stored JSON (as export gives it); raises ValueError if unusable."""
-    if not isinstance(document, dict) or document.get("user_id", user_id) != user_id:
-        raise ValueError("a profile must be an object whose user_id matches its key")
-    return Profile.create(user_id, _clean_claims(document))
-
-
-def public_profile(stored: dict[str, Any], expose_emails: bool) -> dict[str, Any]:
-    """The profile as readers see it: no e-mail address unless the operator allows it."""
-    if expose_emails:
-        return stored
-    return {key: value for key, value in stored.items() if key not in PRIVATE_CLAIMS}
 
 
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-def _clean_claims(document: dict[str, Any]) -> dict[str, Any]:
-    claims: dict[str, Any] = {}
-    for claim in PROFILE_CLAIMS:
-        value = document.get(claim)
-        if isinstance(value, bool) or (isinstance(value, str) and len(value) <= _MAX_CLAIM_CHARS):
-            claims[claim] = value
-    return claims
 
 
 # -- static tokens ------------------------------------------------------------------------
@@ -115,7 +73,7 @@ def load_static_tokens(path: Path) -> dict[bytes, Profile]:
             )
         if digest in tokens:
             raise ValueError(f"{where}: the same token hash appears twice")
-        tokens[digest] = Profile.create(STATIC_USER_PREFIX + user_id, _clean_claims(entry))
+        tokens[digest] = Profile.create(STATIC_USER_PREFIX + user_id, clean_claims(entry))
     return tokens
 
 
@@ -291,7 +249,7 @@ class TokenResolver:
             raise _unavailable("the identity provider's answer has no usable subject (sub)")
         if user_id.startswith(STATIC_USER_PREFIX):
             raise PerfdbError(ErrorCode.UNAUTHENTICATED, "the provider's subject collides with static token ids")
-        return Profile.create(user_id, _clean_claims(document))
+        return Profile.create(user_id, clean_claims(document))
 
 
 async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:

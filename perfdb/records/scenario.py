@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
-from perfdb.errors import bad_request
+from perfdb.protocol.errors import bad_request
 
 # summary field (both JSON spellings) -> (perfdb core metric, divisor: nanoseconds to microseconds)
 _CORE_SUMMARY_FIELDS: dict[str, tuple[str, int]] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from perfdb.timestamps import now_micros
+from perfdb.records.timestamps import now_micros
 
 RECORD_ID_CHARS = 20
 _SEQUENCE_LIMIT = 1 << 24

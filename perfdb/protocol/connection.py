@@ -20,8 +20,8 @@ import typing
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
-from perfdb.config import format_address
-from perfdb.errors import ErrorCode
+from perfdb.protocol.addresses import format_address
+from perfdb.protocol.errors import ErrorCode
 
 log = logging.getLogger("perfdb.protocol")
 

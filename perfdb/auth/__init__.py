@@ -1,0 +1,1 @@
+"""Who submitted a result: access tokens resolved to profiles (static tokens, OIDC userinfo)."""

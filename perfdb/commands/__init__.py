@@ -1,0 +1,1 @@
+"""The ops: one command table that validates, authorises and calls the services."""

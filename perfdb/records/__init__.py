@@ -1,0 +1,1 @@
+"""What a result is: request schema, gRPC scenario mapping, units, ids, timestamps, sys_info scrubbing."""
