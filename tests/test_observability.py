@@ -479,3 +479,31 @@ async def test_dashboard_process_logs_json_and_where_its_metrics_are(tmp_path: P
     assert value(samples, "process_open_fds") > 0
     entries = check_json_log("".join(lines) + rest.decode(), [])
     assert any(entry["message"].startswith("perfdb-web listening on http://127.0.0.1:") for entry in entries)
+
+
+# -- the documentation -------------------------------------------------------------------------------
+
+
+def exposed_names(text: str) -> set[str]:
+    """The perfdb metric names in an exposition, as an operator queries them."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("perfdb_"):
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+async def test_readme_documents_every_metric(tmp_path: Path) -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    async with (
+        perfdb_with_provider(tmp_path, metrics_address="127.0.0.1:0") as (server, _provider),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(operator_url(server) + "/metrics") as response:
+            server_names = exposed_names(await response.text())
+        async with TestClient(TestServer(build_app(WebConfig(server=server.address)))) as client:
+            assert (await client.get("/")).status == 200
+            dashboard_names = exposed_names(await (await client.get("/metrics")).text())
+    assert len(server_names) > 20 and len(dashboard_names) == 2
+    undocumented = sorted(name for name in server_names | dashboard_names if f"| `{name}` |" not in readme)
+    assert not undocumented, f"README's metric tables miss {undocumented}"

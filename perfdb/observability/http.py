@@ -8,7 +8,16 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.registry import Collector
 
 from perfdb.protocol.addresses import format_address
@@ -16,6 +25,17 @@ from perfdb.protocol.addresses import format_address
 # Seconds; from a cached page (a millisecond) to a bulk scan of perfdb (seconds).
 HTTP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED_ROUTE = "unmatched"
+
+
+def process_registry() -> CollectorRegistry:
+    """A registry for one perfdb process, with prometheus_client's process and Python metrics."""
+    # Without this every counter and histogram also exports a *_created gauge: noise for
+    # Prometheus' text format. The setting is global, and these are our processes.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # (unannotated upstream)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 async def render(collector: Collector) -> bytes:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from perfdb import PROTOCOL_VERSION, __version__
 from perfdb.auth.tokens import TokenResolver
 from perfdb.commands.stats import ServerStats
-from perfdb.observability.http import render
+from perfdb.observability.http import process_registry, render
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.storage import ResultStore
 from perfdb.storage.dbstats import DatabaseStats
@@ -81,9 +81,7 @@ class ServerMetrics:
         self._store = store
         self._resolver = resolver
         self._ops = tuple(ops)
-        self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        self.registry = process_registry()
         request_seconds = Histogram(
             "perfdb_request_duration_seconds",
             "Time from a request line to its reply, by op",

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from perfdb import __version__
 from perfdb.client import tls_context
 from perfdb.config import DEFAULT_ADDRESS, ConfigError, positive_float, positive_int
-from perfdb.observability.http import HttpRequestMetrics, metrics_handler
+from perfdb.observability.http import HttpRequestMetrics, metrics_handler, process_registry
 from perfdb.protocol.addresses import AddressError, format_address, parse_address
 from perfdb.runtime import configure_logging, run_event_loop
 from perfdb.web import handlers, pages
@@ -62,9 +61,7 @@ def asset_urls(static_dir: Path = STATIC_DIR) -> dict[str, str]:
 def build_app(config: WebConfig) -> web.Application:
     """The dashboard as an aiohttp application; perfdb is connected to on first use."""
     parse_address(config.server)  # fail now, not on the first page
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
+    registry = process_registry()
     request_metrics = HttpRequestMetrics(registry, "perfdb_web")
     # Outermost, so it counts the status the error pages settle on.
     app = web.Application(middlewares=[request_metrics.middleware, handlers.error_pages])
