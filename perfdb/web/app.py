@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perfdb-web",
         description="The perfdb dashboard: a web server that shows the results stored in a perfdb server.",
         epilog="Open http://LISTEN/ in a browser. The dashboard keeps working when perfdb restarts: "
-        "pages show a retry hint while perfdb is down.",
+        "pages show a retry hint while perfdb is down. Prometheus metrics are at http://LISTEN/metrics.",
     )
     parser.add_argument("--version", action="version", version=f"perfdb-web {__version__}")
     parser.add_argument(
