@@ -150,6 +150,20 @@ class Config:
         "runtime",
         choices=("debug", "info", "warning", "error"),
     )
+    log_format: str = setting(
+        "text",
+        "log lines as text, or as one JSON object each (time, level, logger, message, peer, op, exception)",
+        "runtime",
+        choices=("text", "json"),
+    )
+    # Observability
+    metrics_address: str | None = setting(
+        None,
+        "host:port of an HTTP listener for operators: /metrics (Prometheus), /healthz and /readyz; "
+        "off unless given (port 0 picks a free port, logged)",
+        "observability",
+        type=str,
+    )
 
     @property
     def address(self) -> str:
@@ -243,6 +257,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         host, port = parse_address(values.pop("address"))
     except AddressError as exc:
         raise ConfigError(f"--address {exc}") from None
+    if values["metrics_address"] is not None:
+        try:
+            parse_address(values["metrics_address"])
+        except AddressError as exc:
+            raise ConfigError(f"--metrics-address {exc}") from None
     check_userinfo_url(values["userinfo_url"])
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")

@@ -8,18 +8,18 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from perfdb.observability.logformat import log_formatter
+
 
 class LoopUnavailableError(RuntimeError):
     """The event loop asked for cannot be had (uvloop not installed)."""
 
 
-def configure_logging(level: str) -> None:
-    """Logs go to stderr, one line each, with the logger's name."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Logs go to stderr, one line each: text with the logger's name, or a JSON object."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(log_format))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], loop_choice: str = "auto") -> None:

@@ -17,7 +17,9 @@ from perfdb.auth.tokens import TokenResolver, load_key, load_static_tokens
 from perfdb.commands.dispatcher import CommandDispatcher
 from perfdb.commands.stats import ServerStats
 from perfdb.config import Config, ConfigError, config_from_args
-from perfdb.protocol.addresses import format_address
+from perfdb.observability.http import OperatorEndpoints
+from perfdb.observability.operator import start_operator_endpoints
+from perfdb.protocol.addresses import format_address, parse_address
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
@@ -61,6 +63,7 @@ class PerfdbServer:
         self._all_closed = asyncio.Event()
         self._shutdown_started = False
         self._sweeper: asyncio.Task[None] | None = None
+        self.operator_endpoints: OperatorEndpoints | None = None  # --metrics-address
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -100,6 +103,8 @@ class PerfdbServer:
             config, self.store, self.resolver, self.stats, admin_key=admin_key, read_key=read_key
         )
         dispatcher = self.dispatcher
+        if config.metrics_address is not None:
+            await self._start_operator_endpoints(config.metrics_address)
         limits = ConnectionLimits(
             max_line_bytes=config.max_line_bytes,
             max_inflight=config.max_inflight,
@@ -119,7 +124,7 @@ class PerfdbServer:
             )
         except OSError as exc:
             await self._close_services()
-            raise StartupError(_listen_error(config, exc)) from None
+            raise StartupError(_listen_error(config.address, config.host, exc)) from None
         self._sweeper = loop.create_task(self._sweep_deadlines(), name="perfdb-deadlines")
         log.info(
             "perfdb %s listening on %s (database %s, %s)",
@@ -128,6 +133,24 @@ class PerfdbServer:
             config.database,
             "sync commits" if config.sync else "no-sync commits",
         )
+
+    async def _start_operator_endpoints(self, address: str) -> None:
+        assert self.resolver is not None and self.dispatcher is not None
+        host, port = parse_address(address)
+        try:
+            self.operator_endpoints = await start_operator_endpoints(
+                host,
+                port,
+                stats=self.stats,
+                store=self.store,
+                resolver=self.resolver,
+                ops=self.dispatcher.ops,
+                shutting_down=lambda: self._shutdown_started,
+            )
+        except OSError as exc:
+            await self._close_services()
+            raise StartupError(f"--metrics-address: {_listen_error(address, host, exc)}") from None
+        log.info("metrics served at http://%s/metrics (and /healthz, /readyz)", self.operator_endpoints.address)
 
     @property
     def address(self) -> str:
@@ -207,14 +230,16 @@ class PerfdbServer:
         await loop.run_in_executor(None, self.store.close)
         if self.resolver is not None:
             await self.resolver.close()
+        # Last, so /readyz answers 503 for as long as the shutdown lasts.
+        if self.operator_endpoints is not None:
+            await self.operator_endpoints.close()
 
 
-def _listen_error(config: Config, exc: OSError) -> str:
-    address = config.address
+def _listen_error(address: str, host: str, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return f"cannot listen on {address}: address already in use"
     if isinstance(exc, socket.gaierror):
-        return f"cannot listen on {address}: unknown host {config.host!r}"
+        return f"cannot listen on {address}: unknown host {host!r}"
     return f"cannot listen on {address}: {exc.strerror or exc}"
 
 
@@ -242,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run_perf_db_server: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     try:
         run_event_loop(serve(config), config.loop)
     except (StartupError, LoopUnavailableError) as exc:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from perfdb.auth.tokens import STATIC_USER_PREFIX, load_static_tokens, token_digest
 from perfdb.config import ConfigError, check_userinfo_url, config_from_args
+from perfdb.observability.logformat import log_formatter
 from perfdb.server import PerfdbServer, StartupError
 from perfdb.storage import layout
 from tests.support import (
@@ -591,6 +592,8 @@ async def test_token_never_appears_in_logs_replies_or_database(
         for record in caplog.records:
             assert secret not in record.getMessage()
             assert secret not in repr(record.args)
+            for log_format in ("text", "json"):  # what --log-format writes
+                assert secret not in log_formatter(log_format).format(record)
     database_files = [path for path in (tmp_path / "db").rglob("*") if path.is_file()]
     contents = b"".join(path.read_bytes() for path in database_files)
     assert b"keeper" in contents  # what was stored can be found this way

@@ -161,6 +161,7 @@ class TokenResolver:
         self._inflight: dict[bytes, asyncio.Future[Profile]] = {}
         self._session: aiohttp.ClientSession | None = None
         self.upstream_requests = 0
+        self.upstream_failures = 0  # the provider could not be asked or gave no usable answer
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
@@ -206,6 +207,8 @@ class TokenResolver:
         except PerfdbError as error:
             if error.code is ErrorCode.UNAUTHENTICATED:
                 self.cache.put(digest, error, time.monotonic() + self._negative_ttl)
+            elif error.code is ErrorCode.AUTH_UNAVAILABLE:
+                self.upstream_failures += 1
             raise
         self.cache.put(digest, profile, time.monotonic() + self._cache_ttl)
         return profile

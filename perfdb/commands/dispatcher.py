@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -159,6 +160,17 @@ class CommandDispatcher:
         if command is None:
             return self._error(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {quote_input(op)}; see hello for the ops")
         self._stats.requests[op] += 1
+        if self._stats.observe_latency is None:
+            return self._execute(command, request, request_id, peer, op)
+        started = time.perf_counter()
+        reply = self._execute(command, request, request_id, peer, op)
+        if isinstance(reply, DeferredReply):
+            start = reply.start
+            # Timed from when the framing layer starts it, not while it waits its turn.
+            return DeferredReply(lambda: self._timed(op, time.perf_counter(), start()))
+        return self._timed(op, started, reply)
+
+    def _execute(self, command: Command, request: dict[str, Any], request_id: Any, peer: str, op: str) -> Reply:
         if self.draining:
             return self._error(request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         try:
@@ -166,7 +178,7 @@ class CommandDispatcher:
         except PerfdbError as exc:
             return self._error(request_id, exc.code, exc.message)
         except Exception:
-            log.exception("%s: op %s failed", peer, op)
+            log.exception("%s: op %s failed", peer, op, extra={"peer": peer, "op": op})
             return self._error(request_id, ErrorCode.INTERNAL, "internal server error")
         if isinstance(outcome, dict):
             return self._ok(request_id, outcome)
@@ -174,6 +186,16 @@ class CommandDispatcher:
             start = outcome.start
             return DeferredReply(lambda: self._follow(start(), request_id, peer, op))
         return self._follow(outcome, request_id, peer, op)
+
+    def _timed(self, op: str, started: float, reply: bytes | asyncio.Future[bytes]) -> bytes | asyncio.Future[bytes]:
+        """Report the op's latency once its reply is ready."""
+        observe = self._stats.observe_latency
+        if observe is not None:
+            if isinstance(reply, bytes):
+                observe(op, time.perf_counter() - started)
+            else:
+                reply.add_done_callback(lambda _reply: observe(op, time.perf_counter() - started))
+        return reply
 
     def _follow(
         self,
@@ -219,7 +241,7 @@ class CommandDispatcher:
         elif isinstance(error, PerfdbError):
             reply.set_result(self._error(request_id, error.code, error.message))
         else:
-            log.error("%s: op %s failed", peer, op, exc_info=error)
+            log.error("%s: op %s failed", peer, op, exc_info=error, extra={"peer": peer, "op": op})
             reply.set_result(self._error(request_id, ErrorCode.INTERNAL, "internal server error"))
 
     # -- ops (method name op_<name> puts it in the command table) ----------------------------

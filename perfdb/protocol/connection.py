@@ -161,12 +161,12 @@ class LineProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self._tracker.connection_opened(self):
-            log.warning("%s: refused: too many connections", self._peer)
+            log.warning("%s: refused: too many connections", self._peer, extra={"peer": self._peer})
             self._closing = True
             self._transport.write(self._handler.error_reply(ErrorCode.OVERLOADED, "too many connections; retry later"))
             self._transport.close()
             return
-        log.debug("%s: connected", self._peer)
+        log.debug("%s: connected", self._peer, extra={"peer": self._peer})
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection; replies still being computed are dropped when they finish."""
@@ -177,7 +177,7 @@ class LineProtocol(asyncio.Protocol):
         self._buffer.clear()
         self._pending.clear()
         self._tracker.connection_closed(self)
-        log.debug("%s: disconnected%s", self._peer, f" ({exc})" if exc else "")
+        log.debug("%s: disconnected%s", self._peer, f" ({exc})" if exc else "", extra={"peer": self._peer})
 
     def data_received(self, data: bytes) -> None:
         """Frame the new bytes into lines and hand each complete one on."""
@@ -424,16 +424,26 @@ class LineProtocol(asyncio.Protocol):
         limits = self._limits
         # The write timeout holds in every state: a client that reads nothing is dropped.
         if self._write_paused_since is not None and now - self._write_paused_since > limits.write_timeout:
-            log.warning("%s: not reading its replies for %.0fs; dropped", self._peer, limits.write_timeout)
+            log.warning(
+                "%s: not reading its replies for %.0fs; dropped",
+                self._peer,
+                limits.write_timeout,
+                extra={"peer": self._peer},
+            )
             self._transport.abort()
             return
         if self._closing or self._giving_up:
             return
         if self._partial_since is not None and now - self._partial_since > limits.line_timeout:
-            log.info("%s: request line not completed within %.0fs; closing", self._peer, limits.line_timeout)
+            log.info(
+                "%s: request line not completed within %.0fs; closing",
+                self._peer,
+                limits.line_timeout,
+                extra={"peer": self._peer},
+            )
             self._give_up(f"request line not completed within {limits.line_timeout:g}s; closing")
         elif not self._pending and self._partial_since is None and now - self._last_activity > limits.idle_timeout:
-            log.debug("%s: idle for %.0fs; closing", self._peer, limits.idle_timeout)
+            log.debug("%s: idle for %.0fs; closing", self._peer, limits.idle_timeout, extra={"peer": self._peer})
             self._give_up(f"idle for {limits.idle_timeout:g}s; closing")
 
     def _give_up(self, message: str) -> None:

@@ -24,6 +24,7 @@ from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import is_record_id
 from perfdb.records.schema import ImportedRecord, Query, RecordDraft
 from perfdb.storage import layout
+from perfdb.storage.dbstats import DatabaseStats, read_database_stats
 from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
 
 log = logging.getLogger("perfdb.storage")
@@ -39,6 +40,7 @@ _READ_THREADS = 4
 
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 
 class StoreOpenError(Exception):
@@ -243,6 +245,19 @@ class ResultStore:
             self._db = None
         self._lock.release()
 
+    @property
+    def is_open(self) -> bool:
+        """Opened, not closed, and not between handles while the writer reopens LevelDB."""
+        return self._db is not None and not self._closed
+
+    async def database_stats(self) -> DatabaseStats:
+        """LevelDB's size, memory and per-level numbers, read on the reader threads."""
+        return await self._read(self._read_database_stats, None)
+
+    def _read_database_stats(self, _query: None) -> DatabaseStats:
+        with self._guard.reading():
+            return read_database_stats(self._database())
+
     # -- writes ---------------------------------------------------------------------------
 
     @property
@@ -266,7 +281,7 @@ class ResultStore:
         """One page of every user's records, in time order."""
         return await self._read(self._read_all_page, query)
 
-    async def _read(self, read: Callable[[Query], _T], query: Query) -> _T:
+    async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
         loop = asyncio.get_running_loop()
         try:

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class _Batch:
         self.profiles: dict[str, bytes] = {}
         self.new_users = 0
         self.new_records = 0
+        self.write_seconds = 0.0  # LevelDB's write of the batch, fsync included
 
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
         return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id, request_key)
@@ -165,7 +167,9 @@ class _Batch:
             self.batch.put(layout.USER_COUNT_KEY, str(writer.user_count + self.new_users).encode())
         if writer.write_batch_hook is not None:
             writer.write_batch_hook()
+        started = time.perf_counter()
         self.batch.write()
+        self.write_seconds = time.perf_counter() - started
         writer.record_count += self.new_records
         writer.user_count += self.new_users
         if len(writer._profiles) + len(self.profiles) > _MAX_CACHED_PROFILES:
@@ -179,6 +183,7 @@ class GroupCommitWriter:
     """Owns all writes to the database; see the module docstring."""
 
     _STOP = object()
+    _HEAL = object()  # retry renewing the log after a failed write, with nothing to write
 
     def __init__(
         self,
@@ -212,8 +217,33 @@ class GroupCommitWriter:
         self.batched_records = 0
         self.failed_batches = 0
         self.reopens = 0
+        self._heal_requested = False
         # Test seam: replaces the batch write to inject storage faults.
         self.write_batch_hook: Callable[[], None] | None = None
+        # Told (records taken in, seconds LevelDB took to write them) after each committed
+        # batch, on the writer thread; the server's metrics set it.
+        self.commit_observer: Callable[[int, float], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Submissions waiting for the writer thread."""
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """False from a failed write until LevelDB accepts writes again."""
+        return not self._needs_heal
+
+    def request_heal(self) -> None:
+        """After a failed write, have the writer retry renewing LevelDB's log even if no write
+        comes (a server reported unready gets none). Without a failure, does nothing."""
+        if self._needs_heal and not self._heal_requested and self._accepting:
+            self._heal_requested = True
+            self._queue.put(self._HEAL)
 
     def start(self) -> None:
         self._thread.start()
@@ -249,6 +279,9 @@ class GroupCommitWriter:
             first = self._queue.get()
             if first is self._STOP:
                 break
+            if first is self._HEAL:
+                self._retry_heal()
+                continue
             batch = [first]
             records = _record_count(first)
             while records < self._max_batch:
@@ -259,6 +292,8 @@ class GroupCommitWriter:
                 if item is self._STOP:
                     stopping = True
                     break
+                if item is self._HEAL:
+                    continue  # committing the batch heals first anyway
                 batch.append(item)
                 records += _record_count(item)
             self._commit(batch)
@@ -272,17 +307,18 @@ class GroupCommitWriter:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not self._STOP:
+            if item is not self._STOP and item is not self._HEAL:
                 leftovers.append((item.future, PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
         if leftovers:
             self._loop.call_soon_threadsafe(_settle, leftovers)
 
     def _commit(self, items: list[Submission | Restoration]) -> None:
         outcomes: list[Outcome]
+        write_seconds: float | None = None
         try:
             if self._needs_heal:
                 self._heal()
-            outcomes = self._write(items)
+            outcomes, write_seconds = self._write(items)
         except Exception as exc:  # any failure of the batch fails every submission in it
             self.failed_batches += 1
             self._needs_heal = True
@@ -290,6 +326,17 @@ class GroupCommitWriter:
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
             outcomes = [(item.future, error) for item in items]
         self._loop.call_soon_threadsafe(_settle, outcomes)
+        if write_seconds is not None and self.commit_observer is not None:
+            self.commit_observer(sum(map(_record_count, items)), write_seconds)
+
+    def _retry_heal(self) -> None:
+        self._heal_requested = False
+        if not self._needs_heal:
+            return
+        try:
+            self._heal()
+        except Exception as exc:
+            log.warning("database still refuses writes: %s", exc)
 
     def _heal(self) -> None:
         """Make LevelDB start a fresh log before writing again (raises while it cannot).
@@ -323,7 +370,8 @@ class GroupCommitWriter:
             return False
         return stats.f_bavail * stats.f_frsize >= _ROOM_TO_REOPEN
 
-    def _write(self, items: list[Submission | Restoration]) -> list[Outcome]:
+    def _write(self, items: list[Submission | Restoration]) -> tuple[list[Outcome], float]:
+        """Stage and commit the batch; its outcomes and the seconds LevelDB took to write it."""
         batch = _Batch(self)
         outcomes: list[Outcome] = []
         for item in items:
@@ -332,7 +380,7 @@ class GroupCommitWriter:
             else:
                 outcomes.append((item.future, self._add_restoration(batch, item)))
         batch.commit()
-        return outcomes
+        return outcomes, batch.write_seconds
 
     def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
         profile, draft = submission.profile, submission.draft

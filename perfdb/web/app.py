@@ -19,6 +19,7 @@ from aiohttp import web
 from perfdb import __version__
 from perfdb.client import tls_context
 from perfdb.config import DEFAULT_ADDRESS, ConfigError, positive_float, positive_int
+from perfdb.observability.http import HttpRequestMetrics, metrics_handler, process_registry
 from perfdb.protocol.addresses import AddressError, format_address, parse_address
 from perfdb.runtime import configure_logging, run_event_loop
 from perfdb.web import handlers, pages
@@ -43,6 +44,7 @@ class WebConfig:
     scan_limit: int = 20_000  # results kept by one bulk scan (charts, overview, sorting by a metric)
     cache_seconds: float = 30.0  # how long a bulk scan is reused
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line
 
 
 def asset_urls(static_dir: Path = STATIC_DIR) -> dict[str, str]:
@@ -59,7 +61,10 @@ def asset_urls(static_dir: Path = STATIC_DIR) -> dict[str, str]:
 def build_app(config: WebConfig) -> web.Application:
     """The dashboard as an aiohttp application; perfdb is connected to on first use."""
     parse_address(config.server)  # fail now, not on the first page
-    app = web.Application(middlewares=[handlers.error_pages])
+    registry = process_registry()
+    request_metrics = HttpRequestMetrics(registry, "perfdb_web")
+    # Outermost, so it counts the status the error pages settle on.
+    app = web.Application(middlewares=[request_metrics.middleware, handlers.error_pages])
     source = ResultSource(
         config.server,
         read_key=config.read_key,
@@ -74,6 +79,7 @@ def build_app(config: WebConfig) -> web.Application:
         scan_limit=config.scan_limit,
     )
     handlers.add_routes(app)
+    app.router.add_get("/metrics", metrics_handler(registry), name="metrics")
     app.router.add_static("/static", STATIC_DIR, name="static")
     app.on_response_prepare.append(handlers.add_headers)
     app.cleanup_ctx.append(_close_source)
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perfdb-web",
         description="The perfdb dashboard: a web server that shows the results stored in a perfdb server.",
         epilog="Open http://LISTEN/ in a browser. The dashboard keeps working when perfdb restarts: "
-        "pages show a retry hint while perfdb is down.",
+        "pages show a retry hint while perfdb is down. Prometheus metrics are at http://LISTEN/metrics.",
     )
     parser.add_argument("--version", action="version", version=f"perfdb-web {__version__}")
     parser.add_argument(
@@ -139,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="logs go to stderr (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text, or as one JSON object each (time, level, logger, message, exception) "
+        "(default: %(default)s)",
+    )
     return parser
 
 
@@ -173,6 +186,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> WebConfig:
         scan_limit=args.scan_limit,
         cache_seconds=max(0.0, args.cache_seconds),
         log_level=args.log_level,
+        log_format=args.log_format,
     )
 
 
@@ -194,6 +208,7 @@ async def serve(config: WebConfig) -> None:
             raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         for address in runner.addresses:
             log.info("perfdb-web listening on http://%s/ (perfdb at %s)", format_address(*address[:2]), config.server)
+            log.info("metrics served at http://%s/metrics", format_address(*address[:2]))
         await _check_perfdb(app)
         await stop.wait()
         log.info("stopping")
@@ -220,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"perfdb-web: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     try:
         run_event_loop(serve(config))
     except ConfigError as exc:
