@@ -86,7 +86,7 @@ class Config:
     )
     max_batch_records: int = setting(4096, "most records committed in one group-commit write batch", "storage")
     max_sort_examined: int = setting(
-        1_000_000,
+        250_000,
         "most entries one sorted get_user/get_all examines (newest first); past it the reply says complete: false",
         "storage",
     )
