@@ -3,7 +3,10 @@ answer filtered reads through the new indexes; an upgrade killed half way finish
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +169,35 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
         assert sum(int(db.get(layout.user_count_key(f"user{n}"))) for n in range(4)) == 3000
     finally:
         db.close()
+
+
+async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tmp_path: Path) -> None:
+    database = tmp_path / "db"
+    records = write_schema_1_database(database, 1200)
+    db = plyvel.DB(str(database))
+    try:
+        # An upgrade interrupted after a few entries, plus a stray entry and a wrong count.
+        db.put(layout.test_index_prefix("rare") + records[1]["record_id"].encode(), b'["user1",""]')
+        db.put(layout.test_count_key("rare"), b"999")
+        db.put(layout.UPGRADE_RESUME_KEY, layout.record_key(records[0]["record_id"], "user0"))
+    finally:
+        db.close()
+    command = [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(database)]
+    repaired = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "indexes and counts rebuilt for 1200 records" in repaired.stdout
+    db = plyvel.DB(str(database))
+    try:
+        assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
+        assert db.get(layout.UPGRADE_RESUME_KEY) is None
+        assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 1200
+    finally:
+        db.close()
+    rare = [r for r in records if r["test_name"] == "rare"]
+    config = make_config(database, "http://127.0.0.1:9/userinfo")
+    async with running_server(config) as server, connect(server) as conn:
+        pages = await page_through(conn, "get_all", test_name="rare")
+        nightly = await conn.request("get_all", tag="nightly", limit=1)
+    assert [r for page in pages for r in page["records"]] == rare
+    assert pages[0]["total"] == len(rare)
+    assert nightly["total"] == sum(1 for r in records if r["tag"] == "nightly")
