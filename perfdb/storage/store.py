@@ -25,7 +25,7 @@ import plyvel
 
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
-from perfdb.records.record_ids import is_record_id
+from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id
 from perfdb.records.schema import ImportedRecord, Query, RecordDraft
 from perfdb.storage import layout
 from perfdb.storage.overview import Overview
@@ -118,7 +118,8 @@ class HandleGuard:
     """Readers share the LevelDB handle; replacing it waits until no read is using it.
 
     plyvel frees LevelDB's memory on close, so closing under a running read would crash the
-    process rather than raise. Reads are bounded (SCAN_BUDGET, PAGE_BYTES), so the wait is short.
+    process rather than raise. Reads are bounded (SCAN_BUDGET, PAGE_BYTES, and max_sort_examined
+    for sorted reads), so the wait is short: at most seconds, for a sorted read at its bound.
     """
 
     def __init__(self) -> None:
@@ -378,47 +379,56 @@ class ResultStore:
             page.total = source.count  # the one filter's index count, or every record's
         return page
 
-    def _resolver(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> _Resolve:
-        """What an examined entry stands for: its record's user id and JSON, or (None, None) when
-        the query's filters refuse it, or (user id, None) when the record is damaged or missing."""
+    def _entry_readers(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> tuple[_Admits, _Fetch]:
+        """How to read the source's entries: `admits` gives the user id of an entry's record if the
+        query's filters admit it (else None), without reading the record; `fetch` gives the
+        record's JSON (None if it is damaged or missing)."""
         if source.prefix == layout.RECORD_PREFIX:
             id_end = layout.RECORD_ID_END
-            return lambda key, value: (key[id_end:], self._checked(value, key))
+            return (lambda key, value: key[id_end:]), (lambda key, value, user_id: self._checked(value, key))
         prefix = source.prefix
 
-        def resolve(key: bytes, value: bytes) -> tuple[bytes | None, memoryview | None]:
+        def admits(key: bytes, value: bytes) -> bytes | None:
             user_id, test_name, tag = layout.index_fields(prefix, value)
-            if not _matches(query, user_id, test_name, tag):
-                return None, None
-            record_key = layout.record_key(layout.index_record_id(key), user_id)
-            return user_id.encode(), self._checked(snapshot.get(record_key), record_key)
+            return user_id.encode() if _matches(query, user_id, test_name, tag) else None
 
-        return resolve
+        def fetch(key: bytes, value: bytes, user_id: bytes) -> memoryview | None:
+            record_key = layout.RECORD_PREFIX + key[-RECORD_ID_CHARS:] + user_id
+            return self._checked(snapshot.get(record_key), record_key)
+
+        return admits, fetch
 
     def _read_in_time_order(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
         start, stop = _key_range(source.prefix, query, after_cursor=True)
-        resolve = self._resolver(snapshot, source, query)
+        admits, fetch = self._entry_readers(snapshot, source, query)
         records: list[bytes | memoryview] = []
         user_ids: set[bytes] = set()
-        last_key = b""
-        more = False
+        last_key = b""  # the cursor: every entry up to here was examined
+        more = full = False
         scanned = 0
         page_bytes = 0
         # A scan of history should not push recent data out of LevelDB's block cache.
         fill_cache = source.prefix != layout.RECORD_PREFIX
         with snapshot.iterator(start=start, stop=stop, reverse=query.reverse, fill_cache=fill_cache) as entries:
             for key, value in entries:
-                if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
+                if scanned == SCAN_BUDGET:
                     more = True
                     break
                 scanned += 1
+                user_id = admits(key, value)
+                if user_id is None:
+                    last_key = key
+                    continue
+                if full:  # a full page looks on to the next admitted entry, so the last page has no cursor
+                    more = True
+                    break
                 last_key = key
-                user_id, document = resolve(key, value)
+                document = fetch(key, value, user_id)
                 if document is not None:
-                    assert user_id is not None
                     records.append(document)
                     user_ids.add(user_id)
                     page_bytes += len(document)
+                    full = len(records) == query.limit or page_bytes >= PAGE_BYTES
         return Page(records, {}, source.record_id(last_key) if more else None, user_ids=user_ids)
 
     def _read_sorted(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
@@ -428,7 +438,7 @@ class ResultStore:
         metric, descending = query.sort, query.descending
         after = None if query.cursor is None else _parse_sort_cursor(query.cursor)
         start, stop = _key_range(source.prefix, query, after_cursor=False)
-        resolve = self._resolver(snapshot, source, query)
+        admits, fetch = self._entry_readers(snapshot, source, query)
         record_id_of = source.record_id
         examined = candidates = 0
         complete = True
@@ -441,10 +451,12 @@ class ResultStore:
                         complete = False
                         return
                     examined += 1
-                    user_id, document = resolve(key, value)
+                    user_id = admits(key, value)
+                    if user_id is None:
+                        continue
+                    document = fetch(key, value, user_id)
                     if document is None:
                         continue
-                    assert user_id is not None
                     rank = _rank(orjson.loads(document)["metrics"].get(metric), descending, record_id_of(key))
                     if after is not None and rank <= after:
                         continue
@@ -482,7 +494,8 @@ class ResultStore:
             return None
 
 
-_Resolve = Callable[[bytes, bytes], tuple[bytes | None, memoryview | None]]
+_Admits = Callable[[bytes, bytes], bytes | None]
+_Fetch = Callable[[bytes, bytes, bytes], memoryview | None]
 # Where a record stands in a sorted read: (lacks the metric, value signed so smaller comes
 # first, record id); records lacking the metric come last, ties go by record id.
 _Rank = tuple[int, int | float, str]
