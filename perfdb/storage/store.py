@@ -389,7 +389,12 @@ class ResultStore:
         prefix = source.prefix
 
         def admits(key: bytes, value: bytes) -> bytes | None:
-            user_id, test_name, tag = layout.index_fields(prefix, value)
+            try:
+                user_id, test_name, tag = layout.index_fields(prefix, value)
+            except (ValueError, TypeError):  # orjson's decode error is a ValueError
+                self.corrupt_records += 1
+                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                return None
             return user_id.encode() if _matches(query, user_id, test_name, tag) else None
 
         def fetch(key: bytes, value: bytes, user_id: bytes) -> memoryview | None:
