@@ -435,6 +435,7 @@ async def cmd_repair(args: argparse.Namespace) -> int:
     except StoreOpenError as exc:
         raise CliError(str(exc), EXIT_REFUSED) from None
     print(f"{report.records} good records, {report.users} users")
+    print(f"indexes and counts rebuilt for {report.indexed} records")
     for record_id in report.damaged:
         print(f"damaged record {record_id}{' (dropped)' if report.dropped else ''}")
     print(f"{report.dangling_index_entries} index entries without their record{' (dropped)' if report.dropped else ''}")

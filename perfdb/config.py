@@ -92,6 +92,19 @@ class Config:
         "storage",
     )
     max_batch_records: int = setting(4096, "most records committed in one group-commit write batch", "storage")
+    max_sort_examined: int = setting(
+        250_000,
+        "most entries one sorted get_user/get_all examines (newest first); past it the reply says complete: false",
+        "storage",
+    )
+    upgrade_batch_records: int = setting(
+        10_000, "records indexed per synced write while an older database is upgraded at start-up", "storage"
+    )
+    upgrade_pause: float = setting(
+        0.0,
+        "seconds to wait between upgrade batches; for tests that interrupt an upgrade, never needed otherwise",
+        "storage",
+    )
     # Token resolution
     userinfo_url: str = setting(
         GOOGLE_USERINFO_URL,

@@ -55,6 +55,9 @@ class PerfdbServer:
             sync=config.sync,
             max_batch=config.max_batch_records,
             paranoid_checks=config.paranoid_checks,
+            max_sort_examined=config.max_sort_examined,
+            upgrade_batch=config.upgrade_batch_records,
+            upgrade_pause=config.upgrade_pause,
         )
         self.resolver: TokenResolver | None = None
         self.dispatcher: CommandDispatcher | None = None

@@ -207,6 +207,29 @@ def error_code(reply: dict[str, Any]) -> str:
     return code
 
 
+async def page_through(connection: Connection, op: str, **query: Any) -> list[dict[str, Any]]:
+    """Follow next_cursor to the end; returns every page."""
+    pages = []
+    cursor = None
+    for _ in range(10_000):
+        request = dict(query, cursor=cursor) if cursor else dict(query)
+        reply = await connection.request(op, **request)
+        assert reply["ok"], reply
+        pages.append(reply)
+        cursor = reply["next_cursor"]
+        if cursor is None:
+            return pages
+    raise AssertionError("paging did not end")
+
+
+async def send_burst(connection: Connection, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pipeline every request while reading the replies, so neither side's buffers fill up."""
+    sending = asyncio.ensure_future(connection.send(*requests))
+    replies = await connection.replies(len(requests), timeout=30.0)
+    await sending
+    return replies
+
+
 def all_records_pages(pages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [record for page in pages for record in page["records"]]
 

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient, Client, PerfdbClientError, RetryPolicy
 from perfdb.client.common import RecordWindow
 from perfdb.server import PerfdbServer
@@ -204,13 +205,41 @@ def check_stored_once(records: list[dict[str, Any]], acks: list[dict[str, Any]],
 # -- AsyncClient: single calls ------------------------------------------------------------
 
 
+async def test_both_clients_pass_ordering_options_and_ask_for_the_overview(tmp_path: Path) -> None:
+    qps = [5.0, 1.0, 9.0, 3.0, 9.0, 7.0]
+    async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(address(server)) as client:
+        acks = [await client.record(**bench(n, metrics={"qps": value})) for n, value in enumerate(qps)]
+        newest_first = await collect(client.get_all(reverse=True, limit=4))
+        mine_newest_first = await collect(client.get_user("alice", reverse=True, limit=4))
+        by_qps = await collect(client.get_all(sort="qps", limit=4))
+        mine_by_qps_up = await collect(client.get_user("alice", sort="qps", order="asc", limit=4))
+        overview = await client.overview("qps")
+        with Client(address(server)) as blocking:
+            blocking_results = await asyncio.to_thread(
+                lambda: (
+                    list(blocking.get_all(reverse=True, limit=4)),
+                    list(blocking.get_user("alice", sort="qps", order="asc", limit=4)),
+                    blocking.overview("qps", test_name="unary"),
+                )
+            )
+    record_ids = ids(acks)
+    assert ids(newest_first) == ids(mine_newest_first) == record_ids[::-1]
+    assert [r["metrics"]["qps"] for r in by_qps] == [9.0, 9.0, 7.0, 5.0, 3.0, 1.0]
+    assert [r["metrics"]["qps"] for r in mine_by_qps_up] == sorted(qps)
+    assert overview["tests"]["unary"]["max"] == 9.0 and overview["tests"]["unary"]["count"] == 6
+    blocking_newest, blocking_by_qps_up, blocking_overview = blocking_results
+    assert ids(blocking_newest) == record_ids[::-1]
+    assert ids(blocking_by_qps_up) == ids(mine_by_qps_up)
+    assert blocking_overview["tests"] == overview["tests"]
+
+
 async def test_hello_ping_stats(tmp_path: Path) -> None:
     async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(address(server)) as client:
         hello = await client.hello()
         await client.ping()
         await client.record(**bench(1))
         stats = await client.stats()
-    assert hello["ok"] is True and hello["server"] == "perfdb" and hello["protocol_version"] == 1
+    assert hello["ok"] is True and hello["server"] == "perfdb" and hello["protocol_version"] == PROTOCOL_VERSION
     assert {"hello", "ping", "record", "get_user", "get_all", "stats"} <= set(hello["ops"])
     assert hello["limits"]["max_page_size"] == server.config.max_page_size
     assert stats["records"] == 1 and stats["users"] == 1

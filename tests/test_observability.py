@@ -24,7 +24,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from perfdb import __version__
+from perfdb import PROTOCOL_VERSION, __version__
 from perfdb.config import ConfigError, config_from_args
 from perfdb.observability.logformat import JsonLogFormatter
 from perfdb.protocol.errors import ErrorCode
@@ -161,7 +161,7 @@ async def test_metrics_count_requests_errors_records_tokens_and_connections(tmp_
 
         samples = await scrape(http, operator_url(server) + "/metrics")
 
-    assert value(samples, "perfdb_build_info", version=__version__, protocol_version="1") == 1
+    assert value(samples, "perfdb_build_info", version=__version__, protocol_version=str(PROTOCOL_VERSION)) == 1
     # Requests by op: every op of the command table has a series, and nothing else does.
     assert server.dispatcher is not None
     assert label_values(samples, "perfdb_requests_total", "op") == set(server.dispatcher.ops)

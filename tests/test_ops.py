@@ -16,26 +16,12 @@ from tests.support import (
     connect,
     error_code,
     make_config,
+    page_through,
     perfdb_with_provider,
     record_request,
     running_server,
     userinfo_server,
 )
-
-
-async def page_through(connection: Connection, op: str, **query: Any) -> list[dict[str, Any]]:
-    """Follow next_cursor to the end; returns every page."""
-    pages = []
-    cursor = None
-    for _ in range(10_000):
-        request = dict(query, cursor=cursor) if cursor else dict(query)
-        reply = await connection.request(op, **request)
-        assert reply["ok"], reply
-        pages.append(reply)
-        cursor = reply["next_cursor"]
-        if cursor is None:
-            return pages
-    raise AssertionError("paging did not end")
 
 
 async def test_hello_reports_versions_and_limits(tmp_path: Path) -> None:

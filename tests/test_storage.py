@@ -284,3 +284,18 @@ async def test_reopening_under_running_reads_neither_crashes_nor_loses_data(tmp_
     await loop.run_in_executor(None, store.close)
     assert writer.reopens == 10
     assert failures == []
+
+
+async def test_damaged_index_entry_is_skipped_and_counted(tmp_path: Path) -> None:
+    async with userinfo_server() as provider:
+        config = make_config(tmp_path / "db", provider.url)
+        async with running_server(config) as server, connect(server) as conn:
+            acks = [await conn.request(**record_request(metrics={"qps": n})) for n in range(3)]
+        db = plyvel.DB(str(config.database))
+        db.put(layout.test_index_prefix("unary") + acks[1]["record_id"].encode(), b"\x00garbage")
+        db.close()
+        async with running_server(config) as server, connect(server) as conn:
+            filtered = await conn.request("get_all", test_name="unary")
+            stats = await conn.request("stats")
+    assert [r["record_id"] for r in filtered["records"]] == [acks[0]["record_id"], acks[2]["record_id"]]
+    assert stats["corrupt_records"] == 1

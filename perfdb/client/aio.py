@@ -18,6 +18,7 @@ from perfdb.client.common import (
     connection_failed,
     encode_request,
     may_resend,
+    order_fields,
     with_request_id,
 )
 
@@ -253,14 +254,29 @@ class AsyncClient(ClientSettings):
                 return
             query["cursor"] = page["next_cursor"]
 
-    async def get_user(self, user_id: str, **filters: Any) -> AsyncIterator[dict[str, Any]]:
-        """One user's records, oldest first, across as many pages as it takes."""
-        async for page in self.pages("get_user", user_id=user_id, **filters):
+    async def get_user(
+        self,
+        user_id: str,
+        *,
+        reverse: bool = False,
+        sort: str | None = None,
+        order: str | None = None,
+        **filters: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One user's records across as many pages as it takes: oldest first, newest first with
+        reverse=True, or by a metric with sort= (order "desc", the default, or "asc")."""
+        async for page in self.pages("get_user", user_id=user_id, **order_fields(reverse, sort, order), **filters):
             for record in page["records"]:
                 yield record
 
-    async def get_all(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
-        """Every user's records, oldest first, across as many pages as it takes."""
-        async for page in self.pages("get_all", **filters):
+    async def get_all(
+        self, *, reverse: bool = False, sort: str | None = None, order: str | None = None, **filters: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every user's records across as many pages as it takes, ordered as for get_user."""
+        async for page in self.pages("get_all", **order_fields(reverse, sort, order), **filters):
             for record in page["records"]:
                 yield record
+
+    async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
+        """The server's aggregates of one metric, for one test or (by default) every test."""
+        return await self.call("overview", metric=metric, test_name=test_name)

@@ -21,6 +21,7 @@ from perfdb.client.common import (
     connection_failed,
     encode_request,
     may_resend,
+    order_fields,
     with_request_id,
 )
 
@@ -185,12 +186,27 @@ class Client(ClientSettings):
                 return
             query["cursor"] = page["next_cursor"]
 
-    def get_user(self, user_id: str, **filters: Any) -> Iterator[dict[str, Any]]:
-        """One user's records, oldest first, across as many pages as it takes."""
-        for page in self.pages("get_user", user_id=user_id, **filters):
+    def get_user(
+        self,
+        user_id: str,
+        *,
+        reverse: bool = False,
+        sort: str | None = None,
+        order: str | None = None,
+        **filters: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """One user's records across as many pages as it takes: oldest first, newest first with
+        reverse=True, or by a metric with sort= (order "desc", the default, or "asc")."""
+        for page in self.pages("get_user", user_id=user_id, **order_fields(reverse, sort, order), **filters):
             yield from page["records"]
 
-    def get_all(self, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Every user's records, oldest first, across as many pages as it takes."""
-        for page in self.pages("get_all", **filters):
+    def get_all(
+        self, *, reverse: bool = False, sort: str | None = None, order: str | None = None, **filters: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Every user's records across as many pages as it takes, ordered as for get_user."""
+        for page in self.pages("get_all", **order_fields(reverse, sort, order), **filters):
             yield from page["records"]
+
+    def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
+        """The server's aggregates of one metric, for one test or (by default) every test."""
+        return self.call("overview", metric=metric, test_name=test_name)

@@ -22,9 +22,9 @@ TIMEOUT = "timeout"
 PROTOCOL_ERROR = "protocol_error"
 
 # Ops that are safe to send again: reads, and records that carry a request_id.
-IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "export", "import"})
+IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "overview", "export", "import"})
 # Ops that carry the read key when the client has one.
-READ_OPS = frozenset({"stats", "get_user", "get_all"})
+READ_OPS = frozenset({"stats", "get_user", "get_all", "overview"})
 
 
 class ClientSettings:
@@ -32,7 +32,7 @@ class ClientSettings:
 
     address: "host:port"; ssl_context: TLS (see tls_context) or None for plain TCP;
     connect_timeout, request_timeout: seconds; retry: backoff for retryable failures;
-    read_key: sent with get_user, get_all and stats to a server that requires one.
+    read_key: sent with get_user, get_all, overview and stats to a server that requires one.
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class ClientSettings:
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._retry = retry or RetryPolicy()
-        self._read_key = read_key  # sent with get_user, get_all and stats when the server wants one
+        self._read_key = read_key  # sent with the read ops when the server wants one
         self._init_connection_state()
 
     def _init_connection_state(self) -> None:
@@ -113,6 +113,19 @@ def with_request_id(fields: dict[str, Any]) -> dict[str, Any]:
 def may_resend(op: str, fields: dict[str, Any]) -> bool:
     """Whether sending this request again cannot do anything twice: reads, and keyed records."""
     return op in IDEMPOTENT_OPS or (op == "record" and fields.get("request_id") is not None)
+
+
+def order_fields(reverse: bool, sort: str | None, order: str | None) -> dict[str, Any]:
+    """The ordering options of get_user/get_all as request fields; defaults are left out, so a
+    plain read stays a protocol-version-1 request."""
+    fields: dict[str, Any] = {}
+    if reverse:
+        fields["reverse"] = True
+    if sort is not None:
+        fields["sort"] = sort
+    if order is not None:
+        fields["order"] = order
+    return fields
 
 
 def encode_request(op: str, fields: dict[str, Any], read_key: str | None = None) -> bytes:

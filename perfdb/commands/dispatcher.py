@@ -29,12 +29,14 @@ from perfdb.records.schema import (
     ADMIN_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
+    ORDER_FIELDS,
     READ_FIELDS,
     Query,
     RecordDraft,
     check_fields,
     check_request_id,
     parse_import_records,
+    parse_overview,
     parse_query,
     parse_record,
 )
@@ -92,6 +94,18 @@ def has_duplicate_keys(line: bytes) -> bool:
     except (ValueError, RecursionError):
         return False  # orjson accepted it; the stricter parse failing is not a duplicate
     return False
+
+
+def _page_counts(page: Page) -> Fields:
+    """A read reply's optional counts: total (first pages, when cheap), examined and complete
+    (sorted reads)."""
+    counts: Fields = {}
+    if page.total is not None:
+        counts["total"] = page.total
+    if page.examined is not None:
+        counts["examined"] = page.examined
+        counts["complete"] = page.complete
+    return counts
 
 
 def _json_array(documents: list[bytes | memoryview]) -> orjson.Fragment:
@@ -259,6 +273,7 @@ class CommandDispatcher:
                 "max_inflight": config.max_inflight,
                 "default_page_size": config.default_page_size,
                 "max_page_size": config.max_page_size,
+                "max_sort_examined": config.max_sort_examined,
             },
         }
 
@@ -312,7 +327,7 @@ class CommandDispatcher:
 
     def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        query = self._query(request, with_user=True, extra_fields=READ_FIELDS)
+        query = self._query(request, with_user=True, extra_fields=READ_FIELDS | ORDER_FIELDS)
         return Deferred(lambda: self._get_user(query))
 
     async def _get_user(self, query: Query) -> Fields:
@@ -321,21 +336,30 @@ class CommandDispatcher:
             "user": public_profile(profile, self._config.expose_emails),
             "records": _json_array(page.records),
             "next_cursor": page.next_cursor,
+            **_page_counts(page),
         }
 
     def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        query = self._query(request, with_user=False, extra_fields=READ_FIELDS)
+        query = self._query(request, with_user=False, extra_fields=READ_FIELDS | ORDER_FIELDS)
         return Deferred(lambda: self._get_all(query, full_profiles=False))
 
     async def _get_all(self, query: Query, *, full_profiles: bool) -> Fields:
         page: Page = await self._store.get_all(query)
         expose = full_profiles or self._config.expose_emails
-        return {
+        fields = {
             "users": {user_id: public_profile(profile, expose) for user_id, profile in page.profiles.items()},
             "records": _json_array(page.records),
             "next_cursor": page.next_cursor,
         }
+        if not full_profiles:  # export's reply stays as it was
+            fields.update(_page_counts(page))
+        return fields
+
+    def op_overview(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        test_name, metric = parse_overview(request)
+        return self._store.overview(test_name, metric)
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

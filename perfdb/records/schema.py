@@ -52,6 +52,9 @@ ADMIN_FIELDS = frozenset({"admin_key"})
 READ_FIELDS = frozenset({"read_key", "admin_key"})
 IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
+ORDER_FIELDS = frozenset({"reverse", "sort", "order"})  # get_user and get_all only
+OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric"})
+SORT_ORDERS = ("desc", "asc")
 
 
 @dataclasses.dataclass(slots=True)
@@ -79,6 +82,9 @@ class Query:
     until: int | None  # microseconds since the epoch, exclusive
     limit: int
     cursor: str | None
+    reverse: bool = False  # newest first
+    sort: str | None = None  # a metric name: the page is the top `limit` records by it
+    descending: bool = True  # with sort: highest values first
 
 
 # -- field checks -----------------------------------------------------------------------
@@ -400,6 +406,22 @@ def parse_query(
     if not 1 <= limit <= max_limit:
         raise bad_request("limit", f"must be between 1 and {max_limit}")
     cursor = optional_string(request, "cursor", MAX_CURSOR_CHARS)
+    reverse = request.get("reverse")
+    if reverse is None:
+        reverse = False
+    if not isinstance(reverse, bool):
+        raise bad_request("reverse", f"must be a boolean, got {_json_type(reverse)}")
+    sort = request.get("sort")
+    if sort is not None:
+        sort = _metric_name("sort", sort)
+        if reverse:
+            raise bad_request("reverse", "cannot be combined with sort (use order)")
+    order = request.get("order")
+    if order is not None:
+        if sort is None:
+            raise bad_request("order", "needs sort")
+        if order not in SORT_ORDERS:
+            raise bad_request("order", "must be 'desc' or 'asc'")
     return Query(
         user_id=user_id,
         test_name=optional_string(request, "test_name", MAX_NAME_CHARS),
@@ -408,7 +430,29 @@ def parse_query(
         until=until,
         limit=limit,
         cursor=cursor,
+        reverse=reverse,
+        sort=sort,
+        descending=order != "asc",
     )
+
+
+def parse_overview(request: dict[str, Any]) -> tuple[str | None, str]:
+    """Validate an overview request; returns (test_name or None for all tests, metric)."""
+    check_fields(request, OVERVIEW_FIELDS)
+    metric = request.get("metric")
+    if metric is None:
+        raise bad_request("metric", "is required")
+    return optional_string(request, "test_name", MAX_NAME_CHARS), _metric_name("metric", metric)
+
+
+def _metric_name(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise bad_request(field, f"must be a metric name (string), got {_json_type(value)}")
+    if len(value) > MAX_METRIC_NAME_CHARS or not _METRIC_NAME.fullmatch(value):
+        raise bad_request(
+            field, f"must be a metric name: 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'"
+        )
+    return value
 
 
 def _optional_tag(request: dict[str, Any]) -> str | None:

@@ -3,12 +3,24 @@
     m:schema                     -> schema version (ASCII integer)
     m:records, m:users           -> counters (ASCII integers), updated in the same batch
     m:heal                       -> empty; rewritten to test the database after a failed write
+    m:upgrade                    -> the last record key an unfinished schema upgrade indexed
     p:<user_id>                  -> the user's profile (JSON)
     r:<record_id><user_id>       -> the record (checksummed JSON); record ids sort by time
     u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
+    t:<test_name>\\0<record_id>   -> [user_id, tag] (JSON): per-test index (schema 2)
+    g:<tag>\\0<record_id>         -> [user_id, test_name] (JSON): per-tag index (schema 2)
+    c:u<user_id>, c:t<test_name>, c:g<tag>
+                                 -> how many records each index holds under that name (ASCII integer)
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
 
-Record ids (perfdb.records.record_ids) sort by time, so the record keyspace is the time index.
+Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
+keyspace is the time index, and each index lists its records in time order too. Each index entry
+carries the other filter fields, so a combined filter is decided without fetching the record.
+Every key derived from a record comes from record_index_entries and record_counts: whoever adds
+or removes a record writes or deletes exactly those (and its idempotency key, if it has one).
+
+Schema history: 1 had the user index only; 2 added the test and tag indexes and their counts
+(an older database is upgraded when opened, see ResultStore).
 """
 
 from __future__ import annotations
@@ -16,18 +28,24 @@ from __future__ import annotations
 import struct
 import zlib
 
+import orjson
+
 from perfdb.records.record_ids import RECORD_ID_CHARS, make_record_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_KEY = b"m:schema"
 RECORD_COUNT_KEY = b"m:records"
 USER_COUNT_KEY = b"m:users"
 HEAL_PROBE_KEY = b"m:heal"  # written (empty) to test LevelDB's health after a failed write
+UPGRADE_RESUME_KEY = b"m:upgrade"
 PROFILE_PREFIX = b"p:"
 RECORD_PREFIX = b"r:"
 USER_INDEX_PREFIX = b"u:"
 IDEMPOTENCY_PREFIX = b"i:"
+TEST_INDEX_PREFIX = b"t:"
+TAG_INDEX_PREFIX = b"g:"
+COUNT_PREFIX = b"c:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -61,6 +79,73 @@ def split_record_key(key: bytes) -> tuple[str, str]:
 
 def user_index_prefix(user_id: str) -> bytes:
     return USER_INDEX_PREFIX + user_id.encode() + SEPARATOR
+
+
+def test_index_prefix(test_name: str) -> bytes:
+    return TEST_INDEX_PREFIX + test_name.encode() + SEPARATOR
+
+
+def tag_index_prefix(tag: str) -> bytes:
+    return TAG_INDEX_PREFIX + tag.encode() + SEPARATOR
+
+
+def user_count_key(user_id: str) -> bytes:
+    return COUNT_PREFIX + b"u" + user_id.encode()
+
+
+def test_count_key(test_name: str) -> bytes:
+    return COUNT_PREFIX + b"t" + test_name.encode()
+
+
+def tag_count_key(tag: str) -> bytes:
+    return COUNT_PREFIX + b"g" + tag.encode()
+
+
+def record_index_entries(record_id: str, user_id: str, test_name: str, tag: str) -> list[tuple[bytes, bytes]]:
+    """The index entries (key, value) of a record: the one place that derives them."""
+    rid = record_id.encode()
+    return [
+        (user_index_prefix(user_id) + rid, orjson.dumps([test_name, tag])),
+        (test_index_prefix(test_name) + rid, orjson.dumps([user_id, tag])),
+        (tag_index_prefix(tag) + rid, orjson.dumps([user_id, test_name])),
+    ]
+
+
+def record_keys(record_id: str, user_id: str, test_name: str, tag: str) -> list[bytes]:
+    """Every key a record owns: the record itself, then its index entries (not its idempotency
+    key, which only records with a request_id have; see idempotency_key)."""
+    entries = record_index_entries(record_id, user_id, test_name, tag)
+    return [record_key(record_id, user_id), *(key for key, _ in entries)]
+
+
+def record_counts(user_id: str, test_name: str, tag: str) -> list[bytes]:
+    """The count keys a record adds one to (and its removal takes one from)."""
+    return [user_count_key(user_id), test_count_key(test_name), tag_count_key(tag)]
+
+
+def index_fields(prefix: bytes, value: bytes) -> tuple[str, str, str]:
+    """(user_id, test_name, tag) of a record, from one of its index entries and the index's prefix
+    (user_index_prefix, test_index_prefix or tag_index_prefix of the name it is filed under)."""
+    first, second = orjson.loads(value)
+    name = prefix[2:-1].decode()
+    if prefix.startswith(USER_INDEX_PREFIX):
+        return name, first, second
+    if prefix.startswith(TEST_INDEX_PREFIX):
+        return first, name, second
+    return first, second, name
+
+
+def index_record_id(key: bytes) -> str:
+    """The record id at the end of an index entry's key."""
+    return key[-RECORD_ID_CHARS:].decode()
+
+
+def read_count(value: bytes | None) -> int:
+    """A stored count; a damaged one reads as 0 (perfdb repair rewrites it)."""
+    try:
+        return int(value or b"0")
+    except ValueError:
+        return 0
 
 
 def idempotency_key(user_id: str, request_id: str) -> bytes:

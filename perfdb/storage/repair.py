@@ -1,5 +1,6 @@
-"""Offline repair: LevelDB's own repair, then a check of every record against its checksum
-and of every index entry against its record. Run with the server stopped."""
+"""Offline repair: LevelDB's own repair, then a check of every record against its checksum,
+a rebuild of the test and tag indexes and of every count from the records, and a check of the
+remaining index entries against their records. Run with the server stopped."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import plyvel
 
 from perfdb.storage import layout
 from perfdb.storage.store import DatabaseLock, StoreOpenError
+from perfdb.storage.upgrade import UPGRADABLE_VERSIONS
 
 log = logging.getLogger("perfdb.repair")
+
+_REBUILD_BATCH = 10_000  # index entries written (or deleted) per write
 
 
 @dataclasses.dataclass
@@ -23,6 +27,7 @@ class RepairReport:
     damaged: list[str] = dataclasses.field(default_factory=list)  # ids of records that fail it
     dangling_index_entries: int = 0  # user-index or idempotency entries without their record
     counters_wrong: bool = False  # the stored record or user count disagrees with what is there
+    indexed: int = 0  # records whose index entries and counts were rewritten
     dropped: bool = False
 
 
@@ -64,21 +69,53 @@ def _refuse_foreign(real_path: Path) -> None:
         db.close()
 
 
+def _drop_derived(db: plyvel.DB) -> None:
+    """Delete the test and tag index entries and every count; they are rebuilt from the records."""
+    for prefix in (layout.TEST_INDEX_PREFIX, layout.TAG_INDEX_PREFIX, layout.COUNT_PREFIX):
+        batch = db.write_batch(sync=False)
+        for deleted, key in enumerate(db.iterator(prefix=prefix, include_value=False), 1):
+            batch.delete(key)
+            if deleted % _REBUILD_BATCH == 0:
+                batch.write()
+                batch = db.write_batch(sync=False)
+        batch.write()
+
+
 def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
     report = RepairReport()
-    if db.get(layout.SCHEMA_KEY) != str(layout.SCHEMA_VERSION).encode():
+    schema = db.get(layout.SCHEMA_KEY)
+    if schema != str(layout.SCHEMA_VERSION).encode() and schema not in UPGRADABLE_VERSIONS:
         raise StoreOpenError("not a perfdb database of this version (schema key missing or different)")
     good: set[str] = set()
     doomed: list[bytes] = []
+    _drop_derived(db)
+    counts: dict[bytes, int] = {}
+    batch = db.write_batch(sync=False)
     for key, value in db.iterator(prefix=layout.RECORD_PREFIX):
-        record_id, _ = layout.split_record_key(key)
+        record_id, user_id = layout.split_record_key(key)
         try:
-            layout.unseal(value)
-        except layout.CorruptValueError:
+            document = orjson.loads(layout.unseal(value))
+            test_name, tag = document["test_name"], document["tag"]
+        except (layout.CorruptValueError, orjson.JSONDecodeError, KeyError, TypeError):
             report.damaged.append(record_id)
             doomed.append(key)
             continue
         good.add(record_id)
+        for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag):
+            batch.put(index_key, index_value)
+        for count_key in layout.record_counts(user_id, test_name, tag):
+            counts[count_key] = counts.get(count_key, 0) + 1
+        report.indexed += 1
+        if report.indexed % _REBUILD_BATCH == 0:
+            batch.write()
+            batch = db.write_batch(sync=False)
+    for count_key, count in counts.items():
+        batch.put(count_key, str(count).encode())
+    # The indexes are whole now: an interrupted upgrade is finished.
+    batch.put(layout.SCHEMA_KEY, str(layout.SCHEMA_VERSION).encode())
+    batch.delete(layout.UPGRADE_RESUME_KEY)
+    batch.write()
+    db.put(layout.HEAL_PROBE_KEY, b"", sync=True)  # makes every write above durable
     report.records = len(good)
     for key in db.iterator(prefix=layout.USER_INDEX_PREFIX, include_value=False):
         if key.rsplit(layout.SEPARATOR, 1)[1].decode() not in good:

@@ -9,9 +9,13 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import heapq
 import logging
+import operator
 import os
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,10 +25,12 @@ import plyvel
 
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
-from perfdb.records.record_ids import is_record_id
+from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id
 from perfdb.records.schema import ImportedRecord, Query, RecordDraft
 from perfdb.storage import layout
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
+from perfdb.storage.overview import Overview
+from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
 from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
 
 log = logging.getLogger("perfdb.storage")
@@ -37,6 +43,12 @@ SCAN_BUDGET = 50_000
 # reply (and the memory behind it) stays bounded.
 PAGE_BYTES = 8 * 1024 * 1024
 _READ_THREADS = 4
+# A sorted read examines at most this many entries unless the server is told otherwise: about
+# 12-30 us each (decoding the record is most of it), so a few seconds of one reader thread.
+DEFAULT_MAX_SORT_EXAMINED = 250_000
+# Records indexed per synced write when an older database is upgraded at open.
+DEFAULT_UPGRADE_BATCH = 10_000
+_OVERVIEW_LOAD_BATCH = 10_000
 
 
 _T = TypeVar("_T")
@@ -47,13 +59,17 @@ class StoreOpenError(Exception):
     """The database cannot be opened; the message is meant for the operator."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Page:
-    """One page of records, each already JSON, in record-id (time) order."""
+    """One page of records, each already JSON, in the order the query asked for."""
 
     records: list[bytes | memoryview]
-    profiles: dict[str, dict[str, Any]]  # stored profiles of the users in the page, by id
+    profiles: dict[str, dict[str, Any]]  # get_all: stored profiles of the users in the page, by id
     next_cursor: str | None
+    user_ids: set[bytes] = dataclasses.field(default_factory=set)  # of the page's records
+    total: int | None = None  # records matching the query, when cheap to know (see _read_page)
+    examined: int | None = None  # sorted reads: entries examined
+    complete: bool | None = None  # sorted reads: whether every matching entry was examined
 
 
 class DatabaseLock:
@@ -104,7 +120,8 @@ class HandleGuard:
     """Readers share the LevelDB handle; replacing it waits until no read is using it.
 
     plyvel frees LevelDB's memory on close, so closing under a running read would crash the
-    process rather than raise. Reads are bounded (SCAN_BUDGET, PAGE_BYTES), so the wait is short.
+    process rather than raise. Reads are bounded (SCAN_BUDGET, PAGE_BYTES, and max_sort_examined
+    for sorted reads), so the wait is short: at most seconds, for a sorted read at its bound.
     """
 
     def __init__(self) -> None:
@@ -142,11 +159,25 @@ class HandleGuard:
 class ResultStore:
     """LevelDB-backed storage of profiles and records; see layout.py for the keys."""
 
-    def __init__(self, path: Path, *, sync: bool, max_batch: int, paranoid_checks: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sync: bool,
+        max_batch: int,
+        paranoid_checks: bool = False,
+        max_sort_examined: int = DEFAULT_MAX_SORT_EXAMINED,
+        upgrade_batch: int = DEFAULT_UPGRADE_BATCH,
+        upgrade_pause: float = 0.0,
+    ) -> None:
         self._path = path
         self._sync = sync
         self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
+        self._max_sort_examined = max_sort_examined
+        self._upgrade_batch = upgrade_batch
+        self._upgrade_pause = upgrade_pause
+        self._overview = Overview()
         self._lock = DatabaseLock(path)
         self._guard = HandleGuard()
         self._closed = False
@@ -158,7 +189,8 @@ class ResultStore:
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Lock, open and check the database, then start the writer. Blocking; raises StoreOpenError."""
+        """Lock, open, check (and upgrade) the database, load the overview, then start the writer.
+        Blocking, and as long as one pass over the records; raises StoreOpenError."""
         self._real_path = self._lock.acquire()
         try:
             self._db = self._open_leveldb()
@@ -173,6 +205,7 @@ class ResultStore:
             except ValueError:
                 raise StoreOpenError(f"database {self._path} has damaged counters; run 'perfdb repair'") from None
             last_record_id = self._last_record_id()
+            self._load_overview()
         except BaseException:
             self._db.close()
             self._lock.release()
@@ -187,6 +220,7 @@ class ResultStore:
             record_count=record_count,
             user_count=user_count,
             last_record_id=last_record_id,
+            overview=self._overview,
         )
         self._writer.start()
 
@@ -221,11 +255,36 @@ class ResultStore:
                 if next(keys, None) is not None:
                     raise StoreOpenError(f"{self._path} holds a LevelDB database that is not a perfdb database")
             self._db.put(layout.SCHEMA_KEY, str(layout.SCHEMA_VERSION).encode(), sync=True)
+        elif version in UPGRADABLE_VERSIONS:
+            try:
+                upgrade_schema(self._db, batch_records=self._upgrade_batch, pause=self._upgrade_pause)
+            except plyvel.Error as exc:
+                raise StoreOpenError(f"cannot upgrade database {self._path}: {exc}") from None
         elif version != str(layout.SCHEMA_VERSION).encode():
             raise StoreOpenError(
                 f"database {self._path} has schema version {version.decode(errors='replace')}, "
                 f"this server reads version {layout.SCHEMA_VERSION}"
             )
+
+    def _load_overview(self) -> None:
+        """Aggregate every stored record into the overview (one pass; see overview.py)."""
+        assert self._db is not None
+        started = time.monotonic()
+        rows: list[tuple[str, str, dict[str, Any]]] = []
+        with self._db.iterator(prefix=layout.RECORD_PREFIX, fill_cache=False) as records:
+            for key, value in records:
+                try:
+                    document = orjson.loads(layout.unseal(value))
+                    rows.append((document["test_name"], document["user_id"], document["metrics"]))
+                except (layout.CorruptValueError, orjson.JSONDecodeError, KeyError, TypeError):
+                    log.error("record %s is damaged; left out of the overview", layout.split_record_key(key)[0])
+                if len(rows) == _OVERVIEW_LOAD_BATCH:
+                    self._overview.add(rows)
+                    rows.clear()
+        self._overview.add(rows)
+        elapsed = time.monotonic() - started
+        if elapsed >= 1.0:  # only worth a line when it visibly delays the start
+            log.info("overview of the stored records built in %.1f s", elapsed)
 
     def _last_record_id(self) -> str | None:
         assert self._db is not None
@@ -278,8 +337,13 @@ class ResultStore:
         return await self._read(self._read_user_page, query)
 
     async def get_all(self, query: Query) -> Page:
-        """One page of every user's records, in time order."""
+        """One page of every user's records."""
         return await self._read(self._read_all_page, query)
+
+    async def overview(self, test_name: str | None, metric: str) -> dict[str, Any]:
+        """The aggregates of `metric` for one test or all of them (see overview.py)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._overview.report, test_name, metric)
 
     async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
@@ -298,110 +362,145 @@ class ResultStore:
         return self._db
 
     def _read_user_page(self, query: Query) -> tuple[dict[str, Any], Page]:
+        assert query.user_id is not None
         with self._guard.reading():
-            return self._read_user_page_guarded(query)
+            snapshot = self._database().snapshot()
+            try:
+                stored_profile = snapshot.get(layout.profile_key(query.user_id))
+                if stored_profile is None:
+                    raise PerfdbError(ErrorCode.NOT_FOUND, "no such user")
+                return orjson.loads(stored_profile), self._read_page(snapshot, query)
+            finally:
+                snapshot.close()
 
     def _read_all_page(self, query: Query) -> Page:
         with self._guard.reading():
-            return self._read_all_page_guarded(query)
+            snapshot = self._database().snapshot()
+            try:
+                return self._read_page(snapshot, query)
+            finally:
+                snapshot.close()
 
-    def _read_user_page_guarded(self, query: Query) -> tuple[dict[str, Any], Page]:
-        assert query.user_id is not None
-        user_id = query.user_id
-        snapshot = self._database().snapshot()
-        try:
-            stored_profile = snapshot.get(layout.profile_key(user_id))
-            if stored_profile is None:
-                raise PerfdbError(ErrorCode.NOT_FOUND, "no such user")
-            prefix = layout.user_index_prefix(user_id)
-            start, include_start = self._page_start(prefix, query)
-            stop = prefix + layout.time_bound(query.until) if query.until is not None else layout.prefix_end(prefix)
-            records: list[bytes | memoryview] = []
-            last_seen: str | None = None
-            more = False
-            scanned = 0
-            with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
-                page_bytes = 0
-                for key, filter_fields in entries:
-                    record_id = key[len(prefix) :].decode()
-                    if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
-                        more = True
-                        break
-                    scanned += 1
-                    last_seen = record_id
-                    if not _matches_fields(query, orjson.loads(filter_fields)):
-                        continue
-                    record_key = layout.record_key(record_id, user_id)
-                    document = self._checked(snapshot.get(record_key), record_key)
-                    if document is not None:
-                        records.append(document)
-                        page_bytes += len(document)
-            page = Page(records, {}, last_seen if more else None)
-            return orjson.loads(stored_profile), page
-        finally:
-            snapshot.close()
-
-    def _read_all_page_guarded(self, query: Query) -> Page:
-        snapshot = self._database().snapshot()
-        try:
-            start, include_start = self._page_start(layout.RECORD_PREFIX, query)
-            stop = (
-                layout.RECORD_PREFIX + layout.time_bound(query.until)
-                if query.until is not None
-                else layout.prefix_end(layout.RECORD_PREFIX)
-            )
-            filtered = query.test_name is not None or query.tag is not None
-            records: list[bytes | memoryview] = []
-            user_ids: set[bytes] = set()
-            last_key = b""
-            more = False
-            scanned = 0
-            id_end = layout.RECORD_ID_END
-            # The hot loop of a full export: no decoding, no copies. A scan of history should
-            # not push recent data out of LevelDB's block cache, hence fill_cache=False.
-            with snapshot.iterator(start=start, stop=stop, include_start=include_start, fill_cache=False) as entries:
-                page_bytes = 0
-                for key, value in entries:
-                    if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
-                        more = True
-                        break
-                    scanned += 1
-                    last_key = key
-                    document = self._checked(value, key)
-                    if document is None:
-                        continue
-                    if filtered:
-                        fields = orjson.loads(document)
-                        if not _matches_fields(query, (fields.get("test_name"), fields.get("tag"))):
-                            continue
-                    records.append(document)
-                    page_bytes += len(document)
-                    user_ids.add(key[id_end:])
-            profiles = {}
-            for user_id in sorted(user_ids):
+    def _read_page(self, snapshot: plyvel.Snapshot, query: Query) -> Page:
+        source = _choose_source(snapshot, query)
+        if query.sort is not None:
+            page = self._read_sorted(snapshot, source, query)
+        else:
+            page = self._read_in_time_order(snapshot, source, query)
+        if query.user_id is None:  # get_all: the profiles of the page's users
+            for user_id in sorted(page.user_ids):
                 stored = snapshot.get(layout.PROFILE_PREFIX + user_id)
                 if stored is not None:
-                    profiles[user_id.decode()] = orjson.loads(stored)
-            next_cursor = layout.split_record_key(last_key)[0] if more else None
-            return Page(records, profiles, next_cursor)
-        finally:
-            snapshot.close()
+                    page.profiles[user_id.decode()] = orjson.loads(stored)
+        if query.cursor is None and query.since is None and query.until is None and _filter_count(query) <= 1:
+            page.total = source.count  # the one filter's index count, or every record's
+        return page
 
-    @staticmethod
-    def _page_start(prefix: bytes, query: Query) -> tuple[bytes, bool]:
-        """Where a page's scan begins: just after the cursor, else at `since`, else the prefix."""
-        if query.cursor is not None:
-            if not is_record_id(query.cursor):
-                raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned")
-            start = prefix + query.cursor.encode()
-            if query.since is not None:
-                start = max(start, prefix + layout.time_bound(query.since))
-            # The cursor names the last record id seen; every record key with it sorts at or
-            # after it, so skip past all of them (user ids never contain 0xff).
-            return start + b"\xff", True
-        if query.since is not None:
-            return prefix + layout.time_bound(query.since), True
-        return prefix, True
+    def _entry_readers(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> tuple[_Admits, _Fetch]:
+        """How to read the source's entries: `admits` gives the user id of an entry's record if the
+        query's filters admit it (else None), without reading the record; `fetch` gives the
+        record's JSON (None if it is damaged or missing)."""
+        if source.prefix == layout.RECORD_PREFIX:
+            id_end = layout.RECORD_ID_END
+            return (lambda key, value: key[id_end:]), (lambda key, value, user_id: self._checked(value, key))
+        prefix = source.prefix
+
+        def admits(key: bytes, value: bytes) -> bytes | None:
+            try:
+                user_id, test_name, tag = layout.index_fields(prefix, value)
+            except (ValueError, TypeError):  # orjson's decode error is a ValueError
+                self.corrupt_records += 1
+                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                return None
+            return user_id.encode() if _matches(query, user_id, test_name, tag) else None
+
+        def fetch(key: bytes, value: bytes, user_id: bytes) -> memoryview | None:
+            record_key = layout.RECORD_PREFIX + key[-RECORD_ID_CHARS:] + user_id
+            return self._checked(snapshot.get(record_key), record_key)
+
+        return admits, fetch
+
+    def _read_in_time_order(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
+        start, stop = _key_range(source.prefix, query, after_cursor=True)
+        admits, fetch = self._entry_readers(snapshot, source, query)
+        records: list[bytes | memoryview] = []
+        user_ids: set[bytes] = set()
+        last_key = b""  # the cursor: every entry up to here was examined
+        more = full = False
+        scanned = 0
+        page_bytes = 0
+        # A scan of history should not push recent data out of LevelDB's block cache.
+        fill_cache = source.prefix != layout.RECORD_PREFIX
+        with snapshot.iterator(start=start, stop=stop, reverse=query.reverse, fill_cache=fill_cache) as entries:
+            for key, value in entries:
+                if scanned == SCAN_BUDGET:
+                    more = True
+                    break
+                scanned += 1
+                user_id = admits(key, value)
+                if user_id is None:
+                    last_key = key
+                    continue
+                if full:  # a full page looks on to the next admitted entry, so the last page has no cursor
+                    more = True
+                    break
+                last_key = key
+                document = fetch(key, value, user_id)
+                if document is not None:
+                    records.append(document)
+                    user_ids.add(user_id)
+                    page_bytes += len(document)
+                    full = len(records) == query.limit or page_bytes >= PAGE_BYTES
+        return Page(records, {}, source.record_id(last_key) if more else None, user_ids=user_ids)
+
+    def _read_sorted(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
+        """The top `limit` of the query's records by a metric, after the cursor's place in that
+        order; examines at most max_sort_examined entries, newest first, holding `limit` rows."""
+        assert query.sort is not None
+        metric, descending = query.sort, query.descending
+        after = None if query.cursor is None else _parse_sort_cursor(query.cursor)
+        start, stop = _key_range(source.prefix, query, after_cursor=False)
+        admits, fetch = self._entry_readers(snapshot, source, query)
+        record_id_of = source.record_id
+        examined = candidates = 0
+        complete = True
+
+        def ranked() -> Iterator[tuple[_Rank, memoryview, bytes]]:
+            nonlocal examined, candidates, complete
+            with snapshot.iterator(start=start, stop=stop, reverse=True, fill_cache=False) as entries:
+                for key, value in entries:
+                    if examined == self._max_sort_examined:
+                        complete = False
+                        return
+                    examined += 1
+                    user_id = admits(key, value)
+                    if user_id is None:
+                        continue
+                    document = fetch(key, value, user_id)
+                    if document is None:
+                        continue
+                    rank = _rank(orjson.loads(document)["metrics"].get(metric), descending, record_id_of(key))
+                    if after is not None and rank <= after:
+                        continue
+                    candidates += 1
+                    yield rank, document, user_id
+
+        # nsmallest keeps a heap of `limit` items, whatever the number of candidates.
+        top = heapq.nsmallest(query.limit, ranked(), key=operator.itemgetter(0))
+        records: list[bytes | memoryview] = []
+        user_ids: set[bytes] = set()
+        page_bytes = 0
+        last_rank: _Rank | None = None
+        for rank, document, user_id in top:
+            if page_bytes >= PAGE_BYTES:
+                break
+            records.append(document)
+            user_ids.add(user_id)
+            page_bytes += len(document)
+            last_rank = rank
+        more = candidates > len(records) and last_rank is not None
+        next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
+        return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
 
     def _checked(self, value: bytes | None, record_key: bytes) -> memoryview | None:
         """The record's JSON, or None (logged and counted) if it is missing or damaged."""
@@ -417,6 +516,94 @@ class ResultStore:
             return None
 
 
-def _matches_fields(query: Query, fields: Any) -> bool:
-    test_name, tag = fields
-    return (query.test_name is None or query.test_name == test_name) and (query.tag is None or query.tag == tag)
+_Admits = Callable[[bytes, bytes], bytes | None]
+_Fetch = Callable[[bytes, bytes, bytes], memoryview | None]
+# Where a record stands in a sorted read: (lacks the metric, value signed so smaller comes
+# first, record id); records lacking the metric come last, ties go by record id.
+_Rank = tuple[int, int | float, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Source:
+    """The keys a read walks: an index's entries under one name, or the records themselves."""
+
+    prefix: bytes
+    count: int  # entries under the prefix, from its stored count
+
+    def record_id(self, key: bytes) -> str:
+        if self.prefix == layout.RECORD_PREFIX:
+            return layout.split_record_key(key)[0]
+        return layout.index_record_id(key)
+
+
+def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:
+    """The smallest index that holds every record the query's filters admit; the record
+    keyspace when there is no filter."""
+    candidates = []
+    if query.user_id is not None:
+        candidates.append((layout.user_count_key(query.user_id), layout.user_index_prefix(query.user_id)))
+    if query.test_name is not None:
+        candidates.append((layout.test_count_key(query.test_name), layout.test_index_prefix(query.test_name)))
+    if query.tag is not None:
+        candidates.append((layout.tag_count_key(query.tag), layout.tag_index_prefix(query.tag)))
+    if not candidates:
+        return _Source(layout.RECORD_PREFIX, layout.read_count(snapshot.get(layout.RECORD_COUNT_KEY)))
+    return min(
+        (_Source(prefix, layout.read_count(snapshot.get(count_key))) for count_key, prefix in candidates),
+        key=lambda source: source.count,
+    )
+
+
+def _filter_count(query: Query) -> int:
+    return (query.user_id is not None) + (query.test_name is not None) + (query.tag is not None)
+
+
+def _matches(query: Query, user_id: str, test_name: str, tag: str) -> bool:
+    return (
+        (query.user_id is None or query.user_id == user_id)
+        and (query.test_name is None or query.test_name == test_name)
+        and (query.tag is None or query.tag == tag)
+    )
+
+
+def _key_range(prefix: bytes, query: Query, *, after_cursor: bool) -> tuple[bytes, bytes]:
+    """[start, stop) of the keys under `prefix` within since/until and, when asked, past the
+    cursor in the read's direction (keys end in, or after their prefix start with, a record id)."""
+    start = prefix + layout.time_bound(query.since) if query.since is not None else prefix
+    stop = prefix + layout.time_bound(query.until) if query.until is not None else layout.prefix_end(prefix)
+    if after_cursor and query.cursor is not None:
+        if not is_record_id(query.cursor):
+            raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned")
+        cursor = prefix + query.cursor.encode()
+        if query.reverse:
+            stop = min(stop, cursor)  # every key of the cursor's record sorts at or after it
+        else:
+            start = max(start, cursor + b"\xff")  # ... and before this (user ids never hold 0xff)
+    return start, max(start, stop)
+
+
+def _rank(value: Any, descending: bool, record_id: str) -> _Rank:
+    if type(value) not in (int, float):
+        return (1, 0, record_id)
+    return (0, -value if descending else value, record_id)
+
+
+def _sort_cursor(rank: _Rank) -> str:
+    """A sorted read's cursor: the last record's id and its value (repr round-trips floats)."""
+    missing, signed, record_id = rank
+    return f"{record_id}:" if missing else f"{record_id}:{signed!r}"
+
+
+_SORT_CURSOR = re.compile(r"([0-9a-f]{20}):(?:(-?[0-9]+)|(-?[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?))?")
+
+
+def _parse_sort_cursor(cursor: str) -> _Rank:
+    match = _SORT_CURSOR.fullmatch(cursor)
+    if match is None:
+        raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned for a sorted read")
+    record_id, whole, fractional = match.groups()
+    if whole is not None:
+        return (0, int(whole), record_id)
+    if fractional is not None:
+        return (0, float(fractional), record_id)
+    return (1, 0, record_id)

@@ -27,6 +27,7 @@ from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros
 from perfdb.storage import layout
+from perfdb.storage.overview import Overview
 
 log = logging.getLogger("perfdb.storage")
 
@@ -103,6 +104,8 @@ class _Batch:
         self.new_users = 0
         self.new_records = 0
         self.write_seconds = 0.0  # LevelDB's write of the batch, fsync included
+        self.counts: dict[bytes, int] = {}  # count key -> records this batch adds to it
+        self.overview_rows: list[tuple[str, str, dict[str, int | float]]] = []
 
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
         return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id, request_key)
@@ -123,9 +126,11 @@ class _Batch:
         """
         key = layout.record_key(record_id, user_id)
         self.batch.put(key, layout.seal(document))
-        self.batch.put(
-            layout.user_index_prefix(user_id) + record_id.encode(), orjson.dumps([draft.test_name, draft.tag])
-        )
+        for index_key, index_value in layout.record_index_entries(record_id, user_id, draft.test_name, draft.tag):
+            self.batch.put(index_key, index_value)
+        for count_key in layout.record_counts(user_id, draft.test_name, draft.tag):
+            self.counts[count_key] = self.counts.get(count_key, 0) + 1
+        self.overview_rows.append((draft.test_name, user_id, draft.metrics))
         self.records.add(record_id)
         ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
         if draft.request_id is not None:
@@ -165,11 +170,15 @@ class _Batch:
             self.batch.put(layout.RECORD_COUNT_KEY, str(writer.record_count + self.new_records).encode())
         if self.new_users:
             self.batch.put(layout.USER_COUNT_KEY, str(writer.user_count + self.new_users).encode())
+        # The writer is the only one to change counts, so what the database holds is current.
+        for count_key, added in self.counts.items():
+            self.batch.put(count_key, str(layout.read_count(self.db.get(count_key)) + added).encode())
         if writer.write_batch_hook is not None:
             writer.write_batch_hook()
         started = time.perf_counter()
         self.batch.write()
         self.write_seconds = time.perf_counter() - started
+        writer.overview.add(self.overview_rows)
         writer.record_count += self.new_records
         writer.user_count += self.new_users
         if len(writer._profiles) + len(self.profiles) > _MAX_CACHED_PROFILES:
@@ -197,8 +206,10 @@ class GroupCommitWriter:
         record_count: int,
         user_count: int,
         last_record_id: str | None,
+        overview: Overview,
     ) -> None:
         self._db = db
+        self.overview = overview  # brought up to date after each committed batch
         self._directory = directory
         self._reopen = reopen
         self._needs_heal = False  # a write failed: LevelDB's log may hold a torn record

@@ -1,0 +1,364 @@
+"""Newest-first, filtered and metric-sorted reads, and the overview, over real sockets against
+a real server and LevelDB, checked against brute force over the records that were written."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from perfdb.records import record_ids
+from perfdb.records.profiles import Profile
+from perfdb.records.schema import Query, RecordDraft
+from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.storage import ResultStore
+from tests.support import (
+    Connection,
+    connect,
+    error_code,
+    page_through,
+    perfdb_with_provider,
+    record_request,
+    send_burst,
+)
+
+USERS = ("alice", "bob", "carol")
+TESTS = ("unary", "streaming", "ping_pong", "rare")
+TAGS = ("", "nightly", "pr")
+
+
+class DenseClock:
+    """Stands in for the server's clock: many records share each microsecond, as in a burst
+    from a fast machine, so record ids differ only in their sequence part."""
+
+    def __init__(self, records_per_tick: int) -> None:
+        self._base = now_micros() - 10_000_000
+        self._calls = 0
+        self._per_tick = records_per_tick
+
+    def __call__(self) -> int:
+        self._calls += 1
+        return self._base + self._calls // self._per_tick
+
+
+def burst_requests(count: int, seed: int) -> list[dict[str, Any]]:
+    """Varied records: every user, test and tag, qps with many ties, some without qps."""
+    chooser = random.Random(seed)
+    requests = []
+    for n in range(count):
+        metrics: dict[str, Any] = {"perc_lat_50": chooser.choice([90.5, 120, 250.25, 1e-5])}
+        if n % 17:
+            metrics["qps"] = chooser.choice([1000, 2000.5, 7, 0, -3.5, 1e9, chooser.uniform(0, 5e5)])
+        test_name = "rare" if n % 97 == 0 else TESTS[n % 3]
+        requests.append(
+            record_request(
+                token=f"user-{USERS[n % len(USERS)]}",
+                test_name=test_name,
+                tag=TAGS[(n // 3) % len(TAGS)],
+                metrics=metrics,
+            )
+        )
+    return requests
+
+
+async def write_burst(conn: Connection, count: int, seed: int = 1) -> list[dict[str, Any]]:
+    """Store `count` records in one pipelined burst; returns them as stored (fields we check)."""
+    requests = burst_requests(count, seed)
+    acks = await send_burst(conn, requests)
+    written = []
+    for request, ack in zip(requests, acks, strict=True):
+        assert ack["ok"], ack
+        written.append(
+            {
+                "record_id": ack["record_id"],
+                "user_id": ack["user_id"],
+                "test_name": request["test_name"],
+                "tag": request["tag"],
+                "metrics": request["metrics"],
+            }
+        )
+    return written
+
+
+def matching(records: list[dict[str, Any]], **filters: str) -> list[dict[str, Any]]:
+    return [r for r in records if all(r[field] == value for field, value in filters.items())]
+
+
+def ids(records: list[dict[str, Any]]) -> list[str]:
+    return [r["record_id"] for r in records]
+
+
+def paged_ids(pages: list[dict[str, Any]], limit: int) -> list[str]:
+    for page in pages:
+        assert len(page["records"]) <= limit
+    return [r["record_id"] for page in pages for r in page["records"]]
+
+
+FILTERS: list[dict[str, str]] = [
+    {},
+    {"test_name": "rare"},
+    {"tag": "nightly"},
+    {"test_name": "unary", "tag": "pr"},
+    {"test_name": "nonexistent"},
+]
+
+
+async def test_forward_and_reverse_paging_return_every_record_once_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=40))
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 10_500)
+        assert len({r["record_id"][:14] for r in written}) < len(written) // 10  # dense indeed
+        oldest_first = sorted(written, key=lambda r: r["record_id"])
+        for filters in FILTERS:
+            expected = ids(matching(oldest_first, **filters))
+            for limit in (1000, 333):
+                forward = await page_through(conn, "get_all", limit=limit, **filters)
+                assert paged_ids(forward, limit) == expected, filters
+                backward = await page_through(conn, "get_all", limit=limit, reverse=True, **filters)
+                assert paged_ids(backward, limit) == expected[::-1], filters
+                # Every first page says how many there are when one count answers it.
+                if len(filters) <= 1:
+                    assert forward[0]["total"] == backward[0]["total"] == len(expected)
+                else:
+                    assert "total" not in forward[0]
+                assert all("total" not in page for page in forward[1:])
+        for filters in ({}, {"tag": ""}, {"test_name": "streaming", "tag": "nightly"}):
+            expected = ids(matching(oldest_first, user_id="bob", **filters))
+            backward = await page_through(conn, "get_user", user_id="bob", limit=250, reverse=True, **filters)
+            assert paged_ids(backward, 250) == expected[::-1]
+            forward = await page_through(conn, "get_user", user_id="bob", limit=4000, **filters)
+            assert paged_ids(forward, 4000) == expected
+            assert forward[0].get("total") == (None if filters else len(expected))
+        # A time window inside one dense microsecond, newest first.
+        micros = int(oldest_first[5000]["record_id"][:14], 16)
+        window = {"since": format_micros(micros), "until": format_micros(micros + 2)}
+        inside = [r for r in oldest_first if micros <= int(r["record_id"][:14], 16) < micros + 2]
+        backward = await page_through(conn, "get_all", limit=7, reverse=True, **window)
+        assert paged_ids(backward, 7) == ids(inside)[::-1] and len(inside) >= 40
+        assert "total" not in backward[0]
+
+
+def brute_force_sorted(records: list[dict[str, Any]], metric: str, descending: bool) -> list[str]:
+    having = [r for r in records if metric in r["metrics"]]
+    lacking = [r for r in records if metric not in r["metrics"]]
+    having.sort(key=lambda r: r["record_id"])
+    having.sort(key=lambda r: r["metrics"][metric], reverse=descending)  # stable: ties by id
+    return ids(having) + ids(sorted(lacking, key=lambda r: r["record_id"]))
+
+
+async def test_sorting_ranks_the_whole_filtered_set_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=25))
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 6000, seed=2)
+        # The true top result by qps comes first, though it is neither newest nor oldest.
+        top = await conn.request("get_all", sort="qps", limit=1)
+        best = max((r for r in written if "qps" in r["metrics"]), key=lambda r: r["metrics"]["qps"])
+        assert top["records"][0]["metrics"]["qps"] == best["metrics"]["qps"]
+        assert (top["examined"], top["complete"], top["total"]) == (6000, True, 6000)
+        for filters in ({}, {"test_name": "unary"}, {"tag": "pr", "test_name": "streaming"}):
+            for order, descending in (("desc", True), ("asc", False)):
+                expected = brute_force_sorted(matching(written, **filters), "qps", descending)
+                pages = await page_through(conn, "get_all", sort="qps", order=order, limit=700, **filters)
+                assert paged_ids(pages, 700) == expected, (filters, order)
+        expected = brute_force_sorted(matching(written, user_id="carol"), "perc_lat_50", False)
+        pages = await page_through(conn, "get_user", user_id="carol", sort="perc_lat_50", order="asc", limit=900)
+        assert paged_ids(pages, 900) == expected
+        # A metric nobody has: every record, in record-id order.
+        pages = await page_through(conn, "get_all", sort="no_such_metric", limit=5000, test_name="rare")
+        assert paged_ids(pages, 5000) == ids(sorted(matching(written, test_name="rare"), key=lambda r: r["record_id"]))
+
+
+async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path, max_sort_examined=100) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 250, seed=3)
+        reply = await conn.request("get_all", sort="qps", limit=5)
+        hello = await conn.request("hello")
+    assert hello["limits"]["max_sort_examined"] == 100
+    assert (reply["examined"], reply["complete"]) == (100, False)
+    newest = sorted(written, key=lambda r: r["record_id"])[-100:]  # what was examined
+    assert ids(reply["records"]) == brute_force_sorted(newest, "qps", True)[:5]
+
+
+def histogram_check(values: list[float], histogram: list[list[Any]]) -> None:
+    """Every bucket counts exactly the values inside its bounds, and all values are counted."""
+    assert sum(count for _, _, count in histogram) == len(values)
+    for lower, upper, count in histogram:
+        inside = [v for v in values if (lower is None or v >= lower) and (upper is None or v < upper)]
+        assert len(inside) == count, (lower, upper)
+
+
+def check_overview(reply: dict[str, Any], written: list[dict[str, Any]], metric: str) -> None:
+    assert reply["ok"], reply
+    expected_tests = {r["test_name"] for r in written if metric in r["metrics"]}
+    assert set(reply["tests"]) == expected_tests
+    for test_name, summary in reply["tests"].items():
+        records = matching(written, test_name=test_name)
+        values = [r["metrics"][metric] for r in records if metric in r["metrics"]]
+        assert summary["records"] == len(records)
+        assert (summary["count"], summary["min"], summary["max"]) == (len(values), min(values), max(values))
+        assert math.isclose(summary["sum"], math.fsum(values), rel_tol=1e-9, abs_tol=1e-6)
+        histogram_check(values, summary["histogram"])
+        users: dict[str, list[float]] = {}
+        for r in records:
+            if metric in r["metrics"]:
+                users.setdefault(r["user_id"], []).append(r["metrics"][metric])
+        best = max if reply["better"] == "higher" else min
+        assert summary["users"] == {u: {"count": len(v), "best": best(v)} for u, v in users.items()}
+
+
+async def test_overview_matches_brute_force_before_and_after_a_restart(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 3000, seed=4)
+        check_overview(await conn.request("overview", metric="qps"), written, "qps")
+    # Reopened, the overview is rebuilt from the records; new records then add to it.
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written += await write_burst(conn, 1000, seed=5)
+        qps = await conn.request("overview", metric="qps")
+        latency = await conn.request("overview", metric="perc_lat_50")
+        one = await conn.request("overview", metric="qps", test_name="rare")
+        none = await conn.request("overview", metric="qps", test_name="no such test")
+    check_overview(qps, written, "qps")
+    check_overview(latency, written, "perc_lat_50")
+    assert qps["better"] == "higher" and latency["better"] == "lower"
+    assert list(one["tests"]) == ["rare"] and one["tests"]["rare"] == qps["tests"]["rare"]
+    assert none["tests"] == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"reverse": "yes"}, "reverse: must be a boolean"),
+        ({"sort": 5}, "sort: must be a metric name"),
+        ({"sort": "bad name"}, "sort: must be a metric name"),
+        ({"order": "asc"}, "order: needs sort"),
+        ({"sort": "qps", "order": "up"}, "order: must be 'desc' or 'asc'"),
+        ({"sort": "qps", "reverse": True}, "reverse: cannot be combined with sort"),
+        ({"sort": "qps", "cursor": "0" * 20}, "cursor: not a cursor this server returned for a sorted read"),
+        ({"sort": "qps", "cursor": "0" * 20 + ":1.2.3"}, "cursor: not a cursor"),
+        ({"reverse": True, "cursor": "0" * 20 + ":5"}, "cursor: not a cursor this server returned"),
+    ],
+)
+async def test_bad_ordering_fields_are_refused_and_the_connection_carries_on(
+    tmp_path: Path, fields: dict[str, Any], message: str
+) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        assert (await conn.request(**record_request()))["ok"]
+        for op, extra in (("get_all", {}), ("get_user", {"user_id": "alice"})):
+            reply = await conn.request(op, **extra, **fields)
+            assert error_code(reply) == "bad_request"
+            assert reply["error"]["message"].startswith(message), reply
+        assert (await conn.request("ping"))["ok"]
+
+
+async def test_bad_overview_requests_are_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "read.key"
+    key_file.write_text("a-read-key-of-some-length\n")
+    async with perfdb_with_provider(tmp_path, read_key_file=key_file) as (server, _), connect(server) as conn:
+        without_key = await conn.request("overview", metric="qps")
+        key = {"read_key": "a-read-key-of-some-length"}
+        missing = await conn.request("overview", **key)
+        bad_metric = await conn.request("overview", metric="", **key)
+        extra = await conn.request("overview", metric="qps", limit=3, **key)
+        bad_test = await conn.request("overview", metric="qps", test_name=7, **key)
+        empty = await conn.request("overview", metric="qps", **key)
+    assert error_code(without_key) == "forbidden"
+    assert missing["error"]["message"] == "metric: is required"
+    assert bad_metric["error"]["message"].startswith("metric: must be a metric name")
+    assert extra["error"]["message"].startswith("'limit': unknown field")
+    assert bad_test["error"]["message"].startswith("test_name: must be a string")
+    assert empty == {"id": None, "ok": True, "metric": "qps", "better": "higher", "tests": {}}
+
+
+class CountingSnapshot:
+    """A real LevelDB snapshot that counts the entries reads take from it."""
+
+    def __init__(self, real: Any, counts: dict[str, int]) -> None:
+        self._real = real
+        self._counts = counts
+
+    def get(self, key: bytes) -> bytes | None:
+        self._counts["gets"] += 1
+        value: bytes | None = self._real.get(key)
+        return value
+
+    @contextlib.contextmanager
+    def iterator(self, **options: Any) -> Iterator[Iterator[tuple[bytes, bytes]]]:
+        with self._real.iterator(**options) as entries:
+            yield self._counted(entries)
+
+    def _counted(self, entries: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        for entry in entries:
+            self._counts["entries"] += 1
+            yield entry
+
+    def close(self) -> None:
+        self._real.close()
+
+
+class CountingDB:
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.counts = {"entries": 0, "gets": 0}
+
+    def snapshot(self) -> CountingSnapshot:
+        return CountingSnapshot(self.real.snapshot(), self.counts)
+
+    def take_counts(self) -> tuple[int, int]:
+        counts = (self.counts["entries"], self.counts["gets"])
+        self.counts.update(entries=0, gets=0)
+        return counts
+
+
+async def test_filtered_reads_examine_only_the_matching_index_entries(tmp_path: Path) -> None:
+    """A page of 100 of a rare test among many records reads about 100 index entries and 100
+    records, however many records there are: the cost does not grow with the database."""
+    store = ResultStore(tmp_path / "db", sync=False, max_batch=4096)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    many, few = Profile.create("static:many", {}), Profile.create("static:few", {})
+    submissions = []
+    for n in range(20_000):
+        rare = n % 100 == 0  # 200 rare records, half of them tagged "x"
+        draft = RecordDraft("rare" if rare else "common", "x" if rare and n % 200 else "", {}, {"qps": n}, {}, {})
+        submissions.append(store.submit(few if rare and n % 300 else many, draft))
+    await asyncio.gather(*submissions)
+    counting = CountingDB(store._db)
+    store._db = counting
+    try:
+
+        def query(**fields: Any) -> Query:
+            return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
+
+        page = await store.get_all(query(test_name="rare", limit=100))
+        assert len(page.records) == 100 and page.total == 200
+        entries, gets = counting.take_counts()
+        assert entries == 101  # 100 taken, one more to see that the page is not the last
+        assert gets <= 100 + 3 + 2  # the records, the counts compared, the profiles
+
+        page = await store.get_all(query(test_name="rare", tag="x", limit=100, reverse=True))
+        assert len(page.records) == 100 and page.total is None
+        entries, _ = counting.take_counts()
+        assert entries == 100  # the tag index (100 entries) is smaller than the test index (200)
+
+        _, page = await store.get_user(query(user_id="static:many", test_name="rare", limit=100))
+        assert len(page.records) == 200 // 3 + 1
+        entries, _ = counting.take_counts()
+        assert entries == 200  # through the test index, not the 19,867 of static:many
+
+        page = await store.get_all(query(test_name="rare", limit=5, sort="qps"))
+        assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == [19_900, 19_800, 19_700, 19_600, 19_500]
+        assert (page.examined, page.complete) == (200, True)
+        entries, _ = counting.take_counts()
+        assert entries == 200
+    finally:
+        store._db = counting.real
+        await loop.run_in_executor(None, store.close)

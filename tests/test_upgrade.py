@@ -1,0 +1,203 @@
+"""Databases written before the test and tag indexes (schema 1) open, keep every record and
+answer filtered reads through the new indexes; an upgrade killed half way finishes on restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import plyvel
+import pytest
+
+from perfdb.client import Client
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.storage import layout
+from tests.support import ServerProcess, connect, make_config, page_through, running_server
+
+TESTS = ("unary", "streaming", "rare")
+
+
+def write_schema_1_database(path: Path, count: int) -> list[dict[str, Any]]:
+    """A database as perfdb 0.1.0 (schema 1) wrote it: records, the user index with its
+    [test_name, tag] values, profiles, the record and user counters, schema "1". Several
+    records share each microsecond. Returns the records."""
+    base = now_micros() - 60_000_000
+    records = []
+    db = plyvel.DB(str(path), create_if_missing=True)
+    try:
+        with db.write_batch() as batch:
+            for n in range(count):
+                user_id = f"user{n % 4}"
+                record_id = make_record_id(base + n // 8, n % 8)
+                record: dict[str, Any] = {
+                    "record_id": record_id,
+                    "user_id": user_id,
+                    "timestamp": format_micros(base + n // 8),
+                    "test_name": "rare" if n % 50 == 0 else TESTS[n % 2],
+                    "tag": ("", "nightly")[n % 3 == 0],
+                    "sys_info": {},
+                    "metrics": {"qps": float(n % 1013)},
+                    "client_config": {},
+                    "server_config": {},
+                }
+                records.append(record)
+                batch.put(layout.record_key(record_id, user_id), layout.seal(orjson.dumps(record)))
+                batch.put(
+                    layout.user_index_prefix(user_id) + record_id.encode(),
+                    orjson.dumps([record["test_name"], record["tag"]]),
+                )
+            for user in range(4):
+                batch.put(layout.profile_key(f"user{user}"), orjson.dumps({"user_id": f"user{user}"}))
+            batch.put(layout.RECORD_COUNT_KEY, str(count).encode())
+            batch.put(layout.USER_COUNT_KEY, b"4")
+            batch.put(layout.SCHEMA_KEY, b"1")
+    finally:
+        db.close()
+    return records
+
+
+def key_count(db: plyvel.DB, prefix: bytes) -> int:
+    return sum(1 for _ in db.iterator(prefix=prefix, include_value=False))
+
+
+def ids(records: list[dict[str, Any]]) -> list[str]:
+    return [r["record_id"] for r in records]
+
+
+async def test_a_schema_1_database_is_upgraded_and_answers_through_the_new_indexes(tmp_path: Path) -> None:
+    database = tmp_path / "db"
+    records = write_schema_1_database(database, 2500)
+    config = make_config(database, "http://127.0.0.1:9/userinfo", upgrade_batch_records=700)
+    async with running_server(config) as server, connect(server) as conn:
+        everything = await page_through(conn, "get_all", limit=5000)
+        rare = await page_through(conn, "get_all", test_name="rare", reverse=True)
+        nightly_unary = await page_through(conn, "get_all", test_name="unary", tag="nightly", limit=100)
+        mine = await conn.request("get_user", user_id="user2", tag="nightly")
+        top = await conn.request("get_all", sort="qps", limit=3, tag="nightly")
+        overview = await conn.request("overview", metric="qps", test_name="rare")
+    assert [r for page in everything for r in page["records"]] == records
+    assert everything[0]["total"] == 2500
+    expected_rare = [r for r in records if r["test_name"] == "rare"]
+    assert [r for page in rare for r in page["records"]] == expected_rare[::-1]
+    assert rare[0]["total"] == len(expected_rare)
+    assert [r for page in nightly_unary for r in page["records"]] == [
+        r for r in records if r["test_name"] == "unary" and r["tag"] == "nightly"
+    ]
+    nightly = [r for r in records if r["tag"] == "nightly"]
+    assert mine["records"] == [r for r in nightly if r["user_id"] == "user2"]
+    assert [r["metrics"]["qps"] for r in top["records"]] == sorted(r["metrics"]["qps"] for r in nightly)[::-1][:3]
+    assert top["total"] == len(nightly) and top["examined"] == len(nightly)
+    assert overview["tests"]["rare"]["count"] == len(expected_rare)
+    db = plyvel.DB(str(database))
+    try:
+        assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
+        assert db.get(layout.UPGRADE_RESUME_KEY) is None
+        assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 2500
+        assert db.get(layout.test_count_key("rare")) == str(len(expected_rare)).encode()
+        assert db.get(layout.user_count_key("user1")) == b"625"
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def server_process(*args: str) -> Iterator[ServerProcess]:
+    process = ServerProcess(*args)
+    try:
+        yield process
+    finally:
+        process.kill()
+        for pipe in (process.process.stdout, process.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def wait_for_line(process: ServerProcess, text: str, timeout: float = 30.0) -> None:
+    assert process.process.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.process.stderr.readline().decode()
+        if not line:
+            raise AssertionError(f"server exited: {''.join(process.stderr_lines)}")
+        process.stderr_lines.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"no {text!r} in the server's log")
+
+
+@pytest.mark.timeout(120)
+def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
+    database = tmp_path / "db"
+    records = write_schema_1_database(database, 3000)
+    common = ("--address=127.0.0.1:0", f"--database={database}", "--upgrade-batch-records=500")
+    # The pause after each batch is far longer than the test needs to kill the server.
+    with server_process(*common, "--upgrade-pause=600") as first:
+        wait_for_line(first, "schema upgrade: 500 more records indexed")
+        first.process.kill()  # SIGKILL: no chance to tidy up
+        first.process.wait(timeout=30)
+    db = plyvel.DB(str(database))
+    try:
+        assert db.get(layout.SCHEMA_KEY) == b"1"  # not bumped before the end
+        assert db.get(layout.UPGRADE_RESUME_KEY) == layout.record_key(records[499]["record_id"], "user3")
+        assert key_count(db, layout.TEST_INDEX_PREFIX) == 500
+    finally:
+        db.close()
+    with server_process(*common) as second:
+        wait_for_line(second, "resuming an interrupted upgrade")
+        port = second.wait_listening(timeout=60)
+        with Client(f"127.0.0.1:{port}") as client:
+            rare = list(client.get_all(test_name="rare", reverse=True))
+            first_page = client.call("get_all", test_name="unary", limit=1)
+            everything = list(client.get_all(limit=5000))
+    assert everything == records
+    assert rare == [r for r in records if r["test_name"] == "rare"][::-1]
+    assert first_page["total"] == sum(1 for r in records if r["test_name"] == "unary")
+    db = plyvel.DB(str(database))
+    try:
+        assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
+        assert db.get(layout.UPGRADE_RESUME_KEY) is None
+        # Each record indexed once: the restart went on from the resume key, it did not count twice.
+        assert key_count(db, layout.TEST_INDEX_PREFIX) == 3000
+        assert db.get(layout.test_count_key("unary")) == str(first_page["total"]).encode()
+        assert sum(int(db.get(layout.user_count_key(f"user{n}"))) for n in range(4)) == 3000
+    finally:
+        db.close()
+
+
+async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tmp_path: Path) -> None:
+    database = tmp_path / "db"
+    records = write_schema_1_database(database, 1200)
+    db = plyvel.DB(str(database))
+    try:
+        # An upgrade interrupted after a few entries, plus a stray entry and a wrong count.
+        db.put(layout.test_index_prefix("rare") + records[1]["record_id"].encode(), b'["user1",""]')
+        db.put(layout.test_count_key("rare"), b"999")
+        db.put(layout.UPGRADE_RESUME_KEY, layout.record_key(records[0]["record_id"], "user0"))
+    finally:
+        db.close()
+    command = [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(database)]
+    repaired = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "indexes and counts rebuilt for 1200 records" in repaired.stdout
+    db = plyvel.DB(str(database))
+    try:
+        assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
+        assert db.get(layout.UPGRADE_RESUME_KEY) is None
+        assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 1200
+    finally:
+        db.close()
+    rare = [r for r in records if r["test_name"] == "rare"]
+    config = make_config(database, "http://127.0.0.1:9/userinfo")
+    async with running_server(config) as server, connect(server) as conn:
+        pages = await page_through(conn, "get_all", test_name="rare")
+        nightly = await conn.request("get_all", tag="nightly", limit=1)
+    assert [r for page in pages for r in page["records"]] == rare
+    assert pages[0]["total"] == len(rare)
+    assert nightly["total"] == sum(1 for r in records if r["tag"] == "nightly")
