@@ -17,6 +17,7 @@ from perfdb.protocol.addresses import AddressError, format_address, is_loopback_
 GOOGLE_USERINFO_URL = "https://openidconnect.googleapis.com/v1/userinfo"
 DEFAULT_ADDRESS = "localhost:50052"
 DEFAULT_DATABASE = "./perfdb-data"
+NO_PROVIDER = "none"  # --userinfo-url value that turns the identity provider off
 
 
 class ConfigError(ValueError):
@@ -86,9 +87,10 @@ class Config:
     )
     max_batch_records: int = setting(4096, "most records committed in one group-commit write batch", "storage")
     # Token resolution
-    userinfo_url: str = setting(
+    userinfo_url: str | None = setting(
         GOOGLE_USERINFO_URL,
-        "OIDC userinfo endpoint that resolves access tokens (https, or http on loopback)",
+        "OIDC userinfo endpoint that resolves access tokens (https, or http on loopback); "
+        f"'{NO_PROVIDER}': no identity provider, only the static tokens of --tokens-file are accepted",
         "authentication",
     )
     tokens_file: Path | None = setting(
@@ -236,7 +238,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         host, port = parse_address(values.pop("address"))
     except AddressError as exc:
         raise ConfigError(f"--address {exc}") from None
-    check_userinfo_url(values["userinfo_url"])
+    if values["userinfo_url"] == NO_PROVIDER:
+        values["userinfo_url"] = None
+    else:
+        check_userinfo_url(values["userinfo_url"])
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if not (math.isfinite(values["user_rate"]) and values["user_rate"] >= 0):

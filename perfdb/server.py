@@ -86,6 +86,8 @@ class PerfdbServer:
             await loop.run_in_executor(None, self.store.open, loop)
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from None
+        if config.userinfo_url is None and not static_tokens:
+            log.warning("no identity provider and no static tokens: every record request will be refused")
         self.resolver = TokenResolver(
             userinfo_url=config.userinfo_url,
             static_tokens=static_tokens,
