@@ -129,6 +129,23 @@ class Config:
         "privacy and access",
         type=Path,
     )
+    # The dashboard, run by the server as a child process
+    web_address: str | None = setting(
+        None,
+        "host:port to serve the dashboard on too: the server runs 'python -m perfdb.web' as a child once it "
+        "listens, restarts it if it dies and stops it on shutdown; port 0 picks a free port (logged); "
+        "off unless given",
+        "dashboard",
+        type=str,
+        metavar="HOST:PORT",
+    )
+    web_ca_file: Path | None = setting(
+        None,
+        "with --tls-cert: CA bundle the dashboard verifies this server's certificate with "
+        "(default: the --tls-cert file itself, right for a self-signed certificate)",
+        "dashboard",
+        type=Path,
+    )
     # Lifecycle and runtime
     shutdown_timeout: float = setting(
         10.0, "seconds to finish in-flight requests on SIGTERM/SIGINT before closing connections", "runtime"
@@ -226,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=value_type,
             default=field.default,
             choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
             help=meta["help"],
         )
     return parser
@@ -242,6 +260,15 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         values["userinfo_url"] = None
     else:
         check_userinfo_url(values["userinfo_url"])
+    if values["web_address"] is not None:
+        try:
+            web_host, web_port = parse_address(values["web_address"])
+        except AddressError as exc:
+            raise ConfigError(f"--web-address {exc}") from None
+        if web_port != 0 and (web_host, web_port) == (host, port):
+            raise ConfigError("--web-address must differ from --address")
+    if values["web_ca_file"] is not None and values["tls_cert"] is None:
+        raise ConfigError("--web-ca-file needs --tls-cert (the dashboard verifies the server's certificate with it)")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if not (math.isfinite(values["user_rate"]) and values["user_rate"] >= 0):
