@@ -28,7 +28,8 @@ def setting(default: Any, help: str, group: str, **argument: Any) -> Any:
     """A Config field that is also a command-line option.
 
     `help` and `group` go to --help; `argument` holds what argparse needs beyond what the field's
-    default implies: `flag` (default: --field-name), `type`, `choices`, `metavar`. A bool that
+    default implies: `flag` (default: --field-name), `type`, `choices`, `metavar`, and `text`, the
+    default as --help shows it when its str() differs (a Path drops './'). A bool that
     defaults to False becomes a switch; one that defaults to True needs a `flag` such as --no-sync.
     """
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **argument})
@@ -71,7 +72,9 @@ class Config:
     tls_key: Path | None = setting(None, "PEM private key for --tls-cert", "TLS", type=Path)
     tls_handshake_timeout: float = setting(10.0, "seconds allowed for a TLS handshake", "TLS")
     # Storage
-    database: Path = setting(Path(DEFAULT_DATABASE), "LevelDB directory (created if missing)", "storage", type=Path)
+    database: Path = setting(
+        Path(DEFAULT_DATABASE), "LevelDB directory (created if missing)", "storage", type=Path, text=DEFAULT_DATABASE
+    )
     sync: bool = setting(
         True,
         "acknowledge a write once LevelDB has it, without fsync: survives a process "
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             dest=field.name,
             type=value_type,
-            default=field.default,
+            # argparse converts a text default with `type`; --help shows it as written.
+            default=meta.get("text", field.default),
             choices=meta.get("choices"),
             metavar=meta.get("metavar"),
             help=meta["help"],
