@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -177,6 +178,30 @@ def test_server_runs_restarts_and_stops_its_dashboard(tmp_path: Path) -> None:
         assert f"dashboard (pid {second_pid}) stopped" in text
         assert "Traceback" not in text, text
         assert ready_at < restarted_at
+
+
+def test_a_server_killed_outright_leaves_no_dashboard_behind(tmp_path: Path) -> None:
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("os.pidfd_open (Linux 5.3+) is needed to wait for a process that is not our child")
+    with server_with_dashboard(tmp_path, "--web-address=127.0.0.1:0") as (server, log):
+        started_at, started = log.wait_for(SUPERVISOR_LINE)
+        pid, web_address = int(started.group(1)), started.group(2)
+        log.wait_for(CHILD_LISTENING_LINE, after=started_at)
+        pidfd = os.pidfd_open(pid)
+        try:
+            server.kill()  # SIGKILL: the server gets no chance to stop its child
+            server.wait(timeout=DEADLINE)
+            readable, _, _ = select.select([pidfd], [], [], DEADLINE)  # readable once the process has exited
+            if not readable:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # no orphan of the test either
+            assert readable, f"dashboard pid {pid} outlived the killed server:\n{log.text()}"
+        finally:
+            os.close(pidfd)
+        log.wait_closed()  # the dashboard held the log pipe open until it exited
+        web_host, web_port = web_address.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((web_host, int(web_port)), timeout=DEADLINE).close()
+        assert "Traceback" not in log.text(), log.text()
 
 
 def test_web_address_in_use_fails_start_up_in_one_line(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import logging
@@ -32,6 +33,9 @@ MAX_RESTART_DELAY = 30.0
 HEALTHY_RUN_SECONDS = 60.0
 STDERR_FILENO = 2
 PACKAGE_ROOT = Path(perfdb.__file__).resolve().parent.parent
+# Tells `python -m perfdb.web` which server started it, so it can stop when that server dies.
+PARENT_PID_VARIABLE = "PERFDB_WEB_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class DashboardAddressError(Exception):
@@ -102,11 +106,25 @@ def dashboard_command(config: Config, server_port: int, listen: str) -> list[str
 def child_environment() -> dict[str, str]:
     """This environment, plus perfdb's folder on PYTHONPATH when perfdb did not come from
     site-packages (a checkout run as ./run_perf_db_server.py), so the child runs this same perfdb."""
-    environment = dict(os.environ)
+    environment = dict(os.environ, **{PARENT_PID_VARIABLE: str(os.getpid())})
     if str(PACKAGE_ROOT) not in site.getsitepackages():
         paths = [str(PACKAGE_ROOT), *filter(None, environment.get("PYTHONPATH", "").split(os.pathsep))]
         environment["PYTHONPATH"] = os.pathsep.join(paths)
     return environment
+
+
+def stop_with_parent() -> None:
+    """In the dashboard child: have Linux send it SIGTERM when the server that started it dies, so
+    even a server killed with SIGKILL leaves no dashboard behind holding its port."""
+    parent = os.environ.pop(PARENT_PID_VARIABLE, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the server: %s", os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != int(parent):
+        raise SystemExit("perfdb-web: error: the server that started it has already exited")
 
 
 def describe_exit(returncode: int) -> str:
