@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -25,6 +27,11 @@ from typing import IO, Any
 
 import orjson
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from perfdb.config import ConfigError, config_from_args
 from perfdb.web.supervisor import DashboardSupervisor, dashboard_command
@@ -202,6 +209,72 @@ def test_a_server_killed_outright_leaves_no_dashboard_behind(tmp_path: Path) -> 
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((web_host, int(web_port)), timeout=DEADLINE).close()
         assert "Traceback" not in log.text(), log.text()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, as an operator makes one with openssl."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "self-signed.pem", directory / "self-signed.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def certificate_issued_by_a_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """(chain, key, CA): the CA is not in the chain, so the dashboard needs --web-ca-file."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = directory / "server.pem", directory / "server.key", directory / "ca.pem"
+    for index, blob in enumerate(issued.cert_chain_pems):
+        blob.write_to_path(str(cert_file), append=index > 0)
+    issued.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert_file, key_file, ca_file
+
+
+@pytest.mark.parametrize("certificate", ["self_signed", "issued_by_a_ca"])
+def test_dashboard_reads_a_tls_server_that_requires_a_read_key(tmp_path: Path, certificate: str) -> None:
+    read_key_file = tmp_path / "read.key"
+    read_key_file.write_text(secrets.token_urlsafe(24) + "\n")
+    if certificate == "self_signed":
+        cert_file, key_file = self_signed_certificate(tmp_path)
+        ca_option = []  # the certificate file is its own CA
+    else:
+        cert_file, key_file, ca_file = certificate_issued_by_a_ca(tmp_path)
+        ca_option = [f"--web-ca-file={ca_file}"]
+    with server_with_dashboard(
+        tmp_path,
+        "--web-address=127.0.0.1:0",
+        f"--tls-cert={cert_file}",
+        f"--tls-key={key_file}",
+        f"--read-key-file={read_key_file}",
+        *ca_option,
+    ) as (server, log):
+        started_at, started = log.wait_for(SUPERVISOR_LINE)
+        web_address = started.group(2)
+        log.wait_for(CHILD_LISTENING_LINE, after=started_at)
+        # A read: it needs both the TLS connection and the read key to succeed.
+        status, body = fetch(f"http://{web_address}/api/results")
+        assert status == 200, body
+        assert json.loads(body)["results"] == []
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=DEADLINE) == 0, log.text()
+    assert "Traceback" not in log.text(), log.text()
 
 
 def test_web_address_in_use_fails_start_up_in_one_line(tmp_path: Path) -> None:
