@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -119,6 +118,8 @@ def stop_with_parent() -> None:
     parent = os.environ.pop(PARENT_PID_VARIABLE, None)
     if parent is None or not sys.platform.startswith("linux"):
         return
+    import ctypes  # here, not at the top: only the child needs it, and the server starts faster without
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("cannot ask to be stopped with the server: %s", os.strerror(ctypes.get_errno()))
