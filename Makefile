@@ -1,9 +1,11 @@
-# make run: start the server with its defaults; make test: lint, type-check and run the tests.
+# make run: start the server with its defaults and the dashboard; make test: lint, type-check and run the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Where `make run` serves the dashboard; `make run WEB_ADDRESS=` runs the server alone.
+WEB_ADDRESS ?= localhost:8080
 
 .PHONY: run test lint typecheck pytest clean
 
@@ -14,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python run_perf_db_server.py $(ARGS)
+	$(BIN)/python run_perf_db_server.py $(if $(WEB_ADDRESS),--web-address=$(WEB_ADDRESS)) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check perfdb tests benchmarks run_perf_db_server.py

@@ -17,6 +17,7 @@ from perfdb.protocol.addresses import AddressError, format_address, is_loopback_
 GOOGLE_USERINFO_URL = "https://openidconnect.googleapis.com/v1/userinfo"
 DEFAULT_ADDRESS = "localhost:50052"
 DEFAULT_DATABASE = "./perfdb-data"
+NO_PROVIDER = "none"  # --userinfo-url value that turns the identity provider off
 
 
 class ConfigError(ValueError):
@@ -27,8 +28,8 @@ def setting(default: Any, help: str, group: str, **argument: Any) -> Any:
     """A Config field that is also a command-line option.
 
     `help` and `group` go to --help; `argument` holds what argparse needs beyond what the field's
-    default implies: `flag` (default: --field-name), `type`, `choices`, and `default_text` (the default
-    as the command line spells it, when that differs from str() of the value). A bool that
+    default implies: `flag` (default: --field-name), `type`, `choices`, `metavar`, and `text`, the
+    default as --help shows it when its str() differs (a Path drops './'). A bool that
     defaults to False becomes a switch; one that defaults to True needs a `flag` such as --no-sync.
     """
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **argument})
@@ -72,11 +73,7 @@ class Config:
     tls_handshake_timeout: float = setting(10.0, "seconds allowed for a TLS handshake", "TLS")
     # Storage
     database: Path = setting(
-        Path(DEFAULT_DATABASE),
-        "LevelDB directory (created if missing)",
-        "storage",
-        type=Path,
-        default_text=DEFAULT_DATABASE,
+        Path(DEFAULT_DATABASE), "LevelDB directory (created if missing)", "storage", type=Path, text=DEFAULT_DATABASE
     )
     sync: bool = setting(
         True,
@@ -106,9 +103,10 @@ class Config:
         "storage",
     )
     # Token resolution
-    userinfo_url: str = setting(
+    userinfo_url: str | None = setting(
         GOOGLE_USERINFO_URL,
-        "OIDC userinfo endpoint that resolves access tokens (https, or http on loopback)",
+        "OIDC userinfo endpoint that resolves access tokens (https, or http on loopback); "
+        f"'{NO_PROVIDER}': no identity provider, only the static tokens of --tokens-file are accepted",
         "authentication",
     )
     tokens_file: Path | None = setting(
@@ -145,6 +143,23 @@ class Config:
         "file holding the admin key (16+ characters) that export and import must present; "
         "without it those ops are refused",
         "privacy and access",
+        type=Path,
+    )
+    # The dashboard, run by the server as a child process
+    web_address: str | None = setting(
+        None,
+        "host:port to serve the dashboard on too: the server runs 'python -m perfdb.web' as a child once it "
+        "listens, restarts it if it dies and stops it on shutdown; port 0 picks a free port (logged); "
+        "off unless given",
+        "dashboard",
+        type=str,
+        metavar="HOST:PORT",
+    )
+    web_ca_file: Path | None = setting(
+        None,
+        "with --tls-cert: CA bundle the dashboard verifies this server's certificate with "
+        "(default: the --tls-cert file itself, right for a self-signed certificate)",
+        "dashboard",
         type=Path,
     )
     # Lifecycle and runtime
@@ -256,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             dest=field.name,
             type=value_type,
-            default=meta.get("default_text", field.default),
+            # argparse converts a text default with `type`; --help shows it as written.
+            default=meta.get("text", field.default),
             choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
             help=meta["help"],
         )
     return parser
@@ -275,7 +292,19 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
             parse_address(values["metrics_address"])
         except AddressError as exc:
             raise ConfigError(f"--metrics-address {exc}") from None
-    check_userinfo_url(values["userinfo_url"])
+    if values["userinfo_url"] == NO_PROVIDER:
+        values["userinfo_url"] = None
+    else:
+        check_userinfo_url(values["userinfo_url"])
+    if values["web_address"] is not None:
+        try:
+            web_host, web_port = parse_address(values["web_address"])
+        except AddressError as exc:
+            raise ConfigError(f"--web-address {exc}") from None
+        if web_port != 0 and (web_host, web_port) == (host, port):
+            raise ConfigError("--web-address must differ from --address")
+    if values["web_ca_file"] is not None and values["tls_cert"] is None:
+        raise ConfigError("--web-ca-file needs --tls-cert (the dashboard verifies the server's certificate with it)")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if not (math.isfinite(values["user_rate"]) and values["user_rate"] >= 0):

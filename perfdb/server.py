@@ -23,6 +23,12 @@ from perfdb.protocol.addresses import format_address, parse_address
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
+from perfdb.web.supervisor import (
+    DashboardAddressError,
+    DashboardSupervisor,
+    dashboard_command,
+    reserve_listen_address,
+)
 
 log = logging.getLogger("perfdb.server")
 
@@ -92,6 +98,8 @@ class PerfdbServer:
             await loop.run_in_executor(None, self.store.open, loop)
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from None
+        if config.userinfo_url is None and not static_tokens:
+            log.warning("no identity provider and no static tokens: every record request will be refused")
         self.resolver = TokenResolver(
             userinfo_url=config.userinfo_url,
             static_tokens=static_tokens,
@@ -247,20 +255,36 @@ def _listen_error(address: str, host: str, exc: OSError) -> str:
 
 
 async def serve(config: Config) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut it down cleanly."""
+    """Run a server (and its dashboard) until SIGTERM or SIGINT, then shut it down cleanly."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     server = PerfdbServer(config)
+    dashboard: DashboardSupervisor | None = None
     # Handlers first: a signal that arrives while starting must still shut down cleanly.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        web_listen = await _reserve_web_address(config)
         await server.start()
+        if web_listen is not None:
+            command = dashboard_command(config, server.port, web_listen)
+            dashboard = DashboardSupervisor(command, web_listen, config.shutdown_timeout)
+            dashboard.start()
         await stop.wait()
-        await server.shutdown()
+        await asyncio.gather(server.shutdown(), *([dashboard.stop()] if dashboard is not None else []))
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+async def _reserve_web_address(config: Config) -> str | None:
+    """Where the dashboard will listen, checked before anything starts so a taken port fails in one line."""
+    if config.web_address is None:
+        return None
+    try:
+        return await reserve_listen_address(config.web_address)
+    except DashboardAddressError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,10 +244,17 @@ def token_hash(token: str) -> str:
 class ServerProcess:
     """run_perf_db_server.py in a child process, as an operator would start it."""
 
-    def __init__(self, *args: str, cwd: Path | None = None) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    def __init__(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        command: Sequence[str] = (sys.executable, str(REPO_ROOT / "run_perf_db_server.py")),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if env is None:
+            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "run_perf_db_server.py"), *args],
+            [*command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,

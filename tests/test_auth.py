@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import secrets
@@ -14,13 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import plyvel
 import pytest
 from aiohttp import web
 
 from perfdb.auth.tokens import STATIC_USER_PREFIX, load_static_tokens, token_digest
-from perfdb.config import ConfigError, check_userinfo_url, config_from_args
+from perfdb.config import GOOGLE_USERINFO_URL, ConfigError, check_userinfo_url, config_from_args
 from perfdb.observability.logformat import log_formatter
 from perfdb.server import PerfdbServer, StartupError
 from perfdb.storage import layout
@@ -399,6 +401,74 @@ async def test_provider_subject_cannot_impersonate_a_static_token(tmp_path: Path
         assert provider.calls == ["tok-impostor"]
         assert await stored_count(connection) == (0, 0)
         assert error_code(await connection.request("get_user", user_id="static:ci-bot")) == "not_found"
+
+
+async def test_unknown_token_with_static_tokens_and_provider_offline_names_both(tmp_path: Path) -> None:
+    """A mistyped bot token on an offline machine must not read as a mere network fault."""
+    token = "ci-" + secrets.token_hex(16)
+    tokens_file = write_tokens_file(tmp_path / "tokens.json", token)
+    config = make_config(tmp_path / "db", closed_port_url(), tokens_file=tokens_file, auth_timeout=1.0)
+    async with running_server(config) as server, connect(server) as connection:
+        reply = await connection.request(**record_request(token + "-typo"))
+        assert_unavailable(reply)
+        message = reply["error"]["message"]
+        assert "matched no static token" in message, reply
+        assert "identity provider could not be reached" in message, reply
+        assert token not in message
+        assert (await connection.request(**record_request(token)))["ok"] is True
+
+
+async def test_unknown_token_rejected_by_the_provider_says_no_static_token_matched(tmp_path: Path) -> None:
+    tokens_file = write_tokens_file(tmp_path / "tokens.json", "ci-" + secrets.token_hex(16))
+    async with (
+        perfdb_with_provider(tmp_path, tokens_file=tokens_file) as (server, provider),
+        connect(server) as connection,
+    ):
+        for _ in range(2):  # the second answer comes from the negative cache, and says the same
+            reply = await connection.request(**record_request("tok-nobody"))
+            assert_unauthenticated(reply)
+            assert reply["error"]["message"] == (
+                "the token matched no static token, and the identity provider rejected the access token"
+            )
+        assert provider.calls == ["tok-nobody"]
+
+
+async def test_unreachable_provider_without_static_tokens_says_only_that(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "db", closed_port_url(), auth_timeout=1.0)
+    async with running_server(config) as server, connect(server) as connection:
+        reply = await connection.request(**record_request("user-alice"))
+        assert_unavailable(reply)
+        assert reply["error"]["message"] == "the identity provider could not be reached (ClientConnectorError)"
+
+
+async def test_without_a_provider_unknown_tokens_are_unauthenticated_and_no_session_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_session(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an aiohttp session was created with --userinfo-url none")
+
+    monkeypatch.setattr(aiohttp, "ClientSession", no_session)
+    token = "ci-" + secrets.token_hex(16)
+    tokens_file = write_tokens_file(tmp_path / "tokens.json", token)
+    config = make_config(tmp_path / "db", "unused", tokens_file=tokens_file)
+    config = dataclasses.replace(config, userinfo_url=None)
+    async with running_server(config) as server, connect(server) as connection:
+        for unknown in ("user-alice", token + "-typo"):
+            reply = await connection.request(**record_request(unknown))
+            assert_unauthenticated(reply)
+            message = reply["error"]["message"]
+            assert "matched no static token" in message, reply
+            assert "no identity provider configured" in message, reply
+        reply = await connection.request(**record_request(token))
+        assert reply["ok"] is True, reply
+        assert reply["user_id"] == "static:ci-bot"
+        assert await upstream_requests(connection) == 0
+        assert await stored_count(connection) == (1, 1)
+
+
+def test_userinfo_url_none_turns_the_provider_off() -> None:
+    assert config_from_args(["--userinfo-url", "none"]).userinfo_url is None
+    assert config_from_args([]).userinfo_url == GOOGLE_USERINFO_URL
 
 
 def test_load_static_tokens_reads_a_valid_file(tmp_path: Path) -> None:

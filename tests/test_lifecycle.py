@@ -280,13 +280,16 @@ def test_address_in_use_is_one_line(launch: Launcher, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("shape", ["below_a_file", "is_a_file"])
-def test_database_path_not_writable_is_one_line(launch: Launcher, tmp_path: Path, shape: str) -> None:
+def test_database_path_that_is_a_file_is_one_line_saying_so(launch: Launcher, tmp_path: Path, shape: str) -> None:
     regular_file = tmp_path / "plain-file"
     regular_file.write_text("not a directory\n")
     database = regular_file / "db" if shape == "below_a_file" else regular_file
     line = expect_startup_failure(launch, "--address=127.0.0.1:0", f"--database={database}")
-    assert str(database) in line
-    assert "not writable" in line
+    if shape == "is_a_file":
+        assert line == f"{ERROR_PREFIX}database path {database} is not a directory"
+    else:
+        assert line == f"{ERROR_PREFIX}database path {database} cannot be created: {regular_file} is not a directory"
+    assert "File exists" not in line
     assert regular_file.read_text() == "not a directory\n"
 
 

@@ -137,12 +137,15 @@ class TokenCache:
 
 
 class TokenResolver:
-    """Resolves access tokens through static tokens, the cache, then the userinfo endpoint."""
+    """Resolves access tokens through static tokens, the cache, then the userinfo endpoint.
+
+    With no userinfo URL only static tokens are accepted, and no HTTP session is made.
+    """
 
     def __init__(
         self,
         *,
-        userinfo_url: str,
+        userinfo_url: str | None,
         static_tokens: dict[bytes, Profile],
         cache_ttl: float,
         negative_ttl: float,
@@ -164,6 +167,8 @@ class TokenResolver:
         self.upstream_failures = 0  # the provider could not be asked or gave no usable answer
 
     async def start(self) -> None:
+        if self._userinfo_url is None:
+            return
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -187,6 +192,11 @@ class TokenResolver:
         static = self._static.get(digest)
         if static is not None:
             return static
+        if self._userinfo_url is None:
+            raise PerfdbError(
+                ErrorCode.UNAUTHENTICATED,
+                "the token matched no static token, and this server has no identity provider configured",
+            )
         cached = self.cache.get(digest, time.monotonic())
         if isinstance(cached, Profile):
             return cached
@@ -205,16 +215,20 @@ class TokenResolver:
         try:
             profile = await self._ask_provider(token)
         except PerfdbError as error:
+            if self._static and error.code in (ErrorCode.UNAUTHENTICATED, ErrorCode.AUTH_UNAVAILABLE):
+                # Say why the static tokens did not answer, so a mistyped bot token does not
+                # look like a network fault (or a provider's verdict on a token it never issued).
+                error = PerfdbError(error.code, f"the token matched no static token, and {error.message}")
             if error.code is ErrorCode.UNAUTHENTICATED:
                 self.cache.put(digest, error, time.monotonic() + self._negative_ttl)
             elif error.code is ErrorCode.AUTH_UNAVAILABLE:
                 self.upstream_failures += 1
-            raise
+            raise error from None
         self.cache.put(digest, profile, time.monotonic() + self._cache_ttl)
         return profile
 
     async def _ask_provider(self, token: str) -> Profile:
-        if self._session is None:
+        if self._session is None or self._userinfo_url is None:
             raise PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         self.upstream_requests += 1
         try:
@@ -228,7 +242,7 @@ class TokenResolver:
         except TimeoutError:
             raise _unavailable("the identity provider did not answer in time") from None
         except aiohttp.ClientError as exc:
-            raise _unavailable(f"cannot reach the identity provider ({type(exc).__name__})") from None
+            raise _unavailable(f"the identity provider could not be reached ({type(exc).__name__})") from None
         if status in (401, 403):
             raise PerfdbError(ErrorCode.UNAUTHENTICATED, "the identity provider rejected the access token")
         if status == 400:

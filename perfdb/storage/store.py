@@ -92,6 +92,8 @@ class DatabaseLock:
             self._path.mkdir(parents=True, exist_ok=True)
             real_path = self._path.resolve(strict=True)
             fd = os.open(real_path / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreOpenError(self._not_a_directory()) from None
         except OSError as exc:
             raise StoreOpenError(f"database path {self._path} is not writable: {exc.strerror or exc}") from None
         try:
@@ -109,6 +111,15 @@ class DatabaseLock:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return real_path
+
+    def _not_a_directory(self) -> str:
+        """Name what is in the way: the path itself, or a file where one of its parents should be."""
+        for path in (*reversed(self._path.parents), self._path):
+            if path.exists() and not path.is_dir():
+                if path == self._path:
+                    return f"database path {self._path} is not a directory"
+                return f"database path {self._path} cannot be created: {path} is not a directory"
+        return f"database path {self._path} is not a directory"
 
     def release(self) -> None:
         if self._fd is not None:

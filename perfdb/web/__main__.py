@@ -3,5 +3,7 @@
 import sys
 
 from perfdb.web.app import main
+from perfdb.web.supervisor import stop_with_parent
 
+stop_with_parent()  # only when a server started it (--web-address)
 sys.exit(main())

@@ -1,0 +1,140 @@
+"""./run_perf_db_server.py from a fresh checkout, run by an interpreter that lacks perfdb's
+dependencies: it moves to the checkout's .venv when there is one, else says what to run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from perfdb import __version__
+from tests.support import REPO_ROOT, ServerProcess
+
+ERROR_PREFIX = "run_perf_db_server: error: "
+# Two real interpreters without the dependencies: this one with site-packages turned off, and
+# the base Python the test virtualenv was made from, isolated from the environment.
+BASE_PYTHON = Path(sys.base_prefix) / "bin" / "python3"
+BARE_INTERPRETERS = {
+    "no_site": (sys.executable, "-S"),
+    "base_isolated": (str(BASE_PYTHON), "-I"),
+}
+bare_interpreters = pytest.mark.parametrize("interpreter", list(BARE_INTERPRETERS))
+
+
+def fresh_checkout(tmp_path: Path) -> Path:
+    """The script and the package as a clone has them, with no .venv yet."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(REPO_ROOT / "run_perf_db_server.py", checkout)
+    (checkout / "perfdb").symlink_to(REPO_ROOT / "perfdb", target_is_directory=True)
+    return checkout
+
+
+def make_venv(checkout: Path, *, with_dependencies: bool) -> Path:
+    """A real virtualenv at checkout/.venv; with dependencies, it sees this test run's packages."""
+    venv = checkout / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    if with_dependencies:
+        python = venv / "bin" / "python"
+        site_packages = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+        Path(site_packages, "perfdb-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
+
+
+def run_bare(interpreter: str, checkout: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = BARE_INTERPRETERS[interpreter]
+    if not Path(command[0]).exists():
+        pytest.skip(f"no base interpreter at {command[0]}")
+    return subprocess.run(
+        [*command, str(checkout / "run_perf_db_server.py"), *args],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@bare_interpreters
+def test_the_interpreters_really_lack_the_dependencies(interpreter: str, tmp_path: Path) -> None:
+    command = BARE_INTERPRETERS[interpreter]
+    if not Path(command[0]).exists():
+        pytest.skip(f"no base interpreter at {command[0]}")
+    result = subprocess.run(
+        [*command, "-c", "import aiohttp"], env={}, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "No module named 'aiohttp'" in result.stderr
+
+
+@bare_interpreters
+def test_without_a_venv_one_line_says_what_to_run(interpreter: str, tmp_path: Path) -> None:
+    checkout = fresh_checkout(tmp_path)
+    result = run_bare(interpreter, checkout, "--database", str(tmp_path / "db"))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(ERROR_PREFIX), lines[0]
+    assert "'aiohttp'" in lines[0]
+    assert "make run" in lines[0]
+    assert "pip install -e ." in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "db").exists()
+
+
+@bare_interpreters
+def test_with_the_checkout_venv_it_runs_under_it(interpreter: str, tmp_path: Path) -> None:
+    checkout = fresh_checkout(tmp_path)
+    make_venv(checkout, with_dependencies=True)
+    result = run_bare(interpreter, checkout, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"perfdb {__version__}"
+
+
+def test_with_the_checkout_venv_the_server_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """The re-exec keeps the process: its pid is the one the operator signals."""
+    checkout = fresh_checkout(tmp_path)
+    make_venv(checkout, with_dependencies=True)
+    server = ServerProcess(
+        "--address=127.0.0.1:0",
+        f"--database={tmp_path / 'db'}",
+        "--userinfo-url=none",
+        cwd=checkout,
+        command=(*BARE_INTERPRETERS["no_site"], str(checkout / "run_perf_db_server.py")),
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        server.wait_listening(timeout=30)
+        assert (tmp_path / "db" / "CURRENT").is_file()
+        server.process.send_signal(signal.SIGTERM)
+        code, stderr = server.finish(timeout=30)
+        assert code == 0, stderr
+        assert "shut down cleanly" in stderr
+    finally:
+        server.kill()
+
+
+@bare_interpreters
+def test_a_venv_without_the_dependencies_says_what_to_run_and_does_not_loop(interpreter: str, tmp_path: Path) -> None:
+    checkout = fresh_checkout(tmp_path)
+    venv = make_venv(checkout, with_dependencies=False)
+    result = run_bare(interpreter, checkout, "--version")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    # Said by the venv's interpreter, once: the script moved there and stopped.
+    assert lines[0].startswith(f"{ERROR_PREFIX}{venv / 'bin' / 'python'} lacks "), lines[0]
+    assert "make run" in lines[0]
