@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +254,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.cwd, env=env
         )
-        self.stderr_lines: list[str] = []
+        self._stderr_lines: list[bytes] = []
         self._stdout = bytearray()
         self._stderr_ended = False
         self._changed = threading.Condition()
@@ -273,7 +273,7 @@ class ServerProcess:
         assert stream is not None
         for raw in iter(stream.readline, b""):
             with self._changed:
-                self.stderr_lines.append(raw.decode(errors="replace"))
+                self._stderr_lines.append(raw)
                 self._changed.notify_all()
         with self._changed:
             self._stderr_ended = True
@@ -289,10 +289,14 @@ class ServerProcess:
         return self.process.pid
 
     @property
-    def stderr(self) -> str:
+    def stderr_bytes(self) -> bytes:
         """Everything the server has written to stderr so far (all of it, once it has exited)."""
         with self._changed:
-            return "".join(self.stderr_lines)
+            return b"".join(self._stderr_lines)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode(errors="replace")
 
     @property
     def stdout(self) -> bytes:
@@ -300,7 +304,8 @@ class ServerProcess:
         return bytes(self._stdout)
 
     def _listening(self) -> str | None:
-        return next((line for line in self.stderr_lines if " listening on " in line), None)
+        line = next((line for line in self._stderr_lines if b" listening on " in line), None)
+        return None if line is None else line.decode(errors="replace")
 
     def wait_listening(self, timeout: float = STARTUP_SECONDS) -> int:
         """The port from the 'listening on' log line; ServerStartError (the server killed) if
@@ -388,6 +393,16 @@ def closed_port() -> int:
     atexit.register(holder.close)
     port: int = holder.getsockname()[1]
     return port
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port whose connections the kernel completes, and nobody ever reads or answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port: int = listener.getsockname()[1]
+        yield port
 
 
 def closed_port_url() -> str:

@@ -33,6 +33,7 @@ from tests.support import (
     closed_port,
     closed_port_url,
     grpc_result,
+    silent_port,
     token_hash,
 )
 
@@ -759,10 +760,8 @@ def test_an_unreachable_server_exits_3_with_one_line(keys: Secrets) -> None:
 
 def test_a_server_that_never_answers_exits_3(keys: Secrets) -> None:
     token = str(keys.token_file(BOT_TOKEN, "bot.token"))
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(64)  # the kernel accepts the connections; nobody ever reads or replies
-        address = f"127.0.0.1:{silent.getsockname()[1]}"
+    with silent_port() as port:
+        address = f"127.0.0.1:{port}"
         pinged = perfdb("ping", "--server", address, "--timeout", "0.1")
         submitted = perfdb(
             "submit",

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
@@ -29,6 +28,7 @@ from tests.support import (
     closed_port_url,
     free_port,
     perfdb_with_provider,
+    silent_port,
     token_hash,
 )
 
@@ -545,10 +545,7 @@ def test_blocking_client_refused_and_unanswered() -> None:
     refused.close()
     assert (caught.value.code, caught.value.retryable) == ("connection_failed", True)
     assert (streaming.value.code, streaming.value.index) == ("connection_failed", 0)
-    with socket.socket() as listener:  # the kernel completes connections; nobody reads or answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        port = listener.getsockname()[1]
+    with silent_port() as port:
         silent = Client(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=2, first_delay=0.01), request_timeout=0.2)
         with pytest.raises(PerfdbClientError) as timed_out:
             silent.hello()
