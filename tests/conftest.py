@@ -4,12 +4,16 @@ and fails if the event loop reports an exception nobody handled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+
+from tests.support import PERFDB_SERVER, ServerProcess, Spawn
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -31,6 +35,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def long_run(request: pytest.FixtureRequest) -> bool:
     """True under --long: reliability tests scale their rounds up."""
     return bool(request.config.getoption("--long"))
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Starts ServerProcesses (tests/support.py), perfdb unless told another command; each is
+    killed at the end of the test if it is still running."""
+    with contextlib.ExitStack() as started:
+
+        def start(*args: str, command: Sequence[str] = PERFDB_SERVER, cwd: Path | None = None) -> ServerProcess:
+            return started.enter_context(ServerProcess(*args, command=command, cwd=cwd))
+
+        yield start
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -1,18 +1,23 @@
-"""Real things the tests run against: a perfdb server in-process, a userinfo (OIDC) server
-on loopback, and a minimal NDJSON client over a real socket."""
+"""Real things the tests run against: a perfdb server in-process or as a child process (the
+dashboard too), a userinfo (OIDC) server on loopback, a minimal NDJSON client over a real
+socket, and loopback ports that are free or that nothing listens on."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,46 +246,209 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# The start of a server, interpreter included, takes well under a second; these bounds are for
+# a machine loaded by other work.
+STARTUP_SECONDS = 20.0
+EXIT_SECONDS = 20.0
+PERFDB_SERVER = (sys.executable, str(REPO_ROOT / "run_perf_db_server.py"))
+DASHBOARD = (sys.executable, "-m", "perfdb.web")
+
+
+class ServerStartError(AssertionError):
+    """The server exited, or did not say it was listening, within the bound."""
+
+
 class ServerProcess:
-    """run_perf_db_server.py in a child process, as an operator would start it."""
+    """A server program in a child process, started as an operator would start it:
+    run_perf_db_server.py by default, or the dashboard (`command=DASHBOARD`).
+
+    Threads read its stdout and stderr for the whole of its life, so that a server logging at
+    debug never stalls on a full pipe and the whole log can be searched afterwards. `restart()`
+    starts the same command again (so on the same database and address) in the same object.
+    As a context manager it makes sure no process outlives the block."""
 
     def __init__(
         self,
         *args: str,
+        command: Sequence[str] = PERFDB_SERVER,
         cwd: Path | None = None,
-        command: Sequence[str] = (sys.executable, str(REPO_ROOT / "run_perf_db_server.py")),
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        if env is None:
-            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        self.command = (*command, *args)
+        self.cwd = cwd
+        # The default runs this checkout's perfdb; a test of the bare script passes its own.
+        self.env = dict(env) if env is not None else dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        self._start()
+
+    def _start(self) -> None:
         self.process = subprocess.Popen(
-            [*command, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.cwd, env=self.env
         )
-        self.stderr_lines: list[str] = []
+        self._stderr_lines: list[bytes] = []
+        self._stdout = bytearray()
+        self._stderr_ended = False
+        self._changed = threading.Condition()
+        self.listening_line = ""
+        self.listening_on = ""  # what the listening line names: host:port, or the dashboard's URL
+        self.port = 0
+        self._readers = [
+            threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True),
+            threading.Thread(target=self._read_stdout, name="server-stdout", daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
-    def wait_listening(self, timeout: float = 10.0) -> int:
-        """The port from the 'listening on' log line."""
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline().decode()
-            if not line:
-                raise AssertionError(f"server exited: {''.join(self.stderr_lines)}")
-            self.stderr_lines.append(line)
-            if " listening on " in line:
-                return int(line.split(" listening on ")[1].split()[0].rsplit(":", 1)[1])
-        raise AssertionError("server did not start listening")
+    def _read_stderr(self) -> None:
+        stream = self.process.stderr
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            with self._changed:
+                self._stderr_lines.append(raw)
+                self._changed.notify_all()
+        with self._changed:
+            self._stderr_ended = True
+            self._changed.notify_all()
 
-    def finish(self, timeout: float = 15.0) -> tuple[int, str]:
-        """Wait for exit; the exit code and everything written to stderr."""
-        _, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, "".join(self.stderr_lines) + err.decode()
+    def _read_stdout(self) -> None:
+        stream = self.process.stdout
+        assert stream is not None
+        self._stdout += stream.read()
 
-    def kill(self) -> None:
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def stderr_bytes(self) -> bytes:
+        """Everything the server has written to stderr so far (all of it, once it has exited)."""
+        with self._changed:
+            return b"".join(self._stderr_lines)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode(errors="replace")
+
+    @property
+    def stdout(self) -> bytes:
+        """What the server wrote to stdout, once it has exited."""
+        return bytes(self._stdout)
+
+    def _listening(self) -> str | None:
+        line = next((line for line in self._stderr_lines if b" listening on " in line), None)
+        return None if line is None else line.decode(errors="replace")
+
+    def wait_listening(self, timeout: float = STARTUP_SECONDS) -> int:
+        """The port from the 'listening on' log line; ServerStartError (the server killed) if
+        the line does not come within `timeout`, or the server exits first."""
+        with self._changed:
+            found = self._changed.wait_for(lambda: self._listening() is not None or self._stderr_ended, timeout)
+            line = self._listening()
+        if line is None:
+            if found:
+                code = self._reap(EXIT_SECONDS)
+                raise ServerStartError(f"the server exited with {code} before listening:\n{self.stderr}")
+            self.kill()
+            raise ServerStartError(f"no 'listening on' line within {timeout:g}s:\n{self.stderr}")
+        self.listening_line = line
+        self.listening_on = line.split(" listening on ", 1)[1].split()[0]
+        self.port = int(self.listening_on.rstrip("/").rsplit(":", 1)[1])
+        return self.port
+
+    def wait_for_log(self, text: str, timeout: float = STARTUP_SECONDS) -> str:
+        """The first stderr line holding `text`; fails the test if the server exits or stays
+        silent about it for `timeout`."""
+
+        def found() -> str | None:
+            return next((line.decode(errors="replace") for line in self._stderr_lines if text.encode() in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None or self._stderr_ended, timeout)
+            line = found()
+        if line is None:
+            raise AssertionError(f"no {text!r} in the server's log within {timeout:g}s:\n{self.stderr}")
+        return line
+
+    def _reap(self, timeout: float) -> int:
+        """Wait for the process to end and its output to be read to the end; close the pipes."""
+        code = self.process.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=EXIT_SECONDS)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code
+
+    def wait_exit(self, timeout: float = EXIT_SECONDS) -> tuple[int, str]:
+        """The exit code and everything the server wrote to stderr; a server that overstays is
+        killed and fails the test."""
+        try:
+            code = self._reap(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the server did not exit within {timeout:g}s:\n{self.stderr}") from None
+        return code, self.stderr
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = EXIT_SECONDS) -> tuple[int, str]:
+        """Send `signum` (SIGTERM: the way operators stop it) and wait_exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.wait_exit(timeout)
+
+    def kill(self) -> int:
+        """SIGKILL (kill -9), and wait for it to be gone; the exit code."""
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate()
+        return self._reap(EXIT_SECONDS)
+
+    def restart(self) -> None:
+        """Start the same command again, once the process has exited; wait_listening follows."""
+        assert self.process.poll() is not None, "restart() needs the server stopped first"
+        self._reap(EXIT_SECONDS)
+        self._start()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+Spawn = Callable[..., ServerProcess]  # the `spawn` fixture of tests/conftest.py
+
+
+# -- ports ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now, to start a server on a port known in advance."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@functools.cache
+def closed_port() -> int:
+    """A loopback port nothing listens on for as long as the tests run. A socket bound to it,
+    never listening, holds it: connections are refused, and no other program (say, another test
+    run on this machine) can be given it, as it could a port merely found free."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    atexit.register(holder.close)
+    port: int = holder.getsockname()[1]
+    return port
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port whose connections the kernel completes, and nobody ever reads or answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port: int = listener.getsockname()[1]
+        yield port
+
+
+def closed_port_url() -> str:
+    """A userinfo URL nothing answers: for servers that must do without the provider."""
+    return f"http://127.0.0.1:{closed_port()}/userinfo"

@@ -8,7 +8,6 @@ import dataclasses
 import gc
 import logging
 import secrets
-import socket
 import time
 import types
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from tests.support import (
     Connection,
     UserinfoAnswer,
     UserinfoServer,
+    closed_port_url,
     connect,
     error_code,
     make_config,
@@ -98,14 +98,6 @@ async def perfdb_with_piecewise_provider(
             yield server, provider
     finally:
         await provider.close()
-
-
-def closed_port_url() -> str:
-    """A loopback userinfo URL on which nothing listens."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/userinfo"
 
 
 async def stored_count(connection: Connection) -> tuple[int, int]:
@@ -532,7 +524,7 @@ def test_load_static_tokens_rejects_a_missing_file(tmp_path: Path) -> None:
 async def test_server_refuses_to_start_with_a_malformed_tokens_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     path.write_bytes(MALFORMED_TOKEN_FILES["duplicate-hash"])
-    server = PerfdbServer(make_config(tmp_path / "db", "http://127.0.0.1:9/userinfo", tokens_file=path))
+    server = PerfdbServer(make_config(tmp_path / "db", closed_port_url(), tokens_file=path))
     try:
         with pytest.raises(StartupError, match="appears twice"):
             await server.start()

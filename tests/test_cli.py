@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -26,14 +25,23 @@ import orjson
 import pytest
 
 from perfdb.cli import Progress
-from tests.support import FIXTURES, GRPC_RESULT_FILES, REPO_ROOT, ServerProcess, grpc_result, token_hash
+from tests.support import (
+    FIXTURES,
+    GRPC_RESULT_FILES,
+    REPO_ROOT,
+    ServerProcess,
+    closed_port,
+    closed_port_url,
+    grpc_result,
+    silent_port,
+    token_hash,
+)
 
 BOT_TOKEN = "ci-bot-" + secrets.token_hex(16)
 BOT_USER = "static:ci-bot"
 LAB_TOKEN = "perf-lab-" + secrets.token_hex(16)
 LAB_USER = "static:perf-lab"
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
-UNREACHABLE_USERINFO = "http://127.0.0.1:9/userinfo"
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
 COMMANDS = ("submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping")
@@ -169,16 +177,16 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def serving(keys: Secrets, database: Path, userinfo_url: str = UNREACHABLE_USERINFO) -> Iterator[RunningServer]:
-    """run_perf_db_server in a child process; stopped with SIGTERM, which must end it cleanly."""
-    process = ServerProcess(
+def serving(keys: Secrets, database: Path, userinfo_url: str | None = None) -> Iterator[RunningServer]:
+    """run_perf_db_server in a child process; stopped with SIGTERM, which must end it cleanly.
+    Without a userinfo_url, the provider is unreachable: static tokens only."""
+    with ServerProcess(
         "--address=127.0.0.1:0",
         f"--database={database}",
         f"--tokens-file={keys.tokens_file}",
         f"--admin-key-file={keys.admin_key_file}",
-        f"--userinfo-url={userinfo_url}",
-    )
-    try:
+        f"--userinfo-url={userinfo_url or closed_port_url()}",
+    ) as process:
         port = process.wait_listening()
         yield RunningServer(
             process,
@@ -187,11 +195,7 @@ def serving(keys: Secrets, database: Path, userinfo_url: str = UNREACHABLE_USERI
             keys.token_file(LAB_TOKEN, "lab.token"),
             keys.admin_key_file,
         )
-    except BaseException:
-        process.kill()
-        raise
-    process.process.send_signal(signal.SIGTERM)
-    code, stderr = process.finish()
+        code, stderr = process.stop()
     assert code == 0 and "Traceback" not in stderr, stderr
 
 
@@ -226,14 +230,6 @@ def stored_ids(lines: list[str], name: str, state: str = "stored") -> list[str]:
 def table_cells(line: str) -> list[str]:
     """The cells of a table row: columns are separated by two or more spaces."""
     return [cell for cell in re.split(r"\s{2,}", line.strip()) if cell]
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def perfdb_records(count: int, *, tag: str, first: int = 0) -> bytes:
@@ -764,10 +760,8 @@ def test_an_unreachable_server_exits_3_with_one_line(keys: Secrets) -> None:
 
 def test_a_server_that_never_answers_exits_3(keys: Secrets) -> None:
     token = str(keys.token_file(BOT_TOKEN, "bot.token"))
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(64)  # the kernel accepts the connections; nobody ever reads or replies
-        address = f"127.0.0.1:{silent.getsockname()[1]}"
+    with silent_port() as port:
+        address = f"127.0.0.1:{port}"
         pinged = perfdb("ping", "--server", address, "--timeout", "0.1")
         submitted = perfdb(
             "submit",

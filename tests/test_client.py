@@ -8,10 +8,9 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import socket
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,17 @@ from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient, Client, PerfdbClientError, RetryPolicy
 from perfdb.client.common import RecordWindow
 from perfdb.server import PerfdbServer
-from tests.support import ServerProcess, UserinfoAnswer, perfdb_with_provider, token_hash
+from tests.support import (
+    ServerProcess,
+    Spawn,
+    UserinfoAnswer,
+    closed_port,
+    closed_port_url,
+    free_port,
+    perfdb_with_provider,
+    silent_port,
+    token_hash,
+)
 
 # Retries that give up quickly, for the failure tests.
 QUICK_RETRY = RetryPolicy(attempts=3, first_delay=0.01, max_delay=0.02)
@@ -56,14 +65,6 @@ def bench(
 
 def address(server: PerfdbServer) -> str:
     return f"127.0.0.1:{server.port}"
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (right now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def ids(records: list[dict[str, Any]]) -> list[str]:
@@ -141,45 +142,24 @@ async def fake_server(*, hang_up: bool) -> AsyncIterator[FakeServer]:
         await asyncio.sleep(0.01)  # let the handlers see their connections close
 
 
-class ChildServers:
-    """perfdb server processes on one database with a static bot token; none outlives the test."""
-
-    def __init__(self, directory: Path) -> None:
-        self.database = directory / "child-db"
-        self.tokens_file = directory / "tokens.json"
-        self.tokens_file.write_bytes(
-            orjson.dumps({"tokens": [{"sha256": token_hash(BOT_TOKEN), "user_id": "ci-bot", "name": "CI bot"}]})
-        )
-        self.started: list[ServerProcess] = []
-
-    def launch(self, port: int) -> ServerProcess:
-        """Start a server on 127.0.0.1:port; does not wait for it to listen."""
-        server = ServerProcess(
-            f"--address=127.0.0.1:{port}",
-            f"--database={self.database}",
-            f"--tokens-file={self.tokens_file}",
-            f"--userinfo-url=http://127.0.0.1:{free_port()}/userinfo",  # static tokens only
-        )
-        self.started.append(server)
-        return server
-
-    def close(self) -> None:
-        for server in self.started:
-            process = server.process
-            if process.poll() is None:
-                process.kill()
-            with contextlib.suppress(Exception):
-                process.communicate(timeout=5)
-            for pipe in (process.stdout, process.stderr):
-                if pipe is not None:
-                    pipe.close()
-
-
 @pytest.fixture
-def child_servers(tmp_path: Path) -> Iterator[ChildServers]:
-    servers = ChildServers(tmp_path)
-    yield servers
-    servers.close()
+def bot_server(tmp_path: Path, spawn: Spawn) -> Callable[[int], ServerProcess]:
+    """Starts a perfdb server process on 127.0.0.1:<port> (without waiting for it to listen),
+    its database in tmp_path, with a static bot token and no reachable provider."""
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_bytes(
+        orjson.dumps({"tokens": [{"sha256": token_hash(BOT_TOKEN), "user_id": "ci-bot", "name": "CI bot"}]})
+    )
+
+    def start(port: int) -> ServerProcess:
+        return spawn(
+            f"--address=127.0.0.1:{port}",
+            f"--database={tmp_path / 'child-db'}",
+            f"--tokens-file={tokens_file}",
+            f"--userinfo-url={closed_port_url()}",
+        )
+
+    return start
 
 
 def bot_records(total: int, prefix: str) -> list[dict[str, Any]]:
@@ -470,49 +450,51 @@ async def test_paging_an_empty_filter_returns_nothing(tmp_path: Path) -> None:
 # -- retries across a killed server -------------------------------------------------------
 
 
-async def test_record_many_survives_a_killed_and_restarted_server(child_servers: ChildServers) -> None:
+async def test_record_many_survives_a_killed_and_restarted_server(
+    bot_server: Callable[[int], ServerProcess],
+) -> None:
     port = free_port()
-    first = child_servers.launch(port)
-    await asyncio.to_thread(first.wait_listening)
+    server = bot_server(port)
+    await asyncio.to_thread(server.wait_listening)
     records = bot_records(RESTART_TOTAL, "async-restart")
     acks: list[dict[str, Any]] = []
-    second: ServerProcess | None = None
+    killed_with: int | None = None
     async with AsyncClient(f"127.0.0.1:{port}", retry=RESTART_RETRY, request_timeout=10.0) as client:
         async for ack in client.record_many(records):
             acks.append(ack)
             if len(acks) == KILL_AFTER_ACKS:
-                first.process.send_signal(signal.SIGKILL)
-                first.process.wait(timeout=5)
-                second = child_servers.launch(port)
-        assert second is not None
-        await asyncio.to_thread(second.wait_listening)
+                killed_with = server.kill()
+                server.restart()
+        assert killed_with is not None
+        await asyncio.to_thread(server.wait_listening)
         stored = [record async for record in client.get_all(limit=1000)]
         stats = await client.stats()
-    assert first.process.returncode == -signal.SIGKILL
+    assert killed_with == -signal.SIGKILL
     check_stored_once(records, acks, stored)
     assert stats["records"] == RESTART_TOTAL
     assert stats["requests"]["record"] > 0  # the stream carried on against the new server
 
 
-def test_blocking_record_many_survives_a_killed_and_restarted_server(child_servers: ChildServers) -> None:
+def test_blocking_record_many_survives_a_killed_and_restarted_server(
+    bot_server: Callable[[int], ServerProcess],
+) -> None:
     port = free_port()
-    first = child_servers.launch(port)
-    first.wait_listening()
+    server = bot_server(port)
+    server.wait_listening()
     records = bot_records(RESTART_TOTAL, "blocking-restart")
     acks: list[dict[str, Any]] = []
-    second: ServerProcess | None = None
+    killed_with: int | None = None
     with Client(f"127.0.0.1:{port}", retry=RESTART_RETRY, request_timeout=10.0) as client:
         for ack in client.record_many(records):
             acks.append(ack)
             if len(acks) == KILL_AFTER_ACKS:
-                first.process.send_signal(signal.SIGKILL)
-                first.process.wait(timeout=5)
-                second = child_servers.launch(port)
-        assert second is not None
-        second.wait_listening()
+                killed_with = server.kill()
+                server.restart()
+        assert killed_with is not None
+        server.wait_listening()
         stored = list(client.get_all(limit=1000))
         stats = client.stats()
-    assert first.process.returncode == -signal.SIGKILL
+    assert killed_with == -signal.SIGKILL
     check_stored_once(records, acks, stored)
     assert stats["records"] == RESTART_TOTAL
     assert stats["requests"]["record"] > 0
@@ -523,7 +505,7 @@ def test_blocking_record_many_survives_a_killed_and_restarted_server(child_serve
 
 async def test_connection_refused_gives_up_after_the_policy_attempts() -> None:
     policy = CountingPolicy(attempts=4, first_delay=0.01, max_delay=0.02)
-    client = AsyncClient(f"127.0.0.1:{free_port()}", retry=policy)
+    client = AsyncClient(f"127.0.0.1:{closed_port()}", retry=policy)
     with pytest.raises(PerfdbClientError) as caught:
         await client.ping()
     await client.close()
@@ -535,7 +517,7 @@ async def test_connection_refused_gives_up_after_the_policy_attempts() -> None:
 
 async def test_record_many_refused_connection_reports_the_first_record() -> None:
     policy = CountingPolicy(attempts=3, first_delay=0.01, max_delay=0.02)
-    client = AsyncClient(f"127.0.0.1:{free_port()}", retry=policy)
+    client = AsyncClient(f"127.0.0.1:{closed_port()}", retry=policy)
     with pytest.raises(PerfdbClientError) as caught:
         await collect(client.record_many([bench(seq) for seq in range(5)]))
     await client.close()
@@ -584,7 +566,7 @@ async def test_record_many_times_out_against_a_server_that_never_answers() -> No
 
 
 def test_blocking_client_refused_and_unanswered() -> None:
-    refused = Client(f"127.0.0.1:{free_port()}", retry=QUICK_RETRY)
+    refused = Client(f"127.0.0.1:{closed_port()}", retry=QUICK_RETRY)
     with pytest.raises(PerfdbClientError) as caught:
         refused.ping()
     with pytest.raises(PerfdbClientError) as streaming:
@@ -592,10 +574,7 @@ def test_blocking_client_refused_and_unanswered() -> None:
     refused.close()
     assert (caught.value.code, caught.value.retryable) == ("connection_failed", True)
     assert (streaming.value.code, streaming.value.index) == ("connection_failed", 0)
-    with socket.socket() as listener:  # the kernel completes connections; nobody reads or answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        port = listener.getsockname()[1]
+    with silent_port() as port:
         silent = Client(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=2, first_delay=0.01), request_timeout=0.2)
         with pytest.raises(PerfdbClientError) as timed_out:
             silent.hello()

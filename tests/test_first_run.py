@@ -119,8 +119,7 @@ def test_with_the_checkout_venv_the_server_serves_and_stops_on_sigterm(tmp_path:
     try:
         server.wait_listening(timeout=30)
         assert (tmp_path / "db" / "CURRENT").is_file()
-        server.process.send_signal(signal.SIGTERM)
-        code, stderr = server.finish(timeout=30)
+        code, stderr = server.stop(signal.SIGTERM, timeout=30)
         assert code == 0, stderr
         assert "shut down cleanly" in stderr
     finally:

@@ -297,7 +297,7 @@ def test_startup_fails_in_one_line_when_the_metrics_address_is_taken(tmp_path: P
             "--address=127.0.0.1:0", f"--database={tmp_path / 'db'}", f"--metrics-address=127.0.0.1:{port}"
         )
         try:
-            code, stderr = process.finish(timeout=DEADLINE)
+            code, stderr = process.wait_exit(timeout=DEADLINE)
         finally:
             process.kill()
     assert code == 1, stderr
@@ -335,7 +335,7 @@ async def test_server_process_logs_json_and_serves_metrics_where_its_log_says(tm
     )
     try:
         port = await asyncio.to_thread(process.wait_listening)
-        metrics_url = metrics_url_from(process.stderr_lines)
+        metrics_url = metrics_url_from(process.stderr.splitlines())
         connection = await Connection.open(port)
         try:
             assert (await connection.request(**record_request(bot_token)))["ok"] is True
@@ -346,8 +346,7 @@ async def test_server_process_logs_json_and_serves_metrics_where_its_log_says(tm
                 samples = await scrape(http, metrics_url)
         finally:
             await connection.close()
-        process.process.send_signal(signal.SIGTERM)
-        code, stderr = await asyncio.to_thread(process.finish, DEADLINE)
+        code, stderr = await asyncio.to_thread(process.stop, signal.SIGTERM, DEADLINE)
     finally:
         process.kill()
     assert code == 0, stderr

@@ -4,11 +4,8 @@ answer filtered reads through the new indexes; an upgrade killed half way finish
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,41 +104,15 @@ async def test_a_schema_1_database_is_upgraded_and_answers_through_the_new_index
         db.close()
 
 
-@contextlib.contextmanager
-def server_process(*args: str) -> Iterator[ServerProcess]:
-    process = ServerProcess(*args)
-    try:
-        yield process
-    finally:
-        process.kill()
-        for pipe in (process.process.stdout, process.process.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-def wait_for_line(process: ServerProcess, text: str, timeout: float = 30.0) -> None:
-    assert process.process.stderr is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.process.stderr.readline().decode()
-        if not line:
-            raise AssertionError(f"server exited: {''.join(process.stderr_lines)}")
-        process.stderr_lines.append(line)
-        if text in line:
-            return
-    raise AssertionError(f"no {text!r} in the server's log")
-
-
 @pytest.mark.timeout(120)
 def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
     database = tmp_path / "db"
     records = write_schema_1_database(database, 3000)
     common = ("--address=127.0.0.1:0", f"--database={database}", "--upgrade-batch-records=500")
     # The pause after each batch is far longer than the test needs to kill the server.
-    with server_process(*common, "--upgrade-pause=600") as first:
-        wait_for_line(first, "schema upgrade: 500 more records indexed")
-        first.process.kill()  # SIGKILL: no chance to tidy up
-        first.process.wait(timeout=30)
+    with ServerProcess(*common, "--upgrade-pause=600") as first:
+        first.wait_for_log("schema upgrade: 500 more records indexed", timeout=30)
+        first.kill()  # SIGKILL: no chance to tidy up
     db = plyvel.DB(str(database))
     try:
         assert db.get(layout.SCHEMA_KEY) == b"1"  # not bumped before the end
@@ -149,8 +120,8 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
         assert key_count(db, layout.TEST_INDEX_PREFIX) == 500
     finally:
         db.close()
-    with server_process(*common) as second:
-        wait_for_line(second, "resuming an interrupted upgrade")
+    with ServerProcess(*common) as second:
+        second.wait_for_log("resuming an interrupted upgrade", timeout=30)
         port = second.wait_listening(timeout=60)
         with Client(f"127.0.0.1:{port}") as client:
             rare = list(client.get_all(test_name="rare", reverse=True))

@@ -17,7 +17,6 @@ import fcntl
 import functools
 import itertools
 import os
-import queue
 import random
 import shutil
 import signal
@@ -26,7 +25,6 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -38,20 +36,16 @@ import pytest
 
 from perfdb.client import AsyncClient
 from perfdb.client.common import PerfdbClientError, RetryPolicy
-from tests.support import REPO_ROOT, Connection, ServerProcess, token_hash
+from tests.support import REPO_ROOT, Connection, ServerProcess, ServerStartError, Spawn, closed_port_url, token_hash
 
 SEED_VARIABLE = "PERFDB_DURABILITY_SEED"
 BOT_NAMES = ("durability-bot-a", "durability-bot-b", "durability-bot-c", "durability-bot-d")
 BOT_TOKENS = {f"{name}-token-0123456789": f"static:{name}" for name in BOT_NAMES}  # token -> user id
 TOKENS = tuple(BOT_TOKENS)
-# Nothing listens on the discard port; static tokens never need the provider.
-UNREACHABLE_USERINFO_URL = "http://127.0.0.1:9/userinfo"
 SERVER_LOOPS = ("uvloop", "asyncio")  # alternated from round to round
 HOST = "127.0.0.1"
 
-# Bounds on every wait. Start-up takes about 0.2 s, a clean exit well under 1 s.
-STARTUP_SECONDS = 15.0
-EXIT_SECONDS = 15.0
+# Bounds on every wait (a server's start and exit have theirs in tests.support).
 CONNECT_SECONDS = 5.0
 STREAMS_END_SECONDS = 20.0  # for the clients to see the end of a killed or stopped server
 READ_BACK_SECONDS = 60.0  # paging through a whole database
@@ -74,99 +68,28 @@ STORED_AS_SENT = ("test_name", "tag", "sys_info", "metrics", "client_config", "s
 # -- the server as a child process -----------------------------------------------------------
 
 
-class ServerStartError(AssertionError):
-    """The server exited, or did not say it was listening, within the bound."""
-
-
-class ChildServer:
-    """run_perf_db_server.py in a child process (tests.support.ServerProcess). A thread reads its
-    stderr for the whole of its life: a pipe nobody empties would stall the server's logging."""
-
-    def __init__(self, args: list[str]) -> None:
-        self._child = ServerProcess(*args)
-        self.process = self._child.process
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._reader = threading.Thread(target=self._read_stderr, name="perfdb-stderr", daemon=True)
-        self._reader.start()
-        self.port = 0
-
-    def _read_stderr(self) -> None:
-        stream = self.process.stderr
-        assert stream is not None
-        for raw in iter(stream.readline, b""):
-            line = raw.decode(errors="replace")
-            self._child.stderr_lines.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(list(self._child.stderr_lines))
-
-    def wait_listening(self, timeout: float = STARTUP_SECONDS) -> int:
-        """The port from the 'listening on' log line; ServerStartError if it never comes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise ServerStartError(f"no 'listening on' line within {timeout:g}s:\n{self.stderr}") from None
-            if line is None:
-                code = self._reap(EXIT_SECONDS)
-                raise ServerStartError(f"the server exited with {code} before listening:\n{self.stderr}")
-            if " listening on " in line:
-                self.port = int(line.split(" listening on ")[1].split()[0].rsplit(":", 1)[1])
-                return self.port
-
-    def _reap(self, timeout: float) -> int:
-        """Wait for the process to end and its stderr to be read; close the pipes."""
-        code = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=EXIT_SECONDS)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        if self.process.stderr is not None and not self._reader.is_alive():
-            self.process.stderr.close()
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL, and wait for it to be gone."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self._reap(EXIT_SECONDS)
-
-    def wait_exit(self, timeout: float = EXIT_SECONDS) -> tuple[int, str]:
-        """The exit code and everything the server wrote to stderr; kills it if it overstays."""
-        try:
-            code = self._reap(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the server did not exit within {timeout:g}s:\n{self.stderr}")
-        return code, self.stderr
-
-    def terminate(self, timeout: float = EXIT_SECONDS) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGTERM)
-        return self.wait_exit(timeout)
-
-
 class ServerLauncher:
     """Starts servers with the bots' static tokens; none outlives the test."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, spawn: Spawn) -> None:
+        self._spawn = spawn
         self.tokens_file = directory / "tokens.json"
         entries = [
             {"sha256": token_hash(token), "user_id": user_id.removeprefix("static:"), "name": f"Bot {user_id[-1]}"}
             for token, user_id in BOT_TOKENS.items()
         ]
         self.tokens_file.write_bytes(orjson.dumps({"tokens": entries}))
-        self._started: list[ChildServer] = []
+        self._started: list[ServerProcess] = []
 
-    def spawn(self, database: Path, *, sync: bool = True, loop: str = "auto", extra: Iterable[str] = ()) -> ChildServer:
+    def start(
+        self, database: Path, *, sync: bool = True, loop: str = "auto", extra: Iterable[str] = ()
+    ) -> ServerProcess:
+        """A server on `database`, listening; restart() starts it again with the same options."""
         args = [
             f"--address={HOST}:0",
             f"--database={database}",
             f"--tokens-file={self.tokens_file}",
-            f"--userinfo-url={UNREACHABLE_USERINFO_URL}",
+            f"--userinfo-url={closed_port_url()}",
             f"--loop={loop}",
             # The per-user write rate limit is not under test; its refusals would blur the counts.
             "--user-rate=0",
@@ -174,28 +97,20 @@ class ServerLauncher:
         if not sync:
             args.append("--no-sync")
         args.extend(extra)
-        server = ChildServer(args)
+        server = self._spawn(*args)
         self._started.append(server)
-        return server
-
-    def start(self, database: Path, *, sync: bool = True, loop: str = "auto", extra: Iterable[str] = ()) -> ChildServer:
-        server = self.spawn(database, sync=sync, loop=loop, extra=extra)
         server.wait_listening()
         return server
 
     def close_all(self) -> None:
+        """Kill every server started so far, before the end of the test."""
         for server in self._started:
-            with contextlib.suppress(Exception):
-                server.kill()
+            server.kill()
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerLauncher]:
-    launcher = ServerLauncher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.close_all()
+def servers(tmp_path: Path, spawn: Spawn) -> ServerLauncher:
+    return ServerLauncher(tmp_path, spawn)
 
 
 @pytest.fixture
@@ -583,7 +498,7 @@ KILL_WINDOW = 64  # unanswered requests per client
 KILL_DELAY = (0.1, 0.5)  # seconds of load before the SIGKILL
 
 
-async def load_until_killed(server: ChildServer, rng: random.Random, prefix: str, delay: float) -> list[Sent]:
+async def load_until_killed(server: ServerProcess, rng: random.Random, prefix: str, delay: float) -> list[Sent]:
     streams = [
         await RecordStream.open(server.port, record_requests(random.Random(rng.random()), prefix, client), KILL_WINDOW)
         for client in range(KILL_CLIENTS)
@@ -629,11 +544,12 @@ def test_sigkill_under_load_loses_no_acknowledged_record(
         server.kill()
         unexpected = Counter(item.reply["error"]["code"] for item in sent if item.reply and not item.reply["ok"])
 
-        restarted = servers.start(database, sync=sync, loop=loop)
-        state = asyncio.run(read_back(restarted.port))
+        server.restart()
+        server.wait_listening()
+        state = asyncio.run(read_back(server.port))
         verdict = verify(sent, state, unacknowledged_may_be_stored=True)
-        resend_problems = asyncio.run(resend_and_check(restarted.port, unacknowledged_and_a_sample(sent, rng), state))
-        code, stderr = restarted.terminate()
+        resend_problems = asyncio.run(resend_and_check(server.port, unacknowledged_and_a_sample(sent, rng), state))
+        code, stderr = server.stop()
 
         round_problems = [*verdict.problems, *resend_problems]
         if unexpected:
@@ -710,10 +626,11 @@ def truncation_round(
     earlier = asyncio.run(
         write_all(server.port, list(itertools.islice(record_requests(rng, "early", 0), EARLIER_RECORDS)))
     )
-    code, stderr = server.terminate()
+    code, stderr = server.stop()
     assert code == 0, stderr
 
-    server = servers.start(database)
+    server.restart()
+    server.wait_listening()
     sources = [record_requests(random.Random(rng.random()), "trunc", client) for client in range(2)]
     requests = [next(sources[index % 2]) for index in range(TRUNCATION_RECORDS)]
     sent = asyncio.run(write_all(server.port, requests, window=32))
@@ -736,23 +653,24 @@ def truncation_round(
     # `perfdb repair` is the documented remedy: a database it brings back is accepted (and the
     # refusal printed), one that still does not open fails the test.
     note = ""
-    restarted = servers.spawn(database)
+    server.restart()
     try:
-        restarted.wait_listening()
+        server.wait_listening()
     except ServerStartError as refusal:
         repaired = repair(database)
         note = (
             f"; refused to start ({str(refusal).strip().splitlines()[-1]}), `perfdb repair` exit {repaired.returncode}"
         )
         try:
-            restarted = servers.start(database)
+            server.restart()
+            server.wait_listening()
         except ServerStartError as again:
             raise AssertionError(
                 f"{case}: the server refuses to start even after `perfdb repair`{note}:\n{repaired.stdout}"
                 f"{repaired.stderr}\n{again}"
             ) from None
         note += ", then it started"
-    state = asyncio.run(read_back(restarted.port, per_user=True))
+    state = asyncio.run(read_back(server.port, per_user=True))
     problems: list[str] = []
     all_sent = [*earlier, *acknowledged]
     verdict = verify(all_sent, state, unacknowledged_may_be_stored=False)
@@ -779,8 +697,8 @@ def truncation_round(
     by_user = sorted(record_id for ids in state.per_user.values() for record_id in ids)
     if by_user != sorted(state.record_ids):
         problems.append(f"get_user pages hold {len(by_user)} records, get_all {len(state.records)}")
-    problems += asyncio.run(resend_and_check(restarted.port, acknowledged, state))
-    code, stderr = restarted.terminate()
+    problems += asyncio.run(resend_and_check(server.port, acknowledged, state))
+    code, stderr = server.stop()
     if code != 0 or "Traceback" in stderr:
         problems.append(f"the restarted server exited {code}:\n{stderr}")
     lost_by_cut = len(acknowledged) - kept
@@ -856,12 +774,12 @@ def term_plan(number: int) -> TermPlan:
     return TERM_PLANS[number % len(TERM_PLANS)]
 
 
-def start_term_server(servers: ServerLauncher, database: Path, plan: TermPlan) -> ChildServer:
+def start_term_server(servers: ServerLauncher, database: Path, plan: TermPlan) -> ServerProcess:
     return servers.start(database, loop=plan.loop, extra=plan.options)
 
 
 async def load_until_terminated(
-    server: ChildServer, rng: random.Random, prefix: str, delay: float, window: int
+    server: ServerProcess, rng: random.Random, prefix: str, delay: float, window: int
 ) -> tuple[list[RecordStream], list[int]]:
     """200 pipelining connections; SIGTERM after `delay`. The streams, and how many requests each
     had delivered when the signal was sent: written in full, and acknowledged by the server's TCP
@@ -962,7 +880,7 @@ def test_sigterm_under_200_writers_answers_everything_and_keeps_it(
             problems.append(
                 f"round {number} ({plan.describe()}):\n  {shown}" + (f"\n  ... {more} more" if more > 0 else "")
             )
-    code, stderr = server.terminate()
+    code, stderr = server.stop()
     summary = (
         f"{total_rounds} rounds of {TERM_CONNECTIONS} connections: {sum(outcomes.values())} sent, "
         f"{outcomes['ok']} acknowledged, {outcomes['shutting_down']} shutting_down, "
@@ -1115,12 +1033,13 @@ def test_full_disk_refuses_writes_retryably_then_recovers(
                 problems.append(
                     f"{len(stored_anyway)} records refused with storage_error had been stored: {stored_anyway[:3]}"
                 )
-            code, stderr = server.terminate()
+            code, stderr = server.stop()
             if code != 0 or "Traceback" in stderr:
                 problems.append(f"the server exited {code} after SIGTERM:\n{stderr[-3000:]}")
 
-            restarted = servers.start(database)
-            state = asyncio.run(read_back(restarted.port, per_user=True))
+            server.restart()
+            server.wait_listening()
+            state = asyncio.run(read_back(server.port, per_user=True))
             retried_ids = {item.request_id for item in retried}
             verdict = verify(
                 [item for item in filled if item.request_id not in retried_ids] + retried,
@@ -1139,7 +1058,7 @@ def test_full_disk_refuses_writes_retryably_then_recovers(
                         line for line in (database / "LOG").read_text().splitlines(keepends=True) if "rror" in line
                     )
                 )
-            code, stderr = restarted.terminate()
+            code, stderr = server.stop()
             if code != 0 or "Traceback" in stderr:
                 problems.append(f"the restarted server exited {code}:\n{stderr[-3000:]}")
         finally:

@@ -226,24 +226,21 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 
 @contextlib.contextmanager
 def child_server(tmp_path: Path, *args: str) -> Iterator[tuple[ServerProcess, int]]:
-    """run_perf_db_server.py in a child process with a static token; yields it and its port."""
-    server = ServerProcess(
+    """run_perf_db_server.py in a child process with a static token; yields it and its port.
+    It must stop cleanly on SIGTERM, having logged no error."""
+    with ServerProcess(
         "--address=127.0.0.1:0",
         f"--database={tmp_path / 'db'}",
         f"--tokens-file={write_tokens_file(tmp_path)}",
         "--no-sync",
         "--loop=asyncio",
         *args,
-    )
-    try:
+    ) as server:
         port = server.wait_listening()
         yield server, port
-        server.process.terminate()
-        code, log = server.finish()
-        assert code == 0, log[-3000:]
-        assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
-    finally:
-        server.kill()
+        code, log = server.stop()
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
 
 
 # -- requests and their fields ----------------------------------------------------------------
@@ -632,11 +629,14 @@ JSON_EXAMPLES = tuple(
 
 
 FUZZ_TIME_BUDGET = 30.0  # seconds; the harness gives an async test 45 s, so --long runs stop early
+FUZZ_EXAMPLES = 150  # drawn inputs per test; a default run takes a few seconds of the budget
+FUZZ_EXAMPLES_LONG = 2000
 
 
 @dataclasses.dataclass
 class FuzzTally:
     inputs: int = 0
+    answered: int = 0  # inputs every reply came back for, the ping after them included
     skipped: int = 0
     lines: int = 0
     codes: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -685,6 +685,7 @@ def exchange(port: int, case: FuzzCase, tally: FuzzTally) -> None:
             elif case.expect_prefix is not None:
                 assert reply["error"]["message"].startswith(case.expect_prefix), f"{case.how}: {reply}"
                 assert reply["id"] == case.expect_id, f"{case.how}: {reply}"
+    tally.answered += 1
 
 
 def fuzz_settings(long_run: bool) -> settings:
@@ -693,7 +694,7 @@ def fuzz_settings(long_run: bool) -> settings:
     # environment. The default run is derandomized, so CI tries the same inputs every time; a
     # --long run draws fresh ones.
     return settings(
-        max_examples=2000 if long_run else 150,
+        max_examples=FUZZ_EXAMPLES_LONG if long_run else FUZZ_EXAMPLES,
         derandomize=not long_run,
         database=None,
         deadline=None,
@@ -739,11 +740,18 @@ async def run_fuzz(
             stop.set()
         elapsed = time.monotonic() - started
         stats = await stats_of(server)
-    print(
-        f"\nfuzz {label}: {tally.inputs} inputs ({tally.skipped} skipped for time), {tally.lines} lines in "
-        f"{elapsed:.1f}s; "
-        f"replies by code: {dict(tally.codes.most_common())}; server errors: {stats['errors']}"
+    summary = (
+        f"fuzz {label}: {tally.inputs} inputs ({tally.answered} answered, {tally.skipped} skipped for time), "
+        f"{tally.lines} lines in {elapsed:.1f}s"
     )
+    print(f"\n{summary}; replies by code: {dict(tally.codes.most_common())}; server errors: {stats['errors']}")
+    # A machine too slow for the budget fails here rather than passing on what it skipped: the
+    # explicit examples and as many drawn inputs as a default run draws (a --long run may stop
+    # at the budget past that) reached the server and were answered in full, the ping after
+    # each included; the server counted those pings itself.
+    required = len(examples) + FUZZ_EXAMPLES
+    assert tally.answered >= required, f"{summary}; at least {required} must be answered"
+    assert stats["requests"]["ping"] >= tally.answered, f"{summary}; the server counted {stats['requests']}"
     assert "internal" not in stats["errors"], stats["errors"]
     assert_clean_log(caplog)
 
@@ -764,32 +772,34 @@ async def test_fuzz_mutated_requests(tmp_path: Path, long_run: bool, caplog: pyt
 
 
 ATHERIS_HARNESS = r"""
-import socket, sys
+import json, socket, sys
 import atheris
 
-port, codes = int(sys.argv[1]), frozenset(sys.argv[2].split(","))
+port, codes, tally_path = int(sys.argv[1]), frozenset(sys.argv[2].split(",")), sys.argv[3]
+tally = open(tally_path, "ab", buffering=0)  # one byte per input answered in full
 
 def one_input(data):
     line = data.replace(b"\n", b" ")
-    if not line.rstrip(b"\r"):
-        return
+    # Every input reaches the server; an empty line is the one that gets no reply.
+    replies = (1 if line.removesuffix(b"\r") else 0) + 1
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(line + b"\n" + b'{"op":"ping","id":"atheris"}\n')
         received = b""
-        while received.count(b"\n") < 2:
+        while received.count(b"\n") < replies:
             chunk = sock.recv(65536)
             if not chunk:
                 raise AssertionError(f"connection closed after {received!r} for {data!r}")
             received += chunk
-    import json
-    first, second = received.split(b"\n")[:2]
-    reply = json.loads(first)
-    if not reply["ok"] and reply["error"]["code"] not in codes:
-        raise AssertionError(f"{data!r} got {reply}")
-    if json.loads(second) != {"id": "atheris", "ok": True}:
-        raise AssertionError(f"ping after {data!r} got {second!r}")
+    *answers, ping = received.split(b"\n")[:replies]
+    for answer in answers:
+        reply = json.loads(answer)
+        if not reply["ok"] and reply["error"]["code"] not in codes:
+            raise AssertionError(f"{data!r} got {reply}")
+    if json.loads(ping) != {"id": "atheris", "ok": True}:
+        raise AssertionError(f"ping after {data!r} got {ping!r}")
+    tally.write(b".")
 
-atheris.Setup([sys.argv[0], *sys.argv[3:]], one_input)
+atheris.Setup([sys.argv[0], *sys.argv[4:]], one_input)
 atheris.Fuzz()
 """
 
@@ -799,6 +809,8 @@ def test_atheris_fuzz_if_available(tmp_path: Path, long_run: bool) -> None:
     installed. The server is not instrumented, so this is mutation without coverage feedback."""
     pytest.importorskip("atheris")
     runs = 20000 if long_run else 1000
+    tally = tmp_path / "answered"
+    tally.touch()
     with child_server(tmp_path, "--max-line-bytes=4096") as (_, port):
         result = subprocess.run(
             [
@@ -807,6 +819,7 @@ def test_atheris_fuzz_if_available(tmp_path: Path, long_run: bool) -> None:
                 ATHERIS_HARNESS,
                 str(port),
                 ",".join(sorted(ACCEPTABLE_CODES)),
+                str(tally),
                 f"-runs={runs}",
                 "-max_total_time=40",
                 "-max_len=8192",
@@ -816,11 +829,16 @@ def test_atheris_fuzz_if_available(tmp_path: Path, long_run: bool) -> None:
             timeout=90,
             check=False,
         )
-        print(f"\natheris: {runs} runs, exit code {result.returncode}")
+        answered = tally.stat().st_size
+        print(f"\natheris: {runs} runs asked for, {answered} inputs answered, exit code {result.returncode}")
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
         with BlockingLineClient(port) as client:
             stats = client.request({"op": "stats"})
         assert "internal" not in stats["errors"], stats
+        # atheris stops at -max_total_time too, with exit code 0: a machine too slow to run
+        # them all fails here instead. The server counted the pings itself.
+        assert answered >= runs, f"only {answered} of {runs} inputs were answered within the time limit"
+        assert stats["requests"]["ping"] >= answered, stats["requests"]
 
 
 # == 2. over-long lines ============================================================================
@@ -905,7 +923,7 @@ def test_streamed_50mb_line_keeps_server_memory_bounded(tmp_path: Path) -> None:
     total = 50 * 1024 * 1024
     chunk = b"z" * (256 * 1024)
     with child_server(tmp_path, "--max-line-bytes=65536") as (server, port):
-        pid = server.process.pid
+        pid = server.pid
         with BlockingLineClient(port, timeout=10.0) as client:
             # Warm up the paths the attack uses, so their first-use allocations are not counted.
             assert client.request({"op": "ping", "id": "warm"})["ok"]
@@ -1180,7 +1198,7 @@ def test_client_that_never_reads_is_dropped_with_bounded_memory(tmp_path: Path) 
     drops the connection, and does not hold the replies it could not send."""
     records, requests = 300, 200  # pages of about 2.4 MB; nearly 0.5 GB of replies in all
     with child_server(tmp_path, "--write-timeout=2") as (server, port):
-        pid = server.process.pid
+        pid = server.pid
         with BlockingLineClient(port, timeout=20.0) as observer:
             batch = b"".join(
                 orjson.dumps(

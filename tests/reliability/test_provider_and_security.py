@@ -26,7 +26,6 @@ import hashlib
 import math
 import os
 import secrets
-import signal
 import socket
 import ssl
 import subprocess
@@ -49,7 +48,9 @@ from perfdb.server import PerfdbServer
 from tests.support import (
     REPO_ROOT,
     Connection,
+    ServerProcess,
     UserinfoAnswer,
+    closed_port_url,
     connect,
     error_code,
     make_config,
@@ -63,7 +64,6 @@ from tests.test_auth import (
     answer,
     assert_unauthenticated,
     assert_unavailable,
-    closed_port_url,
 )
 
 # The failing-provider runs: a short auth timeout, and few upstream connections so the limit binds.
@@ -333,54 +333,6 @@ async def dropping_provider() -> AsyncIterator[DroppingProvider]:
         yield provider
     finally:
         await provider.close()
-
-
-# -- perfdb in a child process, its output in files ------------------------------------------------
-
-
-class LoggedServer:
-    """run_perf_db_server.py in a child process whose stdout and stderr go to files: a server
-    logging at debug can never stall on a full pipe, and the whole log can be searched afterwards."""
-
-    def __init__(self, directory: Path, *args: str) -> None:
-        self.log_path = directory / "server-stderr.log"
-        self.out_path = directory / "server-stdout.log"
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-        with self.log_path.open("wb") as err, self.out_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, str(REPO_ROOT / "run_perf_db_server.py"), "--address=127.0.0.1:0", *args],
-                stdout=out,
-                stderr=err,
-                env=env,
-                cwd=directory,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_listening(self, timeout: float = 15.0) -> int:
-        """The port from the 'listening on' log line."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log().splitlines():
-                if " listening on " in line:
-                    return int(line.split(" listening on ")[1].split()[0].rsplit(":", 1)[1])
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.02)
-        self.stop()
-        raise AssertionError(f"the server did not start listening within {timeout}s:\n{self.log()}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then wait (kill after `timeout`); the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -700,7 +652,7 @@ class TlsServer:
     key_file: Path
     token: str
     server_loop: str
-    log_path: Path
+    process: ServerProcess
 
 
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
@@ -719,8 +671,8 @@ def tls_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     issued.private_key_pem.write_to_path(str(key_file))
     token = new_secret("tok-tls")
     tokens_file = write_tokens_file(directory / "tokens.json", {token: "tls-bot"})
-    server = LoggedServer(
-        directory,
+    with ServerProcess(
+        "--address=127.0.0.1:0",
         f"--database={directory / 'db'}",
         f"--tls-cert={cert_file}",
         f"--tls-key={key_file}",
@@ -728,13 +680,11 @@ def tls_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         f"--tokens-file={tokens_file}",
         f"--userinfo-url={closed_port_url()}",
         f"--loop={server_loop}",
-    )
-    try:
+        cwd=directory,
+    ) as server:
         port = server.wait_listening()
-        yield TlsServer(f"127.0.0.1:{port}", port, ca_file, cert_file, key_file, token, server_loop, server.log_path)
-    finally:
-        code = server.stop()
-    log = server.log()
+        yield TlsServer(f"127.0.0.1:{port}", port, ca_file, cert_file, key_file, token, server_loop, server)
+        code, log = server.stop()
     assert code == 0, log
     assert "Traceback" not in log, log
 
@@ -1018,7 +968,7 @@ def test_tls_client_half_close_ends_the_connection_and_retries_store_each_record
         resent = [{k: v for k, v in request.items() if k not in ("op", "id")} for request in requests]
         acks = list(client.record_many(resent))
         stored = list(client.get_all(test_name=test_name))
-    warnings = [line for line in tls_server.log_path.read_text().splitlines() if "eof_received" in line]
+    warnings = [line for line in tls_server.process.stderr.splitlines() if "eof_received" in line]
     print(
         f"\n[{tls_server.server_loop} server] TLS half-close after {count} records: {len(replies)} replies, "
         f"{stored_before} stored before the retry, {sum(a['duplicate'] for a in acks)} duplicates on retry"
@@ -1177,15 +1127,15 @@ def test_cli_read_key_file_and_environment(tmp_path: Path) -> None:
     read_key_file, admin_key_file = key_files(tmp_path)
     token = new_secret("tok-cli")
     tokens_file = write_tokens_file(tmp_path / "tokens.json", {token: "cli-bot"})
-    server = LoggedServer(
-        tmp_path,
+    with ServerProcess(
+        "--address=127.0.0.1:0",
         f"--database={tmp_path / 'db'}",
         f"--read-key-file={read_key_file}",
         f"--admin-key-file={admin_key_file}",
         f"--tokens-file={tokens_file}",
         f"--userinfo-url={closed_port_url()}",
-    )
-    try:
+        cwd=tmp_path,
+    ) as server:
         address = f"127.0.0.1:{server.wait_listening()}"
         with Client(address) as client:
             ack = client.record(access_token=token, test_name="cli", metrics={"qps": 1.0})
@@ -1219,9 +1169,8 @@ def test_cli_read_key_file_and_environment(tmp_path: Path) -> None:
                 assert [orjson.loads(line)["record_id"] for line in out.splitlines()] == [ack["record_id"]]
             elif args[0] == "stats":
                 assert orjson.loads(out)["records"] == 1
-    finally:
-        code = server.stop()
-    assert code == 0, server.log()
+        code, log = server.stop()
+    assert code == 0, log
 
 
 # == 5. tokens and keys never leak ===============================================================
@@ -1295,8 +1244,8 @@ async def test_tokens_and_keys_never_leak(tmp_path: Path, loop_kind: str) -> Non
         provider.answers[rejected] = answer({"error": "invalid_token"}, status=401)
         provider.answers[failing] = answer({"error": "boom"}, status=500)
         provider.answers[hanging] = answer({"sub": "too-late"}, delay=HANG_SECONDS)
-        server = LoggedServer(
-            tmp_path,
+        server = ServerProcess(
+            "--address=127.0.0.1:0",
             f"--database={database}",
             "--log-level=debug",
             f"--userinfo-url={provider.url}",
@@ -1305,8 +1254,9 @@ async def test_tokens_and_keys_never_leak(tmp_path: Path, loop_kind: str) -> Non
             f"--read-key-file={read_key_file}",
             "--auth-timeout=0.5",
             "--max-line-bytes=65536",
+            cwd=tmp_path,
         )
-        try:
+        with server:
             port = await asyncio.to_thread(server.wait_listening)
             connection = await Connection.open(port)
             try:
@@ -1325,11 +1275,10 @@ async def test_tokens_and_keys_never_leak(tmp_path: Path, loop_kind: str) -> Non
                 replies.append(await asyncio.wait_for(connection.reader.readline(), 10))
             finally:
                 await connection.close()
-        finally:
-            code = await asyncio.to_thread(server.stop)
+            code, _ = await asyncio.to_thread(server.stop)
 
-    log = server.log_path.read_bytes()
-    stdout = server.out_path.read_bytes()
+    log = server.stderr_bytes
+    stdout = server.stdout
     database_files = {path: path.read_bytes() for path in sorted(database.rglob("*")) if path.is_file()}
     outcomes = [orjson.loads(reply) for reply in replies]
     print(

@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,12 +15,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from perfdb.client import Client
 from perfdb.web.app import WebConfig, build_app
-from tests.support import REPO_ROOT, ServerProcess, token_hash
+from tests.support import DASHBOARD, REPO_ROOT, ServerProcess, closed_port_url, token_hash
 from tests.web.seed import GRPC_USER_NAME, SeedData, seed
 
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 GRPC_TOKEN = "grpc-bench-" + secrets.token_hex(16)
-UNREACHABLE_USERINFO = "http://127.0.0.1:9/userinfo"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "web"
 
 
@@ -46,23 +39,19 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededPerfdb]:
     )
     admin_key_file = directory / "admin.key"
     admin_key_file.write_text(ADMIN_KEY)
-    process = ServerProcess(
+    with ServerProcess(
         "--address=127.0.0.1:0",
         f"--database={directory / 'db'}",
         "--no-sync",
         f"--tokens-file={tokens_file}",
         f"--admin-key-file={admin_key_file}",
-        f"--userinfo-url={UNREACHABLE_USERINFO}",
-    )
-    try:
+        f"--userinfo-url={closed_port_url()}",
+    ) as process:
         address = f"127.0.0.1:{process.wait_listening()}"
         with Client(address) as client:
             data = seed(client, ADMIN_KEY, GRPC_TOKEN)
         yield SeededPerfdb(address, data)
-    finally:
-        if process.process.poll() is None:
-            process.process.send_signal(signal.SIGTERM)
-            process.finish()
+        process.stop()
 
 
 @contextlib.asynccontextmanager
@@ -83,43 +72,15 @@ def newest_first(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @dataclasses.dataclass(frozen=True)
 class DashboardProcess:
     url: str
-    log_file: Path
+    process: ServerProcess
 
 
 @contextlib.contextmanager
-def dashboard_process(server: str, log_file: Path, *extra: str) -> Iterator[DashboardProcess]:
+def dashboard_process(server: str, *extra: str) -> Iterator[DashboardProcess]:
     """`python -m perfdb.web` (what the perfdb-web script runs) on a free port."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "perfdb.web", "--server", server, "--listen", "127.0.0.1:0", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 15
-        url = None
-        while url is None:
-            text = log_file.read_text()
-            if " listening on " in text:
-                url = text.split(" listening on ", 1)[1].split()[0].rstrip("/")
-            elif process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"perfdb-web did not start: {text}")
-            else:
-                time.sleep(0.05)
-        yield DashboardProcess(url, log_file)
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    # SIGTERM is how operators stop it: it must finish cleanly, having logged no traceback.
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-    log_text = log_file.read_text()
-    assert code == 0 and "Traceback" not in log_text, log_text[-2000:]
+    with ServerProcess("--server", server, "--listen", "127.0.0.1:0", *extra, command=DASHBOARD) as process:
+        process.wait_listening()
+        yield DashboardProcess(process.listening_on.rstrip("/"), process)
+        # SIGTERM is how operators stop it: it must finish cleanly, having logged no traceback.
+        code, log = process.stop(timeout=10)
+    assert code == 0 and "Traceback" not in log, log[-2000:]

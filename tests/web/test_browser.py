@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import closed_port
 from tests.web.conftest import ARTIFACTS, DashboardProcess, SeededPerfdb, dashboard_process
 from tests.web.seed import TESTS
 
@@ -66,9 +67,8 @@ class BrowserPage:
 
 
 @pytest.fixture(scope="module")
-def dashboard(seeded: SeededPerfdb, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DashboardProcess]:
-    log_file = tmp_path_factory.mktemp("perfdb-web-process") / "perfdb-web.log"
-    with dashboard_process(seeded.address, log_file) as process:
+def dashboard(seeded: SeededPerfdb) -> Iterator[DashboardProcess]:
+    with dashboard_process(seeded.address) as process:
         yield process
 
 
@@ -269,14 +269,15 @@ def test_overview_draws_the_histogram_and_the_leaderboard(tab: BrowserPage) -> N
     assert tab.errors == []
 
 
-def test_perfdb_down_shows_a_readable_page_that_retries(browser: Any, tmp_path: Path) -> None:
-    with dashboard_process("127.0.0.1:9", tmp_path / "perfdb-web.log") as down:
+def test_perfdb_down_shows_a_readable_page_that_retries(browser: Any) -> None:
+    perfdb_address = f"127.0.0.1:{closed_port()}"
+    with dashboard_process(perfdb_address) as down:
         tab = _open_tab(browser, down.url)
         try:
             response = tab.goto("/")
             assert response.status == 503
             message = tab.page.inner_text("#error-message")
-            assert message.startswith("The perfdb server at 127.0.0.1:9 cannot be reached")
+            assert message.startswith(f"The perfdb server at {perfdb_address} cannot be reached")
             assert "Retrying by itself in" in tab.page.inner_text("#retry-countdown")
             tab.screenshot("perfdb-down.png")
             # The only console error is the browser noting the 503 itself.
