@@ -412,7 +412,7 @@ async def test_overlong_tail_trickled_gets_one_error_and_bounded_buffer(chunk_si
     for start in range(0, len(stream), chunk_size):
         conn.feed(stream[start : start + chunk_size])
         # One spare byte for a '\r'; never the whole over-long line.
-        assert len(conn.protocol._buffer) <= LIMIT + 1
+        assert conn.protocol._framer.buffered_bytes <= LIMIT + 1
         assert conn.handler.too_long_replies <= 1
     assert conn.handler.lines == [b"ok"]
     assert conn.handler.too_long_replies == 1

@@ -1,8 +1,9 @@
-"""Framing: bytes on a TCP connection to request lines and back, with limits and flow control.
+"""The connection: asyncio transport callbacks that turn a TCP stream into request lines and
+replies, with limits, deadlines and flow control.
 
-This layer knows nothing about what a request means. It splits the stream into lines,
-enforces the line-length limit (on the unterminated tail too), hands each line to a
-LineHandler, and writes the replies in request order. It never imports storage or HTTP.
+This layer knows nothing about what a request means. LineFramer (framer.py) cuts the stream into
+lines and enforces the line-length limit; each line goes to a LineHandler, and the replies are
+written in request order. It never imports storage or HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Protocol as TypingProtocol
 
 from perfdb.protocol.addresses import format_address
 from perfdb.protocol.errors import ErrorCode
+from perfdb.protocol.framer import Frame, FramingError, LineFramer
 
 log = logging.getLogger("perfdb.protocol")
 
@@ -82,14 +84,14 @@ class LineProtocol(asyncio.Protocol):
     """One client connection speaking newline-delimited requests."""
 
     __slots__ = (
-        "_buffer",
         "_closed",
         "_closing",
-        "_discarding",
         "_draining",
         "_flush_scheduled",
+        "_framer",
         "_giving_up",
         "_handler",
+        "_held_lines",
         "_inflight_full",
         "_last_activity",
         "_last_received",
@@ -125,8 +127,10 @@ class LineProtocol(asyncio.Protocol):
         # Per-connection state
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
-        self._buffer = bytearray()
-        self._discarding = False  # inside an over-long line, dropping bytes up to its newline
+        self._framer = LineFramer(limits.max_line_bytes)
+        # Lines received but not yet handed on: the in-flight cap is reached or the client is
+        # not reading its replies. Bounded by what the transport read before it paused.
+        self._held_lines: collections.deque[Frame] = collections.deque()
         # Replies in request order; the head is written as soon as it is ready.
         self._pending: collections.deque[Reply] = collections.deque()
         self._flush_scheduled = False
@@ -174,7 +178,8 @@ class LineProtocol(asyncio.Protocol):
         for timer in (self._linger, self._quiet_check):
             if timer is not None:
                 timer.cancel()
-        self._buffer.clear()
+        self._held_lines.clear()
+        self._framer.clear()
         self._pending.clear()
         self._tracker.connection_closed(self)
         log.debug("%s: disconnected%s", self._peer, f" ({exc})" if exc else "")
@@ -184,14 +189,8 @@ class LineProtocol(asyncio.Protocol):
         if self._closing or self._closed or self._giving_up:
             return  # after our end-of-stream nothing more is answered, so nothing more is run
         self._last_activity = self._last_received = self._loop.time()
-        if self._discarding:
-            newline = data.find(b"\n")
-            if newline < 0:
-                return
-            data = data[newline + 1 :]
-            self._discarding = False
-        self._buffer += data
-        self._process_buffer()
+        self._held_lines.extend(self._framer.feed_data(data))
+        self._process_lines(line_ended=self._framer.ended_line)
 
     def eof_received(self) -> bool:
         """The client finished sending: answer what it sent, then close."""
@@ -201,13 +200,14 @@ class LineProtocol(asyncio.Protocol):
             # yet started are dropped unrun; the client learns nothing of the ones in flight
             # and must resend them with their request_ids (protocol_spec.md, shutdown).
             self._giving_up = True
-            self._buffer.clear()
+            self._held_lines.clear()
+            self._framer.clear()
             return False
         if self._closing and self._transport is not None:
             self._transport.close()  # both sides have ended the stream: no need to linger
             return True
         self._drain()
-        self._buffer.clear()  # an unterminated last line is not a request
+        self._framer.clear()  # an unterminated last line is not a request
         return True  # keep the write side open until the replies are out
 
     def pause_writing(self) -> None:
@@ -220,59 +220,43 @@ class LineProtocol(asyncio.Protocol):
         """The write buffer drained: take up the requests held back, and read again."""
         self._write_paused = False
         self._write_paused_since = None
-        if self._buffer and not self._closing:
-            self._process_buffer()
+        if not self._closing:
+            self._process_lines()  # lines and deferred work held back while the client was not reading
         else:
-            self._write_ready()  # deferred work held back while the client was not reading
             self._update_reading()
-            self._close_if_done()
 
     # -- framing ---------------------------------------------------------------------------
 
-    def _process_buffer(self) -> None:
-        """Dispatch the complete lines in the buffer, up to the in-flight cap, and write what is ready."""
-        buffer = self._buffer
-        limit = self._max_line_bytes
+    def _process_lines(self, *, line_ended: bool = False) -> None:
+        """Dispatch the lines held, up to the in-flight cap, and write what is ready."""
+        held = self._held_lines
         pending = self._pending
-        start = 0
         while True:
-            held_back = False
-            while True:
-                # A client that is not reading its replies gets no new work done either.
-                if not self._draining and (len(pending) >= self._max_inflight or self._write_paused):
-                    held_back = True
-                    break
-                newline = buffer.find(b"\n", start)
-                if newline < 0:
-                    break
-                end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
-                if end - start > limit:
+            while held and not self._holding_back():
+                frame = held.popleft()
+                if isinstance(frame, bytes):
+                    self._enqueue(self._handler.handle_line(frame, self._peer))
+                elif frame is FramingError.LINE_TOO_LONG:
                     pending.append(self._line_too_long())
-                elif end > start:
-                    self._enqueue(self._handler.handle_line(bytes(buffer[start:end]), self._peer))
-                start = newline + 1
             self._write_ready()
             # Replies answered at once free their places; keep going in this loop, not by recursion.
-            if not (held_back and len(pending) < self._max_inflight and not self._write_paused):
+            if not held or self._holding_back():
                 break
-        if start:
-            del buffer[:start]
-        # The unterminated tail counts against the limit too (one spare byte for a '\r').
-        if not held_back and len(buffer) > limit + 1:
-            buffer.clear()
-            self._discarding = True
-            pending.append(self._line_too_long())
-            self._write_ready()
         # The line deadline runs while an incomplete line waits for the client, not for us;
-        # a line that starts in the same read that completed the previous one starts a new clock.
-        if held_back or not (buffer or self._discarding):
+        # a line that starts in the same read that ended the previous one starts a new clock.
+        if self._holding_back() or not self._framer.has_partial_line:
             self._partial_since = None
-        elif self._partial_since is None or start:
+        elif self._partial_since is None or line_ended:
             self._partial_since = self._loop.time()
         if len(pending) >= self._max_inflight:
             self._inflight_full = True
         self._update_reading()
         self._close_if_done()
+
+    def _holding_back(self) -> bool:
+        """Whether lines must wait: a client that is not reading its replies gets no new work
+        done either. While draining, every line is answered."""
+        return not self._draining and (len(self._pending) >= self._max_inflight or self._write_paused)
 
     def _line_too_long(self) -> bytes:
         return self._handler.error_reply(
@@ -298,10 +282,8 @@ class LineProtocol(asyncio.Protocol):
         self._write_ready()
         if self._inflight_full and len(self._pending) <= self._max_inflight // 2:
             self._inflight_full = False
-            if self._buffer:
-                self._process_buffer()  # requests that arrived while we were paused
-                return
-            self._update_reading()
+            self._process_lines()  # requests that arrived while we were paused
+            return
         self._close_if_done()
 
     def _write_ready(self) -> None:
@@ -373,9 +355,7 @@ class LineProtocol(asyncio.Protocol):
         # Reading may have been paused (in-flight cap, a full send buffer): input may be
         # waiting unread, so the quiet period counts from now.
         self._last_received = self._loop.time()
-        if not self._discarding:
-            self._process_buffer()  # with _draining set, the in-flight cap no longer holds lines back
-        self._close_if_done()
+        self._process_lines()  # with _draining set, the in-flight cap no longer holds lines back
 
     def _close_if_done(self) -> None:
         """Once draining and every reply is out: end our side of the stream."""
@@ -439,8 +419,8 @@ class LineProtocol(asyncio.Protocol):
     def _give_up(self, message: str) -> None:
         """Stop reading, answer what is owed and then why, then close."""
         self._giving_up = True
-        self._buffer.clear()
-        self._discarding = False
+        self._held_lines.clear()
+        self._framer.clear()
         self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
         # No end-of-stream and linger: a client this late or this idle gets a plain close once
         # it has its replies (should it still be sending, it may see a reset after them).
