@@ -2,8 +2,8 @@
 replies, with limits, deadlines and flow control.
 
 This layer knows nothing about what a request means. LineFramer (framer.py) cuts the stream into
-lines and enforces the line-length limit; each line goes to a LineHandler, and the replies are
-written in request order. It never imports storage or HTTP.
+lines and enforces the line-length limit; each line goes to a LineHandler, and its reply joins a
+ReplyQueue (replies.py) that keeps request order. It never imports storage or HTTP.
 """
 
 from __future__ import annotations
@@ -18,28 +18,14 @@ import socket
 import sys
 import termios
 import typing
-from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 from perfdb.protocol.addresses import format_address
 from perfdb.protocol.errors import ErrorCode
 from perfdb.protocol.framer import Frame, FramingError, LineFramer
+from perfdb.protocol.replies import Reply, ReplyQueue
 
 log = logging.getLogger("perfdb.protocol")
-
-
-# A reply is ready (bytes) or will be (a future that always resolves to bytes).
-class DeferredReply:
-    """Work whose reply may be large (a page of records): started only when every reply before
-    it is written and the client is reading, so one connection holds at most one such reply."""
-
-    __slots__ = ("start",)
-
-    def __init__(self, start: Callable[[], bytes | asyncio.Future[bytes]]) -> None:
-        self.start = start
-
-
-Reply = bytes | asyncio.Future[bytes] | DeferredReply
 
 
 class LineHandler(TypingProtocol):
@@ -103,9 +89,9 @@ class LineProtocol(asyncio.Protocol):
         "_partial_since",
         "_peer",
         "_peer_done",
-        "_pending",
         "_quiet_check",
         "_reading_paused",
+        "_replies",
         "_tracker",
         "_transport",
         "_write_paused",
@@ -132,7 +118,7 @@ class LineProtocol(asyncio.Protocol):
         # not reading its replies. Bounded by what the transport read before it paused.
         self._held_lines: collections.deque[Frame] = collections.deque()
         # Replies in request order; the head is written as soon as it is ready.
-        self._pending: collections.deque[Reply] = collections.deque()
+        self._replies = ReplyQueue(self._on_reply_done, self._internal_error)
         self._flush_scheduled = False
         # Flow control: reading is paused while any of these holds.
         self._write_paused = False
@@ -180,7 +166,7 @@ class LineProtocol(asyncio.Protocol):
                 timer.cancel()
         self._held_lines.clear()
         self._framer.clear()
-        self._pending.clear()
+        self._replies.clear()
         self._tracker.connection_closed(self)
         log.debug("%s: disconnected%s", self._peer, f" ({exc})" if exc else "")
 
@@ -230,14 +216,14 @@ class LineProtocol(asyncio.Protocol):
     def _process_lines(self, *, line_ended: bool = False) -> None:
         """Dispatch the lines held, up to the in-flight cap, and write what is ready."""
         held = self._held_lines
-        pending = self._pending
+        replies = self._replies
         while True:
             while held and not self._holding_back():
                 frame = held.popleft()
                 if isinstance(frame, bytes):
-                    self._enqueue(self._handler.handle_line(frame, self._peer))
+                    replies.append(self._handler.handle_line(frame, self._peer))
                 elif frame is FramingError.LINE_TOO_LONG:
-                    pending.append(self._line_too_long())
+                    replies.append(self._line_too_long())
             self._write_ready()
             # Replies answered at once free their places; keep going in this loop, not by recursion.
             if not held or self._holding_back():
@@ -248,7 +234,7 @@ class LineProtocol(asyncio.Protocol):
             self._partial_since = None
         elif self._partial_since is None or line_ended:
             self._partial_since = self._loop.time()
-        if len(pending) >= self._max_inflight:
+        if len(replies) >= self._max_inflight:
             self._inflight_full = True
         self._update_reading()
         self._close_if_done()
@@ -256,17 +242,16 @@ class LineProtocol(asyncio.Protocol):
     def _holding_back(self) -> bool:
         """Whether lines must wait: a client that is not reading its replies gets no new work
         done either. While draining, every line is answered."""
-        return not self._draining and (len(self._pending) >= self._max_inflight or self._write_paused)
+        return not self._draining and (len(self._replies) >= self._max_inflight or self._write_paused)
 
     def _line_too_long(self) -> bytes:
         return self._handler.error_reply(
             ErrorCode.LINE_TOO_LONG, f"request line longer than {self._max_line_bytes} bytes; discarded"
         )
 
-    def _enqueue(self, reply: Reply) -> None:
-        self._pending.append(reply)
-        if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(self._on_reply_done)
+    def _internal_error(self) -> bytes:
+        """The reply in place of a reply future that failed or was cancelled."""
+        return self._handler.error_reply(ErrorCode.INTERNAL, "internal server error")
 
     def _on_reply_done(self, _future: asyncio.Future[bytes]) -> None:
         # Many replies complete in one loop iteration (a group commit); write them together.
@@ -280,53 +265,24 @@ class LineProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._write_ready()
-        if self._inflight_full and len(self._pending) <= self._max_inflight // 2:
+        if self._inflight_full and len(self._replies) <= self._max_inflight // 2:
             self._inflight_full = False
             self._process_lines()  # requests that arrived while we were paused
             return
         self._close_if_done()
 
     def _write_ready(self) -> None:
-        """Write every reply at the head of the queue that is ready, as one write; start deferred
+        """Write the replies at the head of the queue that are ready, as one write; start deferred
         work that has reached the head."""
-        if self._closed or self._transport is None:
-            return
-        pending = self._pending
-        ready: list[bytes] = []
-        while pending:
-            head = pending[0]
-            if isinstance(head, DeferredReply):
-                if ready:
-                    # Hand what is ready to the transport first: if that fills its buffer,
-                    # pause_writing() comes now, before another page is produced.
-                    self._write(ready)
-                    ready = []
-                if self._write_paused or self._closed:
-                    break  # the client is not reading: produce nothing more for it yet
-                started = head.start()
-                pending[0] = started
-                if not isinstance(started, bytes):
-                    started.add_done_callback(self._on_reply_done)
-                continue
-            if isinstance(head, bytes):
-                ready.append(head)
-            elif head.done():
-                ready.append(self._future_reply(head))
-            else:
-                break
-            pending.popleft()
-        if ready:
-            self._write(ready)
-
-    def _write(self, replies: list[bytes]) -> None:
-        assert self._transport is not None
-        self._transport.write(b"".join(replies))
-        self._last_activity = self._loop.time()
-
-    def _future_reply(self, future: asyncio.Future[bytes]) -> bytes:
-        if future.cancelled() or future.exception() is not None:
-            return self._handler.error_reply(ErrorCode.INTERNAL, "internal server error")
-        return future.result()
+        while not self._closed and self._transport is not None:
+            ready = self._replies.take_ready()
+            if ready:
+                # Hand what is ready to the transport before starting deferred work: if that
+                # fills its buffer, pause_writing() comes now, before another page is produced.
+                self._transport.write(b"".join(ready))
+                self._last_activity = self._loop.time()
+            if self._write_paused or self._closed or not self._replies.start_deferred():
+                return  # nothing more is ready, or the client is not reading: produce nothing yet
 
     # -- flow control and shutdown -------------------------------------------------------
 
@@ -360,7 +316,7 @@ class LineProtocol(asyncio.Protocol):
     def _close_if_done(self) -> None:
         """Once draining and every reply is out: end our side of the stream."""
         transport = self._transport
-        if not self._draining or self._pending or self._closing or self._closed or transport is None:
+        if not self._draining or self._replies or self._closing or self._closed or transport is None:
             return
         close_at_once = self._peer_done or self._giving_up  # nothing more will be read
         if not close_at_once:
@@ -412,7 +368,7 @@ class LineProtocol(asyncio.Protocol):
         if self._partial_since is not None and now - self._partial_since > limits.line_timeout:
             log.info("%s: request line not completed within %.0fs; closing", self._peer, limits.line_timeout)
             self._give_up(f"request line not completed within {limits.line_timeout:g}s; closing")
-        elif not self._pending and self._partial_since is None and now - self._last_activity > limits.idle_timeout:
+        elif not self._replies and self._partial_since is None and now - self._last_activity > limits.idle_timeout:
             log.debug("%s: idle for %.0fs; closing", self._peer, limits.idle_timeout)
             self._give_up(f"idle for {limits.idle_timeout:g}s; closing")
 
@@ -421,7 +377,7 @@ class LineProtocol(asyncio.Protocol):
         self._giving_up = True
         self._held_lines.clear()
         self._framer.clear()
-        self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
+        self._replies.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
         # No end-of-stream and linger: a client this late or this idle gets a plain close once
         # it has its replies (should it still be sending, it may see a reset after them).
         self._draining = True
