@@ -13,6 +13,7 @@ import pytest
 
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.protocol.errors import ErrorCode
+from perfdb.protocol.flow_control import FlowControl, ReadPause
 from perfdb.protocol.replies import DeferredReply, Reply, ReplyQueue
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
@@ -643,9 +644,10 @@ async def test_write_that_fills_the_transport_pauses_reading() -> None:
     conn.feed(b"fast1\n")
     assert conn.transport.events == [reply_for(b"fast1"), "pause"]
     conn.transport.on_write = None
-    conn.feed(b"fast2\n")  # data the transport had already read is still answered
+    conn.feed(b"fast2\n")  # data the transport had already read is answered once the client reads
+    assert conn.handler.lines == [b"fast1"]
     conn.protocol.resume_writing()
-    assert conn.transport.events == [reply_for(b"fast1"), "pause", reply_for(b"fast2"), "resume"]
+    assert conn.transport.events == [reply_for(b"fast1"), "pause", "resume", reply_for(b"fast2")]
 
 
 async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
@@ -682,6 +684,51 @@ async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
         assert conn.handler.lines == sent
         assert conn.transport.output == replies_for(sent)
         assert conn.transport.reading
+
+
+# -- the flow-control helper on its own -------------------------------------------------------
+
+
+def attached_flow() -> tuple[FlowControl, FakeTransport]:
+    flow, transport = FlowControl(), FakeTransport()
+    flow.attach(transport)
+    return flow, transport
+
+
+def test_flow_control_pause_and_resume_twice_are_harmless() -> None:
+    flow, transport = attached_flow()
+    flow.pause(ReadPause.INFLIGHT_CAP)
+    flow.pause(ReadPause.INFLIGHT_CAP)  # the fake transport raises on a second pause_reading
+    assert transport.flow == ["pause"] and flow.reading_paused
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    assert transport.flow == ["pause", "resume"] and not flow.reading_paused
+    flow.resume(ReadPause.CLIENT_NOT_READING)  # never paused for it: nothing to do
+    assert transport.flow == ["pause", "resume"]
+
+
+def test_flow_control_reads_again_only_when_the_last_reason_goes_and_says_which_remain() -> None:
+    flow, transport = attached_flow()
+    assert flow.reasons == frozenset()
+    flow.pause(ReadPause.CLIENT_NOT_READING)
+    flow.pause(ReadPause.INFLIGHT_CAP)
+    assert flow.reasons == {ReadPause.CLIENT_NOT_READING, ReadPause.INFLIGHT_CAP}
+    assert flow.paused_for(ReadPause.INFLIGHT_CAP) and not flow.paused_for(ReadPause.STOPPED)
+    flow.resume(ReadPause.CLIENT_NOT_READING)
+    assert flow.reasons == {ReadPause.INFLIGHT_CAP}
+    assert transport.flow == ["pause"]
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    assert transport.flow == ["pause", "resume"]
+
+
+def test_flow_control_leaves_a_detached_transport_alone() -> None:
+    flow, transport = attached_flow()
+    flow.pause(ReadPause.INFLIGHT_CAP)
+    flow.detach()
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    flow.pause(ReadPause.STOPPED)
+    assert transport.flow == ["pause"]
+    assert flow.reasons == {ReadPause.STOPPED}  # still known, for the connection's own checks
 
 
 # -- shutdown ------------------------------------------------------------------------------

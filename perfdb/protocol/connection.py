@@ -3,7 +3,8 @@ replies, with limits, deadlines and flow control.
 
 This layer knows nothing about what a request means. LineFramer (framer.py) cuts the stream into
 lines and enforces the line-length limit; each line goes to a LineHandler, and its reply joins a
-ReplyQueue (replies.py) that keeps request order. It never imports storage or HTTP.
+ReplyQueue (replies.py) that keeps request order; FlowControl (flow_control.py) pauses reading
+while the connection owes too much or the client is not reading. It never imports storage or HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Protocol as TypingProtocol
 
 from perfdb.protocol.addresses import format_address
 from perfdb.protocol.errors import ErrorCode
+from perfdb.protocol.flow_control import FlowControl, ReadPause
 from perfdb.protocol.framer import Frame, FramingError, LineFramer
 from perfdb.protocol.replies import Reply, ReplyQueue
 
@@ -73,12 +75,11 @@ class LineProtocol(asyncio.Protocol):
         "_closed",
         "_closing",
         "_draining",
+        "_flow",
         "_flush_scheduled",
         "_framer",
-        "_giving_up",
         "_handler",
         "_held_lines",
-        "_inflight_full",
         "_last_activity",
         "_last_received",
         "_limits",
@@ -90,11 +91,9 @@ class LineProtocol(asyncio.Protocol):
         "_peer",
         "_peer_done",
         "_quiet_check",
-        "_reading_paused",
         "_replies",
         "_tracker",
         "_transport",
-        "_write_paused",
         "_write_paused_since",
     )
 
@@ -120,15 +119,15 @@ class LineProtocol(asyncio.Protocol):
         # Replies in request order; the head is written as soon as it is ready.
         self._replies = ReplyQueue(self._on_reply_done, self._internal_error)
         self._flush_scheduled = False
-        # Flow control: reading is paused while any of these holds.
-        self._write_paused = False
-        self._inflight_full = False
-        self._reading_paused = False
+        # Why reading is paused; ReadPause.STOPPED (a timeout fired, or a TLS client ended its
+        # stream) is for good: owed replies go out, nothing new is read.
+        self._flow = FlowControl()
+        # Lifetime: draining (answer what was received, then end the stream), closing (our
+        # end-of-stream is sent; input is discarded from here on), closed.
         self._draining = False
-        self._closing = False  # end-of-stream sent; input is discarded from here on
+        self._closing = False
         self._closed = False
         self._peer_done = False  # the client sent end-of-stream
-        self._giving_up = False  # a timeout fired: owed replies go out, nothing new is read
         self._linger: asyncio.TimerHandle | None = None
         self._quiet_check: asyncio.TimerHandle | None = None
 
@@ -142,6 +141,7 @@ class LineProtocol(asyncio.Protocol):
         """Set up the connection and register it with the server."""
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = typing.cast(asyncio.Transport, transport)
+        self._flow.attach(self._transport)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self._peer = format_address(str(peername[0]), peername[1])
@@ -161,6 +161,7 @@ class LineProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection; replies still being computed are dropped when they finish."""
         self._closed = True
+        self._flow.detach()
         for timer in (self._linger, self._quiet_check):
             if timer is not None:
                 timer.cancel()
@@ -172,7 +173,7 @@ class LineProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Frame the new bytes into lines and hand each complete one on."""
-        if self._closing or self._closed or self._giving_up:
+        if self._closing or self._closed or self._reading_stopped:
             return  # after our end-of-stream nothing more is answered, so nothing more is run
         self._last_activity = self._last_received = self._loop.time()
         self._held_lines.extend(self._framer.feed_data(data))
@@ -185,7 +186,7 @@ class LineProtocol(asyncio.Protocol):
             # TLS cannot stay half-open: the transport closes whatever we return. Lines not
             # yet started are dropped unrun; the client learns nothing of the ones in flight
             # and must resend them with their request_ids (protocol_spec.md, shutdown).
-            self._giving_up = True
+            self._flow.pause(ReadPause.STOPPED)
             self._held_lines.clear()
             self._framer.clear()
             return False
@@ -198,20 +199,17 @@ class LineProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full: stop reading new requests."""
-        self._write_paused = True
         self._write_paused_since = self._loop.time()
-        self._update_reading()
+        self._flow.pause(ReadPause.CLIENT_NOT_READING)
 
     def resume_writing(self) -> None:
-        """The write buffer drained: take up the requests held back, and read again."""
-        self._write_paused = False
+        """The write buffer drained: read again, and take up the requests held back."""
         self._write_paused_since = None
+        self._flow.resume(ReadPause.CLIENT_NOT_READING)
         if not self._closing:
             self._process_lines()  # lines and deferred work held back while the client was not reading
-        else:
-            self._update_reading()
 
-    # -- framing ---------------------------------------------------------------------------
+    # -- lines in, replies out -------------------------------------------------------------
 
     def _process_lines(self, *, line_ended: bool = False) -> None:
         """Dispatch the lines held, up to the in-flight cap, and write what is ready."""
@@ -234,15 +232,22 @@ class LineProtocol(asyncio.Protocol):
             self._partial_since = None
         elif self._partial_since is None or line_ended:
             self._partial_since = self._loop.time()
-        if len(replies) >= self._max_inflight:
-            self._inflight_full = True
-        self._update_reading()
+        # While draining, reading goes on: each late line gets a quick refusal, and the
+        # kernel holds no unread input that would turn our close into a reset.
+        if len(replies) >= self._max_inflight and not self._draining:
+            self._flow.pause(ReadPause.INFLIGHT_CAP)
         self._close_if_done()
 
     def _holding_back(self) -> bool:
         """Whether lines must wait: a client that is not reading its replies gets no new work
         done either. While draining, every line is answered."""
-        return not self._draining and (len(self._replies) >= self._max_inflight or self._write_paused)
+        return not self._draining and (
+            len(self._replies) >= self._max_inflight or self._flow.paused_for(ReadPause.CLIENT_NOT_READING)
+        )
+
+    @property
+    def _reading_stopped(self) -> bool:
+        return self._flow.paused_for(ReadPause.STOPPED)
 
     def _line_too_long(self) -> bytes:
         return self._handler.error_reply(
@@ -265,8 +270,8 @@ class LineProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._write_ready()
-        if self._inflight_full and len(self._replies) <= self._max_inflight // 2:
-            self._inflight_full = False
+        if self._flow.paused_for(ReadPause.INFLIGHT_CAP) and len(self._replies) <= self._max_inflight // 2:
+            self._flow.resume(ReadPause.INFLIGHT_CAP)
             self._process_lines()  # requests that arrived while we were paused
             return
         self._close_if_done()
@@ -281,24 +286,14 @@ class LineProtocol(asyncio.Protocol):
                 # fills its buffer, pause_writing() comes now, before another page is produced.
                 self._transport.write(b"".join(ready))
                 self._last_activity = self._loop.time()
-            if self._write_paused or self._closed or not self._replies.start_deferred():
+            if (
+                self._closed
+                or self._flow.paused_for(ReadPause.CLIENT_NOT_READING)
+                or not self._replies.start_deferred()
+            ):
                 return  # nothing more is ready, or the client is not reading: produce nothing yet
 
-    # -- flow control and shutdown -------------------------------------------------------
-
-    def _update_reading(self) -> None:
-        """Pause or resume reading so that it is paused exactly while some reason holds."""
-        if self._transport is None or self._closed:
-            return
-        # While draining, reading goes on: each late line gets a quick refusal, and the
-        # kernel holds no unread input that would turn our close into a reset.
-        should_pause = self._write_paused or self._giving_up or (self._inflight_full and not self._draining)
-        if should_pause and not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pause_reading()
-        elif not should_pause and self._reading_paused:
-            self._reading_paused = False
-            self._transport.resume_reading()
+    # -- shutdown and deadlines ----------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Answer what was received (new lines get the handler's shutting-down reply), then close."""
@@ -311,6 +306,7 @@ class LineProtocol(asyncio.Protocol):
         # Reading may have been paused (in-flight cap, a full send buffer): input may be
         # waiting unread, so the quiet period counts from now.
         self._last_received = self._loop.time()
+        self._flow.resume(ReadPause.INFLIGHT_CAP)
         self._process_lines()  # with _draining set, the in-flight cap no longer holds lines back
 
     def _close_if_done(self) -> None:
@@ -318,7 +314,7 @@ class LineProtocol(asyncio.Protocol):
         transport = self._transport
         if not self._draining or self._replies or self._closing or self._closed or transport is None:
             return
-        close_at_once = self._peer_done or self._giving_up  # nothing more will be read
+        close_at_once = self._peer_done or self._reading_stopped  # nothing more will be read
         if not close_at_once:
             # Requests the client sent just before we began draining may still be in flight;
             # end the stream only once the connection has been quiet for a moment.
@@ -363,7 +359,7 @@ class LineProtocol(asyncio.Protocol):
             log.warning("%s: not reading its replies for %.0fs; dropped", self._peer, limits.write_timeout)
             self._transport.abort()
             return
-        if self._closing or self._giving_up:
+        if self._closing or self._reading_stopped:
             return
         if self._partial_since is not None and now - self._partial_since > limits.line_timeout:
             log.info("%s: request line not completed within %.0fs; closing", self._peer, limits.line_timeout)
@@ -374,14 +370,13 @@ class LineProtocol(asyncio.Protocol):
 
     def _give_up(self, message: str) -> None:
         """Stop reading, answer what is owed and then why, then close."""
-        self._giving_up = True
+        self._flow.pause(ReadPause.STOPPED)
         self._held_lines.clear()
         self._framer.clear()
         self._replies.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
         # No end-of-stream and linger: a client this late or this idle gets a plain close once
         # it has its replies (should it still be sending, it may see a reset after them).
         self._draining = True
-        self._update_reading()
         self._write_ready()
         self._close_if_done()
 
