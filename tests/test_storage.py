@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import plyvel
 import pytest
 
@@ -17,7 +18,7 @@ from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import Query, RecordDraft
-from perfdb.storage import ResultStore, StoreOpenError, layout
+from perfdb.storage import ResultStore, StoreOpenError, layout, store
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
 
@@ -284,3 +285,49 @@ async def test_reopening_under_running_reads_neither_crashes_nor_loses_data(tmp_
     await loop.run_in_executor(None, store.close)
     assert writer.reopens == 10
     assert failures == []
+
+
+async def test_one_scan_pages_every_keyspace_within_the_scan_budget_and_the_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_user scans a user's index, get_all the records themselves: the same limits hold."""
+    results = ResultStore(tmp_path / "db", sync=False, max_batch=64)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, results.open, loop)
+    alice, bob = Profile.create("static:alice", {}), Profile.create("static:bob", {})
+    for n in range(10):  # one at a time, so record ids follow n
+        test_name = "wanted" if n in (3, 4, 9) else "other"
+        await results.submit(alice if n % 2 == 0 else bob, RecordDraft(test_name, "", {}, {"qps": n}, {}, {}))
+
+    async def pages(user_id: str | None, test_name: str | None) -> list[tuple[list[int], set[str]]]:
+        """Each page's qps values and profiles, following the cursor to the end."""
+        found: list[tuple[list[int], set[str]]] = []
+        cursor: str | None = None
+        while len(found) < 20:
+            query = Query(user_id, test_name, None, None, None, 1000, cursor)
+            page = (await results.get_user(query))[1] if user_id else await results.get_all(query)
+            qps = [orjson.loads(bytes(document))["metrics"]["qps"] for document in page.records]
+            found.append((qps, set(page.profiles)))
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
+        raise AssertionError("the cursor never ran out")
+
+    try:
+        # At most 3 entries examined per page: a filter that matches little still ends pages.
+        monkeypatch.setattr(store, "SCAN_BUDGET", 3)
+        assert await pages(None, "wanted") == [
+            ([], set()),
+            ([3, 4], {"static:alice", "static:bob"}),
+            ([], set()),
+            ([9], {"static:bob"}),
+        ]
+        assert await pages("static:alice", "wanted") == [([4], set()), ([], set())]
+        assert await pages("static:bob", "wanted") == [([3], set()), ([9], set())]
+        # A page ends once its records reach PAGE_BYTES, whatever the limit.
+        monkeypatch.setattr(store, "SCAN_BUDGET", 50_000)
+        monkeypatch.setattr(store, "PAGE_BYTES", 1)
+        assert [qps for qps, _ in await pages(None, None)] == [[n] for n in range(10)]
+        assert [qps for qps, _ in await pages("static:bob", None)] == [[n] for n in range(1, 10, 2)]
+    finally:
+        await loop.run_in_executor(None, results.close)

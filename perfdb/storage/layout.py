@@ -59,6 +59,11 @@ def split_record_key(key: bytes) -> tuple[str, str]:
     return key[start : start + RECORD_ID_CHARS].decode(), key[start + RECORD_ID_CHARS :].decode()
 
 
+def record_id_after(prefix: bytes, key: bytes) -> str:
+    """The record id that follows `prefix` in a record key or a user index key."""
+    return key[len(prefix) : len(prefix) + RECORD_ID_CHARS].decode()
+
+
 def user_index_prefix(user_id: str) -> bytes:
     return USER_INDEX_PREFIX + user_id.encode() + SEPARATOR
 

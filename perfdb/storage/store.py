@@ -299,29 +299,16 @@ class ResultStore:
             if stored_profile is None:
                 raise PerfdbError(ErrorCode.NOT_FOUND, "no such user")
             prefix = layout.user_index_prefix(user_id)
-            start, include_start = self._page_start(prefix, query)
-            stop = prefix + layout.time_bound(query.until) if query.until is not None else layout.prefix_end(prefix)
-            records: list[bytes | memoryview] = []
-            last_seen: str | None = None
-            more = False
-            scanned = 0
-            with snapshot.iterator(start=start, stop=stop, include_start=include_start) as entries:
-                page_bytes = 0
-                for key, filter_fields in entries:
-                    record_id = key[len(prefix) :].decode()
-                    if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
-                        more = True
-                        break
-                    scanned += 1
-                    last_seen = record_id
-                    if not _matches_fields(query, orjson.loads(filter_fields)):
-                        continue
-                    record_key = layout.record_key(record_id, user_id)
-                    document = self._checked(snapshot.get(record_key), record_key)
-                    if document is not None:
-                        records.append(document)
-                        page_bytes += len(document)
-            page = Page(records, {}, last_seen if more else None)
+
+            def read_indexed(key: bytes, filter_fields: bytes) -> memoryview | None:
+                # The index entry carries the filter fields: a record is read only if it matches.
+                if not _matches_fields(query, orjson.loads(filter_fields)):
+                    return None
+                record_key = layout.record_key(key[len(prefix) :].decode(), user_id)
+                return self._checked(snapshot.get(record_key), record_key)
+
+            found, next_cursor = self._scan_page(snapshot, prefix, query, read_indexed, fill_cache=True)
+            page = Page([document for _, document in found], {}, next_cursor)
             return orjson.loads(stored_profile), page
         finally:
             snapshot.close()
@@ -329,48 +316,59 @@ class ResultStore:
     def _read_all_page_guarded(self, query: Query) -> Page:
         snapshot = self._database().snapshot()
         try:
-            start, include_start = self._page_start(layout.RECORD_PREFIX, query)
-            stop = (
-                layout.RECORD_PREFIX + layout.time_bound(query.until)
-                if query.until is not None
-                else layout.prefix_end(layout.RECORD_PREFIX)
-            )
             filtered = query.test_name is not None or query.tag is not None
-            records: list[bytes | memoryview] = []
-            user_ids: set[bytes] = set()
-            last_key = b""
-            more = False
-            scanned = 0
-            id_end = layout.RECORD_ID_END
-            # The hot loop of a full export: no decoding, no copies. A scan of history should
-            # not push recent data out of LevelDB's block cache, hence fill_cache=False.
-            with snapshot.iterator(start=start, stop=stop, include_start=include_start, fill_cache=False) as entries:
-                page_bytes = 0
-                for key, value in entries:
-                    if len(records) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
-                        more = True
-                        break
-                    scanned += 1
-                    last_key = key
-                    document = self._checked(value, key)
-                    if document is None:
-                        continue
-                    if filtered:
-                        fields = orjson.loads(document)
-                        if not _matches_fields(query, (fields.get("test_name"), fields.get("tag"))):
-                            continue
-                    records.append(document)
-                    page_bytes += len(document)
-                    user_ids.add(key[id_end:])
+
+            def read_record(key: bytes, value: bytes) -> memoryview | None:
+                # The hot path of a full export: no decoding unless a filter needs the fields.
+                document = self._checked(value, key)
+                if document is None or not filtered:
+                    return document
+                fields = orjson.loads(document)
+                return document if _matches_fields(query, (fields.get("test_name"), fields.get("tag"))) else None
+
+            # A scan of history should not push recent data out of LevelDB's block cache.
+            found, next_cursor = self._scan_page(snapshot, layout.RECORD_PREFIX, query, read_record, fill_cache=False)
             profiles = {}
-            for user_id in sorted(user_ids):
+            for user_id in sorted({key[layout.RECORD_ID_END :] for key, _ in found}):
                 stored = snapshot.get(layout.PROFILE_PREFIX + user_id)
                 if stored is not None:
                     profiles[user_id.decode()] = orjson.loads(stored)
-            next_cursor = layout.split_record_key(last_key)[0] if more else None
-            return Page(records, profiles, next_cursor)
+            return Page([document for _, document in found], profiles, next_cursor)
         finally:
             snapshot.close()
+
+    def _scan_page(
+        self,
+        snapshot: Any,
+        prefix: bytes,
+        query: Query,
+        read: Callable[[bytes, bytes], memoryview | None],
+        *,
+        fill_cache: bool,
+    ) -> tuple[list[tuple[bytes, memoryview]], str | None]:
+        """One page of a keyspace whose keys are `prefix`, a record id, then anything (the records
+        themselves, or a user's index), in record-id order, from the query's cursor or `since` up
+        to its `until`. `read` gives the record behind an entry, or None to leave it out (no
+        match, or damaged). Returns the (key, record) pairs found and the next page's cursor."""
+        start, include_start = self._page_start(prefix, query)
+        stop = prefix + layout.time_bound(query.until) if query.until is not None else layout.prefix_end(prefix)
+        found: list[tuple[bytes, memoryview]] = []
+        last_key = b""
+        more = False
+        scanned = 0
+        page_bytes = 0
+        with snapshot.iterator(start=start, stop=stop, include_start=include_start, fill_cache=fill_cache) as entries:
+            for key, value in entries:
+                if len(found) == query.limit or scanned == SCAN_BUDGET or page_bytes >= PAGE_BYTES:
+                    more = True
+                    break
+                scanned += 1
+                last_key = key
+                document = read(key, value)
+                if document is not None:
+                    found.append((key, document))
+                    page_bytes += len(document)
+        return found, layout.record_id_after(prefix, last_key) if more else None
 
     @staticmethod
     def _page_start(prefix: bytes, query: Query) -> tuple[bytes, bool]:
