@@ -1,4 +1,5 @@
-"""Unit tests of the framing layer (LineProtocol) against a fake transport, handler and tracker."""
+"""Unit tests of the connection layer (LineProtocol, its ReplyQueue and FlowControl) against a
+fake transport, handler and tracker."""
 
 from __future__ import annotations
 

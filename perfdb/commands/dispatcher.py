@@ -46,7 +46,7 @@ Fields = dict[str, Any]
 
 class Deferred:
     """A command's work that the framing layer starts when the connection is ready for its
-    (possibly large) reply; see protocol.DeferredReply."""
+    (possibly large) reply; see protocol.replies.DeferredReply."""
 
     __slots__ = ("start",)
 
