@@ -215,20 +215,21 @@ class LineProtocol(asyncio.Protocol):
         """Dispatch the lines held, up to the in-flight cap, and write what is ready."""
         held = self._held_lines
         replies = self._replies
+        handle_line = self._handler.handle_line
         while True:
-            while held and not self._holding_back():
+            for _ in range(min(len(held), self._dispatch_room())):
                 frame = held.popleft()
                 if isinstance(frame, bytes):
-                    replies.append(self._handler.handle_line(frame, self._peer))
+                    replies.append(handle_line(frame, self._peer))
                 elif frame is FramingError.LINE_TOO_LONG:
                     replies.append(self._line_too_long())
             self._write_ready()
             # Replies answered at once free their places; keep going in this loop, not by recursion.
-            if not held or self._holding_back():
+            if not held or not self._dispatch_room():
                 break
         # The line deadline runs while an incomplete line waits for the client, not for us;
         # a line that starts in the same read that ended the previous one starts a new clock.
-        if self._holding_back() or not self._framer.has_partial_line:
+        if not self._dispatch_room() or not self._framer.has_partial_line:
             self._partial_since = None
         elif self._partial_since is None or line_ended:
             self._partial_since = self._loop.time()
@@ -238,12 +239,15 @@ class LineProtocol(asyncio.Protocol):
             self._flow.pause(ReadPause.INFLIGHT_CAP)
         self._close_if_done()
 
-    def _holding_back(self) -> bool:
-        """Whether lines must wait: a client that is not reading its replies gets no new work
-        done either. While draining, every line is answered."""
-        return not self._draining and (
-            len(self._replies) >= self._max_inflight or self._flow.paused_for(ReadPause.CLIENT_NOT_READING)
-        )
+    def _dispatch_room(self) -> int:
+        """How many more lines may be started now (0: they wait). A client that is not reading
+        its replies gets no new work done either; while draining, every line is answered.
+        Asked once per batch of lines, not per line: it is the hot path of pipelined ingest."""
+        if self._draining:
+            return sys.maxsize
+        if self._flow.paused_for(ReadPause.CLIENT_NOT_READING):
+            return 0
+        return max(0, self._max_inflight - len(self._replies))
 
     @property
     def _reading_stopped(self) -> bool:
