@@ -22,15 +22,19 @@ Frame = bytes | FramingError
 class LineFramer:
     """Cuts a byte stream into lines, holding at most max_line_bytes + 1 bytes of an unfinished one."""
 
-    __slots__ = ("_buffer", "_discarding", "_max_line_bytes", "ended_line")
+    __slots__ = ("_buffer", "_discarding", "_ended_line", "_max_line_bytes")
 
     def __init__(self, max_line_bytes: int) -> None:
         self._max_line_bytes = max_line_bytes
         self._buffer = bytearray()
         self._discarding = False  # inside an over-long line, dropping bytes up to its LF
-        # Whether the last feed_data ended a line, so that the unfinished line now held (if
-        # any) began in that feed.
-        self.ended_line = False
+        self._ended_line = False
+
+    @property
+    def ended_line(self) -> bool:
+        """Whether the last feed_data ended a line (an over-long one too), so that the unfinished
+        line now held, if any, began in that feed."""
+        return self._ended_line
 
     @property
     def has_partial_line(self) -> bool:
@@ -45,14 +49,14 @@ class LineFramer:
     def feed_data(self, data: bytes) -> list[Frame]:
         """Take the next bytes of the stream; return the lines (LF and CR stripped) and framing
         errors they complete, in stream order."""
-        self.ended_line = False
+        self._ended_line = False
         if self._discarding:
             newline = data.find(b"\n")
             if newline < 0:
                 return []
             data = data[newline + 1 :]
             self._discarding = False
-            self.ended_line = True
+            self._ended_line = True
         buffer = self._buffer
         buffer += data
         limit = self._max_line_bytes
@@ -70,7 +74,7 @@ class LineFramer:
             start = newline + 1
         if start:
             del buffer[:start]
-            self.ended_line = True
+            self._ended_line = True
         # The unterminated tail counts against the limit too (one spare byte for a CR): answer
         # it now and drop the rest of the line as it arrives, rather than buffer it.
         if len(buffer) > limit + 1:
