@@ -105,6 +105,10 @@ def test_ended_line_tells_whether_the_held_partial_line_began_in_the_last_feed()
     assert framer.ended_line and framer.has_partial_line
     framer.feed_data(b"\n")
     assert framer.ended_line and not framer.has_partial_line
+    framer.feed_data(b"X" * 100)  # over the limit: discarded up to its newline
+    assert not framer.ended_line and framer.has_partial_line
+    framer.feed_data(b"XX\nab")
+    assert framer.ended_line and framer.buffered_bytes == 2  # "ab" began in this feed
 
 
 # -- the line-length limit --------------------------------------------------------------------
