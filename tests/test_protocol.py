@@ -1,4 +1,5 @@
-"""Unit tests of the framing layer (LineProtocol) against a fake transport, handler and tracker."""
+"""Unit tests of the connection layer (LineProtocol, its ReplyQueue and FlowControl) against a
+fake transport, handler and tracker."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from perfdb.protocol.connection import ConnectionLimits, DeferredReply, LineProtocol, Reply
+from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.protocol.errors import ErrorCode
+from perfdb.protocol.flow_control import FlowControl, ReadPause
+from perfdb.protocol.replies import DeferredReply, Reply, ReplyQueue
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
 TOO_LONG = b"E:too-long\n"
@@ -117,13 +120,15 @@ class FakeTransport(asyncio.Transport):
 
 
 class FakeHandler:
-    """A LineHandler: lines starting with b"slow" get a future the test settles; any other
-    line is answered at once with reply_for(line)."""
+    """A LineHandler: lines starting with b"slow" get a future the test settles, lines the test
+    put in `deferred` get that DeferredReply; any other line is answered at once with
+    reply_for(line)."""
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.peers: list[str] = []
         self.futures: dict[bytes, asyncio.Future[bytes]] = {}
+        self.deferred: dict[bytes, DeferredReply] = {}
         self.too_long_replies = 0
         self.internal_error_replies = 0
         self.other_errors: list[tuple[ErrorCode, str]] = []
@@ -131,6 +136,8 @@ class FakeHandler:
     def handle_line(self, line: bytes, peer: str) -> Reply:
         self.lines.append(line)
         self.peers.append(peer)
+        if line in self.deferred:
+            return self.deferred[line]
         if line.startswith(b"slow"):
             future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self.futures[line] = future
@@ -356,6 +363,97 @@ async def test_failed_or_cancelled_future_becomes_internal_error_in_its_place() 
     assert conn.handler.internal_error_replies == 2
 
 
+# -- the reply queue on its own ------------------------------------------------------------
+
+
+class QueueUnderTest:
+    """A ReplyQueue with its callbacks recorded."""
+
+    def __init__(self) -> None:
+        self.settled: list[asyncio.Future[bytes]] = []
+        self.failures = 0
+        self.queue = ReplyQueue(self.settled.append, self.failed_reply)
+
+    def failed_reply(self) -> bytes:
+        self.failures += 1
+        return INTERNAL
+
+
+def future() -> asyncio.Future[bytes]:
+    return asyncio.get_running_loop().create_future()
+
+
+async def test_reply_queue_gives_ready_replies_only_in_request_order() -> None:
+    replies = QueueUnderTest()
+    first, third = future(), future()
+    for reply in (b"zero\n", first, b"second\n", third, b"fourth\n"):
+        replies.queue.append(reply)
+    assert len(replies.queue) == 5
+    assert replies.queue.take_ready() == [b"zero\n"]
+    third.set_result(b"third\n")
+    await run_callbacks()
+    assert replies.settled == [third]
+    assert replies.queue.take_ready() == []  # third waits behind first
+    first.set_result(b"first\n")
+    await run_callbacks()
+    assert replies.settled == [third, first]
+    assert replies.queue.take_ready() == [b"first\n", b"second\n", b"third\n", b"fourth\n"]
+    assert len(replies.queue) == 0 and replies.queue.take_ready() == []
+
+
+async def test_reply_queue_puts_the_failure_reply_in_place_of_a_failed_or_cancelled_future() -> None:
+    replies = QueueUnderTest()
+    failed, cancelled = future(), future()
+    for reply in (failed, b"between\n", cancelled):
+        replies.queue.append(reply)
+    failed.set_exception(RuntimeError("broken promise"))
+    cancelled.cancel()
+    await run_callbacks()
+    assert replies.queue.take_ready() == [INTERNAL, b"between\n", INTERNAL]
+    assert replies.failures == 2
+
+
+async def test_reply_queue_starts_deferred_work_only_at_the_head_and_only_when_asked() -> None:
+    replies = QueueUnderTest()
+    started: list[str] = []
+    page_future = future()
+
+    def start_page1() -> asyncio.Future[bytes]:
+        started.append("page1")
+        return page_future
+
+    def start_page2() -> bytes:
+        started.append("page2")
+        return b"page2\n"
+
+    for reply in (b"before\n", DeferredReply(start_page1), DeferredReply(start_page2), b"after\n"):
+        replies.queue.append(reply)
+    assert not replies.queue.start_deferred()  # the head is a plain reply
+    assert replies.queue.take_ready() == [b"before\n"]  # stops at the deferred work, unstarted
+    assert started == []
+    assert replies.queue.start_deferred()
+    assert not replies.queue.start_deferred()  # the head is now page1's future, still running
+    assert started == ["page1"] and replies.queue.take_ready() == []
+    page_future.set_result(b"page1\n")
+    await run_callbacks()
+    assert replies.settled == [page_future]  # a started future reports its end like any other
+    assert replies.queue.take_ready() == [b"page1\n"]
+    assert replies.queue.start_deferred() and started == ["page1", "page2"]
+    assert replies.queue.take_ready() == [b"page2\n", b"after\n"]
+
+
+async def test_reply_queue_clear_drops_everything_owed() -> None:
+    replies = QueueUnderTest()
+    pending = future()
+    replies.queue.append(pending)
+    replies.queue.append(b"ready\n")
+    replies.queue.clear()
+    assert len(replies.queue) == 0
+    pending.set_result(b"late\n")
+    await run_callbacks()
+    assert replies.queue.take_ready() == []
+
+
 # -- line-length limit -------------------------------------------------------------------
 
 
@@ -412,7 +510,7 @@ async def test_overlong_tail_trickled_gets_one_error_and_bounded_buffer(chunk_si
     for start in range(0, len(stream), chunk_size):
         conn.feed(stream[start : start + chunk_size])
         # One spare byte for a '\r'; never the whole over-long line.
-        assert len(conn.protocol._buffer) <= LIMIT + 1
+        assert conn.protocol._framer.buffered_bytes <= LIMIT + 1
         assert conn.handler.too_long_replies <= 1
     assert conn.handler.lines == [b"ok"]
     assert conn.handler.too_long_replies == 1
@@ -547,9 +645,10 @@ async def test_write_that_fills_the_transport_pauses_reading() -> None:
     conn.feed(b"fast1\n")
     assert conn.transport.events == [reply_for(b"fast1"), "pause"]
     conn.transport.on_write = None
-    conn.feed(b"fast2\n")  # data the transport had already read is still answered
+    conn.feed(b"fast2\n")  # data the transport had already read is answered once the client reads
+    assert conn.handler.lines == [b"fast1"]
     conn.protocol.resume_writing()
-    assert conn.transport.events == [reply_for(b"fast1"), "pause", reply_for(b"fast2"), "resume"]
+    assert conn.transport.events == [reply_for(b"fast1"), "pause", "resume", reply_for(b"fast2")]
 
 
 async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
@@ -586,6 +685,51 @@ async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
         assert conn.handler.lines == sent
         assert conn.transport.output == replies_for(sent)
         assert conn.transport.reading
+
+
+# -- the flow-control helper on its own -------------------------------------------------------
+
+
+def attached_flow() -> tuple[FlowControl, FakeTransport]:
+    flow, transport = FlowControl(), FakeTransport()
+    flow.attach(transport)
+    return flow, transport
+
+
+def test_flow_control_pause_and_resume_twice_are_harmless() -> None:
+    flow, transport = attached_flow()
+    flow.pause(ReadPause.INFLIGHT_CAP)
+    flow.pause(ReadPause.INFLIGHT_CAP)  # the fake transport raises on a second pause_reading
+    assert transport.flow == ["pause"] and flow.reading_paused
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    assert transport.flow == ["pause", "resume"] and not flow.reading_paused
+    flow.resume(ReadPause.CLIENT_NOT_READING)  # never paused for it: nothing to do
+    assert transport.flow == ["pause", "resume"]
+
+
+def test_flow_control_reads_again_only_when_the_last_reason_goes_and_says_which_remain() -> None:
+    flow, transport = attached_flow()
+    assert flow.reasons == frozenset()
+    flow.pause(ReadPause.CLIENT_NOT_READING)
+    flow.pause(ReadPause.INFLIGHT_CAP)
+    assert flow.reasons == {ReadPause.CLIENT_NOT_READING, ReadPause.INFLIGHT_CAP}
+    assert flow.paused_for(ReadPause.INFLIGHT_CAP) and not flow.paused_for(ReadPause.STOPPED)
+    flow.resume(ReadPause.CLIENT_NOT_READING)
+    assert flow.reasons == {ReadPause.INFLIGHT_CAP}
+    assert transport.flow == ["pause"]
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    assert transport.flow == ["pause", "resume"]
+
+
+def test_flow_control_leaves_a_detached_transport_alone() -> None:
+    flow, transport = attached_flow()
+    flow.pause(ReadPause.INFLIGHT_CAP)
+    flow.detach()
+    flow.resume(ReadPause.INFLIGHT_CAP)
+    flow.pause(ReadPause.STOPPED)
+    assert transport.flow == ["pause"]
+    assert flow.reasons == {ReadPause.STOPPED}  # still known, for the connection's own checks
 
 
 # -- shutdown ------------------------------------------------------------------------------
@@ -844,20 +988,19 @@ async def test_deferred_work_starts_at_the_head_and_only_while_the_client_reads(
 
         return DeferredReply(start)
 
-    conn.protocol._enqueue(conn.handler.handle_line(b"slow1", "127.0.0.1:5555"))
-    conn.protocol._enqueue(deferred("page1"))
-    conn.protocol._write_ready()
+    conn.handler.deferred = {b"page1": deferred("page1"), b"page2": deferred("page2")}
+    conn.feed(b"slow1\npage1\nslow2\npage2\n")
     assert started == []  # a reply before it is still owed
     conn.handler.resolve(b"slow1")
     await run_callbacks()
     assert started == ["page1"]
     conn.protocol.pause_writing()
-    conn.protocol._enqueue(deferred("page2"))
-    conn.protocol._write_ready()
+    conn.handler.resolve(b"slow2")
+    await run_callbacks()
     assert started == ["page1"]  # the client is not reading: nothing more is produced for it
     conn.protocol.resume_writing()
     assert started == ["page1", "page2"]
-    assert conn.transport.output == replies_for([b"slow1", b"page1", b"page2"])
+    assert conn.transport.output == replies_for([b"slow1", b"page1", b"slow2", b"page2"])
 
 
 async def test_a_page_that_fills_the_send_buffer_stops_the_next_page_from_starting() -> None:
@@ -874,9 +1017,8 @@ async def test_a_page_that_fills_the_send_buffer_stops_the_next_page_from_starti
         started.append("page2")
         return reply_for(b"page2")
 
-    conn.protocol._enqueue(DeferredReply(start_first))
-    conn.protocol._enqueue(DeferredReply(start_second))
-    conn.protocol._write_ready()
+    conn.handler.deferred = {b"page1": DeferredReply(start_first), b"page2": DeferredReply(start_second)}
+    conn.feed(b"page1\npage2\n")
     assert started == ["page1"]
     first_page.set_result(reply_for(b"page1"))
     await run_callbacks()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import plyvel
 import pytest
 
@@ -17,7 +18,7 @@ from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import Query, RecordDraft
-from perfdb.storage import ResultStore, StoreOpenError, layout
+from perfdb.storage import ResultStore, StoreOpenError, layout, store
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
 
@@ -299,3 +300,47 @@ async def test_damaged_index_entry_is_skipped_and_counted(tmp_path: Path) -> Non
             stats = await conn.request("stats")
     assert [r["record_id"] for r in filtered["records"]] == [acks[0]["record_id"], acks[2]["record_id"]]
     assert stats["corrupt_records"] == 1
+
+
+async def test_one_scan_pages_every_keyspace_within_the_scan_budget_and_the_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_user scans a user's index, get_all the records themselves or a filter's index: the same
+    limits hold in each."""
+    results = ResultStore(tmp_path / "db", sync=False, max_batch=64)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, results.open, loop)
+    alice, bob = Profile.create("static:alice", {}), Profile.create("static:bob", {})
+    for n in range(10):  # one at a time, so record ids follow n
+        test_name = "wanted" if n in (3, 4, 9) else "other"
+        await results.submit(alice if n % 2 == 0 else bob, RecordDraft(test_name, "", {}, {"qps": n}, {}, {}))
+
+    async def pages(user_id: str | None, test_name: str | None) -> list[tuple[list[int], set[str]]]:
+        """Each page's qps values and profiles, following the cursor to the end."""
+        found: list[tuple[list[int], set[str]]] = []
+        cursor: str | None = None
+        while len(found) < 20:
+            query = Query(user_id, test_name, None, None, None, 1000, cursor)
+            page = (await results.get_user(query))[1] if user_id else await results.get_all(query)
+            qps = [orjson.loads(bytes(document))["metrics"]["qps"] for document in page.records]
+            found.append((qps, set(page.profiles)))
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
+        raise AssertionError("the cursor never ran out")
+
+    try:
+        # At most 3 entries examined per page, in every keyspace a page is read from.
+        monkeypatch.setattr(store, "SCAN_BUDGET", 3)
+        assert [qps for qps, _ in await pages(None, None)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+        assert [qps for qps, _ in await pages("static:bob", None)] == [[1, 3, 5], [7, 9]]
+        # A filter walks its own index, so the entries examined are the matching ones.
+        assert await pages(None, "wanted") == [([3, 4, 9], {"static:alice", "static:bob"})]
+        assert await pages("static:alice", "wanted") == [([4], set())]
+        # A page ends once its records reach PAGE_BYTES, whatever the limit.
+        monkeypatch.setattr(store, "SCAN_BUDGET", 50_000)
+        monkeypatch.setattr(store, "PAGE_BYTES", 1)
+        assert [qps for qps, _ in await pages(None, None)] == [[n] for n in range(10)]
+        assert [qps for qps, _ in await pages("static:bob", None)] == [[n] for n in range(1, 10, 2)]
+    finally:
+        await loop.run_in_executor(None, results.close)

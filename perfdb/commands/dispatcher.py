@@ -22,8 +22,8 @@ from perfdb.auth.tokens import TokenResolver, key_matches
 from perfdb.commands.ratelimit import UserRateLimiter
 from perfdb.commands.stats import ServerStats
 from perfdb.config import Config
-from perfdb.protocol.connection import DeferredReply, Reply
 from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_input
+from perfdb.protocol.replies import DeferredReply, Reply
 from perfdb.records.profiles import Profile, profile_from_document, public_profile
 from perfdb.records.schema import (
     ADMIN_FIELDS,
@@ -49,7 +49,7 @@ Fields = dict[str, Any]
 
 class Deferred:
     """A command's work that the framing layer starts when the connection is ready for its
-    (possibly large) reply; see protocol.DeferredReply."""
+    (possibly large) reply; see protocol.replies.DeferredReply."""
 
     __slots__ = ("start",)
 

@@ -1,8 +1,10 @@
-"""Framing: bytes on a TCP connection to request lines and back, with limits and flow control.
+"""The connection: asyncio transport callbacks that turn a TCP stream into request lines and
+replies, with limits, deadlines and flow control.
 
-This layer knows nothing about what a request means. It splits the stream into lines,
-enforces the line-length limit (on the unterminated tail too), hands each line to a
-LineHandler, and writes the replies in request order. It never imports storage or HTTP.
+This layer knows nothing about what a request means. LineFramer (framer.py) cuts the stream into
+lines and enforces the line-length limit; each line goes to a LineHandler, and its reply joins a
+ReplyQueue (replies.py) that keeps request order; FlowControl (flow_control.py) pauses reading
+while the connection owes too much or the client is not reading. It never imports storage or HTTP.
 """
 
 from __future__ import annotations
@@ -17,27 +19,15 @@ import socket
 import sys
 import termios
 import typing
-from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
 from perfdb.protocol.addresses import format_address
 from perfdb.protocol.errors import ErrorCode
+from perfdb.protocol.flow_control import FlowControl, ReadPause
+from perfdb.protocol.framer import Frame, FramingError, LineFramer
+from perfdb.protocol.replies import Reply, ReplyQueue
 
 log = logging.getLogger("perfdb.protocol")
-
-
-# A reply is ready (bytes) or will be (a future that always resolves to bytes).
-class DeferredReply:
-    """Work whose reply may be large (a page of records): started only when every reply before
-    it is written and the client is reading, so one connection holds at most one such reply."""
-
-    __slots__ = ("start",)
-
-    def __init__(self, start: Callable[[], bytes | asyncio.Future[bytes]]) -> None:
-        self.start = start
-
-
-Reply = bytes | asyncio.Future[bytes] | DeferredReply
 
 
 class LineHandler(TypingProtocol):
@@ -82,15 +72,14 @@ class LineProtocol(asyncio.Protocol):
     """One client connection speaking newline-delimited requests."""
 
     __slots__ = (
-        "_buffer",
         "_closed",
         "_closing",
-        "_discarding",
         "_draining",
+        "_flow",
         "_flush_scheduled",
-        "_giving_up",
+        "_framer",
         "_handler",
-        "_inflight_full",
+        "_held_lines",
         "_last_activity",
         "_last_received",
         "_limits",
@@ -101,12 +90,10 @@ class LineProtocol(asyncio.Protocol):
         "_partial_since",
         "_peer",
         "_peer_done",
-        "_pending",
         "_quiet_check",
-        "_reading_paused",
+        "_replies",
         "_tracker",
         "_transport",
-        "_write_paused",
         "_write_paused_since",
     )
 
@@ -125,20 +112,22 @@ class LineProtocol(asyncio.Protocol):
         # Per-connection state
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
-        self._buffer = bytearray()
-        self._discarding = False  # inside an over-long line, dropping bytes up to its newline
+        self._framer = LineFramer(limits.max_line_bytes)
+        # Lines received but not yet handed on: the in-flight cap is reached or the client is
+        # not reading its replies. Bounded by what the transport read before it paused.
+        self._held_lines: collections.deque[Frame] = collections.deque()
         # Replies in request order; the head is written as soon as it is ready.
-        self._pending: collections.deque[Reply] = collections.deque()
+        self._replies = ReplyQueue(self._on_reply_done, self._internal_error)
         self._flush_scheduled = False
-        # Flow control: reading is paused while any of these holds.
-        self._write_paused = False
-        self._inflight_full = False
-        self._reading_paused = False
+        # Why reading is paused; ReadPause.STOPPED (a timeout fired, or a TLS client ended its
+        # stream) is for good: owed replies go out, nothing new is read.
+        self._flow = FlowControl()
+        # Lifetime: draining (answer what was received, then end the stream), closing (our
+        # end-of-stream is sent; input is discarded from here on), closed.
         self._draining = False
-        self._closing = False  # end-of-stream sent; input is discarded from here on
+        self._closing = False
         self._closed = False
         self._peer_done = False  # the client sent end-of-stream
-        self._giving_up = False  # a timeout fired: owed replies go out, nothing new is read
         self._linger: asyncio.TimerHandle | None = None
         self._quiet_check: asyncio.TimerHandle | None = None
 
@@ -152,6 +141,7 @@ class LineProtocol(asyncio.Protocol):
         """Set up the connection and register it with the server."""
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = typing.cast(asyncio.Transport, transport)
+        self._flow.attach(self._transport)
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self._peer = format_address(str(peername[0]), peername[1])
@@ -171,27 +161,23 @@ class LineProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection; replies still being computed are dropped when they finish."""
         self._closed = True
+        self._flow.detach()
         for timer in (self._linger, self._quiet_check):
             if timer is not None:
                 timer.cancel()
-        self._buffer.clear()
-        self._pending.clear()
+        self._held_lines.clear()
+        self._framer.clear()
+        self._replies.clear()
         self._tracker.connection_closed(self)
         log.debug("%s: disconnected%s", self._peer, f" ({exc})" if exc else "", extra={"peer": self._peer})
 
     def data_received(self, data: bytes) -> None:
         """Frame the new bytes into lines and hand each complete one on."""
-        if self._closing or self._closed or self._giving_up:
+        if self._closing or self._closed or self._reading_stopped:
             return  # after our end-of-stream nothing more is answered, so nothing more is run
         self._last_activity = self._last_received = self._loop.time()
-        if self._discarding:
-            newline = data.find(b"\n")
-            if newline < 0:
-                return
-            data = data[newline + 1 :]
-            self._discarding = False
-        self._buffer += data
-        self._process_buffer()
+        self._held_lines.extend(self._framer.feed_data(data))
+        self._process_lines(line_ended=self._framer.ended_line)
 
     def eof_received(self) -> bool:
         """The client finished sending: answer what it sent, then close."""
@@ -200,89 +186,81 @@ class LineProtocol(asyncio.Protocol):
             # TLS cannot stay half-open: the transport closes whatever we return. Lines not
             # yet started are dropped unrun; the client learns nothing of the ones in flight
             # and must resend them with their request_ids (protocol_spec.md, shutdown).
-            self._giving_up = True
-            self._buffer.clear()
+            self._flow.pause(ReadPause.STOPPED)
+            self._held_lines.clear()
+            self._framer.clear()
             return False
         if self._closing and self._transport is not None:
             self._transport.close()  # both sides have ended the stream: no need to linger
             return True
         self._drain()
-        self._buffer.clear()  # an unterminated last line is not a request
+        self._framer.clear()  # an unterminated last line is not a request
         return True  # keep the write side open until the replies are out
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full: stop reading new requests."""
-        self._write_paused = True
         self._write_paused_since = self._loop.time()
-        self._update_reading()
+        self._flow.pause(ReadPause.CLIENT_NOT_READING)
 
     def resume_writing(self) -> None:
-        """The write buffer drained: take up the requests held back, and read again."""
-        self._write_paused = False
+        """The write buffer drained: read again, and take up the requests held back."""
         self._write_paused_since = None
-        if self._buffer and not self._closing:
-            self._process_buffer()
-        else:
-            self._write_ready()  # deferred work held back while the client was not reading
-            self._update_reading()
-            self._close_if_done()
+        self._flow.resume(ReadPause.CLIENT_NOT_READING)
+        if not self._closing:
+            self._process_lines()  # lines and deferred work held back while the client was not reading
 
-    # -- framing ---------------------------------------------------------------------------
+    # -- lines in, replies out -------------------------------------------------------------
 
-    def _process_buffer(self) -> None:
-        """Dispatch the complete lines in the buffer, up to the in-flight cap, and write what is ready."""
-        buffer = self._buffer
-        limit = self._max_line_bytes
-        pending = self._pending
-        start = 0
+    def _process_lines(self, *, line_ended: bool = False) -> None:
+        """Dispatch the lines held, up to the in-flight cap, and write what is ready."""
+        held = self._held_lines
+        replies = self._replies
+        handle_line = self._handler.handle_line
         while True:
-            held_back = False
-            while True:
-                # A client that is not reading its replies gets no new work done either.
-                if not self._draining and (len(pending) >= self._max_inflight or self._write_paused):
-                    held_back = True
-                    break
-                newline = buffer.find(b"\n", start)
-                if newline < 0:
-                    break
-                end = newline - 1 if newline > start and buffer[newline - 1] == 0x0D else newline
-                if end - start > limit:
-                    pending.append(self._line_too_long())
-                elif end > start:
-                    self._enqueue(self._handler.handle_line(bytes(buffer[start:end]), self._peer))
-                start = newline + 1
+            for _ in range(min(len(held), self._dispatch_room())):
+                frame = held.popleft()
+                if isinstance(frame, bytes):
+                    replies.append(handle_line(frame, self._peer))
+                elif frame is FramingError.LINE_TOO_LONG:
+                    replies.append(self._line_too_long())
             self._write_ready()
             # Replies answered at once free their places; keep going in this loop, not by recursion.
-            if not (held_back and len(pending) < self._max_inflight and not self._write_paused):
+            if not held or not self._dispatch_room():
                 break
-        if start:
-            del buffer[:start]
-        # The unterminated tail counts against the limit too (one spare byte for a '\r').
-        if not held_back and len(buffer) > limit + 1:
-            buffer.clear()
-            self._discarding = True
-            pending.append(self._line_too_long())
-            self._write_ready()
         # The line deadline runs while an incomplete line waits for the client, not for us;
-        # a line that starts in the same read that completed the previous one starts a new clock.
-        if held_back or not (buffer or self._discarding):
+        # a line that starts in the same read that ended the previous one starts a new clock.
+        if not self._dispatch_room() or not self._framer.has_partial_line:
             self._partial_since = None
-        elif self._partial_since is None or start:
+        elif self._partial_since is None or line_ended:
             self._partial_since = self._loop.time()
-        if len(pending) >= self._max_inflight:
-            self._inflight_full = True
-        self._update_reading()
+        # While draining, reading goes on: each late line gets a quick refusal, and the
+        # kernel holds no unread input that would turn our close into a reset.
+        if len(replies) >= self._max_inflight and not self._draining:
+            self._flow.pause(ReadPause.INFLIGHT_CAP)
         self._close_if_done()
+
+    def _dispatch_room(self) -> int:
+        """How many more lines may be started now (0: they wait). A client that is not reading
+        its replies gets no new work done either; while draining, every line is answered.
+        Asked once per batch of lines, not per line: it is the hot path of pipelined ingest."""
+        if self._draining:
+            return sys.maxsize
+        if self._flow.paused_for(ReadPause.CLIENT_NOT_READING):
+            return 0
+        return max(0, self._max_inflight - len(self._replies))
+
+    @property
+    def _reading_stopped(self) -> bool:
+        return self._flow.paused_for(ReadPause.STOPPED)
 
     def _line_too_long(self) -> bytes:
         return self._handler.error_reply(
             ErrorCode.LINE_TOO_LONG, f"request line longer than {self._max_line_bytes} bytes; discarded"
         )
 
-    def _enqueue(self, reply: Reply) -> None:
-        self._pending.append(reply)
-        if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(self._on_reply_done)
+    def _internal_error(self) -> bytes:
+        """The reply in place of a reply future that failed or was cancelled."""
+        return self._handler.error_reply(ErrorCode.INTERNAL, "internal server error")
 
     def _on_reply_done(self, _future: asyncio.Future[bytes]) -> None:
         # Many replies complete in one loop iteration (a group commit); write them together.
@@ -296,71 +274,30 @@ class LineProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._write_ready()
-        if self._inflight_full and len(self._pending) <= self._max_inflight // 2:
-            self._inflight_full = False
-            if self._buffer:
-                self._process_buffer()  # requests that arrived while we were paused
-                return
-            self._update_reading()
+        if self._flow.paused_for(ReadPause.INFLIGHT_CAP) and len(self._replies) <= self._max_inflight // 2:
+            self._flow.resume(ReadPause.INFLIGHT_CAP)
+            self._process_lines()  # requests that arrived while we were paused
+            return
         self._close_if_done()
 
     def _write_ready(self) -> None:
-        """Write every reply at the head of the queue that is ready, as one write; start deferred
+        """Write the replies at the head of the queue that are ready, as one write; start deferred
         work that has reached the head."""
-        if self._closed or self._transport is None:
-            return
-        pending = self._pending
-        ready: list[bytes] = []
-        while pending:
-            head = pending[0]
-            if isinstance(head, DeferredReply):
-                if ready:
-                    # Hand what is ready to the transport first: if that fills its buffer,
-                    # pause_writing() comes now, before another page is produced.
-                    self._write(ready)
-                    ready = []
-                if self._write_paused or self._closed:
-                    break  # the client is not reading: produce nothing more for it yet
-                started = head.start()
-                pending[0] = started
-                if not isinstance(started, bytes):
-                    started.add_done_callback(self._on_reply_done)
-                continue
-            if isinstance(head, bytes):
-                ready.append(head)
-            elif head.done():
-                ready.append(self._future_reply(head))
-            else:
-                break
-            pending.popleft()
-        if ready:
-            self._write(ready)
+        while not self._closed and self._transport is not None:
+            ready = self._replies.take_ready()
+            if ready:
+                # Hand what is ready to the transport before starting deferred work: if that
+                # fills its buffer, pause_writing() comes now, before another page is produced.
+                self._transport.write(b"".join(ready))
+                self._last_activity = self._loop.time()
+            if (
+                self._closed
+                or self._flow.paused_for(ReadPause.CLIENT_NOT_READING)
+                or not self._replies.start_deferred()
+            ):
+                return  # nothing more is ready, or the client is not reading: produce nothing yet
 
-    def _write(self, replies: list[bytes]) -> None:
-        assert self._transport is not None
-        self._transport.write(b"".join(replies))
-        self._last_activity = self._loop.time()
-
-    def _future_reply(self, future: asyncio.Future[bytes]) -> bytes:
-        if future.cancelled() or future.exception() is not None:
-            return self._handler.error_reply(ErrorCode.INTERNAL, "internal server error")
-        return future.result()
-
-    # -- flow control and shutdown -------------------------------------------------------
-
-    def _update_reading(self) -> None:
-        """Pause or resume reading so that it is paused exactly while some reason holds."""
-        if self._transport is None or self._closed:
-            return
-        # While draining, reading goes on: each late line gets a quick refusal, and the
-        # kernel holds no unread input that would turn our close into a reset.
-        should_pause = self._write_paused or self._giving_up or (self._inflight_full and not self._draining)
-        if should_pause and not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pause_reading()
-        elif not should_pause and self._reading_paused:
-            self._reading_paused = False
-            self._transport.resume_reading()
+    # -- shutdown and deadlines ----------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Answer what was received (new lines get the handler's shutting-down reply), then close."""
@@ -373,16 +310,15 @@ class LineProtocol(asyncio.Protocol):
         # Reading may have been paused (in-flight cap, a full send buffer): input may be
         # waiting unread, so the quiet period counts from now.
         self._last_received = self._loop.time()
-        if not self._discarding:
-            self._process_buffer()  # with _draining set, the in-flight cap no longer holds lines back
-        self._close_if_done()
+        self._flow.resume(ReadPause.INFLIGHT_CAP)
+        self._process_lines()  # with _draining set, the in-flight cap no longer holds lines back
 
     def _close_if_done(self) -> None:
         """Once draining and every reply is out: end our side of the stream."""
         transport = self._transport
-        if not self._draining or self._pending or self._closing or self._closed or transport is None:
+        if not self._draining or self._replies or self._closing or self._closed or transport is None:
             return
-        close_at_once = self._peer_done or self._giving_up  # nothing more will be read
+        close_at_once = self._peer_done or self._reading_stopped  # nothing more will be read
         if not close_at_once:
             # Requests the client sent just before we began draining may still be in flight;
             # end the stream only once the connection has been quiet for a moment.
@@ -432,7 +368,7 @@ class LineProtocol(asyncio.Protocol):
             )
             self._transport.abort()
             return
-        if self._closing or self._giving_up:
+        if self._closing or self._reading_stopped:
             return
         if self._partial_since is not None and now - self._partial_since > limits.line_timeout:
             log.info(
@@ -442,20 +378,19 @@ class LineProtocol(asyncio.Protocol):
                 extra={"peer": self._peer},
             )
             self._give_up(f"request line not completed within {limits.line_timeout:g}s; closing")
-        elif not self._pending and self._partial_since is None and now - self._last_activity > limits.idle_timeout:
+        elif not self._replies and self._partial_since is None and now - self._last_activity > limits.idle_timeout:
             log.debug("%s: idle for %.0fs; closing", self._peer, limits.idle_timeout, extra={"peer": self._peer})
             self._give_up(f"idle for {limits.idle_timeout:g}s; closing")
 
     def _give_up(self, message: str) -> None:
         """Stop reading, answer what is owed and then why, then close."""
-        self._giving_up = True
-        self._buffer.clear()
-        self._discarding = False
-        self._pending.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
+        self._flow.pause(ReadPause.STOPPED)
+        self._held_lines.clear()
+        self._framer.clear()
+        self._replies.append(self._handler.error_reply(ErrorCode.TIMEOUT, message))
         # No end-of-stream and linger: a client this late or this idle gets a plain close once
         # it has its replies (should it still be sending, it may see a reset after them).
         self._draining = True
-        self._update_reading()
         self._write_ready()
         self._close_if_done()
 
