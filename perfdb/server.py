@@ -9,7 +9,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from perfdb import __version__
@@ -32,6 +32,7 @@ from perfdb.web.supervisor import (
 
 log = logging.getLogger("perfdb.server")
 
+_MAX_BACKLOG = 1024  # the listen backlog: the most connections the kernel can be holding
 _SWEEP_INTERVAL = 1.0  # seconds between deadline checks; timeouts are enforced to within this
 
 
@@ -72,6 +73,8 @@ class PerfdbServer:
         self._all_closed = asyncio.Event()
         self._shutdown_started = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._new_connection: Callable[[], LineProtocol] | None = None
+        self._tls: ssl.SSLContext | None = None
         self.operator_endpoints: OperatorEndpoints | None = None  # --metrics-address
 
     # -- start-up -------------------------------------------------------------------------
@@ -124,12 +127,14 @@ class PerfdbServer:
             write_timeout=config.write_timeout,
             linger=min(2.0, config.shutdown_timeout),
         )
+        self._new_connection = lambda: LineProtocol(dispatcher, self, limits)
+        self._tls = tls
         try:
             self._listener = await loop.create_server(
-                lambda: LineProtocol(dispatcher, self, limits),
+                self._new_connection,
                 config.host,
                 config.port,
-                backlog=1024,
+                backlog=_MAX_BACKLOG,
                 ssl=tls,
                 ssl_handshake_timeout=config.tls_handshake_timeout if tls else None,
             )
@@ -213,6 +218,7 @@ class PerfdbServer:
         self._shutdown_started = True
         log.info("shutting down: %d connection(s) open", len(self._connections))
         if self._listener is not None:
+            await self._take_up_backlog()
             self._listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -234,6 +240,43 @@ class PerfdbServer:
                     connection.abort()
         await self._close_services()
         log.info("shut down cleanly")
+
+    async def _take_up_backlog(self) -> None:
+        """Accept the connections the kernel has completed but the loop has not yet taken up.
+
+        Closing a listener resets those, so a client whose requests arrived before the signal
+        would see a reset instead of its replies; taken up here, they are answered (or told
+        shutting_down) like every other open connection.
+        """
+        assert self._listener is not None and self._new_connection is not None
+        loop = asyncio.get_running_loop()
+        new_connection = self._new_connection
+        waiting: list[socket.socket] = []
+        for listening in self._listener.sockets:
+            # A duplicate of the listening descriptor: accepting on it takes from the same queue.
+            with socket.fromfd(listening.fileno(), listening.family, listening.type) as queue:
+                while len(waiting) < _MAX_BACKLOG:
+                    try:
+                        connection, _ = queue.accept()
+                    except OSError:  # BlockingIOError: the queue is empty
+                        break
+                    waiting.append(connection)
+        if not waiting:
+            return
+        log.info("taking up %d connection(s) that were waiting to be accepted", len(waiting))
+        handshake_timeout = self.config.tls_handshake_timeout if self._tls else None
+        outcomes = await asyncio.gather(
+            *(
+                loop.connect_accepted_socket(
+                    new_connection, connection, ssl=self._tls, ssl_handshake_timeout=handshake_timeout
+                )
+                for connection in waiting
+            ),
+            return_exceptions=True,
+        )
+        for connection, outcome in zip(waiting, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                connection.close()
 
     async def _close_services(self) -> None:
         loop = asyncio.get_running_loop()

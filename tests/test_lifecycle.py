@@ -18,7 +18,18 @@ import orjson
 import pytest
 
 from perfdb.config import build_parser
-from tests.support import REPO_ROOT, Connection, ServerProcess, Spawn, closed_port_url, record_request, token_hash
+from perfdb.server import PerfdbServer
+from tests.support import (
+    REPO_ROOT,
+    Connection,
+    ServerProcess,
+    Spawn,
+    closed_port_url,
+    make_config,
+    record_request,
+    token_hash,
+    userinfo_server,
+)
 
 # A start-up failure must be reported this fast, interpreter start included: about 0.6 s on an idle
 # machine, so this bound only catches a start that waits on something (a lock, a provider, a drain)
@@ -573,3 +584,26 @@ def test_signal_right_after_listening_line_shuts_down_cleanly(
             last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
             failures.append(f"attempt {attempt}: exit {code}, last stderr line {last_line!r}")
     assert not failures, f"{len(failures)}/{RACE_ATTEMPTS} starts mishandled {signum.name}: {failures}"
+
+
+async def test_shutdown_answers_connections_still_waiting_to_be_accepted(tmp_path: Path) -> None:
+    """Connections the kernel completed before the signal, but the loop had not yet accepted, get
+    their replies; closing the listener without taking them up would reset them."""
+    async with userinfo_server() as provider:
+        server = PerfdbServer(make_config(tmp_path / "db", provider.url))
+        await server.start()
+        try:
+            # Blocking calls on the loop on purpose: the loop gets no chance to accept these, so
+            # they are still in the kernel's accept queue when shutdown starts.
+            waiting = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(20)]
+            for number, connection in enumerate(waiting):
+                connection.sendall(orjson.dumps({"op": "ping", "id": number}) + b"\n")
+        finally:
+            await server.shutdown()
+
+    def replies(connection: socket.socket) -> bytes:
+        with connection, connection.makefile("rb") as stream:
+            return stream.read()  # up to the server's end-of-stream; a reset raises
+
+    answers = await asyncio.gather(*(asyncio.to_thread(replies, connection) for connection in waiting))
+    assert [orjson.loads(answer) for answer in answers] == [{"id": number, "ok": True} for number in range(20)]
