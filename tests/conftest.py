@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,13 @@ def spawn() -> Iterator[Spawn]:
     killed at the end of the test if it is still running."""
     with contextlib.ExitStack() as started:
 
-        def start(*args: str, command: Sequence[str] = PERFDB_SERVER, cwd: Path | None = None) -> ServerProcess:
-            return started.enter_context(ServerProcess(*args, command=command, cwd=cwd))
+        def start(
+            *args: str,
+            command: Sequence[str] = PERFDB_SERVER,
+            cwd: Path | None = None,
+            env: Mapping[str, str] | None = None,
+        ) -> ServerProcess:
+            return started.enter_context(ServerProcess(*args, command=command, cwd=cwd, env=env))
 
         yield start
 

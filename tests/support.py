@@ -12,11 +12,13 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,10 +254,23 @@ STARTUP_SECONDS = 20.0
 EXIT_SECONDS = 20.0
 PERFDB_SERVER = (sys.executable, str(REPO_ROOT / "run_perf_db_server.py"))
 DASHBOARD = (sys.executable, "-m", "perfdb.web")
+LISTENING_LINE = re.compile(r" listening on (\S+)")  # perfdb's and the dashboard's: host:port, or a URL
 
 
 class ServerStartError(AssertionError):
     """The server exited, or did not say it was listening, within the bound."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLine:
+    """A stderr line a wait found: its index (to wait for what the server logs after it) and the match."""
+
+    index: int
+    match: re.Match[str]
+
+    @property
+    def text(self) -> str:
+        return self.match.string
 
 
 class ServerProcess:
@@ -263,7 +278,9 @@ class ServerProcess:
     run_perf_db_server.py by default, or the dashboard (`command=DASHBOARD`).
 
     Threads read its stdout and stderr for the whole of its life, so that a server logging at
-    debug never stalls on a full pipe and the whole log can be searched afterwards. `restart()`
+    debug never stalls on a full pipe and the whole log can be searched afterwards. Processes the
+    server starts (the dashboard under --web-address) inherit both pipes, so their log is read
+    too, and the pipes end only once the last of them exits. `restart()`
     starts the same command again (so on the same database and address) in the same object.
     As a context manager it makes sure no process outlives the block."""
 
@@ -282,7 +299,12 @@ class ServerProcess:
 
     def _start(self) -> None:
         self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.cwd, env=self.env
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.cwd,
+            env=self.env,
         )
         self._stderr_lines: list[bytes] = []
         self._stdout = bytearray()
@@ -305,6 +327,9 @@ class ServerProcess:
             with self._changed:
                 self._stderr_lines.append(raw)
                 self._changed.notify_all()
+        # Closed here, at its end: closing it from another thread would block while this one
+        # reads, for as long as a process the server started keeps the pipe open.
+        stream.close()
         with self._changed:
             self._stderr_ended = True
             self._changed.notify_all()
@@ -313,6 +338,7 @@ class ServerProcess:
         stream = self.process.stdout
         assert stream is not None
         self._stdout += stream.read()
+        stream.close()
 
     @property
     def pid(self) -> int:
@@ -333,49 +359,64 @@ class ServerProcess:
         """What the server wrote to stdout, once it has exited."""
         return bytes(self._stdout)
 
-    def _listening(self) -> str | None:
-        line = next((line for line in self._stderr_lines if b" listening on " in line), None)
-        return None if line is None else line.decode(errors="replace")
+    def _wait_for_line(self, pattern: re.Pattern[str], after: int, timeout: float) -> LogLine | None:
+        """The first stderr line from index `after` on that `pattern` matches; None if stderr
+        ends or `timeout` passes first. Each line is searched once, however long the wait."""
+        found: LogLine | None = None
+        searched = after
+
+        def search() -> bool:
+            nonlocal found, searched
+            while searched < len(self._stderr_lines):
+                match = pattern.search(self._stderr_lines[searched].decode(errors="replace"))
+                if match is not None:
+                    found = LogLine(searched, match)
+                    return True
+                searched += 1
+            return self._stderr_ended
+
+        with self._changed:
+            self._changed.wait_for(search, timeout)
+        return found
 
     def wait_listening(self, timeout: float = STARTUP_SECONDS) -> int:
         """The port from the 'listening on' log line; ServerStartError (the server killed) if
         the line does not come within `timeout`, or the server exits first."""
-        with self._changed:
-            found = self._changed.wait_for(lambda: self._listening() is not None or self._stderr_ended, timeout)
-            line = self._listening()
+        line = self._wait_for_line(LISTENING_LINE, 0, timeout)
         if line is None:
-            if found:
+            if self._stderr_ended:
                 code = self._reap(EXIT_SECONDS)
                 raise ServerStartError(f"the server exited with {code} before listening:\n{self.stderr}")
             self.kill()
             raise ServerStartError(f"no 'listening on' line within {timeout:g}s:\n{self.stderr}")
-        self.listening_line = line
-        self.listening_on = line.split(" listening on ", 1)[1].split()[0]
+        self.listening_line = line.text
+        self.listening_on = line.match.group(1)
         self.port = int(self.listening_on.rstrip("/").rsplit(":", 1)[1])
         return self.port
 
-    def wait_for_log(self, text: str, timeout: float = STARTUP_SECONDS) -> str:
-        """The first stderr line holding `text`; fails the test if the server exits or stays
-        silent about it for `timeout`."""
-
-        def found() -> str | None:
-            return next((line.decode(errors="replace") for line in self._stderr_lines if text.encode() in line), None)
-
-        with self._changed:
-            self._changed.wait_for(lambda: found() is not None or self._stderr_ended, timeout)
-            line = found()
+    def wait_for_log(
+        self, pattern: str | re.Pattern[str], *, after: int = 0, timeout: float = STARTUP_SECONDS
+    ) -> LogLine:
+        """The first stderr line from index `after` on that holds `pattern` (text, or a regular
+        expression searched for); fails the test if the log ends or stays silent about it for
+        `timeout`. Pass the index of a line found before as `after` to wait for what follows it."""
+        if isinstance(pattern, str):
+            line = self._wait_for_line(re.compile(re.escape(pattern)), after, timeout)
+        else:
+            line = self._wait_for_line(pattern, after, timeout)
         if line is None:
-            raise AssertionError(f"no {text!r} in the server's log within {timeout:g}s:\n{self.stderr}")
+            wanted = pattern if isinstance(pattern, str) else pattern.pattern
+            raise AssertionError(f"no {wanted!r} in the server's log within {timeout:g}s:\n{self.stderr}")
         return line
 
     def _reap(self, timeout: float) -> int:
-        """Wait for the process to end and its output to be read to the end; close the pipes."""
+        """Wait for the process to end and its output to be read to the end (the readers close
+        the pipes). A process the server started that outlives it keeps the output open: the
+        wait for that is bounded, so that the test can go on to say so."""
         code = self.process.wait(timeout=timeout)
+        output_deadline = time.monotonic() + EXIT_SECONDS
         for reader in self._readers:
-            reader.join(timeout=EXIT_SECONDS)
-        for pipe in (self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
+            reader.join(timeout=max(0.0, output_deadline - time.monotonic()))
         return code
 
     def wait_exit(self, timeout: float = EXIT_SECONDS) -> tuple[int, str]:

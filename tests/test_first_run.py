@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from perfdb import __version__
-from tests.support import REPO_ROOT, ServerProcess
+from tests.support import REPO_ROOT, ServerProcess, Spawn
 
 ERROR_PREFIX = "run_perf_db_server: error: "
 # Two real interpreters without the dependencies: this one with site-packages turned off, and
@@ -53,19 +53,24 @@ def make_venv(checkout: Path, *, with_dependencies: bool) -> Path:
     return venv
 
 
-def run_bare(interpreter: str, checkout: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def start_bare(spawn: Spawn, interpreter: str, checkout: Path, *args: str) -> ServerProcess:
+    """The checkout's script run by a bare interpreter, with nothing of this environment but PATH."""
     command = BARE_INTERPRETERS[interpreter]
     if not Path(command[0]).exists():
         pytest.skip(f"no base interpreter at {command[0]}")
-    return subprocess.run(
-        [*command, str(checkout / "run_perf_db_server.py"), *args],
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    return spawn(
+        *args,
+        command=(*command, str(checkout / "run_perf_db_server.py")),
         cwd=checkout,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1"},
     )
+
+
+def run_bare(spawn: Spawn, interpreter: str, checkout: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """start_bare, run to its end."""
+    process = start_bare(spawn, interpreter, checkout, *args)
+    code, stderr = process.wait_exit(timeout=60)
+    return subprocess.CompletedProcess(process.command, code, process.stdout.decode(errors="replace"), stderr)
 
 
 @bare_interpreters
@@ -81,9 +86,9 @@ def test_the_interpreters_really_lack_the_dependencies(interpreter: str, tmp_pat
 
 
 @bare_interpreters
-def test_without_a_venv_one_line_says_what_to_run(interpreter: str, tmp_path: Path) -> None:
+def test_without_a_venv_one_line_says_what_to_run(spawn: Spawn, interpreter: str, tmp_path: Path) -> None:
     checkout = fresh_checkout(tmp_path)
-    result = run_bare(interpreter, checkout, "--database", str(tmp_path / "db"))
+    result = run_bare(spawn, interpreter, checkout, "--database", str(tmp_path / "db"))
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -96,41 +101,35 @@ def test_without_a_venv_one_line_says_what_to_run(interpreter: str, tmp_path: Pa
 
 
 @bare_interpreters
-def test_with_the_checkout_venv_it_runs_under_it(interpreter: str, tmp_path: Path) -> None:
+def test_with_the_checkout_venv_it_runs_under_it(spawn: Spawn, interpreter: str, tmp_path: Path) -> None:
     checkout = fresh_checkout(tmp_path)
     make_venv(checkout, with_dependencies=True)
-    result = run_bare(interpreter, checkout, "--version")
+    result = run_bare(spawn, interpreter, checkout, "--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"perfdb {__version__}"
 
 
-def test_with_the_checkout_venv_the_server_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_with_the_checkout_venv_the_server_serves_and_stops_on_sigterm(spawn: Spawn, tmp_path: Path) -> None:
     """The re-exec keeps the process: its pid is the one the operator signals."""
     checkout = fresh_checkout(tmp_path)
     make_venv(checkout, with_dependencies=True)
-    server = ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={tmp_path / 'db'}",
-        "--userinfo-url=none",
-        cwd=checkout,
-        command=(*BARE_INTERPRETERS["no_site"], str(checkout / "run_perf_db_server.py")),
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1"},
+    server = start_bare(
+        spawn, "no_site", checkout, "--address=127.0.0.1:0", f"--database={tmp_path / 'db'}", "--userinfo-url=none"
     )
-    try:
-        server.wait_listening(timeout=30)
-        assert (tmp_path / "db" / "CURRENT").is_file()
-        code, stderr = server.stop(signal.SIGTERM, timeout=30)
-        assert code == 0, stderr
-        assert "shut down cleanly" in stderr
-    finally:
-        server.kill()
+    server.wait_listening(timeout=30)
+    assert (tmp_path / "db" / "CURRENT").is_file()
+    code, stderr = server.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, stderr
+    assert "shut down cleanly" in stderr
 
 
 @bare_interpreters
-def test_a_venv_without_the_dependencies_says_what_to_run_and_does_not_loop(interpreter: str, tmp_path: Path) -> None:
+def test_a_venv_without_the_dependencies_says_what_to_run_and_does_not_loop(
+    spawn: Spawn, interpreter: str, tmp_path: Path
+) -> None:
     checkout = fresh_checkout(tmp_path)
     venv = make_venv(checkout, with_dependencies=False)
-    result = run_bare(interpreter, checkout, "--version")
+    result = run_bare(spawn, interpreter, checkout, "--version")
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -205,13 +205,14 @@ def help_commands() -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("entry_point", ["script", "module", "console_script"])
-def test_help_documents_every_option(entry_point: str, tmp_path: Path) -> None:
+def test_help_documents_every_option(spawn: Spawn, entry_point: str, tmp_path: Path) -> None:
     command = help_commands()[entry_point]
     assert Path(command[0]).exists(), command[0]
-    # Run from elsewhere, so the installed package is what answers, not the working directory.
-    result = subprocess.run(command, capture_output=True, cwd=tmp_path, timeout=20, check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    text = result.stdout.decode()
+    # Run from elsewhere, and with no PYTHONPATH added, so the installed package is what answers.
+    server = spawn(command=command, cwd=tmp_path, env=os.environ)
+    code, stderr = server.wait_exit(timeout=20)
+    assert code == 0, stderr
+    text = server.stdout.decode()
     options = {option for action in build_parser()._actions for option in action.option_strings}
     assert {"--address", "--database", "--tokens-file", "--userinfo-url", "--shutdown-timeout"} <= options
     missing = sorted(option for option in options if option not in text)
@@ -219,7 +220,7 @@ def test_help_documents_every_option(entry_point: str, tmp_path: Path) -> None:
     # The documented defaults are shown.
     assert "localhost:50052" in text
     assert "./perfdb-data" in text
-    assert "Traceback" not in result.stderr.decode()
+    assert "Traceback" not in stderr
 
 
 # -- defaults -------------------------------------------------------------------------------

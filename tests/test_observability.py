@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import secrets
 import signal
@@ -32,9 +31,11 @@ from perfdb.server import PerfdbServer
 from perfdb.storage.dbstats import LEVELS, parse_compaction_stats, read_database_stats
 from perfdb.web.app import WebConfig, build_app
 from tests.support import (
+    DASHBOARD,
     REPO_ROOT,
     Connection,
     ServerProcess,
+    Spawn,
     UserinfoAnswer,
     connect,
     error_code,
@@ -445,38 +446,15 @@ async def test_dashboard_counts_requests_by_route_pattern_and_status(tmp_path: P
     assert value(samples, "process_cpu_seconds_total") >= 0
 
 
-async def test_dashboard_process_logs_json_and_where_its_metrics_are(tmp_path: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "perfdb.web",
-        "--server=127.0.0.1:9",
-        "--listen=127.0.0.1:0",
-        "--log-format=json",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1"),
-    )
-    assert process.stderr is not None
-    lines: list[str] = []
-    try:
-        async with asyncio.timeout(DEADLINE):
-            while not any("metrics served at" in line for line in lines):
-                line = await process.stderr.readline()
-                assert line, f"perfdb-web exited: {lines}"
-                lines.append(line.decode())
-            async with aiohttp.ClientSession() as http:
-                samples = await scrape(http, metrics_url_from(lines))
-            process.send_signal(signal.SIGTERM)
-            rest = await process.stderr.read()
-            code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert code == 0
+async def test_dashboard_process_logs_json_and_where_its_metrics_are(spawn: Spawn) -> None:
+    process = spawn("--server=127.0.0.1:9", "--listen=127.0.0.1:0", "--log-format=json", command=DASHBOARD)
+    await asyncio.to_thread(process.wait_for_log, "metrics served at", timeout=DEADLINE)
+    async with aiohttp.ClientSession() as http:
+        samples = await scrape(http, metrics_url_from(process.stderr.splitlines()))
+    code, log = await asyncio.to_thread(process.stop, signal.SIGTERM, DEADLINE)
+    assert code == 0, log
     assert value(samples, "process_open_fds") > 0
-    entries = check_json_log("".join(lines) + rest.decode(), [])
+    entries = check_json_log(log, [])
     assert any(entry["message"].startswith("perfdb-web listening on http://127.0.0.1:") for entry in entries)
 
 

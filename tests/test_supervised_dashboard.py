@@ -16,14 +16,11 @@ import secrets
 import select
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import pytest
@@ -35,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from perfdb.config import ConfigError, config_from_args
 from perfdb.web.supervisor import DashboardSupervisor, dashboard_command
-from tests.support import REPO_ROOT, token_hash
+from tests.support import ServerProcess, Spawn, token_hash
 
 ERROR_PREFIX = "run_perf_db_server: error: "
 DEADLINE = 30.0  # generous: the machine may be loaded
@@ -44,79 +41,20 @@ SUPERVISOR_LINE = re.compile(r"dashboard \(pid (\d+)\) starting on http://([^/]+
 CHILD_LISTENING_LINE = re.compile(r"perfdb-web listening on http://([^/]+)/")
 
 
-class LogWatcher:
-    """Reads a process's stderr on a thread, so a test can wait for a line with a deadline."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._closed = False
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            with self._changed:
-                self.lines.append(raw.decode(errors="replace"))
-                self._changed.notify_all()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def wait_for(
-        self, pattern: re.Pattern[str], after: int = 0, timeout: float = DEADLINE
-    ) -> tuple[int, re.Match[str]]:
-        """The first line from index `after` on that matches: (its index, the match)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for index in range(after, len(self.lines)):
-                    match = pattern.search(self.lines[index])
-                    if match:
-                        return index, match
-                remaining = deadline - time.monotonic()
-                if self._closed or remaining <= 0:
-                    raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{self.text()}")
-                self._changed.wait(remaining)
-
-    def wait_closed(self, timeout: float = DEADLINE) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: self._closed, timeout)
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
-@contextlib.contextmanager
-def server_with_dashboard(tmp_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], LogWatcher]]:
+def start_with_dashboard(spawn: Spawn, tmp_path: Path, *extra: str) -> ServerProcess:
+    """run_perf_db_server.py as an operator starts it, with a static token for the CI bot; its
+    stderr carries the dashboard's log too, as the dashboard inherits it."""
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_bytes(
         orjson.dumps({"tokens": [{"sha256": token_hash(BOT_TOKEN), "user_id": "ci-bot", "name": "CI bot"}]})
     )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO_ROOT / "run_perf_db_server.py"),
-            "--address=127.0.0.1:0",
-            f"--database={tmp_path / 'db'}",
-            f"--tokens-file={tokens_file}",
-            "--userinfo-url=none",
-            *extra,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1"),
+    return spawn(
+        "--address=127.0.0.1:0",
+        f"--database={tmp_path / 'db'}",
+        f"--tokens-file={tokens_file}",
+        "--userinfo-url=none",
+        *extra,
     )
-    assert process.stderr is not None
-    log = LogWatcher(process.stderr)
-    try:
-        yield process, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=DEADLINE)
-        log.wait_closed()
-        process.stderr.close()
 
 
 def record(port: int, test_name: str) -> str:
@@ -139,76 +77,75 @@ def process_gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-def test_server_runs_restarts_and_stops_its_dashboard(tmp_path: Path) -> None:
-    with server_with_dashboard(tmp_path, "--web-address=127.0.0.1:0") as (server, log):
-        _, listening = log.wait_for(re.compile(r"perfdb \S+ listening on 127\.0\.0\.1:(\d+)"))
-        server_port = int(listening.group(1))
-        record_id = record(server_port, "supervised_unary")
+def test_server_runs_restarts_and_stops_its_dashboard(spawn: Spawn, tmp_path: Path) -> None:
+    server = start_with_dashboard(spawn, tmp_path, "--web-address=127.0.0.1:0")
+    server_port = server.wait_listening(timeout=DEADLINE)
+    assert re.search(r"perfdb \S+ listening on 127\.0\.0\.1:", server.listening_line), server.listening_line
+    record_id = record(server_port, "supervised_unary")
 
-        # The server's log says where the dashboard listens, and the dashboard's own log agrees.
-        started_at, started = log.wait_for(SUPERVISOR_LINE)
-        first_pid, web_address = int(started.group(1)), started.group(2)
-        assert web_address.startswith("127.0.0.1:") and not web_address.endswith(":0"), web_address
-        ready_at, ready = log.wait_for(CHILD_LISTENING_LINE, after=started_at)
-        assert ready.group(1) == web_address
-        status, body = fetch(f"http://{web_address}/api/results")
-        assert status == 200
-        results = json.loads(body)["results"]
-        assert [(r["record_id"], r["test_name"], r["user_id"]) for r in results] == [
-            (record_id, "supervised_unary", "static:ci-bot")
-        ]
-        status, page = fetch(f"http://{web_address}/")
-        assert status == 200 and "supervised_unary" in page
+    # The server's log says where the dashboard listens, and the dashboard's own log agrees.
+    started = server.wait_for_log(SUPERVISOR_LINE, timeout=DEADLINE)
+    first_pid, web_address = int(started.match.group(1)), started.match.group(2)
+    assert web_address.startswith("127.0.0.1:") and not web_address.endswith(":0"), web_address
+    ready = server.wait_for_log(CHILD_LISTENING_LINE, after=started.index, timeout=DEADLINE)
+    assert ready.match.group(1) == web_address
+    status, body = fetch(f"http://{web_address}/api/results")
+    assert status == 200
+    results = json.loads(body)["results"]
+    assert [(r["record_id"], r["test_name"], r["user_id"]) for r in results] == [
+        (record_id, "supervised_unary", "static:ci-bot")
+    ]
+    status, page = fetch(f"http://{web_address}/")
+    assert status == 200 and "supervised_unary" in page
 
-        # A dashboard that dies is started again, on the same address.
-        os.kill(first_pid, signal.SIGKILL)
-        died_at, _ = log.wait_for(re.compile(rf"dashboard \(pid {first_pid}\) was killed by SIGKILL; restarting"))
-        restarted_at, restarted = log.wait_for(SUPERVISOR_LINE, after=died_at)
-        second_pid = int(restarted.group(1))
-        assert second_pid != first_pid and restarted.group(2) == web_address
-        log.wait_for(CHILD_LISTENING_LINE, after=restarted_at)
-        assert process_gone(first_pid)  # reaped by the server
-        second_record = record(server_port, "supervised_streaming")
-        status, body = fetch(f"http://{web_address}/api/results")
-        assert status == 200
-        assert {r["record_id"] for r in json.loads(body)["results"]} == {record_id, second_record}
+    # A dashboard that dies is started again, on the same address.
+    os.kill(first_pid, signal.SIGKILL)
+    died = server.wait_for_log(f"dashboard (pid {first_pid}) was killed by SIGKILL; restarting", timeout=DEADLINE)
+    restarted = server.wait_for_log(SUPERVISOR_LINE, after=died.index, timeout=DEADLINE)
+    second_pid = int(restarted.match.group(1))
+    assert second_pid != first_pid and restarted.match.group(2) == web_address
+    server.wait_for_log(CHILD_LISTENING_LINE, after=restarted.index, timeout=DEADLINE)
+    assert process_gone(first_pid)  # reaped by the server
+    second_record = record(server_port, "supervised_streaming")
+    status, body = fetch(f"http://{web_address}/api/results")
+    assert status == 200
+    assert {r["record_id"] for r in json.loads(body)["results"]} == {record_id, second_record}
 
-        # SIGTERM to the server stops both; no dashboard is left behind.
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=DEADLINE) == 0, log.text()
-        log.wait_closed()
-        assert process_gone(second_pid), f"dashboard pid {second_pid} outlived the server"
-        web_host, web_port = web_address.rsplit(":", 1)
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection((web_host, int(web_port)), timeout=DEADLINE).close()
-        text = log.text()
-        assert f"dashboard (pid {second_pid}) stopped" in text
-        assert "Traceback" not in text, text
-        assert ready_at < restarted_at
+    # SIGTERM to the server stops both; no dashboard is left behind.
+    code, text = server.stop(signal.SIGTERM, timeout=DEADLINE)
+    assert code == 0, text
+    assert process_gone(second_pid), f"dashboard pid {second_pid} outlived the server"
+    web_host, web_port = web_address.rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((web_host, int(web_port)), timeout=DEADLINE).close()
+    assert f"dashboard (pid {second_pid}) stopped" in text
+    assert "Traceback" not in text, text
+    assert ready.index < restarted.index
 
 
-def test_a_server_killed_outright_leaves_no_dashboard_behind(tmp_path: Path) -> None:
+def test_a_server_killed_outright_leaves_no_dashboard_behind(spawn: Spawn, tmp_path: Path) -> None:
     if not hasattr(os, "pidfd_open"):
         pytest.skip("os.pidfd_open (Linux 5.3+) is needed to wait for a process that is not our child")
-    with server_with_dashboard(tmp_path, "--web-address=127.0.0.1:0") as (server, log):
-        started_at, started = log.wait_for(SUPERVISOR_LINE)
-        pid, web_address = int(started.group(1)), started.group(2)
-        log.wait_for(CHILD_LISTENING_LINE, after=started_at)
-        pidfd = os.pidfd_open(pid)
-        try:
-            server.kill()  # SIGKILL: the server gets no chance to stop its child
-            server.wait(timeout=DEADLINE)
-            readable, _, _ = select.select([pidfd], [], [], DEADLINE)  # readable once the process has exited
-            if not readable:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # no orphan of the test either
-            assert readable, f"dashboard pid {pid} outlived the killed server:\n{log.text()}"
-        finally:
-            os.close(pidfd)
-        log.wait_closed()  # the dashboard held the log pipe open until it exited
-        web_host, web_port = web_address.rsplit(":", 1)
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection((web_host, int(web_port)), timeout=DEADLINE).close()
-        assert "Traceback" not in log.text(), log.text()
+    server = start_with_dashboard(spawn, tmp_path, "--web-address=127.0.0.1:0")
+    started = server.wait_for_log(SUPERVISOR_LINE, timeout=DEADLINE)
+    pid, web_address = int(started.match.group(1)), started.match.group(2)
+    server.wait_for_log(CHILD_LISTENING_LINE, after=started.index, timeout=DEADLINE)
+    pidfd = os.pidfd_open(pid)
+    try:
+        server.kill()  # SIGKILL: the server gets no chance to stop its child
+        readable, _, _ = select.select([pidfd], [], [], DEADLINE)  # readable once the process has exited
+        if not readable:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # no orphan of the test either
+        assert readable, f"dashboard pid {pid} outlived the killed server:\n{server.stderr}"
+    finally:
+        os.close(pidfd)
+    # The dashboard held the log pipe open until it exited: the log is whole now.
+    code, text = server.wait_exit(timeout=DEADLINE)
+    assert code == -signal.SIGKILL
+    web_host, web_port = web_address.rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((web_host, int(web_port)), timeout=DEADLINE).close()
+    assert "Traceback" not in text, text
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -248,7 +185,7 @@ def certificate_issued_by_a_ca(directory: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.parametrize("certificate", ["self_signed", "issued_by_a_ca"])
-def test_dashboard_reads_a_tls_server_that_requires_a_read_key(tmp_path: Path, certificate: str) -> None:
+def test_dashboard_reads_a_tls_server_that_requires_a_read_key(spawn: Spawn, tmp_path: Path, certificate: str) -> None:
     read_key_file = tmp_path / "read.key"
     read_key_file.write_text(secrets.token_urlsafe(24) + "\n")
     if certificate == "self_signed":
@@ -257,35 +194,36 @@ def test_dashboard_reads_a_tls_server_that_requires_a_read_key(tmp_path: Path, c
     else:
         cert_file, key_file, ca_file = certificate_issued_by_a_ca(tmp_path)
         ca_option = [f"--web-ca-file={ca_file}"]
-    with server_with_dashboard(
+    server = start_with_dashboard(
+        spawn,
         tmp_path,
         "--web-address=127.0.0.1:0",
         f"--tls-cert={cert_file}",
         f"--tls-key={key_file}",
         f"--read-key-file={read_key_file}",
         *ca_option,
-    ) as (server, log):
-        started_at, started = log.wait_for(SUPERVISOR_LINE)
-        web_address = started.group(2)
-        log.wait_for(CHILD_LISTENING_LINE, after=started_at)
-        # A read: it needs both the TLS connection and the read key to succeed.
-        status, body = fetch(f"http://{web_address}/api/results")
-        assert status == 200, body
-        assert json.loads(body)["results"] == []
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=DEADLINE) == 0, log.text()
-    assert "Traceback" not in log.text(), log.text()
+    )
+    started = server.wait_for_log(SUPERVISOR_LINE, timeout=DEADLINE)
+    web_address = started.match.group(2)
+    server.wait_for_log(CHILD_LISTENING_LINE, after=started.index, timeout=DEADLINE)
+    # A read: it needs both the TLS connection and the read key to succeed.
+    status, body = fetch(f"http://{web_address}/api/results")
+    assert status == 200, body
+    assert json.loads(body)["results"] == []
+    code, text = server.stop(signal.SIGTERM, timeout=DEADLINE)
+    assert code == 0, text
+    assert "Traceback" not in text, text
 
 
-def test_web_address_in_use_fails_start_up_in_one_line(tmp_path: Path) -> None:
+def test_web_address_in_use_fails_start_up_in_one_line(spawn: Spawn, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with server_with_dashboard(tmp_path, f"--web-address=127.0.0.1:{port}") as (server, log):
-            assert server.wait(timeout=DEADLINE) == 1
-            log.wait_closed()
-    lines = log.text().splitlines()
+        server = start_with_dashboard(spawn, tmp_path, f"--web-address=127.0.0.1:{port}")
+        code, text = server.wait_exit(timeout=DEADLINE)
+    assert code == 1, text
+    lines = text.splitlines()
     assert lines == [f"{ERROR_PREFIX}cannot listen on --web-address 127.0.0.1:{port}: address already in use"]
     assert not (tmp_path / "db").exists()  # refused before the database was touched
 

@@ -1,11 +1,13 @@
 """The test helpers themselves, where the suite does not already show them working: a server
 process that cannot start, one killed and restarted on its database, the dashboard as a
-process, and the loopback ports."""
+process, waiting for log lines in order (a grandchild's included), and the loopback ports."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -79,6 +81,30 @@ def test_the_dashboard_runs_as_a_process(spawn: Spawn) -> None:
     code, stderr = dashboard.stop()
     assert code == 0, stderr
     assert perfdb_address in stderr
+
+
+# A "server" that logs a line, starts a child that logs its pid on the inherited stderr, then
+# logs its first line again: as run_perf_db_server.py does with its dashboard under --web-address.
+PARENT_AND_CHILD_LOGGING = """
+import subprocess, sys
+print("step one", file=sys.stderr, flush=True)
+subprocess.run([sys.executable, "-c", "import os, sys; print(f'child {os.getpid()} step two', file=sys.stderr)"])
+print("step one", file=sys.stderr, flush=True)
+"""
+
+
+def test_wait_for_log_reads_a_childs_lines_too_and_waits_past_a_line_found(spawn: Spawn) -> None:
+    process = spawn("-c", PARENT_AND_CHILD_LOGGING, command=(sys.executable,))
+    first = process.wait_for_log("step one")
+    child = process.wait_for_log(re.compile(r"child (\d+) step two"), after=first.index)
+    again = process.wait_for_log("step one", after=first.index + 1)
+    assert first.index < child.index < again.index
+    assert child.text == f"child {child.match.group(1)} step two\n"
+    assert int(child.match.group(1)) != process.pid
+    code, stderr = process.wait_exit()
+    assert code == 0, stderr
+    with pytest.raises(AssertionError, match="no 'step three' in the server's log"):
+        process.wait_for_log("step three")
 
 
 def test_closed_port_refuses_connections() -> None:

@@ -3,8 +3,6 @@ charts, and the perfdb-web command line."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import urllib.parse
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from perfdb.web.queries import (
     quick_range,
 )
 from perfdb.web.source import ResultRow
-from tests.support import REPO_ROOT
+from tests.support import DASHBOARD, REPO_ROOT, Spawn
 
 
 def _row(record_id: str, user: str = "u", test: str = "t", **metrics: float) -> ResultRow:
@@ -176,15 +174,15 @@ def test_asset_urls_change_with_the_content(tmp_path: Path) -> None:
 # -- the command line -----------------------------------------------------------------------------
 
 
-def test_help_documents_every_option() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "perfdb.web", "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=30
-    )
-    assert result.returncode == 0
+def test_help_documents_every_option(spawn: Spawn) -> None:
+    dashboard = spawn("--help", command=DASHBOARD, cwd=REPO_ROOT)
+    code, stderr = dashboard.wait_exit(timeout=30)
+    assert code == 0, stderr
+    text = dashboard.stdout.decode()
     options = [action.option_strings[-1] for action in build_parser()._actions if action.option_strings]
     assert len(options) >= 10
     for option in options:
-        assert option in result.stdout
+        assert option in text
     for documented in ("--server", "--listen", "--read-key-file", "--timeout", "--scan-limit", "--tls"):
         assert documented in options
 
