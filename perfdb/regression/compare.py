@@ -79,7 +79,7 @@ class Comparison:
     welch_pvalue: float | None
     mann_whitney_pvalue: float | None  # None when not run (both sides large enough) or insufficient data
     pvalue: float | None  # the one the verdict used: the larger of those run
-    significant: bool
+    significant: bool  # pvalue <= significance, whether or not the change reaches min_change
     direction: MetricDirection
 
     def to_json(self) -> dict[str, object]:
@@ -118,9 +118,10 @@ def compare(
         rank = _mann_whitney_pvalue(base_values, head_values)
     pvalue = welch if rank is None else max(welch, rank)
     delta = head_summary.mean - base_summary.mean
-    significant = pvalue <= model.significance and abs(delta) > model.min_change * abs(base_summary.mean)
+    significant = pvalue <= model.significance
+    changed = significant and abs(delta) > model.min_change * abs(base_summary.mean)
     worse = direction.is_worse(delta)
-    status: Status = "no_change" if not significant or worse is None else "regression" if worse else "improvement"
+    status: Status = "no_change" if not changed or worse is None else "regression" if worse else "improvement"
     return Comparison(
         direction.metric, status, model, base_summary, head_summary,
         percent_change(head_summary.mean, base_summary.mean), welch, rank, pvalue, significant, direction,
