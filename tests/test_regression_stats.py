@@ -17,11 +17,10 @@ from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.regression.changepoints import ChangePointModel, analyse, extend_analysis
 from perfdb.regression.compare import CompareModel, compare
 from perfdb.regression.direction import Better, MetricDirection, direction_of
+from perfdb.regression.series import SeriesKey, SeriesWindows
 from perfdb.regression.significance import welch_t_test
 from perfdb.regression.thresholds import (
     DEFAULT_MODEL,
-    SeriesKey,
-    SeriesWindows,
     ThresholdConfig,
     ThresholdConfigError,
     ThresholdModel,
@@ -193,6 +192,16 @@ def test_an_unknown_direction_reports_the_change_but_never_a_regression() -> Non
     assert (verdict.status, verdict.changed) == ("no_change", True)
     assert as_wire(verdict.to_json())["direction"] is None
     assert judge(float(np.mean(baseline)), baseline, UNKNOWN).changed is False
+
+
+def test_judge_takes_numpy_baselines_and_refuses_non_finite_numbers() -> None:
+    baseline = noisy(4, 30)
+    assert judge(80_000.0, np.asarray(baseline), QPS) == judge(80_000.0, baseline, QPS)
+    assert judge(80_000, np.asarray(baseline, dtype=np.int64), QPS).status == "regression"
+    with pytest.raises(ValueError, match="finite number"):
+        judge(math.nan, baseline, QPS)
+    with pytest.raises(ValueError, match="finite numbers only"):
+        judge(1.0, [*baseline, math.inf], QPS)
 
 
 def test_a_model_with_impossible_parameters_is_refused() -> None:

@@ -25,18 +25,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
-from typing import TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 
 from perfdb.regression.direction import MetricDirection
+from perfdb.regression.series import FloatArray, SeriesLike, as_series
 from perfdb.regression.significance import WelchResult, welch_t_test
 from perfdb.regression.thresholds import Status, percent_change
 
-FloatArray: TypeAlias = npt.NDArray[np.float64]
-SeriesLike: TypeAlias = Sequence[float] | npt.NDArray[np.floating] | npt.NDArray[np.integer]
 MODEL_NAME = "e_divisive_welch"
 
 
@@ -149,16 +145,6 @@ class ChangePointAnalysis:
             "model": self.model.to_json(),
             "change_points": [point.to_json() for point in self.change_points],
         }
-
-
-def as_series(series: SeriesLike) -> FloatArray:
-    """A 1-D float64 array of the series; lists, tuples and numpy arrays of any numeric dtype are all fine."""
-    array = np.asarray(series, dtype=np.float64)
-    if array.ndim != 1:
-        raise ValueError(f"a series must be one-dimensional, not of shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError("a series must hold finite numbers only (drop NaN and infinities first)")
-    return array
 
 
 def analyse(series: SeriesLike, model: ChangePointModel = DEFAULT_MODEL) -> ChangePointAnalysis:

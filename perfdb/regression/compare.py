@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from scipy import stats
 
-from perfdb.regression.changepoints import SeriesLike, as_series
 from perfdb.regression.direction import MetricDirection
+from perfdb.regression.series import SeriesLike, as_series
 from perfdb.regression.significance import welch_t_test
 from perfdb.regression.thresholds import Status, percent_change
 

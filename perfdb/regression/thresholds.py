@@ -3,24 +3,25 @@
 A value is a regression when it moved the worse way by more than BOTH `sigmas` standard deviations of the
 baseline AND `min_change` of the baseline mean, so neither a very quiet series (tiny stddev) nor a very noisy
 one (stddev beyond 5 %) raises alarms for moves nobody would act on. The same move the better way is an
-improvement. Inputs are finite floats: callers drop NaN and infinities before they get here (the record
-schema already refuses them).
+improvement. Inputs are finite floats (the record schema refuses NaN and infinities); `judge` raises ValueError
+on any other.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import fnmatch
 import json
 import math
-import statistics
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
+
+import numpy as np
 
 from perfdb.regression.direction import MetricDirection
+from perfdb.regression.series import FloatArray, SeriesLike, as_series
 
 Status = Literal["regression", "improvement", "no_change", "insufficient_data"]
 MODEL_NAME = "sigmas_and_min_change"
@@ -75,12 +76,12 @@ class BaselineSummary:
     max: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> BaselineSummary:
-        floats = [float(value) for value in values]
-        if not floats:
+    def of(cls, values: FloatArray) -> BaselineSummary:
+        if not len(values):
             return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan)
-        stddev = statistics.stdev(floats) if len(floats) > 1 else 0.0
-        return cls(len(floats), statistics.fmean(floats), stddev, statistics.median(floats), min(floats), max(floats))
+        stddev = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        mean, median = float(np.mean(values)), float(np.median(values))
+        return cls(len(values), mean, stddev, median, float(values.min()), float(values.max()))
 
     def to_json(self) -> dict[str, object]:
         if self.n == 0:
@@ -140,16 +141,18 @@ def percent_change(value: float, mean: float) -> float | None:
 
 
 def judge(
-    value: float, baseline: Sequence[float], direction: MetricDirection, model: ThresholdModel = DEFAULT_MODEL
+    value: float, baseline: SeriesLike, direction: MetricDirection, model: ThresholdModel = DEFAULT_MODEL
 ) -> Verdict:
     """Judge `value` against the last `model.window` points of `baseline` (oldest first, `value` not included).
 
     Identical baseline points (stddev 0): the `min_change` bound governs alone. Baseline mean 0: the percent
     bound is 0 and the sigma bound governs; `change_percent` is None. A value exactly on the bound is no change.
+    A NaN or infinite value or baseline point raises ValueError (the record schema refuses them before this).
     """
-    window = baseline[-model.window :] if len(baseline) > model.window else baseline
-    summary = BaselineSummary.of(window)
     value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"the value judged must be a finite number, not {value}")
+    summary = BaselineSummary.of(as_series(baseline)[-model.window :])
     if summary.n < model.min_points:
         return Verdict(direction.metric, "insufficient_data", model, summary, value, None, None, None, direction, False)
     sigma_bound = model.sigmas * summary.stddev
@@ -306,70 +309,3 @@ def _checked_model(base: ThresholdModel, fields: Mapping[str, float | int], wher
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:200]
-
-
-# -- the in-memory windows the server keeps ----------------------------------------------------------------------
-
-
-class SeriesKey(NamedTuple):
-    user_id: str
-    test_name: str
-    tag: str
-    metric: str
-
-
-class SeriesPoint(NamedTuple):
-    record_id: str
-    value: float
-
-
-class SeriesWindows:
-    """The last `window` points of each series, for at most `max_series` series (least recently used evicted).
-
-    `append` is O(1). The server rebuilds this at start by appending each series' recent points, oldest first.
-    """
-
-    __slots__ = ("_series", "evictions", "max_series")
-
-    def __init__(self, max_series: int) -> None:
-        if max_series < 1:
-            raise ValueError(f"max_series must be at least 1, not {max_series}")
-        self.max_series = max_series
-        self.evictions = 0
-        self._series: collections.OrderedDict[SeriesKey, collections.deque[SeriesPoint]] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._series)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._series
-
-    def __iter__(self) -> Iterator[SeriesKey]:
-        return iter(self._series)
-
-    def points(self, key: SeriesKey) -> tuple[SeriesPoint, ...]:
-        """The series' kept points, oldest first (empty if unknown); does not count as a use."""
-        points = self._series.get(key)
-        return () if points is None else tuple(points)
-
-    def values(self, key: SeriesKey) -> list[float]:
-        """The kept values, oldest first: the baseline to `judge` the series' next value against."""
-        points = self._series.get(key)
-        return [] if points is None else [point.value for point in points]
-
-    def append(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
-        """Add the newest point; keeps `window` points (a changed window for the series takes effect now)."""
-        points = self._series.get(key)
-        if points is None:
-            points = self._series[key] = collections.deque(maxlen=window)
-            if len(self._series) > self.max_series:
-                self._series.popitem(last=False)
-                self.evictions += 1
-        else:
-            self._series.move_to_end(key)
-            if points.maxlen != window:
-                points = self._series[key] = collections.deque(points, maxlen=window)
-        points.append(SeriesPoint(record_id, float(value)))
-
-    def discard(self, key: SeriesKey) -> None:
-        self._series.pop(key, None)
