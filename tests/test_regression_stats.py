@@ -267,6 +267,14 @@ def test_the_override_file_loads_from_toml_and_json(tmp_path: Path) -> None:
     assert ThresholdConfig().model_for("any", "qps") is DEFAULT_MODEL
 
 
+def test_the_readme_example_of_the_override_file_loads() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("## Regression detection statistics", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    config = parse_threshold_config(example, "toml", source="README.md")
+    assert config.model_for("streaming_qps", "perc_lat_99") == ThresholdModel(sigmas=3.5, window=50, min_points=10)
+    assert config.model_for("streaming_qps", "qps") == ThresholdModel(sigmas=3.5, min_change=0.1)
+
+
 def test_among_equally_specific_rules_the_later_one_wins() -> None:
     config = parse_threshold_config('[[rule]]\ntest = "a*"\nsigmas = 4\n[[rule]]\ntest = "b*"\nsigmas = 6\n'
                                     '[[rule]]\ntest = "a*"\nsigmas = 5\n', "toml")  # fmt: skip
