@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,17 @@ def as_wire(document: dict[str, object]) -> dict[str, object]:
     """What a reply would carry: strict JSON (no NaN), read back."""
     loaded: dict[str, object] = json.loads(json.dumps(document, allow_nan=False))
     return loaded
+
+
+def test_importing_the_package_leaves_scipy_for_first_use() -> None:
+    """scipy.stats takes seconds to import on a busy machine; the server must not pay that to start."""
+    check = (
+        "import sys, perfdb.regression.compare, perfdb.regression.changepoints, perfdb.regression.thresholds;"
+        "assert 'scipy' not in sys.modules, 'scipy imported';"
+        "from perfdb.regression.significance import preload_scipy; preload_scipy();"
+        "assert {'scipy.special', 'scipy.stats'} <= set(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
 
 
 # -- direction -----------------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from scipy import stats
-
 from perfdb.regression.direction import MetricDirection
 from perfdb.regression.series import SeriesLike, as_series
 from perfdb.regression.significance import welch_t_test
@@ -131,5 +129,7 @@ def compare(
 def _mann_whitney_pvalue(base: list[float], head: list[float]) -> float:
     if len(set(base)) == 1 and len(set(head)) == 1:  # scipy gives nan when every value is equal
         return 0.0 if base[0] != head[0] else 1.0
+    from scipy import stats  # imported on first use: see significance.preload_scipy
+
     result = stats.mannwhitneyu(base, head, alternative="two-sided", method="auto")
     return float(result.pvalue)

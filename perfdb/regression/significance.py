@@ -5,7 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from scipy import special
+
+def preload_scipy() -> None:
+    """Import the parts of scipy the significance tests use. scipy.stats takes 1-2 s to import on a busy
+    machine, so this package imports scipy on first use, not when the server starts; call this off the event
+    loop (in a worker thread at start-up) so that the first comparison does not stall it."""
+    import scipy.special
+    import scipy.stats  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,5 +40,7 @@ def welch_t_test(n1: int, mean1: float, var1: float, n2: int, mean2: float, var2
         return WelchResult(math.copysign(math.inf, delta), math.nan, 0.0)
     t = delta / math.sqrt(standard_error_squared)
     df = standard_error_squared**2 / (per1**2 / (n1 - 1) + per2**2 / (n2 - 1))
+    from scipy import special  # imported on first use: see preload_scipy
+
     pvalue = float(2.0 * special.stdtr(df, -abs(t)))
     return WelchResult(t, df, min(pvalue, 1.0))
