@@ -586,7 +586,8 @@ def test_compare_with_too_few_points_or_no_direction() -> None:
         result = compare(base, head, QPS)
         assert (result.status, result.pvalue) == ("insufficient_data", None)
         as_wire(result.to_json())
-    assert compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], UNKNOWN).status == "no_change"
+    unknown = compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], UNKNOWN)
+    assert (unknown.status, unknown.changed, unknown.to_json()["direction"]) == ("no_change", True, None)
     assert compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], QPS).status == "improvement"
     assert compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], QPS).status == "no_change"
     # two points a side: Mann-Whitney's smallest p is 1/3, so no verdict from so little

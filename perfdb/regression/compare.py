@@ -78,6 +78,7 @@ class Comparison:
     mann_whitney_pvalue: float | None  # None when not run (both sides large enough) or insufficient data
     pvalue: float | None  # the one the verdict used: the larger of those run
     significant: bool  # pvalue <= significance, whether or not the change reaches min_change
+    changed: bool  # significant and at least min_change; with an unknown direction the status stays no_change
     direction: MetricDirection
 
     def to_json(self) -> dict[str, object]:
@@ -92,6 +93,7 @@ class Comparison:
             "welch_pvalue": self.welch_pvalue,
             "mann_whitney_pvalue": self.mann_whitney_pvalue,
             "significant": self.significant,
+            "changed": self.changed,
             "direction": self.direction.to_json(),
         }
 
@@ -105,7 +107,7 @@ def compare(
     if min(len(base_values), len(head_values)) < model.min_points:
         return Comparison(
             direction.metric, "insufficient_data", model, base_summary, head_summary,
-            None, None, None, None, False, direction,
+            None, None, None, None, False, False, direction,
         )  # fmt: skip
     welch = welch_t_test(
         base_summary.n, base_summary.mean, base_summary.stddev**2,
@@ -122,7 +124,8 @@ def compare(
     status: Status = "no_change" if not changed or worse is None else "regression" if worse else "improvement"
     return Comparison(
         direction.metric, status, model, base_summary, head_summary,
-        percent_change(head_summary.mean, base_summary.mean), welch, rank, pvalue, significant, direction,
+        percent_change(head_summary.mean, base_summary.mean), welch, rank, pvalue, significant, changed,
+        direction,
     )  # fmt: skip
 
 

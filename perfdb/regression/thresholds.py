@@ -168,8 +168,7 @@ def judge(
     change = value - summary.mean
     changed = abs(change) > bound
     worse = direction.is_worse(change)
-    status: Status
-    status = "no_change" if not changed or worse is None else "regression" if worse else "improvement"
+    status: Status = "no_change" if not changed or worse is None else "regression" if worse else "improvement"
     return Verdict(
         direction.metric,
         status,
