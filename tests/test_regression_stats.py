@@ -574,6 +574,9 @@ def test_compare_explains_itself() -> None:
     base, head = [100.0, 102.0, 98.0, 101.0], [120.0, 119.0, 122.0, 121.0]
     document: Any = as_wire(compare(base, head, P99).to_json())
     assert document["status"] == "regression" and document["direction"] == "lower"
+    assert (document["significant"], document["changed"]) == (True, True)
+    assert document["change_percent"] == pytest.approx((120.5 / 100.25 - 1) * 100)
+    assert document["head"] == {"n": 4, "mean": 120.5, "stddev": pytest.approx(np.std(head, ddof=1)), "median": 120.5}
     assert document["base"] == {"n": 4, "mean": 100.25, "stddev": pytest.approx(np.std(base, ddof=1)), "median": 100.5}
     assert document["model"] == {"name": "welch_mann_whitney", "significance": 0.05, "min_change": 0.05,
                                  "min_points": 2, "rank_test_below": 20}  # fmt: skip
