@@ -1,0 +1,310 @@
+"""The per-point verdict: is a new value a regression against the last `window` values of its series?
+
+A value is a regression when it moved the worse way by more than BOTH `sigmas` standard deviations of the
+baseline AND `min_change` of the baseline mean, so neither a very quiet series (tiny stddev) nor a very noisy
+one (stddev beyond 5 %) raises alarms for moves nobody would act on. The same move the better way is an
+improvement. Inputs are finite floats (the record schema refuses NaN and infinities); `judge` raises ValueError
+on any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from perfdb.regression.direction import MetricDirection
+from perfdb.regression.series import FloatArray, SeriesLike, as_series
+
+Status = Literal["regression", "improvement", "no_change", "insufficient_data"]
+MODEL_NAME = "sigmas_and_min_change"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThresholdModel:
+    """The verdict model's parameters; these defaults are the only place they are set."""
+
+    window: int = 30  # baseline = the last `window` points of the series
+    min_points: int = 5  # fewer baseline points: insufficient_data
+    sigmas: float = 3.0  # the move must exceed this many baseline standard deviations...
+    min_change: float = 0.05  # ...and this fraction of the baseline mean (0.05 = 5 %)
+
+    def __post_init__(self) -> None:
+        problem = _model_problem(self.window, self.min_points, self.sigmas, self.min_change)
+        if problem:
+            raise ValueError(problem)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": MODEL_NAME,
+            "window": self.window,
+            "min_points": self.min_points,
+            "sigmas": self.sigmas,
+            "min_change": self.min_change,
+        }
+
+
+def _model_problem(window: int, min_points: int, sigmas: float, min_change: float) -> str:
+    if window < 2:
+        return f"window must be at least 2, not {window}"
+    if not 2 <= min_points <= window:
+        return f"min_points must be between 2 and window ({window}), not {min_points}"
+    if not (math.isfinite(sigmas) and sigmas >= 0):
+        return f"sigmas must be a finite number >= 0, not {sigmas}"
+    if not (math.isfinite(min_change) and 0 <= min_change <= 1):
+        return f"min_change must be a fraction between 0 and 1 (0.05 = 5 %), not {min_change}"
+    return ""
+
+
+DEFAULT_MODEL = ThresholdModel()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BaselineSummary:
+    n: int
+    mean: float
+    stddev: float  # sample standard deviation (n - 1); 0.0 for a single point
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: FloatArray) -> BaselineSummary:
+        if not len(values):
+            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+        stddev = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        mean, median = float(np.mean(values)), float(np.median(values))
+        return cls(len(values), mean, stddev, median, float(values.min()), float(values.max()))
+
+    def to_json(self) -> dict[str, object]:
+        if self.n == 0:
+            return {"n": 0}
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Threshold:
+    """The bound a value was held to: |value - mean| must exceed `bound` (the larger of the two bounds)."""
+
+    bound: float  # in the metric's units
+    percent: float | None  # the bound as a percent of the baseline mean; None when the mean is 0
+    sigma_bound: float  # sigmas * stddev
+    min_change_bound: float  # min_change * |mean|
+    governed_by: Literal["sigmas", "min_change"]
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """One value judged against its baseline, with every number that decided it."""
+
+    metric: str
+    status: Status
+    model: ThresholdModel
+    baseline: BaselineSummary
+    value: float
+    change: float | None  # value - baseline mean; None when insufficient_data
+    change_percent: float | None  # None when insufficient_data or the baseline mean is 0
+    threshold: Threshold | None  # None when insufficient_data
+    direction: MetricDirection
+    changed: bool  # beyond the threshold either way; with an unknown direction the status stays no_change
+
+    def to_json(self) -> dict[str, object]:
+        """`direction` is "higher"/"lower" (which way is better) or null when unknown; with an unknown
+        direction a move beyond the threshold is reported as status no_change with `changed: true`."""
+        return {
+            "metric": self.metric,
+            "status": self.status,
+            "model": self.model.to_json(),
+            "baseline": self.baseline.to_json(),
+            "value": self.value,
+            "change": self.change,
+            "change_percent": self.change_percent,
+            "threshold": None if self.threshold is None else self.threshold.to_json(),
+            "direction": self.direction.to_json(),
+            "changed": self.changed,
+        }
+
+
+def percent_change(value: float, mean: float) -> float | None:
+    """(value - mean) as a percent of |mean|; None when the mean is 0 (no scale to measure against)."""
+    return None if mean == 0 else (value - mean) / abs(mean) * 100.0
+
+
+def judge(
+    value: float, baseline: SeriesLike, direction: MetricDirection, model: ThresholdModel = DEFAULT_MODEL
+) -> Verdict:
+    """Judge `value` against the last `model.window` points of `baseline` (oldest first, `value` not included).
+
+    Identical baseline points (stddev 0): the `min_change` bound governs alone. Baseline mean 0: the percent
+    bound is 0 and the sigma bound governs; `change_percent` is None. A value exactly on the bound is no change.
+    A NaN or infinite value or baseline point raises ValueError (the record schema refuses them before this).
+    """
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"the value judged must be a finite number, not {value}")
+    summary = BaselineSummary.of(as_series(baseline)[-model.window :])
+    if summary.n < model.min_points:
+        return Verdict(direction.metric, "insufficient_data", model, summary, value, None, None, None, direction, False)
+    sigma_bound = model.sigmas * summary.stddev
+    min_change_bound = model.min_change * abs(summary.mean)
+    bound = max(sigma_bound, min_change_bound)
+    threshold = Threshold(
+        bound=bound,
+        percent=None if summary.mean == 0 else bound / abs(summary.mean) * 100.0,
+        sigma_bound=sigma_bound,
+        min_change_bound=min_change_bound,
+        governed_by="sigmas" if sigma_bound > min_change_bound else "min_change",
+    )
+    change = value - summary.mean
+    changed = abs(change) > bound
+    worse = direction.is_worse(change)
+    status: Status = "no_change" if not changed or worse is None else "regression" if worse else "improvement"
+    return Verdict(
+        direction.metric,
+        status,
+        model,
+        summary,
+        value,
+        change,
+        percent_change(value, summary.mean),
+        threshold,
+        direction,
+        changed,
+    )
+
+
+# -- per-test, per-metric overrides ------------------------------------------------------------------------------
+
+_MODEL_FIELDS = ("window", "min_points", "sigmas", "min_change")
+
+
+class ThresholdConfigError(ValueError):
+    """The override file cannot be used; the message is one line, fit for the server's start-up error."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThresholdRule:
+    test: str  # fnmatch pattern over test names; "*" for all
+    metric: str | None  # an exact metric name, or None for all
+    model: ThresholdModel  # the file's default with the rule's fields set
+
+    def matches(self, test_name: str, metric: str) -> bool:
+        return (self.metric is None or self.metric == metric) and fnmatch.fnmatchcase(test_name, self.test)
+
+    def specificity(self) -> tuple[bool, bool, int]:
+        """A metric beats no metric; an exact test name beats a pattern; a longer literal part beats a shorter."""
+        wildcards = sum(self.test.count(char) for char in "*?[")
+        return (self.metric is not None, wildcards == 0, len(self.test) - wildcards)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThresholdConfig:
+    """A default model plus override rules. The most specific matching rule wins whole: its fields replace the
+    default's and no other rule's apply, so every model a lookup can give was checked when the file was loaded."""
+
+    default: ThresholdModel = DEFAULT_MODEL
+    rules: tuple[ThresholdRule, ...] = ()
+
+    def model_for(self, test_name: str, metric: str) -> ThresholdModel:
+        best: ThresholdRule | None = None
+        for rule in self.rules:  # equal specificity: the later rule in the file wins
+            if rule.matches(test_name, metric) and (best is None or rule.specificity() >= best.specificity()):
+                best = rule
+        return self.default if best is None else best.model
+
+
+def load_threshold_config(path: str | Path) -> ThresholdConfig:
+    """Read the override file (`.toml`, else JSON) at start-up; any problem is one ThresholdConfigError line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ThresholdConfigError(f"{path}: cannot read: {error}") from None
+    return parse_threshold_config(text, "toml" if path.suffix == ".toml" else "json", source=str(path))
+
+
+def parse_threshold_config(text: str, syntax: Literal["toml", "json"], source: str = "<thresholds>") -> ThresholdConfig:
+    """Parse the override file's text.
+
+    Shape (JSON has the same keys)::
+
+        [default]             # optional: changes the built-in defaults
+        sigmas = 3.0
+        [[rule]]              # any number; each needs `test` or `metric`, plus at least one model field
+        test = "streaming_*"  # fnmatch pattern, default "*"
+        metric = "perc_lat_99"  # exact metric name, default all metrics
+        sigmas = 4
+        min_change = 0.1      # a fraction: 0.1 = 10 %
+    """
+    try:
+        document = tomllib.loads(text) if syntax == "toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as error:
+        raise ThresholdConfigError(f"{source}: not valid {syntax.upper()}: {_one_line(error)}") from None
+    if not isinstance(document, dict):
+        raise ThresholdConfigError(f"{source}: the top level must be a table/object with `default` and `rule`")
+    unknown = sorted(set(document) - {"default", "rule"})
+    if unknown:
+        raise ThresholdConfigError(f"{source}: unknown key {unknown[0]!r} (expected `default` and `rule`)")
+    default_table = document.get("default", {})
+    if not isinstance(default_table, dict):
+        raise ThresholdConfigError(f"{source}: `default` must be a table/object")
+    default_fields = _model_fields(default_table, f"{source}: default", allowed=set(_MODEL_FIELDS))
+    default = _checked_model(DEFAULT_MODEL, default_fields, f"{source}: default")
+    rule_tables = document.get("rule", [])
+    if not isinstance(rule_tables, list):
+        raise ThresholdConfigError(f"{source}: `rule` must be an array of tables/objects")
+    rules = []
+    for number, table in enumerate(rule_tables, 1):
+        where = f"{source}: rule {number}"
+        if not isinstance(table, dict):
+            raise ThresholdConfigError(f"{where}: must be a table/object")
+        test, metric = table.get("test", "*"), table.get("metric")
+        if not isinstance(test, str) or not test:
+            raise ThresholdConfigError(f"{where}: `test` must be a non-empty string (an fnmatch pattern)")
+        if metric is not None and (not isinstance(metric, str) or not metric):
+            raise ThresholdConfigError(f"{where}: `metric` must be a non-empty string")
+        if "test" not in table and metric is None:
+            raise ThresholdConfigError(f"{where}: needs `test` or `metric` (use `default` for all series)")
+        overrides = _model_fields(table, where, allowed={"test", "metric", *_MODEL_FIELDS})
+        if not overrides:
+            raise ThresholdConfigError(f"{where}: sets none of {', '.join(_MODEL_FIELDS)}")
+        rules.append(ThresholdRule(test, metric, _checked_model(default, overrides, where)))
+    return ThresholdConfig(default, tuple(rules))
+
+
+def _model_fields(table: Mapping[str, object], where: str, allowed: set[str]) -> dict[str, float | int]:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ThresholdConfigError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(allowed))})")
+    fields: dict[str, float | int] = {}
+    for name in _MODEL_FIELDS:
+        if name not in table:
+            continue
+        value = table[name]
+        integral = name in ("window", "min_points")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            kind = "an integer" if integral else "a number"
+            raise ThresholdConfigError(f"{where}: {name} must be {kind}, not {value!r:.40}")
+        fields[name] = value if integral else float(value)
+    return fields
+
+
+def _checked_model(base: ThresholdModel, fields: Mapping[str, float | int], where: str) -> ThresholdModel:
+    try:
+        return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise ThresholdConfigError(f"{where}: {error}") from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
