@@ -48,29 +48,32 @@ class BucketGrid:
         return low, min(self.end, low + self.width)
 
 
-@dataclasses.dataclass(slots=True)
-class Extreme:
-    value: int | float
-    record_id: str
-    micros: int
+# The smallest or largest value of a series: (value, record id, microseconds).
+Extreme = tuple[int | float, str, int]
 
-    def to_fields(self) -> dict[str, Any]:
-        return {"value": self.value, "record_id": self.record_id, "timestamp": format_micros(self.micros)}
+
+def _extreme_fields(extreme: Extreme | None) -> dict[str, Any] | None:
+    if extreme is None:
+        return None
+    value, record_id, micros = extreme
+    return {"value": value, "record_id": record_id, "timestamp": format_micros(micros)}
 
 
 class MetricSeries:
-    """One metric's points, built from values added newest first."""
+    """One metric's points, built from values added newest first. `add` runs once per value of
+    every record walked, so it is written for speed: plain attributes, no calls on the common path."""
 
     __slots__ = (
         "_bucket",
         "_count",
-        "_last",
         "_maximum",
         "_minimum",
         "_only",
         "_random",
         "_sample",
+        "_start",
         "_total",
+        "_width",
         "count",
         "exact_medians",
         "first",
@@ -83,6 +86,8 @@ class MetricSeries:
 
     def __init__(self, grid: BucketGrid) -> None:
         self.grid = grid
+        self._start = grid.start
+        self._width = grid.width
         self.points: list[dict[str, Any]] = []  # finished buckets, newest first
         self.count = 0
         self.first: int | None = None  # microseconds of the oldest value added
@@ -101,7 +106,7 @@ class MetricSeries:
 
     def add(self, value: int | float, record_id: str, micros: int) -> None:
         """Add a value; each call's record must not be newer than the previous call's."""
-        bucket = self.grid.bucket_of(micros)
+        bucket = (micros - self._start) // self._width
         if bucket != self._bucket:
             self._close()
             self._bucket = bucket
@@ -110,25 +115,28 @@ class MetricSeries:
             self._minimum = self._maximum = value
             self._sample = []
             self._only = (record_id, micros)
-        self._count += 1
+            if self.last is None:
+                self.last = micros
+        count = self._count = self._count + 1
         self._total += value
-        self._minimum = min(self._minimum, value)
-        self._maximum = max(self._maximum, value)
-        if len(self._sample) < MEDIAN_SAMPLE:
+        if value < self._minimum:
+            self._minimum = value
+        elif value > self._maximum:
+            self._maximum = value
+        if count <= MEDIAN_SAMPLE:
             self._sample.append(value)
         else:
             self.exact_medians = False
-            slot = self._random.randrange(self._count)
+            slot = self._random.randrange(count)
             if slot < MEDIAN_SAMPLE:
                 self._sample[slot] = value
         self.count += 1
-        if self.last is None:
-            self.last = micros
         self.first = micros
-        if self.lowest is None or value <= self.lowest.value:
-            self.lowest = Extreme(value, record_id, micros)
-        if self.highest is None or value >= self.highest.value:
-            self.highest = Extreme(value, record_id, micros)
+        lowest, highest = self.lowest, self.highest
+        if lowest is None or value <= lowest[0]:
+            self.lowest = (value, record_id, micros)
+        if highest is None or value >= highest[0]:
+            self.highest = (value, record_id, micros)
 
     def _close(self) -> None:
         if self._bucket is None:
@@ -157,8 +165,8 @@ class MetricSeries:
             "count": self.count,
             "first": None if self.first is None else format_micros(self.first),
             "last": None if self.last is None else format_micros(self.last),
-            "min": None if self.lowest is None else self.lowest.to_fields(),
-            "max": None if self.highest is None else self.highest.to_fields(),
+            "min": _extreme_fields(self.lowest),
+            "max": _extreme_fields(self.highest),
             "exact_medians": self.exact_medians,
             "points": self.points[::-1],
         }
