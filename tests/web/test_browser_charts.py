@@ -32,6 +32,14 @@ DRAWN_LINE = """([chartId, test]) => {
   };
 }"""
 
+# Bytes the page and its API calls took on the wire, compressed as sent.
+TRANSFERRED = """() => {
+  const entries = [...performance.getEntriesByType("navigation"), ...performance.getEntriesByType("resource")];
+  return entries
+    .filter((entry) => !new URL(entry.name).pathname.startsWith("/static/"))
+    .reduce((total, entry) => total + (entry.transferSize || entry.encodedBodySize), 0);
+}"""
+
 # Where on the page a line's single result is drawn, and which result it is.
 SINGLE_POINT = """([chartId, test, nth]) => {
   const chart = window.perfdbCharts.find((c) => c.id === chartId);
@@ -89,6 +97,11 @@ def test_a_dense_user_page_draws_bands_keeps_extremes_and_opens_a_single_result(
     assert re.match(r"^2[0-9],[0-9]{3} results of 9 tests", summary), summary
     dense_tab.screenshot("user-dense.png")
     assert dense_tab.errors == []
+    # What the page and its chart data cost on the wire (static files are cached for good).
+    for path in (f"/users/{DENSE_USER}", f"/users/{DENSE_USER}?test={BIG_TEST}"):
+        dense_tab.goto(path)
+        _wait_for_charts(dense_tab)
+        assert dense_tab.page.evaluate(TRANSFERRED) < 300_000, path
 
     # A single result of the sparse test is a dot: hovering it names it, a click opens it.
     dense_tab.goto(f"/users/{DENSE_USER}?test={SPARSE_TEST}")
