@@ -32,6 +32,20 @@ DRAWN_LINE = """([chartId, test]) => {
   };
 }"""
 
+# Where a line's bucket of several results is drawn, about the middle of the chart.
+MANY_POINT = """([chartId, test]) => {
+  const chart = window.perfdbCharts.find((c) => c.id === chartId);
+  const line = chart.lines.find((l) => l.line.test === test);
+  const u = chart.plot;
+  let index = Math.floor(line.median.length / 2);
+  while (line.median[index] == null || line.line.count[line.row[index]] < 2) index += 1;
+  const box = u.over.getBoundingClientRect();
+  return {
+    x: box.left + u.valToPos(u.data[0][index], "x"),
+    y: box.top + u.valToPos(line.median[index], "y"),
+  };
+}"""
+
 # Bytes the page and its API calls took on the wire, compressed as sent.
 TRANSFERRED = """() => {
   const entries = [...performance.getEntriesByType("navigation"), ...performance.getEntriesByType("resource")];
@@ -145,6 +159,19 @@ def test_dragging_across_a_chart_zooms_into_a_finer_grid_and_back(dense_tab: Bro
     dense_tab.page.wait_for_url(re.compile(r"^(?!.*wfrom=)"))
     _wait_for_charts(dense_tab)
     assert dense_tab.page.evaluate(DRAWN_LINE, ["qps", BIG_TEST])["grid"] == before["grid"]
+    # A click on a moment of many results lists them in the table.
+    bucket = dense_tab.page.evaluate(MANY_POINT, ["qps", BIG_TEST])
+    dense_tab.page.mouse.move(bucket["x"], bucket["y"])
+    dense_tab.page.locator("#chart-tooltip").wait_for(state="visible")
+    text = dense_tab.page.inner_text("#chart-tooltip")
+    assert "Click to list these results" in text
+    # The pointer may land on a neighbouring bucket (they are about 2 pixels apart): the tooltip says which.
+    count = int(re.search(r"([0-9,]+) results", text).group(1).replace(",", ""))  # type: ignore[union-attr]
+    dense_tab.page.mouse.click(bucket["x"], bucket["y"])
+    dense_tab.page.wait_for_url(re.compile(r"/\?user="))
+    assert f"test={BIG_TEST}" in dense_tab.page.url and "from=" in dense_tab.page.url
+    rows = dense_tab.page.locator("#results-table tbody tr").count()
+    assert rows == min(50, count) and count > 1
     assert dense_tab.errors == []
 
 

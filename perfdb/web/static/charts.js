@@ -127,7 +127,7 @@
       });
       return { line, ...columns };
     });
-    return { xs, buckets, grid: [start, width], aligned };
+    return { xs, grid: [start, width], aligned };
   }
 
   function lineLabel(line, chart, data, many) {
@@ -148,9 +148,9 @@
     // Fainter bands when many lines share a chart, so that the medians stay readable.
     const bandAlpha = lines.length > 4 ? "1f" : "38";
     const series = [{ label: "time (UTC)" }];
-    const data2 = [xs];
+    const columns = [xs];
     const bands = [];
-    const drawn = []; // per line: its uPlot series indices
+    const drawn = []; // per line: its aligned columns, colour and uPlot series indices
     const width = chartWidth(plot);
     aligned.forEach((item, index) => {
       const color = PALETTE[index % PALETTE.length];
@@ -165,13 +165,13 @@
       });
       const edge = { label: "", stroke: "transparent", width: 0, spanGaps: false, points: { show: false } };
       series.push({ ...edge }, { ...edge });
-      data2.push(item.median, item.min, item.max);
+      columns.push(item.median, item.min, item.max);
       bands.push({ series: [medianIndex + 2, medianIndex + 1], fill: `${color}${bandAlpha}` });
       drawn.push({ ...item, color, index: { median: medianIndex, min: medianIndex + 1, max: medianIndex + 2 } });
     });
     const [since, until] = data.range;
     const pad = (until - since || 86400) * 0.015;
-    const state = { hovered: null, syncing: false };
+    const state = { hovered: null, downAt: null };
     const options = {
       width,
       height: CHART_HEIGHT,
@@ -221,13 +221,17 @@
         ],
       },
     };
-    const u = new uPlot(options, data2, plot);
+    const u = new uPlot(options, columns, plot);
     plot.append(lineLegend(u, drawn));
     u.over.addEventListener("mouseleave", hideTooltip);
-    // A click on a single result opens it; on a bucket of several, the table lists them.
-    u.over.addEventListener("click", () => {
+    // A click on a single result opens it; on a bucket of several, the table lists them. The
+    // end of a drag (a zoom) is no click.
+    u.over.addEventListener("mousedown", (event) => {
+      state.downAt = event.clientX;
+    });
+    u.over.addEventListener("click", (event) => {
       const hovered = state.hovered;
-      if (hovered == null) return;
+      if (hovered == null || Math.abs(event.clientX - (state.downAt ?? event.clientX)) > 3) return;
       const recordId = hovered.line.line.record_id[hovered.row];
       if (recordId != null) {
         window.location.href = `/results/${recordId}`;
@@ -239,6 +243,7 @@
       table.searchParams.set("test", hovered.line.line.test);
       table.searchParams.set("from", isoTime(start + bucket * width));
       table.searchParams.set("to", isoTime(start + (bucket + 1) * width));
+      table.searchParams.set("order", "asc"); // in the order they ran
       window.location.href = `${table.pathname}${table.search}`;
     });
     charts.push({ id: chart.id, plot: u, state, xs, grid, lines: drawn });
