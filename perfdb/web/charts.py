@@ -18,6 +18,7 @@ from typing import Any
 from perfdb.records.timestamps import parse_rfc3339
 from perfdb.records.units import CORE_METRICS
 from perfdb.web.analysis import CHARTS, axis_scale
+from perfdb.web.queries import QueryError
 from perfdb.web.source import RecordQuery, ResultSource
 
 # Points per line when the page does not say how wide its charts are, and the bounds of what it
@@ -53,8 +54,12 @@ class ChartRequest:
 
 
 def points_param(raw: str) -> int:
-    """The `points` query parameter, clamped; junk means the default."""
-    return max(MIN_POINTS, min(MAX_POINTS, int(raw))) if raw.isdigit() else DEFAULT_POINTS
+    """The `points` query parameter: points per line."""
+    if raw == "":
+        return DEFAULT_POINTS
+    if not raw.isdigit() or not MIN_POINTS <= int(raw) <= MAX_POINTS:
+        raise QueryError(f"points: must be a whole number from {MIN_POINTS} to {MAX_POINTS}")
+    return int(raw)
 
 
 async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, Any]:

@@ -95,7 +95,9 @@ async def test_one_test_and_the_detail_test_follow_the_query(seeded: SeededPerfd
     async with dashboard_client(seeded.address) as client:
         one = await _json(client, f"/api/users/{ADA}/series?test={UNARY}")
         detail = await _json(client, f"/api/users/{NIGHTLY}/series?detail=go_generic_sync_streaming_ping_pong")
-        ignored = await _json(client, f"/api/users/{NIGHTLY}/series?detail=no-such-test&points=junk")
+        ignored = await _json(client, f"/api/users/{NIGHTLY}/series?detail=no-such-test")
+        junk = await _json(client, f"/api/users/{NIGHTLY}/series?points=junk", status=400)
+        too_many = await _json(client, f"/api/users/{NIGHTLY}/series?points=5000", status=400)
         last_day = ada[-1]["timestamp"][:10]
         recent = await _json(client, f"/api/users/{ADA}/series?test={UNARY}&from={last_day}&to={last_day}")
     assert {line["metric"] for line in one["lines"]} == {metric for c in one["charts"] for metric in c["metrics"]}
@@ -105,6 +107,11 @@ async def test_one_test_and_the_detail_test_follow_the_query(seeded: SeededPerfd
         "go_generic_sync_streaming_ping_pong"
     }
     assert ignored["detail"] == ignored["tests"][0]["name"]
+    assert junk["error"] == too_many["error"] == {
+        "code": "bad_query",
+        "message": "points: must be a whole number from 50 to 2000",
+        "retryable": False,
+    }
     [single] = [record for record in ada if record["timestamp"].startswith(last_day)]
     assert _line(recent, UNARY, "qps")["record_id"] == [single["record_id"]]
     assert recent["range"][0] == parse_rfc3339(f"{last_day}T00:00:00Z") / 1e6
