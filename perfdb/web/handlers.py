@@ -22,10 +22,10 @@ from perfdb.web.pages import COLUMN_LABELS
 from perfdb.web.queries import (
     METRICS_BY_NAME,
     Filters,
+    OneTestView,
     OverviewView,
     QueryError,
     TableView,
-    TestView,
     UserView,
     build_url,
     higher_is_better,
@@ -317,17 +317,17 @@ async def api_user_series(request: web.Request) -> web.Response:
 # -- one test across users -------------------------------------------------------------------
 
 
-def _test_view(request: web.Request) -> TestView:
-    return TestView.from_params(request.match_info["test_name"], request.query)
+def _one_test_view(request: web.Request) -> OneTestView:
+    return OneTestView.from_params(request.match_info["test_name"], request.query)
 
 
-async def test_handler(request: web.Request) -> web.Response:
-    return html_response(pages.test_page(request.app[DASHBOARD].site, _test_view(request)))
+async def one_test_handler(request: web.Request) -> web.Response:
+    return html_response(pages.one_test_page(request.app[DASHBOARD].site, _one_test_view(request)))
 
 
-async def api_test_series(request: web.Request) -> web.Response:
+async def api_one_test_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
-    view = _test_view(request)
+    view = _one_test_view(request)
     tests = await dashboard.source.test_counts(None, CHART_TEST_METRICS)
     if view.filters.test not in tests:
         raise NotFoundError(f"perfdb has no results of a test named {view.filters.test[:100]!r}.")
@@ -506,12 +506,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", results_handler, name="results")
     app.router.add_get("/results/{record_id}", result_handler, name="result")
     app.router.add_get("/users/{user_id}", user_handler, name="user")
-    app.router.add_get("/tests/{test_name}", test_handler, name="test")
+    app.router.add_get("/tests/{test_name}", one_test_handler, name="test")
     app.router.add_get("/overview", overview_handler, name="overview")
     app.router.add_get("/api", api_index, name="api")
     app.router.add_get("/api/results", api_results, name="api-results")
     app.router.add_get("/api/results/{record_id}", api_result, name="api-result")
     app.router.add_get("/api/users/{user_id}/series", api_user_series, name="api-user-series")
-    app.router.add_get("/api/tests/{test_name}/series", api_test_series, name="api-test-series")
+    app.router.add_get("/api/tests/{test_name}/series", api_one_test_series, name="api-test-series")
     app.router.add_get("/api/overview", api_overview, name="api-overview")
     app.router.add_get("/api/health", api_health, name="api-health")

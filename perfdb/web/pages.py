@@ -22,9 +22,9 @@ from perfdb.web.queries import (
     PER_PAGE_CHOICES,
     QUICK_RANGES,
     Filters,
+    OneTestView,
     OverviewView,
     TableView,
-    TestView,
     UserView,
     build_url,
     higher_is_better,
@@ -433,11 +433,11 @@ def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
     return layout(site, title=name, active="user", body=body, scripts=("charts.js",))
 
 
-def test_url(test_name: str) -> str:
+def one_test_url(test_name: str) -> str:
     return "/tests/" + urllib.parse.quote(test_name, safe="")
 
 
-def test_page(site: Site, view: TestView) -> Markup:
+def one_test_page(site: Site, view: OneTestView) -> Markup:
     filters = view.filters
     form = render(
         """<form class="filters" method="get" action="{action}" id="filters">
@@ -691,7 +691,7 @@ def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | No
         tag=render(' · tag <span class="chip">{tag}</span>', tag=tag) if tag else "",
         user_test_href=build_url(user_url(user_id), [("test", test)]),
         test_href=build_url("/", [("test", test)]),
-        test_chart_href=test_url(test),
+        test_chart_href=one_test_url(test),
         sections=concat(sections),
     )
     return layout(site, title=test, active="result", body=body)

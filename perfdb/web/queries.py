@@ -302,13 +302,13 @@ class UserView:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class TestView:
+class OneTestView:
     """Everyone's results of one test over time."""
 
     filters: Filters
 
     @classmethod
-    def from_params(cls, test_name: str, params: Mapping[str, str]) -> TestView:
+    def from_params(cls, test_name: str, params: Mapping[str, str]) -> OneTestView:
         if not test_name.strip() or len(test_name) > MAX_FIELD_CHARS or _CONTROL_CHARS.search(test_name):
             raise QueryError("test: not a test name")
         filters = Filters.from_params(params)
