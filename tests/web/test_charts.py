@@ -107,11 +107,15 @@ async def test_one_test_and_the_detail_test_follow_the_query(seeded: SeededPerfd
         "go_generic_sync_streaming_ping_pong"
     }
     assert ignored["detail"] == ignored["tests"][0]["name"]
-    assert junk["error"] == too_many["error"] == {
-        "code": "bad_query",
-        "message": "points: must be a whole number from 50 to 2000",
-        "retryable": False,
-    }
+    assert (
+        junk["error"]
+        == too_many["error"]
+        == {
+            "code": "bad_query",
+            "message": "points: must be a whole number from 50 to 2000",
+            "retryable": False,
+        }
+    )
     [single] = [record for record in ada if record["timestamp"].startswith(last_day)]
     assert _line(recent, UNARY, "qps")["record_id"] == [single["record_id"]]
     assert recent["range"][0] == parse_rfc3339(f"{last_day}T00:00:00Z") / 1e6
