@@ -91,7 +91,8 @@ class Config:
     max_batch_records: int = setting(4096, "most records committed in one group-commit write batch", "storage")
     max_sort_examined: int = setting(
         250_000,
-        "most entries one sorted get_user/get_all examines (newest first); past it the reply says complete: false",
+        "most entries one sorted get_user/get_all, or one series, examines (newest first); "
+        "past it the reply says complete: false",
         "storage",
     )
     upgrade_batch_records: int = setting(
@@ -123,7 +124,7 @@ class Config:
     expose_emails: bool = setting(False, "include e-mail addresses in public profiles", "privacy and access")
     read_key_file: Path | None = setting(
         None,
-        "file holding a key (16+ characters) that get_user, get_all and stats must present; "
+        "file holding a key (16+ characters) that get_user, get_all, overview, series and stats must present; "
         "without it reads are open to anyone who can connect",
         "privacy and access",
         type=Path,

@@ -213,6 +213,23 @@ async def test_both_clients_pass_ordering_options_and_ask_for_the_overview(tmp_p
     assert blocking_overview["tests"] == overview["tests"]
 
 
+async def test_both_clients_ask_for_a_series(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(address(server)) as client:
+        acks = [await client.record(**bench(n, metrics={"qps": n, "perc_lat_50": 10 * n})) for n in range(4)]
+        one = await client.series("qps", "unary", user_id="alice", buckets=1)
+        since = acks[1]["timestamp"]
+        with Client(address(server)) as blocking:
+            both = await asyncio.to_thread(
+                lambda: blocking.series(["qps", "perc_lat_50"], "unary", tag="", since=since, buckets=4000)
+            )
+    [point] = one["series"]["qps"]["points"]
+    assert (point["count"], point["min"], point["max"], one["buckets"]) == (4, 0, 3, 1)
+    assert both["since"] == since and both["records"] == 3
+    latency = both["series"]["perc_lat_50"]
+    assert [p["record_id"] for p in latency["points"]] == ids(acks)[1:]
+    assert latency["max"] == {"value": 30, "record_id": acks[3]["record_id"], "timestamp": acks[3]["timestamp"]}
+
+
 async def test_hello_ping_stats(tmp_path: Path) -> None:
     async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(address(server)) as client:
         hello = await client.hello()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from perfdb.client.common import (
@@ -280,3 +280,27 @@ class AsyncClient(ClientSettings):
     async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """The server's aggregates of one metric, for one test or (by default) every test."""
         return await self.call("overview", metric=metric, test_name=test_name)
+
+    async def series(
+        self,
+        metric: str | Sequence[str],
+        test_name: str,
+        *,
+        user_id: str | None = None,
+        tag: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        buckets: int | None = None,
+    ) -> dict[str, Any]:
+        """One test's values of a metric (or of several, given a list) over time, downsampled by
+        the server into at most `buckets` time buckets (its default: 1000); see the series op."""
+        return await self.call(
+            "series",
+            metric=metric if isinstance(metric, str) else list(metric),
+            test_name=test_name,
+            user_id=user_id,
+            tag=tag,
+            since=since,
+            until=until,
+            buckets=buckets,
+        )

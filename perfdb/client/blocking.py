@@ -7,7 +7,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -210,3 +210,27 @@ class Client(ClientSettings):
     def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """The server's aggregates of one metric, for one test or (by default) every test."""
         return self.call("overview", metric=metric, test_name=test_name)
+
+    def series(
+        self,
+        metric: str | Sequence[str],
+        test_name: str,
+        *,
+        user_id: str | None = None,
+        tag: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        buckets: int | None = None,
+    ) -> dict[str, Any]:
+        """One test's values of a metric (or of several, given a list) over time, downsampled by
+        the server into at most `buckets` time buckets (its default: 1000); see the series op."""
+        return self.call(
+            "series",
+            metric=metric if isinstance(metric, str) else list(metric),
+            test_name=test_name,
+            user_id=user_id,
+            tag=tag,
+            since=since,
+            until=until,
+            buckets=buckets,
+        )

@@ -22,9 +22,9 @@ TIMEOUT = "timeout"
 PROTOCOL_ERROR = "protocol_error"
 
 # Ops that are safe to send again: reads, and records that carry a request_id.
-IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "overview", "export", "import"})
+IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "overview", "series", "export", "import"})
 # Ops that carry the read key when the client has one.
-READ_OPS = frozenset({"stats", "get_user", "get_all", "overview"})
+READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series"})
 
 
 class ClientSettings:
@@ -32,7 +32,7 @@ class ClientSettings:
 
     address: "host:port"; ssl_context: TLS (see tls_context) or None for plain TCP;
     connect_timeout, request_timeout: seconds; retry: backoff for retryable failures;
-    read_key: sent with get_user, get_all, overview and stats to a server that requires one.
+    read_key: sent with get_user, get_all, overview, series and stats to a server that requires one.
     """
 
     def __init__(

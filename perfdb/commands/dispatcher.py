@@ -39,6 +39,7 @@ from perfdb.records.schema import (
     parse_overview,
     parse_query,
     parse_record,
+    parse_series,
 )
 from perfdb.storage import Page, RecordAck, ResultStore
 
@@ -360,6 +361,12 @@ class CommandDispatcher:
         self._require_read(request)
         test_name, metric = parse_overview(request)
         return self._store.overview(test_name, metric)
+
+    def op_series(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        series = parse_series(request)
+        # Deferred like a page: a reply of thousands of points waits for the client to read.
+        return Deferred(lambda: self._store.series(series))
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

@@ -54,6 +54,13 @@ IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
 ORDER_FIELDS = frozenset({"reverse", "sort", "order"})  # get_user and get_all only
 OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric"})
+SERIES_FIELDS = (
+    ENVELOPE_FIELDS | READ_FIELDS | frozenset({"metric", "test_name", "user_id", "tag", "since", "until", "buckets"})
+)
+# A series reply holds at most MAX_SERIES_METRICS x MAX_SERIES_BUCKETS points.
+DEFAULT_SERIES_BUCKETS = 1000
+MAX_SERIES_BUCKETS = 4000
+MAX_SERIES_METRICS = 16
 SORT_ORDERS = ("desc", "asc")
 
 
@@ -85,6 +92,23 @@ class Query:
     reverse: bool = False  # newest first
     sort: str | None = None  # a metric name: the page is the top `limit` records by it
     descending: bool = True  # with sort: highest values first
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SeriesQuery:
+    """A validated series request: which records, which metrics, and how finely to bucket them."""
+
+    metrics: tuple[str, ...]
+    test_name: str
+    user_id: str | None
+    tag: str | None
+    since: int | None  # microseconds since the epoch, inclusive
+    until: int | None  # microseconds since the epoch, exclusive
+    buckets: int
+
+    def as_query(self) -> Query:
+        """The same filters as a read query (for choosing the index to walk)."""
+        return Query(self.user_id, self.test_name, self.tag, self.since, self.until, limit=1, cursor=None)
 
 
 # -- field checks -----------------------------------------------------------------------
@@ -443,6 +467,36 @@ def parse_overview(request: dict[str, Any]) -> tuple[str | None, str]:
     if metric is None:
         raise bad_request("metric", "is required")
     return optional_string(request, "test_name", MAX_NAME_CHARS), _metric_name("metric", metric)
+
+
+def parse_series(request: dict[str, Any]) -> SeriesQuery:
+    """Validate a series request."""
+    check_fields(request, SERIES_FIELDS)
+    metric = request.get("metric")
+    if metric is None:
+        raise bad_request("metric", "is required")
+    if isinstance(metric, list):
+        if not 1 <= len(metric) <= MAX_SERIES_METRICS:
+            raise bad_request("metric", f"must list 1 to {MAX_SERIES_METRICS} metric names")
+        metrics = tuple(_metric_name(f"metric[{index}]", name) for index, name in enumerate(metric))
+        if len(set(metrics)) != len(metrics):
+            raise bad_request("metric", "names a metric twice")
+    else:
+        metrics = (_metric_name("metric", metric),)
+    test_name = required_string(request, "test_name", MAX_NAME_CHARS)
+    user_id = optional_string(request, "user_id", MAX_USER_ID_CHARS)
+    since = _timestamp(request, "since")
+    until = _timestamp(request, "until")
+    if since is not None and until is not None and until <= since:
+        raise bad_request("until", "must be later than since")
+    buckets = request.get("buckets")
+    if buckets is None:
+        buckets = DEFAULT_SERIES_BUCKETS
+    if isinstance(buckets, bool) or not isinstance(buckets, int):
+        raise bad_request("buckets", f"must be an integer, got {_json_type(buckets)}")
+    if not 1 <= buckets <= MAX_SERIES_BUCKETS:
+        raise bad_request("buckets", f"must be between 1 and {MAX_SERIES_BUCKETS}")
+    return SeriesQuery(metrics, test_name, user_id, _optional_tag(request), since, until, buckets)
 
 
 def _metric_name(field: str, value: Any) -> str:

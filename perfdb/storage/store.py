@@ -25,11 +25,13 @@ import plyvel
 
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
-from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id
-from perfdb.records.schema import ImportedRecord, Query, RecordDraft
+from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id, record_id_micros
+from perfdb.records.schema import ImportedRecord, Query, RecordDraft, SeriesQuery
+from perfdb.records.timestamps import format_micros
 from perfdb.storage import layout
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
 from perfdb.storage.overview import Overview
+from perfdb.storage.series import BucketGrid, MetricSeries
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
 from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
 
@@ -356,6 +358,10 @@ class ResultStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._overview.report, test_name, metric)
 
+    async def series(self, request: SeriesQuery) -> dict[str, Any]:
+        """The series reply's fields: the request's metrics bucketed over time (see series.py)."""
+        return await self._read(self._read_series, request)
+
     async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
         loop = asyncio.get_running_loop()
@@ -442,7 +448,7 @@ class ResultStore:
         page_bytes = 0
         # A scan of history should not push recent data out of LevelDB's block cache.
         fill_cache = source.prefix != layout.RECORD_PREFIX
-        with snapshot.iterator(start=start, stop=stop, reverse=query.reverse, fill_cache=fill_cache) as entries:
+        with _entries(snapshot, start, stop, reverse=query.reverse, fill_cache=fill_cache) as entries:
             for key, value in entries:
                 if scanned == SCAN_BUDGET:
                     more = True
@@ -478,7 +484,7 @@ class ResultStore:
 
         def ranked() -> Iterator[tuple[_Rank, memoryview, bytes]]:
             nonlocal examined, candidates, complete
-            with snapshot.iterator(start=start, stop=stop, reverse=True, fill_cache=False) as entries:
+            with _entries(snapshot, start, stop, reverse=True) as entries:
                 for key, value in entries:
                     if examined == self._max_sort_examined:
                         complete = False
@@ -512,6 +518,89 @@ class ResultStore:
         more = candidates > len(records) and last_rank is not None
         next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
         return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
+
+    def _read_series(self, request: SeriesQuery) -> dict[str, Any]:
+        """Walk the series' records newest first over the smallest index, at most
+        max_sort_examined entries, adding each metric value to its time bucket."""
+        query = request.as_query()
+        with self._guard.reading():
+            snapshot = self._database().snapshot()
+            try:
+                source = _choose_source(snapshot, query)
+                start, stop = _key_range(source.prefix, query, after_cursor=False)
+                grid = self._series_grid(snapshot, source, request, start, stop)
+                if grid is None:
+                    return _series_fields(request, None, {}, records=0, examined=0, complete=True)
+                series = {metric: MetricSeries(grid) for metric in request.metrics}
+                admits, fetch = self._entry_readers(snapshot, source, query)
+                examined = records = 0
+                complete = True
+                with _entries(snapshot, start, stop, reverse=True) as entries:
+                    for key, value in entries:
+                        if examined == self._max_sort_examined:
+                            complete = False
+                            break
+                        examined += 1
+                        user_id = admits(key, value)
+                        document = None if user_id is None else fetch(key, value, user_id)
+                        if document is None:
+                            continue
+                        records += 1
+                        metrics = orjson.loads(document)["metrics"]
+                        record_id = source.record_id(key)
+                        micros = record_id_micros(record_id)
+                        for metric, points in series.items():
+                            number = metrics.get(metric)
+                            if type(number) in (int, float):
+                                points.add(number, record_id, micros)
+                return _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
+            finally:
+                snapshot.close()
+
+    def _series_grid(
+        self, snapshot: plyvel.Snapshot, source: _Source, request: SeriesQuery, start: bytes, stop: bytes
+    ) -> BucketGrid | None:
+        """The buckets over since..until; an open end is the oldest (newest) matching record,
+        found from index entries alone. None when the range is open and nothing matches."""
+        low, high = request.since, request.until
+        if low is None:
+            first = self._edge_micros(snapshot, source, request, start, stop, newest=False)
+            if first is None:
+                return None
+            low = first
+        if high is None:
+            last = self._edge_micros(snapshot, source, request, start, stop, newest=True)
+            if last is None:
+                return None
+            high = last + 1
+        return BucketGrid.spanning(low, high, request.buckets)
+
+    def _edge_micros(
+        self,
+        snapshot: plyvel.Snapshot,
+        source: _Source,
+        request: SeriesQuery,
+        start: bytes,
+        stop: bytes,
+        *,
+        newest: bool,
+    ) -> int | None:
+        """The time of the oldest (newest) entry that the filters admit; a walk past
+        max_sort_examined entries settles for the first entry of the range."""
+        query = request.as_query()
+        edge: bytes | None = None
+        with _entries(snapshot, start, stop, reverse=newest) as entries:
+            for examined, (key, value) in enumerate(entries):
+                if edge is None:
+                    edge = key
+                if examined == self._max_sort_examined:
+                    break
+                if _matches(query, *layout.index_fields(source.prefix, value)):
+                    edge = key
+                    break
+            else:
+                return None  # the whole range holds nothing that matches
+        return None if edge is None else record_id_micros(source.record_id(edge))
 
     def _checked(self, value: bytes | None, record_key: bytes) -> memoryview | None:
         """The record's JSON, or None (logged and counted) if it is missing or damaged."""
@@ -547,6 +636,29 @@ class _Source:
         return layout.index_record_id(key)
 
 
+@contextlib.contextmanager
+def _entries(
+    snapshot: plyvel.Snapshot, start: bytes, stop: bytes, *, reverse: bool, fill_cache: bool = False
+) -> Iterator[Iterator[tuple[bytes, bytes]]]:
+    """The entries in [start, stop), oldest or newest first."""
+    with snapshot.iterator(start=start, stop=stop, reverse=reverse, fill_cache=fill_cache) as entries:
+        yield _with_lone_start(snapshot, entries, start, stop) if reverse else entries
+
+
+def _with_lone_start(
+    snapshot: plyvel.Snapshot, entries: Iterator[tuple[bytes, bytes]], start: bytes, stop: bytes
+) -> Iterator[tuple[bytes, bytes]]:
+    """plyvel 1.5's reverse iterator yields nothing when the range's only key equals `start`
+    (a time range starting at a record's exact time): when it yields nothing, look forward."""
+    found = False
+    for entry in entries:
+        found = True
+        yield entry
+    if not found:
+        with snapshot.iterator(start=start, stop=stop, fill_cache=False) as forward:
+            yield from forward
+
+
 def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:
     """The smallest index that holds every record the query's filters admit; the record
     keyspace when there is no filter."""
@@ -563,6 +675,34 @@ def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:
         (_Source(prefix, layout.read_count(snapshot.get(count_key))) for count_key, prefix in candidates),
         key=lambda source: source.count,
     )
+
+
+def _series_fields(
+    request: SeriesQuery,
+    grid: BucketGrid | None,
+    series: dict[str, MetricSeries],
+    *,
+    records: int,
+    examined: int,
+    complete: bool,
+) -> dict[str, Any]:
+    return {
+        "since": None if grid is None else format_micros(grid.start),
+        "until": None if grid is None else format_micros(grid.end),
+        "bucket_micros": None if grid is None else grid.width,
+        "buckets": 0 if grid is None else grid.count,
+        "records": records,
+        "examined": examined,
+        "complete": complete,
+        "series": {
+            metric: series[metric].to_fields() if metric in series else _EMPTY_SERIES for metric in request.metrics
+        },
+    }
+
+
+_EMPTY_SERIES: dict[str, Any] = {
+    "count": 0, "first": None, "last": None, "min": None, "max": None, "exact_medians": True, "points": [],
+}  # fmt: skip
 
 
 def _filter_count(query: Query) -> int:

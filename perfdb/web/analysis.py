@@ -1,5 +1,5 @@
-"""What the pages compute from scanned results: sort orders, chart series, histograms and
-leaderboards. Pure functions of rows, so they are tested without a server."""
+"""What the pages compute from scanned results: sort orders, histograms and leaderboards, and
+which metrics the time charts draw. Pure functions of rows, so they are tested without a server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from perfdb.records.units import CORE_METRICS, format_value
+from perfdb.records.units import format_value
 from perfdb.web.queries import METRICS_BY_NAME, higher_is_better
 from perfdb.web.source import ResultRow, display_name
 
@@ -73,36 +73,6 @@ def axis_scale(unit: str, values: list[float]) -> dict[str, Any]:
             return {"label": "ms", "divisor": 1000}
         return {"label": "µs", "divisor": 1}
     return {"label": {"qps": "queries/s", "percent": "%"}.get(unit, ""), "divisor": 1}
-
-
-def chart_series(rows: list[ResultRow]) -> dict[str, Any]:
-    """The user page's chart data: one entry per result, oldest first, column by column."""
-    rows = sorted(rows, key=lambda row: row.record_id)
-    metrics: dict[str, Any] = {}
-    for metric in CORE_METRICS:
-        values = [row.metrics.get(metric.name) for row in rows]
-        metrics[metric.name] = {
-            "label": metric.label,
-            "unit": metric.unit,
-            "values": values,
-            "text": [None if value is None else format_value(value, metric.unit) for value in values],
-        }
-    charts = []
-    for chart in CHARTS:
-        present = [value for name in chart["metrics"] for value in metrics[name]["values"] if value is not None]
-        charts.append({**chart, "axis": axis_scale(str(chart["unit"]), present), "empty": not present})
-    return {
-        "records": {
-            "record_id": [row.record_id for row in rows],
-            "time": [row.micros / 1_000_000 for row in rows],
-            "timestamp": [row.timestamp for row in rows],
-            "test_name": [row.test_name for row in rows],
-            "tag": [row.tag for row in rows],
-        },
-        "metrics": metrics,
-        "charts": charts,
-        "tests": [{"name": name, "count": count} for name, count in count_tests(rows)],
-    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

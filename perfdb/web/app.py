@@ -41,7 +41,7 @@ class WebConfig:
     ca_file: str | None = None
     timeout: float = 10.0  # seconds to wait for one perfdb reply
     connect_timeout: float = 2.0
-    scan_limit: int = 20_000  # results kept by one bulk scan (charts, overview, sorting by a metric)
+    scan_limit: int = 20_000  # results kept by one bulk scan (overview, sorting by a metric)
     cache_seconds: float = 30.0  # how long a bulk scan is reused
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line
@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scan-limit",
         type=positive_int,
         default=20_000,
-        help="most results, the newest of the range, that charts, the overview and sorting by a column "
-        "read at once (default: %(default)s)",
+        help="most results, the newest of the range, that the overview and sorting by a column read at once; "
+        "charts are downsampled by perfdb instead and show every result (default: %(default)s)",
     )
     parser.add_argument(
         "--cache-seconds",

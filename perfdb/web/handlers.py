@@ -1,4 +1,4 @@
-"""Routes: the four pages, the JSON API behind them, and the error pages every failure becomes."""
+"""Routes: the pages, the JSON API behind them, and the error pages every failure becomes."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from multidict import MultiMapping
 from perfdb import __version__
 from perfdb.records.record_ids import is_record_id
 from perfdb.web import pages
-from perfdb.web.analysis import chart_series, count_tests, histogram, leaderboard, sort_rows
+from perfdb.web.analysis import count_tests, histogram, leaderboard, sort_rows
+from perfdb.web.charts import CHART_TEST_METRICS, ChartRequest, chart_data, points_param
 from perfdb.web.markup import Markup
 from perfdb.web.pages import COLUMN_LABELS
 from perfdb.web.queries import (
     METRICS_BY_NAME,
     Filters,
+    OneTestView,
     OverviewView,
     QueryError,
     TableView,
@@ -299,23 +301,60 @@ async def user_handler(request: web.Request) -> web.Response:
 async def api_user_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view, profile = await _user(request)
-    scan = await dashboard.newest(record_query(view.filters))
-    # The test selector lists every test of the range, also while one test is shown.
-    everything = await dashboard.newest(record_query(view.filters, with_test=False)) if view.filters.test else scan
-    series = chart_series(scan.rows)
-    series["tests"] = [{"name": name, "count": count} for name, count in count_tests(everything.rows)]
+    tests = await dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS)
+    data = await _chart_data(dashboard, request, record_query(view.filters), tests)
     return json_response(
         {
             "user": profile,
             "user_id": view.user_id,
             "test": view.filters.test,
-            **series,
-            "truncated": scan.more,
-            "note": dashboard.truncation_note(scan),
-            "scan_limit": dashboard.scan_limit,
+            **data,
             "links": {"page": view.url(), "table": build_url("/", [("user", view.user_id), *view.params()])},
         }
     )
+
+
+# -- one test across users -------------------------------------------------------------------
+
+
+def _one_test_view(request: web.Request) -> OneTestView:
+    return OneTestView.from_params(request.match_info["test_name"], request.query)
+
+
+async def one_test_handler(request: web.Request) -> web.Response:
+    return html_response(pages.one_test_page(request.app[DASHBOARD].site, _one_test_view(request)))
+
+
+async def api_one_test_series(request: web.Request) -> web.Response:
+    dashboard = request.app[DASHBOARD]
+    view = _one_test_view(request)
+    tests = await dashboard.source.test_counts(None, CHART_TEST_METRICS)
+    if view.filters.test not in tests:
+        raise NotFoundError(f"perfdb has no results of a test named {view.filters.test[:100]!r}.")
+    data = await _chart_data(dashboard, request, record_query(view.filters), tests)
+    return json_response({"test": view.filters.test, **data, "links": {"page": view.url(), "table": view.url("/")}})
+
+
+async def _chart_data(
+    dashboard: Dashboard, request: web.Request, query: RecordQuery, tests: dict[str, int]
+) -> dict[str, Any]:
+    """The time charts of a query, downsampled for the page's width (`points`); `detail` picks the
+    test of the percentile and CPU charts when every test is shown."""
+    ranked = sorted(tests.items(), key=lambda item: (-item[1], item[0]))
+    chart_request = ChartRequest(
+        query=query,
+        tests=ranked,
+        detail=request.query.get("detail") or None,
+        points=points_param(request.query.get("points", "")),
+    )
+    data = await chart_data(dashboard.source, chart_request)
+    note = None
+    if not data["complete"]:
+        note = (
+            "Some lines hold more results than perfdb examines for one chart; they show the newest of them. "
+            "Narrow the date range to see all of it."
+        )
+    return {**data, "tests": [{"name": name, "count": count} for name, count in ranked], "note": note}
 
 
 # -- overview ----------------------------------------------------------------------------
@@ -467,10 +506,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", results_handler, name="results")
     app.router.add_get("/results/{record_id}", result_handler, name="result")
     app.router.add_get("/users/{user_id}", user_handler, name="user")
+    app.router.add_get("/tests/{test_name}", one_test_handler, name="test")
     app.router.add_get("/overview", overview_handler, name="overview")
     app.router.add_get("/api", api_index, name="api")
     app.router.add_get("/api/results", api_results, name="api-results")
     app.router.add_get("/api/results/{record_id}", api_result, name="api-result")
     app.router.add_get("/api/users/{user_id}/series", api_user_series, name="api-user-series")
+    app.router.add_get("/api/tests/{test_name}/series", api_one_test_series, name="api-test-series")
     app.router.add_get("/api/overview", api_overview, name="api-overview")
     app.router.add_get("/api/health", api_health, name="api-health")

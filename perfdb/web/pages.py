@@ -22,6 +22,7 @@ from perfdb.web.queries import (
     PER_PAGE_CHOICES,
     QUICK_RANGES,
     Filters,
+    OneTestView,
     OverviewView,
     TableView,
     UserView,
@@ -432,6 +433,42 @@ def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
     return layout(site, title=name, active="user", body=body, scripts=("charts.js",))
 
 
+def one_test_url(test_name: str) -> str:
+    return "/tests/" + urllib.parse.quote(test_name, safe="")
+
+
+def one_test_page(site: Site, view: OneTestView) -> Markup:
+    filters = view.filters
+    form = render(
+        """<form class="filters" method="get" action="{action}" id="filters">
+  {tag}{date_from}{date_to}
+  <div class="actions"><button type="submit">Apply</button><a class="button-link" href="{action}">Reset</a></div>
+</form>""",
+        action=view.path,
+        tag=_text_input("tag", "Tag", filters.tag, placeholder="any tag"),
+        date_from=_date_input("from", "From", filters.date_from),
+        date_to=_date_input("to", "To", filters.date_to),
+    )
+    ranges = _quick_ranges(lambda date_from, date_to: view.url(**_dates(filters, date_from, date_to)), filters)
+    body = render(
+        """<section class="page-head">
+  <h1>{test}</h1>
+  <p class="lede">Everyone's results of this test over time · <a href="{table}">these results as a table</a></p>
+</section>
+{form}
+{ranges}
+<p class="summary" id="chart-summary" aria-live="polite">Loading results…</p>
+<div class="charts" id="charts" data-api="{api}"></div>
+<div class="chart-tooltip" id="chart-tooltip" hidden></div>""",
+        test=filters.test,
+        table=view.url("/"),
+        form=form,
+        ranges=ranges,
+        api=view.api_url(),
+    )
+    return layout(site, title=filters.test, active="test", body=body, scripts=("charts.js",))
+
+
 def _dates(filters: Filters, date_from: str, date_to: str) -> dict[str, Any]:
     changed = filters.with_dates(date_from, date_to)
     return {"date_from": changed.date_from, "date_to": changed.date_to, "since": changed.since, "until": changed.until}
@@ -641,7 +678,8 @@ def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | No
   <h1>{test}</h1>
   <p class="lede">by <a href="{user_href}" title="{user_id}">{user}</a> · {time}{tag}</p>
   <p class="links"><a href="{user_test_href}" id="user-test-link">This user's results of this test over time</a> ·
-    <a href="{test_href}">everyone's results of this test</a></p>
+    <a href="{test_href}">everyone's results of this test</a>
+    (<a href="{test_chart_href}" id="test-chart-link">over time</a>)</p>
 </section>
 <div class="result-grid">{sections}</div>""",
         record_id=record["record_id"],
@@ -653,6 +691,7 @@ def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | No
         tag=render(' · tag <span class="chip">{tag}</span>', tag=tag) if tag else "",
         user_test_href=build_url(user_url(user_id), [("test", test)]),
         test_href=build_url("/", [("test", test)]),
+        test_chart_href=one_test_url(test),
         sections=concat(sections),
     )
     return layout(site, title=test, active="result", body=body)
@@ -739,7 +778,11 @@ def error_page(site: Site, *, status: int, title: str, message: str, retry_url: 
 API_ENDPOINTS = (
     ("/api/results", "A page of the results table; takes the table's query parameters."),
     ("/api/results/{record_id}", "One stored result and its user's public profile."),
-    ("/api/users/{user_id}/series", "One user's results as chart columns (test, from, to, tag)."),
+    (
+        "/api/users/{user_id}/series",
+        "One user's results over time, downsampled for charts (test, tag, from, to, detail, points).",
+    ),
+    ("/api/tests/{test_name}/series", "Everyone's results of one test over time, downsampled (tag, from, to, points)."),
     ("/api/overview", "Histogram and leaderboard of one metric (metric, test, tag, from, to, bins)."),
     ("/api/health", "Whether perfdb answers, and its version."),
 )

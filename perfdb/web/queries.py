@@ -298,6 +298,39 @@ class UserView:
         return build_url(self.path.replace("/users/", "/api/users/", 1) + "/series", self.params())
 
 
+# -- one test across users -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OneTestView:
+    """Everyone's results of one test over time."""
+
+    filters: Filters
+
+    @classmethod
+    def from_params(cls, test_name: str, params: Mapping[str, str]) -> OneTestView:
+        if not test_name.strip() or len(test_name) > MAX_FIELD_CHARS or _CONTROL_CHARS.search(test_name):
+            raise QueryError("test: not a test name")
+        filters = Filters.from_params(params)
+        return cls(filters=dataclasses.replace(filters, test=test_name, user="", search=""))
+
+    @property
+    def path(self) -> str:
+        return "/tests/" + urllib.parse.quote(self.filters.test, safe="")
+
+    def params(self) -> list[tuple[str, str]]:
+        return [(name, value) for name, value in self.filters.params() if name != "test"]
+
+    def url(self, path: str | None = None, **filter_changes: Any) -> str:
+        filters = dataclasses.replace(self.filters, **filter_changes)
+        if path is not None:  # another page of the same results, e.g. the table
+            return build_url(path, filters.params())
+        return build_url(self.path, [(n, v) for n, v in filters.params() if n != "test"])
+
+    def api_url(self) -> str:
+        return build_url("/api" + self.path + "/series", self.params())
+
+
 # -- the overview ------------------------------------------------------------------------
 
 

@@ -217,6 +217,56 @@ class ResultSource:
                 return
             fields["cursor"] = page["next_cursor"]
 
+    async def edges(self, query: RecordQuery) -> tuple[int, int] | None:
+        """The times of the oldest and the newest result a query matches (search words aside),
+        from two one-record reads; None when it matches none."""
+        fields: dict[str, Any] = {
+            "test_name": query.test_name,
+            "tag": query.tag,
+            "since": format_micros(query.since) if query.since is not None else None,
+            "until": format_micros(query.until) if query.until is not None else None,
+            "limit": 1,
+        }
+        op = "get_all"
+        if query.user_id is not None:
+            op, fields["user_id"] = "get_user", query.user_id
+        try:
+            oldest, newest = await asyncio.gather(self._call(op, **fields), self._call(op, reverse=True, **fields))
+        except PerfdbError as error:
+            if error.code == "not_found":
+                return None
+            raise
+        if not oldest["records"] or not newest["records"]:
+            return None
+        return record_id_micros(oldest["records"][0]["record_id"]), record_id_micros(newest["records"][0]["record_id"])
+
+    async def series(
+        self, metrics: list[str], test_name: str, query: RecordQuery, *, since: int, until: int, buckets: int
+    ) -> dict[str, Any]:
+        """perfdb's series of some metrics of one test over [since, until), in `buckets` buckets."""
+        return await self._call(
+            "series",
+            metric=metrics,
+            test_name=test_name,
+            user_id=query.user_id,
+            tag=query.tag,
+            since=format_micros(since),
+            until=format_micros(until),
+            buckets=buckets,
+        )
+
+    async def test_counts(self, user_id: str | None, metrics: tuple[str, ...]) -> dict[str, int]:
+        """Test name -> results (of the user, or of everyone) that have one of these metrics, of
+        all time, from perfdb's in-memory overview: nothing is read from disk."""
+        counts: dict[str, int] = {}
+        for reply in await asyncio.gather(*(self._call("overview", metric=metric) for metric in metrics)):
+            for test_name, summary in reply["tests"].items():
+                mine = summary["users"].get(user_id, {}) if user_id is not None else {"count": summary["records"]}
+                count = mine.get("count", 0)
+                if count:
+                    counts[test_name] = max(count, counts.get(test_name, 0))
+        return counts
+
     async def find_record(self, record_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
         """One record and its user's profile, or None. There is no get-record op, but a record id
         starts with its commit time: read the records of that one microsecond and pick it out."""

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from perfdb.client import Client
 from perfdb.web.app import WebConfig, build_app
 from tests.support import DASHBOARD, REPO_ROOT, ServerProcess, closed_port_url, token_hash
+from tests.web.dense import dense_perfdb  # noqa: F401  (a fixture the chart tests share)
 from tests.web.seed import GRPC_USER_NAME, SeedData, seed
 
 ADMIN_KEY = "admin-" + secrets.token_hex(16)

@@ -194,20 +194,21 @@ def test_user_page_draws_charts_and_a_click_on_a_point_opens_the_result(tab: Bro
     options = tab.page.eval_on_selector_all("#f-test option", "options => options.map(o => o.value)")
     assert sorted(options) == sorted(["", *TESTS])
 
-    # Hover a point of the first line: the tooltip names its test, tag and value.
+    # Hover a result of the first line (a day's run is a bucket of one): the tooltip names its
+    # test and value.
     point = tab.page.evaluate(
         """() => {
           const chart = window.perfdbCharts.find((c) => c.id === "qps");
           const u = chart.plot;
-          const values = u.data[1];
-          let index = Math.floor(values.length * 0.8);
-          while (values[index] == null) index -= 1;
+          const line = chart.lines[0];
+          let index = Math.floor(line.median.length * 0.8);
+          while (line.median[index] == null || line.line.record_id[line.row[index]] == null) index -= 1;
           const box = u.over.getBoundingClientRect();
           return {
             x: box.left + u.valToPos(u.data[0][index], "x"),
-            y: box.top + u.valToPos(values[index], "y"),
-            recordId: chart.recordIds[index],
-            test: chart.series[0].test,
+            y: box.top + u.valToPos(line.median[index], "y"),
+            recordId: line.line.record_id[line.row[index]],
+            test: line.line.test,
           };
         }"""
     )
@@ -215,7 +216,7 @@ def test_user_page_draws_charts_and_a_click_on_a_point_opens_the_result(tab: Bro
     tooltip = tab.page.locator("#chart-tooltip")
     tooltip.wait_for(state="visible")
     text = tooltip.inner_text()
-    assert point["test"] in text and "tag nightly" in text and "QPS" in text
+    assert point["test"] in text and "QPS" in text and "Click to open this result" in text
     tab.screenshot("user.png")
 
     # The full-page screenshot resized the view: point again, then click.
@@ -235,11 +236,16 @@ def test_user_page_draws_charts_and_a_click_on_a_point_opens_the_result(tab: Bro
 def test_user_page_percentile_charts_follow_the_chosen_test(tab: BrowserPage) -> None:
     tab.goto("/users/static:nightly-ci")
     tab.page.wait_for_selector("#charts[data-ready=true]")
-    labels = "() => window.perfdbCharts.find((c) => c.id === 'latency').plot.series.slice(1).map((s) => s.label)"
-    assert tab.page.evaluate(labels) == ["p50", "p90", "p95", "p99", "p99.9"]
-    tests_shown = "() => [...new Set(window.perfdbCharts.find((c) => c.id === 'latency').series.map((s) => s.test))]"
+    latency = "window.perfdbCharts.find((c) => c.id === 'latency')"
+    metrics = tab.page.evaluate(f"() => {latency}.lines.map((l) => l.line.metric)")
+    assert metrics == ["perc_lat_50", "perc_lat_90", "perc_lat_95", "perc_lat_99", "perc_lat_99_point_9"]
+    legend = tab.page.eval_on_selector_all("#chart-latency .legend-item", "items => items.map((i) => i.innerText)")
+    assert legend == ["p50", "p90", "p95", "p99", "p99.9"]
+    tests_shown = f"() => [...new Set({latency}.lines.map((l) => l.line.test))]"
     first = tab.page.evaluate(tests_shown)
-    tab.page.select_option("#detail-test", GO_PING_PONG)
+    tab.page.select_option("#detail-test", GO_PING_PONG)  # loads that test's lines
+    tab.page.wait_for_function(f"() => ({tests_shown})()[0] === {GO_PING_PONG!r}")
+    tab.page.wait_for_selector("#charts[data-ready=true]")
     assert tab.page.evaluate(tests_shown) == [GO_PING_PONG] != first
     assert tab.coloured_pixels("#chart-latency canvas") > 300
     assert f"detail={GO_PING_PONG}" in tab.page.url
@@ -247,6 +253,12 @@ def test_user_page_percentile_charts_follow_the_chosen_test(tab: BrowserPage) ->
     tab.page.reload()
     tab.page.wait_for_selector("#charts[data-ready=true]")
     assert tab.page.evaluate(tests_shown) == [GO_PING_PONG]
+    # A legend entry hides its line and band, and shows them again.
+    tab.page.click("#chart-latency .legend-item >> nth=4")
+    hidden = f"() => {latency}.plot.series.filter((s) => !s.show).length"
+    assert tab.page.evaluate(hidden) == 3
+    tab.page.click("#chart-latency .legend-item >> nth=4")
+    assert tab.page.evaluate(hidden) == 0
     assert tab.errors == []
 
 

@@ -14,7 +14,7 @@ from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.web.app import STATIC_DIR
 from tests.web.conftest import SeededPerfdb, dashboard_client, newest_first
 from tests.web.parse import Page, parse_page
-from tests.web.seed import DAY, GRPC_USER, GRPC_USER_NAME, HOSTILE_TAG, TESTS, USERS
+from tests.web.seed import DAY, GRPC_USER, GRPC_USER_NAME, HOSTILE_TAG, USERS
 
 NIGHTLY = "static:nightly-ci"
 UNARY = "cpp_protobuf_async_unary_qps_unconstrained_insecure"
@@ -245,47 +245,7 @@ async def test_unknown_or_malformed_result_ids_are_readable_404s(seeded: SeededP
 # -- users ---------------------------------------------------------------------------------
 
 
-async def test_user_page_and_its_chart_data(seeded: SeededPerfdb) -> None:
-    nightly = seeded.data.of_user(NIGHTLY)
-    async with dashboard_client(seeded.address) as client:
-        _, text = await _page(client, "/users/static:nightly-ci")
-        assert "<h1>Nightly CI</h1>" in text
-        assert 'data-api="/api/users/static%3Anightly-ci/series"' in text
-        assert "charts.js" in text and "uPlot.iife.min.js" in text
-        data = await _json(client, "/api/users/static:nightly-ci/series")
-    assert data["user"] == {"name": "Nightly CI", "user_id": NIGHTLY}
-    assert data["records"]["record_id"] == [record["record_id"] for record in nightly]
-    assert data["records"]["tag"] == ["nightly"] * len(nightly)
-    assert data["metrics"]["qps"]["values"] == [record["metrics"]["qps"] for record in nightly]
-    assert data["metrics"]["perc_lat_99"]["text"][0].endswith("µs")
-    assert data["records"]["time"][0] * 1_000_000 == int(nightly[0]["record_id"][:14], 16)
-    assert {test["name"]: test["count"] for test in data["tests"]} == dict.fromkeys(TESTS, 60)
-    assert [chart["id"] for chart in data["charts"]] == ["qps", "qps_per_core", "latency", "server_cpu", "client_cpu"]
-    assert data["charts"][2]["metrics"] == [
-        "perc_lat_50",
-        "perc_lat_90",
-        "perc_lat_95",
-        "perc_lat_99",
-        "perc_lat_99_point_9",
-    ]
-    assert data["truncated"] is False
-
-
-async def test_user_series_follow_the_test_and_date_filters(seeded: SeededPerfdb) -> None:
-    ada = seeded.data.of_user("108234567890123456789")
-    last_day = ada[-1]["timestamp"][:10]
-    async with dashboard_client(seeded.address) as client:
-        one_test = await _json(client, f"/api/users/108234567890123456789/series?test={UNARY}")
-        recent = await _json(client, f"/api/users/108234567890123456789/series?from={last_day}&to={last_day}")
-        _, text = await _page(client, f"/users/108234567890123456789?test={UNARY}")
-    assert one_test["records"]["record_id"] == [record["record_id"] for record in ada if record["test_name"] == UNARY]
-    # The test selector still offers every test of the user.
-    assert len(one_test["tests"]) == 2
-    assert recent["records"]["record_id"] == [
-        record["record_id"] for record in ada if record["timestamp"].startswith(last_day)
-    ]
-    assert f'<option value="{UNARY}" selected>' in text
-    assert f'href="/?user=108234567890123456789&amp;test={UNARY}"' in text
+# The user page's charts: tests/web/test_charts.py.
 
 
 async def test_unknown_user_is_a_readable_404(seeded: SeededPerfdb) -> None:
@@ -445,12 +405,12 @@ async def test_large_ranges_are_read_in_bounded_scans(seeded: SeededPerfdb) -> N
         data = await _json(client, "/api/users/static:nightly-ci/series")
         overview = await _json(client, "/api/overview?test=&from=&to=")
         by_time, _ = await _page(client, "/?per_page=200")
-    # Sorting and charts use the newest 100 results of the range, and say so.
+    # Sorting uses the newest 100 results of the range, and says so.
     newest = {record["record_id"] for record in stored[:100]}
     assert set(page.record_ids) == newest
     assert "only the newest 100 are included" in text
-    assert len(data["records"]["record_id"]) == 100 and data["truncated"] is True
-    assert data["records"]["record_id"][-1] == newest_first(seeded.data.of_user(NIGHTLY))[0]["record_id"]
+    # Charts are downsampled by perfdb instead: every result is in them.
+    assert data["results"] == len(seeded.data.of_user(NIGHTLY)) and data["note"] is None
     assert overview["results"] == 100 and overview["truncated"] is True
     # Paging by time is not bounded that way: a page of 200 is a page of 200.
     assert len(by_time.record_ids) == 200

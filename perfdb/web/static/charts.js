@@ -1,6 +1,6 @@
-// perfdb dashboard charts (uPlot): a user's results over time, and the overview's histogram.
-// Values arrive from /api/... already formatted for people (perfdb.units.format_value), so
-// this file only chooses colours, places points and shows tooltips.
+// perfdb dashboard charts (uPlot): results over time (user and test pages), and the overview's histogram.
+// The histogram's values arrive from /api/... already formatted for people; the time charts'
+// bucket statistics are formatted here by formatValue, which follows perfdb.records.units.
 "use strict";
 
 (function () {
@@ -73,7 +73,234 @@
     if (tooltip) tooltip.hidden = true;
   }
 
-  // -- a user's results over time -------------------------------------------------------
+  // -- results over time (user and test pages) --------------------------------------------
+  //
+  // The API sends each line downsampled by perfdb: per time bucket its min, median and max (a
+  // band around a line), and the record id of a bucket holding one result. Lines of one chart
+  // share a time grid; a null row in a line marks a pause in its results, where it breaks.
+
+  // The same rules as perfdb.records.units.format_value, for values drawn from the API's numbers
+  // (a value exactly halfway may round the other way: Python rounds halves to even).
+  function formatValue(value, unit) {
+    if (typeof value !== "number" || !Number.isFinite(value)) return "-";
+    const threeDigits = (number) => String(Number(number.toPrecision(3)));
+    if (unit === "qps") {
+      const digits = Math.abs(value) >= 100 ? 0 : 2;
+      return value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+    }
+    if (unit === "us") {
+      if (Math.abs(value) >= 1e6) return `${threeDigits(value / 1e6)} s`;
+      if (Math.abs(value) >= 1000) return `${threeDigits(value / 1000)} ms`;
+      return `${threeDigits(value)} \u00b5s`;
+    }
+    if (unit === "percent") return `${value.toFixed(1)}%`;
+    return String(value);
+  }
+  window.perfdbFormatValue = formatValue;
+
+  function isoTime(seconds) {
+    return new Date(seconds * 1000).toISOString();
+  }
+
+  // The lines a chart draws: a line per test for one metric; the detail test's metrics otherwise.
+  function linesFor(chart, data) {
+    if (chart.metrics.length === 1) return data.lines.filter((line) => line.metric === chart.metrics[0]);
+    return data.lines.filter((line) => line.test === data.detail && chart.metrics.includes(line.metric));
+  }
+
+  // uPlot wants one x array for all series: the union of the lines' buckets (one grid per chart).
+  // A bucket a line lacks is undefined (the line spans it); its own gap rows are null (a break).
+  function alignLines(lines) {
+    const [start, width] = lines[0].grid;
+    const buckets = [...new Set(lines.flatMap((line) => line.bucket))].sort((a, b) => a - b);
+    const position = new Map(buckets.map((bucket, index) => [bucket, index]));
+    const xs = buckets.map((bucket) => start + (bucket + 0.5) * width);
+    const aligned = lines.map((line) => {
+      const columns = { median: [], min: [], max: [], row: [] };
+      for (const name of Object.keys(columns)) columns[name] = new Array(xs.length).fill(undefined);
+      line.bucket.forEach((bucket, row) => {
+        const at = position.get(bucket);
+        columns.median[at] = line.median[row];
+        columns.min[at] = line.min[row];
+        columns.max[at] = line.max[row];
+        columns.row[at] = row;
+      });
+      return { line, ...columns };
+    });
+    return { xs, grid: [start, width], aligned };
+  }
+
+  function lineLabel(line, chart, data, many) {
+    const metric = data.metrics[line.metric].label;
+    if (chart.metrics.length > 1) return metric;
+    return many ? line.test : metric;
+  }
+
+  function timeSeriesChart(plot, chart, data, page) {
+    const lines = linesFor(chart, data);
+    if (lines.length === 0) {
+      showMessage(plot, "No values of these metrics in this range.");
+      return;
+    }
+    const { xs, grid, aligned } = alignLines(lines);
+    const divisor = chart.axis.divisor;
+    const many = new Set(lines.map((line) => line.test)).size > 1;
+    // Fainter bands when many lines share a chart, so that the medians stay readable.
+    const bandAlpha = lines.length > 4 ? "1f" : "38";
+    const series = [{ label: "time (UTC)" }];
+    const columns = [xs];
+    const bands = [];
+    const drawn = []; // per line: its aligned columns, colour and uPlot series indices
+    const width = chartWidth(plot);
+    aligned.forEach((item, index) => {
+      const color = PALETTE[index % PALETTE.length];
+      const medianIndex = series.length;
+      const dots = dotted(item, width);
+      series.push({
+        label: lineLabel(item.line, chart, data, many),
+        stroke: color,
+        width: 1.6,
+        spanGaps: false,
+        points: { show: false, size: 6, fill: color, filter: () => dots },
+      });
+      const edge = { label: "", stroke: "transparent", width: 0, spanGaps: false, points: { show: false } };
+      series.push({ ...edge }, { ...edge });
+      columns.push(item.median, item.min, item.max);
+      bands.push({ series: [medianIndex + 2, medianIndex + 1], fill: `${color}${bandAlpha}` });
+      drawn.push({ ...item, color, index: { median: medianIndex, min: medianIndex + 1, max: medianIndex + 2 } });
+    });
+    const [since, until] = data.range;
+    const pad = (until - since || 86400) * 0.015;
+    const state = { hovered: null, downAt: null };
+    const options = {
+      width,
+      height: CHART_HEIGHT,
+      tzDate: (seconds) => uPlot.tzDate(new Date(seconds * 1e3), "Etc/UTC"),
+      scales: {
+        x: { time: true, range: () => [since - pad, until + pad] },
+        y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.08 : 1] },
+      },
+      series,
+      bands,
+      axes: [
+        axisStyle(),
+        {
+          ...axisStyle(),
+          size: 64,
+          label: chart.axis.label,
+          labelSize: 18,
+          values: (u, splits) => splits.map((value) => (value == null ? "" : axisNumber.format(value / divisor))),
+        },
+      ],
+      legend: { show: false },
+      cursor: {
+        points: { show: false },
+        // A drag selects a time range: the charts then load it at a finer grain.
+        drag: { x: true, y: false, setScale: false },
+      },
+      hooks: {
+        setCursor: [
+          (u) => {
+            state.hovered = hoveredBucket(u, xs, drawn);
+            u.over.classList.toggle("on-point", state.hovered != null);
+            if (state.hovered == null) {
+              hideTooltip();
+              return;
+            }
+            showBucketTooltip(u, state.hovered, xs, grid, data);
+          },
+        ],
+        setSelect: [
+          (u) => {
+            if (u.select.width < 5) return;
+            const from = u.posToVal(u.select.left, "x");
+            const to = u.posToVal(u.select.left + u.select.width, "x");
+            u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
+            page.zoom(Math.max(from, since), Math.min(to, until));
+          },
+        ],
+      },
+    };
+    const u = new uPlot(options, columns, plot);
+    plot.append(lineLegend(u, drawn));
+    u.over.addEventListener("mouseleave", hideTooltip);
+    // A click on a single result opens it; on a bucket of several, the table lists them. The
+    // end of a drag (a zoom) is no click.
+    u.over.addEventListener("mousedown", (event) => {
+      state.downAt = event.clientX;
+    });
+    u.over.addEventListener("click", (event) => {
+      const hovered = state.hovered;
+      if (hovered == null || Math.abs(event.clientX - (state.downAt ?? event.clientX)) > 3) return;
+      const recordId = hovered.line.line.record_id[hovered.row];
+      if (recordId != null) {
+        window.location.href = `/results/${recordId}`;
+        return;
+      }
+      const [start, width] = grid;
+      const bucket = hovered.line.line.bucket[hovered.row];
+      const table = new URL(data.links.table, window.location.href);
+      table.searchParams.set("test", hovered.line.line.test);
+      table.searchParams.set("from", isoTime(start + bucket * width));
+      table.searchParams.set("to", isoTime(start + (bucket + 1) * width));
+      table.searchParams.set("order", "asc"); // in the order they ran
+      window.location.href = `${table.pathname}${table.search}`;
+    });
+    charts.push({ id: chart.id, plot: u, state, xs, grid, lines: drawn });
+  }
+
+  // Which points of a line are dots: a bucket with no drawn neighbour (a line needs two points),
+  // and, when the line is sparse enough for dots to stay apart, each single result.
+  function dotted(item, width) {
+    const present = [];
+    item.median.forEach((value, at) => {
+      if (value != null) present.push(at);
+    });
+    const sparse = present.length * 6 <= width;
+    const dots = [];
+    present.forEach((at, order) => {
+      const before = order > 0 ? present[order - 1] : -1;
+      const after = order + 1 < present.length ? present[order + 1] : item.median.length;
+      // A neighbour is drawn unless a null (a break) lies between.
+      const gapBefore = before < 0 || item.median.slice(before + 1, at).includes(null);
+      const gapAfter = after >= item.median.length || item.median.slice(at + 1, after).includes(null);
+      const single = item.line.record_id[item.row[at]] != null;
+      if ((gapBefore && gapAfter) || (sparse && single)) dots.push(at);
+    });
+    return dots;
+  }
+
+  // A legend of buttons: one per line, hiding or showing its median and its band together.
+  function lineLegend(u, drawn) {
+    const legend = element("div", "line-legend");
+    for (const line of drawn) {
+      const button = element("button", "legend-item");
+      button.type = "button";
+      button.setAttribute("aria-pressed", "true");
+      const swatch = element("span", "tt-swatch");
+      swatch.style.background = line.color;
+      button.append(swatch, element("span", null, u.series[line.index.median].label));
+      button.addEventListener("click", () => {
+        const show = !u.series[line.index.median].show;
+        for (const index of [line.index.median, line.index.min, line.index.max]) u.setSeries(index, { show });
+        button.setAttribute("aria-pressed", String(show));
+      });
+      legend.append(button);
+    }
+    return legend;
+  }
+
+  // The index of the x nearest to `value` (xs ascending).
+  function closestIndex(xs, value) {
+    let low = 0;
+    let high = xs.length - 1;
+    while (high - low > 1) {
+      const middle = (low + high) >> 1;
+      if (xs[middle] < value) low = middle;
+      else high = middle;
+    }
+    return Math.abs(xs[low] - value) <= Math.abs(xs[high] - value) ? low : high;
+  }
 
   // The nearest index at or around `start` where `values` has a point.
   function nearestPoint(values, xs, start, xValue) {
@@ -94,36 +321,63 @@
     return null;
   }
 
-  // Series for one chart: a line per test, or per metric when one test is shown.
-  function seriesFor(chart, data, tests) {
-    const columns = data.records.test_name;
-    const series = [];
-    const oneTest = tests.length === 1;
-    tests.forEach((test, testIndex) => {
-      chart.metrics.forEach((name, metricIndex) => {
-        const metric = data.metrics[name];
-        const values = metric.values.map((value, index) => (columns[index] === test ? value : null));
-        if (!values.some((value) => value != null)) return;
-        const many = chart.metrics.length > 1;
-        let label = test;
-        if (many) label = oneTest ? metric.label : `${test} · ${metric.label}`;
-        const color = oneTest && many ? PALETTE[metricIndex % PALETTE.length] : PALETTE[testIndex % PALETTE.length];
-        series.push({
-          metric: name,
-          test,
-          values,
-          config: {
-            label,
-            stroke: color,
-            width: 1.6,
-            dash: oneTest || !many ? [] : DASHES[metricIndex % DASHES.length],
-            spanGaps: true,
-            points: { show: true, size: 5, fill: color },
-          },
-        });
-      });
-    });
-    return series;
+  // The bucket under the pointer: of the visible lines, the one whose band (or dot) is nearest.
+  function hoveredBucket(u, xs, drawn) {
+    if (u.cursor.left == null || u.cursor.left < 0 || xs.length === 0) return null;
+    const xValue = u.posToVal(u.cursor.left, "x");
+    const closest = closestIndex(xs, xValue);
+    let best = null;
+    let bestDistance = Infinity;
+    for (const line of drawn) {
+      if (!u.series[line.index.median].show) continue;
+      const index = nearestPoint(line.median, xs, closest, xValue);
+      if (index == null) continue;
+      const row = line.row[index];
+      if (row === undefined) continue;
+      const dx = Math.abs(u.valToPos(xs[index], "x") - u.cursor.left);
+      const top = u.valToPos(line.max[index], "y");
+      const bottom = u.valToPos(line.min[index], "y");
+      const mid = u.valToPos(line.median[index], "y");
+      const y = u.cursor.top;
+      const dy = y >= top && y <= bottom ? Math.min(Math.abs(y - mid), 4) : Math.min(Math.abs(y - top), Math.abs(y - bottom));
+      const distance = Math.hypot(dx, dy);
+      if (distance < bestDistance) {
+        best = { line, row, index };
+        bestDistance = distance;
+      }
+    }
+    // Only a bucket close to the pointer counts: elsewhere there is nothing to open.
+    return bestDistance <= 24 ? best : null;
+  }
+
+  function showBucketTooltip(u, hovered, xs, grid, data) {
+    if (!tooltip) return;
+    const line = hovered.line.line;
+    const row = hovered.row;
+    const metric = data.metrics[line.metric];
+    const [start, width] = grid;
+    const bucket = line.bucket[row];
+    const when = (seconds) => isoTime(seconds).slice(0, 19).replace("T", " ");
+    const lines = [element("div", "tt-title", `${line.test} \u00b7 ${metric.label}`)];
+    const valueRow = (label, value) => {
+      const item = element("div", "tt-row");
+      const swatch = element("span", "tt-swatch");
+      swatch.style.background = hovered.line.color;
+      item.append(swatch, element("span", null, label), element("span", "tt-value", formatValue(value, metric.unit)));
+      return item;
+    };
+    if (line.record_id[row] != null) {
+      lines.push(element("div", "tt-meta", `${line.timestamp[row].slice(0, 19).replace("T", " ")} UTC`));
+      lines.push(valueRow(metric.label, line.median[row]));
+      lines.push(element("div", "tt-hint", "Click to open this result"));
+    } else {
+      const count = line.count[row];
+      lines.push(element("div", "tt-meta", `${count.toLocaleString("en")} results, ${when(start + bucket * width)} \u2013 ${when(start + (bucket + 1) * width)} UTC`));
+      lines.push(valueRow("max", line.max[row]), valueRow("median", line.median[row]), valueRow("min", line.min[row]));
+      lines.push(element("div", "tt-hint", "Click to list these results"));
+    }
+    tooltip.replaceChildren(...lines);
+    placeTooltip(u, u.valToPos(xs[hovered.index], "x"), u.cursor.top);
   }
 
   function chartCard(container, chart) {
@@ -136,159 +390,117 @@
     return plot;
   }
 
-  function timeSeriesChart(plot, chart, data, tests) {
-    const xs = data.records.time;
-    const series = seriesFor(chart, data, tests);
-    if (series.length === 0) {
-      showMessage(plot, "No values of these metrics in this range.");
-      return;
-    }
-    const divisor = chart.axis.divisor;
-    const state = { record: null };
-    const options = {
-      width: chartWidth(plot),
-      height: CHART_HEIGHT,
-      tzDate: (seconds) => uPlot.tzDate(new Date(seconds * 1e3), "Etc/UTC"),
-      scales: {
-        // A little room at both ends, so that the first and last points can be pointed at.
-        x: { time: true, range: (u, min, max) => [min - (max - min || 86400) * 0.015, max + (max - min || 86400) * 0.015] },
-        y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.08 : 1] },
-      },
-      series: [{ label: "time (UTC)" }, ...series.map((item) => item.config)],
-      axes: [
-        axisStyle(),
-        {
-          ...axisStyle(),
-          size: 64,
-          label: chart.axis.label,
-          labelSize: 18,
-          values: (u, splits) => splits.map((value) => (value == null ? "" : axisNumber.format(value / divisor))),
-        },
-      ],
-      legend: { live: false },
-      cursor: {
-        points: { size: 9 },
-        dataIdx: (u, seriesIndex, closest, xValue) => nearestPoint(u.data[seriesIndex], xs, closest, xValue),
-      },
-      hooks: {
-        setCursor: [
-          (u) => {
-            state.record = hoveredRecord(u, xs);
-            u.over.classList.toggle("on-point", state.record != null);
-            if (state.record == null) {
-              hideTooltip();
-              return;
-            }
-            showRecordTooltip(u, state.record, data, series);
-          },
-        ],
-      },
-    };
-    const u = new uPlot(options, [xs, ...series.map((item) => item.values)], plot);
-    u.over.addEventListener("mouseleave", hideTooltip);
-    // A click on a point opens that result.
-    u.over.addEventListener("click", () => {
-      if (state.record != null) {
-        window.location.href = `/results/${data.records.record_id[state.record]}`;
+  function removeCharts() {
+    for (let index = charts.length - 1; index >= 0; index -= 1) {
+      if (charts[index].id !== "histogram") {
+        charts[index].plot.destroy();
+        charts.splice(index, 1);
       }
-    });
-    charts.push({ id: chart.id, plot: u, state, recordIds: data.records.record_id, series });
-  }
-
-  function removeChart(id) {
-    const index = charts.findIndex((chart) => chart.id === id);
-    if (index >= 0) {
-      charts[index].plot.destroy();
-      charts.splice(index, 1);
     }
-  }
-
-  // The result under the pointer: the point, of any visible line, nearest to it on screen.
-  function hoveredRecord(u, xs) {
-    if (u.cursor.left == null || u.cursor.left < 0) return null;
-    let best = null;
-    let bestDistance = Infinity;
-    (u.cursor.idxs || []).forEach((index, seriesIndex) => {
-      if (seriesIndex === 0 || index == null || !u.series[seriesIndex].show) return;
-      const value = u.data[seriesIndex][index];
-      if (value == null) return;
-      const dx = u.valToPos(xs[index], "x") - u.cursor.left;
-      const dy = u.valToPos(value, "y") - u.cursor.top;
-      const distance = Math.hypot(dx, dy);
-      if (distance < bestDistance) {
-        best = index;
-        bestDistance = distance;
-      }
-    });
-    // Only a point close to the pointer counts: elsewhere there is nothing to open.
-    return bestDistance <= 24 ? best : null;
-  }
-
-  function showRecordTooltip(u, record, data, series) {
-    if (!tooltip) return;
-    const records = data.records;
-    const lines = [element("div", "tt-title", records.test_name[record])];
-    const tag = records.tag[record];
-    lines.push(element("div", "tt-meta", `${records.timestamp[record].slice(0, 19).replace("T", " ")} UTC · tag ${tag || "(none)"}`));
-    series.forEach((item, index) => {
-      if (item.values[record] == null || !u.series[index + 1].show) return;
-      const row = element("div", "tt-row");
-      const swatch = element("span", "tt-swatch");
-      swatch.style.background = item.config.stroke;
-      row.append(swatch, element("span", null, data.metrics[item.metric].label), element("span", "tt-value", data.metrics[item.metric].text[record]));
-      lines.push(row);
-    });
-    lines.push(element("div", "tt-hint", "Click to open this result"));
-    tooltip.replaceChildren(...lines);
-    placeTooltip(u, u.valToPos(records.time[record], "x"), u.cursor.top);
   }
 
   // Charts of one metric draw a line per test; those of several metrics (percentiles, CPU time)
   // draw one test at a time, picked here, so that their lines stay readable.
   const SINGLE_METRIC = (chart) => chart.metrics.length === 1;
 
-  async function drawUserCharts(container) {
+  // The user and test pages: load the API for the page's range (or a zoomed part of it), draw.
+  function timeCharts(container) {
     const summary = document.getElementById("chart-summary");
-    let data;
-    try {
-      data = await fetchJson(container.dataset.api);
-    } catch (error) {
-      summary.textContent = "";
-      showMessage(container, `The charts could not be loaded: ${error.message}`, "error");
-      return;
+    const api = new URL(container.dataset.api, window.location.href);
+    const pageUrl = new URL(window.location.href);
+    // While zoomed, the URL keeps the range to go back to (wfrom, wto) beside the zoomed one.
+    const zoomed = () => pageUrl.searchParams.has("wfrom");
+    // About one point per pixel column of a chart.
+    api.searchParams.set("points", String(Math.max(50, Math.min(2000, Math.round(chartWidth(container) / 2)))));
+    for (const name of ["detail", "from", "to"]) {
+      if (pageUrl.searchParams.get(name)) api.searchParams.set(name, pageUrl.searchParams.get(name));
     }
-    fillTestSelector(data.tests);
-    const count = data.records.record_id.length;
-    const tests = data.test ? [data.test] : data.tests.map((test) => test.name);
-    if (count === 0) {
-      summary.textContent = "No results in this range. Try a longer range, or All time.";
+    let loading = 0;
+
+    async function load() {
+      const ticket = ++loading;
+      container.dataset.ready = "false";
+      let data;
+      try {
+        data = await fetchJson(`${api.pathname}${api.search}`);
+      } catch (error) {
+        summary.textContent = "";
+        removeCharts();
+        showMessage(container, `The charts could not be loaded: ${error.message}`, "error");
+        return;
+      }
+      if (ticket !== loading) return; // a newer zoom is on its way
+      render(data);
       container.dataset.ready = "true";
-      return;
     }
-    summary.textContent =
-      `${count.toLocaleString("en")} result${count === 1 ? "" : "s"} of ${tests.length} test${tests.length === 1 ? "" : "s"}. ` +
-      "Hover a point for its value and tag; click it to open the result. Click a legend entry to hide its line.";
-    if (data.note) summary.after(element("p", "notice notice-warn", data.note));
-    const plots = new Map();
-    for (const chart of data.charts.filter(SINGLE_METRIC)) plots.set(chart.id, chartCard(container, chart));
-    const detailCharts = data.charts.filter((chart) => !SINGLE_METRIC(chart));
-    let detailTest = tests[0];
-    if (tests.length > 1) {
-      const wanted = new URLSearchParams(window.location.search).get("detail");
-      detailTest = tests.includes(wanted) ? wanted : tests[0];
-      container.append(detailSelector(tests, detailTest, (test) => {
-        for (const chart of detailCharts) {
-          removeChart(chart.id);
-          timeSeriesChart(plots.get(chart.id), chart, data, [test]);
+
+    function navigate(changes) {
+      for (const [name, value] of Object.entries(changes)) {
+        if (value == null) {
+          api.searchParams.delete(name);
+          pageUrl.searchParams.delete(name);
+        } else {
+          api.searchParams.set(name, value);
+          pageUrl.searchParams.set(name, value);
         }
-      }));
+      }
+      // Kept in the URL, so a shared link shows the same charts.
+      window.history.replaceState(null, "", `${pageUrl.pathname}${pageUrl.search}`);
+      load();
     }
-    for (const chart of detailCharts) plots.set(chart.id, chartCard(container, chart));
-    // Drawn once every card is in place, so each chart is measured at its final width.
-    for (const chart of data.charts) {
-      timeSeriesChart(plots.get(chart.id), chart, data, SINGLE_METRIC(chart) ? tests : [detailTest]);
+
+    const page = {
+      zoom(from, to) {
+        const whole = zoomed()
+          ? {}
+          : { wfrom: pageUrl.searchParams.get("from") || "", wto: pageUrl.searchParams.get("to") || "" };
+        navigate({ ...whole, from: isoTime(from), to: isoTime(to) });
+      },
+      unzoom() {
+        const from = pageUrl.searchParams.get("wfrom") || null;
+        const to = pageUrl.searchParams.get("wto") || null;
+        navigate({ from, to, wfrom: null, wto: null });
+      },
+    };
+
+    function render(data) {
+      removeCharts();
+      container.replaceChildren();
+      document.querySelectorAll(".chart-notice").forEach((node) => node.remove());
+      if (data.tests) fillTestSelector(data.tests);
+      if (data.lines.length === 0) {
+        summary.textContent = "No results in this range. Try a longer range, or All time.";
+        return;
+      }
+      const tests = [...new Set(data.lines.map((line) => line.test))];
+      const points = Math.max(...data.lines.map((line) => line.bucket.length));
+      summary.textContent =
+        `${data.results.toLocaleString("en")} result${data.results === 1 ? "" : "s"} of ${tests.length} test${tests.length === 1 ? "" : "s"}, ` +
+        `from ${isoTime(data.range[0]).slice(0, 16).replace("T", " ")} to ${isoTime(data.range[1]).slice(0, 16).replace("T", " ")} UTC, ` +
+        `at most ${points.toLocaleString("en")} points a line. Bands span each moment's lowest to highest value, the line is its median; ` +
+        "dots are single results (click to open). Drag across a chart to zoom in.";
+      if (zoomed()) {
+        const reset = element("button", null, "Zoom out to the whole range");
+        reset.type = "button";
+        reset.id = "zoom-out";
+        reset.addEventListener("click", () => page.unzoom());
+        const zoomBar = element("div", "detail-bar");
+        zoomBar.append(reset);
+        container.append(zoomBar);
+      }
+      if (data.note) summary.after(element("p", "notice notice-warn chart-notice", data.note));
+      const plots = new Map();
+      for (const chart of data.charts.filter(SINGLE_METRIC)) plots.set(chart.id, chartCard(container, chart));
+      const choices = data.tests ? data.tests.map((test) => test.name) : [];
+      if (!data.test && choices.length > 1) {
+        container.append(detailSelector(choices, data.detail, (test) => navigate({ detail: test })));
+      }
+      for (const chart of data.charts.filter((chart) => !SINGLE_METRIC(chart))) plots.set(chart.id, chartCard(container, chart));
+      // Drawn once every card is in place, so each chart is measured at its final width.
+      for (const chart of data.charts) timeSeriesChart(plots.get(chart.id), chart, data, page);
     }
-    container.dataset.ready = "true";
+
+    load();
   }
 
   function detailSelector(tests, current, onChange) {
@@ -298,13 +510,7 @@
     const select = element("select");
     select.id = "detail-test";
     for (const test of tests) select.append(new Option(test, test, false, test === current));
-    select.addEventListener("change", () => {
-      // Kept in the URL, so a shared link shows the same charts.
-      const url = new URL(window.location.href);
-      url.searchParams.set("detail", select.value);
-      window.history.replaceState(null, "", url);
-      onChange(select.value);
-    });
+    select.addEventListener("change", () => onChange(select.value));
     bar.append(label, select);
     return bar;
   }
@@ -422,8 +628,8 @@
     });
   }
 
-  const userCharts = document.getElementById("charts");
-  if (userCharts) drawUserCharts(userCharts);
+  const timeChartsContainer = document.getElementById("charts");
+  if (timeChartsContainer) timeCharts(timeChartsContainer);
   const histogram = document.getElementById("histogram");
   if (histogram) drawHistogram(histogram);
   redrawOnResize();

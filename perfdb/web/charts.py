@@ -1,0 +1,171 @@
+"""The time charts' data (user and test pages): every line downsampled by perfdb's series op to
+about one point per pixel column, so a chart of 200,000 results costs what one of 200 does.
+
+Each line is a band (min..max of each time bucket) around its median, in columns. A bucket of one
+result names it, so the chart can open it. A line breaks (a null row) across a stretch with no
+results that is long both in buckets and against the line's usual spacing, so it never bridges
+a pause in the runs, while daily or weekly runs still draw as a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import statistics
+from typing import Any
+
+from perfdb.records.timestamps import parse_rfc3339
+from perfdb.records.units import CORE_METRICS
+from perfdb.web.analysis import CHARTS, axis_scale
+from perfdb.web.queries import QueryError
+from perfdb.web.source import RecordQuery, ResultSource
+
+# Points per line when the page does not say how wide its charts are, and the bounds of what it
+# may ask for (about one point per pixel column).
+DEFAULT_POINTS = 600
+MIN_POINTS, MAX_POINTS = 50, 2000
+# The lines of one chart together hold at most this many points, so a user with many tests gets
+# a page of a few hundred kilobytes, not megabytes.
+CHART_POINTS = 4000
+# A line breaks across more than GAP_BUCKETS empty buckets that are also more than GAP_SPACINGS
+# times the line's median spacing between points.
+GAP_BUCKETS = 3
+GAP_SPACINGS = 4
+# Bucket statistics are drawn, not read: five significant digits are plenty (the axis shows three).
+SIGNIFICANT_DIGITS = 5
+
+METRIC_LABELS = {metric.name: {"label": metric.label, "unit": metric.unit} for metric in CORE_METRICS}
+# Charts of one metric draw a line per test; the others (percentiles, CPU time) one test at a time.
+LINE_METRICS = tuple(metric for chart in CHARTS if len(chart["metrics"]) == 1 for metric in chart["metrics"])
+# Tests are listed (with their number of results) if they have one of these.
+CHART_TEST_METRICS = ("qps", "perc_lat_50")
+DETAIL_METRICS = tuple(metric for chart in CHARTS if len(chart["metrics"]) > 1 for metric in chart["metrics"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChartRequest:
+    """Which results to chart and how finely."""
+
+    query: RecordQuery  # user (or everyone), test (or every test), tag, since/until
+    tests: list[tuple[str, int]]  # the tests to draw a line for when no test is chosen, most results first
+    detail: str | None  # with every test: the one whose percentile and CPU charts are shown
+    points: int  # points per line, about the charts' width in pixels
+
+
+def points_param(raw: str) -> int:
+    """The `points` query parameter: points per line."""
+    if raw == "":
+        return DEFAULT_POINTS
+    if not raw.isdigit() or not MIN_POINTS <= int(raw) <= MAX_POINTS:
+        raise QueryError(f"points: must be a whole number from {MIN_POINTS} to {MAX_POINTS}")
+    return int(raw)
+
+
+async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, Any]:
+    """The charts' data: one downsampled line per test and metric, on one time grid per chart."""
+    query = request.query
+    edges = await source.edges(query)
+    shown = [query.test_name] if query.test_name else [name for name, _ in request.tests]
+    detail = query.test_name or (request.detail if request.detail in shown else (shown[0] if shown else None))
+    empty = {
+        "range": None,
+        "lines": [],
+        "detail": detail,
+        "charts": _charts([]),
+        "metrics": METRIC_LABELS,
+        "results": 0,
+        "complete": True,
+    }
+    if edges is None or not shown or detail is None:
+        return empty
+    # The grid spans the results actually found, so the buckets are as fine as they can be.
+    since, until = edges[0], edges[1] + 1
+    calls = []
+    if query.test_name:
+        calls.append((detail, [*LINE_METRICS, *DETAIL_METRICS], request.points))
+    else:
+        per_line = max(MIN_POINTS, min(request.points, CHART_POINTS // max(1, len(shown) * len(LINE_METRICS))))
+        calls += [(test, list(LINE_METRICS), per_line) for test in shown]
+        calls.append((detail, list(DETAIL_METRICS), request.points))
+    replies = await asyncio.gather(
+        *(
+            source.series(metrics, test, query, since=since, until=until, buckets=buckets)
+            for test, metrics, buckets in calls
+        )
+    )
+    lines = []
+    results = 0
+    complete = True
+    for (test, metrics, _), reply in zip(calls, replies, strict=True):
+        if query.test_name or metrics == list(LINE_METRICS):
+            results += reply["records"]
+        complete = complete and reply["complete"]
+        for metric in metrics:
+            if reply["series"][metric]["count"]:
+                lines.append(encode_line(test, metric, reply))
+    return {
+        "range": [
+            (query.since if query.since is not None else since) / 1e6,
+            (query.until if query.until is not None else until) / 1e6,
+        ],
+        "lines": lines,
+        "detail": detail,
+        "charts": _charts(lines),
+        "metrics": METRIC_LABELS,
+        "results": results,
+        "complete": complete,  # False: perfdb's bound cut a line short (to its newest results)
+    }
+
+
+def encode_line(test: str, metric: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """One metric of one series reply as the page draws it: columns of buckets, with a null row
+    where the line must break."""
+    series = reply["series"][metric]
+    points = series["points"]
+    names = ("bucket", "min", "median", "max", "count", "record_id", "timestamp")
+    columns: dict[str, list[Any]] = {name: [] for name in names}
+    steps = [b["bucket"] - a["bucket"] for a, b in itertools.pairwise(points)]
+    spacing = statistics.median(steps) if steps else 1
+    longest_bridge = max(GAP_BUCKETS + 1, GAP_SPACINGS * spacing)
+    previous: int | None = None
+    for point in points:
+        bucket = point["bucket"]
+        if previous is not None and bucket - previous > longest_bridge:
+            for name, value in (("bucket", previous + 1), ("count", 0)):
+                columns[name].append(value)
+            for name in ("min", "median", "max", "record_id", "timestamp"):
+                columns[name].append(None)
+        single = point["count"] == 1
+        columns["bucket"].append(bucket)
+        columns["count"].append(point["count"])
+        for name in ("min", "median", "max"):
+            columns[name].append(point[name] if single else _rounded(point[name]))
+        columns["record_id"].append(point["record_id"] if single else None)
+        columns["timestamp"].append(point["timestamp"] if single else None)
+        previous = bucket
+    return {
+        "test": test,
+        "metric": metric,
+        # Bucket i covers [start + i * width, start + (i + 1) * width) seconds.
+        "grid": [parse_rfc3339(reply["since"]) / 1e6, reply["bucket_micros"] / 1e6],
+        **columns,
+        "results": series["count"],
+        "lowest": series["min"],
+        "highest": series["max"],
+        "exact_medians": series["exact_medians"],
+    }
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _charts(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The charts, each with an axis in units that suit its values."""
+    charts = []
+    for chart in CHARTS:
+        drawn = [line["max"] for line in lines if line["metric"] in chart["metrics"]]
+        values = [value for highs in drawn for value in highs if value is not None]
+        charts.append({**chart, "axis": axis_scale(str(chart["unit"]), values), "empty": not values})
+    return charts

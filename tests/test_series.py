@@ -1,0 +1,248 @@
+"""The series op: a metric over time in equal buckets, over real sockets against a real server and
+LevelDB, checked against brute force over the records that were written."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perfdb.records import record_ids
+from perfdb.records.timestamps import format_micros, parse_rfc3339
+from perfdb.storage import series as series_module
+from perfdb.storage.series import BucketGrid, MetricSeries
+from tests.support import connect, error_code, perfdb_with_provider, record_request, send_burst
+from tests.test_reads import DenseClock, matching, write_burst
+
+
+def micros_of(record: dict[str, Any]) -> int:
+    return int(record["record_id"][:14], 16)
+
+
+def brute_force_points(records: list[dict[str, Any]], metric: str, start: int, width: int) -> list[dict[str, Any]]:
+    """Every non-empty bucket of `metric`, computed from the whole list at once."""
+    buckets: dict[int, list[dict[str, Any]]] = {}
+    for record in sorted(records, key=lambda r: r["record_id"]):
+        if metric in record["metrics"]:
+            buckets.setdefault((micros_of(record) - start) // width, []).append(record)
+    points = []
+    for bucket in sorted(buckets):
+        inside = buckets[bucket]
+        values = [r["metrics"][metric] for r in inside]
+        point = {
+            "bucket": bucket,
+            "count": len(values),
+            "min": min(values),
+            "median": statistics.median(values),
+            "max": max(values),
+            "mean": math.fsum(values) / len(values),
+        }
+        if len(values) == 1:
+            point.update(record_id=inside[0]["record_id"], value=values[0])
+        points.append(point)
+    return points
+
+
+def check_series(reply: dict[str, Any], records: list[dict[str, Any]], metrics: list[str], buckets: int) -> None:
+    """The reply agrees with brute force over `records` (the records its filters admit)."""
+    assert reply["ok"], reply
+    assert reply["complete"] is True and reply["records"] == len(records)
+    start, width = parse_rfc3339(reply["since"]), reply["bucket_micros"]
+    assert reply["buckets"] <= buckets and start + reply["buckets"] * width >= parse_rfc3339(reply["until"])
+    for metric in metrics:
+        got = reply["series"][metric]
+        having = sorted((r for r in records if metric in r["metrics"]), key=lambda r: r["record_id"])
+        assert got["count"] == len(having)
+        assert (got["first"], got["last"]) == (
+            format_micros(micros_of(having[0])),
+            format_micros(micros_of(having[-1])),
+        )
+        expected = brute_force_points(records, metric, start, width)
+        assert [p["bucket"] for p in got["points"]] == [p["bucket"] for p in expected]
+        for point, truth in zip(got["points"], expected, strict=True):
+            assert math.isclose(point.pop("mean"), truth.pop("mean"), rel_tol=1e-9, abs_tol=1e-9)
+            low, high = parse_rfc3339(point.pop("since")), parse_rfc3339(point.pop("until"))
+            assert (low, high) == (start + truth["bucket"] * width, min(start + (truth["bucket"] + 1) * width, high))
+            if "record_id" in point:
+                assert point.pop("timestamp") == format_micros(micros_of({"record_id": point["record_id"]}))
+            assert point == truth
+        # The extremes of the whole range, with the (oldest) record that holds them.
+        values = [r["metrics"][metric] for r in having]
+        lowest = next(r for r in having if r["metrics"][metric] == min(values))
+        highest = next(r for r in having if r["metrics"][metric] == max(values))
+        assert (got["min"]["value"], got["min"]["record_id"]) == (min(values), lowest["record_id"])
+        assert (got["max"]["value"], got["max"]["record_id"]) == (max(values), highest["record_id"])
+        assert got["exact_medians"] is True
+
+
+async def test_series_match_brute_force_for_every_filter_and_bucket_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=7))
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 6000, seed=11)
+        for filters in (
+            {"test_name": "unary"},
+            {"test_name": "rare"},
+            {"test_name": "streaming", "user_id": "bob"},
+            {"test_name": "ping_pong", "tag": "pr"},
+            {"test_name": "unary", "user_id": "alice", "tag": ""},
+            {"test_name": "rare", "user_id": "alice"},  # walks the rare test's index, keeps alice's
+        ):
+            records = matching(written, **filters)
+            assert records, filters
+            for buckets in (1, 7, 100, 4000):
+                reply = await conn.request("series", metric=["qps", "perc_lat_50"], buckets=buckets, **filters)
+                check_series(reply, records, ["qps", "perc_lat_50"], buckets)
+                # The grid spans the matching records, oldest to newest.
+                assert reply["since"] == format_micros(min(micros_of(r) for r in records))
+                assert reply["until"] == format_micros(max(micros_of(r) for r in records) + 1)
+        # An explicit range is the grid, whatever lies inside it; records outside are left out.
+        ordered = sorted(matching(written, test_name="unary"), key=lambda r: r["record_id"])
+        since, until = micros_of(ordered[500]), micros_of(ordered[1500]) + 3
+        window = [r for r in ordered if since <= micros_of(r) < until]
+        window_fields = {"since": format_micros(since), "until": format_micros(until)}
+        reply = await conn.request("series", metric="qps", test_name="unary", buckets=50, **window_fields)
+        check_series(reply, window, ["qps"], 50)
+        assert (reply["since"], reply["until"]) == (format_micros(since), format_micros(until))
+        assert reply["bucket_micros"] == math.ceil((until - since) / 50)
+        # A metric nobody recorded, and a test nobody ran.
+        nothing = await conn.request("series", metric="no_such_metric", test_name="unary")
+        assert nothing["series"]["no_such_metric"] == {
+            "count": 0, "first": None, "last": None, "min": None, "max": None, "exact_medians": True, "points": [],
+        }  # fmt: skip
+        no_test = await conn.request("series", id=3, metric="qps", test_name="nobody ran this")
+        assert no_test == {
+            "id": 3, "ok": True, "since": None, "until": None, "bucket_micros": None, "buckets": 0,
+            "records": 0, "examined": 0, "complete": True,
+            "series": {"qps": nothing["series"]["no_such_metric"]},
+        }  # fmt: skip
+
+
+async def test_the_extremes_survive_among_thousands_of_points(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        values = [1000.0 + (n % 50) for n in range(5000)]
+        values[1234], values[3777] = 0.25, 99_999.5  # one dip and one spike among 5000
+        acks = await send_burst(conn, [record_request(metrics={"qps": value}) for value in values])
+        reply = await conn.request("series", metric="qps", test_name="unary", buckets=20)
+    series = reply["series"]["qps"]
+    assert len(series["points"]) <= 20 and series["count"] == 5000
+    assert series["min"] == {"value": 0.25, "record_id": acks[1234]["record_id"], "timestamp": acks[1234]["timestamp"]}
+    assert series["max"]["value"] == 99_999.5 and series["max"]["record_id"] == acks[3777]["record_id"]
+    assert min(p["min"] for p in series["points"]) == 0.25
+    assert max(p["max"] for p in series["points"]) == 99_999.5
+    assert sum(p["count"] for p in series["points"]) == 5000
+
+
+async def test_big_buckets_sample_their_median_and_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(series_module, "MEDIAN_SAMPLE", 64)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        values = [float(n % 1000) for n in range(3000)]
+        acks = await send_burst(conn, [record_request(metrics={"qps": value}) for value in values])
+        assert all(ack["ok"] for ack in acks)
+        first = await conn.request("series", metric="qps", test_name="unary", buckets=1)
+        again = await conn.request("series", metric="qps", test_name="unary", buckets=1)
+    [point] = first["series"]["qps"]["points"]
+    assert first["series"]["qps"]["exact_medians"] is False
+    assert (point["count"], point["min"], point["max"], point["mean"]) == (3000, 0.0, 999.0, 499.5)
+    assert 200 <= point["median"] <= 800  # a median of a uniform sample of 64 values of 0..999
+    assert again == first  # the sample is seeded: the same request, the same answer
+
+
+async def test_a_series_past_the_examined_bound_covers_the_newest_records(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path, max_sort_examined=100) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 400, seed=12)
+        reply = await conn.request("series", metric="perc_lat_50", test_name="unary", user_id="alice")
+    assert (reply["examined"], reply["complete"]) == (100, False)
+    # The newest 100 entries of the smaller of the two indexes were examined.
+    walked = min(matching(written, user_id="alice"), matching(written, test_name="unary"), key=len)
+    assert len(walked) > 100
+    newest = sorted(walked, key=lambda r: r["record_id"])[-100:]
+    expected = [r for r in newest if r["test_name"] == "unary" and r["user_id"] == "alice"]
+    assert reply["records"] == len(expected) and reply["series"]["perc_lat_50"]["count"] == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"test_name": "unary"}, "metric: is required"),
+        ({"metric": "qps"}, "test_name: is required"),
+        ({"metric": 5, "test_name": "unary"}, "metric: must be a metric name"),
+        ({"metric": [], "test_name": "unary"}, "metric: must list 1 to 16 metric names"),
+        ({"metric": ["qps"] * 17, "test_name": "unary"}, "metric: must list 1 to 16"),
+        ({"metric": ["qps", "bad name"], "test_name": "unary"}, "metric[1]: must be a metric name"),
+        ({"metric": ["qps", "qps"], "test_name": "unary"}, "metric: names a metric twice"),
+        ({"metric": "qps", "test_name": "unary", "buckets": 0}, "buckets: must be between 1 and 4000"),
+        ({"metric": "qps", "test_name": "unary", "buckets": 4001}, "buckets: must be between 1 and 4000"),
+        ({"metric": "qps", "test_name": "unary", "buckets": True}, "buckets: must be an integer, got boolean"),
+        ({"metric": "qps", "test_name": "unary", "buckets": 2.5}, "buckets: must be an integer, got number"),
+        ({"metric": "qps", "test_name": "", "buckets": 5}, "test_name: must not be empty"),
+        ({"metric": "qps", "test_name": "unary", "user_id": 3}, "user_id: must be a string"),
+        ({"metric": "qps", "test_name": "unary", "since": "yesterday"}, "since: must be an RFC 3339 timestamp"),
+        (
+            {"metric": "qps", "test_name": "unary", "since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+            "until: must be later than since",
+        ),
+        ({"metric": "qps", "test_name": "unary", "limit": 3}, "'limit': unknown field for this op"),
+    ],
+)
+async def test_bad_series_requests_are_refused_and_the_connection_carries_on(
+    tmp_path: Path, fields: dict[str, Any], message: str
+) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        reply = await conn.request("series", **fields)
+        assert error_code(reply) == "bad_request"
+        assert reply["error"]["message"].startswith(message), reply
+        assert (await conn.request("ping"))["ok"]
+
+
+async def test_series_needs_the_read_key_when_the_server_has_one(tmp_path: Path) -> None:
+    key_file = tmp_path / "read.key"
+    key_file.write_text("a-read-key-of-some-length\n")
+    async with perfdb_with_provider(tmp_path, read_key_file=key_file) as (server, _), connect(server) as conn:
+        refused = await conn.request("series", metric="qps", test_name="unary")
+        allowed = await conn.request("series", metric="qps", test_name="unary", read_key="a-read-key-of-some-length")
+        hello = await conn.request("hello")
+    assert error_code(refused) == "forbidden"
+    assert allowed["ok"] and allowed["records"] == 0
+    assert "series" in hello["ops"]
+
+
+def test_the_grid_has_at_most_the_buckets_asked_for_and_covers_the_range() -> None:
+    for start, end, buckets in ((0, 1, 1000), (5, 1006, 1000), (10, 10_011, 7), (0, 3, 4000), (100, 100 + 10**12, 999)):
+        grid = BucketGrid.spanning(start, end, buckets)
+        assert 1 <= grid.count <= buckets
+        assert grid.bucket_of(start) == 0 and grid.bucket_of(end - 1) == grid.count - 1
+        assert grid.bounds(grid.count - 1)[1] == end
+        assert grid.width == 1 or grid.count == buckets or grid.width * (grid.count - 1) < end - start
+
+
+def test_values_must_come_newest_first_and_single_buckets_name_their_record() -> None:
+    grid = BucketGrid(start=0, end=100, width=10)
+    series = MetricSeries(grid)
+    for value, micros in ((5, 95), (7, 91), (1, 55), (3, 2)):
+        series.add(value, f"r{micros}", micros)
+    fields = series.to_fields()
+    assert [(p["bucket"], p["count"], p["median"]) for p in fields["points"]] == [(0, 1, 3), (5, 1, 1), (9, 2, 6)]
+    assert fields["points"][0]["record_id"] == "r2" and fields["points"][0]["value"] == 3
+    assert "record_id" not in fields["points"][2]
+    assert fields["min"]["record_id"] == "r55" and fields["max"]["record_id"] == "r91"
+
+
+async def test_a_range_holding_one_record_at_its_start_is_read_newest_first(tmp_path: Path) -> None:
+    """plyvel's reverse iterator skips a range's only key when it is the range's start; a time
+    range that starts at a record's exact time and holds only it must still find it."""
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        acks = [await conn.request(**record_request(metrics={"qps": n})) for n in (1, 2, 3)]  # one batch each
+        assert [ack["record_id"][14:] for ack in acks] == ["000000"] * 3  # each alone in its microsecond
+        middle = parse_rfc3339(acks[1]["timestamp"])
+        window = {"since": format_micros(middle), "until": format_micros(middle + 1)}
+        newest_first = await conn.request("get_all", reverse=True, **window)
+        user_newest_first = await conn.request("get_user", user_id="alice", reverse=True, **window)
+        series = await conn.request("series", metric="qps", test_name="unary", **window)
+    assert [r["record_id"] for r in newest_first["records"]] == [acks[1]["record_id"]]
+    assert [r["record_id"] for r in user_newest_first["records"]] == [acks[1]["record_id"]]
+    assert series["series"]["qps"]["points"][0]["record_id"] == acks[1]["record_id"]
