@@ -21,10 +21,10 @@ import plyvel
 
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
-from perfdb.records.record_ids import is_record_id
+from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id
 from perfdb.records.schema import ImportedRecord, Query, RecordDraft
 from perfdb.storage import layout
-from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
+from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck, RecordDeletionAck, UserDeletionAck
 
 log = logging.getLogger("perfdb.storage")
 
@@ -39,6 +39,7 @@ _READ_THREADS = 4
 
 
 _T = TypeVar("_T")
+_Q = TypeVar("_Q")
 
 
 class StoreOpenError(Exception):
@@ -51,6 +52,15 @@ class Page:
 
     records: list[bytes | memoryview]
     profiles: dict[str, dict[str, Any]]  # stored profiles of the users in the page, by id
+    next_cursor: str | None
+    tombstones: list[str] = dataclasses.field(default_factory=list)  # deleted ids in the page's range
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuditPage:
+    """Audit entries, each already JSON, newest first."""
+
+    entries: list[bytes]
     next_cursor: str | None
 
 
@@ -170,7 +180,8 @@ class ResultStore:
                 user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
             except ValueError:
                 raise StoreOpenError(f"database {self._path} has damaged counters; run 'perfdb repair'") from None
-            last_record_id = self._last_record_id()
+            last_record_id = self._last_key_id(layout.RECORD_PREFIX)
+            last_audit_id = self._last_key_id(layout.AUDIT_PREFIX)
         except BaseException:
             self._db.close()
             self._lock.release()
@@ -185,6 +196,7 @@ class ResultStore:
             record_count=record_count,
             user_count=user_count,
             last_record_id=last_record_id,
+            last_audit_id=last_audit_id,
         )
         self._writer.start()
 
@@ -225,11 +237,12 @@ class ResultStore:
                 f"this server reads version {layout.SCHEMA_VERSION}"
             )
 
-    def _last_record_id(self) -> str | None:
+    def _last_key_id(self, prefix: bytes) -> str | None:
+        """The greatest record id (or audit id) under `prefix`, which such keys begin with."""
         assert self._db is not None
-        with self._db.iterator(prefix=layout.RECORD_PREFIX, reverse=True, include_value=False) as keys:
+        with self._db.iterator(prefix=prefix, reverse=True, include_value=False) as keys:
             last = next(keys, None)
-        return None if last is None else layout.split_record_key(last)[0]
+        return None if last is None else last[len(prefix) : len(prefix) + RECORD_ID_CHARS].decode()
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, let running reads finish, close LevelDB and
@@ -253,8 +266,21 @@ class ResultStore:
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
 
-    def restore(self, records: list[ImportedRecord], profiles: dict[str, Profile]) -> asyncio.Future[ImportAck]:
-        return self.writer.restore(records, profiles)
+    def restore(
+        self,
+        records: list[ImportedRecord],
+        profiles: dict[str, Profile],
+        tombstones: list[str] | None = None,
+        *,
+        force: bool = False,
+    ) -> asyncio.Future[ImportAck]:
+        return self.writer.restore(records, profiles, tombstones, force=force)
+
+    def delete_record(self, record_id: str, owner: str | None) -> asyncio.Future[RecordDeletionAck]:
+        return self.writer.delete_record(record_id, owner)
+
+    def delete_user(self, user_id: str) -> asyncio.Future[UserDeletionAck]:
+        return self.writer.delete_user(user_id)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -266,7 +292,15 @@ class ResultStore:
         """One page of every user's records, in time order."""
         return await self._read(self._read_all_page, query)
 
-    async def _read(self, read: Callable[[Query], _T], query: Query) -> _T:
+    async def export(self, query: Query) -> Page:
+        """A page of get_all, plus the tombstones of the deleted records in its range of ids."""
+        return await self._read(self._read_export_page, query)
+
+    async def audit_log(self, limit: int, cursor: str | None) -> AuditPage:
+        """A page of audit entries, newest first, starting after `cursor` (an audit id)."""
+        return await self._read(self._read_audit_page, (limit, cursor))
+
+    async def _read(self, read: Callable[[_Q], _T], query: _Q) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
         loop = asyncio.get_running_loop()
         try:
@@ -289,6 +323,34 @@ class ResultStore:
     def _read_all_page(self, query: Query) -> Page:
         with self._guard.reading():
             return self._read_all_page_guarded(query)
+
+    def _read_export_page(self, query: Query) -> Page:
+        with self._guard.reading():
+            return self._read_all_page_guarded(query, with_tombstones=True)
+
+    def _read_audit_page(self, page: tuple[int, str | None]) -> AuditPage:
+        limit, cursor = page
+        if cursor is not None and not is_record_id(cursor):
+            raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned")
+        with self._guard.reading():
+            snapshot = self._database().snapshot()
+            try:
+                stop = layout.audit_key(cursor) if cursor is not None else layout.prefix_end(layout.AUDIT_PREFIX)
+                entries: list[bytes] = []
+                page_bytes = 0
+                more = False
+                last_id: str | None = None
+                with snapshot.iterator(start=layout.AUDIT_PREFIX, stop=stop, reverse=True) as items:
+                    for key, value in items:
+                        if len(entries) == limit or page_bytes >= PAGE_BYTES:
+                            more = True
+                            break
+                        entries.append(value)
+                        page_bytes += len(value)
+                        last_id = key[len(layout.AUDIT_PREFIX) :].decode()
+                return AuditPage(entries, last_id if more else None)
+            finally:
+                snapshot.close()
 
     def _read_user_page_guarded(self, query: Query) -> tuple[dict[str, Any], Page]:
         assert query.user_id is not None
@@ -326,7 +388,7 @@ class ResultStore:
         finally:
             snapshot.close()
 
-    def _read_all_page_guarded(self, query: Query) -> Page:
+    def _read_all_page_guarded(self, query: Query, *, with_tombstones: bool = False) -> Page:
         snapshot = self._database().snapshot()
         try:
             start, include_start = self._page_start(layout.RECORD_PREFIX, query)
@@ -338,6 +400,7 @@ class ResultStore:
             filtered = query.test_name is not None or query.tag is not None
             records: list[bytes | memoryview] = []
             user_ids: set[bytes] = set()
+            record_keys: list[bytes] = []  # of the records in the page, kept only for an export
             last_key = b""
             more = False
             scanned = 0
@@ -362,13 +425,28 @@ class ResultStore:
                     records.append(document)
                     page_bytes += len(document)
                     user_ids.add(key[id_end:])
+                    if with_tombstones:
+                        record_keys.append(key)
+            next_cursor = layout.split_record_key(last_key)[0] if more else None
+            tombstones: list[str] = []
+            if with_tombstones:
+                budget = max(SCAN_BUDGET - scanned, SCAN_BUDGET // 10)
+                tombstones, cut = _tombstones_in(
+                    snapshot, start[len(layout.RECORD_PREFIX) :], next_cursor, query, budget
+                )
+                if cut is not None:
+                    # Too many tombstones for this page: it ends at the last one sent.
+                    cut_key = layout.RECORD_PREFIX + cut.encode() + b"\xff"
+                    kept = [bytes(key) for key in record_keys if key < cut_key]
+                    records = records[: len(kept)]
+                    user_ids = {key[id_end:] for key in kept}
+                    next_cursor = cut
             profiles = {}
             for user_id in sorted(user_ids):
                 stored = snapshot.get(layout.PROFILE_PREFIX + user_id)
                 if stored is not None:
                     profiles[user_id.decode()] = orjson.loads(stored)
-            next_cursor = layout.split_record_key(last_key)[0] if more else None
-            return Page(records, profiles, next_cursor)
+            return Page(records, profiles, next_cursor, tombstones)
         finally:
             snapshot.close()
 
@@ -405,3 +483,26 @@ class ResultStore:
 def _matches_fields(query: Query, fields: Any) -> bool:
     test_name, tag = fields
     return (query.test_name is None or query.test_name == test_name) and (query.tag is None or query.tag == tag)
+
+
+def _tombstones_in(
+    snapshot: Any, start: bytes, last_seen: str | None, query: Query, budget: int
+) -> tuple[list[str], str | None]:
+    """The ids of the tombstones from `start` (record-id bytes, as a page starts) up to and
+    including `last_seen` (else the query's end), and the id to cut the page at if more than
+    `budget` of them lie there (else None). Tombstones hold no content, so the test_name and tag
+    filters do not apply to them."""
+    prefix = layout.TOMBSTONE_PREFIX
+    if last_seen is not None:
+        stop = prefix + last_seen.encode() + b"\xff"
+    elif query.until is not None:
+        stop = prefix + layout.time_bound(query.until)
+    else:
+        stop = layout.prefix_end(prefix)
+    tombstones: list[str] = []
+    with snapshot.iterator(start=prefix + start, stop=stop, include_value=False) as keys:
+        for key in keys:
+            if len(tombstones) == budget:
+                return tombstones, tombstones[-1]
+            tombstones.append(key[len(prefix) :].decode())
+    return tombstones, None
