@@ -36,7 +36,10 @@ ADMIN_KEY = "admin-" + secrets.token_hex(16)
 UNREACHABLE_USERINFO = "http://127.0.0.1:9/userinfo"
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
-COMMANDS = ("submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping")
+COMMANDS = (
+    "submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping", "delete-record", "delete-user",
+    "audit",
+)  # fmt: skip
 RECORD_ID = r"[0-9a-f]{20}"
 CSV_HEADER = [
     "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
@@ -669,7 +672,7 @@ def test_export_import_export_round_trip(populated: Populated, server: RunningSe
     admin = ("--admin-key-file", str(populated.server.admin_key_file))
     first = ok("export", *admin, server=populated.server).stdout
     lines = first.splitlines()
-    assert orjson.loads(lines[0]) == {"format": "perfdb-dump", "version": 1}
+    assert orjson.loads(lines[0]) == {"format": "perfdb-dump", "version": 2}
     items = [orjson.loads(line) for line in lines[1:]]
     assert [item["user"]["user_id"] for item in items if "user" in item] == [BOT_USER, LAB_USER]
     assert [item["record"] for item in items if "record" in item] == populated.records

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient, Client, PerfdbClientError, RetryPolicy
 from perfdb.client.common import RecordWindow
 from perfdb.server import PerfdbServer
@@ -210,7 +211,7 @@ async def test_hello_ping_stats(tmp_path: Path) -> None:
         await client.ping()
         await client.record(**bench(1))
         stats = await client.stats()
-    assert hello["ok"] is True and hello["server"] == "perfdb" and hello["protocol_version"] == 1
+    assert hello["ok"] is True and hello["server"] == "perfdb" and hello["protocol_version"] == PROTOCOL_VERSION
     assert {"hello", "ping", "record", "get_user", "get_all", "stats"} <= set(hello["ops"])
     assert hello["limits"]["max_page_size"] == server.config.max_page_size
     assert stats["records"] == 1 and stats["users"] == 1
