@@ -565,7 +565,7 @@ class GroupCommitWriter:
         user_id = removal.user_id
         chunk = self._user_chunk
         # Records put earlier in this very batch are not in the database's index yet.
-        doomed = [record_id for record_id, document in batch.staged.items() if document["user_id"] == user_id]
+        doomed = {record_id: document for record_id, document in batch.staged.items() if document["user_id"] == user_id}
         prefix = layout.user_index_prefix(user_id)
         dangling: list[bytes] = []
         with self._db.iterator(prefix=prefix, include_value=False) as keys:
@@ -573,25 +573,27 @@ class GroupCommitWriter:
                 if len(doomed) + len(dangling) >= chunk:
                     break
                 record_id = key[len(prefix) :].decode()
-                if record_id in batch.deleted or record_id in batch.staged:
+                if record_id in batch.deleted or record_id in doomed:
                     continue
-                if batch.stored_record(record_id, user_id) is None:
+                document = batch.stored_record(record_id, user_id)
+                if document is None:
                     dangling.append(key)  # an index entry without its record: drop it too
                 else:
-                    doomed.append(record_id)
+                    doomed[record_id] = document
         finished = len(doomed) + len(dangling) < chunk
         if finished:
             # What a damaged past may have left behind: request ids whose records are gone.
-            with self._db.iterator(prefix=layout.idempotency_key(user_id, ""), include_value=False) as keys:
-                for key in keys:
+            # (Those naming a record removed now go with it.)
+            with self._db.iterator(prefix=layout.idempotency_key(user_id, "")) as entries:
+                for key, value in entries:
                     if len(doomed) + len(dangling) >= chunk:
                         finished = False
                         break
-                    dangling.append(key)
+                    named = _stored_ack(value, user_id, key)
+                    if named is None or named.record_id not in doomed:
+                        dangling.append(key)
         deleted_at = format_micros(now_micros())
-        for record_id in doomed:
-            document = batch.stored_record(record_id, user_id)
-            assert document is not None
+        for record_id, document in doomed.items():
             batch.remove_record(record_id, user_id, document, deleted_at)
         for key in dangling:
             batch.batch.delete(key)
