@@ -529,10 +529,13 @@ async def cmd_repair(args: argparse.Namespace) -> int:
     print(f"{report.records} good records, {report.users} users")
     for record_id in report.damaged:
         print(f"damaged record {record_id}{' (dropped)' if report.dropped else ''}")
+    for record_id in report.resurrected:
+        print(f"deleted record {record_id} is back{' (dropped)' if report.dropped else ''}")
     print(f"{report.dangling_index_entries} index entries without their record{' (dropped)' if report.dropped else ''}")
     if report.counters_wrong:
         print(f"the stored counters were wrong{' (rewritten)' if report.dropped else ''}")
-    if (report.damaged or report.dangling_index_entries or report.counters_wrong) and not report.dropped:
+    damage = report.damaged or report.resurrected or report.dangling_index_entries or report.counters_wrong
+    if damage and not report.dropped:
         print("run again with --drop-damaged to delete them and fix the counters")
         return EXIT_REFUSED
     return EXIT_OK
@@ -694,10 +697,15 @@ def build_parser() -> argparse.ArgumentParser:
         "repair",
         help="repair a database directory offline (server stopped), and check every record's checksum",
         description="Run LevelDB's repair on the database, then check every record against its checksum "
-        "and every index entry against its record. Exits 1 if damage remains.",
+        "and its tombstone (a deleted record must stay deleted) and every index entry against its record. "
+        "Exits 1 if damage remains.",
     )
     repair.add_argument("--database", required=True, help="the server's --database directory")
-    repair.add_argument("--drop-damaged", action="store_true", help="delete damaged records and dangling index entries")
+    repair.add_argument(
+        "--drop-damaged",
+        action="store_true",
+        help="delete damaged records, deleted records that came back, and dangling index entries",
+    )
     repair.set_defaults(handler=cmd_repair)
 
     stats = commands.add_parser("stats", parents=[connection], help="print the server's counters as JSON")

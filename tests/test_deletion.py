@@ -238,6 +238,35 @@ async def test_deleted_records_stay_gone_after_restart_repair_and_compaction(tmp
     await check()
 
 
+async def test_repair_drops_a_deleted_record_that_came_back(tmp_path: Path) -> None:
+    """LevelDB's repair may bring back an older copy of a record whose deletion was in a lost
+    table; the tombstone tells perfdb repair that it must go again."""
+    database = tmp_path / "db"
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        alice = await store(c, "user-alice", 3)
+    db = plyvel.DB(str(database))
+    old_copy = {key: value for key, value in db.iterator() if alice[1].encode() in key}
+    db.close()
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        assert (await c.request("delete_record", record_id=alice[1], access_token="user-alice"))["deleted"]
+    db = plyvel.DB(str(database))
+    for key, value in old_copy.items():
+        db.put(key, value)  # the record and its index entries, as a lost deletion would leave them
+    db.close()
+
+    found = await asyncio.to_thread(perfdb_repair, database)
+    assert found.returncode == 1
+    assert f"deleted record {alice[1]} is back" in found.stdout.splitlines()
+    assert found.stdout.splitlines()[0] == "2 good records, 1 users"
+    dropped = await asyncio.to_thread(perfdb_repair, database, "--drop-damaged")
+    assert dropped.returncode == 0 and f"deleted record {alice[1]} is back (dropped)" in dropped.stdout
+    assert await asyncio.to_thread(keys_naming, database, alice[1]) == [layout.tombstone_key(alice[1])]
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        assert await all_ids(c) == [alice[0], alice[2]]
+        assert await user_ids(c, "alice") == [alice[0], alice[2]]
+        assert (await c.request("stats"))["records"] == 2
+
+
 def compact(database: Path) -> None:
     db = plyvel.DB(str(database))
     try:
@@ -246,10 +275,10 @@ def compact(database: Path) -> None:
         db.close()
 
 
-def perfdb_repair(database: Path) -> subprocess.CompletedProcess[str]:
+def perfdb_repair(database: Path, *options: str) -> subprocess.CompletedProcess[str]:
     """`perfdb repair --database DIR`, as an operator runs it with the server stopped."""
     return subprocess.run(
-        [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(database)],
+        [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(database), *options],
         cwd=REPO_ROOT,
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
         capture_output=True,

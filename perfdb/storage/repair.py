@@ -1,5 +1,5 @@
-"""Offline repair: LevelDB's own repair, then a check of every record against its checksum
-and of every index entry against its record. Run with the server stopped."""
+"""Offline repair: LevelDB's own repair, then a check of every record against its checksum and
+its tombstone, and of every index entry against its record. Run with the server stopped."""
 
 from __future__ import annotations
 
@@ -21,14 +21,17 @@ class RepairReport:
     records: int = 0  # records whose checksum holds
     users: int = 0
     damaged: list[str] = dataclasses.field(default_factory=list)  # ids of records that fail it
+    # Ids of records that were deleted (they have a tombstone) and are there again: LevelDB's
+    # repair can bring back an older copy when the table holding the deletion was lost.
+    resurrected: list[str] = dataclasses.field(default_factory=list)
     dangling_index_entries: int = 0  # user-index or idempotency entries without their record
     counters_wrong: bool = False  # the stored record or user count disagrees with what is there
     dropped: bool = False
 
 
 def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
-    """Repair the database at `path`; with drop_damaged, delete damaged records and dangling
-    index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
+    """Repair the database at `path`; with drop_damaged, delete damaged and resurrected records
+    and dangling index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
     lock = DatabaseLock(path)
     real_path = lock.acquire(create=False)
     if not (real_path / "CURRENT").is_file():
@@ -70,12 +73,19 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
         raise StoreOpenError("not a perfdb database of this version (schema key missing or different)")
     good: set[str] = set()
     doomed: list[bytes] = []
+    tombstones = layout.TOMBSTONE_PREFIX
+    deleted = {key[len(tombstones) :].decode() for key in db.iterator(prefix=tombstones, include_value=False)}
     for key, value in db.iterator(prefix=layout.RECORD_PREFIX):
         record_id, _ = layout.split_record_key(key)
         try:
             layout.unseal(value)
         except layout.CorruptValueError:
             report.damaged.append(record_id)
+            doomed.append(key)
+            continue
+        if record_id in deleted:
+            # Not counted as good, so its index entries are found dangling below.
+            report.resurrected.append(record_id)
             doomed.append(key)
             continue
         good.add(record_id)
@@ -106,4 +116,6 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
         report.dropped = True
     for record_id in report.damaged:
         log.warning("record %s is damaged%s", record_id, " and was dropped" if drop_damaged else "")
+    for record_id in report.resurrected:
+        log.warning("record %s was deleted but is back%s", record_id, " and was dropped" if drop_damaged else "")
     return report
