@@ -460,11 +460,19 @@ async def cmd_delete_record(args: argparse.Namespace) -> int:
     else:
         token = read_secret(args.token_file, "PERFDB_ACCESS_TOKEN", "perfdb access token: ", "token")
         credentials = {"access_token": token}
+    refused = 0
     async with make_client(args) as client:
         for record_id in args.record_ids:
-            reply = await client.delete_record(record_id, **credentials)
-            print(f"{record_id} {'deleted' if reply['deleted'] else 'was already deleted'}")
-    return EXIT_OK
+            try:
+                reply = await client.delete_record(record_id, **credentials)
+            except PerfdbClientError as exc:
+                if exc.code in (CONNECTION_FAILED, TIMEOUT):
+                    raise
+                refused += 1  # reported, and the other ids still go
+                print(f"perfdb: {record_id}: {exc.code}: {exc.message}", file=sys.stderr)
+                continue
+            print(f"{record_id} {'deleted' if reply['deleted'] else 'was already deleted'}", flush=True)
+    return EXIT_REFUSED if refused else EXIT_OK
 
 
 async def cmd_delete_user(args: argparse.Namespace) -> int:
@@ -489,7 +497,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         out.write(_audit_row(list(AUDIT_COLUMNS)))
     shown = 0
     async with make_client(args) as client:
-        async for entry in client.audit_log(admin_key=admin_key, limit=min(args.limit or 1000, 1000)):
+        async for entry in client.audit_log(admin_key=admin_key):  # pages of the server's default size
             if args.limit is not None and shown == args.limit:
                 break
             if output_format == "ndjson":

@@ -751,7 +751,9 @@ def test_delete_record_as_owner_and_the_exit_codes(server: RunningServer, keys: 
     assert malformed.returncode == 1 and "bad_request" in malformed.error_line()
     no_token = perfdb("delete-record", ids[1], server=server)
     assert no_token.returncode == 2 and "--token-file" in no_token.error_line()
-    by_admin = ok("delete-record", ids[1], "--admin-key-file", str(server.admin_key_file), server=server)
+    by_admin = perfdb("delete-record", "0" * 20, ids[1], "--admin-key-file", str(server.admin_key_file), server=server)
+    # A refused id is reported and the others still go; the exit code says something was refused.
+    assert by_admin.returncode == 1 and "not_found" in by_admin.error_line()
     assert by_admin.out == f"{ids[1]} deleted\n"
     assert [record["record_id"] for record in records_of(ok("get-all", "--format", "json", server=server))] == [ids[2]]
     assert stats(server)["records"] == 1
@@ -778,6 +780,14 @@ def test_delete_user_and_the_audit_log(server: RunningServer, keys: Secrets) -> 
         ("admin", "delete_user", LAB_USER, 5, True)
     ]
     assert b"bulk-" not in ok("audit", *admin, server=server).stdout  # no content, only ids
+    table = ok("audit", *admin, "--format", "table", server=server).lines()
+    assert table_cells(table[0]) == ["time", "actor", "op", "user_id", "records", "complete", "record_ids"]
+    assert table_cells(table[1])[1:] == ["admin", "delete_user", LAB_USER, "5", "yes"]
+    bot_record = records_of(ok("get-all", "--format", "json", server=server))[0]["record_id"]
+    ok("delete-record", bot_record, "--token-file", str(server.bot_token_file), server=server)
+    newest = ok("audit", *admin, "--limit", "1", server=server).lines()
+    assert [orjson.loads(line)["record_ids"] for line in newest] == [[bot_record]]
+    assert len(ok("audit", *admin, server=server).lines()) == 2
     assert perfdb("audit", "--admin-key-file", str(wrong), server=server).returncode == 1
 
 
