@@ -362,6 +362,40 @@ async def test_delete_user_goes_in_chunks_between_other_writes(tmp_path: Path) -
         assert (again["deleted"], again["records"]) == (False, 0)
 
 
+async def test_a_failed_chunk_answers_storage_error_and_sending_again_finishes(tmp_path: Path) -> None:
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        await import_records(c, "mallory", 2500)
+        writer = server.store.writer
+        calls: list[int] = []
+
+        def full_disk_on_the_second_chunk() -> None:
+            calls.append(writer.record_count)
+            if len(calls) == 2:
+                raise plyvel.IOError("IO error: No space left on device")
+
+        writer.write_batch_hook = full_disk_on_the_second_chunk
+        failed = await c.request("delete_user", admin_key=ADMIN_KEY, user_id="mallory")
+        writer.write_batch_hook = None
+        assert error_code(failed) == "storage_error" and failed["error"]["retryable"] is True
+
+        # The first chunk stays deleted and its audit entry says how far the deletion got.
+        left = await user_ids(c, "mallory")
+        assert left is not None and len(left) == 2500 - USER_DELETION_CHUNK
+        assert (await c.request("stats"))["records"] == len(left)
+        (entry,) = await audit(c)
+        assert (entry["op"], entry["records"], entry["complete"]) == ("delete_user", USER_DELETION_CHUNK, False)
+
+        again = await c.request("delete_user", admin_key=ADMIN_KEY, user_id="mallory")
+        assert (again["deleted"], again["records"]) == (True, len(left))
+        assert await user_ids(c, "mallory") is None
+        stats = await c.request("stats")
+        assert (stats["records"], stats["users"], stats["commits"]["failed_batches"]) == (0, 0, 1)
+        assert [(e["records"], e["complete"]) for e in await audit(c)] == [
+            (len(left), True),
+            (USER_DELETION_CHUNK, False),
+        ]
+
+
 async def wait_for(condition: Any, deadline: float = QUEUE_DEADLINE) -> None:
     """Poll a condition the server's threads make true; fail after the deadline."""
     async with asyncio.timeout(deadline):
