@@ -19,7 +19,7 @@ import plyvel
 
 from perfdb.server import PerfdbServer
 from perfdb.storage import layout
-from perfdb.storage.writer import USER_DELETION_CHUNK
+from perfdb.storage.writer import USER_DELETION_BYTES, USER_DELETION_CHUNK
 from tests.support import (
     REPO_ROOT,
     Connection,
@@ -360,6 +360,27 @@ async def test_delete_user_goes_in_chunks_between_other_writes(tmp_path: Path) -
         assert (stats["records"], stats["users"]) == (3, 1)
         again = await c.request("delete_user", admin_key=ADMIN_KEY, user_id="mallory")
         assert (again["deleted"], again["records"]) == (False, 0)
+
+
+async def test_delete_user_chunks_are_bounded_in_bytes_too(tmp_path: Path) -> None:
+    padding = 60_000  # bytes of client_config per record: 8 MiB hold about 140 of them
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        records = [{**exported_record("heidi", n), "client_config": {"padding": "p" * padding}} for n in range(300)]
+        for start in range(0, len(records), 15):  # each import line stays under 1 MiB
+            reply = await c.request(
+                "import", admin_key=ADMIN_KEY, records=records[start : start + 15], users={"heidi": {}}
+            )
+            assert reply["imported"] == 15, reply
+        writer = server.store.writer
+        counts: list[int] = []
+        writer.write_batch_hook = lambda: counts.append(writer.record_count)
+        reply = await c.request("delete_user", admin_key=ADMIN_KEY, user_id="heidi")
+        writer.write_batch_hook = None
+        counts.append(writer.record_count)
+    assert (reply["deleted"], reply["records"]) == (True, 300)
+    removed_per_batch = [before - after for before, after in itertools.pairwise(counts)]
+    assert sum(removed_per_batch) == 300
+    assert max(removed_per_batch) <= USER_DELETION_BYTES // padding + 1 < 300
 
 
 async def test_a_failed_chunk_answers_storage_error_and_sending_again_finishes(tmp_path: Path) -> None:

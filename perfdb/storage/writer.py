@@ -44,6 +44,9 @@ _MAX_CACHED_PROFILES = 100_000
 # Records a delete_user removes per write batch (fewer if --max-batch-records is smaller): a
 # chunk of 1000 commits in milliseconds, so writes queued behind it wait no longer than that.
 USER_DELETION_CHUNK = 1000
+# A chunk also ends once the records it read add up to this many bytes, so that a user with
+# large records (up to some 200 KiB each) does not hold hundreds of MiB in the writer.
+USER_DELETION_BYTES = 8 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -219,17 +222,6 @@ class _Batch:
             return None
         key, value = entry
         return layout.split_record_key(key)[1], _stored_document(key, value)
-
-    def stored_record(self, record_id: str, user_id: str) -> dict[str, Any] | None:
-        """The document of this user's record, as this batch leaves it (_DAMAGED if damaged)."""
-        staged = self.staged.get(record_id)
-        if staged is not None:
-            return staged if staged["user_id"] == user_id else None
-        if record_id in self.deleted:
-            return None
-        key = layout.record_key(record_id, user_id)
-        value = self.db.get(key)
-        return None if value is None else _stored_document(key, value)
 
     def is_tombstoned(self, record_id: str) -> bool:
         staged = self.tombstones.get(record_id)
@@ -566,27 +558,35 @@ class GroupCommitWriter:
         chunk = self._user_chunk
         # Records put earlier in this very batch are not in the database's index yet.
         doomed = {record_id: document for record_id, document in batch.staged.items() if document["user_id"] == user_id}
-        prefix = layout.user_index_prefix(user_id)
         dangling: list[bytes] = []
+        loaded = 0  # bytes of the stored records read for this chunk
+
+        def full() -> bool:
+            return len(doomed) + len(dangling) >= chunk or loaded >= USER_DELETION_BYTES
+
+        finished = True
+        prefix = layout.user_index_prefix(user_id)
         with self._db.iterator(prefix=prefix, include_value=False) as keys:
             for key in keys:
-                if len(doomed) + len(dangling) >= chunk:
+                if full():
+                    finished = False
                     break
                 record_id = key[len(prefix) :].decode()
                 if record_id in batch.deleted or record_id in doomed:
                     continue
-                document = batch.stored_record(record_id, user_id)
-                if document is None:
+                record_key = layout.record_key(record_id, user_id)
+                value = self._db.get(record_key)
+                if value is None:
                     dangling.append(key)  # an index entry without its record: drop it too
                 else:
-                    doomed[record_id] = document
-        finished = len(doomed) + len(dangling) < chunk
+                    doomed[record_id] = _stored_document(record_key, value)
+                    loaded += len(value)
         if finished:
             # What a damaged past may have left behind: request ids whose records are gone.
             # (Those naming a record removed now go with it.)
             with self._db.iterator(prefix=layout.idempotency_key(user_id, "")) as entries:
                 for key, value in entries:
-                    if len(doomed) + len(dangling) >= chunk:
+                    if full():
                         finished = False
                         break
                     named = _stored_ack(value, user_id, key)
