@@ -205,8 +205,13 @@ class _Batch:
         return ack
 
     def has_record(self, record_id: str) -> bool:
-        """Whether a record with this id exists, whoever it belongs to."""
-        return self.find_record(record_id) is not None
+        """Whether a record with this id exists, whoever it belongs to, as this batch leaves it."""
+        if record_id in self.staged:
+            return True
+        if record_id in self.deleted:
+            return False
+        with self.db.iterator(prefix=layout.RECORD_PREFIX + record_id.encode(), include_value=False) as keys:
+            return next(keys, None) is not None
 
     def find_record(self, record_id: str) -> tuple[str, dict[str, Any]] | None:
         """(user id, stored document) of the record with this id, as this batch leaves it, or None.
