@@ -422,7 +422,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     if totals["tombstoned"]:
         print(f"left out {totals['tombstoned']} records deleted on this server (--force brings them back)")
     if totals["removed"]:
-        print(f"removed {totals['removed']} records the dump records as deleted")
+        print(f"removed {totals['removed']} records that the dump lists as deleted")
     return EXIT_OK
 
 
