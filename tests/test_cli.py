@@ -812,8 +812,13 @@ def test_export_keeps_deletions_and_import_force_brings_them_back(
     ]
     assert ids[1] not in ok("get-all", server=server).out
     with serving(keys, tmp_path / "copy") as copy:
+        # A copy made before the deletion learns of it from the new dump's tombstone.
+        assert ok("import", str(old_dump), *admin, server=copy).lines() == [
+            "imported 3 records (0 were already present)"
+        ]
         assert ok("import", "-", *admin, stdin=new_dump, server=copy).lines() == [
-            "imported 2 records (0 were already present)"
+            "imported 0 records (2 were already present)",
+            "removed 1 records that the dump lists as deleted",
         ]
         assert ok("export", *admin, server=copy).stdout == new_dump
         # A dump from before tombstones (version 1) still imports, and is held to them too.
