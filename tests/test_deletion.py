@@ -16,9 +16,11 @@ from typing import Any
 
 import orjson
 import plyvel
+import pytest
 
 from perfdb.server import PerfdbServer
 from perfdb.storage import layout
+from perfdb.storage import store as store_module
 from perfdb.storage.writer import USER_DELETION_BYTES, USER_DELETION_CHUNK
 from tests.support import (
     REPO_ROOT,
@@ -529,6 +531,24 @@ async def test_export_pages_carry_each_tombstone_once(tmp_path: Path) -> None:
             previous = end
         ranged = await c.request("export", admin_key=ADMIN_KEY, until=records[10]["timestamp"])
         assert ranged["tombstones"] == [record_id for record_id in sorted(doomed) if record_id < ids[10]]
+
+
+async def test_export_pages_cut_short_by_tombstones_still_carry_everything_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "SCAN_BUDGET", 12)  # records and tombstones examined per page
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        ids = [record["record_id"] for record in await import_records(c, "ivan", 90)]
+        doomed = [record_id for n, record_id in enumerate(ids) if n % 6]  # runs of five tombstones
+        await c.send(*({"op": "delete_record", "admin_key": ADMIN_KEY, "record_id": rid} for rid in doomed))
+        assert all(reply["deleted"] for reply in await c.replies(len(doomed)))
+        pages = await page_all(c, "export", admin_key=ADMIN_KEY, limit=4)
+    exported = [r["record_id"] for page in pages for r in page["records"]]
+    tombstones = [record_id for page in pages for record_id in page["tombstones"]]
+    assert exported == ids[::6]
+    assert tombstones == doomed
+    assert any(page["next_cursor"] in doomed for page in pages), "no page ended at a tombstone"
+    assert max(len(page["tombstones"]) for page in pages) <= 12
 
 
 async def test_a_record_stored_and_deleted_in_one_batch_is_gone(tmp_path: Path) -> None:
