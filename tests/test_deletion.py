@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from perfdb.server import PerfdbServer
 from perfdb.storage import layout
 from perfdb.storage import store as store_module
+from perfdb.storage.overview import Overview, Row
 from perfdb.storage.writer import USER_DELETION_BYTES, USER_DELETION_CHUNK
 from tests.support import (
     REPO_ROOT,
@@ -29,10 +31,13 @@ from tests.support import (
     connect,
     error_code,
     make_config,
+    page_through,
     record_request,
     running_server,
+    send_burst,
     userinfo_server,
 )
+from tests.test_reads import FILTERS, check_overview, ids, matching, write_burst
 
 ADMIN_KEY = "admin-key-0123456789abcdef"
 QUEUE_DEADLINE = 20.0  # for the writer to take a request in; it takes milliseconds
@@ -68,21 +73,8 @@ async def store(connection: Connection, token: str, count: int, test_name: str =
     return [reply["record_id"] for reply in replies]
 
 
-async def page_all(connection: Connection, op: str, **query: Any) -> list[dict[str, Any]]:
-    """Every page of a read; the replies."""
-    pages = []
-    cursor = None
-    while True:
-        page = await connection.request(op, cursor=cursor, **query)
-        assert page["ok"], page
-        pages.append(page)
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return pages
-
-
 async def all_ids(connection: Connection) -> list[str]:
-    return [r["record_id"] for page in await page_all(connection, "get_all", limit=5000) for r in page["records"]]
+    return [r["record_id"] for page in await page_through(connection, "get_all", limit=5000) for r in page["records"]]
 
 
 async def user_ids(connection: Connection, user_id: str) -> list[str] | None:
@@ -91,12 +83,12 @@ async def user_ids(connection: Connection, user_id: str) -> list[str] | None:
     if not first["ok"]:
         assert error_code(first) == "not_found"
         return None
-    pages = await page_all(connection, "get_user", user_id=user_id, limit=5000)
+    pages = await page_through(connection, "get_user", user_id=user_id, limit=5000)
     return [r["record_id"] for page in pages for r in page["records"]]
 
 
 async def audit(connection: Connection) -> list[dict[str, Any]]:
-    pages = await page_all(connection, "audit_log", admin_key=ADMIN_KEY, limit=2)
+    pages = await page_through(connection, "audit_log", admin_key=ADMIN_KEY, limit=2)
     return [entry for page in pages for entry in page["entries"]]
 
 
@@ -518,7 +510,7 @@ async def test_export_pages_carry_each_tombstone_once(tmp_path: Path) -> None:
         doomed = sorted({*ids[::3], *ids[-4:]})  # the first, scattered ones and the last few
         for record_id in doomed:
             assert (await c.request("delete_record", record_id=record_id, admin_key=ADMIN_KEY))["deleted"]
-        pages = await page_all(c, "export", admin_key=ADMIN_KEY, limit=4)
+        pages = await page_through(c, "export", admin_key=ADMIN_KEY, limit=4)
         exported = [r["record_id"] for page in pages for r in page["records"]]
         tombstones = [record_id for page in pages for record_id in page["tombstones"]]
         assert exported == [record_id for record_id in ids if record_id not in doomed]
@@ -542,7 +534,7 @@ async def test_export_pages_cut_short_by_tombstones_still_carry_everything_once(
         doomed = [record_id for n, record_id in enumerate(ids) if n % 6]  # runs of five tombstones
         await c.send(*({"op": "delete_record", "admin_key": ADMIN_KEY, "record_id": rid} for rid in doomed))
         assert all(reply["deleted"] for reply in await c.replies(len(doomed)))
-        pages = await page_all(c, "export", admin_key=ADMIN_KEY, limit=4)
+        pages = await page_through(c, "export", admin_key=ADMIN_KEY, limit=4)
     exported = [r["record_id"] for page in pages for r in page["records"]]
     tombstones = [record_id for page in pages for record_id in page["tombstones"]]
     assert exported == ids[::6]
@@ -586,5 +578,158 @@ async def test_a_record_stored_and_deleted_in_one_batch_is_gone(tmp_path: Path) 
         assert len(await all_ids(c)) == 1
         stats = await c.request("stats")
         assert (stats["records"], stats["users"]) == (1, 1)
-        (dump,) = await page_all(c, "export", admin_key=ADMIN_KEY)
+        (dump,) = await page_through(c, "export", admin_key=ADMIN_KEY)
         assert sorted(dump["tombstones"]) == sorted([record["record_id"], exported_record("frank", 2)["record_id"]])
+
+
+# -- deletions against the indexes, counts and overview --------------------------------------
+
+
+async def check_reads(connection: Connection, remaining: list[dict[str, Any]], users: list[str]) -> None:
+    """Filtered reads both ways, their totals, the stats counts and the overview agree with
+    brute force over the records that remain; `users` are those whose profiles remain."""
+    for filters in [*FILTERS, {"tag": ""}]:
+        expected = ids(matching(remaining, **filters))
+        pages = await page_through(connection, "get_all", limit=400, **filters)
+        assert [r["record_id"] for page in pages for r in page["records"]] == expected, filters
+        if len(filters) <= 1:
+            assert pages[0]["total"] == len(expected), filters
+        newest_first = await page_through(connection, "get_all", limit=700, reverse=True, **filters)
+        assert [r["record_id"] for page in newest_first for r in page["records"]] == expected[::-1], filters
+    for user_id in users:
+        expected = ids(matching(remaining, user_id=user_id))
+        pages = await page_through(connection, "get_user", user_id=user_id, limit=500)
+        assert [r["record_id"] for page in pages for r in page["records"]] == expected, user_id
+        assert pages[0]["total"] == len(expected), user_id
+        tagged = await page_through(connection, "get_user", user_id=user_id, tag="pr", limit=500)
+        assert [r["record_id"] for page in tagged for r in page["records"]] == ids(
+            matching(remaining, user_id=user_id, tag="pr")
+        )
+    stats = await connection.request("stats")
+    assert (stats["records"], stats["users"]) == (len(remaining), len(users))
+    for metric in ("qps", "perc_lat_50"):
+        check_overview(await connection.request("overview", metric=metric), remaining, metric)
+
+
+def stored_derived_keys(database: Path) -> tuple[dict[bytes, int], set[bytes]]:
+    """The (closed) database's counts, and the keys of its user, test and tag index entries."""
+    db = plyvel.DB(str(database))
+    try:
+        counts = {key: int(value) for key, value in db.iterator(prefix=layout.COUNT_PREFIX)}
+        entries = {
+            key
+            for prefix in (layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX, layout.TAG_INDEX_PREFIX)
+            for key in db.iterator(prefix=prefix, include_value=False)
+        }
+        return counts, entries
+    finally:
+        db.close()
+
+
+async def test_deleting_keeps_reads_totals_counts_and_overview_equal_to_brute_force(tmp_path: Path) -> None:
+    async with perfdb(tmp_path) as (server, _), connect(server) as c, connect(server) as other:
+        written = await write_burst(c, 1200, seed=11)
+        users = sorted({r["user_id"] for r in written})
+        chooser = random.Random(5)
+        # Every record of the rare test, and a third of the others, with many records of the
+        # same tests stored meanwhile on another connection (added to the overview while the
+        # tests the deletions made stale are rebuilt).
+        doomed = {r["record_id"] for r in written if r["test_name"] == "rare" or chooser.random() < 0.33}
+        deleting = asyncio.ensure_future(
+            send_burst(c, [{"op": "delete_record", "admin_key": ADMIN_KEY, "record_id": rid} for rid in doomed])
+        )
+        more = await write_burst(other, 400, seed=12)
+        assert all(reply["deleted"] for reply in await deleting)
+        # Both connections' records, in id (time) order, as reads return them.
+        remaining = sorted(
+            [r for r in written if r["record_id"] not in doomed] + more, key=lambda r: str(r["record_id"])
+        )
+        await check_reads(c, remaining, users)
+
+        # The last records of the rare test: it leaves the overview and its count goes.
+        last_rare = ids(matching(remaining, test_name="rare"))
+        assert last_rare
+        for record_id in last_rare:
+            assert (await c.request("delete_record", record_id=record_id, admin_key=ADMIN_KEY))["deleted"]
+        remaining = [r for r in remaining if r["test_name"] != "rare"]
+        # A whole user, with its per-user count.
+        gone = users[0]
+        reply = await c.request("delete_user", admin_key=ADMIN_KEY, user_id=gone)
+        assert (reply["deleted"], reply["records"]) == (True, len(matching(remaining, user_id=gone)))
+        remaining = [r for r in remaining if r["user_id"] != gone]
+        await check_reads(c, remaining, users[1:])
+
+    # Reopened: the counts are as stored, the overview is built afresh from the records.
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        await check_reads(c, remaining, users[1:])
+
+    expected_counts: dict[bytes, int] = {}
+    expected_entries: set[bytes] = set()
+    for r in remaining:
+        for count_key in layout.record_counts(r["user_id"], r["test_name"], r["tag"]):
+            expected_counts[count_key] = expected_counts.get(count_key, 0) + 1
+        expected_entries.update(layout.record_keys(r["record_id"], r["user_id"], r["test_name"], r["tag"])[1:])
+    counts, entries = stored_derived_keys(tmp_path / "db")
+    assert counts == expected_counts  # no count left at zero, none off by one
+    assert entries == expected_entries
+
+
+class FakeSnapshot:
+    """What rebuild_stale reads: the rows stored when it was taken."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = list(rows)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_overview_rebuild_keeps_what_the_writer_adds_and_deletes_meanwhile() -> None:
+    stored: list[Row] = [("t", "u1", {"qps": 5.0}), ("t", "u2", {"qps": 9.0}), ("other", "u1", {"qps": 1.0})]
+    overview = Overview()
+    overview.add(stored)
+    # The writer deletes the best value of "t": it cannot be taken back, so "t" goes stale.
+    overview.batch_writing()
+    stored.remove(("t", "u2", {"qps": 9.0}))
+    overview.batch_written((), {"t"})
+    assert overview.has_stale
+    snapshots: list[FakeSnapshot] = []
+
+    def take_snapshot() -> FakeSnapshot:
+        snapshots.append(FakeSnapshot(stored))
+        return snapshots[-1]
+
+    def rows_of(snapshot: FakeSnapshot, test_name: str) -> Iterator[Row]:
+        rows = [row for row in snapshot.rows if row[0] == test_name]
+        yield rows[0]
+        if len(snapshots) == 1:
+            # Half-way through the rebuild the writer commits a batch that adds to "t" and
+            # another that deletes from it.
+            added = ("t", "u3", {"qps": 7.0})
+            overview.batch_writing()
+            stored.append(added)
+            overview.batch_written([added], ())
+            overview.batch_writing()
+            stored.remove(("t", "u1", {"qps": 5.0}))
+            overview.batch_written((), {"t"})
+        yield from rows[1:]
+
+    def brute_force(test_name: str | None) -> dict[str, Any]:
+        fresh = Overview()
+        fresh.add(stored)
+        return fresh.report(test_name, "qps")
+
+    assert overview.rebuild_stale(take_snapshot, rows_of) == 1
+    assert snapshots[0].closed
+    # The addition made during the rebuild is in; the deletion made it stale again.
+    assert overview.report("t", "qps")["tests"]["t"]["users"] == {
+        "u1": {"count": 1, "best": 5.0},
+        "u3": {"count": 1, "best": 7.0},
+    }
+    assert overview.has_stale
+    assert overview.rebuild_stale(take_snapshot, rows_of) == 1
+    assert not overview.has_stale
+    assert overview.report(None, "qps") == brute_force(None)
+    assert overview.rebuild_stale(take_snapshot, rows_of) == 0  # nothing stale: no snapshot taken
+    assert len(snapshots) == 2 and snapshots[1].closed
