@@ -252,6 +252,12 @@ async def test_repair_drops_a_deleted_record_that_came_back(tmp_path: Path) -> N
     assert found.returncode == 1
     assert f"deleted record {alice[1]} is back" in found.stdout.splitlines()
     assert found.stdout.splitlines()[0] == "2 good records, 1 users"
+    # The test and tag indexes and the counts are rebuilt from the good records: without it.
+    counts, entries = await asyncio.to_thread(stored_derived_keys, database)
+    assert (counts[layout.test_count_key("unary")], counts[layout.user_count_key("alice")]) == (2, 2)
+    assert [key for key in entries if alice[1].encode() in key] == [
+        layout.user_index_prefix("alice") + alice[1].encode()
+    ]
     dropped = await asyncio.to_thread(perfdb_repair, database, "--drop-damaged")
     assert dropped.returncode == 0 and f"deleted record {alice[1]} is back (dropped)" in dropped.stdout
     assert await asyncio.to_thread(keys_naming, database, alice[1]) == [layout.tombstone_key(alice[1])]
@@ -259,6 +265,9 @@ async def test_repair_drops_a_deleted_record_that_came_back(tmp_path: Path) -> N
         assert await all_ids(c) == [alice[0], alice[2]]
         assert await user_ids(c, "alice") == [alice[0], alice[2]]
         assert (await c.request("stats"))["records"] == 2
+        unary = await c.request("get_all", test_name="unary")
+        assert ([r["record_id"] for r in unary["records"]], unary["total"]) == ([alice[0], alice[2]], 2)
+        assert (await c.request("overview", metric="qps"))["tests"]["unary"]["records"] == 2
 
 
 def compact(database: Path) -> None:
