@@ -3,9 +3,11 @@
 Being the only writer makes it the point where order is decided: it assigns record ids and
 timestamps, checks idempotency keys and compares profiles without races, and acknowledges a
 submission only after the batch that holds it has been written (fsync'd unless sync is off).
-Deletions go the same way: each removes a record with its index entries, leaves a tombstone and
-writes an audit entry in one batch; a user's records go a chunk per batch, so no batch grows
-without bound and other writes are committed between the chunks.
+Deletions go the same way: each removes a record with every index entry and count derived from
+it (layout.record_keys, layout.record_counts), leaves a tombstone and writes an audit entry in one
+batch, and marks the tests it removed records from as stale in the overview (see overview.py); a
+user's records go a chunk per batch, so no batch grows without bound and other writes are
+committed between the chunks.
 """
 
 from __future__ import annotations
