@@ -1174,6 +1174,27 @@ def judge_deletions(
     return problems
 
 
+async def counted_by_the_server(port: int, records: list[dict[str, Any]]) -> list[str]:
+    """Where the server's per-test and per-tag totals and its overview disagree with the records
+    a full read returned (the counts and indexes go in the same batches as the records)."""
+    problems = []
+    connection = await Connection.open(port)
+    try:
+        overview = await connection.request("overview", metric="qps")
+        for field in ("test_name", "tag"):
+            for name, expected in sorted(Counter(record[field] for record in records).items()):
+                reply = await connection.request("get_all", limit=1, **{field: name})
+                if reply.get("total") != expected:
+                    problems.append(f"get_all {field}={name} total {reply.get('total')}, reads find {expected}")
+    finally:
+        await connection.close()
+    per_test = Counter(record["test_name"] for record in records)
+    overview_records = {name: test["records"] for name, test in overview["tests"].items()}
+    if overview_records != dict(per_test):
+        problems.append(f"overview counts {overview_records}, reads find {dict(per_test)}")
+    return problems
+
+
 @pytest.mark.timeout(LONG_RUN_TIMEOUT)
 def test_sigkill_while_deleting_leaves_each_record_whole_or_gone(
     long_run: bool, rng: random.Random, servers: ServerLauncher, tmp_path: Path
@@ -1207,6 +1228,7 @@ def test_sigkill_while_deleting_leaves_each_record_whole_or_gone(
         restarted = servers.start(database, loop=loop, extra=extra)
         state = asyncio.run(read_back(restarted.port, per_user=True))
         round_problems = judge_deletions(seeded, state, user_deleted, deleted_ids, doomed_user)
+        round_problems += asyncio.run(counted_by_the_server(restarted.port, state.records))
         left = len(state.per_user.get(doomed_user, []))
         if 0 < left < DELETION_RECORDS_PER_BOT:
             partial_rounds += 1
@@ -1226,6 +1248,7 @@ def test_sigkill_while_deleting_leaves_each_record_whole_or_gone(
         after = asyncio.run(read_back(restarted.port, per_user=True))
         if doomed_user in after.per_user or any(r["user_id"] == doomed_user for r in after.records):
             round_problems.append(f"{doomed_user} still has records after the second delete_user")
+        round_problems += asyncio.run(counted_by_the_server(restarted.port, after.records))
         if sorted(after.per_user.get(bystander, [])) != sorted(
             r for r, rec in seeded.items() if rec["user_id"] == bystander
         ):
