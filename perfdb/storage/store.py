@@ -401,6 +401,8 @@ class ResultStore:
             self._rebuild_overview()
         except (PerfdbError, plyvel.Error, RuntimeError) as exc:  # the next overview request tries again
             log.warning("overview not rebuilt after a deletion: %s", exc)
+        except Exception:  # nothing awaits this future: say so here, or nobody would
+            log.exception("overview rebuild after a deletion failed")
 
     def _rebuild_overview(self) -> None:
         """Recompute the overview's stale tests from the test index (reader threads only)."""
