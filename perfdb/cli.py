@@ -1,4 +1,4 @@
-"""The perfdb command line: submit results, read them back, export and import a database."""
+"""The perfdb command line: submit results, read them back, delete them, export and import a database."""
 
 from __future__ import annotations
 
@@ -33,9 +33,12 @@ EXIT_USAGE = 2  # bad command line
 EXIT_UNREACHABLE = 3  # no connection, or no reply in time
 EXIT_BAD_INPUT = 4  # an input file could not be read or understood
 
-DUMP_HEADER = {"format": "perfdb-dump", "version": 1}
+# Version 2 added tombstone lines (deleted record ids); version 1 dumps import as before.
+DUMP_HEADER = {"format": "perfdb-dump", "version": 2}
+DUMP_VERSIONS = (1, 2)
 # What a record file may carry into a record request; the token comes from the command line.
 SUBMITTED_FIELDS = RECORD_FIELDS - {"op", "id", "access_token"}
+IMPORT_BATCH_RECORDS = 1000  # records, or tombstones, per import request: the server's bound
 
 
 class CliError(Exception):
@@ -347,6 +350,8 @@ async def cmd_export(args: argparse.Namespace) -> int:
                     lines.append(b'{"user":' + orjson.dumps(page["users"][user_id]) + b"}")
                 # Wrapped by hand: one more level of nesting could exceed what orjson will write.
                 lines.append(b'{"record":' + orjson.dumps(record) + b"}")
+            for record_id in page.get("tombstones", ()):
+                lines.append(orjson.dumps({"tombstone": record_id}))
             out.write(b"\n".join(lines) + b"\n" if lines else b"")
             progress.advance(len(page["records"]))
         out.flush()
@@ -356,7 +361,8 @@ async def cmd_export(args: argparse.Namespace) -> int:
 
 async def cmd_import(args: argparse.Namespace) -> int:
     admin_key = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "perfdb admin key: ", "admin key")
-    imported = duplicates = 0
+    totals = {"imported": 0, "duplicates": 0, "tombstoned": 0, "removed": 0}
+    force = True if args.force else None
     async with make_client(args) as client:
         # Keep each import request well inside the server's line limit.
         budget = (await client.hello())["limits"]["max_line_bytes"] // 2
@@ -364,15 +370,21 @@ async def cmd_import(args: argparse.Namespace) -> int:
         users: dict[str, Any] = {}
         batch: list[dict[str, Any]] = []
         batch_bytes = 0
+        tombstones: list[str] = []
 
         async def send() -> None:
-            nonlocal imported, duplicates, batch, batch_bytes
+            nonlocal batch, batch_bytes
             needed = {record["user_id"]: users[record["user_id"]] for record in batch}
-            reply = await client.call("import", admin_key=admin_key, records=batch, users=needed)
-            imported += reply["imported"]
-            duplicates += reply["duplicates"]
+            reply = await client.call("import", admin_key=admin_key, records=batch, users=needed, force=force)
+            for name in totals:
+                totals[name] += reply.get(name, 0)
             progress.advance(len(batch))
             batch, batch_bytes = [], 0
+
+        async def send_tombstones() -> None:
+            reply = await client.call("import", admin_key=admin_key, tombstones=tombstones)
+            totals["removed"] += reply.get("removed", 0)
+            tombstones.clear()
 
         with _open_input(args.file) as stream:
             header_seen = False
@@ -389,17 +401,28 @@ async def cmd_import(args: argparse.Namespace) -> int:
                 if "user" in item:
                     users[item["user"]["user_id"]] = item["user"]
                     continue
+                if "tombstone" in item:
+                    tombstones.append(item["tombstone"])
+                    if len(tombstones) == IMPORT_BATCH_RECORDS:
+                        await send_tombstones()
+                    continue
                 record = item["record"]
                 if record.get("user_id") not in users:
                     raise InputError(f"{args.file}: line {number}: record of a user not listed before it")
-                if batch and (batch_bytes + len(line) > budget or len(batch) >= 1000):
+                if batch and (batch_bytes + len(line) > budget or len(batch) >= IMPORT_BATCH_RECORDS):
                     await send()
                 batch.append(record)
                 batch_bytes += len(line)
             if batch:
                 await send()
+            if tombstones:
+                await send_tombstones()
         progress.finish()
-    print(f"imported {imported} records ({duplicates} were already present)")
+    print(f"imported {totals['imported']} records ({totals['duplicates']} were already present)")
+    if totals["tombstoned"]:
+        print(f"left out {totals['tombstoned']} records deleted on this server (--force brings them back)")
+    if totals["removed"]:
+        print(f"removed {totals['removed']} records that the dump lists as deleted")
     return EXIT_OK
 
 
@@ -408,8 +431,13 @@ def _check_dump_header(line: bytes, name: str) -> None:
         header = orjson.loads(line)
     except orjson.JSONDecodeError:
         header = None
-    if header != DUMP_HEADER:
-        raise InputError(f"{name}: not a perfdb dump (version 1); the first line must be {DUMP_HEADER}")
+    if not (
+        isinstance(header, dict)
+        and header.keys() == DUMP_HEADER.keys()
+        and header["format"] == DUMP_HEADER["format"]
+        and header["version"] in DUMP_VERSIONS
+    ):
+        raise InputError(f"{name}: not a perfdb dump (version 1 or 2); the first line must be {DUMP_HEADER}")
 
 
 def _dump_item(line: bytes, name: str, number: int) -> dict[str, Any] | None:
@@ -420,9 +448,81 @@ def _dump_item(line: bytes, name: str, number: int) -> dict[str, Any] | None:
     if not isinstance(item, dict) or not (
         (isinstance(item.get("user"), dict) and isinstance(item["user"].get("user_id"), str))
         or isinstance(item.get("record"), dict)
+        or isinstance(item.get("tombstone"), str)
     ):
-        raise InputError(f"{name}: line {number}: expected a user or a record")
+        raise InputError(f"{name}: line {number}: expected a user, a record or a tombstone")
     return item
+
+
+async def cmd_delete_record(args: argparse.Namespace) -> int:
+    if args.admin_key_file is not None:
+        credentials = {"admin_key": read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "", "admin key")}
+    else:
+        token = read_secret(args.token_file, "PERFDB_ACCESS_TOKEN", "perfdb access token: ", "token")
+        credentials = {"access_token": token}
+    refused = 0
+    async with make_client(args) as client:
+        for record_id in args.record_ids:
+            try:
+                reply = await client.delete_record(record_id, **credentials)
+            except PerfdbClientError as exc:
+                if exc.code in (CONNECTION_FAILED, TIMEOUT):
+                    raise
+                refused += 1  # reported, and the other ids still go
+                print(f"perfdb: {record_id}: {exc.code}: {exc.message}", file=sys.stderr)
+                continue
+            print(f"{record_id} {'deleted' if reply['deleted'] else 'was already deleted'}", flush=True)
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+async def cmd_delete_user(args: argparse.Namespace) -> int:
+    admin_key = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "perfdb admin key: ", "admin key")
+    async with make_client(args) as client:
+        reply = await client.delete_user(args.user_id, admin_key=admin_key)
+    if reply["deleted"]:
+        print(f"user {args.user_id} deleted with {reply['records']} records")
+    else:
+        print(f"user {args.user_id}: nothing to delete")
+    return EXIT_OK
+
+
+AUDIT_COLUMNS = ("time", "actor", "op", "user_id", "records", "complete", "record_ids")
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    admin_key = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "perfdb admin key: ", "admin key")
+    output_format = args.format or ("table" if sys.stdout.isatty() else "ndjson")
+    out = sys.stdout
+    if output_format == "table":
+        out.write(_audit_row(list(AUDIT_COLUMNS)))
+    shown = 0
+    async with make_client(args) as client:
+        async for entry in client.audit_log(admin_key=admin_key):  # pages of the server's default size
+            if args.limit is not None and shown == args.limit:
+                break
+            if output_format == "ndjson":
+                out.write(orjson.dumps(entry).decode() + "\n")
+            else:
+                cells = [
+                    entry["time"][:19].replace("T", " "),
+                    entry["actor"],
+                    entry["op"],
+                    entry.get("user_id", ""),
+                    str(entry["records"]),
+                    "yes" if entry["complete"] else "no",
+                    " ".join(entry.get("record_ids", [])),
+                ]
+                out.write(_audit_row(cells))
+            shown += 1
+    if output_format == "table" and not shown:
+        out.write("(no deletions)\n")
+    out.flush()
+    return EXIT_OK
+
+
+def _audit_row(cells: list[str]) -> str:
+    widths = (19, 5, 13, 24, 7, 8, 66)
+    return "  ".join(_fit(cell, width) for cell, width in zip(cells, widths, strict=True)).rstrip() + "\n"
 
 
 async def cmd_repair(args: argparse.Namespace) -> int:
@@ -438,10 +538,13 @@ async def cmd_repair(args: argparse.Namespace) -> int:
     print(f"indexes and counts rebuilt for {report.indexed} records")
     for record_id in report.damaged:
         print(f"damaged record {record_id}{' (dropped)' if report.dropped else ''}")
+    for record_id in report.resurrected:
+        print(f"deleted record {record_id} is back{' (dropped)' if report.dropped else ''}")
     print(f"{report.dangling_index_entries} index entries without their record{' (dropped)' if report.dropped else ''}")
     if report.counters_wrong:
         print(f"the stored counters were wrong{' (rewritten)' if report.dropped else ''}")
-    if (report.damaged or report.dangling_index_entries or report.counters_wrong) and not report.dropped:
+    damage = report.damaged or report.resurrected or report.dangling_index_entries or report.counters_wrong
+    if damage and not report.dropped:
         print("run again with --drop-damaged to delete them and fix the counters")
         return EXIT_REFUSED
     return EXIT_OK
@@ -497,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="perfdb",
-        description="Submit benchmark results to a perfdb server, read them back, export and import databases.",
+        description="Submit benchmark results to a perfdb server, read them back, delete them, "
+        "export and import databases.",
         epilog="Exit codes: 0 success, 1 the server refused a request, 2 bad command line, "
         "3 server unreachable or too slow, 4 unreadable input (takes precedence over 1).",
     )
@@ -552,16 +656,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("file", metavar="DUMP", help="the dump file, or '-' for stdin")
     restore.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="also restore records that were deleted on this server (by default their tombstones keep them out)",
+    )
     restore.set_defaults(handler=cmd_import)
+
+    delete_record = commands.add_parser(
+        "delete-record",
+        parents=[connection],
+        help="delete records: your own (with your token), or anyone's (admin)",
+        description="Delete each RECORD_ID, as its owner (the access token it was stored with) or with the "
+        "admin key. Deleting an already deleted record succeeds; an id that never existed is refused (not_found).",
+    )
+    delete_record.add_argument("record_ids", nargs="+", metavar="RECORD_ID")
+    delete_record.add_argument(
+        "--token-file", help="file holding the owner's access token (else $PERFDB_ACCESS_TOKEN, else a prompt)"
+    )
+    delete_record.add_argument("--admin-key-file", help="file holding the server's admin key: delete as the admin")
+    delete_record.set_defaults(handler=cmd_delete_record)
+
+    delete_user = commands.add_parser(
+        "delete-user",
+        parents=[connection],
+        help="delete a user's records and profile (admin); safe to run again",
+        description="Delete every record of USER_ID and the profile. If it is interrupted, running it again "
+        "finishes the deletion.",
+    )
+    delete_user.add_argument("user_id", metavar="USER_ID")
+    delete_user.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
+    delete_user.set_defaults(handler=cmd_delete_user)
+
+    audit = commands.add_parser(
+        "audit",
+        parents=[connection],
+        help="print the audit log of deletions, newest first (admin)",
+        description="Print who deleted what and when, newest first: one entry per deletion, naming record "
+        "ids and user ids, never content.",
+    )
+    audit.add_argument("--admin-key-file", help="file holding the server's admin key (else $PERFDB_ADMIN_KEY)")
+    audit.add_argument("--limit", type=positive_int, help="only the newest N entries")
+    audit.add_argument(
+        "--format", choices=("table", "ndjson"), help="output format (default: table on a terminal, ndjson otherwise)"
+    )
+    audit.set_defaults(handler=cmd_audit)
 
     repair = commands.add_parser(
         "repair",
         help="repair a database directory offline (server stopped), and check every record's checksum",
         description="Run LevelDB's repair on the database, then check every record against its checksum "
-        "and every index entry against its record. Exits 1 if damage remains.",
+        "and its tombstone (a deleted record must stay deleted), rebuild the test and tag indexes and every "
+        "count from the good records, and check every other index entry against its record. "
+        "Exits 1 if damage remains.",
     )
     repair.add_argument("--database", required=True, help="the server's --database directory")
-    repair.add_argument("--drop-damaged", action="store_true", help="delete damaged records and dangling index entries")
+    repair.add_argument(
+        "--drop-damaged",
+        action="store_true",
+        help="delete damaged records, deleted records that came back, and dangling index entries",
+    )
     repair.set_defaults(handler=cmd_repair)
 
     stats = commands.add_parser("stats", parents=[connection], help="print the server's counters as JSON")

@@ -44,7 +44,10 @@ LAB_USER = "static:perf-lab"
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
-COMMANDS = ("submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping")
+COMMANDS = (
+    "submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping", "delete-record", "delete-user",
+    "audit",
+)  # fmt: skip
 RECORD_ID = r"[0-9a-f]{20}"
 CSV_HEADER = [
     "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
@@ -665,7 +668,7 @@ def test_export_import_export_round_trip(populated: Populated, server: RunningSe
     admin = ("--admin-key-file", str(populated.server.admin_key_file))
     first = ok("export", *admin, server=populated.server).stdout
     lines = first.splitlines()
-    assert orjson.loads(lines[0]) == {"format": "perfdb-dump", "version": 1}
+    assert orjson.loads(lines[0]) == {"format": "perfdb-dump", "version": 2}
     items = [orjson.loads(line) for line in lines[1:]]
     assert [item["user"]["user_id"] for item in items if "user" in item] == [BOT_USER, LAB_USER]
     assert [item["record"] for item in items if "record" in item] == populated.records
@@ -721,6 +724,105 @@ def test_import_of_something_that_is_not_a_dump_exits_4(server: RunningServer) -
     assert result.returncode == 4
     assert path in result.error_line() and "dump" in result.err
     assert stats(server)["records"] == 0
+
+
+# -- deleting -------------------------------------------------------------------------------------
+
+
+def test_delete_record_as_owner_and_the_exit_codes(server: RunningServer, keys: Secrets) -> None:
+    stdin = perfdb_records(3, tag="doomed")
+    ids = stored_ids(
+        ok("submit", "-", "--token-file", str(server.bot_token_file), stdin=stdin, server=server).lines(), "-"
+    )
+    owner = ("--token-file", str(server.bot_token_file))
+
+    assert ok("delete-record", ids[0], *owner, server=server).out == f"{ids[0]} deleted\n"
+    assert ok("delete-record", ids[0], *owner, server=server).out == f"{ids[0]} was already deleted\n"
+    forbidden = perfdb("delete-record", ids[1], "--token-file", str(server.lab_token_file), server=server)
+    assert forbidden.returncode == 1 and "forbidden" in forbidden.error_line()
+    assert LAB_TOKEN not in forbidden.err
+    never = perfdb("delete-record", "0" * 20, *owner, server=server)
+    assert never.returncode == 1 and "not_found" in never.error_line()
+    malformed = perfdb("delete-record", "not-an-id", *owner, server=server)
+    assert malformed.returncode == 1 and "bad_request" in malformed.error_line()
+    no_token = perfdb("delete-record", ids[1], server=server)
+    assert no_token.returncode == 2 and "--token-file" in no_token.error_line()
+    by_admin = perfdb("delete-record", "0" * 20, ids[1], "--admin-key-file", str(server.admin_key_file), server=server)
+    # A refused id is reported and the others still go; the exit code says something was refused.
+    assert by_admin.returncode == 1 and "not_found" in by_admin.error_line()
+    assert by_admin.out == f"{ids[1]} deleted\n"
+    assert [record["record_id"] for record in records_of(ok("get-all", "--format", "json", server=server))] == [ids[2]]
+    assert stats(server)["records"] == 1
+
+
+def test_delete_user_and_the_audit_log(server: RunningServer, keys: Secrets) -> None:
+    lab = ("--token-file", str(server.lab_token_file))
+    ok("submit", "-", *lab, stdin=perfdb_records(5, tag="lab"), server=server)
+    ok("submit", "-", "--token-file", str(server.bot_token_file), stdin=perfdb_records(2, tag="bot"), server=server)
+    admin = ("--admin-key-file", str(server.admin_key_file))
+
+    assert ok("delete-user", LAB_USER, *admin, server=server).out == f"user {LAB_USER} deleted with 5 records\n"
+    assert ok("delete-user", LAB_USER, *admin, server=server).out == f"user {LAB_USER}: nothing to delete\n"
+    assert perfdb("get-user", LAB_USER, server=server).returncode == 1
+    assert (stats(server)["records"], stats(server)["users"]) == (2, 1)
+    no_key = perfdb("delete-user", BOT_USER, server=server)
+    assert no_key.returncode == 2 and "--admin-key-file" in no_key.error_line()
+    wrong = keys.token_file("wrong-" + ADMIN_KEY, "wrong.key")
+    refused = perfdb("delete-user", BOT_USER, "--admin-key-file", str(wrong), server=server)
+    assert refused.returncode == 1 and "forbidden" in refused.error_line()
+
+    entries = [orjson.loads(line) for line in ok("audit", *admin, server=server).lines()]
+    assert [(e["actor"], e["op"], e["user_id"], e["records"], e["complete"]) for e in entries] == [
+        ("admin", "delete_user", LAB_USER, 5, True)
+    ]
+    assert b"bulk-" not in ok("audit", *admin, server=server).stdout  # no content, only ids
+    table = ok("audit", *admin, "--format", "table", server=server).lines()
+    assert table_cells(table[0]) == ["time", "actor", "op", "user_id", "records", "complete", "record_ids"]
+    assert table_cells(table[1])[1:] == ["admin", "delete_user", LAB_USER, "5", "yes"]
+    bot_record = records_of(ok("get-all", "--format", "json", server=server))[0]["record_id"]
+    ok("delete-record", bot_record, "--token-file", str(server.bot_token_file), server=server)
+    newest = ok("audit", *admin, "--limit", "1", server=server).lines()
+    assert [orjson.loads(line)["record_ids"] for line in newest] == [[bot_record]]
+    assert len(ok("audit", *admin, server=server).lines()) == 2
+    assert perfdb("audit", "--admin-key-file", str(wrong), server=server).returncode == 1
+
+
+def test_export_keeps_deletions_and_import_force_brings_them_back(
+    server: RunningServer, keys: Secrets, tmp_path: Path
+) -> None:
+    admin = ("--admin-key-file", str(server.admin_key_file))
+    submitted = ok(
+        "submit", "-", "--token-file", str(server.bot_token_file), stdin=perfdb_records(3, tag="x"), server=server
+    )
+    ids = stored_ids(submitted.lines(), "-")
+    old_dump = tmp_path / "old.ndjson"
+    old_dump.write_bytes(ok("export", *admin, server=server).stdout)
+    ok("delete-record", ids[1], *admin, server=server)
+    new_dump = ok("export", *admin, server=server).stdout
+    assert {"tombstone": ids[1]} in [orjson.loads(line) for line in new_dump.splitlines()]
+
+    stale = ok("import", str(old_dump), *admin, server=server)
+    assert stale.lines() == [
+        "imported 0 records (2 were already present)",
+        "left out 1 records deleted on this server (--force brings them back)",
+    ]
+    assert ids[1] not in ok("get-all", server=server).out
+    with serving(keys, tmp_path / "copy") as copy:
+        # A copy made before the deletion learns of it from the new dump's tombstone.
+        assert ok("import", str(old_dump), *admin, server=copy).lines() == [
+            "imported 3 records (0 were already present)"
+        ]
+        assert ok("import", "-", *admin, stdin=new_dump, server=copy).lines() == [
+            "imported 0 records (2 were already present)",
+            "removed 1 records that the dump lists as deleted",
+        ]
+        assert ok("export", *admin, server=copy).stdout == new_dump
+        # A dump from before tombstones (version 1) still imports, and is held to them too.
+        version_1 = old_dump.read_bytes().replace(b'"version":2', b'"version":1', 1)
+        assert "left out 1" in ok("import", "-", *admin, stdin=version_1, server=copy).out
+        forced = ok("import", str(old_dump), "--force", *admin, server=copy)
+        assert forced.lines() == ["imported 1 records (2 were already present)"]
+        assert ok("export", *admin, server=copy).stdout == old_dump.read_bytes()
 
 
 # -- stats and ping --------------------------------------------------------------------------------

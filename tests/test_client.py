@@ -949,3 +949,60 @@ def test_window_success_resets_the_failure_count() -> None:
         assert [ack["n"] for ack in acks(window)] == [number]
     window.to_send()
     assert window.finished
+
+
+# -- deleting ---------------------------------------------------------------------------------
+
+
+def blocking_deletions(server_address: str, record_ids: list[str]) -> dict[str, Any]:
+    """The blocking client's delete_record, delete_user and audit_log; run in a thread."""
+    with Client(server_address) as client:
+        return {
+            "owner": client.delete_record(record_ids[0], access_token="user-alice"),
+            "again": client.delete_record(record_ids[0], access_token="user-alice"),
+            "admin": client.delete_record(record_ids[1], admin_key=ADMIN_KEY),
+            "user": client.delete_user("bob", admin_key=ADMIN_KEY),
+            "audit": list(client.audit_log(admin_key=ADMIN_KEY, limit=1)),
+            "missing": caught(lambda: client.delete_record("0" * 20, admin_key=ADMIN_KEY)),
+            "left": ids(list(client.get_all())),
+        }
+
+
+def caught(call: Any) -> PerfdbClientError | None:
+    try:
+        call()
+    except PerfdbClientError as error:
+        return error
+    return None
+
+
+async def test_both_clients_delete_and_read_the_audit_log(tmp_path: Path) -> None:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(ADMIN_KEY + "\n")
+    async with (
+        perfdb_with_provider(tmp_path, admin_key_file=key_file) as (server, _),
+        AsyncClient(address(server)) as client,
+    ):
+        acks = [ack async for ack in client.record_many([bench(seq) for seq in range(6)])]
+        bob = await client.record(**bench(99, token="user-bob"))
+        alice = ids(acks)
+
+        deleted = await client.delete_record(alice[0], access_token="user-alice")
+        again = await client.delete_record(alice[0], access_token="user-alice")
+        with pytest.raises(PerfdbClientError) as forbidden:
+            await client.delete_record(alice[1], access_token="user-bob")
+        entries = [entry async for entry in client.audit_log(admin_key=ADMIN_KEY, limit=1)]
+
+        seen = await asyncio.to_thread(blocking_deletions, address(server), alice[2:])
+        after = [entry async for entry in client.audit_log(admin_key=ADMIN_KEY)]
+    assert (deleted["deleted"], again["deleted"]) == (True, False)
+    assert (forbidden.value.code, forbidden.value.retryable) == ("forbidden", False)
+    assert [(entry["actor"], entry["record_ids"]) for entry in entries] == [("owner", [alice[0]])]
+
+    assert (seen["owner"]["deleted"], seen["again"]["deleted"], seen["admin"]["deleted"]) == (True, False, True)
+    assert (seen["user"]["user_id"], seen["user"]["deleted"], seen["user"]["records"]) == ("bob", True, 1)
+    assert [entry["op"] for entry in seen["audit"]] == ["delete_user", *["delete_record"] * 3]  # newest first
+    assert seen["missing"] is not None and seen["missing"].code == "not_found"
+    assert seen["left"] == [alice[1], *alice[4:]]  # bob and his record are gone; the forbidden delete changed nothing
+    assert bob["record_id"] not in seen["left"]
+    assert after == seen["audit"] and seen["audit"][-1] == entries[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 from perfdb import PROTOCOL_VERSION
 from perfdb.records.timestamps import parse_rfc3339
 from tests.support import (
+    REPO_ROOT,
     Connection,
     connect,
     error_code,
@@ -35,6 +37,12 @@ async def test_hello_reports_versions_and_limits(tmp_path: Path) -> None:
     assert reply["limits"]["max_line_bytes"] == 4096
     assert reply["limits"]["max_page_size"] == 50
     assert set(reply["ops"]) >= {"hello", "ping", "record", "get_user", "get_all", "stats"}
+    # The spec lists the same ops, in its op table and in its hello transcript.
+    spec = (REPO_ROOT / "protocol_spec.md").read_text()
+    table = spec[spec.index("## 2. Ops") : spec.index("## 3. The ops")]
+    assert sorted(re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)) == reply["ops"]
+    transcript = re.search(r'^S: (\{"id":1,"ok":true,"server":"perfdb".*)$', spec, re.MULTILINE)
+    assert transcript is not None and orjson.loads(transcript.group(1))["ops"] == reply["ops"]
 
 
 async def test_ping_echoes_any_scalar_id(tmp_path: Path) -> None:

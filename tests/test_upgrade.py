@@ -1,5 +1,6 @@
 """Databases written before the test and tag indexes (schema 1) open, keep every record and
-answer filtered reads through the new indexes; an upgrade killed half way finishes on restart."""
+answer filtered reads through the new indexes; an upgrade killed half way finishes on restart;
+deleting from an upgraded database removes every entry the upgrade wrote."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
 from tests.support import ServerProcess, connect, make_config, page_through, running_server
+from tests.test_deletion import ADMIN_KEY, expected_counts, expected_index_entries, stored_derived_keys
 
 TESTS = ("unary", "streaming", "rare")
 
@@ -172,3 +174,33 @@ async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tm
     assert [r for page in pages for r in page["records"]] == rare
     assert pages[0]["total"] == len(rare)
     assert nightly["total"] == sum(1 for r in records if r["tag"] == "nightly")
+
+
+async def test_records_of_an_upgraded_database_delete_with_every_entry_the_upgrade_wrote(tmp_path: Path) -> None:
+    database = tmp_path / "db"
+    records = write_schema_1_database(database, 900)
+    gone_before = make_record_id(now_micros() - 120_000_000, 0)  # a deletion the upgrade must keep
+    db = plyvel.DB(str(database))
+    db.put(layout.tombstone_key(gone_before), b"2026-01-01T00:00:00Z")
+    db.close()
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(ADMIN_KEY + "\n")
+    config = make_config(database, "http://127.0.0.1:9/userinfo", upgrade_batch_records=200, admin_key_file=key_file)
+    doomed = {r["record_id"] for r in records if r["test_name"] == "rare" or r["user_id"] == "user1"}
+    async with running_server(config) as server, connect(server) as conn:
+        for record in records:
+            if record["test_name"] == "rare" and record["user_id"] != "user1":
+                reply = await conn.request("delete_record", record_id=record["record_id"], admin_key=ADMIN_KEY)
+                assert reply["deleted"], reply
+        user = await conn.request("delete_user", user_id="user1", admin_key=ADMIN_KEY)
+        assert user["records"] == sum(1 for r in records if r["user_id"] == "user1" and r["test_name"] != "rare")
+        (dump,) = await page_through(conn, "export", admin_key=ADMIN_KEY, limit=5000)
+        overview = await conn.request("overview", metric="qps")
+    remaining = [r for r in records if r["record_id"] not in doomed]
+    assert [r["record_id"] for r in dump["records"]] == ids(remaining)
+    assert dump["tombstones"] == sorted([gone_before, *doomed])
+    assert "rare" not in overview["tests"]
+    assert sum(test["records"] for test in overview["tests"].values()) == len(remaining)
+    counts, entries = stored_derived_keys(database)
+    assert counts == expected_counts(remaining)
+    assert entries == expected_index_entries(remaining)

@@ -304,3 +304,20 @@ class AsyncClient(ClientSettings):
             until=until,
             buckets=buckets,
         )
+
+    async def delete_record(
+        self, record_id: str, *, access_token: str | None = None, admin_key: str | None = None
+    ) -> dict[str, Any]:
+        """Delete a record, as its owner (access_token) or the admin (admin_key). The reply's
+        `deleted` is false when it was already deleted; a record that never existed is not_found."""
+        return await self.call("delete_record", record_id=record_id, access_token=access_token, admin_key=admin_key)
+
+    async def delete_user(self, user_id: str, *, admin_key: str) -> dict[str, Any]:
+        """Delete every record of a user and the profile (admin); `records` says how many went."""
+        return await self.call("delete_user", user_id=user_id, admin_key=admin_key)
+
+    async def audit_log(self, *, admin_key: str, limit: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The audit entries of deletions, newest first, across as many pages as it takes."""
+        async for page in self.pages("audit_log", admin_key=admin_key, limit=limit):
+            for entry in page["entries"]:
+                yield entry

@@ -21,8 +21,24 @@ CONNECTION_FAILED = "connection_failed"
 TIMEOUT = "timeout"
 PROTOCOL_ERROR = "protocol_error"
 
-# Ops that are safe to send again: reads, and records that carry a request_id.
-IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "overview", "series", "export", "import"})
+# Ops that are safe to send again: reads, imports, deletions (a repeat finds the record or user
+# gone and says so), and records that carry a request_id.
+IDEMPOTENT_OPS = frozenset(
+    {
+        "hello",
+        "ping",
+        "stats",
+        "get_user",
+        "get_all",
+        "overview",
+        "series",
+        "export",
+        "import",
+        "delete_record",
+        "delete_user",
+        "audit_log",
+    }
+)
 # Ops that carry the read key when the client has one.
 READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series"})
 

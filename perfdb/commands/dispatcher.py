@@ -27,19 +27,26 @@ from perfdb.protocol.replies import DeferredReply, Reply
 from perfdb.records.profiles import Profile, profile_from_document, public_profile
 from perfdb.records.schema import (
     ADMIN_FIELDS,
+    DELETE_RECORD_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
     ORDER_FIELDS,
     READ_FIELDS,
     Query,
     RecordDraft,
+    access_token,
     check_fields,
     check_request_id,
+    parse_audit_page,
+    parse_delete_user,
+    parse_force,
     parse_import_records,
     parse_overview,
     parse_query,
     parse_record,
     parse_series,
+    parse_tombstones,
+    required_record_id,
 )
 from perfdb.storage import Page, RecordAck, ResultStore
 
@@ -343,19 +350,17 @@ class CommandDispatcher:
     def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
         query = self._query(request, with_user=False, extra_fields=READ_FIELDS | ORDER_FIELDS)
-        return Deferred(lambda: self._get_all(query, full_profiles=False))
+        return Deferred(lambda: self._get_all(query))
 
-    async def _get_all(self, query: Query, *, full_profiles: bool) -> Fields:
+    async def _get_all(self, query: Query) -> Fields:
         page: Page = await self._store.get_all(query)
-        expose = full_profiles or self._config.expose_emails
-        fields = {
+        expose = self._config.expose_emails
+        return {
             "users": {user_id: public_profile(profile, expose) for user_id, profile in page.profiles.items()},
             "records": _json_array(page.records),
             "next_cursor": page.next_cursor,
+            **_page_counts(page),
         }
-        if not full_profiles:  # export's reply stays as it was
-            fields.update(_page_counts(page))
-        return fields
 
     def op_overview(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
@@ -371,13 +376,31 @@ class CommandDispatcher:
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
         query = self._query(request, with_user=False, extra_fields=ADMIN_FIELDS)
-        return Deferred(lambda: self._get_all(query, full_profiles=True))
+        return Deferred(lambda: self._export(query))
+
+    async def _export(self, query: Query) -> Fields:
+        page: Page = await self._store.export(query)
+        return {
+            "users": page.profiles,
+            "records": _json_array(page.records),
+            "tombstones": page.tombstones,
+            "next_cursor": page.next_cursor,
+        }
 
     def op_import(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
         check_fields(request, IMPORT_FIELDS)
-        records = parse_import_records(request.get("records"))
+        tombstones = parse_tombstones(request.get("tombstones"))
+        records = parse_import_records(request.get("records"), optional=bool(tombstones))
+        force = parse_force(request.get("force"))
+        if tombstones and records:
+            restored = {record.record_id for record in records}
+            for index, record_id in enumerate(tombstones):
+                if record_id in restored:
+                    raise bad_request(f"tombstones[{index}]", "is also the record_id of one of the records")
         users = request.get("users")
+        if users is None and not records:
+            users = {}
         if not isinstance(users, dict):
             raise bad_request("users", "must be an object of user id to profile")
         profiles: dict[str, Profile] = {}
@@ -387,7 +410,44 @@ class CommandDispatcher:
                     profiles[record.user_id] = profile_from_document(record.user_id, users.get(record.user_id))
                 except ValueError as exc:
                     raise bad_request(f"users.{quote_input(record.user_id)}", str(exc)) from None
-        return self._store.restore(records, profiles)  # resolves to an ImportAck
+        return self._store.restore(records, profiles, tombstones, force=force)  # resolves to an ImportAck
+
+    def op_delete_record(self, request: dict[str, Any], peer: str) -> Outcome:
+        if request.get("admin_key") is not None:
+            self._require_admin(request)
+            check_fields(request, DELETE_RECORD_FIELDS)
+            if request.get("access_token") is not None:
+                raise bad_request("access_token", "cannot be combined with admin_key")
+            return self._store.delete_record(required_record_id(request), None)
+        check_fields(request, DELETE_RECORD_FIELDS)
+        if request.get("access_token") is None:
+            raise bad_request("access_token", "is required (the record's owner's), or admin_key")
+        token = access_token(request)
+        record_id = required_record_id(request)
+        resolved = self._resolver.resolve(token)
+        if isinstance(resolved, Profile):
+            return self._store.delete_record(record_id, resolved.user_id)
+        return self._delete_once_resolved(resolved, record_id)
+
+    async def _delete_once_resolved(self, profile_future: asyncio.Future[Profile], record_id: str) -> Fields:
+        profile = await asyncio.shield(profile_future)  # the lookup may be shared, as for record
+        ack = await self._store.delete_record(record_id, profile.user_id)
+        return ack.to_fields()
+
+    def op_delete_user(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_admin(request)
+        return self._store.delete_user(parse_delete_user(request))  # resolves to a UserDeletionAck
+
+    def op_audit_log(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_admin(request)
+        limit, cursor = parse_audit_page(
+            request, default_limit=self._config.default_page_size, max_limit=self._config.max_page_size
+        )
+        return Deferred(lambda: self._audit_log(limit, cursor))
+
+    async def _audit_log(self, limit: int, cursor: str | None) -> Fields:
+        page = await self._store.audit_log(limit, cursor)
+        return {"entries": _json_array(list(page.entries)), "next_cursor": page.next_cursor}
 
     def op_stats(self, request: dict[str, Any], peer: str) -> Fields:
         self._require_read(request)

@@ -50,7 +50,10 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
 )
 ADMIN_FIELDS = frozenset({"admin_key"})
 READ_FIELDS = frozenset({"read_key", "admin_key"})
-IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users"})
+IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users", "tombstones", "force"})
+DELETE_RECORD_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"record_id", "access_token"})
+DELETE_USER_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"user_id"})
+AUDIT_LOG_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"limit", "cursor"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
 ORDER_FIELDS = frozenset({"reverse", "sort", "order"})  # get_user and get_all only
 OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric"})
@@ -290,20 +293,7 @@ def remove_host_fields(config: Any) -> Any:
 def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
     """Validate a record request; returns the access token and the scrubbed draft."""
     check_fields(request, RECORD_FIELDS)
-    token = request.get("access_token")
-    if token is None:
-        raise bad_request("access_token", "is required")
-    if (
-        not isinstance(token, str)
-        or not token
-        or len(token) > MAX_ACCESS_TOKEN_CHARS
-        or not (token.isascii() and token.isprintable())
-    ):
-        # Never quote the token: it is a secret even when malformed.
-        raise bad_request(
-            "access_token",
-            f"must be 1-{MAX_ACCESS_TOKEN_CHARS} printable ASCII characters",
-        )
+    token = access_token(request)
     if "scenario_result" not in request:
         return token, _draft(request)
     for field in ("metrics", "client_config", "server_config"):
@@ -319,6 +309,65 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
     if request.get("test_name") is None and mapped.name:
         fields["test_name"] = mapped.name
     return token, _draft(fields, scenario=mapped.scenario)
+
+
+def access_token(request: dict[str, Any]) -> str:
+    """The request's access_token, checked (and never quoted: it is a secret even when malformed)."""
+    token = request.get("access_token")
+    if token is None:
+        raise bad_request("access_token", "is required")
+    if (
+        not isinstance(token, str)
+        or not token
+        or len(token) > MAX_ACCESS_TOKEN_CHARS
+        or not (token.isascii() and token.isprintable())
+    ):
+        raise bad_request(
+            "access_token",
+            f"must be 1-{MAX_ACCESS_TOKEN_CHARS} printable ASCII characters",
+        )
+    return token
+
+
+def required_record_id(request: dict[str, Any], field: str = "record_id") -> str:
+    value = request.get(field)
+    if value is None:
+        raise bad_request(field, "is required")
+    if not isinstance(value, str) or not is_record_id(value):
+        raise bad_request(field, "must be a record id (20 lowercase hex digits)")
+    return value
+
+
+def parse_delete_user(request: dict[str, Any]) -> str:
+    """The user id of a delete_user request."""
+    check_fields(request, DELETE_USER_FIELDS)
+    return required_string(request, "user_id", MAX_USER_ID_CHARS)
+
+
+def parse_audit_page(request: dict[str, Any], *, default_limit: int, max_limit: int) -> tuple[int, str | None]:
+    """The limit and cursor of an audit_log request."""
+    check_fields(request, AUDIT_LOG_FIELDS)
+    return _limit(request, default_limit, max_limit), optional_string(request, "cursor", MAX_CURSOR_CHARS)
+
+
+def parse_tombstones(value: Any) -> list[str]:
+    """The tombstones of an import: ids of records deleted where the export came from."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_IMPORT_RECORDS:
+        raise bad_request("tombstones", f"must be a list of at most {MAX_IMPORT_RECORDS} record ids")
+    for index, record_id in enumerate(value):
+        if not isinstance(record_id, str) or not is_record_id(record_id):
+            raise bad_request(f"tombstones[{index}]", "must be a record id (20 lowercase hex digits)")
+    return value
+
+
+def parse_force(value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request("force", f"must be a boolean, got {_json_type(value)}")
+    return value
 
 
 def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> RecordDraft:
@@ -378,8 +427,11 @@ STORED_RECORD_FIELDS = frozenset(
 MAX_IMPORT_RECORDS = 1000
 
 
-def parse_import_records(value: Any) -> list[ImportedRecord]:
-    """Validate the records of an import request: stored records exactly as export gives them."""
+def parse_import_records(value: Any, *, optional: bool = False) -> list[ImportedRecord]:
+    """Validate the records of an import request: stored records exactly as export gives them.
+    optional: the request carries tombstones, so it may come without records."""
+    if optional and (value is None or value == []):
+        return []
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_IMPORT_RECORDS:
         raise bad_request("records", f"must be a list of 1 to {MAX_IMPORT_RECORDS} records")
     return [_imported_record(document, index) for index, document in enumerate(value)]
@@ -422,13 +474,7 @@ def parse_query(
     until = _timestamp(request, "until")
     if since is not None and until is not None and until <= since:
         raise bad_request("until", "must be later than since")
-    limit = request.get("limit")
-    if limit is None:
-        limit = default_limit
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise bad_request("limit", f"must be an integer, got {_json_type(limit)}")
-    if not 1 <= limit <= max_limit:
-        raise bad_request("limit", f"must be between 1 and {max_limit}")
+    limit = _limit(request, default_limit, max_limit)
     cursor = optional_string(request, "cursor", MAX_CURSOR_CHARS)
     reverse = request.get("reverse")
     if reverse is None:
@@ -507,6 +553,17 @@ def _metric_name(field: str, value: Any) -> str:
             field, f"must be a metric name: 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'"
         )
     return value
+
+
+def _limit(request: dict[str, Any], default_limit: int, max_limit: int) -> int:
+    limit = request.get("limit")
+    if limit is None:
+        return default_limit
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise bad_request("limit", f"must be an integer, got {_json_type(limit)}")
+    if not 1 <= limit <= max_limit:
+        raise bad_request("limit", f"must be between 1 and {max_limit}")
+    return limit
 
 
 def _optional_tag(request: dict[str, Any]) -> str | None:

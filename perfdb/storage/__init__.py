@@ -1,5 +1,5 @@
-"""LevelDB storage: key layout, the group-commit writer thread, the result store, schema upgrades,
-the in-memory overview aggregates and offline repair."""
+"""LevelDB storage: key layout, the group-commit writer thread (records and deletions), the result
+store, schema upgrades, the in-memory overview aggregates and offline repair."""
 
 from perfdb.storage.store import Page, ResultStore, StoreOpenError
 from perfdb.storage.writer import RecordAck

@@ -12,15 +12,21 @@
     c:u<user_id>, c:t<test_name>, c:g<tag>
                                  -> how many records each index holds under that name (ASCII integer)
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
+    d:<record_id>                -> deletion time (RFC 3339): tombstone of a deleted record
+    a:<audit_id>                 -> an audit entry (JSON) of a deletion; ids sort by time like record ids
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
 keyspace is the time index, and each index lists its records in time order too. Each index entry
 carries the other filter fields, so a combined filter is decided without fetching the record.
-Every key derived from a record comes from record_index_entries and record_counts: whoever adds
-or removes a record writes or deletes exactly those (and its idempotency key, if it has one).
+Every key derived from a record comes from record_index_entries, record_keys and record_counts,
+the one place used to write a record, delete it, upgrade an older database and repair one, so a
+new index is removed with its record. The idempotency entry is not among them: it is written only
+for a user's first use of a request_id, so it is removed with a record only when it names it.
+A deletion leaves a tombstone (d:) and an audit entry (a:); tombstones travel with exports.
 
-Schema history: 1 had the user index only; 2 added the test and tag indexes and their counts
-(an older database is upgraded when opened, see ResultStore).
+Schema history: 1 had the user index only; 2 added the test and tag indexes and their counts,
+tombstones and audit entries (an older database is upgraded when opened, see ResultStore; it has
+no tombstones or audit entries, and the upgrade leaves those prefixes alone).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ IDEMPOTENCY_PREFIX = b"i:"
 TEST_INDEX_PREFIX = b"t:"
 TAG_INDEX_PREFIX = b"g:"
 COUNT_PREFIX = b"c:"
+TOMBSTONE_PREFIX = b"d:"
+AUDIT_PREFIX = b"a:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -146,6 +154,14 @@ def read_count(value: bytes | None) -> int:
         return int(value or b"0")
     except ValueError:
         return 0
+
+
+def tombstone_key(record_id: str) -> bytes:
+    return TOMBSTONE_PREFIX + record_id.encode()
+
+
+def audit_key(audit_id: str) -> bytes:
+    return AUDIT_PREFIX + audit_id.encode()
 
 
 def idempotency_key(user_id: str, request_id: str) -> bytes:

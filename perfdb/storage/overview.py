@@ -5,6 +5,10 @@ They are derived data: rebuilt from the records when the store opens (one pass, 
 that opens it) and updated by the writer after each committed batch, so they can never disagree
 with what is stored after a crash, and the record layout needs no second copy of the metrics.
 Memory grows with tests x metrics x (non-empty buckets + users), not with records.
+
+A deletion cannot be taken back from a min, a max or a user's best, so the writer marks the tests
+it removed records from as stale, and rebuild_stale recomputes each from the test's index in a
+snapshot taken between two batches; what the writer adds meanwhile is added again on top.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from perfdb.records.units import CORE_METRICS
 
@@ -89,29 +93,104 @@ class MetricSummary:
         }
 
 
+Row = tuple[str, str, Mapping[str, Any]]  # a record as the overview sees it: (test_name, user_id, metrics)
+
+
+class _Snapshot(Protocol):
+    def close(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Snapshot)
+
+
 class Overview:
     """Aggregates by test name, then metric name; safe to read while the writer adds to it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._tests: dict[str, dict[str, MetricSummary]] = {}
         self._records: dict[str, int] = {}  # records per test, whatever their metrics
+        self._writing = False  # a batch is being written: its rows are in the database, not here yet
+        self._stale: set[str] = set()  # tests whose aggregates a deletion left wrong
+        self._rebuilding: dict[str, list[Row]] = {}  # test -> rows added since its rebuild's snapshot
+        self._rebuild_lock = threading.Lock()  # one rebuild at a time, and reports wait for it
 
-    def add(self, rows: Iterable[tuple[str, str, Mapping[str, Any]]]) -> None:
+    @property
+    def has_stale(self) -> bool:
+        """Whether some test waits for a rebuild or is being rebuilt (a report should wait for it)."""
+        return bool(self._stale or self._rebuilding)
+
+    def add(self, rows: Iterable[Row]) -> None:
         """Count records given as (test_name, user_id, metrics)."""
         with self._lock:
-            for test_name, user_id, metrics in rows:
-                self._records[test_name] = self._records.get(test_name, 0) + 1
-                summaries = self._tests.get(test_name)
-                if summaries is None:
-                    summaries = self._tests[test_name] = {}
-                for metric, value in metrics.items():
-                    if type(value) not in (int, float):  # stored metrics are numbers; be sure
-                        continue
-                    summary = summaries.get(metric)
-                    if summary is None:
-                        summary = summaries[metric] = MetricSummary()
-                    summary.add(user_id, value)
+            self._add(rows)
+
+    def batch_writing(self) -> None:
+        """The writer is about to write a batch (see batch_written)."""
+        with self._lock:
+            self._writing = True
+
+    def batch_written(self, rows: Iterable[Row], removed_from: Iterable[str]) -> None:
+        """The writer's batch is written (or failed: no rows then): count the records it added, and
+        mark the tests it removed records from as stale."""
+        with self._lock:
+            self._add(rows)
+            self._stale.update(removed_from)
+            self._writing = False
+            self._lock.notify_all()
+
+    def rebuild_stale(self, take_snapshot: Callable[[], _S], rows_of: Callable[[_S, str], Iterable[Row]]) -> int:
+        """Recompute every stale test from `rows_of(snapshot, test_name)`, with a snapshot taken
+        between two batches; returns how many tests it rebuilt. Blocking: call it off the event loop."""
+        with self._rebuild_lock:
+            with self._lock:
+                if not self._stale:
+                    return 0
+                while self._writing:
+                    self._lock.wait()
+                snapshot = take_snapshot()
+                tests, self._stale = self._stale, set()
+                self._rebuilding.update((name, []) for name in tests)
+            fresh = Overview()
+            try:
+                for name in tests:
+                    fresh.add(rows_of(snapshot, name))
+            except BaseException:
+                with self._lock:
+                    self._stale.update(tests)
+                    for name in tests:
+                        del self._rebuilding[name]
+                raise
+            finally:
+                snapshot.close()
+            with self._lock:
+                for name in tests:
+                    added_since = self._rebuilding.pop(name)
+                    self._tests.pop(name, None)
+                    self._records.pop(name, None)
+                    if name in fresh._records:
+                        self._tests[name] = fresh._tests[name]
+                        self._records[name] = fresh._records[name]
+                    self._add(added_since)
+            return len(tests)
+
+    def _add(self, rows: Iterable[Row]) -> None:
+        """add, with the lock held."""
+        for test_name, user_id, metrics in rows:
+            added_since = self._rebuilding.get(test_name)
+            if added_since is not None:
+                added_since.append((test_name, user_id, metrics))
+            self._records[test_name] = self._records.get(test_name, 0) + 1
+            summaries = self._tests.get(test_name)
+            if summaries is None:
+                summaries = self._tests[test_name] = {}
+            for metric, value in metrics.items():
+                if type(value) not in (int, float):  # stored metrics are numbers; be sure
+                    continue
+                summary = summaries.get(metric)
+                if summary is None:
+                    summary = summaries[metric] = MetricSummary()
+                summary.add(user_id, value)
 
     def report(self, test_name: str | None, metric: str) -> dict[str, Any]:
         """The overview reply's fields: every test (or just `test_name`) that has `metric`."""

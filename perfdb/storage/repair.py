@@ -1,6 +1,6 @@
-"""Offline repair: LevelDB's own repair, then a check of every record against its checksum,
-a rebuild of the test and tag indexes and of every count from the records, and a check of the
-remaining index entries against their records. Run with the server stopped."""
+"""Offline repair: LevelDB's own repair, then a check of every record against its checksum and
+its tombstone, a rebuild of the test and tag indexes and of every count from the good records,
+and a check of the remaining index entries against their records. Run with the server stopped."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class RepairReport:
     records: int = 0  # records whose checksum holds
     users: int = 0
     damaged: list[str] = dataclasses.field(default_factory=list)  # ids of records that fail it
+    # Ids of records that were deleted (they have a tombstone) and are there again: LevelDB's
+    # repair can bring back an older copy when the table holding the deletion was lost.
+    resurrected: list[str] = dataclasses.field(default_factory=list)
     dangling_index_entries: int = 0  # user-index or idempotency entries without their record
     counters_wrong: bool = False  # the stored record or user count disagrees with what is there
     indexed: int = 0  # records whose index entries and counts were rewritten
@@ -32,8 +35,8 @@ class RepairReport:
 
 
 def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
-    """Repair the database at `path`; with drop_damaged, delete damaged records and dangling
-    index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
+    """Repair the database at `path`; with drop_damaged, delete damaged and resurrected records
+    and dangling index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
     lock = DatabaseLock(path)
     real_path = lock.acquire(create=False)
     if not (real_path / "CURRENT").is_file():
@@ -88,6 +91,8 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
         raise StoreOpenError("not a perfdb database of this version (schema key missing or different)")
     good: set[str] = set()
     doomed: list[bytes] = []
+    tombstones = layout.TOMBSTONE_PREFIX
+    deleted = {key[len(tombstones) :].decode() for key in db.iterator(prefix=tombstones, include_value=False)}
     _drop_derived(db)
     counts: dict[bytes, int] = {}
     batch = db.write_batch(sync=False)
@@ -98,6 +103,11 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
             test_name, tag = document["test_name"], document["tag"]
         except (layout.CorruptValueError, orjson.JSONDecodeError, KeyError, TypeError):
             report.damaged.append(record_id)
+            doomed.append(key)
+            continue
+        if record_id in deleted:
+            # Not counted as good, so its index entries are found dangling below.
+            report.resurrected.append(record_id)
             doomed.append(key)
             continue
         good.add(record_id)
@@ -143,4 +153,6 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
         report.dropped = True
     for record_id in report.damaged:
         log.warning("record %s is damaged%s", record_id, " and was dropped" if drop_damaged else "")
+    for record_id in report.resurrected:
+        log.warning("record %s was deleted but is back%s", record_id, " and was dropped" if drop_damaged else "")
     return report

@@ -30,10 +30,10 @@ from perfdb.records.schema import ImportedRecord, Query, RecordDraft, SeriesQuer
 from perfdb.records.timestamps import format_micros
 from perfdb.storage import layout
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
-from perfdb.storage.overview import Overview
+from perfdb.storage.overview import Overview, Row
 from perfdb.storage.series import BucketGrid, MetricSeries
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
-from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck
+from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck, RecordDeletionAck, UserDeletionAck
 
 log = logging.getLogger("perfdb.storage")
 
@@ -72,6 +72,15 @@ class Page:
     total: int | None = None  # records matching the query, when cheap to know (see _read_page)
     examined: int | None = None  # sorted reads: entries examined
     complete: bool | None = None  # sorted reads: whether every matching entry was examined
+    tombstones: list[str] = dataclasses.field(default_factory=list)  # export: deleted ids in the page's range
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuditPage:
+    """Audit entries, each already JSON, newest first."""
+
+    entries: list[bytes]
+    next_cursor: str | None
 
 
 class DatabaseLock:
@@ -197,6 +206,7 @@ class ResultStore:
         self._db: plyvel.DB | None = None
         self._writer: GroupCommitWriter | None = None
         self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="perfdb-read")
+        self._overview_rebuild_queued = False  # a rebuild of stale overview tests waits for a reader thread
         self.corrupt_records = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -217,7 +227,8 @@ class ResultStore:
                 user_count = int(self._db.get(layout.USER_COUNT_KEY, b"0"))
             except ValueError:
                 raise StoreOpenError(f"database {self._path} has damaged counters; run 'perfdb repair'") from None
-            last_record_id = self._last_record_id()
+            last_record_id = self._last_key_id(layout.RECORD_PREFIX)
+            last_audit_id = self._last_key_id(layout.AUDIT_PREFIX)
             self._load_overview()
         except BaseException:
             self._db.close()
@@ -233,8 +244,10 @@ class ResultStore:
             record_count=record_count,
             user_count=user_count,
             last_record_id=last_record_id,
+            last_audit_id=last_audit_id,
             overview=self._overview,
         )
+        self._writer.overview_stale_observer = self._queue_overview_rebuild
         self._writer.start()
 
     def _open_leveldb(self) -> plyvel.DB:
@@ -299,11 +312,12 @@ class ResultStore:
         if elapsed >= 1.0:  # only worth a line when it visibly delays the start
             log.info("overview of the stored records built in %.1f s", elapsed)
 
-    def _last_record_id(self) -> str | None:
+    def _last_key_id(self, prefix: bytes) -> str | None:
+        """The greatest record id (or audit id) under `prefix`, which such keys begin with."""
         assert self._db is not None
-        with self._db.iterator(prefix=layout.RECORD_PREFIX, reverse=True, include_value=False) as keys:
+        with self._db.iterator(prefix=prefix, reverse=True, include_value=False) as keys:
             last = next(keys, None)
-        return None if last is None else layout.split_record_key(last)[0]
+        return None if last is None else last[len(prefix) : len(prefix) + RECORD_ID_CHARS].decode()
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, let running reads finish, close LevelDB and
@@ -340,8 +354,21 @@ class ResultStore:
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
 
-    def restore(self, records: list[ImportedRecord], profiles: dict[str, Profile]) -> asyncio.Future[ImportAck]:
-        return self.writer.restore(records, profiles)
+    def restore(
+        self,
+        records: list[ImportedRecord],
+        profiles: dict[str, Profile],
+        tombstones: list[str] | None = None,
+        *,
+        force: bool = False,
+    ) -> asyncio.Future[ImportAck]:
+        return self.writer.restore(records, profiles, tombstones, force=force)
+
+    def delete_record(self, record_id: str, owner: str | None) -> asyncio.Future[RecordDeletionAck]:
+        return self.writer.delete_record(record_id, owner)
+
+    def delete_user(self, user_id: str) -> asyncio.Future[UserDeletionAck]:
+        return self.writer.delete_user(user_id)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -354,9 +381,71 @@ class ResultStore:
         return await self._read(self._read_all_page, query)
 
     async def overview(self, test_name: str | None, metric: str) -> dict[str, Any]:
-        """The aggregates of `metric` for one test or all of them (see overview.py)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._overview.report, test_name, metric)
+        """The aggregates of `metric` for one test or all of them (see overview.py), with the
+        tests that deletions made stale rebuilt first."""
+        return await self._read(self._read_overview, (test_name, metric))
+
+    def _read_overview(self, request: tuple[str | None, str]) -> dict[str, Any]:
+        self._rebuild_overview()
+        return self._overview.report(*request)
+
+    def _queue_overview_rebuild(self) -> None:
+        """Writer thread, after a batch that made overview tests stale: rebuild them on a reader
+        thread. One queued rebuild takes every test made stale before it starts, so no more are queued
+        meanwhile (the flag is cleared before the rebuild claims the stale tests)."""
+        if not self._overview_rebuild_queued:
+            self._overview_rebuild_queued = True
+            self._readers.submit(self._rebuild_overview_queued)
+
+    def _rebuild_overview_queued(self) -> None:
+        self._overview_rebuild_queued = False
+        try:
+            self._rebuild_overview()
+        except (PerfdbError, plyvel.Error, RuntimeError) as exc:  # the next overview request tries again
+            log.warning("overview not rebuilt after a deletion: %s", exc)
+        except Exception:  # nothing awaits this future: say so here, or nobody would
+            log.exception("overview rebuild after a deletion failed")
+
+    def _rebuild_overview(self) -> None:
+        """Recompute the overview's stale tests from the test index (reader threads only)."""
+        if not self._overview.has_stale:
+            return
+        with self._guard.reading():
+            started = time.monotonic()
+            rebuilt = self._overview.rebuild_stale(self._database().snapshot, self._test_rows)
+            elapsed = time.monotonic() - started
+            if elapsed >= 1.0:
+                log.info("overview of %d tests rebuilt after deletions in %.1f s", rebuilt, elapsed)
+
+    def _test_rows(self, snapshot: plyvel.Snapshot, test_name: str) -> Iterator[Row]:
+        """The overview's rows of every record filed under the test."""
+        prefix = layout.test_index_prefix(test_name)
+        with snapshot.iterator(prefix=prefix, fill_cache=False) as entries:
+            for key, value in entries:
+                try:
+                    user_id, _, _ = layout.index_fields(prefix, value)
+                except (ValueError, TypeError):  # orjson's decode error is a ValueError
+                    log.error("index entry %r is damaged; left out of the overview", key[:80])
+                    continue
+                record_key = layout.record_key(layout.index_record_id(key), user_id)
+                document = self._checked(snapshot.get(record_key), record_key)
+                if document is None:
+                    continue
+                try:
+                    metrics = orjson.loads(document)["metrics"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    log.error("record %s is damaged; left out of the overview", layout.index_record_id(key))
+                    continue
+                if isinstance(metrics, dict):
+                    yield test_name, user_id, metrics
+
+    async def export(self, query: Query) -> Page:
+        """A page of get_all, plus the tombstones of the deleted records in its range of ids."""
+        return await self._read(self._read_export_page, query)
+
+    async def audit_log(self, limit: int, cursor: str | None) -> AuditPage:
+        """A page of audit entries, newest first, starting after `cursor` (an audit id)."""
+        return await self._read(self._read_audit_page, (limit, cursor))
 
     async def series(self, request: SeriesQuery) -> dict[str, Any]:
         """The series reply's fields: the request's metrics bucketed over time (see series.py)."""
@@ -398,12 +487,53 @@ class ResultStore:
             finally:
                 snapshot.close()
 
-    def _read_page(self, snapshot: plyvel.Snapshot, query: Query) -> Page:
+    def _read_export_page(self, query: Query) -> Page:
+        with self._guard.reading():
+            snapshot = self._database().snapshot()
+            try:
+                # Tombstones first: when too many lie ahead, the page ends at the last one sent.
+                tombstones, cut = _tombstones_in(snapshot, query, SCAN_BUDGET)
+                page = self._read_page(snapshot, query, through=cut)
+                if page.next_cursor is not None:
+                    tombstones = [record_id for record_id in tombstones if record_id <= page.next_cursor]
+                elif cut is not None:
+                    page.next_cursor = cut
+                page.tombstones = tombstones
+                return page
+            finally:
+                snapshot.close()
+
+    def _read_audit_page(self, page: tuple[int, str | None]) -> AuditPage:
+        limit, cursor = page
+        if cursor is not None and not is_record_id(cursor):
+            raise PerfdbError(ErrorCode.BAD_REQUEST, "cursor: not a cursor this server returned")
+        with self._guard.reading():
+            snapshot = self._database().snapshot()
+            try:
+                stop = layout.audit_key(cursor) if cursor is not None else layout.prefix_end(layout.AUDIT_PREFIX)
+                entries: list[bytes] = []
+                page_bytes = 0
+                more = False
+                last_id: str | None = None
+                with snapshot.iterator(start=layout.AUDIT_PREFIX, stop=stop, reverse=True) as items:
+                    for key, value in items:
+                        if len(entries) == limit or page_bytes >= PAGE_BYTES:
+                            more = True
+                            break
+                        entries.append(value)
+                        page_bytes += len(value)
+                        last_id = key[len(layout.AUDIT_PREFIX) :].decode()
+                return AuditPage(entries, last_id if more else None)
+            finally:
+                snapshot.close()
+
+    def _read_page(self, snapshot: plyvel.Snapshot, query: Query, *, through: str | None = None) -> Page:
+        """A page of the query; `through`: a record id past which a time-ordered page does not go."""
         source = _choose_source(snapshot, query)
         if query.sort is not None:
             page = self._read_sorted(snapshot, source, query)
         else:
-            page = self._read_in_time_order(snapshot, source, query)
+            page = self._read_in_time_order(snapshot, source, query, through)
         if query.user_id is None:  # get_all: the profiles of the page's users
             for user_id in sorted(page.user_ids):
                 stored = snapshot.get(layout.PROFILE_PREFIX + user_id)
@@ -437,8 +567,12 @@ class ResultStore:
 
         return admits, fetch
 
-    def _read_in_time_order(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
+    def _read_in_time_order(
+        self, snapshot: plyvel.Snapshot, source: _Source, query: Query, through: str | None = None
+    ) -> Page:
         start, stop = _key_range(source.prefix, query, after_cursor=True)
+        if through is not None:
+            stop = max(start, min(stop, source.prefix + through.encode() + b"\xff"))
         admits, fetch = self._entry_readers(snapshot, source, query)
         records: list[bytes | memoryview] = []
         user_ids: set[bytes] = set()
@@ -731,6 +865,20 @@ def _key_range(prefix: bytes, query: Query, *, after_cursor: bool) -> tuple[byte
         else:
             start = max(start, cursor + b"\xff")  # ... and before this (user ids never hold 0xff)
     return start, max(start, stop)
+
+
+def _tombstones_in(snapshot: plyvel.Snapshot, query: Query, budget: int) -> tuple[list[str], str | None]:
+    """The ids of the tombstones in the range of an export page (past its cursor, within
+    since/until), at most `budget` of them, and the last of them if more lie beyond (else None).
+    Tombstones hold no content, so the test_name and tag filters do not apply to them."""
+    start, stop = _key_range(layout.TOMBSTONE_PREFIX, query, after_cursor=True)
+    tombstones: list[str] = []
+    with snapshot.iterator(start=start, stop=stop, include_value=False) as keys:
+        for key in keys:
+            if len(tombstones) == budget:
+                return tombstones, tombstones[-1]
+            tombstones.append(layout.index_record_id(key))
+    return tombstones, None
 
 
 def _rank(value: Any, descending: bool, record_id: str) -> _Rank:

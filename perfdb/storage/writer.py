@@ -3,6 +3,11 @@
 Being the only writer makes it the point where order is decided: it assigns record ids and
 timestamps, checks idempotency keys and compares profiles without races, and acknowledges a
 submission only after the batch that holds it has been written (fsync'd unless sync is off).
+Deletions go the same way: each removes a record with every index entry and count derived from
+it (layout.record_keys, layout.record_counts), leaves a tombstone and writes an audit entry in one
+batch, and marks the tests it removed records from as stale in the overview (see overview.py); a
+user's records go a chunk per batch, so no batch grows without bound and other writes are
+committed between the chunks.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import ImportedRecord, RecordDraft
-from perfdb.records.timestamps import format_micros
+from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
-from perfdb.storage.overview import Overview
+from perfdb.storage.overview import Overview, Row
 
 log = logging.getLogger("perfdb.storage")
 
@@ -39,6 +44,13 @@ _ROOM_TO_REOPEN = 4 * 1024 * 1024  # free bytes below which reopening would fail
 # Profiles kept in memory to skip re-reading ones that did not change; past this many the
 # cache is emptied and refills from the database as users come back.
 _MAX_CACHED_PROFILES = 100_000
+
+# Records a delete_user removes per write batch (fewer if --max-batch-records is smaller): a
+# chunk of 1000 commits in milliseconds, so writes queued behind it wait no longer than that.
+USER_DELETION_CHUNK = 1000
+# A chunk also ends once the records it read add up to this many bytes, so that a user with
+# large records (up to some 200 KiB each) does not hold hundreds of MiB in the writer.
+USER_DELETION_BYTES = 8 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,9 +77,39 @@ class ImportAck:
 
     imported: int
     duplicates: int
+    tombstoned: int = 0  # records not written because their id was deleted here before
+    removed: int = 0  # stored records removed by the import's tombstones
 
     def to_fields(self) -> dict[str, Any]:
-        return {"imported": self.imported, "duplicates": self.duplicates}
+        return {
+            "imported": self.imported,
+            "duplicates": self.duplicates,
+            "tombstoned": self.tombstoned,
+            "removed": self.removed,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordDeletionAck:
+    """What a delete_record did: removed the record now, or found it already deleted."""
+
+    record_id: str
+    deleted: bool
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"record_id": self.record_id, "deleted": self.deleted}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UserDeletionAck:
+    """What a delete_user removed: `records` of the user's records, and whether anything at all."""
+
+    user_id: str
+    deleted: bool
+    records: int
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "deleted": self.deleted, "records": self.records}
 
 
 @dataclasses.dataclass(slots=True)
@@ -86,9 +128,35 @@ class Restoration:
     records: list[ImportedRecord]
     profiles: dict[str, Profile]
     future: asyncio.Future[Any]
+    tombstones: list[str] = dataclasses.field(default_factory=list)  # ids deleted where the export came from
+    force: bool = False  # store records even where a tombstone says they were deleted
 
 
-Outcome = tuple[asyncio.Future[Any], RecordAck | ImportAck | PerfdbError]
+@dataclasses.dataclass(slots=True)
+class RecordRemoval:
+    """A delete_record, by the record's owner (owner = their user id) or the admin (owner None)."""
+
+    record_id: str
+    owner: str | None
+    future: asyncio.Future[Any]
+
+
+@dataclasses.dataclass(slots=True)
+class UserRemoval:
+    """A delete_user; it goes through the writer a chunk at a time and keeps its progress here."""
+
+    user_id: str
+    future: asyncio.Future[Any]
+    audit_id: str | None = None  # its audit entry, rewritten with the progress by every chunk
+    started: str = ""  # the time of the first chunk that removed something
+    removed: int = 0  # records removed so far
+    profile_removed: bool = False
+
+
+WriteItem = Submission | Restoration | RecordRemoval | UserRemoval
+Ack = RecordAck | ImportAck | RecordDeletionAck | UserDeletionAck
+Outcome = tuple[asyncio.Future[Any], Ack | PerfdbError]
+_DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
 
 
 class _Batch:
@@ -99,13 +167,20 @@ class _Batch:
         self.db = writer._db
         self.batch = writer._db.write_batch(sync=writer._sync)
         self.requests: dict[bytes, RecordAck] = {}
-        self.records: set[str] = set()  # ids of the records staged in this batch
+        self.staged: dict[str, dict[str, Any]] = {}  # record id -> document, for records put in this batch
+        self.deleted: set[str] = set()  # ids of the records this batch deletes (and does not put again)
+        self.tombstones: dict[str, bool] = {}  # record id -> tombstone put (True) or deleted (False) here
         self.profiles: dict[str, bytes] = {}
+        self.deleted_profiles: set[str] = set()
         self.new_users = 0
         self.new_records = 0
+        self.removed_users = 0
+        self.removed_records = 0
         self.write_seconds = 0.0  # LevelDB's write of the batch, fsync included
-        self.counts: dict[bytes, int] = {}  # count key -> records this batch adds to it
-        self.overview_rows: list[tuple[str, str, dict[str, int | float]]] = []
+        self.counts: dict[bytes, int] = {}  # count key -> records this batch adds to it (or takes away)
+        self.count_bases: dict[bytes, int] = {}  # count key -> its value before counts, if not the stored one
+        self.overview_rows: list[Row] = []
+        self.overview_removed: set[str] = set()  # tests this batch removes records from
 
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
         return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id, request_key)
@@ -116,22 +191,22 @@ class _Batch:
         user_id: str,
         timestamp: str,
         draft: RecordDraft,
-        document: bytes,
+        record: tuple[dict[str, Any], bytes],
         *,
         request_checked: bool,
     ) -> RecordAck:
-        """Stage a record whose stored JSON is `document` (see _record_document).
+        """Stage a record: its document and that document's JSON (see _record_document).
 
         request_checked: the caller already found no earlier record with this request_id.
         """
-        key = layout.record_key(record_id, user_id)
-        self.batch.put(key, layout.seal(document))
+        document, encoded = record
+        self.batch.put(layout.record_key(record_id, user_id), layout.seal(encoded))
         for index_key, index_value in layout.record_index_entries(record_id, user_id, draft.test_name, draft.tag):
             self.batch.put(index_key, index_value)
-        for count_key in layout.record_counts(user_id, draft.test_name, draft.tag):
-            self.counts[count_key] = self.counts.get(count_key, 0) + 1
+        self._count(layout.record_counts(user_id, draft.test_name, draft.tag), 1)
         self.overview_rows.append((draft.test_name, user_id, draft.metrics))
-        self.records.add(record_id)
+        self.staged[record_id] = document
+        self.deleted.discard(record_id)
         ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
         if draft.request_id is not None:
             request_key = layout.idempotency_key(user_id, draft.request_id)
@@ -142,20 +217,120 @@ class _Batch:
         return ack
 
     def has_record(self, record_id: str) -> bool:
-        """Whether a record with this id exists, whoever it belongs to."""
-        if record_id in self.records:
+        """Whether a record with this id exists, whoever it belongs to, as this batch leaves it."""
+        if record_id in self.staged:
             return True
+        if record_id in self.deleted:
+            return False
         with self.db.iterator(prefix=layout.RECORD_PREFIX + record_id.encode(), include_value=False) as keys:
             return next(keys, None) is not None
+
+    def find_record(self, record_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(user id, stored document) of the record with this id, as this batch leaves it, or None.
+        The document is _DAMAGED when its checksum fails."""
+        staged = self.staged.get(record_id)
+        if staged is not None:
+            return staged["user_id"], staged
+        if record_id in self.deleted:
+            return None
+        with self.db.iterator(prefix=layout.RECORD_PREFIX + record_id.encode()) as entries:
+            entry = next(entries, None)
+        if entry is None:
+            return None
+        key, value = entry
+        return layout.split_record_key(key)[1], _stored_document(key, value)
+
+    def is_tombstoned(self, record_id: str) -> bool:
+        staged = self.tombstones.get(record_id)
+        if staged is not None:
+            return staged
+        return self.db.get(layout.tombstone_key(record_id)) is not None
+
+    def put_tombstone(self, record_id: str, deleted_at: str) -> None:
+        self.batch.put(layout.tombstone_key(record_id), deleted_at.encode())
+        self.tombstones[record_id] = True
+
+    def delete_tombstone(self, record_id: str) -> None:
+        self.batch.delete(layout.tombstone_key(record_id))
+        self.tombstones[record_id] = False
+
+    def remove_record(self, record_id: str, user_id: str, document: dict[str, Any], deleted_at: str) -> None:
+        """Stage the removal of a record with every key derived from it, taking it from every
+        count it added to, its idempotency entry if that names it, and put its tombstone."""
+        fields = _filter_fields(document) or self._indexed_fields(record_id, user_id)
+        if fields is None:
+            # Neither the record nor its user-index entry says its test and tag: remove what its
+            # id and user give; perfdb repair rebuilds the test and tag indexes and counts.
+            log.warning("record %s is damaged; removing it by its id", record_id)
+            self.batch.delete(layout.record_key(record_id, user_id))
+            self.batch.delete(layout.user_index_prefix(user_id) + record_id.encode())
+            self._count([layout.user_count_key(user_id)], -1)
+        else:
+            test_name, tag = fields
+            for key in layout.record_keys(record_id, user_id, test_name, tag):
+                self.batch.delete(key)
+            self._count(layout.record_counts(user_id, test_name, tag), -1)
+            self.overview_removed.add(test_name)
+        request_id = document.get("request_id")
+        if isinstance(request_id, str):
+            # The request_id is forgotten with the record, unless it names another record.
+            request_key = layout.idempotency_key(user_id, request_id)
+            earlier = self.earlier_request(request_key, user_id)
+            if earlier is not None and earlier.record_id == record_id:
+                self.batch.delete(request_key)
+                self.requests.pop(request_key, None)
+        self.put_tombstone(record_id, deleted_at)
+        self.staged.pop(record_id, None)
+        self.deleted.add(record_id)
+        self.removed_records += 1
+
+    def _indexed_fields(self, record_id: str, user_id: str) -> tuple[str, str] | None:
+        """(test_name, tag) of a record as its user-index entry has them, or None."""
+        value = self.db.get(layout.user_index_prefix(user_id) + record_id.encode())
+        try:
+            _, test_name, tag = layout.index_fields(layout.user_index_prefix(user_id), value or b"")
+        except (ValueError, TypeError):  # orjson's decode error is a ValueError
+            return None
+        return (test_name, tag) if isinstance(test_name, str) and isinstance(tag, str) else None
+
+    def _count(self, count_keys: list[bytes], change: int) -> None:
+        for count_key in count_keys:
+            self.counts[count_key] = self.counts.get(count_key, 0) + change
+
+    def clear_count(self, count_key: bytes) -> None:
+        """Count from zero under this key: whatever the database holds there is gone."""
+        self.count_bases[count_key] = 0
+        self.counts[count_key] = 0
+
+    def profile_exists(self, user_id: str) -> bool:
+        if user_id in self.profiles:
+            return True
+        if user_id in self.deleted_profiles:
+            return False
+        return user_id in self.writer._profiles or self.db.get(layout.profile_key(user_id)) is not None
+
+    def remove_profile(self, user_id: str) -> bool:
+        """Stage the removal of the user's profile; False if there is none."""
+        if not self.profile_exists(user_id):
+            return False
+        self.batch.delete(layout.profile_key(user_id))
+        self.profiles.pop(user_id, None)
+        self.deleted_profiles.add(user_id)
+        self.removed_users += 1
+        return True
+
+    def add_audit_entry(self, audit_id: str, entry: dict[str, Any]) -> None:
+        self.batch.put(layout.audit_key(audit_id), orjson.dumps({"audit_id": audit_id, **entry}))
 
     def add_profile(self, profile: Profile, *, replace: bool = True) -> None:
         """Write the profile when it is new, or changed and `replace` allows it."""
         user_id = profile.user_id
-        known = self.profiles.get(user_id) or self.writer._profiles.get(user_id)
+        removed = user_id in self.deleted_profiles  # by a deletion earlier in this batch
+        known = self.profiles.get(user_id) or (None if removed else self.writer._profiles.get(user_id))
         if known == profile.stored:
             return
         if known is None:
-            known = self.db.get(layout.profile_key(user_id))
+            known = None if removed else self.db.get(layout.profile_key(user_id))
             if known is None:
                 self.new_users += 1
         if known is None or (replace and known != profile.stored):
@@ -166,21 +341,37 @@ class _Batch:
 
     def commit(self) -> None:
         writer = self.writer
-        if self.new_records:
-            self.batch.put(layout.RECORD_COUNT_KEY, str(writer.record_count + self.new_records).encode())
-        if self.new_users:
-            self.batch.put(layout.USER_COUNT_KEY, str(writer.user_count + self.new_users).encode())
+        record_change = self.new_records - self.removed_records
+        user_change = self.new_users - self.removed_users
+        if self.new_records or self.removed_records:
+            self.batch.put(layout.RECORD_COUNT_KEY, str(writer.record_count + record_change).encode())
+        if self.new_users or self.removed_users:
+            self.batch.put(layout.USER_COUNT_KEY, str(writer.user_count + user_change).encode())
         # The writer is the only one to change counts, so what the database holds is current.
-        for count_key, added in self.counts.items():
-            self.batch.put(count_key, str(layout.read_count(self.db.get(count_key)) + added).encode())
+        for count_key, change in self.counts.items():
+            base = self.count_bases.get(count_key)
+            count = (layout.read_count(self.db.get(count_key)) if base is None else base) + change
+            if count > 0:
+                self.batch.put(count_key, str(count).encode())
+            else:  # no record left under that name
+                self.batch.delete(count_key)
         if writer.write_batch_hook is not None:
             writer.write_batch_hook()
+        writer.overview.batch_writing()
         started = time.perf_counter()
-        self.batch.write()
+        try:
+            self.batch.write()
+        except BaseException:
+            writer.overview.batch_written((), ())
+            raise
         self.write_seconds = time.perf_counter() - started
-        writer.overview.add(self.overview_rows)
-        writer.record_count += self.new_records
-        writer.user_count += self.new_users
+        writer.overview.batch_written(self.overview_rows, self.overview_removed)
+        if self.overview_removed and writer.overview_stale_observer is not None:
+            writer.overview_stale_observer()
+        writer.record_count += record_change
+        writer.user_count += user_change
+        for user_id in self.deleted_profiles:
+            writer._profiles.pop(user_id, None)
         if len(writer._profiles) + len(self.profiles) > _MAX_CACHED_PROFILES:
             writer._profiles.clear()
         writer._profiles.update(self.profiles)
@@ -207,6 +398,7 @@ class GroupCommitWriter:
         user_count: int,
         last_record_id: str | None,
         overview: Overview,
+        last_audit_id: str | None = None,
     ) -> None:
         self._db = db
         self.overview = overview  # brought up to date after each committed batch
@@ -218,6 +410,8 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._clock = RecordIdClock(last_record_id)
+        self._audit_clock = RecordIdClock(last_audit_id)  # audit ids: the same form, their own sequence
+        self._user_chunk = min(USER_DELETION_CHUNK, max_batch)
         self._profiles: dict[str, bytes] = {}
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="perfdb-writer", daemon=True)
@@ -234,6 +428,9 @@ class GroupCommitWriter:
         # Told (records taken in, seconds LevelDB took to write them) after each committed
         # batch, on the writer thread; the server's metrics set it.
         self.commit_observer: Callable[[int, float], None] | None = None
+        # Told, on the writer thread, after a batch that made overview tests stale (a deletion):
+        # the store has them rebuilt off the event loop.
+        self.overview_stale_observer: Callable[[], None] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -265,13 +462,34 @@ class GroupCommitWriter:
         self._enqueue(Submission(profile, draft, future))
         return future
 
-    def restore(self, records: list[ImportedRecord], profiles: dict[str, Profile]) -> asyncio.Future[ImportAck]:
-        """Queue restored records; records already present are counted as duplicates, not rewritten."""
+    def restore(
+        self,
+        records: list[ImportedRecord],
+        profiles: dict[str, Profile],
+        tombstones: list[str] | None = None,
+        *,
+        force: bool = False,
+    ) -> asyncio.Future[ImportAck]:
+        """Queue restored records and tombstones; records already present are counted as
+        duplicates, not rewritten, and records with a tombstone are left out unless `force`."""
         future: asyncio.Future[ImportAck] = self._loop.create_future()
-        self._enqueue(Restoration(records, profiles, future))
+        self._enqueue(Restoration(records, profiles, future, tombstones or [], force))
         return future
 
-    def _enqueue(self, item: Submission | Restoration) -> None:
+    def delete_record(self, record_id: str, owner: str | None) -> asyncio.Future[RecordDeletionAck]:
+        """Queue a record's deletion by its owner (their user id) or the admin (None); the future
+        resolves once it is durable, or fails with not_found or forbidden."""
+        future: asyncio.Future[RecordDeletionAck] = self._loop.create_future()
+        self._enqueue(RecordRemoval(record_id, owner, future))
+        return future
+
+    def delete_user(self, user_id: str) -> asyncio.Future[UserDeletionAck]:
+        """Queue the deletion of a user's records and profile; resolves once all of it is durable."""
+        future: asyncio.Future[UserDeletionAck] = self._loop.create_future()
+        self._enqueue(UserRemoval(user_id, future))
+        return future
+
+    def _enqueue(self, item: WriteItem) -> None:
         if not self._accepting:
             raise PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         self._queue.put(item)
@@ -294,7 +512,7 @@ class GroupCommitWriter:
                 self._retry_heal()
                 continue
             batch = [first]
-            records = _record_count(first)
+            records = self._record_count(first)
             while records < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
@@ -306,7 +524,7 @@ class GroupCommitWriter:
                 if item is self._HEAL:
                     continue  # committing the batch heals first anyway
                 batch.append(item)
-                records += _record_count(item)
+                records += self._record_count(item)
             self._commit(batch)
         self._refuse_leftovers()
 
@@ -323,13 +541,20 @@ class GroupCommitWriter:
         if leftovers:
             self._loop.call_soon_threadsafe(_settle, leftovers)
 
-    def _commit(self, items: list[Submission | Restoration]) -> None:
+    def _record_count(self, item: WriteItem) -> int:
+        """How much of a batch's --max-batch-records an item takes."""
+        if isinstance(item, Restoration):
+            return len(item.records) + len(item.tombstones)
+        return self._user_chunk if isinstance(item, UserRemoval) else 1
+
+    def _commit(self, items: list[WriteItem]) -> None:
         outcomes: list[Outcome]
+        unfinished: list[UserRemoval] = []
         write_seconds: float | None = None
         try:
             if self._needs_heal:
                 self._heal()
-            outcomes, write_seconds = self._write(items)
+            outcomes, unfinished, write_seconds = self._write(items)
         except Exception as exc:  # any failure of the batch fails every submission in it
             self.failed_batches += 1
             self._needs_heal = True
@@ -337,8 +562,11 @@ class GroupCommitWriter:
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
             outcomes = [(item.future, error) for item in items]
         self._loop.call_soon_threadsafe(_settle, outcomes)
+        for removal in unfinished:
+            # Behind whatever came meanwhile; after a stop marker it is refused with shutting_down.
+            self._queue.put(removal)
         if write_seconds is not None and self.commit_observer is not None:
-            self.commit_observer(sum(map(_record_count, items)), write_seconds)
+            self.commit_observer(sum(map(self._record_count, items)), write_seconds)
 
     def _retry_heal(self) -> None:
         self._heal_requested = False
@@ -381,17 +609,125 @@ class GroupCommitWriter:
             return False
         return stats.f_bavail * stats.f_frsize >= _ROOM_TO_REOPEN
 
-    def _write(self, items: list[Submission | Restoration]) -> tuple[list[Outcome], float]:
-        """Stage and commit the batch; its outcomes and the seconds LevelDB took to write it."""
+    def _write(self, items: list[WriteItem]) -> tuple[list[Outcome], list[UserRemoval], float]:
+        """Stage and commit one batch: the outcomes to send, the user deletions still going, and
+        the seconds LevelDB took to write it."""
         batch = _Batch(self)
         outcomes: list[Outcome] = []
+        unfinished: list[UserRemoval] = []
         for item in items:
             if isinstance(item, Submission):
                 outcomes.append((item.future, self._add_submission(batch, item)))
-            else:
+            elif isinstance(item, Restoration):
                 outcomes.append((item.future, self._add_restoration(batch, item)))
+            elif isinstance(item, RecordRemoval):
+                outcomes.append((item.future, self._add_record_removal(batch, item)))
+            else:
+                ack = self._add_user_chunk(batch, item)
+                if ack is None:
+                    unfinished.append(item)
+                else:
+                    outcomes.append((item.future, ack))
         batch.commit()
-        return outcomes, batch.write_seconds
+        return outcomes, unfinished, batch.write_seconds
+
+    def _audit_id(self) -> tuple[str, str]:
+        """A new audit id and its time."""
+        audit_id, micros = self._audit_clock.next()
+        return audit_id, format_micros(micros)
+
+    def _add_record_removal(self, batch: _Batch, removal: RecordRemoval) -> RecordDeletionAck | PerfdbError:
+        found = batch.find_record(removal.record_id)
+        if found is None:
+            if batch.is_tombstoned(removal.record_id):
+                return RecordDeletionAck(removal.record_id, deleted=False)
+            return PerfdbError(ErrorCode.NOT_FOUND, "no such record")
+        user_id, document = found
+        if removal.owner is not None and removal.owner != user_id:
+            return PerfdbError(ErrorCode.FORBIDDEN, "record_id: the record belongs to another user")
+        audit_id, now = self._audit_id()
+        batch.remove_record(removal.record_id, user_id, document, now)
+        batch.add_audit_entry(
+            audit_id,
+            {
+                "time": now,
+                "actor": "admin" if removal.owner is None else "owner",
+                "op": "delete_record",
+                "user_id": user_id,
+                "record_ids": [removal.record_id],
+                "records": 1,
+                "complete": True,
+            },
+        )
+        return RecordDeletionAck(removal.record_id, deleted=True)
+
+    def _add_user_chunk(self, batch: _Batch, removal: UserRemoval) -> UserDeletionAck | None:
+        """Stage the next chunk of a user's deletion; its ack once the last chunk is staged, else None."""
+        user_id = removal.user_id
+        chunk = self._user_chunk
+        # Records put earlier in this very batch are not in the database's index yet.
+        doomed = {record_id: document for record_id, document in batch.staged.items() if document["user_id"] == user_id}
+        dangling: list[bytes] = []
+        loaded = 0  # bytes of the stored records read for this chunk
+
+        def full() -> bool:
+            return len(doomed) + len(dangling) >= chunk or loaded >= USER_DELETION_BYTES
+
+        finished = True
+        prefix = layout.user_index_prefix(user_id)
+        with self._db.iterator(prefix=prefix, include_value=False) as keys:
+            for key in keys:
+                if full():
+                    finished = False
+                    break
+                record_id = key[len(prefix) :].decode()
+                if record_id in batch.deleted or record_id in doomed:
+                    continue
+                record_key = layout.record_key(record_id, user_id)
+                value = self._db.get(record_key)
+                if value is None:
+                    dangling.append(key)  # an index entry without its record: drop it too
+                else:
+                    doomed[record_id] = _stored_document(record_key, value)
+                    loaded += len(value)
+        if finished:
+            # What a damaged past may have left behind: request ids whose records are gone.
+            # (Those naming a record removed now go with it.)
+            with self._db.iterator(prefix=layout.idempotency_key(user_id, "")) as entries:
+                for key, value in entries:
+                    if full():
+                        finished = False
+                        break
+                    named = _stored_ack(value, user_id, key)
+                    if named is None or named.record_id not in doomed:
+                        dangling.append(key)
+        deleted_at = format_micros(now_micros())
+        for record_id, document in doomed.items():
+            batch.remove_record(record_id, user_id, document, deleted_at)
+        for key in dangling:
+            batch.batch.delete(key)
+        removal.removed += len(doomed)
+        if finished:
+            removal.profile_removed = batch.remove_profile(user_id)
+            batch.clear_count(layout.user_count_key(user_id))  # even if damage left it off
+        if removal.audit_id is None and (doomed or removal.profile_removed):
+            removal.audit_id, removal.started = self._audit_id()
+        if removal.audit_id is not None:
+            # One entry per request, rewritten with each chunk: it always says what is gone.
+            batch.add_audit_entry(
+                removal.audit_id,
+                {
+                    "time": removal.started,
+                    "actor": "admin",
+                    "op": "delete_user",
+                    "user_id": user_id,
+                    "records": removal.removed,
+                    "complete": finished,
+                },
+            )
+        if not finished:
+            return None
+        return UserDeletionAck(user_id, removal.audit_id is not None, removal.removed)
 
     def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
         profile, draft = submission.profile, submission.draft
@@ -402,22 +738,25 @@ class GroupCommitWriter:
         record_id, micros = self._clock.next()
         timestamp = format_micros(micros)
         try:
-            document = _record_document(record_id, profile.user_id, timestamp, draft)
+            record = _record_document(record_id, profile.user_id, timestamp, draft)
         except orjson.JSONEncodeError as exc:
             # Only this record fails, not the batch it shares with others.
             return PerfdbError(ErrorCode.BAD_REQUEST, f"the record cannot be stored as JSON ({exc})")
-        ack = batch.add_record(record_id, profile.user_id, timestamp, draft, document, request_checked=True)
+        ack = batch.add_record(record_id, profile.user_id, timestamp, draft, record, request_checked=True)
         batch.add_profile(profile)
         return ack
 
     def _add_restoration(self, batch: _Batch, restoration: Restoration) -> ImportAck | PerfdbError:
-        """All of a restoration's new records go into the batch, or none of them do."""
-        staged: list[tuple[ImportedRecord, bytes]] = []
+        """All of a restoration's new records and tombstones go into the batch, or none of them do."""
+        staged: list[tuple[ImportedRecord, tuple[dict[str, Any], bytes]]] = []
         staged_ids: set[str] = set()
-        duplicates = 0
+        duplicates = tombstoned = 0
         for record in restoration.records:
             if record.record_id in staged_ids or batch.has_record(record.record_id):
                 duplicates += 1
+                continue
+            if batch.is_tombstoned(record.record_id) and not restoration.force:
+                tombstoned += 1  # deleted here once: an old export must not bring it back
                 continue
             staged_ids.add(record.record_id)
             try:
@@ -425,17 +764,49 @@ class GroupCommitWriter:
             except orjson.JSONEncodeError as exc:
                 return PerfdbError(ErrorCode.BAD_REQUEST, f"record {record.record_id} cannot be stored as JSON ({exc})")
             staged.append((record, document))
+        removed = self._add_tombstones(batch, restoration.tombstones)
         for record, document in staged:
             self._clock.advance_past(record.record_id)
+            if restoration.force and batch.is_tombstoned(record.record_id):
+                batch.delete_tombstone(record.record_id)
             batch.add_record(
                 record.record_id, record.user_id, record.timestamp, record.draft, document, request_checked=False
             )
             # A restored profile never replaces the newer one a user's own submissions wrote.
             batch.add_profile(restoration.profiles[record.user_id], replace=False)
-        return ImportAck(len(staged), duplicates)
+        return ImportAck(len(staged), duplicates, tombstoned, removed)
+
+    def _add_tombstones(self, batch: _Batch, record_ids: list[str]) -> int:
+        """Remember imported deletions; a record still stored here under such an id is removed,
+        with an audit entry. Returns how many records were removed."""
+        if not record_ids:
+            return 0
+        deleted_at = format_micros(now_micros())
+        removed: list[str] = []
+        for record_id in record_ids:
+            found = batch.find_record(record_id)
+            if found is not None:
+                batch.remove_record(record_id, found[0], found[1], deleted_at)
+                removed.append(record_id)
+            elif not batch.is_tombstoned(record_id):
+                batch.put_tombstone(record_id, deleted_at)
+        if removed:
+            audit_id, now = self._audit_id()
+            batch.add_audit_entry(
+                audit_id,
+                {
+                    "time": now,
+                    "actor": "admin",
+                    "op": "import",
+                    "record_ids": removed,
+                    "records": len(removed),
+                    "complete": True,
+                },
+            )
+        return len(removed)
 
 
-def _record_document(record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> bytes:
+def _record_document(record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> tuple[dict[str, Any], bytes]:
     document: dict[str, Any] = {
         "record_id": record_id,
         "user_id": user_id,
@@ -451,7 +822,25 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
         document["request_id"] = draft.request_id
     if draft.scenario is not None:
         document["scenario"] = draft.scenario
-    return orjson.dumps(document)
+    return document, orjson.dumps(document)
+
+
+def _stored_document(key: bytes, value: bytes) -> dict[str, Any]:
+    """A stored record's document, or _DAMAGED if it fails its checksum or is not a JSON object."""
+    try:
+        document = orjson.loads(layout.unseal(value))
+    except (layout.CorruptValueError, orjson.JSONDecodeError):
+        document = None
+    if not isinstance(document, dict):
+        log.error("record %s is damaged", layout.split_record_key(key)[0])
+        return _DAMAGED
+    return document
+
+
+def _filter_fields(document: dict[str, Any]) -> tuple[str, str] | None:
+    """(test_name, tag) of a stored record's document, or None if it lacks them."""
+    test_name, tag = document.get("test_name"), document.get("tag")
+    return (test_name, tag) if isinstance(test_name, str) and isinstance(tag, str) else None
 
 
 def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> RecordAck | None:
@@ -467,10 +856,6 @@ def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> Record
         # Damaged: treat the request as new (its entry is rewritten) rather than fail the batch.
         log.error("idempotency entry %r is damaged; treating the request as new", request_key[:80])
         return None
-
-
-def _record_count(item: Submission | Restoration) -> int:
-    return 1 if isinstance(item, Submission) else len(item.records)
 
 
 def _settle(outcomes: list[Outcome]) -> None:

@@ -1,7 +1,8 @@
 """Durability of acknowledged records, against the real server in a child process: SIGKILL under
-pipelined load, a newest LevelDB log cut short, SIGTERM under 200 writers, and a full disk. After
-each, the server is restarted on the same database and every record it acknowledged must be there,
-intact and once.
+pipelined load, a newest LevelDB log cut short, SIGTERM under 200 writers, a full disk, and SIGKILL
+while deleting. After each, the server is restarted on the same database and every record it
+acknowledged must be there, intact and once (or, for deletions, whole or gone, and gone if its
+deletion was acknowledged).
 
 Each test prints its figures (`pytest -s` shows them) and repeats them in its assertion messages.
 The random choices come from one seed per test, printed first; PERFDB_DURABILITY_SEED=<seed>
@@ -36,6 +37,7 @@ import pytest
 
 from perfdb.client import AsyncClient
 from perfdb.client.common import PerfdbClientError, RetryPolicy
+from perfdb.records.timestamps import format_micros
 from tests.support import REPO_ROOT, Connection, ServerProcess, ServerStartError, Spawn, closed_port_url, token_hash
 
 SEED_VARIABLE = "PERFDB_DURABILITY_SEED"
@@ -1070,3 +1072,199 @@ def test_full_disk_refuses_writes_retryably_then_recovers(
     )
     print(summary)
     assert not problems, f"{summary}\n" + "\n".join(problems)
+
+
+# -- 5. SIGKILL while deleting -------------------------------------------------------------------
+
+DELETION_ADMIN_KEY = "durability-admin-key-0123456789"
+DELETION_RECORDS_PER_BOT = 5000  # each bot's imported records
+DELETION_KILL_DELAY = (0.02, 0.3)  # seconds after the deletions start; deleting them all takes about that
+DELETION_WINDOW = 64
+DELETION_FIRST_MICROS = 1_700_000_000_000_000  # 2023-11-14: imported records lie in the past
+
+
+def deletion_seed(user_id: str, bot: int, count: int) -> list[dict[str, Any]]:
+    """A bot's records in their stored form, to import, each with content of its own."""
+    records = []
+    for n in range(count):
+        micros = DELETION_FIRST_MICROS + bot * 10_000_000 + n
+        records.append(
+            {
+                "record_id": f"{micros:014x}{0:06x}",
+                "user_id": user_id,
+                "timestamp": format_micros(micros),
+                "test_name": f"deletion_{bot}",
+                "tag": f"t{n % 7}",
+                "sys_info": {"kernel": "Linux 6.1", "n": n},
+                "metrics": {"qps": 1000.0 + n, "perc_lat_99": float(bot)},
+                "client_config": {"client_type": "ASYNC_CLIENT"},
+                "server_config": {"server_type": "ASYNC_SERVER"},
+                "request_id": f"deletion-{bot}-{n}",
+            }
+        )
+    return records
+
+
+async def import_seed(port: int, records: list[dict[str, Any]]) -> None:
+    connection = await Connection.open(port)
+    try:
+        for start in range(0, len(records), 1000):
+            chunk = records[start : start + 1000]
+            users = {record["user_id"]: {"name": record["user_id"]} for record in chunk}
+            reply = await connection.request("import", admin_key=DELETION_ADMIN_KEY, records=chunk, users=users)
+            assert reply["ok"] and reply["imported"] == len(chunk), reply
+    finally:
+        await connection.close()
+
+
+async def delete_until_killed(
+    server: ServerProcess, rng: random.Random, doomed_user: str, doomed_records: list[str], delay: float
+) -> tuple[RecordStream, RecordStream]:
+    """One connection deletes a whole user, another deletes records one by one (pipelined); the
+    server is killed `delay` seconds in."""
+    whole = iter([{"op": "delete_user", "admin_key": DELETION_ADMIN_KEY, "user_id": doomed_user}])
+    order = rng.sample(doomed_records, len(doomed_records))
+    singles = ({"op": "delete_record", "admin_key": DELETION_ADMIN_KEY, "record_id": rid} for rid in order)
+    streams = [
+        await RecordStream.open(server.port, whole, 1),
+        await RecordStream.open(server.port, singles, DELETION_WINDOW),
+    ]
+
+    async def kill_later() -> None:
+        await asyncio.sleep(delay)
+        server.process.send_signal(signal.SIGKILL)
+
+    killer = asyncio.create_task(kill_later())
+    try:
+        await run_streams(streams, timeout=delay + STREAMS_END_SECONDS)
+    finally:
+        killer.cancel()
+        await asyncio.wait({killer})
+    return streams[0], streams[1]
+
+
+def judge_deletions(
+    seeded: dict[str, dict[str, Any]],
+    state: StoredState,
+    user_deleted: bool,
+    deleted_ids: set[str],
+    doomed_user: str,
+) -> list[str]:
+    """Each seeded record is there whole or not at all; reads and counters agree; what was
+    acknowledged as deleted is gone."""
+    problems = []
+    present = {record["record_id"]: record for record in state.records}
+    for record_id, record in present.items():
+        if seeded.get(record_id) != record:
+            problems.append(f"record {record_id} came back different: {record} (seeded {seeded.get(record_id)})")
+    for user_id in {record["user_id"] for record in seeded.values()}:
+        from_all = sorted(rid for rid, record in present.items() if record["user_id"] == user_id)
+        from_user = sorted(state.per_user.get(user_id, []))
+        if from_all != from_user:
+            problems.append(f"{user_id}: get_all has {len(from_all)} records, get_user {len(from_user)}")
+    if state.stats["records"] != len(present):
+        problems.append(f"stats counts {state.stats['records']} records, reads find {len(present)}")
+    if state.stats["users"] != len(state.per_user):
+        problems.append(f"stats counts {state.stats['users']} users, get_user finds {len(state.per_user)}")
+    if user_deleted and (doomed_user in state.per_user):
+        problems.append(f"{doomed_user} was deleted (acknowledged) but get_user still finds them")
+    back = deleted_ids & present.keys()
+    if back:
+        problems.append(f"{len(back)} records acknowledged as deleted are back, e.g. {sorted(back)[:3]}")
+    return problems
+
+
+async def counted_by_the_server(port: int, records: list[dict[str, Any]]) -> list[str]:
+    """Where the server's per-test and per-tag totals and its overview disagree with the records
+    a full read returned (the counts and indexes go in the same batches as the records)."""
+    problems = []
+    connection = await Connection.open(port)
+    try:
+        overview = await connection.request("overview", metric="qps")
+        for field in ("test_name", "tag"):
+            for name, expected in sorted(Counter(record[field] for record in records).items()):
+                reply = await connection.request("get_all", limit=1, **{field: name})
+                if reply.get("total") != expected:
+                    problems.append(f"get_all {field}={name} total {reply.get('total')}, reads find {expected}")
+    finally:
+        await connection.close()
+    per_test = Counter(record["test_name"] for record in records)
+    overview_records = {name: test["records"] for name, test in overview["tests"].items()}
+    if overview_records != dict(per_test):
+        problems.append(f"overview counts {overview_records}, reads find {dict(per_test)}")
+    return problems
+
+
+@pytest.mark.timeout(LONG_RUN_TIMEOUT)
+def test_sigkill_while_deleting_leaves_each_record_whole_or_gone(
+    long_run: bool, rng: random.Random, servers: ServerLauncher, tmp_path: Path
+) -> None:
+    total_rounds = 20 if long_run else 3
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(DELETION_ADMIN_KEY + "\n")
+    extra = [f"--admin-key-file={key_file}"]
+    user_ids = list(BOT_TOKENS.values())
+    doomed_user, single_user, bystander = user_ids[0], user_ids[1], user_ids[2]
+    problems: list[str] = []
+    partial_rounds = 0
+    for number in range(total_rounds):
+        database = tmp_path / f"deleting-{number}"
+        loop = SERVER_LOOPS[number % len(SERVER_LOOPS)]
+        seeded_list = [
+            *deletion_seed(doomed_user, 0, DELETION_RECORDS_PER_BOT),
+            *deletion_seed(single_user, 1, DELETION_RECORDS_PER_BOT),
+            *deletion_seed(bystander, 2, 100),
+        ]
+        seeded = {record["record_id"]: record for record in seeded_list}
+        singles = [record["record_id"] for record in seeded_list if record["user_id"] == single_user]
+        server = servers.start(database, loop=loop, extra=extra)
+        asyncio.run(import_seed(server.port, seeded_list))
+        delay = rng.uniform(*DELETION_KILL_DELAY)
+        whole, one_by_one = asyncio.run(delete_until_killed(server, rng, doomed_user, singles, delay))
+        server.kill()
+        user_deleted = bool(whole.sent and whole.sent[0].acknowledged)
+        deleted_ids = {item.request["record_id"] for item in one_by_one.sent if item.acknowledged}
+
+        restarted = servers.start(database, loop=loop, extra=extra)
+        state = asyncio.run(read_back(restarted.port, per_user=True))
+        round_problems = judge_deletions(seeded, state, user_deleted, deleted_ids, doomed_user)
+        round_problems += asyncio.run(counted_by_the_server(restarted.port, state.records))
+        left = len(state.per_user.get(doomed_user, []))
+        if 0 < left < DELETION_RECORDS_PER_BOT:
+            partial_rounds += 1
+
+        # Sending delete_user again finishes what the kill interrupted.
+        async def finish(port: int) -> dict[str, Any]:
+            connection = await Connection.open(port)
+            try:
+                await connection.send({"op": "delete_user", "admin_key": DELETION_ADMIN_KEY, "user_id": doomed_user})
+                return await connection.reply(timeout=READ_BACK_SECONDS)
+            finally:
+                await connection.close()
+
+        again = asyncio.run(finish(restarted.port))
+        if not again["ok"] or again["records"] != left:
+            round_problems.append(f"delete_user again removed {again} with {left} records left")
+        after = asyncio.run(read_back(restarted.port, per_user=True))
+        if doomed_user in after.per_user or any(r["user_id"] == doomed_user for r in after.records):
+            round_problems.append(f"{doomed_user} still has records after the second delete_user")
+        round_problems += asyncio.run(counted_by_the_server(restarted.port, after.records))
+        if sorted(after.per_user.get(bystander, [])) != sorted(
+            r for r, rec in seeded.items() if rec["user_id"] == bystander
+        ):
+            round_problems.append(f"{bystander}, never deleted, lost records")
+        code, stderr = restarted.stop()
+        if code != 0 or "Traceback" in stderr:
+            round_problems.append(f"the restarted server exited {code}:\n{stderr}")
+        print(
+            f"round {number} ({loop}, kill after {delay:.3f}s): delete_user "
+            f"{'acknowledged' if user_deleted else 'unanswered'}, {left} of its records left; "
+            f"{len(deleted_ids)} delete_record acknowledged, "
+            f"{sum(1 for r in singles if r not in {x['record_id'] for x in state.records})} records of that user gone"
+        )
+        if round_problems:
+            problems.append(f"round {number} (database {database}): {round_problems}")
+        else:
+            shutil.rmtree(database)
+    print(f"{total_rounds} rounds, {partial_rounds} killed half-way through delete_user")
+    assert not problems, "\n".join(problems)

@@ -1058,6 +1058,15 @@ async def test_read_key_guards_reads_and_nothing_else(tmp_path: Path) -> None:
         assert_forbidden(await connection.request("export", admin_key=READ_KEY))
         assert_forbidden(await connection.request("export"))
         assert (await connection.request("export", admin_key=ADMIN_KEY))["ok"] is True
+        for op, fields in {
+            "audit_log": {},
+            "delete_user": {"user_id": "alice"},
+            "delete_record": {"record_id": stored["record_id"]},
+        }.items():
+            for key in (READ_KEY, WRONG_KEY):
+                assert_forbidden(await connection.request(op, **fields, admin_key=key))
+                assert_forbidden(await connection.request(op, **fields, read_key=READ_KEY, admin_key=key))
+        assert (await connection.request("get_user", user_id="alice", read_key=READ_KEY))["records"] == page["records"]
 
 
 async def client_reads(client: AsyncClient) -> tuple[int, int, int]:
