@@ -35,6 +35,7 @@ from perfdb.records.schema import (
     RecordDraft,
     check_fields,
     check_request_id,
+    parse_compare,
     parse_import_records,
     parse_overview,
     parse_query,
@@ -367,6 +368,12 @@ class CommandDispatcher:
         series = parse_series(request)
         # Deferred like a page: a reply of thousands of points waits for the client to read.
         return Deferred(lambda: self._store.series(series))
+
+    def op_compare(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        query = parse_compare(request, max_records=self._config.max_compare_records)
+        # Deferred like a page: one row per test and metric can make a large reply.
+        return Deferred(lambda: self._store.compare(query))
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
