@@ -550,7 +550,11 @@ def _selector(request: dict[str, Any], side: str, shared: dict[str, str | None])
     if not isinstance(value, dict):
         raise bad_request(side, f"must be an object, got {_json_type(value)}")
     try:
-        check_fields(value, SELECTOR_FIELDS)
+        unknown = next((name for name in value if name not in SELECTOR_FIELDS), None)
+        if unknown is not None:
+            raise bad_request(
+                quote_input(unknown), "unknown selector field; use tag, record_ids, since, until, test_name, user_id"
+            )
         kinds = [kind for kind, present in _selector_kinds(value).items() if present]
         if len(kinds) != 1:
             given = " and ".join(kinds) if kinds else "none"
@@ -569,10 +573,11 @@ def _selector(request: dict[str, Any], side: str, shared: dict[str, str | None])
         if since is not None and until is not None and until <= since:
             raise bad_request("until", "must be later than since")
         record_ids = None if value.get("record_ids") is None else _record_ids(value["record_ids"])
+        tag = _optional_tag(value)
     except PerfdbError as error:
         raise bad_request(side, error.message) from None
     return Selector(
-        tag=_optional_tag(value),
+        tag=tag,
         record_ids=record_ids,
         since=since,
         until=until,
