@@ -3,12 +3,14 @@ over real sockets against a real server and LevelDB."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from perfdb.client import AsyncClient, Client, PerfdbClientError
 from perfdb.records.record_ids import record_id_micros
 from perfdb.records.schema import MAX_COMPARE_RECORD_IDS
 from perfdb.records.timestamps import format_micros
@@ -36,8 +38,9 @@ async def store(conn: Connection, requests: list[dict[str, Any]]) -> list[str]:
 
 
 def row(reply: dict[str, Any], test_name: str, metric: str) -> dict[str, Any]:
-    [found] = [r for r in reply["rows"] if (r["test_name"], r["metric"]) == (test_name, metric)]
-    return found
+    found: list[dict[str, Any]] = [r for r in reply["rows"] if (r["test_name"], r["metric"]) == (test_name, metric)]
+    assert len(found) == 1, (test_name, metric, reply["rows"])
+    return found[0]
 
 
 async def test_a_ten_percent_qps_drop_between_tags_is_a_regression(tmp_path: Path) -> None:
@@ -194,3 +197,25 @@ async def test_compare_needs_the_read_key_when_the_server_has_one(tmp_path: Path
         )
     assert error_code(refused) == "forbidden"
     assert allowed["ok"] and allowed["rows"] == []
+
+
+async def test_both_clients_compare(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(f"127.0.0.1:{server.port}") as client:
+        acks = [await client.record(**request_fields(r)) for r in run_requests("v1", 10_000.0, seed=6)]
+        for request in run_requests("v2", 9_000.0, seed=7):
+            await client.record(**request_fields(request))
+        by_tag = await client.compare("v1", "v2", test_name="unary", user_id="alice")
+        by_ids = await client.compare({"record_ids": [ack["record_id"] for ack in acks]}, {"tag": "v2"})
+        with Client(f"127.0.0.1:{server.port}") as blocking:
+            blocking_reply = await asyncio.to_thread(lambda: blocking.compare("v1", {"tag": "v2"}, test_name="unary"))
+        with pytest.raises(PerfdbClientError) as refused:
+            await client.compare({"tag": "v1", "record_ids": []}, "v2")
+    assert [(r["metric"], r["status"]) for r in by_tag["rows"]] == [("qps", "regression"), ("perc_lat_50", "no_change")]
+    assert blocking_reply["rows"] == by_tag["rows"]
+    assert by_ids["base"]["records"] == 2 * RUN_SIZE and row(by_ids, "unary", "qps")["status"] == "regression"
+    assert refused.value.code == "bad_request" and "base: needs exactly one of" in refused.value.message
+
+
+def request_fields(request: dict[str, Any]) -> dict[str, Any]:
+    """A record request's fields as a client's record() takes them."""
+    return {key: value for key, value in request.items() if key != "op"}
