@@ -44,7 +44,7 @@ LAB_USER = "static:perf-lab"
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
-COMMANDS = ("submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping")
+COMMANDS = ("submit", "get-user", "get-all", "compare", "export", "import", "repair", "stats", "ping")
 RECORD_ID = r"[0-9a-f]{20}"
 CSV_HEADER = [
     "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
