@@ -555,12 +555,17 @@ def write_compare_table(reply: dict[str, Any], out: IO[str], *, colour: bool) ->
         text = _aligned(line, widths, left_aligned)
         start = _STATUS_COLOURS.get(row["status"]) if colour else None
         out.write((start + text + _RESET if start else text) + "\n")
-    counts = {status: sum(row["status"] == status for row in rows) for status in _STATUS_ORDER}
-    summary = ", ".join(f"{count:,} {status.replace('_', ' ')}" for status, count in counts.items())
+    counts = {label: sum(row["status"] == status for row in rows) for status, label in _STATUS_LABELS.items()}
+    summary = ", ".join(f"{label}: {count:,}" for label, count in counts.items())
     out.write(f"\n{summary} (base {base['records']:,} records, head {head['records']:,} records)\n")
 
 
-_STATUS_ORDER = ("regression", "improvement", "no_change", "insufficient_data")
+_STATUS_LABELS = {
+    "regression": "regressions",
+    "improvement": "improvements",
+    "no_change": "no change",
+    "insufficient_data": "insufficient data",
+}
 
 
 def _aligned(cells: Sequence[str], widths: list[int], left_aligned: int) -> str:

@@ -88,7 +88,7 @@ def test_a_regression_exits_1_and_comes_first(runs: Runs) -> None:
     assert second.startswith("cpp_protobuf_as…_client_qps_unconstrained_secure  ")
     assert len({len(line) for line in (header, first, second)}) == 1
     assert first.index("regression") == header.index("status")
-    assert blank == "" and summary == "1 regression, 0 improvement, 1 no change, 0 insufficient data " \
+    assert blank == "" and summary == "regressions: 1, improvements: 0, no change: 1, insufficient data: 0 " \
         "(base 20 records, head 20 records)"  # fmt: skip
     assert "\x1b[" not in result.out  # not a terminal: no colour
     assert result.err == ""

@@ -219,3 +219,13 @@ async def test_both_clients_compare(tmp_path: Path) -> None:
 def request_fields(request: dict[str, Any]) -> dict[str, Any]:
     """A record request's fields as a client's record() takes them."""
     return {key: value for key, value in request.items() if key != "op"}
+
+
+async def test_a_side_past_the_examination_bound_says_incomplete(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path, max_sort_examined=6) as (server, _), connect(server) as conn:
+        # Tag a's index is the smallest for the base side, and every other entry of it is another test's.
+        await store(conn, [record_request(test_name=("unary", "streaming")[n % 2], tag="a") for n in range(10)])
+        await store(conn, [record_request(test_name="unary", tag="b") for _ in range(10)])
+        reply = await conn.request("compare", base={"tag": "a", "test_name": "unary"}, head={"tag": "a"})
+    assert reply["base"] == {"records": 3, "truncated": False, "complete": False, "examined": 6}
+    assert reply["head"] == {"records": 6, "truncated": False, "complete": False, "examined": 6}
