@@ -12,7 +12,7 @@ import pytest
 
 from perfdb.client import AsyncClient, Client, PerfdbClientError
 from perfdb.records.record_ids import record_id_micros
-from perfdb.records.schema import MAX_COMPARE_RECORD_IDS
+from perfdb.records.schema import MAX_COMPARE_RECORD_IDS, SELECTOR_FIELDS
 from perfdb.records.timestamps import format_micros
 from tests.support import Connection, connect, error_code, perfdb_with_provider, record_request, send_burst
 
@@ -229,3 +229,24 @@ async def test_a_side_past_the_examination_bound_says_incomplete(tmp_path: Path)
         reply = await conn.request("compare", base={"tag": "a", "test_name": "unary"}, head={"tag": "a"})
     assert reply["base"] == {"records": 3, "truncated": False, "complete": False, "examined": 6}
     assert reply["head"] == {"records": 6, "truncated": False, "complete": False, "examined": 6}
+
+
+JUNK: list[Any] = [None, True, 0, -1.5, "", "x", [], ["x"], {}, {"tag": None}, "0" * 20, ["0" * 20]]
+
+
+async def test_junk_in_every_field_is_answered_ok_or_bad_request(tmp_path: Path) -> None:
+    """Every type in every field: never an internal error, and the connection carries on."""
+    requests = []
+    for junk in JUNK:
+        requests += [
+            {"base": junk, "head": {"tag": "b"}},
+            {"base": {"tag": "a"}, "head": {"tag": "b"}, "test_name": junk},
+            {"base": {"tag": "a"}, "head": {"tag": "b"}, "user_id": junk},
+        ]
+        requests += [{"base": {field: junk}, "head": {"tag": "b"}} for field in SELECTOR_FIELDS]
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        replies = await send_burst(conn, [{"op": "compare", "id": n, **fields} for n, fields in enumerate(requests)])
+        assert (await conn.request("ping"))["ok"]
+    for request, reply in zip(requests, replies, strict=True):
+        assert reply["ok"] or error_code(reply) == "bad_request", (request, reply)
+    assert sum(reply["ok"] for reply in replies) > 0  # some junk is a valid selector ("" is a tag)
