@@ -8,6 +8,7 @@ import contextlib
 import csv
 import getpass
 import hashlib
+import math
 import os
 import sys
 import time
@@ -550,6 +551,171 @@ async def cmd_repair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- compare ----------------------------------------------------------------------------
+
+COMPARE_CSV_COLUMNS = (
+    "test_name", "metric", "status", "direction", "change_percent",
+    "base_n", "base_mean", "base_stddev", "base_median", "head_n", "head_mean", "head_stddev", "head_median",
+    "test", "pvalue", "welch_pvalue", "mann_whitney_pvalue",
+)  # fmt: skip
+COMPARE_TABLE_HEADINGS = (
+    "test", "metric", "status", "change", "base mean", "± sd", "head mean", "± sd", "base n", "head n", "p-value",
+)  # fmt: skip
+TEST_NAME_WIDTH = 48  # longer test names are elided in the middle, keeping their distinguishing tail
+METRIC_WIDTH = 24
+_STATUS_COLOURS = {"regression": "\x1b[31m", "improvement": "\x1b[32m"}  # red, green
+_RESET = "\x1b[0m"
+_UNITS = {metric.name: metric.unit for metric in CORE_METRICS}
+
+
+def compare_selector(args: argparse.Namespace, side: str) -> dict[str, Any]:
+    """One side of a compare from --SIDE, --SIDE-records or --SIDE-since/--SIDE-until; exactly one kind."""
+    tag = getattr(args, side)
+    record_ids = getattr(args, f"{side}_records")
+    since, until = getattr(args, f"{side}_since"), getattr(args, f"{side}_until")
+    given = [kind for kind, value in (("tag", tag), ("records", record_ids), ("window", since or until)) if value]
+    if tag is not None and "tag" not in given:
+        given.insert(0, "tag")  # an empty tag is a tag too
+    if len(given) != 1:
+        raise CliError(
+            f"{side}: give exactly one of --{side} TAG, --{side}-records ID,ID or --{side}-since/--{side}-until",
+            EXIT_USAGE,
+        )
+    if tag is not None:
+        return {"tag": tag}
+    if record_ids:
+        ids = [record_id.strip() for record_id in record_ids.split(",") if record_id.strip()]
+        if not ids:
+            raise CliError(f"--{side}-records: no record ids", EXIT_USAGE)
+        return {"record_ids": ids}
+    return {key: value for key, value in (("since", since), ("until", until)) if value}
+
+
+async def cmd_compare(args: argparse.Namespace) -> int:
+    base, head = compare_selector(args, "base"), compare_selector(args, "head")
+    async with make_client(args) as client:
+        try:
+            reply = await client.compare(base, head, test_name=args.test, user_id=args.user)
+        except PerfdbClientError as exc:
+            if exc.code == "bad_request":  # the request is made of the options alone
+                raise CliError(exc.message, EXIT_USAGE) from None
+            raise
+    for envelope in ("id", "ok"):
+        reply.pop(envelope, None)
+    rows: list[dict[str, Any]] = reply["rows"]
+    for side in ("base", "head"):
+        _warn_about_side(side, reply[side], reply["max_records"])
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif args.format == "csv":
+        write_compare_csv(rows, sys.stdout)
+    else:
+        colour = args.color == "always" or (
+            args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        )
+        write_compare_table(reply, sys.stdout, colour=colour)
+    sys.stdout.flush()
+    return EXIT_REFUSED if any(row["status"] == "regression" for row in rows) else EXIT_OK
+
+
+def _warn_about_side(side: str, counts: dict[str, Any], max_records: int) -> None:
+    if counts["truncated"]:
+        print(f"perfdb: {side}: more than {max_records:,} records matched; compared the newest {max_records:,}",
+              file=sys.stderr)  # fmt: skip
+    if not counts["complete"]:
+        print(f"perfdb: {side}: the server stopped after examining {counts['examined']:,} entries; "
+              "older records were not compared", file=sys.stderr)  # fmt: skip
+    if counts.get("missing"):
+        print(f"perfdb: {side}: {counts['missing']:,} of the record ids given matched no record", file=sys.stderr)
+
+
+def write_compare_csv(rows: list[dict[str, Any]], out: IO[str]) -> None:
+    writer = csv.writer(out)
+    writer.writerow(COMPARE_CSV_COLUMNS)
+    for row in rows:
+        flat = {**row}
+        for side in ("base", "head"):
+            for field in ("n", "mean", "stddev", "median"):
+                flat[f"{side}_{field}"] = row[side].get(field)
+        writer.writerow(["" if flat.get(column) is None else flat[column] for column in COMPARE_CSV_COLUMNS])
+
+
+def write_compare_table(reply: dict[str, Any], out: IO[str], *, colour: bool) -> None:
+    """Aligned columns, one row per test and metric; on a terminal regressions red, improvements green."""
+    rows: list[dict[str, Any]] = reply["rows"]
+    base, head = reply["base"], reply["head"]
+    if not rows:
+        out.write(
+            f"(no test and metric on both sides: base {base['records']:,} records, head {head['records']:,} records)\n"
+        )
+        return
+    cells = [_compare_cells(row) for row in rows]
+    widths = [max(len(heading), *(len(line[column]) for line in cells)) for column, heading in
+              enumerate(COMPARE_TABLE_HEADINGS)]  # fmt: skip
+    left_aligned = 3  # test, metric, status; the numbers align right
+    out.write(_aligned(COMPARE_TABLE_HEADINGS, widths, left_aligned) + "\n")
+    for row, line in zip(rows, cells, strict=True):
+        text = _aligned(line, widths, left_aligned)
+        start = _STATUS_COLOURS.get(row["status"]) if colour else None
+        out.write((start + text + _RESET if start else text) + "\n")
+    counts = {label: sum(row["status"] == status for row in rows) for status, label in _STATUS_LABELS.items()}
+    summary = ", ".join(f"{label}: {count:,}" for label, count in counts.items())
+    out.write(f"\n{summary} (base {base['records']:,} records, head {head['records']:,} records)\n")
+
+
+_STATUS_LABELS = {
+    "regression": "regressions",
+    "improvement": "improvements",
+    "no_change": "no change",
+    "insufficient_data": "insufficient data",
+}
+
+
+def _aligned(cells: Sequence[str], widths: list[int], left_aligned: int) -> str:
+    parts = [
+        cell.ljust(width) if column < left_aligned else cell.rjust(width)
+        for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
+    ]
+    return "  ".join(parts).rstrip()
+
+
+def _compare_cells(row: dict[str, Any]) -> list[str]:
+    unit = _UNITS.get(row["metric"], "")
+    base, head = row["base"], row["head"]
+    change = row["change_percent"]
+    return [
+        elide_middle(row["test_name"], TEST_NAME_WIDTH),
+        elide_middle(row["metric"], METRIC_WIDTH),
+        row["status"],
+        "-" if change is None else f"{change:+.1f}%",
+        _number(base.get("mean"), unit),
+        _number(base.get("stddev"), unit),
+        _number(head.get("mean"), unit),
+        _number(head.get("stddev"), unit),
+        f"{base['n']:,}",
+        f"{head['n']:,}",
+        "-" if row["pvalue"] is None else f"{row['pvalue']:.2g}",
+    ]
+
+
+def _number(value: Any, unit: str) -> str:
+    """Core metrics in their readable units; other numbers with thousands separators (1,403,434)."""
+    if unit:
+        return format_value(value, unit)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def elide_middle(text: str, width: int) -> str:
+    """`text` in at most `width` characters: a third from its start, '…', the rest from its end,
+    where names of one family (cpp_protobuf_async_..._secure) differ."""
+    if len(text) <= width:
+        return text
+    start = (width - 1) // 3
+    return text[:start] + "…" + text[len(text) - (width - 1 - start) :]
+
+
 async def cmd_stats(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         stats = await client.stats()
@@ -602,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perfdb",
         description="Submit benchmark results to a perfdb server, read them back, delete them, "
         "export and import databases.",
-        epilog="Exit codes: 0 success, 1 the server refused a request, 2 bad command line, "
+        epilog="Exit codes: 0 success, 1 the server refused a request (compare: a regression), 2 bad command line, "
         "3 server unreachable or too slow, 4 unreadable input (takes precedence over 1).",
     )
     parser.add_argument("--version", action="version", version=f"perfdb {__version__}")
@@ -717,6 +883,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete damaged records, deleted records that came back, and dangling index entries",
     )
     repair.set_defaults(handler=cmd_repair)
+
+    compare = commands.add_parser(
+        "compare",
+        parents=[connection],
+        help="compare two runs per test and metric; exits 1 when any regressed",
+        description="Compare two runs (each a tag, a list of record ids or a time window) per test and metric: "
+        "Welch's t-test, plus Mann-Whitney U under 20 results a side. Prints one row per test and metric "
+        "found on both sides, regressions first. Exits 1 if any row is a regression, 0 otherwise, 2 on a bad "
+        "command line, so a CI job can gate on it.",
+    )
+    for side in ("base", "head"):
+        group = compare.add_argument_group(f"{side} run (give one of these)")
+        group.add_argument(f"--{side}", metavar="TAG", help=f"the {side} run is the records with this tag")
+        group.add_argument(
+            f"--{side}-records", metavar="ID,ID", help=f"the {side} run is these records (comma-separated ids)"
+        )
+        group.add_argument(f"--{side}-since", metavar="TIME", help=f"the {side} run starts at this RFC 3339 time")
+        group.add_argument(f"--{side}-until", metavar="TIME", help=f"the {side} run ends before this RFC 3339 time")
+    compare.add_argument("--test", metavar="NAME", help="only this test, on both sides")
+    compare.add_argument("--user", metavar="USER", help="only this user's records, on both sides")
+    compare.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output format (default: table)"
+    )
+    compare.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour regressions red and improvements green: auto (default) on a terminal unless $NO_COLOR is set",
+    )
+    compare.set_defaults(handler=cmd_compare)
 
     stats = commands.add_parser("stats", parents=[connection], help="print the server's counters as JSON")
     stats.set_defaults(handler=cmd_stats)

@@ -95,6 +95,11 @@ class Config:
         "past it the reply says complete: false",
         "storage",
     )
+    max_compare_records: int = setting(
+        10_000,
+        "most records each side of a compare holds; past it the side holds its newest and the reply says truncated",
+        "storage",
+    )
     upgrade_batch_records: int = setting(
         10_000, "records indexed per synced write while an older database is upgraded at start-up", "storage"
     )

@@ -45,8 +45,8 @@ ADMIN_KEY = "admin-" + secrets.token_hex(16)
 CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
 COMMANDS = (
-    "submit", "get-user", "get-all", "export", "import", "repair", "stats", "ping", "delete-record", "delete-user",
-    "audit",
+    "submit", "get-user", "get-all", "compare", "export", "import", "repair", "stats", "ping", "delete-record",
+    "delete-user", "audit",
 )  # fmt: skip
 RECORD_ID = r"[0-9a-f]{20}"
 CSV_HEADER = [

@@ -14,7 +14,9 @@ from perfdb.client.common import (
     ClientSettings,
     PerfdbClientError,
     RecordWindow,
+    RunSelector,
     check_reply,
+    compare_fields,
     connection_failed,
     encode_request,
     may_resend,
@@ -280,6 +282,19 @@ class AsyncClient(ClientSettings):
     async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """The server's aggregates of one metric, for one test or (by default) every test."""
         return await self.call("overview", metric=metric, test_name=test_name)
+
+    async def compare(
+        self,
+        base: RunSelector,
+        head: RunSelector,
+        *,
+        test_name: str | None = None,
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Compare two runs per test and metric (see the compare op). Each side is a tag (a string) or a
+        selector: {"tag": ...}, {"record_ids": [...]} or {"since": ..., "until": ...}, optionally with
+        its own test_name and user_id; `test_name` and `user_id` here narrow both sides."""
+        return await self.call("compare", **compare_fields(base, head, test_name, user_id))
 
     async def series(
         self,

@@ -17,7 +17,9 @@ from perfdb.client.common import (
     ClientSettings,
     PerfdbClientError,
     RecordWindow,
+    RunSelector,
     check_reply,
+    compare_fields,
     connection_failed,
     encode_request,
     may_resend,
@@ -210,6 +212,19 @@ class Client(ClientSettings):
     def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """The server's aggregates of one metric, for one test or (by default) every test."""
         return self.call("overview", metric=metric, test_name=test_name)
+
+    def compare(
+        self,
+        base: RunSelector,
+        head: RunSelector,
+        *,
+        test_name: str | None = None,
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Compare two runs per test and metric (see the compare op). Each side is a tag (a string) or a
+        selector: {"tag": ...}, {"record_ids": [...]} or {"since": ..., "until": ...}, optionally with
+        its own test_name and user_id; `test_name` and `user_id` here narrow both sides."""
+        return self.call("compare", **compare_fields(base, head, test_name, user_id))
 
     def series(
         self,

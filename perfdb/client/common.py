@@ -7,7 +7,7 @@ import dataclasses
 import random
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -32,6 +32,7 @@ IDEMPOTENT_OPS = frozenset(
         "get_all",
         "overview",
         "series",
+        "compare",
         "export",
         "import",
         "delete_record",
@@ -40,7 +41,7 @@ IDEMPOTENT_OPS = frozenset(
     }
 )
 # Ops that carry the read key when the client has one.
-READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series"})
+READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series", "compare"})
 
 
 class ClientSettings:
@@ -142,6 +143,19 @@ def order_fields(reverse: bool, sort: str | None, order: str | None) -> dict[str
     if order is not None:
         fields["order"] = order
     return fields
+
+
+RunSelector = str | Mapping[str, Any]
+
+
+def compare_fields(base: RunSelector, head: RunSelector, test_name: str | None, user_id: str | None) -> dict[str, Any]:
+    """A compare request's fields; a side given as a string is a tag."""
+    return {
+        "base": {"tag": base} if isinstance(base, str) else dict(base),
+        "head": {"tag": head} if isinstance(head, str) else dict(head),
+        "test_name": test_name,
+        "user_id": user_id,
+    }
 
 
 def encode_request(op: str, fields: dict[str, Any], read_key: str | None = None) -> bytes:

@@ -38,6 +38,7 @@ from perfdb.records.schema import (
     check_fields,
     check_request_id,
     parse_audit_page,
+    parse_compare,
     parse_delete_user,
     parse_force,
     parse_import_records,
@@ -372,6 +373,12 @@ class CommandDispatcher:
         series = parse_series(request)
         # Deferred like a page: a reply of thousands of points waits for the client to read.
         return Deferred(lambda: self._store.series(series))
+
+    def op_compare(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        query = parse_compare(request, max_records=self._config.max_compare_records)
+        # Deferred like a page: one row per test and metric can make a large reply.
+        return Deferred(lambda: self._store.compare(query))
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

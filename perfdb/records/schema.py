@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from perfdb.protocol.errors import PerfdbError, bad_request, quote_input
+from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_input
 from perfdb.records.record_ids import is_record_id, record_id_micros
 from perfdb.records.scenario import map_scenario_result
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
@@ -65,6 +65,9 @@ DEFAULT_SERIES_BUCKETS = 1000
 MAX_SERIES_BUCKETS = 4000
 MAX_SERIES_METRICS = 16
 SORT_ORDERS = ("desc", "asc")
+COMPARE_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"base", "head", "test_name", "user_id"})
+SELECTOR_FIELDS = frozenset({"tag", "record_ids", "since", "until", "test_name", "user_id"})
+MAX_COMPARE_RECORD_IDS = 1000  # record ids one compare selector may list
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,6 +115,37 @@ class SeriesQuery:
     def as_query(self) -> Query:
         """The same filters as a read query (for choosing the index to walk)."""
         return Query(self.user_id, self.test_name, self.tag, self.since, self.until, limit=1, cursor=None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Selector:
+    """One side of a compare: a tag, a list of record ids or a time window, optionally narrowed."""
+
+    tag: str | None
+    record_ids: tuple[str, ...] | None  # newest first
+    since: int | None  # microseconds since the epoch, inclusive
+    until: int | None  # microseconds since the epoch, exclusive
+    user_id: str | None
+    test_name: str | None
+
+    def as_query(self) -> Query:
+        """The same filters as a read query (for choosing the index to walk)."""
+        return Query(self.user_id, self.test_name, self.tag, self.since, self.until, limit=1, cursor=None)
+
+    def admits(self, user_id: str, test_name: str) -> bool:
+        """Whether the narrowing admits a record of this user and test (record_ids selectors)."""
+        return (self.user_id is None or self.user_id == user_id) and (
+            self.test_name is None or self.test_name == test_name
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompareQuery:
+    """A validated compare request: the two sides and how many records each may hold."""
+
+    base: Selector
+    head: Selector
+    max_records: int  # per side; past it a side holds its newest max_records
 
 
 # -- field checks -----------------------------------------------------------------------
@@ -543,6 +577,80 @@ def parse_series(request: dict[str, Any]) -> SeriesQuery:
     if not 1 <= buckets <= MAX_SERIES_BUCKETS:
         raise bad_request("buckets", f"must be between 1 and {MAX_SERIES_BUCKETS}")
     return SeriesQuery(metrics, test_name, user_id, _optional_tag(request), since, until, buckets)
+
+
+def parse_compare(request: dict[str, Any], *, max_records: int) -> CompareQuery:
+    """Validate a compare request; a top-level test_name or user_id narrows both sides."""
+    check_fields(request, COMPARE_FIELDS)
+    shared = {
+        "test_name": optional_string(request, "test_name", MAX_NAME_CHARS),
+        "user_id": optional_string(request, "user_id", MAX_USER_ID_CHARS),
+    }
+    return CompareQuery(_selector(request, "base", shared), _selector(request, "head", shared), max_records=max_records)
+
+
+def _selector(request: dict[str, Any], side: str, shared: dict[str, str | None]) -> Selector:
+    value = request.get(side)
+    if value is None:
+        raise bad_request(side, "is required: an object with tag, record_ids, or since and/or until")
+    if not isinstance(value, dict):
+        raise bad_request(side, f"must be an object, got {_json_type(value)}")
+    try:
+        unknown = next((name for name in value if name not in SELECTOR_FIELDS), None)
+        if unknown is not None:
+            raise bad_request(
+                quote_input(unknown), "unknown selector field; use tag, record_ids, since, until, test_name, user_id"
+            )
+        kinds = [kind for kind, present in _selector_kinds(value).items() if present]
+        if len(kinds) != 1:
+            given = " and ".join(kinds) if kinds else "none"
+            raise PerfdbError(
+                ErrorCode.BAD_REQUEST, f"needs exactly one of tag, record_ids, or a window (since/until); got {given}"
+            )
+        narrowing = {
+            "test_name": optional_string(value, "test_name", MAX_NAME_CHARS),
+            "user_id": optional_string(value, "user_id", MAX_USER_ID_CHARS),
+        }
+        for field, own in narrowing.items():
+            if own is not None and shared[field] is not None:
+                raise bad_request(field, "is given both here and at the top level of the request")
+        since = _timestamp(value, "since")
+        until = _timestamp(value, "until")
+        if since is not None and until is not None and until <= since:
+            raise bad_request("until", "must be later than since")
+        record_ids = None if value.get("record_ids") is None else _record_ids(value["record_ids"])
+        tag = _optional_tag(value)
+    except PerfdbError as error:
+        raise bad_request(side, error.message) from None
+    return Selector(
+        tag=tag,
+        record_ids=record_ids,
+        since=since,
+        until=until,
+        user_id=narrowing["user_id"] or shared["user_id"],
+        test_name=narrowing["test_name"] or shared["test_name"],
+    )
+
+
+def _selector_kinds(value: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "tag": value.get("tag") is not None,
+        "record_ids": value.get("record_ids") is not None,
+        "window": value.get("since") is not None or value.get("until") is not None,
+    }
+
+
+def _record_ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise bad_request("record_ids", f"must be a list of record ids, got {_json_type(value)}")
+    if not 1 <= len(value) <= MAX_COMPARE_RECORD_IDS:
+        raise bad_request("record_ids", f"must list 1 to {MAX_COMPARE_RECORD_IDS} record ids, got {len(value)}")
+    for index, record_id in enumerate(value):
+        if not isinstance(record_id, str) or not is_record_id(record_id):
+            raise bad_request(f"record_ids[{index}]", "is not a perfdb record id")
+    if len(set(value)) != len(value):
+        raise bad_request("record_ids", "lists a record id twice")
+    return tuple(sorted(value, reverse=True))  # record ids sort by time: newest first
 
 
 def _metric_name(field: str, value: Any) -> str:

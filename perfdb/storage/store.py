@@ -26,8 +26,10 @@ import plyvel
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id, record_id_micros
-from perfdb.records.schema import ImportedRecord, Query, RecordDraft, SeriesQuery
+from perfdb.records.schema import CompareQuery, ImportedRecord, Query, RecordDraft, Selector, SeriesQuery
 from perfdb.records.timestamps import format_micros
+from perfdb.regression.compare import DEFAULT_MODEL as COMPARE_MODEL
+from perfdb.regression.runs import RunSample, compare_runs
 from perfdb.storage import layout
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
 from perfdb.storage.overview import Overview, Row
@@ -451,6 +453,11 @@ class ResultStore:
         """The series reply's fields: the request's metrics bucketed over time (see series.py)."""
         return await self._read(self._read_series, request)
 
+    async def compare(self, query: CompareQuery) -> dict[str, Any]:
+        """The compare reply's fields: both sides read from one snapshot, then compared per test and
+        metric (the statistics run on the reader thread too: scipy is not for the event loop)."""
+        return await self._read(self._compare, query)
+
     async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
         loop = asyncio.get_running_loop()
@@ -690,6 +697,73 @@ class ResultStore:
                 return _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
             finally:
                 snapshot.close()
+
+    def _compare(self, query: CompareQuery) -> dict[str, Any]:
+        with self._guard.reading():
+            snapshot = self._database().snapshot()
+            try:
+                base = self._read_sample(snapshot, query.base, query.max_records)
+                head = self._read_sample(snapshot, query.head, query.max_records)
+            finally:
+                snapshot.close()
+        rows = compare_runs(base, head, COMPARE_MODEL)
+        return {
+            "model": COMPARE_MODEL.to_json(),
+            "max_records": query.max_records,
+            "base": base.to_fields(),
+            "head": head.to_fields(),
+            "rows": [row.to_json() for row in rows],
+        }
+
+    def _read_sample(self, snapshot: plyvel.Snapshot, selector: Selector, max_records: int) -> RunSample:
+        """The selector's records, newest first, at most max_records of them; a walk over an index
+        examines at most max_sort_examined entries."""
+        sample = RunSample()
+        if selector.record_ids is not None:
+            sample.missing = 0
+            for record_id in selector.record_ids:  # newest first
+                if sample.records == max_records:
+                    sample.truncated = True
+                    break
+                sample.examined += 1
+                document = self._record_by_id(snapshot, record_id)
+                if document is None or not selector.admits(document["user_id"], document["test_name"]):
+                    sample.missing += 1
+                    continue
+                sample.add(document)
+            return sample
+        query = selector.as_query()
+        source = _choose_source(snapshot, query)
+        start, stop = _key_range(source.prefix, query, after_cursor=False)
+        admits, fetch = self._entry_readers(snapshot, source, query)
+        with _entries(snapshot, start, stop, reverse=True) as entries:
+            for key, value in entries:
+                if sample.examined == self._max_sort_examined:
+                    sample.complete = False
+                    break
+                sample.examined += 1
+                user_id = admits(key, value)
+                if user_id is None:
+                    continue
+                if sample.records == max_records:  # one more matches: the side is cut
+                    sample.truncated = True
+                    break
+                stored = fetch(key, value, user_id)
+                if stored is not None:
+                    sample.add(orjson.loads(stored))
+        return sample
+
+    def _record_by_id(self, snapshot: plyvel.Snapshot, record_id: str) -> dict[str, Any] | None:
+        """A record by its id alone (ids are unique across users; the key ends in the user id)."""
+        with snapshot.iterator(prefix=layout.RECORD_PREFIX + record_id.encode()) as records:
+            found = next(records, None)
+        if found is None:
+            return None
+        sealed = self._checked(found[1], found[0])
+        if sealed is None:
+            return None
+        record: dict[str, Any] = orjson.loads(sealed)
+        return record
 
     def _series_grid(
         self, snapshot: plyvel.Snapshot, source: _Source, request: SeriesQuery, start: bytes, stop: bytes
