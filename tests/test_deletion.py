@@ -4,6 +4,7 @@ log, against a real server on loopback with its real LevelDB database."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import os
@@ -19,6 +20,8 @@ import orjson
 import plyvel
 import pytest
 
+from perfdb.records.profiles import Profile
+from perfdb.records.schema import RecordDraft
 from perfdb.server import PerfdbServer
 from perfdb.storage import layout
 from perfdb.storage import store as store_module
@@ -384,6 +387,65 @@ async def test_delete_user_chunks_are_bounded_in_bytes_too(tmp_path: Path) -> No
     removed_per_batch = [before - after for before, after in itertools.pairwise(counts)]
     assert sum(removed_per_batch) == 300
     assert max(removed_per_batch) <= USER_DELETION_BYTES // padding + 1 < 300
+
+
+class ScanningWriterDB:
+    """The writer's real LevelDB handle, noting for each iterator where it started and the last
+    key it yielded: LevelDB steps over every key deleted in between until it compacts them."""
+
+    def __init__(self, real: plyvel.DB) -> None:
+        self.real = real
+        self.scans: list[tuple[bytes, bytes | None]] = []  # (start, last key yielded)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    @contextlib.contextmanager
+    def iterator(self, **options: Any) -> Iterator[Iterator[Any]]:
+        start = options.get("start", options.get("prefix", b""))
+        with self.real.iterator(**options) as entries:
+            yield self._noted(start, entries)
+
+    def _noted(self, start: bytes, entries: Iterator[Any]) -> Iterator[Any]:
+        scan = len(self.scans)
+        self.scans.append((start, None))
+        for entry in entries:
+            self.scans[scan] = (start, entry if isinstance(entry, bytes) else entry[0])
+            yield entry
+
+
+async def test_delete_user_chunks_resume_where_the_last_one_stopped(tmp_path: Path) -> None:
+    """Each chunk starts after the index key the previous one reached, so the user-index keys the
+    whole deletion steps over (live or already deleted) grow as N, not N^2 / chunk."""
+    count, chunk = 5000, 100
+    store = store_module.ResultStore(tmp_path / "db", sync=False, max_batch=4096)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    try:
+        profile = Profile.create("static:mallory", {})
+        draft = RecordDraft("unary", "", {}, {"qps": 1.0}, {}, {})
+        await asyncio.gather(*(store.submit(profile, draft) for _ in range(count)))
+        prefix = layout.user_index_prefix("static:mallory")
+        writer = store.writer
+        index_keys = sorted(writer._db.iterator(prefix=prefix, include_value=False))
+        scanning = ScanningWriterDB(writer._db)
+        writer._db, writer._user_chunk = scanning, chunk
+        try:
+            ack = await store.delete_user("static:mallory")
+        finally:
+            writer._db = scanning.real
+        assert (ack.deleted, ack.records) == (True, count)
+        index_scans = [(start, last) for start, last in scanning.scans if start.startswith(prefix)]
+        assert len(index_scans) >= count // chunk
+        # The index keys (as they were before the deletion) each scan passed over up to its last one.
+        stepped_over = sum(
+            bisect.bisect_right(index_keys, last) - bisect.bisect_left(index_keys, start)
+            for start, last in index_scans
+            if last is not None
+        )
+        assert count <= stepped_over <= count + 2 * len(index_scans)  # restarting at the prefix: ~127,500
+    finally:
+        await loop.run_in_executor(None, store.close)
 
 
 async def test_a_failed_chunk_answers_storage_error_and_sending_again_finishes(tmp_path: Path) -> None:

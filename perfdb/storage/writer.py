@@ -151,6 +151,11 @@ class UserRemoval:
     started: str = ""  # the time of the first chunk that removed something
     removed: int = 0  # records removed so far
     profile_removed: bool = False
+    # The last user-index (then idempotency) key an earlier chunk reached: the next chunk starts
+    # after it, not at the prefix, where it would skip every key deleted so far (LevelDB keeps
+    # deleted keys until compaction, so restarting made the whole deletion O(N^2)).
+    index_reached: bytes | None = None
+    requests_reached: bytes | None = None
 
 
 WriteItem = Submission | Restoration | RecordRemoval | UserRemoval
@@ -675,11 +680,12 @@ class GroupCommitWriter:
 
         finished = True
         prefix = layout.user_index_prefix(user_id)
-        with self._db.iterator(prefix=prefix, include_value=False) as keys:
+        with self._db.iterator(**_resume_range(prefix, removal.index_reached), include_value=False) as keys:
             for key in keys:
                 if full():
                     finished = False
                     break
+                removal.index_reached = key
                 record_id = key[len(prefix) :].decode()
                 if record_id in batch.deleted or record_id in doomed:
                     continue
@@ -693,11 +699,13 @@ class GroupCommitWriter:
         if finished:
             # What a damaged past may have left behind: request ids whose records are gone.
             # (Those naming a record removed now go with it.)
-            with self._db.iterator(prefix=layout.idempotency_key(user_id, "")) as entries:
+            requests = layout.idempotency_key(user_id, "")
+            with self._db.iterator(**_resume_range(requests, removal.requests_reached)) as entries:
                 for key, value in entries:
                     if full():
                         finished = False
                         break
+                    removal.requests_reached = key
                     named = _stored_ack(value, user_id, key)
                     if named is None or named.record_id not in doomed:
                         dangling.append(key)
@@ -835,6 +843,12 @@ def _stored_document(key: bytes, value: bytes) -> dict[str, Any]:
         log.error("record %s is damaged", layout.split_record_key(key)[0])
         return _DAMAGED
     return document
+
+
+def _resume_range(prefix: bytes, reached: bytes | None) -> dict[str, bytes]:
+    """The iterator range of the keys under `prefix` after `reached` (all of them if None)."""
+    start = prefix if reached is None else reached + b"\x00"  # the first key after it
+    return {"start": start, "stop": layout.prefix_end(prefix)}
 
 
 def _filter_fields(document: dict[str, Any]) -> tuple[str, str] | None:
