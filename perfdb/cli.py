@@ -540,11 +540,11 @@ async def cmd_repair(args: argparse.Namespace) -> int:
     for record_id in report.damaged:
         print(f"damaged record {record_id}{' (dropped)' if report.dropped else ''}")
     for record_id in report.resurrected:
-        print(f"deleted record {record_id} is back{' (dropped)' if report.dropped else ''}")
+        print(f"deleted record {record_id} was back (removed again)")
     print(f"{report.dangling_index_entries} index entries without their record{' (dropped)' if report.dropped else ''}")
     if report.counters_wrong:
         print(f"the stored counters were wrong{' (rewritten)' if report.dropped else ''}")
-    damage = report.damaged or report.resurrected or report.dangling_index_entries or report.counters_wrong
+    damage = report.damaged or report.dangling_index_entries or report.counters_wrong
     if damage and not report.dropped:
         print("run again with --drop-damaged to delete them and fix the counters")
         return EXIT_REFUSED

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import orjson
 import plyvel
@@ -25,8 +26,9 @@ class RepairReport:
     records: int = 0  # records whose checksum holds
     users: int = 0
     damaged: list[str] = dataclasses.field(default_factory=list)  # ids of records that fail it
-    # Ids of records that were deleted (they have a tombstone) and are there again: LevelDB's
-    # repair can bring back an older copy when the table holding the deletion was lost.
+    # Ids of records that were deleted (they have a tombstone) and were there again, removed with
+    # every key derived from them: LevelDB's repair can bring back an older copy when the table
+    # holding the deletion was lost.
     resurrected: list[str] = dataclasses.field(default_factory=list)
     dangling_index_entries: int = 0  # user-index or idempotency entries without their record
     counters_wrong: bool = False  # the stored record or user count disagrees with what is there
@@ -35,8 +37,9 @@ class RepairReport:
 
 
 def repair_database(path: Path, *, drop_damaged: bool) -> RepairReport:
-    """Repair the database at `path`; with drop_damaged, delete damaged and resurrected records
-    and dangling index entries and rewrite the counters. Raises StoreOpenError if it is in use or unreadable."""
+    """Repair the database at `path`, always removing deleted records that are back; with
+    drop_damaged, also delete damaged records and dangling index entries and rewrite the
+    counters. Raises StoreOpenError if it is in use or unreadable."""
     lock = DatabaseLock(path)
     real_path = lock.acquire(create=False)
     if not (real_path / "CURRENT").is_file():
@@ -84,6 +87,29 @@ def _drop_derived(db: plyvel.DB) -> None:
         batch.write()
 
 
+def _remove_resurrected(db: plyvel.DB, batch: Any, key: bytes, document: Any) -> None:
+    """Stage the removal of a tombstoned record that is back with every key derived from it
+    (the keys its id and user give, if its document is too damaged to say its test and tag)."""
+    record_id, user_id = layout.split_record_key(key)
+    test_name, tag = (document.get("test_name"), document.get("tag")) if isinstance(document, dict) else (None, None)
+    if isinstance(test_name, str) and isinstance(tag, str):
+        doomed = layout.record_keys(record_id, user_id, test_name, tag)
+    else:
+        doomed = [key, layout.user_index_prefix(user_id) + record_id.encode()]
+    for doomed_key in doomed:
+        batch.delete(doomed_key)
+    request_id = document.get("request_id") if isinstance(document, dict) else None
+    if isinstance(request_id, str):
+        # Its request_id is forgotten with it, unless the entry names another record.
+        request_key = layout.idempotency_key(user_id, request_id)
+        try:
+            named = orjson.loads(db.get(request_key) or b"{}").get("record_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            named = None  # damaged: the check of idempotency entries below finds it dangling
+        if named == record_id:
+            batch.delete(request_key)
+
+
 def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
     report = RepairReport()
     schema = db.get(layout.SCHEMA_KEY)
@@ -102,12 +128,16 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
             document = orjson.loads(layout.unseal(value))
             test_name, tag = document["test_name"], document["tag"]
         except (layout.CorruptValueError, orjson.JSONDecodeError, KeyError, TypeError):
-            report.damaged.append(record_id)
-            doomed.append(key)
-            continue
+            document = test_name = tag = None
         if record_id in deleted:
-            # Not counted as good, so its index entries are found dangling below.
+            # A deleted record is never data to keep, damaged or not: it goes now, with or
+            # without drop_damaged. (The counts and the test and tag indexes are rebuilt
+            # without it.)
             report.resurrected.append(record_id)
+            _remove_resurrected(db, batch, key, document)
+            continue
+        if document is None:
+            report.damaged.append(record_id)
             doomed.append(key)
             continue
         good.add(record_id)
@@ -154,5 +184,5 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
     for record_id in report.damaged:
         log.warning("record %s is damaged%s", record_id, " and was dropped" if drop_damaged else "")
     for record_id in report.resurrected:
-        log.warning("record %s was deleted but is back%s", record_id, " and was dropped" if drop_damaged else "")
+        log.warning("record %s was deleted but is back; it was removed again", record_id)
     return report
