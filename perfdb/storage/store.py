@@ -518,19 +518,9 @@ class ResultStore:
             snapshot = self._database().snapshot()
             try:
                 stop = layout.audit_key(cursor) if cursor is not None else layout.prefix_end(layout.AUDIT_PREFIX)
-                entries: list[bytes] = []
-                page_bytes = 0
-                more = False
-                last_id: str | None = None
-                with snapshot.iterator(start=layout.AUDIT_PREFIX, stop=stop, reverse=True) as items:
-                    for key, value in items:
-                        if len(entries) == limit or page_bytes >= PAGE_BYTES:
-                            more = True
-                            break
-                        entries.append(value)
-                        page_bytes += len(value)
-                        last_id = key[len(layout.AUDIT_PREFIX) :].decode()
-                return AuditPage(entries, last_id if more else None)
+                entries, more = _key_page(snapshot, layout.AUDIT_PREFIX, stop, reverse=True, limit=limit)
+                last_id = entries[-1][0][len(layout.AUDIT_PREFIX) :].decode() if more else None
+                return AuditPage([value for _, value in entries], last_id)
             finally:
                 snapshot.close()
 
@@ -946,13 +936,32 @@ def _tombstones_in(snapshot: plyvel.Snapshot, query: Query, budget: int) -> tupl
     since/until), at most `budget` of them, and the last of them if more lie beyond (else None).
     Tombstones hold no content, so the test_name and tag filters do not apply to them."""
     start, stop = _key_range(layout.TOMBSTONE_PREFIX, query, after_cursor=True)
-    tombstones: list[str] = []
-    with snapshot.iterator(start=start, stop=stop, include_value=False) as keys:
-        for key in keys:
-            if len(tombstones) == budget:
-                return tombstones, tombstones[-1]
-            tombstones.append(layout.index_record_id(key))
-    return tombstones, None
+    entries, more = _key_page(snapshot, start, stop, reverse=False, limit=budget, max_bytes=None)
+    tombstones = [layout.index_record_id(key) for key, _ in entries]
+    return tombstones, tombstones[-1] if more else None
+
+
+def _key_page(
+    snapshot: plyvel.Snapshot,
+    start: bytes,
+    stop: bytes,
+    *,
+    reverse: bool,
+    limit: int,
+    max_bytes: int | None = PAGE_BYTES,
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """A page of the entries in [start, stop) taken as they are (no filter): at most `limit`,
+    ending early once their values add up to `max_bytes`; and whether more lie beyond, so the
+    next page starts past the last key taken."""
+    taken: list[tuple[bytes, bytes]] = []
+    page_bytes = 0
+    with _entries(snapshot, start, stop, reverse=reverse) as entries:
+        for key, value in entries:
+            if len(taken) == limit or (max_bytes is not None and page_bytes >= max_bytes):
+                return taken, True
+            taken.append((key, value))
+            page_bytes += len(value)
+    return taken, False
 
 
 def _rank(value: Any, descending: bool, record_id: str) -> _Rank:
