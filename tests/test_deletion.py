@@ -154,6 +154,41 @@ async def test_another_users_token_is_forbidden_and_changes_nothing(tmp_path: Pa
         assert by_admin["deleted"] is True
 
 
+async def test_a_deleted_record_is_known_only_to_its_owner_and_the_admin(tmp_path: Path) -> None:
+    """Whether another user's record was deleted is not revealed: their tombstone is not_found, as
+    is one that does not say whose it was (written before tombstones did, or imported)."""
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        alice = await store(c, "user-alice", 3)
+        assert (await c.request("delete_record", record_id=alice[0], access_token="user-alice"))["deleted"]
+        assert (await c.request("delete_record", record_id=alice[1], admin_key=ADMIN_KEY))["deleted"]
+        imported = "0" * 19 + "1"  # an id deleted where an export came from; never stored here
+        reply = await c.request("import", admin_key=ADMIN_KEY, tombstones=[imported])
+        assert reply["ok"], reply
+
+        for record_id in alice[:2]:
+            by_owner = await c.request("delete_record", record_id=record_id, access_token="user-alice")
+            by_other = await c.request("delete_record", record_id=record_id, access_token="user-bob")
+            by_admin = await c.request("delete_record", record_id=record_id, admin_key=ADMIN_KEY)
+            assert (by_owner["ok"], by_owner["deleted"], by_admin["deleted"]) == (True, False, False)
+            assert by_other["error"] == {"code": "not_found", "message": "no such record", "retryable": False}
+        assert error_code(await c.request("delete_record", record_id=imported, access_token="user-alice")) == (
+            "not_found"
+        )
+        assert (await c.request("delete_record", record_id=imported, admin_key=ADMIN_KEY))["deleted"] is False
+
+    # A tombstone of an older server holds only the deletion time.
+    db = plyvel.DB(str(tmp_path / "db"))
+    db.put(layout.tombstone_key(alice[0]), b"2026-01-01T00:00:00Z")
+    db.close()
+    async with perfdb(tmp_path) as (server, _), connect(server) as c:
+        by_owner = await c.request("delete_record", record_id=alice[0], access_token="user-alice")
+        assert error_code(by_owner) == "not_found"
+        assert (await c.request("delete_record", record_id=alice[0], admin_key=ADMIN_KEY))["deleted"] is False
+        assert (await c.request("delete_record", record_id=alice[1], access_token="user-alice"))["deleted"] is False
+        assert await all_ids(c) == [alice[2]]
+        assert len(await audit(c)) == 2  # the two deletions; the answers above changed nothing
+
+
 async def test_bad_delete_requests_are_refused_with_their_field(tmp_path: Path) -> None:
     async with perfdb(tmp_path) as (server, _), connect(server) as c:
         (record_id,) = await store(c, "user-alice", 1)

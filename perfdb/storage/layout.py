@@ -12,7 +12,9 @@
     c:u<user_id>, c:t<test_name>, c:g<tag>
                                  -> how many records each index holds under that name (ASCII integer)
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
-    d:<record_id>                -> deletion time (RFC 3339): tombstone of a deleted record
+    d:<record_id>                -> {"time", "user_id"} (JSON): tombstone of a deleted record and
+                                    whose it was (user_id null if unknown: imported); older
+                                    tombstones hold only the deletion time (RFC 3339)
     a:<audit_id>                 -> an audit entry (JSON) of a deletion; ids sort by time like record ids
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
@@ -158,6 +160,22 @@ def read_count(value: bytes | None) -> int:
 
 def tombstone_key(record_id: str) -> bytes:
     return TOMBSTONE_PREFIX + record_id.encode()
+
+
+def tombstone_value(deleted_at: str, user_id: str | None) -> bytes:
+    """A tombstone: when the record was deleted and whose it was (None: not known here)."""
+    return orjson.dumps({"time": deleted_at, "user_id": user_id})
+
+
+def tombstone_owner(value: bytes) -> str | None:
+    """The user id a tombstone says owned the deleted record; None for an older tombstone (the
+    bare deletion time), one that does not know, or a damaged one."""
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    owner = document.get("user_id") if isinstance(document, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 def audit_key(audit_id: str) -> bytes:

@@ -174,7 +174,7 @@ class _Batch:
         self.requests: dict[bytes, RecordAck] = {}
         self.staged: dict[str, dict[str, Any]] = {}  # record id -> document, for records put in this batch
         self.deleted: set[str] = set()  # ids of the records this batch deletes (and does not put again)
-        self.tombstones: dict[str, bool] = {}  # record id -> tombstone put (True) or deleted (False) here
+        self.tombstones: dict[str, bytes | None] = {}  # record id -> tombstone put (its value) or deleted (None) here
         self.profiles: dict[str, bytes] = {}
         self.deleted_profiles: set[str] = set()
         self.new_users = 0
@@ -245,19 +245,24 @@ class _Batch:
         key, value = entry
         return layout.split_record_key(key)[1], _stored_document(key, value)
 
-    def is_tombstoned(self, record_id: str) -> bool:
-        staged = self.tombstones.get(record_id)
-        if staged is not None:
-            return staged
-        return self.db.get(layout.tombstone_key(record_id)) is not None
+    def tombstone(self, record_id: str) -> bytes | None:
+        """The record's tombstone as this batch leaves it, or None."""
+        if record_id in self.tombstones:
+            return self.tombstones[record_id]
+        value: bytes | None = self.db.get(layout.tombstone_key(record_id))
+        return value
 
-    def put_tombstone(self, record_id: str, deleted_at: str) -> None:
-        self.batch.put(layout.tombstone_key(record_id), deleted_at.encode())
-        self.tombstones[record_id] = True
+    def is_tombstoned(self, record_id: str) -> bool:
+        return self.tombstone(record_id) is not None
+
+    def put_tombstone(self, record_id: str, deleted_at: str, owner: str | None) -> None:
+        value = layout.tombstone_value(deleted_at, owner)
+        self.batch.put(layout.tombstone_key(record_id), value)
+        self.tombstones[record_id] = value
 
     def delete_tombstone(self, record_id: str) -> None:
         self.batch.delete(layout.tombstone_key(record_id))
-        self.tombstones[record_id] = False
+        self.tombstones[record_id] = None
 
     def remove_record(self, record_id: str, user_id: str, document: dict[str, Any], deleted_at: str) -> None:
         """Stage the removal of a record with every key derived from it, taking it from every
@@ -284,7 +289,7 @@ class _Batch:
             if earlier is not None and earlier.record_id == record_id:
                 self.batch.delete(request_key)
                 self.requests.pop(request_key, None)
-        self.put_tombstone(record_id, deleted_at)
+        self.put_tombstone(record_id, deleted_at, user_id)
         self.staged.pop(record_id, None)
         self.deleted.add(record_id)
         self.removed_records += 1
@@ -644,7 +649,10 @@ class GroupCommitWriter:
     def _add_record_removal(self, batch: _Batch, removal: RecordRemoval) -> RecordDeletionAck | PerfdbError:
         found = batch.find_record(removal.record_id)
         if found is None:
-            if batch.is_tombstoned(removal.record_id):
+            tombstone = batch.tombstone(removal.record_id)
+            # A user learns only of their own deleted records: another user's is not_found, as
+            # is one whose tombstone does not say whose it was (older or imported).
+            if tombstone is not None and (removal.owner is None or layout.tombstone_owner(tombstone) == removal.owner):
                 return RecordDeletionAck(removal.record_id, deleted=False)
             return PerfdbError(ErrorCode.NOT_FOUND, "no such record")
         user_id, document = found
@@ -797,7 +805,7 @@ class GroupCommitWriter:
                 batch.remove_record(record_id, found[0], found[1], deleted_at)
                 removed.append(record_id)
             elif not batch.is_tombstoned(record_id):
-                batch.put_tombstone(record_id, deleted_at)
+                batch.put_tombstone(record_id, deleted_at, None)  # whose it was is not known here
         if removed:
             audit_id, now = self._audit_id()
             batch.add_audit_entry(
