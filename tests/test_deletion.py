@@ -488,6 +488,46 @@ async def test_delete_user_chunks_resume_where_the_last_one_stopped(tmp_path: Pa
         await loop.run_in_executor(None, store.close)
 
 
+async def test_a_record_imported_between_chunks_behind_the_deletion_goes_too(tmp_path: Path) -> None:
+    """Chunks resume where the last one stopped; a record imported meanwhile with an older id (in
+    the part of the user's index already done) makes the next chunk go back for it."""
+    # With 1000 records a batch, an import of 1000 is committed in a batch of its own.
+    async with (
+        perfdb(tmp_path, max_batch_records=USER_DELETION_CHUNK) as (server, _),
+        connect(server) as c,
+        connect(server) as other,
+    ):
+        await import_records(c, "mallory", 2500)
+        micros = 1_700_000_000_000_000 + 5  # amid the first chunk's records
+        late = {**exported_record("mallory", 5), "record_id": f"{micros:014x}{1:06x}"}
+        bystanders = [exported_record("trent", 10_000 + n) for n in range(USER_DELETION_CHUNK - 1)]
+        writer = server.store.writer
+        seen: list[int] = []
+        release = threading.Event()
+
+        def hook() -> None:
+            seen.append(writer.record_count)
+            if len(seen) == 1:
+                release.wait(QUEUE_DEADLINE)
+
+        writer.write_batch_hook = hook
+        await c.send({"op": "delete_user", "admin_key": ADMIN_KEY, "user_id": "mallory"})
+        await wait_for(lambda: len(seen) == 1)  # the first chunk is staged
+        users: dict[str, dict[str, Any]] = {"mallory": {}, "trent": {}}
+        await other.send({"op": "import", "admin_key": ADMIN_KEY, "records": [late, *bystanders], "users": users})
+        await wait_for(lambda: writer._queue.qsize() == 1)
+        release.set()
+        imported = await other.reply()
+        reply = await c.reply(timeout=40.0)
+        writer.write_batch_hook = None
+
+        assert imported["imported"] == USER_DELETION_CHUNK, imported
+        assert (reply["deleted"], reply["records"]) == (True, 2501)
+        assert await user_ids(c, "mallory") is None
+        assert await all_ids(c) == [record["record_id"] for record in bystanders]
+        assert (await c.request("stats"))["records"] == len(bystanders)
+
+
 async def test_a_failed_chunk_answers_storage_error_and_sending_again_finishes(tmp_path: Path) -> None:
     async with perfdb(tmp_path) as (server, _), connect(server) as c:
         await import_records(c, "mallory", 2500)

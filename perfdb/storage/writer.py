@@ -151,11 +151,17 @@ class UserRemoval:
     started: str = ""  # the time of the first chunk that removed something
     removed: int = 0  # records removed so far
     profile_removed: bool = False
-    # The last user-index (then idempotency) key an earlier chunk reached: the next chunk starts
-    # after it, not at the prefix, where it would skip every key deleted so far (LevelDB keeps
-    # deleted keys until compaction, so restarting made the whole deletion O(N^2)).
-    index_reached: bytes | None = None
-    requests_reached: bytes | None = None
+    # Where the next chunk starts in the user index (then the idempotency entries): just after the
+    # last key earlier chunks reached, not at the prefix, where it would step over every key
+    # deleted so far (LevelDB keeps deleted keys until compaction: O(N^2) for the deletion).
+    index_resume: bytes | None = None
+    requests_resume: bytes | None = None
+
+    def index_key_added(self, key: bytes) -> None:
+        """A record of the user was stored meanwhile (an import may give it an older id than the
+        chunks reached): the next chunk starts at it, so it goes too."""
+        if self.index_resume is not None and key < self.index_resume:
+            self.index_resume = key
 
 
 WriteItem = Submission | Restoration | RecordRemoval | UserRemoval
@@ -209,6 +215,9 @@ class _Batch:
         for index_key, index_value in layout.record_index_entries(record_id, user_id, draft.test_name, draft.tag):
             self.batch.put(index_key, index_value)
         self._count(layout.record_counts(user_id, draft.test_name, draft.tag), 1)
+        removal = self.writer._user_removals.get(user_id)
+        if removal is not None:
+            removal.index_key_added(layout.user_index_prefix(user_id) + record_id.encode())
         self.overview_rows.append((draft.test_name, user_id, draft.metrics))
         self.staged[record_id] = document
         self.deleted.discard(record_id)
@@ -422,6 +431,7 @@ class GroupCommitWriter:
         self._clock = RecordIdClock(last_record_id)
         self._audit_clock = RecordIdClock(last_audit_id)  # audit ids: the same form, their own sequence
         self._user_chunk = min(USER_DELETION_CHUNK, max_batch)
+        self._user_removals: dict[str, UserRemoval] = {}  # user deletions between two chunks, by user
         self._profiles: dict[str, bytes] = {}
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="perfdb-writer", daemon=True)
@@ -571,6 +581,9 @@ class GroupCommitWriter:
             log.error("write batch of %d submissions failed: %s", len(items), exc)
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
             outcomes = [(item.future, error) for item in items]
+            for item in items:
+                if isinstance(item, UserRemoval):
+                    self._user_removals.pop(item.user_id, None)  # it ends here; sent again, it starts afresh
         self._loop.call_soon_threadsafe(_settle, outcomes)
         for removal in unfinished:
             # Behind whatever came meanwhile; after a stop marker it is refused with shutting_down.
@@ -688,12 +701,13 @@ class GroupCommitWriter:
 
         finished = True
         prefix = layout.user_index_prefix(user_id)
-        with self._db.iterator(**_resume_range(prefix, removal.index_reached), include_value=False) as keys:
+        stop = layout.prefix_end(prefix)
+        with self._db.iterator(start=removal.index_resume or prefix, stop=stop, include_value=False) as keys:
             for key in keys:
                 if full():
                     finished = False
                     break
-                removal.index_reached = key
+                removal.index_resume = key + b"\x00"  # the first key after it
                 record_id = key[len(prefix) :].decode()
                 if record_id in batch.deleted or record_id in doomed:
                     continue
@@ -708,12 +722,13 @@ class GroupCommitWriter:
             # What a damaged past may have left behind: request ids whose records are gone.
             # (Those naming a record removed now go with it.)
             requests = layout.idempotency_key(user_id, "")
-            with self._db.iterator(**_resume_range(requests, removal.requests_reached)) as entries:
+            stop = layout.prefix_end(requests)
+            with self._db.iterator(start=removal.requests_resume or requests, stop=stop) as entries:
                 for key, value in entries:
                     if full():
                         finished = False
                         break
-                    removal.requests_reached = key
+                    removal.requests_resume = key + b"\x00"
                     named = _stored_ack(value, user_id, key)
                     if named is None or named.record_id not in doomed:
                         dangling.append(key)
@@ -742,7 +757,9 @@ class GroupCommitWriter:
                 },
             )
         if not finished:
+            self._user_removals[user_id] = removal
             return None
+        self._user_removals.pop(user_id, None)
         return UserDeletionAck(user_id, removal.audit_id is not None, removal.removed)
 
     def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
@@ -851,12 +868,6 @@ def _stored_document(key: bytes, value: bytes) -> dict[str, Any]:
         log.error("record %s is damaged", layout.split_record_key(key)[0])
         return _DAMAGED
     return document
-
-
-def _resume_range(prefix: bytes, reached: bytes | None) -> dict[str, bytes]:
-    """The iterator range of the keys under `prefix` after `reached` (all of them if None)."""
-    start = prefix if reached is None else reached + b"\x00"  # the first key after it
-    return {"start": start, "stop": layout.prefix_end(prefix)}
 
 
 def _filter_fields(document: dict[str, Any]) -> tuple[str, str] | None:
