@@ -510,7 +510,7 @@ async def test_overlong_tail_trickled_gets_one_error_and_bounded_buffer(chunk_si
     for start in range(0, len(stream), chunk_size):
         conn.feed(stream[start : start + chunk_size])
         # One spare byte for a '\r'; never the whole over-long line.
-        assert conn.protocol._framer.buffered_bytes <= LIMIT + 1
+        assert len(conn.protocol._framer._buffer) <= LIMIT + 1
         assert conn.handler.too_long_replies <= 1
     assert conn.handler.lines == [b"ok"]
     assert conn.handler.too_long_replies == 1
@@ -690,6 +690,10 @@ async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
 # -- the flow-control helper on its own -------------------------------------------------------
 
 
+def pause_reasons(flow: FlowControl) -> set[ReadPause]:
+    return {reason for reason in ReadPause if flow.paused_for(reason)}
+
+
 def attached_flow() -> tuple[FlowControl, FakeTransport]:
     flow, transport = FlowControl(), FakeTransport()
     flow.attach(transport)
@@ -700,23 +704,23 @@ def test_flow_control_pause_and_resume_twice_are_harmless() -> None:
     flow, transport = attached_flow()
     flow.pause(ReadPause.INFLIGHT_CAP)
     flow.pause(ReadPause.INFLIGHT_CAP)  # the fake transport raises on a second pause_reading
-    assert transport.flow == ["pause"] and flow.reading_paused
+    assert transport.flow == ["pause"] and pause_reasons(flow) == {ReadPause.INFLIGHT_CAP}
     flow.resume(ReadPause.INFLIGHT_CAP)
     flow.resume(ReadPause.INFLIGHT_CAP)
-    assert transport.flow == ["pause", "resume"] and not flow.reading_paused
+    assert transport.flow == ["pause", "resume"] and not pause_reasons(flow)
     flow.resume(ReadPause.CLIENT_NOT_READING)  # never paused for it: nothing to do
     assert transport.flow == ["pause", "resume"]
 
 
 def test_flow_control_reads_again_only_when_the_last_reason_goes_and_says_which_remain() -> None:
     flow, transport = attached_flow()
-    assert flow.reasons == frozenset()
+    assert pause_reasons(flow) == set()
     flow.pause(ReadPause.CLIENT_NOT_READING)
     flow.pause(ReadPause.INFLIGHT_CAP)
-    assert flow.reasons == {ReadPause.CLIENT_NOT_READING, ReadPause.INFLIGHT_CAP}
+    assert pause_reasons(flow) == {ReadPause.CLIENT_NOT_READING, ReadPause.INFLIGHT_CAP}
     assert flow.paused_for(ReadPause.INFLIGHT_CAP) and not flow.paused_for(ReadPause.STOPPED)
     flow.resume(ReadPause.CLIENT_NOT_READING)
-    assert flow.reasons == {ReadPause.INFLIGHT_CAP}
+    assert pause_reasons(flow) == {ReadPause.INFLIGHT_CAP}
     assert transport.flow == ["pause"]
     flow.resume(ReadPause.INFLIGHT_CAP)
     assert transport.flow == ["pause", "resume"]
@@ -729,7 +733,7 @@ def test_flow_control_leaves_a_detached_transport_alone() -> None:
     flow.resume(ReadPause.INFLIGHT_CAP)
     flow.pause(ReadPause.STOPPED)
     assert transport.flow == ["pause"]
-    assert flow.reasons == {ReadPause.STOPPED}  # still known, for the connection's own checks
+    assert pause_reasons(flow) == {ReadPause.STOPPED}  # still known, for the connection's own checks
 
 
 # -- shutdown ------------------------------------------------------------------------------
