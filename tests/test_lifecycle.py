@@ -27,6 +27,7 @@ from tests.support import (
     closed_port_url,
     make_config,
     record_request,
+    silent_port,
     token_hash,
     userinfo_server,
 )
@@ -251,10 +252,7 @@ def test_defaults_listen_on_localhost_50052_and_create_perfdb_data(spawn: Spawn,
 
 
 def test_address_in_use_is_one_line(spawn: Spawn, tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with silent_port() as port:
         line = expect_startup_failure(spawn, f"--address=127.0.0.1:{port}", f"--database={tmp_path / 'db'}")
     assert f"127.0.0.1:{port}" in line
     assert "address already in use" in line
