@@ -146,8 +146,8 @@ class Config:
     )
     admin_key_file: Path | None = setting(
         None,
-        "file holding the admin key (16+ characters) that export and import must present; "
-        "without it those ops are refused",
+        "file holding the admin key (16+ characters) that export, import, delete_user and audit_log must "
+        "present, and delete_record accepts in place of the owner's token; without it those ops are refused",
         "privacy and access",
         type=Path,
     )
@@ -235,6 +235,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where it tells something: not to a help text that states its
+    default already, not when there is none, and not to a switch (it takes no value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.nargs == 0 or action.default is None or "(default:" in help_text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """Command-line mistakes are one line on stderr (and exit 2), like every other start-up failure."""
 
@@ -254,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
             "perfdb server: stores gRPC-style benchmark results in LevelDB and serves them "
             "over newline-delimited JSON on TCP (see protocol_spec.md)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"perfdb {__version__}")
     groups = {"network": parser.add_argument_group("network")}

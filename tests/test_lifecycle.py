@@ -224,6 +224,20 @@ def test_help_documents_every_option(spawn: Spawn, entry_point: str, tmp_path: P
     assert "Traceback" not in stderr
 
 
+def test_help_states_each_default_once_and_only_where_there_is_one() -> None:
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
+    assert "(default: None)" not in text
+    assert "(default: True)" not in text and "(default: False)" not in text  # switches take no value
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            assert formatter._expand_help(action).count("(default:") <= 1, action.option_strings
+    assert "(default: the --tls-cert file itself" in text
+    assert "--max-connections MAX_CONNECTIONS connections served at once" in text
+    assert "(default: 1000)" in text
+
+
 # -- defaults -------------------------------------------------------------------------------
 
 
