@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from perfdb.config import build_parser
+from perfdb.config import DEFAULT_ADDRESS, Config, build_parser, config_from_args
 from perfdb.server import PerfdbServer
 from tests.support import (
     REPO_ROOT,
@@ -236,6 +236,23 @@ def test_help_states_each_default_once_and_only_where_there_is_one() -> None:
     assert "(default: the --tls-cert file itself" in text
     assert "--max-connections MAX_CONNECTIONS connections served at once" in text
     assert "(default: 1000)" in text
+
+
+def test_zero_is_accepted_where_it_means_something() -> None:
+    config = config_from_args(["--upgrade-pause", "0", "--user-rate", "0"])
+    assert (config.upgrade_pause, config.user_rate) == (0.0, 0.0)
+    assert config_from_args(["--upgrade-pause", "0.5"]).upgrade_pause == 0.5
+    for value in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            config_from_args(["--upgrade-pause", value])
+    with pytest.raises(SystemExit):
+        config_from_args(["--max-connections", "0"])  # where 0 means nothing it is still refused
+
+
+def test_the_default_address_is_the_default_host_and_port() -> None:
+    config = config_from_args([])
+    assert (config.host, config.port) == (Config().host, Config().port)
+    assert config.address == DEFAULT_ADDRESS == "localhost:50052"
 
 
 # -- defaults -------------------------------------------------------------------------------

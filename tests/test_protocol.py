@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
+from perfdb.config import Config
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.protocol.errors import ErrorCode
 from perfdb.protocol.flow_control import FlowControl, ReadPause
 from perfdb.protocol.replies import DeferredReply, Reply, ReplyQueue
+from perfdb.server import connection_limits
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
 TOO_LONG = b"E:too-long\n"
@@ -877,7 +879,7 @@ def now() -> float:
 
 async def test_refused_connection_gets_overloaded_and_is_closed() -> None:
     handler, tracker = FakeHandler(), FakeTracker(accepting=False)
-    protocol = LineProtocol(handler, tracker, ConnectionLimits())
+    protocol = LineProtocol(handler, tracker, connection_limits(Config()))
     transport = FakeTransport()
     protocol.connection_made(transport)
     assert [code for code, _ in handler.other_errors] == [ErrorCode.OVERLOADED]
@@ -965,7 +967,9 @@ async def test_client_that_does_not_read_is_dropped_after_the_write_timeout() ->
 
 async def test_drain_waits_for_a_quiet_moment_before_ending_the_stream() -> None:
     handler, tracker = FakeHandler(), FakeTracker()
-    protocol = LineProtocol(handler, tracker, ConnectionLimits(drain_quiet=0.05, linger=LINGER))
+    protocol = LineProtocol(
+        handler, tracker, dataclasses.replace(connection_limits(Config()), drain_quiet=0.05, linger=LINGER)
+    )
     transport = FakeTransport()
     protocol.connection_made(transport)
     protocol.data_received(b"fast1\n")
