@@ -8,25 +8,47 @@ and `make run` has built .venv beside this script, the script runs itself again 
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent
 CHECKOUT_VENV = CHECKOUT / ".venv"
-# What the server cannot start without (uvloop is optional: the server falls back to asyncio).
-REQUIRED_MODULES = ("aiohttp", "orjson", "plyvel")
 MINIMUM_PYTHON = (3, 11)
+# Listed in install_requires, but the server does without it (it falls back to asyncio).
+OPTIONAL_MODULES = frozenset({"uvloop"})
+
+
+def required_modules() -> list[str]:
+    """The modules of setup.cfg's install_requires beside this script (none if it is not there):
+    the dependencies perfdb imports only when first used (scipy, say) are checked here too."""
+    setup_cfg = configparser.ConfigParser()
+    if not setup_cfg.read(CHECKOUT / "setup.cfg"):
+        return []
+    requirements = setup_cfg.get("options", "install_requires", fallback="").split("\n")
+    # "prometheus-client>=0.20" -> prometheus_client: each of these imports as its name.
+    names = (re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0] for requirement in requirements)
+    return [name.replace("-", "_").lower() for name in names if name and name not in OPTIONAL_MODULES]
 
 
 def missing_requirement() -> str | None:
-    """What this interpreter lacks to run perfdb, or None."""
+    """What this interpreter lacks to run perfdb, or None. Then importing the server finds
+    whatever else it imports at start-up missing here, rather than in a traceback later."""
     if sys.version_info < MINIMUM_PYTHON:
         return "Python {}.{} or newer".format(*MINIMUM_PYTHON)
-    for name in REQUIRED_MODULES:
+    for name in required_modules():
         if importlib.util.find_spec(name) is None:
             return f"the Python module {name!r}"
+    try:
+        import perfdb.server  # noqa: F401
+    except ImportError as exc:  # a module missing, or one that cannot load here
+        top_level = (exc.name or "").split(".")[0]
+        if top_level in ("", "perfdb"):
+            raise  # perfdb's own module missing is a broken checkout, not a missing dependency
+        return f"the Python module {top_level!r}"
     return None
 
 

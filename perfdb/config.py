@@ -15,9 +15,16 @@ from perfdb import __version__
 from perfdb.protocol.addresses import AddressError, format_address, is_loopback_host, parse_address
 
 GOOGLE_USERINFO_URL = "https://openidconnect.googleapis.com/v1/userinfo"
-DEFAULT_ADDRESS = "localhost:50052"
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 50052
+DEFAULT_ADDRESS = format_address(DEFAULT_HOST, DEFAULT_PORT)
 DEFAULT_DATABASE = "./perfdb-data"
 NO_PROVIDER = "none"  # --userinfo-url value that turns the identity provider off
+# --log-level and --log-format, of the server and of the dashboard alike.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
+LOG_FORMATS = ("text", "json")
+DEFAULT_LOG_FORMAT = "text"
 
 
 class ConfigError(ValueError):
@@ -35,13 +42,24 @@ def setting(default: Any, help: str, group: str, **argument: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **argument})
 
 
+def non_negative_float(text: str) -> float:
+    """For settings where 0 means something (no pause, no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     """Server settings; the defaults are the documented ones. Each is written here once."""
 
     # The listening address comes from --address, the one setting split in two.
-    host: str = "localhost"
-    port: int = 50052
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     # Derived from max_page_size, never set on its own.
     default_page_size: int = 1000
 
@@ -107,6 +125,7 @@ class Config:
         0.0,
         "seconds to wait between upgrade batches; for tests that interrupt an upgrade, never needed otherwise",
         "storage",
+        type=non_negative_float,
     )
     # Token resolution
     userinfo_url: str | None = setting(
@@ -139,15 +158,15 @@ class Config:
         1000.0,
         "records per second one user may store, sustained (0: no limit); over it: 'overloaded'",
         "privacy and access",
-        type=float,
+        type=non_negative_float,
     )
     user_burst: int = setting(
         20_000, "records one user may store at once above --user-rate before it applies", "privacy and access"
     )
     admin_key_file: Path | None = setting(
         None,
-        "file holding the admin key (16+ characters) that export and import must present; "
-        "without it those ops are refused",
+        "file holding the admin key (16+ characters) that export, import, delete_user and audit_log must "
+        "present, and delete_record accepts in place of the owner's token; without it those ops are refused",
         "privacy and access",
         type=Path,
     )
@@ -178,17 +197,12 @@ class Config:
         "runtime",
         choices=("auto", "uvloop", "asyncio"),
     )
-    log_level: str = setting(
-        "info",
-        "logging threshold (logs go to stderr)",
-        "runtime",
-        choices=("debug", "info", "warning", "error"),
-    )
+    log_level: str = setting(DEFAULT_LOG_LEVEL, "logging threshold (logs go to stderr)", "runtime", choices=LOG_LEVELS)
     log_format: str = setting(
-        "text",
+        DEFAULT_LOG_FORMAT,
         "log lines as text, or as one JSON object each (time, level, logger, message, peer, op, exception)",
         "runtime",
-        choices=("text", "json"),
+        choices=LOG_FORMATS,
     )
     # Observability
     metrics_address: str | None = setting(
@@ -235,6 +249,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where it tells something: not to a help text that states its
+    default already, not when there is none, and not to a switch (it takes no value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.nargs == 0 or action.default is None or "(default:" in help_text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """Command-line mistakes are one line on stderr (and exit 2), like every other start-up failure."""
 
@@ -254,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             "perfdb server: stores gRPC-style benchmark results in LevelDB and serves them "
             "over newline-delimited JSON on TCP (see protocol_spec.md)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"perfdb {__version__}")
     groups = {"network": parser.add_argument_group("network")}
@@ -313,7 +338,5 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         raise ConfigError("--web-ca-file needs --tls-cert (the dashboard verifies the server's certificate with it)")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
-    if not (math.isfinite(values["user_rate"]) and values["user_rate"] >= 0):
-        raise ConfigError("--user-rate must be 0 (no limit) or a positive number")
     values["default_page_size"] = min(Config().default_page_size, values["max_page_size"])
     return Config(host=host, port=port, **values)

@@ -34,6 +34,7 @@ log = logging.getLogger("perfdb.server")
 
 _MAX_BACKLOG = 1024  # the listen backlog: the most connections the kernel can be holding
 _SWEEP_INTERVAL = 1.0  # seconds between deadline checks; timeouts are enforced to within this
+_CLOSE_LINGER = 2.0  # how long a client has to close after our end-of-stream, at most
 
 
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -51,21 +52,39 @@ class StartupError(Exception):
     """The server cannot start; the message is one line for the operator."""
 
 
+def build_store(config: Config) -> ResultStore:
+    """The store the settings describe (not yet open)."""
+    return ResultStore(
+        config.database,
+        sync=config.sync,
+        max_batch=config.max_batch_records,
+        paranoid_checks=config.paranoid_checks,
+        max_sort_examined=config.max_sort_examined,
+        upgrade_batch=config.upgrade_batch_records,
+        upgrade_pause=config.upgrade_pause,
+    )
+
+
+def connection_limits(config: Config) -> ConnectionLimits:
+    """Each client connection's limits, from the settings."""
+    return ConnectionLimits(
+        max_line_bytes=config.max_line_bytes,
+        max_inflight=config.max_inflight,
+        idle_timeout=config.idle_timeout,
+        line_timeout=config.line_timeout,
+        write_timeout=config.write_timeout,
+        # A client has this long to close after our end-of-stream, within the shutdown's bound.
+        linger=min(_CLOSE_LINGER, config.shutdown_timeout),
+    )
+
+
 class PerfdbServer:
     """One perfdb server: storage, token resolution, commands and the TCP listener."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = ServerStats()
-        self.store = ResultStore(
-            config.database,
-            sync=config.sync,
-            max_batch=config.max_batch_records,
-            paranoid_checks=config.paranoid_checks,
-            max_sort_examined=config.max_sort_examined,
-            upgrade_batch=config.upgrade_batch_records,
-            upgrade_pause=config.upgrade_pause,
-        )
+        self.store = build_store(config)
         self.resolver: TokenResolver | None = None
         self.dispatcher: CommandDispatcher | None = None
         self._listener: asyncio.Server | None = None
@@ -119,14 +138,7 @@ class PerfdbServer:
         dispatcher = self.dispatcher
         if config.metrics_address is not None:
             await self._start_operator_endpoints(config.metrics_address)
-        limits = ConnectionLimits(
-            max_line_bytes=config.max_line_bytes,
-            max_inflight=config.max_inflight,
-            idle_timeout=config.idle_timeout,
-            line_timeout=config.line_timeout,
-            write_timeout=config.write_timeout,
-            linger=min(2.0, config.shutdown_timeout),
-        )
+        limits = connection_limits(config)
         self._new_connection = lambda: LineProtocol(dispatcher, self, limits)
         self._tls = tls
         try:

@@ -19,7 +19,10 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
-ASYNC_TEST_DEADLINE = 45.0
+ASYNC_TEST_DEADLINE = 45.0  # unless the test names its own @pytest.mark.timeout
+# A --long run multiplies the rounds of the reliability tests (fuzz inputs 13x, say), and the
+# timeouts they name with them.
+LONG_RUN_TIMEOUT_FACTOR = 20
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,6 +32,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="run the reliability suite with many more rounds (minutes, not seconds)",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--long"):
+        return
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is not None and marker.args:
+            item.add_marker(pytest.mark.timeout(float(marker.args[0]) * LONG_RUN_TIMEOUT_FACTOR), append=False)
+
+
+def harness_deadline(item: pytest.Item) -> float | None:
+    """The async harness's deadline: none for a test with a timeout of its own (pytest-timeout's
+    is then the only clock), else ASYNC_TEST_DEADLINE."""
+    return None if item.get_closest_marker("timeout") is not None else ASYNC_TEST_DEADLINE
 
 
 @pytest.fixture
@@ -67,10 +85,11 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     kind = str(pyfuncitem.callspec.params["loop_kind"])
     arguments = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     unhandled: list[dict[str, Any]] = []
+    deadline = harness_deadline(pyfuncitem)
 
     async def run_test() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unhandled.append(context))
-        async with asyncio.timeout(ASYNC_TEST_DEADLINE):
+        async with asyncio.timeout(deadline):
             await pyfuncitem.obj(**arguments)
 
     with asyncio.Runner(loop_factory=LOOP_FACTORIES[kind]) as runner:

@@ -32,6 +32,7 @@ def fresh_checkout(tmp_path: Path) -> Path:
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     shutil.copy(REPO_ROOT / "run_perf_db_server.py", checkout)
+    shutil.copy(REPO_ROOT / "setup.cfg", checkout)
     (checkout / "perfdb").symlink_to(REPO_ROOT / "perfdb", target_is_directory=True)
     return checkout
 
@@ -93,7 +94,8 @@ def test_without_a_venv_one_line_says_what_to_run(spawn: Spawn, interpreter: str
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(ERROR_PREFIX), lines[0]
-    assert "'aiohttp'" in lines[0]
+    # The first of setup.cfg's install_requires the interpreter lacks: any of them.
+    assert any(f"lacks the Python module {name!r};" in lines[0] for name in ("plyvel", "aiohttp", "orjson")), lines[0]
     assert "make run" in lines[0]
     assert "pip install -e ." in lines[0]
     assert "Traceback" not in result.stderr
@@ -136,3 +138,63 @@ def test_a_venv_without_the_dependencies_says_what_to_run_and_does_not_loop(
     # Said by the venv's interpreter, once: the script moved there and stopped.
     assert lines[0].startswith(f"{ERROR_PREFIX}{venv / 'bin' / 'python'} lacks "), lines[0]
     assert "make run" in lines[0]
+
+
+def packages_without(tmp_path: Path, module: str) -> Path:
+    """A directory holding every package of this test run but one: on an interpreter's path, the
+    interpreter has perfdb's other dependencies (aiohttp, orjson, plyvel, ...) but not `module`."""
+    packages = tmp_path / f"packages-without-{module}"
+    packages.mkdir()
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    for entry in site_packages.iterdir():
+        if entry.name.split("-")[0].split(".")[0].lower() != module and not entry.name.endswith(".pth"):
+            (packages / entry.name).symlink_to(entry)
+    return packages
+
+
+def start_without(spawn: Spawn, checkout: Path, packages: Path, *args: str) -> ServerProcess:
+    """The checkout's script run by this interpreter with only `packages` for its dependencies."""
+    return spawn(
+        *args,
+        command=(sys.executable, "-S", str(checkout / "run_perf_db_server.py")),
+        cwd=checkout,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(packages), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+# prometheus_client is imported as the server starts; scipy only when first used.
+@pytest.mark.parametrize("module", ["prometheus_client", "scipy"])
+def test_an_interpreter_lacking_one_dependency_says_which_without_a_venv(
+    spawn: Spawn, tmp_path: Path, module: str
+) -> None:
+    checkout = fresh_checkout(tmp_path)
+    packages = packages_without(tmp_path, module)
+    probe = subprocess.run(
+        [sys.executable, "-S", "-c", f"import aiohttp, orjson, plyvel\nimport {module}"],
+        env={"PYTHONPATH": str(packages)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert f"No module named '{module}'" in probe.stderr  # the others are there
+    process = start_without(spawn, checkout, packages, "--database", str(tmp_path / "db"))
+    code, stderr = process.wait_exit(timeout=60)
+    assert code == 1, stderr
+    assert stderr.splitlines() == [
+        f"{ERROR_PREFIX}{sys.executable} lacks the Python module {module!r}; "
+        "run 'make run' (it builds .venv and starts the server), or 'pip install -e .' first"
+    ]
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("module", ["prometheus_client", "scipy"])
+def test_an_interpreter_lacking_one_dependency_moves_to_the_checkout_venv(
+    spawn: Spawn, tmp_path: Path, module: str
+) -> None:
+    checkout = fresh_checkout(tmp_path)
+    make_venv(checkout, with_dependencies=True)
+    process = start_without(spawn, checkout, packages_without(tmp_path, module), "--version")
+    code, stderr = process.wait_exit(timeout=60)
+    assert code == 0, stderr
+    assert process.stdout.decode().strip() == f"perfdb {__version__}"

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from perfdb.config import build_parser
+from perfdb.config import DEFAULT_ADDRESS, Config, build_parser, config_from_args
 from perfdb.server import PerfdbServer
 from tests.support import (
     REPO_ROOT,
@@ -27,6 +27,7 @@ from tests.support import (
     closed_port_url,
     make_config,
     record_request,
+    silent_port,
     token_hash,
     userinfo_server,
 )
@@ -223,6 +224,37 @@ def test_help_documents_every_option(spawn: Spawn, entry_point: str, tmp_path: P
     assert "Traceback" not in stderr
 
 
+def test_help_states_each_default_once_and_only_where_there_is_one() -> None:
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
+    assert "(default: None)" not in text
+    assert "(default: True)" not in text and "(default: False)" not in text  # switches take no value
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            assert formatter._expand_help(action).count("(default:") <= 1, action.option_strings
+    assert "(default: the --tls-cert file itself" in text
+    assert "--max-connections MAX_CONNECTIONS connections served at once" in text
+    assert "(default: 1000)" in text
+
+
+def test_zero_is_accepted_where_it_means_something() -> None:
+    config = config_from_args(["--upgrade-pause", "0", "--user-rate", "0"])
+    assert (config.upgrade_pause, config.user_rate) == (0.0, 0.0)
+    assert config_from_args(["--upgrade-pause", "0.5"]).upgrade_pause == 0.5
+    for value in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            config_from_args(["--upgrade-pause", value])
+    with pytest.raises(SystemExit):
+        config_from_args(["--max-connections", "0"])  # where 0 means nothing it is still refused
+
+
+def test_the_default_address_is_the_default_host_and_port() -> None:
+    config = config_from_args([])
+    assert (config.host, config.port) == (Config().host, Config().port)
+    assert config.address == DEFAULT_ADDRESS == "localhost:50052"
+
+
 # -- defaults -------------------------------------------------------------------------------
 
 
@@ -251,10 +283,7 @@ def test_defaults_listen_on_localhost_50052_and_create_perfdb_data(spawn: Spawn,
 
 
 def test_address_in_use_is_one_line(spawn: Spawn, tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with silent_port() as port:
         line = expect_startup_failure(spawn, f"--address=127.0.0.1:{port}", f"--database={tmp_path / 'db'}")
     assert f"127.0.0.1:{port}" in line
     assert "address already in use" in line

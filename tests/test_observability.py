@@ -8,7 +8,6 @@ import logging
 import re
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -37,16 +36,18 @@ from tests.support import (
     ServerProcess,
     Spawn,
     UserinfoAnswer,
+    closed_port,
+    closed_port_url,
     connect,
     error_code,
     make_config,
     perfdb_with_provider,
     record_request,
     running_server,
+    silent_port,
     token_hash,
 )
 
-UNREACHABLE_USERINFO = "http://127.0.0.1:9/userinfo"
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 METRICS_LINE = re.compile(r"metrics served at (http://\S+/metrics)")
 DEADLINE = 30.0
@@ -163,18 +164,30 @@ async def test_metrics_count_requests_errors_records_tokens_and_connections(tmp_
         samples = await scrape(http, operator_url(server) + "/metrics")
 
     assert value(samples, "perfdb_build_info", version=__version__, protocol_version=str(PROTOCOL_VERSION)) == 1
-    # Requests by op: every op of the command table has a series, and nothing else does.
+    # Requests by op and outcome: every op of the command table has an ok series from the start,
+    # and ops not in the table count under the one label "unknown", never under their own name.
     assert server.dispatcher is not None
-    assert label_values(samples, "perfdb_requests_total", "op") == set(server.dispatcher.ops)
-    assert value(samples, "perfdb_requests_total", op="record") == 5
-    assert value(samples, "perfdb_requests_total", op="ping") == 1
-    assert value(samples, "perfdb_requests_total", op="get_all") == 0
+    assert label_values(samples, "perfdb_requests_total", "op") == {*server.dispatcher.ops, "unknown"}
+    assert value(samples, "perfdb_requests_total", op="record", code="ok") == 3
+    assert value(samples, "perfdb_requests_total", op="record", code="unauthenticated") == 1
+    assert value(samples, "perfdb_requests_total", op="record", code="auth_unavailable") == 1
+    assert value(samples, "perfdb_requests_total", op="ping", code="bad_request") == 1
+    assert value(samples, "perfdb_requests_total", op="ping", code="ok") == 0
+    assert value(samples, "perfdb_requests_total", op="get_all", code="ok") == 0
+    for code in ("bad_json", "unknown_op", "overloaded"):
+        assert value(samples, "perfdb_requests_total", op="unknown", code=code) == 1, code
     assert not any(unknown_op in str(key) for key in samples)
-    # Errors by code: every code has a series.
-    assert label_values(samples, "perfdb_request_errors_total", "code") == {code.value for code in ErrorCode}
-    for code in ("bad_json", "unknown_op", "bad_request", "unauthenticated", "auth_unavailable", "overloaded"):
-        assert value(samples, "perfdb_request_errors_total", code=code) == 1, code
-    assert value(samples, "perfdb_request_errors_total", code="storage_error") == 0
+    # Errors of an op nobody asked for are not made up.
+    assert ("perfdb_requests_total", frozenset({("op", "ping"), ("code", "storage_error")})) not in samples
+    codes = {ErrorCode(code) for code in label_values(samples, "perfdb_requests_total", "code") if code != "ok"}
+    assert codes == {
+        ErrorCode.BAD_JSON,
+        ErrorCode.UNKNOWN_OP,
+        ErrorCode.OVERLOADED,
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNAUTHENTICATED,
+        ErrorCode.AUTH_UNAVAILABLE,
+    }
     # Latency per op: one observation per request of a known op.
     assert value(samples, "perfdb_request_duration_seconds_count", op="record") == 5
     assert value(samples, "perfdb_request_duration_seconds_count", op="ping") == 1
@@ -253,7 +266,7 @@ async def test_readyz_is_503_after_a_failed_write_and_recovers_without_traffic(t
         assert (await connection.request(**record_request()))["ok"] is True
         samples = await scrape(http, base + "/metrics")
         assert value(samples, "perfdb_commit_failures_total") == 1
-        assert value(samples, "perfdb_request_errors_total", code="storage_error") == 1
+        assert value(samples, "perfdb_requests_total", op="record", code="storage_error") == 1
 
 
 async def test_readyz_is_503_while_shutting_down(tmp_path: Path) -> None:
@@ -290,10 +303,7 @@ async def test_readyz_is_503_while_shutting_down(tmp_path: Path) -> None:
 
 
 def test_startup_fails_in_one_line_when_the_metrics_address_is_taken(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with silent_port() as port:
         process = ServerProcess(
             "--address=127.0.0.1:0", f"--database={tmp_path / 'db'}", f"--metrics-address=127.0.0.1:{port}"
         )
@@ -332,7 +342,7 @@ async def test_server_process_logs_json_and_serves_metrics_where_its_log_says(tm
         "--log-format=json",
         "--log-level=debug",
         f"--tokens-file={tokens_file}",
-        f"--userinfo-url={UNREACHABLE_USERINFO}",
+        f"--userinfo-url={closed_port_url()}",
     )
     try:
         port = await asyncio.to_thread(process.wait_listening)
@@ -351,10 +361,10 @@ async def test_server_process_logs_json_and_serves_metrics_where_its_log_says(tm
     finally:
         process.kill()
     assert code == 0, stderr
-    assert value(samples, "perfdb_requests_total", op="record") == 2
+    assert value(samples, "perfdb_requests_total", op="record", code="ok") == 1
+    assert value(samples, "perfdb_requests_total", op="record", code="auth_unavailable") == 1
     assert value(samples, "perfdb_records_stored_total") == 1
-    assert value(samples, "perfdb_request_errors_total", code="bad_json") == 1
-    assert value(samples, "perfdb_request_errors_total", code="auth_unavailable") == 1
+    assert value(samples, "perfdb_requests_total", op="unknown", code="bad_json") == 1
     assert value(samples, "perfdb_commit_batch_records_count") > 0
     assert value(samples, "perfdb_connections_open") == 1
     entries = check_json_log(stderr, [bot_token, unknown_token])
@@ -427,7 +437,7 @@ def test_compaction_stats_are_parsed_per_level() -> None:
 
 
 async def test_dashboard_counts_requests_by_route_pattern_and_status(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "db", UNREACHABLE_USERINFO)
+    config = make_config(tmp_path / "db", closed_port_url())
     async with running_server(config) as server:
         app = build_app(WebConfig(server=server.address))
         async with TestClient(TestServer(app)) as client:
@@ -447,7 +457,9 @@ async def test_dashboard_counts_requests_by_route_pattern_and_status(tmp_path: P
 
 
 async def test_dashboard_process_logs_json_and_where_its_metrics_are(spawn: Spawn) -> None:
-    process = spawn("--server=127.0.0.1:9", "--listen=127.0.0.1:0", "--log-format=json", command=DASHBOARD)
+    process = spawn(
+        f"--server=127.0.0.1:{closed_port()}", "--listen=127.0.0.1:0", "--log-format=json", command=DASHBOARD
+    )
     await asyncio.to_thread(process.wait_for_log, "metrics served at", timeout=DEADLINE)
     async with aiohttp.ClientSession() as http:
         samples = await scrape(http, metrics_url_from(process.stderr.splitlines()))

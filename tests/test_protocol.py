@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
+from perfdb.config import Config
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.protocol.errors import ErrorCode
 from perfdb.protocol.flow_control import FlowControl, ReadPause
 from perfdb.protocol.replies import DeferredReply, Reply, ReplyQueue
+from perfdb.server import connection_limits
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
 TOO_LONG = b"E:too-long\n"
@@ -510,7 +512,7 @@ async def test_overlong_tail_trickled_gets_one_error_and_bounded_buffer(chunk_si
     for start in range(0, len(stream), chunk_size):
         conn.feed(stream[start : start + chunk_size])
         # One spare byte for a '\r'; never the whole over-long line.
-        assert conn.protocol._framer.buffered_bytes <= LIMIT + 1
+        assert len(conn.protocol._framer._buffer) <= LIMIT + 1
         assert conn.handler.too_long_replies <= 1
     assert conn.handler.lines == [b"ok"]
     assert conn.handler.too_long_replies == 1
@@ -690,6 +692,10 @@ async def test_pause_and_resume_alternate_under_random_interleavings() -> None:
 # -- the flow-control helper on its own -------------------------------------------------------
 
 
+def pause_reasons(flow: FlowControl) -> set[ReadPause]:
+    return {reason for reason in ReadPause if flow.paused_for(reason)}
+
+
 def attached_flow() -> tuple[FlowControl, FakeTransport]:
     flow, transport = FlowControl(), FakeTransport()
     flow.attach(transport)
@@ -700,23 +706,23 @@ def test_flow_control_pause_and_resume_twice_are_harmless() -> None:
     flow, transport = attached_flow()
     flow.pause(ReadPause.INFLIGHT_CAP)
     flow.pause(ReadPause.INFLIGHT_CAP)  # the fake transport raises on a second pause_reading
-    assert transport.flow == ["pause"] and flow.reading_paused
+    assert transport.flow == ["pause"] and pause_reasons(flow) == {ReadPause.INFLIGHT_CAP}
     flow.resume(ReadPause.INFLIGHT_CAP)
     flow.resume(ReadPause.INFLIGHT_CAP)
-    assert transport.flow == ["pause", "resume"] and not flow.reading_paused
+    assert transport.flow == ["pause", "resume"] and not pause_reasons(flow)
     flow.resume(ReadPause.CLIENT_NOT_READING)  # never paused for it: nothing to do
     assert transport.flow == ["pause", "resume"]
 
 
 def test_flow_control_reads_again_only_when_the_last_reason_goes_and_says_which_remain() -> None:
     flow, transport = attached_flow()
-    assert flow.reasons == frozenset()
+    assert pause_reasons(flow) == set()
     flow.pause(ReadPause.CLIENT_NOT_READING)
     flow.pause(ReadPause.INFLIGHT_CAP)
-    assert flow.reasons == {ReadPause.CLIENT_NOT_READING, ReadPause.INFLIGHT_CAP}
+    assert pause_reasons(flow) == {ReadPause.CLIENT_NOT_READING, ReadPause.INFLIGHT_CAP}
     assert flow.paused_for(ReadPause.INFLIGHT_CAP) and not flow.paused_for(ReadPause.STOPPED)
     flow.resume(ReadPause.CLIENT_NOT_READING)
-    assert flow.reasons == {ReadPause.INFLIGHT_CAP}
+    assert pause_reasons(flow) == {ReadPause.INFLIGHT_CAP}
     assert transport.flow == ["pause"]
     flow.resume(ReadPause.INFLIGHT_CAP)
     assert transport.flow == ["pause", "resume"]
@@ -729,7 +735,7 @@ def test_flow_control_leaves_a_detached_transport_alone() -> None:
     flow.resume(ReadPause.INFLIGHT_CAP)
     flow.pause(ReadPause.STOPPED)
     assert transport.flow == ["pause"]
-    assert flow.reasons == {ReadPause.STOPPED}  # still known, for the connection's own checks
+    assert pause_reasons(flow) == {ReadPause.STOPPED}  # still known, for the connection's own checks
 
 
 # -- shutdown ------------------------------------------------------------------------------
@@ -873,7 +879,7 @@ def now() -> float:
 
 async def test_refused_connection_gets_overloaded_and_is_closed() -> None:
     handler, tracker = FakeHandler(), FakeTracker(accepting=False)
-    protocol = LineProtocol(handler, tracker, ConnectionLimits())
+    protocol = LineProtocol(handler, tracker, connection_limits(Config()))
     transport = FakeTransport()
     protocol.connection_made(transport)
     assert [code for code, _ in handler.other_errors] == [ErrorCode.OVERLOADED]
@@ -961,7 +967,9 @@ async def test_client_that_does_not_read_is_dropped_after_the_write_timeout() ->
 
 async def test_drain_waits_for_a_quiet_moment_before_ending_the_stream() -> None:
     handler, tracker = FakeHandler(), FakeTracker()
-    protocol = LineProtocol(handler, tracker, ConnectionLimits(drain_quiet=0.05, linger=LINGER))
+    protocol = LineProtocol(
+        handler, tracker, dataclasses.replace(connection_limits(Config()), drain_quiet=0.05, linger=LINGER)
+    )
     transport = FakeTransport()
     protocol.connection_made(transport)
     protocol.data_received(b"fast1\n")

@@ -14,11 +14,12 @@ from typing import Any
 import orjson
 import pytest
 
+from perfdb.config import Config
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.schema import Query, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
-from perfdb.storage import ResultStore
+from perfdb.server import build_store
 from tests.support import (
     Connection,
     connect,
@@ -321,7 +322,7 @@ class CountingDB:
 async def test_filtered_reads_examine_only_the_matching_index_entries(tmp_path: Path) -> None:
     """A page of 100 of a rare test among many records reads about 100 index entries and 100
     records, however many records there are: the cost does not grow with the database."""
-    store = ResultStore(tmp_path / "db", sync=False, max_batch=4096)
+    store = build_store(Config(database=tmp_path / "db", sync=False))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, store.open, loop)
     many, few = Profile.create("static:many", {}), Profile.create("static:few", {})

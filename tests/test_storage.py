@@ -12,20 +12,21 @@ import orjson
 import plyvel
 import pytest
 
-from perfdb.config import config_from_args
+from perfdb.config import Config, config_from_args
 from perfdb.protocol.errors import PerfdbError
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import Query, RecordDraft
-from perfdb.storage import ResultStore, StoreOpenError, layout, store
+from perfdb.server import build_store
+from perfdb.storage import StoreOpenError, layout, store
 from tests.support import connect, error_code, make_config, record_request, running_server, userinfo_server
 
 
 def open_store(database: Path) -> None:
     loop = asyncio.new_event_loop()
     try:
-        ResultStore(database, sync=True, max_batch=10).open(loop)
+        build_store(Config(database=database, max_batch_records=10)).open(loop)
     finally:
         loop.close()
 
@@ -255,7 +256,7 @@ class CompactionFails:
 
 async def test_reopening_under_running_reads_neither_crashes_nor_loses_data(tmp_path: Path) -> None:
     """plyvel frees LevelDB's memory on close: a reopen must wait for the reads using it."""
-    store = ResultStore(tmp_path / "db", sync=False, max_batch=4096)
+    store = build_store(Config(database=tmp_path / "db", sync=False))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, store.open, loop)
     profile = Profile.create("static:reader", {})
@@ -307,7 +308,7 @@ async def test_one_scan_pages_every_keyspace_within_the_scan_budget_and_the_byte
 ) -> None:
     """get_user scans a user's index, get_all the records themselves or a filter's index: the same
     limits hold in each."""
-    results = ResultStore(tmp_path / "db", sync=False, max_batch=64)
+    results = build_store(Config(database=tmp_path / "db", sync=False, max_batch_records=64))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, results.open, loop)
     alice, bob = Profile.create("static:alice", {}), Profile.create("static:bob", {})

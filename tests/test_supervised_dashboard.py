@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from perfdb.config import ConfigError, config_from_args
 from perfdb.web.supervisor import DashboardSupervisor, dashboard_command
-from tests.support import ServerProcess, Spawn, token_hash
+from tests.support import ServerProcess, Spawn, silent_port, token_hash
 
 ERROR_PREFIX = "run_perf_db_server: error: "
 DEADLINE = 30.0  # generous: the machine may be loaded
@@ -216,10 +216,7 @@ def test_dashboard_reads_a_tls_server_that_requires_a_read_key(spawn: Spawn, tmp
 
 
 def test_web_address_in_use_fails_start_up_in_one_line(spawn: Spawn, tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with silent_port() as port:
         server = start_with_dashboard(spawn, tmp_path, f"--web-address=127.0.0.1:{port}")
         code, text = server.wait_exit(timeout=DEADLINE)
     assert code == 1, text

@@ -18,7 +18,7 @@ from perfdb.client import Client
 from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
-from tests.support import ServerProcess, connect, make_config, page_through, running_server
+from tests.support import ServerProcess, closed_port_url, connect, make_config, page_through, running_server
 from tests.test_deletion import ADMIN_KEY, expected_counts, expected_index_entries, stored_derived_keys
 
 TESTS = ("unary", "streaming", "rare")
@@ -74,7 +74,7 @@ def ids(records: list[dict[str, Any]]) -> list[str]:
 async def test_a_schema_1_database_is_upgraded_and_answers_through_the_new_indexes(tmp_path: Path) -> None:
     database = tmp_path / "db"
     records = write_schema_1_database(database, 2500)
-    config = make_config(database, "http://127.0.0.1:9/userinfo", upgrade_batch_records=700)
+    config = make_config(database, closed_port_url(), upgrade_batch_records=700)
     async with running_server(config) as server, connect(server) as conn:
         everything = await page_through(conn, "get_all", limit=5000)
         rare = await page_through(conn, "get_all", test_name="rare", reverse=True)
@@ -167,7 +167,7 @@ async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tm
     finally:
         db.close()
     rare = [r for r in records if r["test_name"] == "rare"]
-    config = make_config(database, "http://127.0.0.1:9/userinfo")
+    config = make_config(database, closed_port_url())
     async with running_server(config) as server, connect(server) as conn:
         pages = await page_through(conn, "get_all", test_name="rare")
         nightly = await conn.request("get_all", tag="nightly", limit=1)
@@ -185,7 +185,7 @@ async def test_records_of_an_upgraded_database_delete_with_every_entry_the_upgra
     db.close()
     key_file = tmp_path / "admin.key"
     key_file.write_text(ADMIN_KEY + "\n")
-    config = make_config(database, "http://127.0.0.1:9/userinfo", upgrade_batch_records=200, admin_key_file=key_file)
+    config = make_config(database, closed_port_url(), upgrade_batch_records=200, admin_key_file=key_file)
     doomed = {r["record_id"] for r in records if r["test_name"] == "rare" or r["user_id"] == "user1"}
     async with running_server(config) as server, connect(server) as conn:
         for record in records:

@@ -160,28 +160,30 @@ class CommandDispatcher:
         try:
             request = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            return self._error(None, ErrorCode.BAD_JSON, f"the line is not valid UTF-8 JSON ({exc})")
+            return self._error(None, None, ErrorCode.BAD_JSON, f"the line is not valid UTF-8 JSON ({exc})")
         if not isinstance(request, dict):
-            return self._error(None, ErrorCode.BAD_REQUEST, "a request must be a JSON object")
+            return self._error(None, None, ErrorCode.BAD_REQUEST, "a request must be a JSON object")
         # Compact JSON that re-encodes to the same bytes cannot hide a duplicate key (the
         # common case, and what perfdb's clients send); anything else gets the exact check.
         try:
             reencoded = orjson.dumps(request)
         except orjson.JSONEncodeError:  # orjson writes at most 254 levels, though it reads more
-            return self._error(None, ErrorCode.BAD_REQUEST, "the request is nested too deeply")
+            return self._error(None, None, ErrorCode.BAD_REQUEST, "the request is nested too deeply")
         if reencoded != line and has_duplicate_keys(line):
-            return self._error(None, ErrorCode.BAD_JSON, "the request repeats a key inside one object")
+            return self._error(None, None, ErrorCode.BAD_JSON, "the request repeats a key inside one object")
         request_id = request.get("id")
         try:
             check_request_id(request_id)
         except PerfdbError as exc:
-            return self._error(None, exc.code, exc.message)
+            return self._error(None, None, exc.code, exc.message)
         op = request.get("op")
         if not isinstance(op, str):
-            return self._error(request_id, ErrorCode.BAD_REQUEST, "op: is required and must be a string")
+            return self._error(None, request_id, ErrorCode.BAD_REQUEST, "op: is required and must be a string")
         command = self._commands.get(op)
         if command is None:
-            return self._error(request_id, ErrorCode.UNKNOWN_OP, f"unknown op {quote_input(op)}; see hello for the ops")
+            return self._error(
+                None, request_id, ErrorCode.UNKNOWN_OP, f"unknown op {quote_input(op)}; see hello for the ops"
+            )
         self._stats.requests[op] += 1
         if self._stats.observe_latency is None:
             return self._execute(command, request, request_id, peer, op)
@@ -195,16 +197,16 @@ class CommandDispatcher:
 
     def _execute(self, command: Command, request: dict[str, Any], request_id: Any, peer: str, op: str) -> Reply:
         if self.draining:
-            return self._error(request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            return self._error(op, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         try:
             outcome = command(request, peer)
         except PerfdbError as exc:
-            return self._error(request_id, exc.code, exc.message)
+            return self._error(op, request_id, exc.code, exc.message)
         except Exception:
             log.exception("%s: op %s failed", peer, op, extra={"peer": peer, "op": op})
-            return self._error(request_id, ErrorCode.INTERNAL, "internal server error")
+            return self._error(op, request_id, ErrorCode.INTERNAL, "internal server error")
         if isinstance(outcome, dict):
-            return self._ok(request_id, outcome)
+            return self._ok(op, request_id, outcome)
         if isinstance(outcome, Deferred):
             start = outcome.start
             return DeferredReply(lambda: self._follow(start(), request_id, peer, op))
@@ -239,33 +241,35 @@ class CommandDispatcher:
         return reply
 
     def error_reply(self, code: ErrorCode, message: str) -> bytes:
-        return self._error(None, code, message)
+        return self._error(None, None, code, message)
 
     # -- replies -----------------------------------------------------------------------------
 
-    def _ok(self, request_id: Any, fields: Fields) -> bytes:
+    def _ok(self, op: str, request_id: Any, fields: Fields) -> bytes:
+        self._stats.count_reply(op, None)
         return orjson.dumps({"id": request_id, "ok": True, **fields}, option=_ENCODE)
 
-    def _error(self, request_id: Any, code: ErrorCode, message: str) -> bytes:
-        self._stats.errors[code.value] += 1
+    def _error(self, op: str | None, request_id: Any, code: ErrorCode, message: str) -> bytes:
+        """An error reply, counted under op (None: the line's op is not in the command table)."""
+        self._stats.count_reply(op, code.value)
         return encode_error(request_id, code, message)
 
     def _settle(
         self, reply: asyncio.Future[bytes], request_id: Any, peer: str, op: str, outcome: asyncio.Future[Any]
     ) -> None:
         if outcome.cancelled():
-            reply.set_result(self._error(request_id, ErrorCode.SHUTTING_DOWN, "the request was cancelled"))
+            reply.set_result(self._error(op, request_id, ErrorCode.SHUTTING_DOWN, "the request was cancelled"))
             return
         error = outcome.exception()
         if error is None:
             result = outcome.result()
             fields = result if isinstance(result, dict) else result.to_fields()
-            reply.set_result(self._ok(request_id, fields))
+            reply.set_result(self._ok(op, request_id, fields))
         elif isinstance(error, PerfdbError):
-            reply.set_result(self._error(request_id, error.code, error.message))
+            reply.set_result(self._error(op, request_id, error.code, error.message))
         else:
             log.error("%s: op %s failed", peer, op, exc_info=error, extra={"peer": peer, "op": op})
-            reply.set_result(self._error(request_id, ErrorCode.INTERNAL, "internal server error"))
+            reply.set_result(self._error(op, request_id, ErrorCode.INTERNAL, "internal server error"))
 
     # -- ops (method name op_<name> puts it in the command table) ----------------------------
 

@@ -21,9 +21,9 @@ from prometheus_client.registry import Collector
 
 from perfdb import PROTOCOL_VERSION, __version__
 from perfdb.auth.tokens import TokenResolver
-from perfdb.commands.stats import ServerStats
+from perfdb.commands.stats import OK_OUTCOME, ServerStats
 from perfdb.observability.http import process_registry, render
-from perfdb.protocol.errors import ErrorCode, PerfdbError
+from perfdb.protocol.errors import PerfdbError
 from perfdb.storage import ResultStore
 from perfdb.storage.dbstats import DatabaseStats
 
@@ -136,17 +136,12 @@ class ServerMetrics:
         )
         yield _labelled(
             CounterMetricFamily(
-                "perfdb_requests", "Requests received, by op (unknown ops count as errors only)", labels=["op"]
+                "perfdb_requests",
+                "Requests answered, by op and outcome (code: ok or the error code; op: unknown for lines"
+                " whose op is not in the command table)",
+                labels=["op", "code"],
             ),
-            [((op,), stats.requests[op]) for op in self._ops],
-        )
-        yield _labelled(
-            CounterMetricFamily(
-                "perfdb_request_errors",
-                "Error replies, by error code (including lines rejected before their op was known)",
-                labels=["code"],
-            ),
-            [((code.value,), stats.errors[code.value]) for code in ErrorCode],
+            _request_outcomes(stats, self._ops),
         )
         yield GaugeMetricFamily("perfdb_connections_open", "Client connections open now", value=stats.connections_open)
         yield CounterMetricFamily("perfdb_connections", "Client connections accepted", value=stats.connections_total)
@@ -242,6 +237,12 @@ def _database_families(database: DatabaseStats | None) -> Iterator[Metric]:
     )
     for family, field in families:
         yield _labelled(family, [((str(level.level),), getattr(level, field)) for level in database.levels])
+
+
+def _request_outcomes(stats: ServerStats, ops: Sequence[str]) -> list[tuple[tuple[str, ...], float]]:
+    """Every op's ok series from the start (so rates work), and each (op, code) pair seen since."""
+    pairs = {(op, OK_OUTCOME) for op in ops} | set(stats.outcomes)
+    return [(pair, stats.outcomes[pair]) for pair in sorted(pairs)]
 
 
 def _labelled(

@@ -57,12 +57,13 @@ class ConnectionTracker(TypingProtocol):
 class ConnectionLimits:
     """Per-connection limits; protocol_spec.md documents each one."""
 
-    max_line_bytes: int = 1024 * 1024
-    max_inflight: int = 1024
-    idle_timeout: float = 300.0  # no request and nothing owed for this long: close
-    line_timeout: float = 30.0  # a started line must be complete within this
-    write_timeout: float = 30.0  # a client that reads nothing for this long is dropped
-    linger: float = 2.0  # after our end-of-stream, how long the client has to close
+    # The server's settings (Config holds their defaults).
+    max_line_bytes: int
+    max_inflight: int
+    idle_timeout: float  # no request and nothing owed for this long: close
+    line_timeout: float  # a started line must be complete within this
+    write_timeout: float  # a client that reads nothing for this long is dropped
+    linger: float  # after our end-of-stream, how long the client has to close
     # While draining, end the stream only after this long without input, so that requests
     # already on their way are answered rather than cut off.
     drain_quiet: float = 0.1

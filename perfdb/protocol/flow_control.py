@@ -33,15 +33,6 @@ class FlowControl:
         """The connection is gone: keep track of the reasons, but touch the transport no more."""
         self._transport = None
 
-    @property
-    def reasons(self) -> frozenset[ReadPause]:
-        """Why reading is paused; empty while it is not."""
-        return frozenset(self._reasons)
-
-    @property
-    def reading_paused(self) -> bool:
-        return bool(self._reasons)
-
     def paused_for(self, reason: ReadPause) -> bool:
         return reason in self._reasons
 

@@ -41,11 +41,6 @@ class LineFramer:
         """A line has begun and its LF has not arrived yet (also while discarding an over-long one)."""
         return bool(self._buffer) or self._discarding
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes of the unfinished line held; never more than max_line_bytes + 1."""
-        return len(self._buffer)
-
     def feed_data(self, data: bytes) -> list[Frame]:
         """Take the next bytes of the stream; return the lines (LF and CR stripped) and framing
         errors they complete, in stream order."""

@@ -47,11 +47,6 @@ SCAN_BUDGET = 50_000
 # reply (and the memory behind it) stays bounded.
 PAGE_BYTES = 8 * 1024 * 1024
 _READ_THREADS = 4
-# A sorted read examines at most this many entries unless the server is told otherwise: about
-# 12-30 us each (decoding the record is most of it), so a few seconds of one reader thread.
-DEFAULT_MAX_SORT_EXAMINED = 250_000
-# Records indexed per synced write when an older database is upgraded at open.
-DEFAULT_UPGRADE_BATCH = 10_000
 _OVERVIEW_LOAD_BATCH = 10_000
 
 
@@ -189,11 +184,16 @@ class ResultStore:
         *,
         sync: bool,
         max_batch: int,
-        paranoid_checks: bool = False,
-        max_sort_examined: int = DEFAULT_MAX_SORT_EXAMINED,
-        upgrade_batch: int = DEFAULT_UPGRADE_BATCH,
-        upgrade_pause: float = 0.0,
+        paranoid_checks: bool,
+        max_sort_examined: int,
+        upgrade_batch: int,
+        upgrade_pause: float,
     ) -> None:
+        """The settings come from Config (--max-sort-examined and so on), where their defaults are.
+
+        A sorted read examines at most max_sort_examined entries: about 12-30 us each (decoding
+        the record is most of it). upgrade_batch records are indexed per synced write when an
+        older database is upgraded at open, upgrade_pause seconds apart."""
         self._path = path
         self._sync = sync
         self._paranoid_checks = paranoid_checks

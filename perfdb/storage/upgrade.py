@@ -23,7 +23,7 @@ log = logging.getLogger("perfdb.storage")
 UPGRADABLE_VERSIONS = (b"1",)
 
 
-def upgrade_schema(db: plyvel.DB, *, batch_records: int, pause: float = 0.0) -> None:
+def upgrade_schema(db: plyvel.DB, *, batch_records: int, pause: float) -> None:
     """Index every record not yet indexed, then set the current schema version. Blocking.
 
     pause: seconds to wait after each batch (a test seam: lets a test interrupt an upgrade).

@@ -18,7 +18,17 @@ from aiohttp import web
 
 from perfdb import __version__
 from perfdb.client import tls_context
-from perfdb.config import DEFAULT_ADDRESS, ConfigError, positive_float, positive_int
+from perfdb.config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from perfdb.observability.http import HttpRequestMetrics, metrics_handler, process_registry
 from perfdb.protocol.addresses import AddressError, format_address, parse_address
 from perfdb.runtime import configure_logging, run_event_loop
@@ -43,8 +53,8 @@ class WebConfig:
     connect_timeout: float = 2.0
     scan_limit: int = 20_000  # results kept by one bulk scan (overview, sorting by a metric)
     cache_seconds: float = 30.0  # how long a bulk scan is reused
-    log_level: str = "info"
-    log_format: str = "text"  # or "json": one object per line
+    log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = DEFAULT_LOG_FORMAT  # or "json": one object per line
 
 
 def asset_urls(static_dir: Path = STATIC_DIR) -> dict[str, str]:
@@ -135,20 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-seconds",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         help="how long such a read is reused for the next pages and charts; 0 turns this off (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
+        choices=LOG_LEVELS,
+        default=DEFAULT_LOG_LEVEL,
         help="logs go to stderr (default: %(default)s)",
     )
     parser.add_argument(
         "--log-format",
-        choices=("text", "json"),
-        default="text",
+        choices=LOG_FORMATS,
+        default=DEFAULT_LOG_FORMAT,
         help="log lines as text, or as one JSON object each (time, level, logger, message, exception) "
         "(default: %(default)s)",
     )
@@ -184,7 +194,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> WebConfig:
         ca_file=args.ca_file,
         timeout=args.timeout,
         scan_limit=args.scan_limit,
-        cache_seconds=max(0.0, args.cache_seconds),
+        cache_seconds=args.cache_seconds,
         log_level=args.log_level,
         log_format=args.log_format,
     )

@@ -17,7 +17,7 @@ from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import PerfdbServer
 from perfdb.web import handlers
-from tests.support import make_config, perfdb_with_provider, userinfo_server
+from tests.support import closed_port, make_config, perfdb_with_provider, userinfo_server
 from tests.web.conftest import dashboard_client
 from tests.web.parse import parse_page
 
@@ -151,7 +151,7 @@ async def test_an_unexpected_error_is_a_plain_500_page(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(handlers, "build_table_page", broken)
-    async with dashboard_client("127.0.0.1:9") as web:
+    async with dashboard_client(f"127.0.0.1:{closed_port()}") as web:
         response = await web.get("/")
         text = await response.text()
         api = await web.get("/api/results")

@@ -3,12 +3,15 @@ charts, and the perfdb-web command line."""
 
 from __future__ import annotations
 
+import argparse
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
+from perfdb.config import Config as ServerConfig
 from perfdb.config import ConfigError
+from perfdb.config import build_parser as server_parser
 from perfdb.web.analysis import axis_scale, histogram, leaderboard, sort_rows
 from perfdb.web.app import asset_urls, build_parser, config_from_args, main
 from perfdb.web.markup import Markup, render
@@ -195,6 +198,22 @@ def test_settings_from_the_command_line(tmp_path: Path, monkeypatch: pytest.Monk
         config_from_args(["--read-key-file", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="--listen"):
         config_from_args(["--listen", "nowhere"])
+
+
+def test_dashboard_and_server_take_the_same_log_settings_and_zero_cache_seconds() -> None:
+    def choices(parser: argparse.ArgumentParser, option: str) -> tuple[object, ...]:
+        (action,) = [action for action in parser._actions if option in action.option_strings]
+        assert action.choices is not None
+        return tuple(action.choices)
+
+    for option in ("--log-level", "--log-format"):
+        assert choices(build_parser(), option) == choices(server_parser(), option), option
+    defaults, server_defaults = config_from_args([]), ServerConfig()
+    assert (defaults.log_level, defaults.log_format) == (server_defaults.log_level, server_defaults.log_format)
+    assert config_from_args(["--cache-seconds", "0"]).cache_seconds == 0.0  # 0 turns the reuse off
+    for refused in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            config_from_args(["--cache-seconds", refused])
 
 
 def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
