@@ -20,9 +20,10 @@ import orjson
 import plyvel
 import pytest
 
+from perfdb.config import Config
 from perfdb.records.profiles import Profile
 from perfdb.records.schema import RecordDraft
-from perfdb.server import PerfdbServer
+from perfdb.server import PerfdbServer, build_store
 from perfdb.storage import layout
 from perfdb.storage import store as store_module
 from perfdb.storage.overview import Overview, Row
@@ -458,7 +459,7 @@ async def test_delete_user_chunks_resume_where_the_last_one_stopped(tmp_path: Pa
     """Each chunk starts after the index key the previous one reached, so the user-index keys the
     whole deletion steps over (live or already deleted) grow as N, not N^2 / chunk."""
     count, chunk = 5000, 100
-    store = store_module.ResultStore(tmp_path / "db", sync=False, max_batch=4096)
+    store = build_store(Config(database=tmp_path / "db", sync=False, max_batch_records=4096))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, store.open, loop)
     try:
