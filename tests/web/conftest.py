@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from perfdb.client import Client
 from perfdb.web.app import WebConfig, build_app
 from tests.support import REPO_ROOT, ServerProcess, token_hash
+from tests.web.burst import BurstData, build_burst, load_burst
 from tests.web.seed import GRPC_USER_NAME, SeedData, seed
 
 ADMIN_KEY = "admin-" + secrets.token_hex(16)
@@ -59,6 +60,37 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededPerfdb]:
         with Client(address) as client:
             data = seed(client, ADMIN_KEY, GRPC_TOKEN)
         yield SeededPerfdb(address, data)
+    finally:
+        if process.process.poll() is None:
+            process.process.send_signal(signal.SIGTERM)
+            process.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class BurstPerfdb:
+    address: str
+    data: BurstData
+
+
+@pytest.fixture(scope="session")
+def burst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BurstPerfdb]:
+    """A perfdb server holding a burst of 24,000 results from the last seconds; read-only for the tests."""
+    directory = tmp_path_factory.mktemp("perfdb-burst")
+    admin_key_file = directory / "admin.key"
+    admin_key_file.write_text(ADMIN_KEY)
+    process = ServerProcess(
+        "--address=127.0.0.1:0",
+        f"--database={directory / 'db'}",
+        "--no-sync",
+        f"--admin-key-file={admin_key_file}",
+        f"--userinfo-url={UNREACHABLE_USERINFO}",
+    )
+    try:
+        address = f"127.0.0.1:{process.wait_listening()}"
+        data = build_burst()
+        with Client(address) as client:
+            load_burst(client, ADMIN_KEY, data)
+        yield BurstPerfdb(address, data)
     finally:
         if process.process.poll() is None:
             process.process.send_signal(signal.SIGTERM)
