@@ -40,8 +40,8 @@ class WebConfig:
     ca_file: str | None = None
     timeout: float = 10.0  # seconds to wait for one perfdb reply
     connect_timeout: float = 2.0
-    scan_limit: int = 20_000  # results kept by one bulk scan (charts, overview, sorting by a metric)
-    cache_seconds: float = 30.0  # how long a bulk scan is reused
+    scan_limit: int = 20_000  # results kept by one chart scan
+    cache_seconds: float = 30.0  # how long a chart scan is reused
     log_level: str = "info"
 
 
@@ -124,14 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scan-limit",
         type=positive_int,
         default=20_000,
-        help="most results, the newest of the range, that charts, the overview and sorting by a column "
-        "read at once (default: %(default)s)",
+        help="most results, the newest of the range, that a user page's charts read at once (default: %(default)s)",
     )
     parser.add_argument(
         "--cache-seconds",
         type=float,
         default=30.0,
-        help="how long such a read is reused for the next pages and charts; 0 turns this off (default: %(default)s)",
+        help="how long such a read is reused for the next charts; 0 turns this off (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",

@@ -338,11 +338,13 @@ async def api_results(request: web.Request) -> web.Response:
             "columns": view.visible_columns,
             "summary": page.summary,
             "truncated": page.truncated_note is not None,
+            "note": page.truncated_note,
             "links": {
                 "page": view.url("/"),
                 "first": page.first.url("/api/results") if page.first else None,
                 "previous": page.previous.url("/api/results") if page.previous else None,
                 "next": page.next.url("/api/results") if page.next else None,
+                "last": page.last.url("/api/results") if page.last else None,
             },
         }
     )

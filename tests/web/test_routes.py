@@ -210,6 +210,10 @@ async def test_api_results_is_the_table_as_json(seeded: SeededPerfdb) -> None:
         next_page, _ = await _page(client, page.links["next"])
         assert [row["record_id"] for row in following["results"]] == next_page.record_ids
         assert data["links"]["next"].startswith("/api/results?")
+        last = await _json(client, data["links"]["last"])
+        nightly = newest_first([record for record in seeded.data.records if record["tag"] == "nightly"])
+        assert [row["record_id"] for row in last["results"]] == [record["record_id"] for record in nightly[-25:]]
+        assert last["links"]["last"] is None and last["links"]["next"] is None and last["note"] is None
 
 
 # -- one result ------------------------------------------------------------------------------
