@@ -296,17 +296,38 @@ def apis_to_measure(burst_record: str) -> list[tuple[str, str]]:
     ]
 
 
+# Installed in every page before its own scripts: notes the browser's time (milliseconds since
+# the navigation started) of the first frame drawn after the main content, or an error page,
+# entered the document. Measured inside the browser, so the driver's round trips do not count.
+SHOWN_WATCH = """
+(() => {
+  window.__perfdbShown = null;
+  const check = () => {
+    if (window.__perfdbShown !== null || !window.__perfdbSelector) return false;
+    const found = document.querySelector(window.__perfdbSelector);
+    if (!found) return false;
+    const error = found.matches(".error-panel");
+    requestAnimationFrame(() => { window.__perfdbShown = { ms: performance.now(), error }; });
+    return true;
+  };
+  const observer = new MutationObserver(() => { if (check()) observer.disconnect(); });
+  observer.observe(document, { childList: true, subtree: true });
+})();
+"""
+
+
 def _visit(page: Any, url: str, selector: str) -> float:
-    """Seconds from navigation until the main content is in the document; an error page (perfdb
-    too slow for the dashboard's timeout) counts as infinitely slow and is reported as such."""
-    started = time.perf_counter()
+    """Seconds from the start of navigation until the first frame with the main content, as the
+    browser measures it; an error page (perfdb too slow for the dashboard's timeout) counts as
+    infinitely slow and is reported."""
+    page.context.add_init_script(f"window.__perfdbSelector = {json.dumps(selector + ', .error-panel')};")
     page.goto(url, wait_until="commit", timeout=90_000)
-    page.wait_for_selector(f"{selector}, .error-panel", state="attached", timeout=90_000)
-    seconds = time.perf_counter() - started
-    if page.query_selector(".error-panel") is not None:
-        progress(f"  {url} showed an error after {seconds:.1f} s: {page.inner_text('#error-message')[:200]}")
+    page.wait_for_function("() => window.__perfdbShown !== null", timeout=90_000)
+    shown = page.evaluate("() => window.__perfdbShown")
+    if shown["error"]:
+        progress(f"  {url} showed an error after {shown['ms'] / 1000:.1f} s: {page.inner_text('#error-message')[:200]}")
         return math.inf
-    return seconds
+    return float(shown["ms"]) / 1000
 
 
 def measure_pages(browser: Any, base: str, burst_record: str, sizes: Sizes) -> dict[str, dict[str, float]]:
@@ -315,6 +336,7 @@ def measure_pages(browser: Any, base: str, burst_record: str, sizes: Sizes) -> d
         first, repeat = [], []
         for _ in range(sizes.first_visits):
             context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            context.add_init_script(SHOWN_WATCH)
             try:
                 page = context.new_page()
                 first.append(_visit(page, base + path, selector))
@@ -359,10 +381,11 @@ def user_page_transfer(browser: Any, base: str) -> dict[str, float]:
     """Bytes a first visit of the heavy user's page receives (bodies as sent, compressed where
     the dashboard compresses, plus headers), in all and for its chart data alone."""
     context = browser.new_context()
+    context.add_init_script(SHOWN_WATCH)
     try:
         page = context.new_page()
         finished: list[Any] = []
-        page.on("requestfinished", finished.append)
+        page.on("requestfinished", lambda request: finished.append(request))
         _visit(page, f"{base}/users/{HEAVY_USER}", "#charts[data-ready=true]")
         total = api = 0
         for request in finished:
@@ -391,6 +414,7 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         with dashboard(server.port, work) as base, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
+                figures["user_page_transfer"] = user_page_transfer(browser, base)
                 for condition in ("idle", "ingest"):
                     with contextlib_ingest(condition, server.port, work) as ingest_file:
                         progress(f"pages in Chromium, perfdb {condition}")
@@ -399,7 +423,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
                         figures[f"api_{condition}"] = measure_apis(base, loaded["burst_record"], sizes)
                     if ingest_file is not None:
                         figures["background_ingest"] = json.loads(ingest_file.read_text())
-                figures["user_page_transfer"] = user_page_transfer(browser, base)
+                    # What is measured so far survives a failure later on.
+                    (work.parent / f"{work.name}-partial.json").write_text(json.dumps(figures, indent=2))
             finally:
                 browser.close()
     return figures
