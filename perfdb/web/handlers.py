@@ -189,13 +189,16 @@ async def _time_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
                 previous = back_view(found.resume) if found.cut else back_view(rows[0].record_id)
             if view.last:
                 last = None
-            elif rows or back_from is not None:
-                next_view = forward_view(rows[-1].record_id if rows else str(back_from))
+            elif rows:
+                next_view = forward_view(rows[-1].record_id)
+            elif back_from is not None:  # a search found nothing here: the next page includes back_from
+                next_view = forward_view(_beside(back_from, newer=view.descending))
     if found is None:
         found = await read(forward_from, forward=True)
         rows = found.rows
         if forward_from is not None:
-            previous = back_view(rows[0].record_id) if rows else start
+            # Back from this page's first row; from an empty page, back to and including forward_from.
+            previous = back_view(rows[0].record_id if rows else _beside(forward_from, newer=not view.descending))
         if found.more and found.resume is not None:
             next_view = forward_view(found.resume)
         else:
@@ -222,6 +225,12 @@ async def _time_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
     return pages.TablePage(
         rows, found.users, previous, next_view, None if at_start else start, summary, note, last=last
     )
+
+
+def _beside(record_id: str, *, newer: bool) -> str:
+    """The record id just after (newer) or just before this one: a cursor that includes it."""
+    number = int(record_id, 16) + (1 if newer else -1)
+    return f"{min(max(number, 0), 16**20 - 1):020x}"
 
 
 def _sorted_direction(view: TableView) -> str:

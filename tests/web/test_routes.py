@@ -13,6 +13,7 @@ import pytest
 from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient
 from perfdb.records.units import CORE_METRIC_NAMES
+from perfdb.web import source as source_module
 from perfdb.web.app import STATIC_DIR
 from tests.web.conftest import SeededPerfdb, dashboard_client, newest_first
 from tests.web.parse import Page, parse_page
@@ -179,6 +180,35 @@ async def test_filters_narrow_the_table_to_what_they_name(seeded: SeededPerfdb) 
             assert all("per_page=500" in link for link in page.header_links.values())
         empty, text = await _page(client, "/?test=no-such-test")
         assert empty.rows == [] and "No results match these filters." in text
+
+
+async def test_a_search_that_matches_little_goes_on_page_by_page_without_gaps(
+    seeded: SeededPerfdb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source_module, "SEARCH_BUDGET", 60)
+    monkeypatch.setattr(source_module, "PAGE_LIMIT", 30)
+    hostile = next(record for record in seeded.data.records if record["user_id"] == "hostile")  # the oldest
+    async with dashboard_client(seeded.address) as client:
+        found: list[str] = []
+        empty_pages: list[str] = []
+        url: str | None = "/?q=mallory"
+        while url is not None:
+            page, text = await _page(client, url)
+            found += page.record_ids
+            if not page.record_ids:
+                assert "The search is done by the dashboard, not by perfdb: this page examined 60 results" in text
+                empty_pages.append(url)
+            url = page.links.get("next")
+        assert found == [hostile["record_id"]]
+        assert len(empty_pages) > 3
+        # Back from an empty page goes on searching toward the newest, and ends at the first page.
+        page, _ = await _page(client, empty_pages[2])
+        steps = 0
+        while "prev" in page.links:
+            page, _ = await _page(client, page.links["prev"])
+            assert page.record_ids == []
+            steps += 1
+        assert 1 <= steps <= 3
 
 
 async def test_columns_can_be_chosen(seeded: SeededPerfdb) -> None:
