@@ -1,6 +1,7 @@
 """perfdb load benchmarks: every figure, against this machine's limits measured in the same run.
 
     python benchmarks/run.py [--quick] [--json FILE]
+    python benchmarks/run.py --web [--quick] [--json FILE]    (the dashboard: benchmarks/web.py)
 
 The server runs as its own process on a fresh database; the load generator (loadgen.py) is
 another process. Baselines, in the same run and on the same records: the store's own write
@@ -304,7 +305,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes; under a minute")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (databases, server logs)")
+    parser.add_argument(
+        "--web",
+        action="store_true",
+        help="run the dashboard benchmark (benchmarks/web.py: 1,000,000 results, pages in Chromium) instead",
+    )
     args = parser.parse_args()
+    if args.web:
+        extra = [flag for flag, given in (("--quick", args.quick), ("--keep", args.keep)) if given]
+        extra += ["--json", args.json] if args.json else []
+        sys.exit(subprocess.call(python(str(HERE / "web.py"), *extra), cwd=ROOT))
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="perfdb-bench-"))
     started = time.monotonic()

@@ -1,15 +1,16 @@
-"""What the pages compute from scanned results: sort orders, histograms and leaderboards, and
-which metrics the time charts draw. Pure functions of rows, so they are tested without a server."""
+"""What the pages compute from what perfdb returns: the overview's histogram and leaderboard from
+perfdb's aggregates, and which metrics the time charts draw. Pure functions, tested without a server."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from perfdb.records.units import format_value
-from perfdb.web.queries import METRICS_BY_NAME, higher_is_better
+from perfdb.web.queries import METRICS_BY_NAME
 from perfdb.web.source import ResultRow, display_name
 
 # The user page's charts: which metrics each one draws, in one unit.
@@ -35,26 +36,6 @@ CHARTS = (
         "unit": "percent",
     },
 )
-
-
-def sort_rows(
-    rows: list[ResultRow], column: str, descending: bool, users: dict[str, dict[str, Any]]
-) -> list[ResultRow]:
-    """Rows in the order of one column; results without that metric always come last."""
-    newest_first = sorted(rows, key=lambda row: row.record_id, reverse=True)  # ties: newest first
-    if column == "time":
-        return newest_first if descending else newest_first[::-1]
-    if column in ("user", "test", "tag"):
-
-        def text(row: ResultRow) -> str:
-            if column == "user":
-                return display_name(row.user_id, users.get(row.user_id)).casefold()
-            return (row.test_name if column == "test" else row.tag).casefold()
-
-        return sorted(newest_first, key=text, reverse=descending)
-    present = [row for row in newest_first if column in row.metrics]
-    missing = [row for row in newest_first if column not in row.metrics]
-    return sorted(present, key=lambda row: row.metrics[column], reverse=descending) + missing
 
 
 def count_tests(rows: list[ResultRow]) -> list[tuple[str, int]]:
@@ -84,59 +65,59 @@ class Bin:
     label: str
 
 
-def histogram(rows: list[ResultRow], metric: str, bins: int) -> dict[str, Any]:
-    """The distribution of one metric over the rows: equal-width bins, or equal-ratio bins when the
-    values span two orders of magnitude (latencies usually do)."""
-    unit = METRICS_BY_NAME[metric].unit
-    points = [
-        (float(row.metrics[metric]), row.user_id)
-        for row in rows
-        if metric in row.metrics and math.isfinite(row.metrics[metric])
-    ]
-    if not points:
-        return {"scale": "linear", "bins": [], "count": 0}
-    low, high = min(value for value, _ in points), max(value for value, _ in points)
-    logarithmic = low > 0 and high / low >= 100
-    if high == low:
-        edges = [low, high]
-    elif logarithmic:
-        low_log, step = math.log10(low), (math.log10(high) - math.log10(low)) / bins
-        edges = [10 ** (low_log + step * index) for index in range(bins)] + [high]
-    else:
-        step = (high - low) / bins
-        edges = [low + step * index for index in range(bins)] + [high]
-    counts = [0] * (len(edges) - 1)
-    users: list[set[str]] = [set() for _ in counts]
-    for value, user_id in points:
-        index = _bin_index(value, edges, logarithmic)
-        counts[index] += 1
-        users[index].add(user_id)
-    result = [
-        Bin(
-            low=edges[index],
-            high=edges[index + 1],
-            count=counts[index],
-            users=len(users[index]),
-            label=f"{format_value(edges[index], unit)} \u2013 {format_value(edges[index + 1], unit)}",
-        )
-        for index in range(len(counts))
-    ]
+# perfdb's overview histogram: fixed buckets, eight per decade (protocol_spec.md section 3.10).
+BUCKETS_PER_DECADE = 8
+# The leaderboard shows this many users; each needs its profile read for a name.
+LEADERBOARD_SIZE = 25
+
+
+def merge_aggregates(aggregates: list[dict[str, Any]]) -> dict[str, Any]:
+    """One test's aggregates from several tests' (the overview of all tests): counts and buckets
+    add up, extremes take the extreme. Per-user bests are not merged: they compare unlike tests."""
+    buckets: dict[tuple[float | None, float | None], int] = collections.Counter()
+    for aggregate in aggregates:
+        for lower, upper, count in aggregate["histogram"]:
+            buckets[(lower, upper)] += count
+    ordered = sorted(buckets.items(), key=lambda item: -math.inf if item[0][0] is None else item[0][0])
     return {
-        "scale": "log" if logarithmic else "linear",
-        "bins": [dataclasses.asdict(item) for item in result],
-        "count": len(points),
+        "records": sum(aggregate["records"] for aggregate in aggregates),
+        "count": sum(aggregate["count"] for aggregate in aggregates),
+        "min": min((aggregate["min"] for aggregate in aggregates), default=0.0),
+        "max": max((aggregate["max"] for aggregate in aggregates), default=0.0),
+        "histogram": [[lower, upper, count] for (lower, upper), count in ordered],
+        "users": {user_id: {} for aggregate in aggregates for user_id in aggregate["users"]},
     }
 
 
-def _bin_index(value: float, edges: list[float], logarithmic: bool) -> int:
-    bins = len(edges) - 1
-    if bins == 1 or value >= edges[-1]:
-        return bins - 1
-    if logarithmic:
-        position = (math.log10(value) - math.log10(edges[0])) / (math.log10(edges[-1]) - math.log10(edges[0]))
-    else:
-        position = (value - edges[0]) / (edges[-1] - edges[0])
-    return min(bins - 1, max(0, int(position * bins)))
+def _bucket_index(lower: float | None, upper: float | None) -> int:
+    """Which of perfdb's buckets this is: k for the bucket [10^(k/8), 10^((k+1)/8))."""
+    if lower is None:
+        assert upper is not None
+        return round(math.log10(upper) * BUCKETS_PER_DECADE) - 1
+    return round(math.log10(lower) * BUCKETS_PER_DECADE)
+
+
+def overview_histogram(aggregate: dict[str, Any], metric: str) -> dict[str, Any]:
+    """perfdb's buckets as chart bins, lowest first: empty buckets between filled ones are drawn
+    too (a gap is information), and the outer edges are the smallest and largest values."""
+    unit = METRICS_BY_NAME[metric].unit
+    filled = {_bucket_index(lower, upper): count for lower, upper, count in aggregate["histogram"]}
+    if not filled:
+        return {"scale": "log", "bins": [], "count": 0}
+    first, last = min(filled), max(filled)
+    bins = []
+    for index in range(first, last + 1):
+        low = aggregate["min"] if index == first else 10 ** (index / BUCKETS_PER_DECADE)
+        high = aggregate["max"] if index == last else 10 ** ((index + 1) / BUCKETS_PER_DECADE)
+        bins.append(
+            {
+                "low": low,
+                "high": high,
+                "count": filled.get(index, 0),
+                "label": f"{format_value(low, unit)} \u2013 {format_value(high, unit)}",
+            }
+        )
+    return {"scale": "log", "bins": bins, "count": aggregate["count"]}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,46 +127,28 @@ class LeaderboardEntry:
     user_name: str
     value: float
     text: str
-    record_id: str
-    timestamp: str
-    tag: str
-    results: int  # this user's results of the test in the range
+    results: int  # this user's results of the test that have the metric
+
+
+def ranked_users(aggregate: dict[str, Any], better: str) -> list[tuple[str, dict[str, Any]]]:
+    """A test's users by their best value, best first; ties in user id order."""
+    sign = -1 if better == "higher" else 1
+    return sorted(aggregate["users"].items(), key=lambda item: (sign * item[1]["best"], item[0]))
 
 
 def leaderboard(
-    rows: list[ResultRow], users: dict[str, dict[str, Any]], test: str, metric: str
+    ranked: list[tuple[str, dict[str, Any]]], profiles: Mapping[str, dict[str, Any] | None], metric: str
 ) -> list[LeaderboardEntry]:
-    """Each user's best result of one test for one metric, best user first. Ties go to whoever
-    got there first."""
-    better_is_higher = higher_is_better(metric)
-    best: dict[str, ResultRow] = {}
-    results: collections.Counter[str] = collections.Counter()
-    for row in sorted(rows, key=lambda row: row.record_id):
-        if row.test_name != test or metric not in row.metrics:
-            continue
-        results[row.user_id] += 1
-        current = best.get(row.user_id)
-        value = row.metrics[metric]
-        if current is None or (
-            value > current.metrics[metric] if better_is_higher else value < current.metrics[metric]
-        ):
-            best[row.user_id] = row
-    ranked = sorted(
-        best.values(),
-        key=lambda row: (-row.metrics[metric] if better_is_higher else row.metrics[metric], row.record_id),
-    )
+    """Leaderboard rows from users ranked by ranked_users, named from their profiles."""
     unit = METRICS_BY_NAME[metric].unit
     return [
         LeaderboardEntry(
             rank=rank,
-            user_id=row.user_id,
-            user_name=display_name(row.user_id, users.get(row.user_id)),
-            value=row.metrics[metric],
-            text=format_value(row.metrics[metric], unit),
-            record_id=row.record_id,
-            timestamp=row.timestamp,
-            tag=row.tag,
-            results=results[row.user_id],
+            user_id=user_id,
+            user_name=display_name(user_id, profiles.get(user_id)),
+            value=entry["best"],
+            text=format_value(entry["best"], unit),
+            results=entry["count"],
         )
-        for rank, row in enumerate(ranked, start=1)
+        for rank, (user_id, entry) in enumerate(ranked, start=1)
     ]

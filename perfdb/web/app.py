@@ -51,8 +51,8 @@ class WebConfig:
     ca_file: str | None = None
     timeout: float = 10.0  # seconds to wait for one perfdb reply
     connect_timeout: float = 2.0
-    scan_limit: int = 20_000  # results kept by one bulk scan (overview, sorting by a metric)
-    cache_seconds: float = 30.0  # how long a bulk scan is reused
+    scan_limit: int = 20_000  # results kept by one chart scan
+    cache_seconds: float = 30.0  # how long a chart scan is reused
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT  # or "json": one object per line
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-seconds",
         type=non_negative_float,
         default=30.0,
-        help="how long such a read is reused for the next pages and charts; 0 turns this off (default: %(default)s)",
+        help="how long such a read is reused for the next charts; 0 turns this off (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",

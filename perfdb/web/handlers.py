@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -15,11 +15,18 @@ from multidict import MultiMapping
 from perfdb import __version__
 from perfdb.records.record_ids import is_record_id
 from perfdb.web import pages
-from perfdb.web.analysis import count_tests, histogram, leaderboard, sort_rows
+from perfdb.web.analysis import (
+    LEADERBOARD_SIZE,
+    leaderboard,
+    merge_aggregates,
+    overview_histogram,
+    ranked_users,
+)
 from perfdb.web.charts import CHART_TEST_METRICS, ChartRequest, chart_data, points_param
 from perfdb.web.markup import Markup
 from perfdb.web.pages import COLUMN_LABELS
 from perfdb.web.queries import (
+    MAX_SORTED_PAGES,
     METRICS_BY_NAME,
     Filters,
     OneTestView,
@@ -30,7 +37,16 @@ from perfdb.web.queries import (
     build_url,
     higher_is_better,
 )
-from perfdb.web.source import PerfdbError, RecentScans, RecordQuery, ResultRow, ResultSource, Scan, display_name
+from perfdb.web.source import (
+    PerfdbError,
+    RecentScans,
+    RecordQuery,
+    ResultRow,
+    ResultSource,
+    Scan,
+    TimeRead,
+    display_name,
+)
 
 log = logging.getLogger("perfdb.web")
 
@@ -44,6 +60,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 RETRY_AFTER_SECONDS = 5
+# A sorted table with a free-text search examines this many ranked results per page.
+SORTED_SEARCH_BLOCK = 500
 
 
 class NotFoundError(Exception):
@@ -55,13 +73,9 @@ class Dashboard:
     """Everything the handlers share: the perfdb source, recent scans and page settings."""
 
     source: ResultSource
-    scans: RecentScans
+    scans: RecentScans  # the user page's chart data
     site: pages.Site
-    scan_limit: int  # results a bulk scan (charts, overview, sorting by a metric) keeps at most
-
-    def page_budget(self, per_page: int) -> int:
-        """Records one table page may read while a search filters most of them out."""
-        return max(self.scan_limit, 20 * per_page)
+    scan_limit: int  # results a chart scan keeps at most
 
     async def newest(self, query: RecordQuery) -> Scan:
         """The newest `scan_limit` results of a query, from the recent-scans cache when possible."""
@@ -127,34 +141,33 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 async def build_table_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
     if view.by_time:
         return await _time_page(dashboard, view)
+    if view.filters.search_words:
+        return await _sorted_search_page(dashboard, view)
     return await _sorted_page(dashboard, view)
 
 
-async def _time_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
-    """Time order: pages found by position, each one a short read whatever the database size.
+def _count_text(count: int, noun: str = "result", plural: str | None = None) -> str:
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
 
-    "Back" is toward the start of the order (newer results when newest first), "forward" away from
-    it. A page is the `per_page` results forward from one position, or back from one.
+
+async def _time_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
+    """Time order: each page one read from a position, exact at any density.
+
+    "Back" is toward the start of the order (newer results when newest first), "forward" away
+    from it. perfdb takes a record id as a cursor in both directions, so a page is the `per_page`
+    results forward from the last row of the page before, or back from the first row of the page
+    after; `last` reads back from the far end.
     """
-    source, query, wanted, budget = (
-        dashboard.source,
-        record_query(view.filters),
-        view.per_page,
-        dashboard.page_budget(view.per_page),
-    )
+    source, query, wanted = dashboard.source, record_query(view.filters), view.per_page
     start = view.first_page()
     back_from = view.after if view.descending else view.before
     forward_from = view.before if view.descending else view.after
 
-    async def forward(position: str | None) -> Scan:
-        if view.descending:
-            return await source.scan_newest(query, wanted=wanted, budget=budget, before=position)
-        return await source.scan_forward(query, wanted=wanted, budget=budget, after=position)
-
-    async def backward(position: str) -> Scan:
-        if view.descending:
-            return await source.scan_forward(query, wanted=wanted, budget=budget, after=position)
-        return await source.scan_newest(query, wanted=wanted, budget=budget, before=position)
+    async def read(cursor: str | None, *, forward: bool) -> TimeRead:
+        # Forward in a newest-first table is backwards in time, and so on.
+        return await source.read_in_time_order(
+            query, wanted=wanted, newest_first=view.descending == forward, cursor=cursor
+        )
 
     def back_view(edge: str) -> TableView:
         return start.first_page(after=edge) if view.descending else start.first_page(before=edge)
@@ -162,59 +175,144 @@ async def _time_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
     def forward_view(edge: str) -> TableView:
         return start.first_page(before=edge) if view.descending else start.first_page(after=edge)
 
-    at_start = back_from is None and forward_from is None
-    went_back = False
-    if back_from is not None:
-        scan = await backward(back_from)
-        went_back = scan.more
-        at_start = not scan.more  # reached the start: show the first page in full
-    if at_start:
-        scan = await forward(None)
-    elif forward_from is not None:
-        scan = await forward(forward_from)
-    rows = scan.rows[::-1] if view.descending else scan.rows  # scans return oldest first
-    previous: TableView | None
-    next_view: TableView | None
-    if went_back:
-        assert back_from is not None and scan.resume is not None
-        previous = back_view(scan.resume)
-        next_view = forward_view(rows[-1].record_id if rows else back_from)
-    else:
-        previous = None if at_start else (back_view(rows[0].record_id) if rows else start)
-        next_view = forward_view(scan.resume) if scan.more and scan.resume is not None else None
+    previous: TableView | None = None
+    next_view: TableView | None = None
+    last: TableView | None = start.first_page(last=True)
+    found: TimeRead | None = None
+    if view.last or back_from is not None:
+        found = await read(None if view.last else back_from, forward=False)
+        rows = found.rows[::-1]
+        if not found.more and not view.last and not found.cut:
+            found = None  # reached the start of the order: show the first page in full
+        else:
+            if found.more and found.resume is not None:
+                previous = back_view(found.resume) if found.cut else back_view(rows[0].record_id)
+            if view.last:
+                last = None
+            elif rows:
+                next_view = forward_view(rows[-1].record_id)
+            elif back_from is not None:  # a search found nothing here: the next page includes back_from
+                next_view = forward_view(_beside(back_from, newer=view.descending))
+    if found is None:
+        found = await read(forward_from, forward=True)
+        rows = found.rows
+        if forward_from is not None:
+            # Back from this page's first row; from an empty page, back to and including forward_from.
+            previous = back_view(rows[0].record_id if rows else _beside(forward_from, newer=not view.descending))
+        if found.more and found.resume is not None:
+            next_view = forward_view(found.resume)
+        else:
+            last = None  # this is the last page already
+    at_start = previous is None
     order = "newest first" if view.descending else "oldest first"
-    summary = f"{len(rows):,} result{'s' if len(rows) != 1 else ''} on this page, {order}."
+    summary = f"{_count_text(len(rows))} on this page, {order}."
+    if found.total is not None and at_start:
+        summary = f"{_count_text(found.total)} in all. {summary}"
     note = None
-    if scan.truncated:
-        note = (
-            f"Read {scan.examined:,} results without filling the page: the search matches few of them. "
-            "Go on to the next page, or narrow the date range."
-        )
-    return pages.TablePage(rows, scan.users, previous, next_view, None if at_start else start, summary, note)
+    if found.cut:
+        if view.filters.search_words:
+            note = (
+                f"The search is done by the dashboard, not by perfdb: this page examined {found.examined:,} "
+                f"results and found {_count_text(len(rows), 'match', 'matches')}. "
+                "The next page searches on from where this one stopped; a test, tag, user or date filter narrows "
+                "what is searched."
+            )
+        else:
+            note = (
+                f"These filters match few of the results perfdb examined ({found.examined:,} on this page). "
+                "The next page reads on from where this one stopped."
+            )
+    return pages.TablePage(
+        rows, found.users, previous, next_view, None if at_start else start, summary, note, last=last
+    )
+
+
+def _beside(record_id: str, *, newer: bool) -> str:
+    """The record id just after (newer) or just before this one: a cursor that includes it."""
+    number = int(record_id, 16) + (1 if newer else -1)
+    return f"{min(max(number, 0), 16**20 - 1):020x}"
+
+
+def _sorted_direction(view: TableView) -> str:
+    best = higher_is_better(view.sort) == view.descending
+    return ("highest" if view.descending else "lowest") + (" (best)" if best else "") + " first"
+
+
+def _incomplete_note(examined: int) -> str:
+    return (
+        f"perfdb ranked only the newest {examined:,} results of these filters (its per-read bound): "
+        "an older result may rank higher. Choose a test, tag, user or date range to rank all of them."
+    )
 
 
 async def _sorted_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
-    """Any other order: the newest results of the range (bounded), sorted here, paged by number."""
-    scan = await dashboard.newest(record_query(view.filters))
-    ordered = sort_rows(scan.rows, view.sort, view.descending, scan.users)
-    page_count = max(1, math.ceil(len(ordered) / view.per_page))
-    page = min(view.page, page_count)
-    rows = ordered[(page - 1) * view.per_page : page * view.per_page]
+    """Sorted by a metric: perfdb ranks the whole filtered set and pages it by cursor; the cursors
+    of the earlier pages ride in the URL, so "previous" returns exactly the page before."""
+    found = await dashboard.source.read_sorted(
+        record_query(view.filters),
+        metric=view.sort,
+        descending=view.descending,
+        limit=view.per_page,
+        cursor=view.trail[-1] if view.trail else None,
+    )
+    number = view.page_number
     label = COLUMN_LABELS[view.sort]
-    if view.sort in METRICS_BY_NAME:
-        best = higher_is_better(view.sort) == view.descending
-        direction = ("highest" if view.descending else "lowest") + (" (best)" if best else "") + " first"
-    else:
-        direction = "Z to A" if view.descending else "A to Z"
-    summary = f"{len(ordered):,} results sorted by {label}, {direction} · page {page} of {page_count}."
+    summary = f"Sorted by {label}, {_sorted_direction(view)} · page {number:,}."
+    if found.total is not None:
+        summary = f"{_count_text(found.total)} in all. {summary}"
+    note = None if found.complete else _incomplete_note(found.examined)
+    next_view = None
+    if found.next_cursor:
+        if number < MAX_SORTED_PAGES:
+            next_view = dataclasses.replace(view, trail=(*view.trail, found.next_cursor))
+        else:
+            note = (
+                f"A sorted table pages through its top {MAX_SORTED_PAGES} pages; "
+                "narrow the filters to see the results beyond them."
+            )
     return pages.TablePage(
-        rows=rows,
-        users=scan.users,
-        previous=dataclasses.replace(view, page=page - 1) if page > 1 else None,
-        next=dataclasses.replace(view, page=page + 1) if page < page_count else None,
-        first=dataclasses.replace(view, page=1) if page > 1 else None,
+        rows=found.rows,
+        users=found.users,
+        previous=dataclasses.replace(view, trail=view.trail[:-1]) if view.trail else None,
+        next=next_view,
+        first=view.first_page() if view.trail else None,
         summary=summary,
-        truncated_note=dashboard.truncation_note(scan),
+        truncated_note=note,
+    )
+
+
+async def _sorted_search_page(dashboard: Dashboard, view: TableView) -> pages.TablePage:
+    """Sorted by a metric with a free-text search: perfdb ranks, the dashboard matches the words.
+    Each page examines one block of ranked results and shows every match in it, so the search
+    stays bounded and the cursor stays exact."""
+    block = min(SORTED_SEARCH_BLOCK, await dashboard.source.page_limit())
+    found = await dashboard.source.read_sorted(
+        record_query(view.filters),
+        metric=view.sort,
+        descending=view.descending,
+        limit=block,
+        cursor=view.trail[-1] if view.trail else None,
+    )
+    number = view.page_number
+    summary = (
+        f"{_count_text(len(found.rows), 'match', 'matches')} among results {(number - 1) * block + 1:,} to "
+        f"{(number - 1) * block + found.read:,} by {COLUMN_LABELS[view.sort]}, {_sorted_direction(view)}."
+    )
+    note = (
+        f"The search is done by the dashboard, not by perfdb: each page examines the next {block:,} results "
+        "in this order and shows those that match."
+    )
+    if not found.complete:
+        note += " " + _incomplete_note(found.examined)
+    has_next = found.next_cursor is not None and number < MAX_SORTED_PAGES
+    return pages.TablePage(
+        rows=found.rows,
+        users=found.users,
+        previous=dataclasses.replace(view, trail=view.trail[:-1]) if view.trail else None,
+        next=dataclasses.replace(view, trail=(*view.trail, str(found.next_cursor))) if has_next else None,
+        first=view.first_page() if view.trail else None,
+        summary=summary,
+        truncated_note=note,
     )
 
 
@@ -249,11 +347,13 @@ async def api_results(request: web.Request) -> web.Response:
             "columns": view.visible_columns,
             "summary": page.summary,
             "truncated": page.truncated_note is not None,
+            "note": page.truncated_note,
             "links": {
                 "page": view.url("/"),
                 "first": page.first.url("/api/results") if page.first else None,
                 "previous": page.previous.url("/api/results") if page.previous else None,
                 "next": page.next.url("/api/results") if page.next else None,
+                "last": page.last.url("/api/results") if page.last else None,
             },
         }
     )
@@ -363,25 +463,33 @@ async def _chart_data(
 async def _overview(
     dashboard: Dashboard, view: OverviewView, *, test_given: bool
 ) -> tuple[OverviewView, pages.OverviewPage, dict[str, Any]]:
-    """The overview of a range. Without a `test` in the URL it shows the range's most frequent
-    test (distributions of different tests mix unlike things); `test=` (empty) shows them all."""
-    everything = await dashboard.newest(record_query(view.filters, with_test=False))
-    tests = count_tests(everything.rows)
+    """The overview from perfdb's per-test aggregates: one request whatever the number of results,
+    plus one short read per leaderboard user for their name. Without a `test` in the URL it shows
+    the test with the most results (distributions of different tests mix unlike things);
+    `test=` (empty) shows them all."""
+    source = dashboard.source
+    reply = await source.overview(view.metric)
+    aggregates: dict[str, dict[str, Any]] = reply["tests"]
+    tests = sorted(((name, item["records"]) for name, item in aggregates.items()), key=lambda t: (-t[1], t[0]))
     if not test_given and tests:
-        view = dataclasses.replace(view, filters=dataclasses.replace(view.filters, test=tests[0][0]))
-    scan = await dashboard.newest(record_query(view.filters)) if view.filters.test else everything
-    board_test = view.filters.test or (tests[0][0] if tests else "")
-    board_scan = scan if view.filters.test else everything
-    entries = leaderboard(board_scan.rows, board_scan.users, board_test, view.metric) if board_test else []
+        view = dataclasses.replace(view, test=tests[0][0])
+    if view.test:
+        shown = merge_aggregates([aggregates[view.test]] if view.test in aggregates else [])
+    else:
+        shown = merge_aggregates(list(aggregates.values()))
+    board_test = view.test or (tests[0][0] if tests else "")
+    ranked = ranked_users(aggregates[board_test], reply["better"]) if board_test in aggregates else []
+    top = ranked[:LEADERBOARD_SIZE]
+    profiles = await asyncio.gather(*(source.profile(user_id) for user_id, _ in top))
     page = pages.OverviewPage(
         tests=tests,
         leaderboard_test=board_test,
-        leaderboard=entries,
-        results=len(scan.rows),
-        users=len({row.user_id for row in scan.rows}),
-        truncated_note=dashboard.truncation_note(scan),
+        leaderboard=leaderboard(top, dict(zip([user_id for user_id, _ in top], profiles, strict=True)), view.metric),
+        leaderboard_users=len(ranked),
+        results=shown["count"],
+        users=len(shown["users"]),
     )
-    return view, page, histogram(scan.rows, view.metric, view.bins)
+    return view, page, overview_histogram(shown, view.metric)
 
 
 async def overview_handler(request: web.Request) -> web.Response:
@@ -404,16 +512,16 @@ async def api_overview(request: web.Request) -> web.Response:
                 "unit": metric.unit,
                 "higher_is_better": higher_is_better(metric.name),
             },
-            "test": view.filters.test,
-            "from": view.filters.date_from,
-            "to": view.filters.date_to,
+            "test": view.test,
             "results": page.results,
             "users": page.users,
             "tests": [{"name": name, "count": count} for name, count in page.tests],
             "histogram": distribution,
-            "leaderboard": {"test": page.leaderboard_test, "entries": page.leaderboard},
-            "truncated": page.truncated_note is not None,
-            "note": page.truncated_note,
+            "leaderboard": {
+                "test": page.leaderboard_test,
+                "users": page.leaderboard_users,
+                "entries": page.leaderboard,
+            },
             "links": {"page": view.url()},
         }
     )

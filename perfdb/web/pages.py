@@ -14,13 +14,12 @@ from perfdb.records.units import CORE_METRICS, format_value
 from perfdb.web.analysis import LeaderboardEntry
 from perfdb.web.markup import Markup, concat, render
 from perfdb.web.queries import (
-    DEFAULT_BINS,
     DEFAULT_PER_PAGE,
-    HISTOGRAM_BINS,
     METRICS_BY_NAME,
     OPTIONAL_COLUMNS,
     PER_PAGE_CHOICES,
     QUICK_RANGES,
+    SORT_KEYS,
     Filters,
     OneTestView,
     OverviewView,
@@ -213,6 +212,7 @@ class TablePage:
     first: TableView | None  # the start of the order, when this page is not it
     summary: str
     truncated_note: str | None = None
+    last: TableView | None = None  # the far end of the order, when this page is not it
 
 
 def results_page(site: Site, view: TableView, page: TablePage) -> Markup:
@@ -306,6 +306,13 @@ def results_page(site: Site, view: TableView, page: TablePage) -> Markup:
 
 
 def _header_cell(view: TableView, column: str) -> Markup:
+    if column not in SORT_KEYS:
+        # perfdb ranks by time and by metrics; a text column is narrowed with the filters instead.
+        return render(
+            '<th scope="col" class="text" data-column="{column}" aria-sort="none">{label}</th>',
+            column=column,
+            label=COLUMN_LABELS[column],
+        )
     sorted_here = view.sort == column
     aria = ("descending" if view.descending else "ascending") if sorted_here else "none"
     arrow = ("▼" if view.descending else "▲") if sorted_here else ""
@@ -371,14 +378,16 @@ def _result_row(row: ResultRow, columns: list[str], users: dict[str, dict[str, A
 def _pager(view: TableView, page: TablePage) -> Markup:
     if view.by_time:
         toward_start, further = ("Newer", "Older") if view.descending else ("Earlier", "Later")
-        first = "Newest" if view.descending else "Oldest"
+        first, last = ("Newest", "Oldest") if view.descending else ("Oldest", "Newest")
     else:
-        toward_start, further, first = "Previous", "Next", "First"
+        toward_start, further, first, last = "Previous", "Next", "First", ""
     links = [
         _pager_link(page.first, f"⇤ {first}", "first"),
         _pager_link(page.previous, f"← {toward_start}", "prev"),
         _pager_link(page.next, f"{further} →", "next"),
     ]
+    if view.by_time:
+        links.append(_pager_link(page.last, f"{last} ⇥", "last"))
     return render('<nav class="pager" aria-label="Pages">{links}</nav>', links=concat(links))
 
 
@@ -479,16 +488,15 @@ def _dates(filters: Filters, date_from: str, date_to: str) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OverviewPage:
-    tests: list[tuple[str, int]]  # in the range, most frequent first
+    tests: list[tuple[str, int]]  # every test with the metric, most results first
     leaderboard_test: str
-    leaderboard: list[LeaderboardEntry]
-    results: int
+    leaderboard: list[LeaderboardEntry]  # the top of it
+    leaderboard_users: int  # users with the metric in that test
+    results: int  # results with the metric, of the test shown (or all)
     users: int
-    truncated_note: str | None
 
 
 def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
-    filters = view.filters
     metric = METRICS_BY_NAME[view.metric]
     metric_options = concat(
         render('<option value="{name}"{sel}>{label} — {desc}</option>', name=m.name, label=m.label,
@@ -496,59 +504,44 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
         for m in CORE_METRICS
     )  # fmt: skip
     tests = list(page.tests)
-    if filters.test and filters.test not in {name for name, _ in tests}:
-        tests.insert(0, (filters.test, 0))
+    if view.test and view.test not in {name for name, _ in tests}:
+        tests.insert(0, (view.test, 0))
     test_options = concat(
         [
             render('<option value="">All tests</option>'),
             *(
-                render(
-                    '<option value="{t}"{sel}>{t} ({n})</option>', t=name, n=count, sel=_selected(name == filters.test)
-                )
+                render('<option value="{t}"{sel}>{t} ({n})</option>', t=name, n=count, sel=_selected(name == view.test))
                 for name, count in tests
             ),
         ]
-    )
-    bin_options = concat(
-        render('<option value="{n}"{sel}>{n}</option>', n=n, sel=_selected(n == view.bins)) for n in HISTOGRAM_BINS
     )
     form = render(
         """<form class="filters" method="get" action="/overview" id="filters">
   <div class="field wide"><label for="f-metric">Metric</label>
     <select id="f-metric" name="metric">{metrics}</select></div>
   <div class="field wide"><label for="f-test">Test</label><select id="f-test" name="test">{tests}</select></div>
-  {tag}{date_from}{date_to}
-  <div class="field"><label for="f-bins">Bins</label>
-    <select id="f-bins" name="bins" data-default="{default_bins}">{bins}</select></div>
   <div class="actions"><button type="submit">Apply</button><a class="button-link" href="/overview">Reset</a></div>
 </form>""",
         metrics=metric_options,
         tests=test_options,
-        tag=_text_input("tag", "Tag", filters.tag, placeholder="any tag"),
-        date_from=_date_input("from", "From", filters.date_from),
-        date_to=_date_input("to", "To", filters.date_to),
-        bins=bin_options,
-        default_bins=DEFAULT_BINS,
     )
-    ranges = _quick_ranges(lambda date_from, date_to: view.url(filters=filters.with_dates(date_from, date_to)), filters)
     better = "highest" if higher_is_better(view.metric) else "lowest"
-    scope = f"of {filters.test}" if filters.test else "of all tests"
+    scope = f"of {view.test}" if view.test else "of all tests"
     body = render(
         """<section class="page-head">
   <h1>Overview</h1>
-  <p class="lede">How {metric} is distributed across everyone's results, and who holds the best one.</p>
+  <p class="lede">How {metric} is distributed across every result stored, and who holds the best one.
+    perfdb keeps these totals as results arrive, so they cover all time and every tag.</p>
 </section>
 {form}
-{ranges}
 <div class="stat-cards">
   <div class="stat"><span class="stat-value" id="stat-results">{results}</span>
     <span class="stat-label">results</span></div>
   <div class="stat"><span class="stat-value" id="stat-users">{users}</span>
     <span class="stat-label">users</span></div>
   <div class="stat"><span class="stat-value" id="stat-tests">{test_count}</span>
-    <span class="stat-label">tests in range</span></div>
+    <span class="stat-label">tests</span></div>
 </div>
-{truncated}
 <section class="card">
   <h2>Distribution of {metric} {scope}</h2>
   <div class="chart histogram" id="histogram" data-api="{api}" data-unit="{unit}"></div>
@@ -559,11 +552,9 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
         metric=metric.label,
         scope=scope,
         form=form,
-        ranges=ranges,
         results=f"{page.results:,}",
         users=f"{page.users:,}",
         test_count=f"{len(page.tests):,}",
-        truncated=notice(page.truncated_note, "warn") if page.truncated_note else Markup(""),
         api=view.url("/api/overview"),
         unit=metric.unit,
         leaderboard=_leaderboard(view, page, better),
@@ -574,43 +565,47 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
 def _leaderboard(view: OverviewView, page: OverviewPage, better: str) -> Markup:
     metric = METRICS_BY_NAME[view.metric]
     if not page.leaderboard_test:
-        return render(
-            '<section class="card"><h2>Leaderboard</h2><p class="empty">No results in this range.</p></section>'
-        )
-    why = "" if view.filters.test else " (the most frequent test in this range; choose another above)"
+        return render('<section class="card"><h2>Leaderboard</h2><p class="empty">No results yet.</p></section>')
+    why = "" if view.test else " (the test with the most results; choose another above)"
+    order = [] if higher_is_better(view.metric) else [("order", "asc")]
     rows = concat(
         render(
             '<tr><td class="num rank">{rank}</td>'
             '<td class="user"><a href="{user_href}" title="{user_id}">{user}</a></td>'
-            '<td class="num best"><a href="{result_href}">{value}</a></td><td class="tag">{tag}</td>'
-            '<td class="time">{time}</td><td class="num">{results}</td></tr>',
+            '<td class="num best"><a href="{best_href}" title="this user\'s results of the test, best first">'
+            "{value}</a></td>"
+            '<td class="num">{results}</td></tr>',
             rank=entry.rank,
             user_href=build_url(user_url(entry.user_id), [("test", page.leaderboard_test)]),
             user_id=entry.user_id,
             user=entry.user_name,
-            result_href=result_url(entry.record_id),
+            best_href=build_url(
+                "/",
+                [("test", page.leaderboard_test), ("user", entry.user_id), ("sort", view.metric), *order],
+            ),
             value=entry.text,
-            tag=render('<span class="chip">{tag}</span>', tag=entry.tag) if entry.tag else "",
-            time=time_cell(entry.timestamp),
-            results=entry.results,
+            results=f"{entry.results:,}",
         )
         for entry in page.leaderboard
     )
+    shown = len(page.leaderboard)
+    count = f"the top {shown} of {page.leaderboard_users:,} users" if shown < page.leaderboard_users else "every user"
     return render(
         """<section class="card">
   <h2>Leaderboard: best {metric} per user</h2>
-  <p class="chart-note">Test <a href="{test_href}"><strong>{test}</strong></a>{why}; {better} first.</p>
+  <p class="chart-note">Test <a href="{test_href}"><strong>{test}</strong></a>{why}; {better} first, {count}.</p>
   <div class="table-wrap"><table class="results leaderboard" id="leaderboard">
-    <thead><tr><th class="num">#</th><th>User</th><th class="num">Best {metric}</th><th>Tag</th>
-      <th>Time (UTC)</th><th class="num">Results</th></tr></thead>
+    <thead><tr><th class="num">#</th><th>User</th><th class="num">Best {metric}</th>
+      <th class="num">Results</th></tr></thead>
     <tbody>{rows}</tbody>
   </table></div>
 </section>""",
         metric=metric.label,
         test=page.leaderboard_test,
-        test_href=build_url("/", [("test", page.leaderboard_test), ("sort", view.metric)]),
+        test_href=build_url("/", [("test", page.leaderboard_test), ("sort", view.metric), *order]),
         why=why,
         better=better,
+        count=count,
         rows=rows,
     )
 
@@ -776,14 +771,14 @@ def error_page(site: Site, *, status: int, title: str, message: str, retry_url: 
 
 
 API_ENDPOINTS = (
-    ("/api/results", "A page of the results table; takes the table's query parameters."),
+    ("/api/results", "A page of the results table; takes the table's query parameters and follows its links."),
     ("/api/results/{record_id}", "One stored result and its user's public profile."),
     (
         "/api/users/{user_id}/series",
         "One user's results over time, downsampled for charts (test, tag, from, to, detail, points).",
     ),
     ("/api/tests/{test_name}/series", "Everyone's results of one test over time, downsampled (tag, from, to, points)."),
-    ("/api/overview", "Histogram and leaderboard of one metric (metric, test, tag, from, to, bins)."),
+    ("/api/overview", "Histogram and leaderboard of one metric over all results (metric, test)."),
     ("/api/health", "Whether perfdb answers, and its version."),
 )
 

@@ -21,15 +21,17 @@ MAX_SEARCH_CHARS = 200
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
-TEXT_COLUMNS = ("time", "user", "test", "tag")
-SORT_KEYS = (*TEXT_COLUMNS, *CORE_METRIC_NAMES)
+# perfdb ranks by time or by a metric; text columns are filters, not orders.
+SORT_KEYS = ("time", *CORE_METRIC_NAMES)
 # Columns a reader may hide; time and test identify a row, so they always show.
 OPTIONAL_COLUMNS = ("user", "tag", *CORE_METRIC_NAMES)
 PER_PAGE_CHOICES = (25, 50, 100, 200, 500)
 DEFAULT_PER_PAGE = 50
 METRICS_BY_NAME: dict[str, Metric] = {metric.name: metric for metric in CORE_METRICS}
-HISTOGRAM_BINS = (10, 20, 40, 80)
-DEFAULT_BINS = 20
+# A sorted table keeps the cursors of the pages before it in its URL (to page back exactly);
+# past this many pages the URL would grow too long, so paging on stops there.
+MAX_SORTED_PAGES = 100
+_SORT_CURSOR = re.compile(r"[0-9a-f]{20}:[-+.0-9e]{0,40}")
 QUICK_RANGES = (("7 days", 7), ("30 days", 30), ("90 days", 90), ("1 year", 365))
 
 
@@ -78,13 +80,16 @@ def _position(params: Mapping[str, str], name: str) -> str | None:
     return raw
 
 
-def _positive(params: Mapping[str, str], name: str, default: int, limit: int = 1_000_000) -> int:
+def _trail(params: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = params.get(name, "")
     if raw == "":
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= limit:
-        raise QueryError(f"{name}: must be a whole number from 1 to {limit}")
-    return int(raw)
+        return ()
+    cursors = tuple(raw.split(","))
+    if len(cursors) >= MAX_SORTED_PAGES:
+        raise QueryError(f"{name}: at most {MAX_SORTED_PAGES - 1} positions")
+    if not all(_SORT_CURSOR.fullmatch(cursor) for cursor in cursors):
+        raise QueryError(f"{name}: not a list of positions in a sorted table")
+    return cursors
 
 
 def parse_moment(text: str, name: str, *, end_of_day: bool) -> int:
@@ -186,9 +191,10 @@ def build_url(path: str, params: list[tuple[str, str]]) -> str:
 class TableView:
     """The results table: filters, sort, visible columns and where in the results the page is.
 
-    Sorted by time, a page is found by position (`before`/`after` a result id), so paging costs
-    one short read however large the database. Sorted by any other column, the newest results of
-    the range (a bounded number) are sorted in memory and paged by number.
+    Sorted by time, a page is found by position: `before`/`after` a result id (perfdb takes a
+    record id as a cursor in either direction), or `last` for the far end of the order. Sorted by
+    a metric, perfdb ranks the whole filtered set and pages by cursor; `trail` holds the cursors
+    that end each earlier page, so going back a page is as exact as going forward.
     """
 
     filters: Filters = Filters()
@@ -196,9 +202,10 @@ class TableView:
     descending: bool = True
     columns: tuple[str, ...] = OPTIONAL_COLUMNS
     per_page: int = DEFAULT_PER_PAGE
-    page: int = 1
     before: str | None = None
     after: str | None = None
+    last: bool = False
+    trail: tuple[str, ...] = ()
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> TableView:
@@ -213,22 +220,29 @@ class TableView:
                 raise QueryError(f"cols: unknown column {unknown[0][:40]!r}")
             columns = tuple(name for name in OPTIONAL_COLUMNS if name in chosen)
         before, after = _position(params, "before"), _position(params, "after")
-        if before and after:
-            raise QueryError("before, after: give one of them, not both")
+        last = _choice(params, "last", ("1",), "") == "1"
+        if sum((before is not None, after is not None, last)) > 1:
+            raise QueryError("before, after, last: give one of them, not several")
         return cls(
             filters=Filters.from_params(params),
             sort=sort,
             descending=default_descending(sort) if order == "" else order == "desc",
             columns=columns,
             per_page=_choice(params, "per_page", PER_PAGE_CHOICES, DEFAULT_PER_PAGE),
-            page=_positive(params, "page", 1),
             before=before,
             after=after,
+            last=last,
+            trail=_trail(params, "trail"),
         )
 
     @property
     def by_time(self) -> bool:
         return self.sort == "time"
+
+    @property
+    def page_number(self) -> int:
+        """Of a sorted table: how many pages from the top this one is."""
+        return len(self.trail) + 1
 
     @property
     def visible_columns(self) -> list[str]:
@@ -247,12 +261,15 @@ class TableView:
             pairs.append(("cols", ",".join(self.columns)))
         if self.per_page != DEFAULT_PER_PAGE:
             pairs.append(("per_page", str(self.per_page)))
-        if self.page != 1 and not self.by_time:
-            pairs.append(("page", str(self.page)))
-        if self.before and self.by_time:
-            pairs.append(("before", self.before))
-        if self.after and self.by_time:
-            pairs.append(("after", self.after))
+        if self.by_time:
+            if self.before:
+                pairs.append(("before", self.before))
+            if self.after:
+                pairs.append(("after", self.after))
+            if self.last:
+                pairs.append(("last", "1"))
+        elif self.trail:
+            pairs.append(("trail", ",".join(self.trail)))
         return pairs
 
     def url(self, path: str = "/", **changes: Any) -> str:
@@ -260,7 +277,7 @@ class TableView:
 
     def first_page(self, **changes: Any) -> TableView:
         """The same view at its first page (after a change of filters or sort)."""
-        return dataclasses.replace(self, **{"page": 1, "before": None, "after": None, **changes})
+        return dataclasses.replace(self, **{"before": None, "after": None, "last": False, "trail": (), **changes})
 
     def sorted_by(self, column: str) -> TableView:
         """The view a click on a column header opens: that column, flipped if it is already the sort."""
@@ -336,31 +353,23 @@ class OneTestView:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OverviewView:
+    """The overview: one metric over every stored result, of one test or of all of them.
+
+    It is drawn from perfdb's running aggregates (the overview op), which cover all time and
+    every tag: that keeps its cost per test rather than per result, so it takes no date or tag.
+    """
+
     metric: str = "qps"
-    filters: Filters = Filters()
-    bins: int = DEFAULT_BINS
+    test: str = ""
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> OverviewView:
-        filters = Filters.from_params(params)
-        if "from" not in params and "to" not in params:
-            # A first visit looks at the last 30 days; an explicit empty range means all time.
-            filters = filters.with_dates(*quick_range(30))
-        return cls(
-            metric=_choice(params, "metric", CORE_METRIC_NAMES, "qps"),
-            filters=dataclasses.replace(filters, user="", search=""),
-            bins=_choice(params, "bins", HISTOGRAM_BINS, DEFAULT_BINS),
-        )
+        return cls(metric=_choice(params, "metric", CORE_METRIC_NAMES, "qps"), test=_text(params, "test"))
 
     def params(self) -> list[tuple[str, str]]:
-        # Test and dates are always written, empty included: an empty one means "all", while a
-        # missing one means the default (the most frequent test, the last 30 days).
-        pairs = [("metric", self.metric), ("test", self.filters.test)]
-        pairs += [(name, value) for name, value in self.filters.params() if name == "tag"]
-        pairs += [("from", self.filters.date_from), ("to", self.filters.date_to)]
-        if self.bins != DEFAULT_BINS:
-            pairs.append(("bins", str(self.bins)))
-        return pairs
+        # The test is always written, empty included: an empty one means "all tests", while a
+        # missing one means the default (the test with the most results).
+        return [("metric", self.metric), ("test", self.test)]
 
     def url(self, path: str = "/overview", **changes: Any) -> str:
         return build_url(path, dataclasses.replace(self, **changes).params())

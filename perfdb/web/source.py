@@ -1,5 +1,6 @@
-"""The dashboard's window on perfdb: one long-lived client, bounded scans that never load the
-whole database, and perfdb failures turned into messages a reader can act on."""
+"""The dashboard's window on perfdb: one long-lived client, exact pages read with perfdb's own
+filters, cursors and rankings, bounded scans for the charts, and perfdb failures turned into
+messages a reader can act on."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ from perfdb.records.units import CORE_METRIC_NAMES
 # Records per perfdb request. Every handler shares one pipelined connection, so a page must be
 # small enough that its reply never holds up the others for long.
 PAGE_LIMIT = 1000
+# A free-text search is matched here, not by perfdb: one table page examines at most this many
+# results, then says where it stopped and links on from there.
+SEARCH_BUDGET = 5000
+# perfdb examines at most 50,000 index entries per request; a page whose filters intersect
+# thinly reads on for at most this many requests before it says it stopped.
+MAX_REQUESTS_PER_PAGE = 8
 # Newest-first scans read backwards in time windows, newest window first. The first window is
 # short so that a busy database answers the first page of the table from one window.
 FIRST_WINDOW_MICROS = 3600 * 1_000_000
@@ -129,6 +136,32 @@ class Scan:
     resume: str | None  # the position to go on from, in the scan's direction
     examined: int = 0
     truncated: bool = False  # stopped because it read as much as it may, not at the end of the range
+
+
+@dataclasses.dataclass(slots=True)
+class TimeRead:
+    """Results read in one time direction from a position, in the order read."""
+
+    rows: list[ResultRow]
+    users: dict[str, dict[str, Any]]
+    more: bool  # matching results may lie beyond `resume`
+    resume: str | None  # the record id to read on from, in the same direction
+    examined: int
+    total: int | None = None  # perfdb's exact count of the query, when it gives one
+    cut: bool = False  # stopped by the search budget, not because the page was full
+
+
+@dataclasses.dataclass(slots=True)
+class SortedRead:
+    """One page of results ranked by perfdb, best first in the order asked for."""
+
+    rows: list[ResultRow]  # those that pass the free-text search, if any
+    users: dict[str, dict[str, Any]]
+    read: int  # results perfdb returned, before the search
+    next_cursor: str | None
+    total: int | None
+    examined: int
+    complete: bool  # False: perfdb ranked only the newest `examined` of the filtered set
 
 
 class ResultSource:
@@ -269,46 +302,118 @@ class ResultSource:
 
     async def find_record(self, record_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
         """One record and its user's profile, or None. There is no get-record op, but a record id
-        starts with its commit time: read the records of that one microsecond and pick it out."""
+        starts with its commit time, and a record id is a cursor: reading one record oldest first
+        from just before it, within its microsecond, finds it or proves it absent."""
         micros = record_id_micros(record_id)
-        pages = self._pages(RecordQuery(), micros, micros + 1)
-        async with contextlib.aclosing(pages):
-            async for records, users in pages:
-                for record in records:
-                    if record["record_id"] == record_id:
-                        return record, users.get(record["user_id"])
+        fields: dict[str, Any] = {
+            "since": format_micros(micros),
+            "until": format_micros(micros + 1),
+            "limit": 1,
+        }
+        number = int(record_id, 16)
+        if number > 0:
+            fields["cursor"] = f"{number - 1:020x}"
+        page = await self._call("get_all", **fields)
+        for record in page["records"]:
+            if record["record_id"] == record_id:
+                return record, page["users"].get(record["user_id"])
         return None
 
-    async def scan_forward(self, query: RecordQuery, *, wanted: int, budget: int, after: str | None = None) -> Scan:
-        """The oldest `wanted` matching results after position `after`, reading at most `budget`."""
-        since = query.since
-        if after is not None:
-            since = max(since or 0, record_id_micros(after))
-        if since is not None and query.until is not None and since >= query.until:
-            return Scan([], {}, more=False, resume=None)  # a position past the end of the range
+    async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
+        """perfdb's per-test aggregates of one metric (count, min, max, histogram, each user's best)."""
+        fields: dict[str, Any] = {"metric": metric}
+        if test_name is not None:
+            fields["test_name"] = test_name
+        return await self._call("overview", **fields)
+
+    async def _query_page(self, query: RecordQuery, **fields: Any) -> dict[str, Any]:
+        """One get_user/get_all page of a query; a user perfdb does not know has an empty one."""
+        fields.update(
+            {
+                "test_name": query.test_name,
+                "tag": query.tag,
+                "since": format_micros(query.since) if query.since is not None else None,
+                "until": format_micros(query.until) if query.until is not None else None,
+            }
+        )
+        if query.user_id is None:
+            return await self._call("get_all", **fields)
+        try:
+            page = await self._call("get_user", user_id=query.user_id, **fields)
+        except PerfdbError as error:
+            if error.code == "not_found":
+                return {"users": {}, "records": [], "next_cursor": None, "total": 0}
+            raise
+        page["users"] = {query.user_id: page["user"]}
+        return page
+
+    async def read_in_time_order(
+        self, query: RecordQuery, *, wanted: int, newest_first: bool, cursor: str | None = None
+    ) -> TimeRead:
+        """The first `wanted` matching results after `cursor` (a record id) in one time direction.
+
+        perfdb filters by user, test, tag and dates itself (from its indexes), so without a search
+        this is one short read. A free-text search is done here, so it reads on until the page is
+        full but examines at most SEARCH_BUDGET results per page: the reply says where it stopped.
+        """
+        searching = bool(query.search_words)
         rows: list[ResultRow] = []
         users: dict[str, dict[str, Any]] = {}
-        examined = 0
-        last_examined = after
-        pages = self._pages(query, since, query.until)
-        async with contextlib.aclosing(pages):
-            async for records, page_users in pages:
-                for record in records:
-                    if after is not None and record["record_id"] <= after:
-                        continue
-                    if examined >= budget:
-                        return Scan(rows, users, more=True, resume=last_examined, examined=examined, truncated=True)
-                    examined += 1
-                    last_examined = record["record_id"]
-                    row = ResultRow.from_record(record)
-                    profile = page_users.get(row.user_id)
-                    if query.accepts(row, profile):
-                        rows.append(row)
-                        users[row.user_id] = profile or {}
-                        if len(rows) > wanted:  # one more than asked for: a next page exists
-                            shown = rows[:wanted]
-                            return Scan(shown, users, more=True, resume=shown[-1].record_id, examined=examined)
-        return Scan(rows, users, more=False, resume=None, examined=examined)
+        examined = requests = 0
+        total: int | None = None
+        position = cursor
+        while True:
+            ask = await self.page_limit() if searching else min(await self.page_limit(), wanted + 1 - len(rows))
+            fields: dict[str, Any] = {"limit": ask, "cursor": position}
+            if newest_first:
+                fields["reverse"] = True
+            page = await self._query_page(query, **fields)
+            if requests == 0:
+                total = page.get("total")
+            requests += 1
+            for record in page["records"]:
+                examined += 1
+                row = ResultRow.from_record(record)
+                profile = page["users"].get(row.user_id)
+                if not query.accepts(row, profile):
+                    continue
+                rows.append(row)
+                users[row.user_id] = profile or {}
+                if len(rows) > wanted:  # one more than shown: the read goes on past the page
+                    shown = rows[:wanted]
+                    return TimeRead(shown, users, more=True, resume=shown[-1].record_id, examined=examined, total=total)
+            position = page["next_cursor"]
+            if not position:
+                return TimeRead(rows, users, more=False, resume=None, examined=examined, total=total)
+            if (searching and examined >= SEARCH_BUDGET) or requests >= MAX_REQUESTS_PER_PAGE:
+                # The cursor is the last record id perfdb examined: the next page goes on from it.
+                return TimeRead(rows, users, more=True, resume=position, examined=examined, total=total, cut=True)
+
+    async def read_sorted(
+        self, query: RecordQuery, *, metric: str, descending: bool, limit: int, cursor: str | None = None
+    ) -> SortedRead:
+        """One page of the query's results ranked by a metric, exactly as perfdb ranks them over
+        the whole filtered set (up to its max_sort_examined bound, which the reply reports)."""
+        fields: dict[str, Any] = {"sort": metric, "order": "desc" if descending else "asc", "limit": limit}
+        if cursor is not None:
+            fields["cursor"] = cursor
+        page = await self._query_page(query, **fields)
+        rows, users = [], {}
+        for record in page["records"]:
+            row = ResultRow.from_record(record)
+            profile = page["users"].get(row.user_id)
+            if query.accepts(row, profile):
+                rows.append(row)
+                users[row.user_id] = profile or {}
+        return SortedRead(
+            rows=rows,
+            users=users,
+            read=len(page["records"]),
+            next_cursor=page.get("next_cursor"),
+            total=page.get("total"),
+            examined=page.get("examined", 0),
+            complete=page.get("complete", True),
+        )
 
     async def scan_newest(self, query: RecordQuery, *, wanted: int, budget: int, before: str | None = None) -> Scan:
         """The newest `wanted` matching results before position `before`, oldest first.

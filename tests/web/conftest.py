@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from perfdb.client import Client
 from perfdb.web.app import WebConfig, build_app
 from tests.support import DASHBOARD, REPO_ROOT, ServerProcess, closed_port_url, token_hash
+from tests.web.burst import BurstData, build_burst, load_burst
 from tests.web.dense import dense_perfdb  # noqa: F401  (a fixture the chart tests share)
 from tests.web.seed import GRPC_USER_NAME, SeedData, seed
 
@@ -53,6 +54,36 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededPerfdb]:
             data = seed(client, ADMIN_KEY, GRPC_TOKEN)
         yield SeededPerfdb(address, data)
         process.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class BurstPerfdb:
+    address: str
+    data: BurstData
+
+
+@pytest.fixture(scope="session")
+def burst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BurstPerfdb]:
+    """A perfdb server holding a burst of 24,000 results from the last seconds; read-only for the tests."""
+    directory = tmp_path_factory.mktemp("perfdb-burst")
+    admin_key_file = directory / "admin.key"
+    admin_key_file.write_text(ADMIN_KEY)
+    process = ServerProcess(
+        "--address=127.0.0.1:0",
+        f"--database={directory / 'db'}",
+        "--no-sync",
+        f"--admin-key-file={admin_key_file}",
+        "--userinfo-url=none",
+    )
+    try:
+        address = f"127.0.0.1:{process.wait_listening()}"
+        data = build_burst()
+        with Client(address) as client:
+            load_burst(client, ADMIN_KEY, data)
+        yield BurstPerfdb(address, data)
+    finally:
+        code, log = process.stop()
+    assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
 @contextlib.asynccontextmanager

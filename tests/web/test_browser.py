@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from tests.support import closed_port
-from tests.web.conftest import ARTIFACTS, DashboardProcess, SeededPerfdb, dashboard_process
+from tests.web.burst import BURST_TESTS
+from tests.web.conftest import ARTIFACTS, BurstPerfdb, DashboardProcess, SeededPerfdb, dashboard_process
 from tests.web.seed import TESTS
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -271,7 +272,7 @@ def test_overview_draws_the_histogram_and_the_leaderboard(tab: BrowserPage) -> N
     assert box is not None
     tab.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     tab.page.locator("#chart-tooltip").wait_for(state="visible")
-    assert re.search(r"\d+ results? from \d+ users?", tab.page.inner_text("#chart-tooltip"))
+    assert re.search(r"^\d[\d,]* results?$", tab.page.inner_text("#chart-tooltip").splitlines()[-1])
     tab.page.mouse.move(0, 0)
     tab.screenshot("overview.png")
     tab.page.select_option("#f-metric", "perc_lat_99")  # takes effect at once
@@ -296,3 +297,103 @@ def test_perfdb_down_shows_a_readable_page_that_retries(browser: Any) -> None:
             assert [error for error in tab.errors if "503" not in error] == []
         finally:
             tab.page.close()
+
+
+# -- after a burst: 24,000 results within seconds ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def burst_dashboard(burst: BurstPerfdb) -> Iterator[DashboardProcess]:
+    with dashboard_process(burst.address) as process:
+        yield process
+
+
+@pytest.fixture
+def burst_tab(browser: Any, burst_dashboard: DashboardProcess) -> Iterator[BrowserPage]:
+    opened = _open_tab(browser, burst_dashboard.url)
+    try:
+        yield opened
+    finally:
+        opened.page.close()
+
+
+def _row_ids(tab: BrowserPage) -> list[str]:
+    ids: list[str] = tab.page.eval_on_selector_all(
+        "#results-table tbody tr", "rows => rows.map(r => r.dataset.recordId)"
+    )
+    return ids
+
+
+def test_after_a_burst_the_table_shows_the_newest_and_sorting_finds_the_true_top(
+    burst_tab: BrowserPage, burst: BurstPerfdb
+) -> None:
+    tab = burst_tab
+    tab.goto("/")
+    newest = [record["record_id"] for record in burst.data.newest_first()]
+    assert _row_ids(tab) == newest[:50]
+    assert tab.page.inner_text("#summary").startswith("24,000 results in all.")
+    tab.screenshot("burst-results.png", full_page=False)
+
+    tab.page.click("#results-table th[data-column=qps] a")
+    tab.page.wait_for_url(re.compile(r"sort=qps"))
+    ranked = burst.data.by_qps()
+    assert _row_ids(tab) == [record["record_id"] for record in ranked[:50]]
+    assert _numbers(tab, "qps")[0] == max(record["metrics"]["qps"] for record in burst.data.records)
+    tab.page.click("a[data-pager=next]")
+    tab.page.wait_for_url(re.compile(r"trail="))
+    assert _row_ids(tab) == [record["record_id"] for record in ranked[50:100]]
+    tab.page.click("a[data-pager=prev]")
+    tab.page.wait_for_url(re.compile(r"sort=qps$"))
+    assert _row_ids(tab) == [record["record_id"] for record in ranked[:50]]
+    assert tab.errors == []
+
+
+def test_after_a_burst_the_filtered_table_and_the_overview_are_filled(
+    burst_tab: BrowserPage, burst: BurstPerfdb
+) -> None:
+    tab = burst_tab
+    test = BURST_TESTS[5]
+    tab.goto("/")
+    tab.page.fill("#f-test", test)
+    tab.page.click("#filters button[type=submit]")
+    tab.page.wait_for_url(re.compile(r"test=burst_test_5"))
+    assert _row_ids(tab) == [record["record_id"] for record in burst.data.newest_first(test_name=test)[:50]]
+    assert set(_cell_values(tab, "test")) == {test}
+
+    tab.goto(f"/overview?test={test}")
+    tab.page.wait_for_selector("#histogram[data-ready=true]")
+    assert tab.coloured_pixels("#histogram canvas") > 2000
+    users = {record["user_id"] for record in burst.data.records if record["test_name"] == test}
+    assert tab.page.locator("#leaderboard tbody tr").count() == len(users)
+    count = sum(1 for record in burst.data.records if record["test_name"] == test)
+    assert tab.page.inner_text("#stat-results") == f"{count:,}"
+    tab.screenshot("burst-overview.png")
+    assert tab.errors == []
+
+
+def test_after_a_burst_paging_forwards_then_backwards_returns_the_same_rows(
+    burst_tab: BrowserPage, burst: BurstPerfdb
+) -> None:
+    tab = burst_tab
+    tab.goto("/?per_page=100")
+    forwards = [_row_ids(tab)]
+    for _ in range(4):
+        tab.page.click("a[data-pager=next]")
+        tab.page.wait_for_function(
+            "(first) => document.querySelector('#results-table tbody tr').dataset.recordId !== first",
+            arg=forwards[-1][0],
+        )
+        forwards.append(_row_ids(tab))
+    newest = [record["record_id"] for record in burst.data.newest_first()]
+    assert [record_id for ids in forwards for record_id in ids] == newest[:500]
+    backwards = [forwards[-1]]
+    for _ in range(4):
+        tab.page.click("a[data-pager=prev]")
+        tab.page.wait_for_function(
+            "(first) => document.querySelector('#results-table tbody tr').dataset.recordId !== first",
+            arg=backwards[-1][0],
+        )
+        backwards.append(_row_ids(tab))
+    assert backwards[::-1] == forwards
+    assert tab.page.locator("a[data-pager=prev]").count() == 0  # back at the newest page
+    assert tab.errors == []

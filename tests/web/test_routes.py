@@ -3,14 +3,17 @@ two months of results from several users and the real gRPC result files."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
 import orjson
+import pytest
 
 from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient
 from perfdb.records.units import CORE_METRIC_NAMES
+from perfdb.web import source as source_module
 from perfdb.web.app import STATIC_DIR
 from tests.web.conftest import SeededPerfdb, dashboard_client, newest_first
 from tests.web.parse import Page, parse_page
@@ -96,6 +99,11 @@ async def test_paging_by_time_visits_every_result_once_both_ways(seeded: SeededP
                 backwards.append(page.record_ids)
             assert backwards[::-1] == pages
             assert "first" not in page.links
+            # The far end in one step: the last full page of the order, with no further link.
+            last, _ = await _page(client, page.links["last"])
+            assert last.record_ids == order[-100:] and "next" not in last.links and "last" not in last.links
+            before_last, _ = await _page(client, last.links["prev"])
+            assert before_last.record_ids == order[-200:-100]
 
 
 async def test_a_position_outside_the_date_range_is_an_empty_page(seeded: SeededPerfdb) -> None:
@@ -130,9 +138,13 @@ async def test_sorting_by_a_metric_ranks_every_result_of_the_range(seeded: Seede
             last, _ = await _page(client, f"/?sort=client_user_time&order={order}&per_page=500")
             assert last.column("client_user_time")[-1].text == "-"
             assert last.column("client_user_time")[0].text != "-"
-        by_user, _ = await _page(client, "/?sort=user&per_page=500")
-        names = [cell.text for cell in by_user.column("user")]
-        assert names == sorted(names, key=str.casefold)
+        # Pages go back exactly: the trail of cursors in the URL leads to the page before.
+        back, _ = await _page(client, second.links["prev"])
+        assert back.record_ids == page.record_ids and "prev" not in back.links
+        assert "last" not in page.links  # a ranking has no cheap far end
+        # perfdb ranks by time and metrics: text columns are filters, so their headers do not sort.
+        assert set(page.header_links) == {"time", *CORE_METRIC_NAMES}
+        assert "sort=user" not in text
 
 
 async def test_filters_narrow_the_table_to_what_they_name(seeded: SeededPerfdb) -> None:
@@ -170,6 +182,35 @@ async def test_filters_narrow_the_table_to_what_they_name(seeded: SeededPerfdb) 
         assert empty.rows == [] and "No results match these filters." in text
 
 
+async def test_a_search_that_matches_little_goes_on_page_by_page_without_gaps(
+    seeded: SeededPerfdb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source_module, "SEARCH_BUDGET", 60)
+    monkeypatch.setattr(source_module, "PAGE_LIMIT", 30)
+    hostile = next(record for record in seeded.data.records if record["user_id"] == "hostile")  # the oldest
+    async with dashboard_client(seeded.address) as client:
+        found: list[str] = []
+        empty_pages: list[str] = []
+        url: str | None = "/?q=mallory"
+        while url is not None:
+            page, text = await _page(client, url)
+            found += page.record_ids
+            if not page.record_ids:
+                assert "The search is done by the dashboard, not by perfdb: this page examined 60 results" in text
+                empty_pages.append(url)
+            url = page.links.get("next")
+        assert found == [hostile["record_id"]]
+        assert len(empty_pages) > 3
+        # Back from an empty page goes on searching toward the newest, and ends at the first page.
+        page, _ = await _page(client, empty_pages[2])
+        steps = 0
+        while "prev" in page.links:
+            page, _ = await _page(client, page.links["prev"])
+            assert page.record_ids == []
+            steps += 1
+        assert 1 <= steps <= 3
+
+
 async def test_columns_can_be_chosen(seeded: SeededPerfdb) -> None:
     async with dashboard_client(seeded.address) as client:
         page, _ = await _page(client, "/?cols=qps,perc_lat_99")
@@ -199,6 +240,10 @@ async def test_api_results_is_the_table_as_json(seeded: SeededPerfdb) -> None:
         next_page, _ = await _page(client, page.links["next"])
         assert [row["record_id"] for row in following["results"]] == next_page.record_ids
         assert data["links"]["next"].startswith("/api/results?")
+        last = await _json(client, data["links"]["last"])
+        nightly = newest_first([record for record in seeded.data.records if record["tag"] == "nightly"])
+        assert [row["record_id"] for row in last["results"]] == [record["record_id"] for record in nightly[-25:]]
+        assert last["links"]["last"] is None and last["links"]["next"] is None and last["note"] is None
 
 
 # -- one result ------------------------------------------------------------------------------
@@ -294,24 +339,27 @@ async def test_overview_histogram_and_leaderboard_of_a_test(seeded: SeededPerfdb
     assert page.ids["stat-results"] == str(len([r for r in records if r["test_name"] == streaming]))
 
 
-async def test_overview_defaults_to_the_last_30_days_and_the_most_frequent_test(seeded: SeededPerfdb) -> None:
+async def test_overview_defaults_to_the_most_frequent_test_over_all_time(seeded: SeededPerfdb) -> None:
     async with dashboard_client(seeded.address) as client:
         data = await _json(client, "/api/overview")
-        everything = await _json(client, "/api/overview?test=&from=&to=")
-        latency = await _json(client, "/api/overview?metric=perc_lat_99&test=&from=&to=")
+        everything = await _json(client, "/api/overview?test=")
+        latency = await _json(client, "/api/overview?metric=perc_lat_99&test=")
         page, text = await _page(client, "/overview")
     # Grace runs the Go ping-pong on weekdays on top of the nightly run: it is the most frequent.
     assert data["test"] == GO_PING_PONG and data["leaderboard"]["test"] == GO_PING_PONG
-    assert data["to"] >= data["from"] and data["from"] != ""
-    assert everything["test"] == "" and everything["from"] == ""
+    assert data["results"] == len([r for r in seeded.data.records if r["test_name"] == GO_PING_PONG])
+    assert everything["test"] == "" and everything["leaderboard"]["test"] == GO_PING_PONG
     total = len(seeded.data.records) + len(seeded.data.grpc_record_ids)
     assert everything["results"] == total and sum(item["count"] for item in everything["histogram"]["bins"]) == total
-    assert everything["histogram"]["scale"] == "linear"  # QPS from 8 thousand to 300 thousand
+    assert everything["users"] == len(USERS) + 1
     # Latencies span microseconds (ping-pong) to hundreds of milliseconds (the cheri files).
-    assert latency["histogram"]["scale"] == "log"
-    assert data["results"] < total
+    bins = latency["histogram"]["bins"]
+    assert bins[0]["low"] < 100 and bins[-1]["high"] > 100_000
+    assert all(low["high"] == pytest.approx(high["low"]) for low, high in itertools.pairwise(bins))
     assert f'<option value="{GO_PING_PONG}" selected>' in text
     assert page.ids["stat-tests"] == "6"
+    # Each leaderboard row links to that user's results of the test, best first.
+    assert f'href="/?test={GO_PING_PONG}&amp;user=209876543210987654321&amp;sort=qps"' in text
 
 
 # -- safety and plumbing ---------------------------------------------------------------------
@@ -339,10 +387,12 @@ async def test_bad_query_values_are_explained_not_crashed_on(seeded: SeededPerfd
         "/?from=yesterday": "from: expected a date like 2026-01-31",
         "/?from=2026-02-30": "from: '2026-02-30' is not a date",
         "/?from=2026-02-01&to=2026-01-01": "to: must be later than from",
-        "/?sort=shoe_size": "sort: must be one of time, user, test",
+        "/?sort=shoe_size": "sort: must be one of time, qps, qps_per_core",
+        "/?sort=user": "sort: must be one of time, qps",
+        "/?sort=qps&trail=0661660d462d38000000": "trail: not a list of positions in a sorted table",
         "/?per_page=7": "per_page: must be one of 25, 50, 100, 200, 500",
         "/?before=xyz": "before: not a result id",
-        "/?before=0661660d462d38000000&after=0661660d462d38000000": "give one of them, not both",
+        "/?before=0661660d462d38000000&after=0661660d462d38000000": "give one of them, not several",
         "/overview?metric=shoe_size": "metric: must be one of qps",
         "/?test=" + "x" * 300: "test: at most 256 characters",
     }
@@ -398,20 +448,19 @@ async def test_static_assets_come_from_the_package_with_the_uplot_licence(seeded
     assert not re.search(r'(?:src|href)="(?:https?:)?//', text)
 
 
-async def test_large_ranges_are_read_in_bounded_scans(seeded: SeededPerfdb) -> None:
+async def test_no_page_reads_a_bounded_scan(seeded: SeededPerfdb) -> None:
     stored = await _all_stored(seeded)
-    async with dashboard_client(seeded.address, scan_limit=100) as client:
-        page, text = await _page(client, "/?sort=qps&per_page=500")
+    async with dashboard_client(seeded.address) as client:
+        page, _text = await _page(client, "/?sort=qps&per_page=500")
         data = await _json(client, "/api/users/static:nightly-ci/series")
-        overview = await _json(client, "/api/overview?test=&from=&to=")
+        overview = await _json(client, "/api/overview?test=")
         by_time, _ = await _page(client, "/?per_page=200")
-    # Sorting uses the newest 100 results of the range, and says so.
-    newest = {record["record_id"] for record in stored[:100]}
-    assert set(page.record_ids) == newest
-    assert "only the newest 100 are included" in text
+    # Sorting ranks every result and the overview counts every one: perfdb does both.
+    qps = sorted((record["metrics"]["qps"] for record in stored), reverse=True)
+    assert [float(cell.value or "nan") for cell in page.column("qps")] == qps[:500]
+    assert overview["results"] == len(stored)
     # Charts are downsampled by perfdb instead: every result is in them.
     assert data["results"] == len(seeded.data.of_user(NIGHTLY)) and data["note"] is None
-    assert overview["results"] == 100 and overview["truncated"] is True
     # Paging by time is not bounded that way: a page of 200 is a page of 200.
     assert len(by_time.record_ids) == 200
 

@@ -1,6 +1,7 @@
-"""The dashboard's reads from perfdb: newest-first pages built from oldest-first perfdb pages,
-bounded scans, record lookup by id, and the cache of recent scans. Against a real perfdb server
-holding dense bursts (many results in one microsecond) and years-long gaps."""
+"""The dashboard's reads from perfdb: exact pages in either time direction and by a metric, the
+bounded search, the charts' newest-first scans, record lookup by id, and the cache of recent
+scans. Against a real perfdb server holding dense bursts (many results in one microsecond) and
+years-long gaps."""
 
 from __future__ import annotations
 
@@ -108,36 +109,73 @@ async def test_newest_first_pages_cover_every_result_once(tmp_path: Path, monkey
         assert [record_id for page in pages for record_id in page] == expected
 
 
-async def test_oldest_first_pages_cover_every_result_once(tmp_path: Path) -> None:
+async def _time_pages(source: ResultSource, query: RecordQuery, *, wanted: int, newest_first: bool) -> list[list[str]]:
+    pages = []
+    position: str | None = None
+    while True:
+        found = await source.read_in_time_order(query, wanted=wanted, newest_first=newest_first, cursor=position)
+        pages.append([row.record_id for row in found.rows])
+        if not found.more:
+            return pages
+        assert found.resume is not None and found.resume != position
+        position = found.resume
+
+
+async def test_time_ordered_reads_page_exactly_both_ways(tmp_path: Path) -> None:
     async with seeded_source(tmp_path) as (source, records):
         for query, expected in (
             (RecordQuery(), _ids(records)),
             (RecordQuery(user_id="bob"), [r["record_id"] for r in records if r["user_id"] == "bob"]),
+            (RecordQuery(test_name="burst"), [r["record_id"] for r in records if r["test_name"] == "burst"]),
             (RecordQuery(search_words=("alice", "steady")), [
                 r["record_id"] for r in records if r["user_id"] == "alice" and r["test_name"] == "steady"
             ]),
         ):  # fmt: skip
-            seen: list[str] = []
-            position = None
-            while True:
-                scan = await source.scan_forward(query, wanted=33, budget=100_000, after=position)
-                seen += [row.record_id for row in scan.rows]
-                if not scan.more:
-                    break
-                position = scan.resume
-            assert seen == expected
+            for newest_first in (False, True):
+                pages = await _time_pages(source, query, wanted=33, newest_first=newest_first)
+                assert [record_id for page in pages for record_id in page] == (
+                    expected[::-1] if newest_first else expected
+                )
+                assert all(len(page) == 33 for page in pages[:-1])
+        first = await source.read_in_time_order(RecordQuery(), wanted=10, newest_first=True)
+        assert first.total == len(records)  # perfdb counts an unfiltered query exactly
+        assert (await source.read_in_time_order(RecordQuery(user_id="carol"), wanted=10, newest_first=True)).rows == []
 
 
-async def test_a_small_budget_stops_early_but_leaves_no_gap(tmp_path: Path) -> None:
+async def test_a_search_examines_a_bounded_number_and_resumes_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source_module, "SEARCH_BUDGET", 60)
+    monkeypatch.setattr(source_module, "PAGE_LIMIT", 20)
     async with seeded_source(tmp_path) as (source, records):
         bob = [record["record_id"] for record in records if record["user_id"] == "bob"]
         query = RecordQuery(search_words=("bob",))
-        pages = await _newest_first_pages(source, query, wanted=10, budget=60)
+        found = await source.read_in_time_order(query, wanted=10, newest_first=False)
+        assert found.cut and found.more and found.examined == 60
+        assert found.resume == _ids(records)[59]
+        assert [row.record_id for row in found.rows] == [r for r in bob if r <= _ids(records)[59]]
+        pages = await _time_pages(source, query, wanted=10, newest_first=True)
         assert [record_id for page in pages for record_id in page] == bob[::-1]
         assert any(len(page) < 10 for page in pages[:-1])  # some pages ran out of budget
-        scan = await source.scan_forward(query, wanted=10, budget=60)
-        assert scan.truncated and scan.more and scan.examined == 60
-        assert [row.record_id for row in scan.rows] == [r for r in bob if r <= _ids(records)[59]]
+
+
+async def test_sorted_reads_rank_the_whole_filtered_set(tmp_path: Path) -> None:
+    async with seeded_source(tmp_path) as (source, records):
+        burst = sorted(
+            (r for r in records if r["test_name"] == "burst"), key=lambda r: (-r["metrics"]["qps"], r["record_id"])
+        )
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await source.read_sorted(
+                RecordQuery(test_name="burst"), metric="qps", descending=True, limit=40, cursor=cursor
+            )
+            assert page.complete
+            seen += [row.record_id for row in page.rows]
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert seen == [record["record_id"] for record in burst]
 
 
 async def test_find_record_picks_one_result_out_of_its_microsecond(tmp_path: Path) -> None:

@@ -4,15 +4,23 @@ charts, and the perfdb-web command line."""
 from __future__ import annotations
 
 import argparse
+import math
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from perfdb.config import Config as ServerConfig
 from perfdb.config import ConfigError
 from perfdb.config import build_parser as server_parser
-from perfdb.web.analysis import axis_scale, histogram, leaderboard, sort_rows
+from perfdb.web.analysis import (
+    axis_scale,
+    leaderboard,
+    merge_aggregates,
+    overview_histogram,
+    ranked_users,
+)
 from perfdb.web.app import asset_urls, build_parser, config_from_args, main
 from perfdb.web.markup import Markup, render
 from perfdb.web.pages import flatten
@@ -42,19 +50,26 @@ def _params(url: str) -> dict[str, str]:
 
 
 def test_table_view_round_trips_through_its_url() -> None:
+    trail = ("0661660d462d38000000:-9120", "0661660d4790e2000000:-1.5e+20", "0661660d4790e2000001:")
     view = TableView.from_params(
         {"test": "unary", "q": "ada", "from": "2026-01-01", "sort": "perc_lat_99", "order": "desc",
-         "cols": "qps,perc_lat_99", "per_page": "100", "page": "3"}
+         "cols": "qps,perc_lat_99", "per_page": "100", "trail": ",".join(trail)}
     )  # fmt: skip
     assert TableView.from_params(_params(view.url())) == view
-    assert view.descending and view.columns == ("qps", "perc_lat_99") and view.page == 3
+    assert view.descending and view.columns == ("qps", "perc_lat_99") and view.trail == trail
+    assert view.page_number == 4
+    last = TableView.from_params({"last": "1", "tag": "x"})
+    assert last.last and TableView.from_params(_params(last.url())) == last
     # Defaults stay out of the URL; the first page of the default view is just "/".
     assert TableView().url() == "/"
     assert TableView.from_params({"sort": "qps"}).url() == "/?sort=qps"  # highest first is the default
     assert TableView.from_params({"sort": "perc_lat_99"}).descending is False  # lowest latency first
-    # Sorting by time is paged by position, by anything else by number: each keeps only its own.
-    assert "page" not in _params(TableView.from_params({"page": "4"}).url())
+    # Sorting by time is paged by position, by a metric by cursors: each keeps only its own.
+    assert "trail" not in _params(TableView.from_params({"trail": "0" * 20 + ":1"}).url())
     assert "before" not in _params(TableView.from_params({"sort": "qps", "before": "0" * 20}).url())
+    for bad in ({"trail": "nope"}, {"trail": ",".join(["0" * 20 + ":1"] * 100)}, {"last": "1", "before": "0" * 20}):
+        with pytest.raises(QueryError):
+            TableView.from_params(bad)
 
 
 def test_a_header_click_sorts_then_flips() -> None:
@@ -63,7 +78,8 @@ def test_a_header_click_sorts_then_flips() -> None:
     assert (by_qps.sort, by_qps.descending, by_qps.before) == ("qps", True, None)
     assert by_qps.sorted_by("qps").descending is False
     assert view.sorted_by("time").descending is False  # time is already newest first
-    assert view.sorted_by("test").descending is False
+    with pytest.raises(QueryError, match="sort: must be one of time, qps"):
+        TableView.from_params({"sort": "test"})  # perfdb ranks by time or a metric only
 
 
 def test_dates_are_whole_utc_days_or_rfc3339_times() -> None:
@@ -85,11 +101,10 @@ def test_user_and_overview_views() -> None:
     assert user.api_url() == "/api/users/static%3Aci%2Fbot/series?test=unary"
     with pytest.raises(QueryError):
         UserView.from_params("bad\nid", {})
-    first_visit = OverviewView.from_params({})
-    assert first_visit.filters.date_from and first_visit.filters.date_to  # the last 30 days
-    everything = OverviewView.from_params({"from": "", "to": "", "test": ""})
-    assert everything.filters.since is None and OverviewView.from_params(_params(everything.url())) == everything
-    assert _params(everything.url()) == {"metric": "qps", "test": "", "from": "", "to": ""}
+    assert OverviewView.from_params({}) == OverviewView("qps", "")
+    everything = OverviewView.from_params({"metric": "perc_lat_99", "test": ""})
+    assert OverviewView.from_params(_params(everything.url())) == everything
+    assert _params(everything.url()) == {"metric": "perc_lat_99", "test": ""}
 
 
 def test_columns_list_and_defaults() -> None:
@@ -114,46 +129,57 @@ def test_nested_configuration_flattens_to_paths() -> None:
 # -- numbers behind the pages ---------------------------------------------------------------------
 
 
-def test_sorting_puts_missing_values_last_either_way() -> None:
-    rows = [_row("03", qps=5), _row("01"), _row("02", qps=9), _row("04", qps=5)]
-    assert [row.record_id for row in sort_rows(rows, "qps", True, {})] == ["02", "04", "03", "01"]
-    assert [row.record_id for row in sort_rows(rows, "qps", False, {})] == ["04", "03", "02", "01"]
-    assert [row.record_id for row in sort_rows(rows, "time", True, {})] == ["04", "03", "02", "01"]
+def _aggregate(values: dict[str, list[float]]) -> dict[str, Any]:
+    """A test's aggregates as perfdb's overview op reports them (section 3.10), from user -> values."""
+    every = [value for user_values in values.values() for value in user_values]
+    buckets: dict[int, int] = {}
+    for value in every:
+        index = math.floor(math.log10(value) * 8)
+        buckets[index] = buckets.get(index, 0) + 1
+    return {
+        "records": len(every) + 1,
+        "count": len(every),
+        "min": min(every),
+        "max": max(every),
+        "histogram": [[10 ** (k / 8), 10 ** ((k + 1) / 8), count] for k, count in sorted(buckets.items())],
+        "users": {user: {"count": len(vs), "best": max(vs)} for user, vs in values.items()},
+    }
 
 
-def test_histogram_bins_hold_every_value_once() -> None:
-    rows = [_row(f"{index:02d}", user=f"u{index % 3}", qps=float(value)) for index, value in enumerate(range(10, 110))]
-    linear = histogram(rows, "qps", 10)
-    assert linear["scale"] == "linear" and linear["count"] == 100
-    assert [item["count"] for item in linear["bins"]] == [10] * 10
-    assert (linear["bins"][0]["low"], linear["bins"][-1]["high"]) == (10, 109)
-    assert linear["bins"][0]["users"] == 3
-    latencies = [_row(f"{index:02d}", perc_lat_99=value) for index, value in enumerate((10.0, 100.0, 1000.0, 10_000.0))]
-    log = histogram(latencies, "perc_lat_99", 3)
-    assert log["scale"] == "log" and [item["count"] for item in log["bins"]] == [1, 1, 2]
-    assert log["bins"][0]["label"] == "10 µs \u2013 100 µs"
-    single = histogram([_row("01", qps=7.0), _row("02", qps=7.0)], "qps", 20)
-    assert [item["count"] for item in single["bins"]] == [2]
-    assert histogram([_row("01")], "qps", 20) == {"scale": "linear", "bins": [], "count": 0}
+def test_overview_histogram_spans_perfdbs_buckets_from_min_to_max() -> None:
+    one = _aggregate({"ann": [10.0, 11.0, 100.0], "bob": [12.0]})
+    histogram = overview_histogram(one, "qps")
+    assert histogram["scale"] == "log" and histogram["count"] == 4
+    # 10 to 100 is one decade: eight buckets, the empty ones between drawn as zero.
+    assert [item["count"] for item in histogram["bins"]] == [3, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert (histogram["bins"][0]["low"], histogram["bins"][-1]["high"]) == (10.0, 100.0)
+    assert histogram["bins"][1]["low"] == pytest.approx(10 ** (9 / 8))
+    assert histogram["bins"][0]["label"] == "10.00 \u2013 13.34"
+    # The first and last of perfdb's buckets are open-ended.
+    open_ended = {"count": 2, "min": -5.0, "max": 2e12, "histogram": [[None, 0.001, 1], [1e12, None, 1]]}
+    bins = overview_histogram(open_ended, "qps")["bins"]
+    assert len(bins) == 122 and (bins[0]["low"], bins[-1]["high"]) == (-5.0, 2e12)
+    assert overview_histogram(merge_aggregates([]), "qps") == {"scale": "log", "bins": [], "count": 0}
 
 
-def test_leaderboard_keeps_each_users_best_by_the_metrics_direction() -> None:
-    rows = [
-        _row("01", "ann", qps=100, perc_lat_99=50),
-        _row("02", "ann", qps=300, perc_lat_99=80),
-        _row("03", "bob", qps=200, perc_lat_99=40),
-        _row("04", "bob", test="other", qps=900, perc_lat_99=1),
-    ]
-    users = {"ann": {"name": "Ann"}}
-    by_qps = leaderboard(rows, users, "t", "qps")
-    assert [(entry.user_name, entry.value, entry.record_id, entry.results) for entry in by_qps] == [
-        ("Ann", 300, "02", 2),
-        ("bob", 200, "03", 1),
-    ]
-    by_latency = leaderboard(rows, users, "t", "perc_lat_99")
-    assert [(entry.rank, entry.user_id, entry.text) for entry in by_latency] == [
-        (1, "bob", "40 µs"),
-        (2, "ann", "50 µs"),
+def test_all_tests_merge_counts_buckets_and_users() -> None:
+    merged = merge_aggregates([_aggregate({"ann": [10.0, 20.0]}), _aggregate({"bob": [10.5], "ann": [1000.0]})])
+    assert (merged["count"], merged["records"], merged["min"], merged["max"]) == (4, 6, 10.0, 1000.0)
+    assert sorted(merged["users"]) == ["ann", "bob"]
+    assert sum(count for _, _, count in merged["histogram"]) == 4
+    assert merged["histogram"][0][2] == 2  # 10 and 10.5 share a bucket
+
+
+def test_leaderboard_ranks_users_by_their_best_in_the_metrics_direction() -> None:
+    users = {"ann": {"count": 3, "best": 300.0}, "bob": {"count": 1, "best": 200.0}, "cy": {"count": 2, "best": 300.0}}
+    ranked = ranked_users({"users": users}, "higher")
+    assert [user for user, _ in ranked] == ["ann", "cy", "bob"]  # a tie goes in user id order
+    assert [user for user, _ in ranked_users({"users": users}, "lower")] == ["bob", "ann", "cy"]
+    entries = leaderboard(ranked, {"ann": {"name": "Ann"}, "bob": None}, "perc_lat_99")
+    assert [(entry.rank, entry.user_name, entry.text, entry.results) for entry in entries] == [
+        (1, "Ann", "300 µs", 3),
+        (2, "cy", "300 µs", 2),
+        (3, "bob", "200 µs", 1),
     ]
 
 

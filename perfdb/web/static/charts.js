@@ -541,7 +541,7 @@
     }
     const bins = data.histogram.bins;
     if (bins.length === 0) {
-      showMessage(container, "No values of this metric in this range.");
+      showMessage(container, "No stored result has this metric.");
       container.dataset.ready = "true";
       return;
     }
@@ -589,10 +589,9 @@
               return;
             }
             const bin = bins[index];
-            const users = `${bin.users} user${bin.users === 1 ? "" : "s"}`;
             tooltip.replaceChildren(
               element("div", "tt-title", bin.label),
-              element("div", null, `${bin.count.toLocaleString("en")} result${bin.count === 1 ? "" : "s"} from ${users}`),
+              element("div", null, `${bin.count.toLocaleString("en")} result${bin.count === 1 ? "" : "s"}`),
             );
             placeTooltip(u, u.valToPos(index, "x"), u.cursor.top);
           },
@@ -602,7 +601,7 @@
     const u = new uPlot(options, [xs, counts], container);
     u.over.addEventListener("mouseleave", hideTooltip);
     charts.push({ id: "histogram", plot: u, state });
-    const scale = data.histogram.scale === "log" ? "Bins grow by equal ratios (the values span orders of magnitude)." : "Bins of equal width.";
+    const scale = data.histogram.scale === "log" ? "perfdb's bins: each about 1.33 times as wide as the one before (eight per tenfold)." : "Bins of equal width.";
     note.textContent = `${data.histogram.count.toLocaleString("en")} results from ${data.users.toLocaleString("en")} users. ${scale}`;
     container.dataset.ready = "true";
   }
