@@ -11,7 +11,7 @@ from typing import Any
 
 from perfdb.records.units import format_value
 from perfdb.web.queries import METRICS_BY_NAME
-from perfdb.web.source import ResultRow, display_name
+from perfdb.web.source import display_name
 
 # The user page's charts: which metrics each one draws, in one unit.
 CHARTS = (
@@ -38,12 +38,6 @@ CHARTS = (
 )
 
 
-def count_tests(rows: list[ResultRow]) -> list[tuple[str, int]]:
-    """Tests and how many results each has, the most frequent first."""
-    counts = collections.Counter(row.test_name for row in rows)
-    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-
-
 def axis_scale(unit: str, values: list[float]) -> dict[str, Any]:
     """How a chart axis shows a unit: latencies in µs, ms or s depending on their size."""
     if unit == "us":
@@ -54,15 +48,6 @@ def axis_scale(unit: str, values: list[float]) -> dict[str, Any]:
             return {"label": "ms", "divisor": 1000}
         return {"label": "µs", "divisor": 1}
     return {"label": {"qps": "queries/s", "percent": "%"}.get(unit, ""), "divisor": 1}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Bin:
-    low: float
-    high: float
-    count: int
-    users: int
-    label: str
 
 
 # perfdb's overview histogram: fixed buckets, eight per decade (protocol_spec.md section 3.10).

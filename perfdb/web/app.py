@@ -25,15 +25,13 @@ from perfdb.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
-    non_negative_float,
     positive_float,
-    positive_int,
 )
 from perfdb.observability.http import HttpRequestMetrics, metrics_handler, process_registry
 from perfdb.protocol.addresses import AddressError, format_address, parse_address
 from perfdb.runtime import configure_logging, run_event_loop
 from perfdb.web import handlers, pages
-from perfdb.web.source import PerfdbError, RecentScans, ResultSource
+from perfdb.web.source import PerfdbError, ResultSource
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_LISTEN = "localhost:8080"
@@ -51,8 +49,6 @@ class WebConfig:
     ca_file: str | None = None
     timeout: float = 10.0  # seconds to wait for one perfdb reply
     connect_timeout: float = 2.0
-    scan_limit: int = 20_000  # results kept by one chart scan
-    cache_seconds: float = 30.0  # how long a chart scan is reused
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT  # or "json": one object per line
 
@@ -84,9 +80,7 @@ def build_app(config: WebConfig) -> web.Application:
     )
     app[handlers.DASHBOARD] = handlers.Dashboard(
         source=source,
-        scans=RecentScans(config.cache_seconds),
         site=pages.Site(server_address=config.server, assets=asset_urls()),
-        scan_limit=config.scan_limit,
     )
     handlers.add_routes(app)
     app.router.add_get("/metrics", metrics_handler(registry), name="metrics")
@@ -98,9 +92,7 @@ def build_app(config: WebConfig) -> web.Application:
 
 async def _close_source(app: web.Application) -> AsyncIterator[None]:
     yield
-    dashboard = app[handlers.DASHBOARD]
-    await dashboard.scans.close()
-    await dashboard.source.close()
+    await app[handlers.DASHBOARD].source.close()
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -135,19 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=10.0,
         help="seconds to wait for each perfdb reply; connecting waits at most 2 s (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--scan-limit",
-        type=positive_int,
-        default=20_000,
-        help="most results, the newest of the range, that the overview and sorting by a column read at once; "
-        "charts are downsampled by perfdb instead and show every result (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-seconds",
-        type=non_negative_float,
-        default=30.0,
-        help="how long such a read is reused for the next charts; 0 turns this off (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",
@@ -193,8 +172,6 @@ def config_from_args(argv: Sequence[str] | None = None) -> WebConfig:
         tls=args.tls,
         ca_file=args.ca_file,
         timeout=args.timeout,
-        scan_limit=args.scan_limit,
-        cache_seconds=args.cache_seconds,
         log_level=args.log_level,
         log_format=args.log_format,
     )

@@ -39,11 +39,9 @@ from perfdb.web.queries import (
 )
 from perfdb.web.source import (
     PerfdbError,
-    RecentScans,
     RecordQuery,
     ResultRow,
     ResultSource,
-    Scan,
     TimeRead,
     display_name,
 )
@@ -70,44 +68,19 @@ class NotFoundError(Exception):
 
 @dataclasses.dataclass(slots=True)
 class Dashboard:
-    """Everything the handlers share: the perfdb source, recent scans and page settings."""
+    """Everything the handlers share: the perfdb source and the site's page settings."""
 
     source: ResultSource
-    scans: RecentScans  # the user page's chart data
     site: pages.Site
-    scan_limit: int  # results a chart scan keeps at most
-
-    async def newest(self, query: RecordQuery) -> Scan:
-        """The newest `scan_limit` results of a query, from the recent-scans cache when possible."""
-
-        async def produce() -> Scan:
-            # A search may discard most of what is read: reading stops at three times the limit.
-            return await self.source.scan_newest(query, wanted=self.scan_limit, budget=3 * self.scan_limit)
-
-        return await self.scans.get(query, produce)
-
-    def truncation_note(self, scan: Scan) -> str | None:
-        """What a page says when its results are not the whole range."""
-        if not scan.more:
-            return None
-        if len(scan.rows) < self.scan_limit:
-            return (
-                f"The search matched {len(scan.rows):,} of the newest {scan.examined:,} results in this range; "
-                "older ones were not searched. Narrow the date range to search all of it."
-            )
-        return (
-            f"This range holds more than {self.scan_limit:,} results; only the newest {self.scan_limit:,} are "
-            "included. Narrow the date range or the filters to include them all."
-        )
 
 
 DASHBOARD = web.AppKey("dashboard", Dashboard)
 
 
-def record_query(filters: Filters, *, with_test: bool = True) -> RecordQuery:
+def record_query(filters: Filters) -> RecordQuery:
     return RecordQuery(
         user_id=filters.user or None,
-        test_name=(filters.test or None) if with_test else None,
+        test_name=filters.test or None,
         tag=filters.tag or None,
         since=filters.since,
         until=filters.until,

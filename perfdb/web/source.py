@@ -1,23 +1,18 @@
 """The dashboard's window on perfdb: one long-lived client, exact pages read with perfdb's own
-filters, cursors and rankings, bounded scans for the charts, and perfdb failures turned into
-messages a reader can act on."""
+filters, cursors and rankings, its series and overview aggregates for the charts, and perfdb
+failures turned into messages a reader can act on."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import dataclasses
-import functools
 import ssl
-import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from typing import Any
 
 from perfdb.client import AsyncClient, PerfdbClientError, RetryPolicy
 from perfdb.client.common import CONNECTION_FAILED, PROTOCOL_ERROR, TIMEOUT
-from perfdb.records.record_ids import make_record_id, record_id_micros
-from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.records.record_ids import record_id_micros
+from perfdb.records.timestamps import format_micros
 from perfdb.records.units import CORE_METRIC_NAMES
 
 # Records per perfdb request. Every handler shares one pipelined connection, so a page must be
@@ -29,10 +24,6 @@ SEARCH_BUDGET = 5000
 # perfdb examines at most 50,000 index entries per request; a page whose filters intersect
 # thinly reads on for at most this many requests before it says it stopped.
 MAX_REQUESTS_PER_PAGE = 8
-# Newest-first scans read backwards in time windows, newest window first. The first window is
-# short so that a busy database answers the first page of the table from one window.
-FIRST_WINDOW_MICROS = 3600 * 1_000_000
-SMALLEST_WINDOW_MICROS = 1000
 # Server errors that mean "perfdb cannot answer right now" rather than "perfdb says no".
 UNAVAILABLE_CODES = frozenset({CONNECTION_FAILED, TIMEOUT, "shutting_down", "overloaded", "timeout"})
 
@@ -76,7 +67,7 @@ class PerfdbError(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ResultRow:
-    """One result as the table, charts and overview use it: identity, labels and core metrics."""
+    """One result as the table shows it: identity, labels and core metrics."""
 
     record_id: str
     user_id: str
@@ -97,10 +88,6 @@ class ResultRow:
             tag=record.get("tag", ""),
             metrics={name: metrics[name] for name in CORE_METRIC_NAMES if name in metrics},
         )
-
-    @property
-    def micros(self) -> int:
-        return record_id_micros(self.record_id)
 
 
 def display_name(user_id: str, profile: dict[str, Any] | None) -> str:
@@ -124,18 +111,6 @@ class RecordQuery:
             return True
         haystack = f"{row.test_name}\n{row.tag}\n{row.user_id}\n{display_name(row.user_id, profile)}".casefold()
         return all(word in haystack for word in self.search_words)
-
-
-@dataclasses.dataclass(slots=True)
-class Scan:
-    """Rows found by a scan, oldest first, and where the scan stopped."""
-
-    rows: list[ResultRow]
-    users: dict[str, dict[str, Any]]
-    more: bool  # more matching results may lie beyond `resume`
-    resume: str | None  # the position to go on from, in the scan's direction
-    examined: int = 0
-    truncated: bool = False  # stopped because it read as much as it may, not at the end of the range
 
 
 @dataclasses.dataclass(slots=True)
@@ -222,33 +197,6 @@ class ResultSource:
             raise
         profile: dict[str, Any] = page["user"]
         return profile
-
-    async def _pages(
-        self, query: RecordQuery, since: int | None, until: int | None
-    ) -> AsyncGenerator[tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]]:
-        """Pages of records in [since, until), oldest first, with their users' profiles."""
-        fields: dict[str, Any] = {
-            "test_name": query.test_name,
-            "tag": query.tag,
-            "since": format_micros(since) if since else None,
-            "until": format_micros(until) if until is not None else None,
-            "limit": await self.page_limit(),
-        }
-        if query.user_id is not None:
-            fields["user_id"] = query.user_id
-        op = "get_user" if query.user_id is not None else "get_all"
-        while True:
-            try:
-                page = await self._call(op, **fields)
-            except PerfdbError as error:
-                if error.code == "not_found":  # a user with no records at all has none in range either
-                    return
-                raise
-            users = {query.user_id: page["user"]} if query.user_id is not None else page["users"]
-            yield page["records"], users
-            if not page.get("next_cursor"):
-                return
-            fields["cursor"] = page["next_cursor"]
 
     async def edges(self, query: RecordQuery) -> tuple[int, int] | None:
         """The times of the oldest and the newest result a query matches (search words aside),
@@ -414,126 +362,3 @@ class ResultSource:
             examined=page.get("examined", 0),
             complete=page.get("complete", True),
         )
-
-    async def scan_newest(self, query: RecordQuery, *, wanted: int, budget: int, before: str | None = None) -> Scan:
-        """The newest `wanted` matching results before position `before`, oldest first.
-
-        perfdb pages oldest first only, so this reads time windows backwards from the end of the
-        range: each window is paged forward and keeps its newest matches. A window that turns out
-        far denser than needed is dropped and read again narrower; an empty one makes the next one
-        wider. Stops between windows once `budget` records have been read.
-        """
-        lower = query.since or 0
-        end = query.until
-        if before is not None:
-            limit = record_id_micros(before) + 1  # that microsecond too: ids below `before` in it count
-            end = limit if end is None else min(end, limit)
-        need = wanted + 1  # one more than shown tells whether an older page exists
-        collected: list[ResultRow] = []
-        users: dict[str, dict[str, Any]] = {}
-        examined = 0
-        span = FIRST_WINDOW_MICROS
-        truncated = False
-        while len(collected) < need:
-            top = end if end is not None else max(now_micros(), lower + 1)
-            if top <= lower:
-                break
-            if examined >= budget and end is not None:  # the first window always completes
-                truncated = True
-                break
-            start = max(lower, top - span)
-            remaining = need - len(collected)
-            window: collections.deque[ResultRow] = collections.deque(maxlen=remaining)
-            window_users: dict[str, dict[str, Any]] = {}
-            window_examined = 0
-            too_dense = False
-            # Reading much more than is kept wastes work: past this, a narrower window is cheaper.
-            cap = 2 * remaining + 2 * PAGE_LIMIT
-            pages = self._pages(query, start, end)
-            async with contextlib.aclosing(pages):
-                async for records, page_users in pages:
-                    for record in records:
-                        if before is not None and record["record_id"] >= before:
-                            continue
-                        window_examined += 1
-                        row = ResultRow.from_record(record)
-                        profile = page_users.get(row.user_id)
-                        if query.accepts(row, profile):
-                            window.append(row)
-                            window_users[row.user_id] = profile or {}
-                    if window_examined > cap and span > SMALLEST_WINDOW_MICROS and start > lower:
-                        too_dense = True
-                        break
-            examined += window_examined
-            if too_dense:
-                # At least 8 times narrower; narrower still if the part read so far was that dense.
-                covered = max(1, row.micros - start + 1)
-                dense_span = int((cap / 2) * covered / window_examined)
-                span = max(SMALLEST_WINDOW_MICROS, min(span // 8, dense_span))
-                continue
-            kept = list(window)
-            collected = kept + collected
-            users.update({row.user_id: window_users[row.user_id] for row in kept})
-            end = start
-            # Size the next window from the density just seen: about half of what it may read.
-            growth = (cap / 2) / window_examined if window_examined else 8
-            span = max(SMALLEST_WINDOW_MICROS, int(span * min(8.0, max(0.5, growth))))
-        if len(collected) >= need:
-            shown = collected[-wanted:]
-            return Scan(shown, users, more=True, resume=shown[0].record_id, examined=examined)
-        if truncated and end is not None:
-            # Everything from `end` on has been read: the next page starts just below it.
-            return Scan(collected, users, more=True, resume=make_record_id(end, 0), examined=examined, truncated=True)
-        return Scan(collected, users, more=False, resume=None, examined=examined)
-
-
-@dataclasses.dataclass(slots=True)
-class _CachedScan:
-    task: asyncio.Future[Scan]
-    expires: float = float("inf")  # set when the scan finishes
-
-
-class RecentScans:
-    """Bulk scans kept for a few seconds: paging through a table sorted by a metric, or a page
-    and the chart data behind it, read perfdb once, and identical concurrent scans share one read."""
-
-    def __init__(self, ttl: float, size: int = 4) -> None:
-        self._ttl = ttl
-        self._size = size
-        self._entries: collections.OrderedDict[Hashable, _CachedScan] = collections.OrderedDict()
-
-    async def get(self, key: Hashable, produce: Callable[[], Awaitable[Scan]]) -> Scan:
-        if self._ttl <= 0:
-            return await produce()
-        entry = self._entries.get(key)
-        if entry is None or entry.expires < time.monotonic():
-            entry = _CachedScan(asyncio.ensure_future(produce()))
-            entry.task.add_done_callback(functools.partial(self._finished, key))
-            self._entries[key] = entry
-            self._evict()
-        self._entries.move_to_end(key)
-        # Shielded: a reader who leaves must not cancel a scan that others are waiting for.
-        return await asyncio.shield(entry.task)
-
-    def _finished(self, key: Hashable, task: asyncio.Future[Scan]) -> None:
-        entry = self._entries.get(key)
-        if task.cancelled() or task.exception() is not None:
-            # Failures are not kept: the next reader tries perfdb again.
-            if entry is not None and entry.task is task:
-                del self._entries[key]
-            return
-        if entry is not None and entry.task is task:
-            entry.expires = time.monotonic() + self._ttl
-
-    def _evict(self) -> None:
-        while len(self._entries) > self._size:
-            _, oldest = self._entries.popitem(last=False)
-            # Still running: someone awaits it through the shield and gets its result anyway.
-            del oldest
-
-    async def close(self) -> None:
-        pending = [entry.task for entry in self._entries.values() if not entry.task.done()]
-        self._entries.clear()
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)

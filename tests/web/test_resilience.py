@@ -68,7 +68,7 @@ async def test_perfdb_down_is_a_readable_503_and_a_restart_needs_no_action(tmp_p
         except BaseException:
             await first.shutdown()
             raise
-        async with dashboard_client(f"127.0.0.1:{port}", cache_seconds=0) as web:
+        async with dashboard_client(f"127.0.0.1:{port}") as web:
             try:
                 response = await web.get("/")
                 assert parse_page(await response.text()).record_ids == record_ids

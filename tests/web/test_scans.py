@@ -1,11 +1,9 @@
 """The dashboard's reads from perfdb: exact pages in either time direction and by a metric, the
-bounded search, the charts' newest-first scans, record lookup by id, and the cache of recent
-scans. Against a real perfdb server holding dense bursts (many results in one microsecond) and
-years-long gaps."""
+bounded search, and record lookup by id. Against a real perfdb server holding dense bursts (many
+results in one microsecond) and years-long gaps."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from perfdb.client import AsyncClient
 from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.web import source as source_module
-from perfdb.web.source import RecentScans, RecordQuery, ResultSource, Scan
+from perfdb.web.source import RecordQuery, ResultSource
 from tests.support import perfdb_with_provider
 
 ADMIN_KEY = "admin-key-for-scan-tests-0123456789"
@@ -71,42 +69,6 @@ async def seeded_source(tmp_path: Path) -> AsyncIterator[tuple[ResultSource, lis
 
 def _ids(records: list[dict[str, Any]]) -> list[str]:
     return [record["record_id"] for record in records]
-
-
-async def _newest_first_pages(source: ResultSource, query: RecordQuery, wanted: int, budget: int) -> list[list[str]]:
-    pages = []
-    position: str | None = None
-    while True:
-        scan = await source.scan_newest(query, wanted=wanted, budget=budget, before=position)
-        pages.append([row.record_id for row in reversed(scan.rows)])
-        if not scan.more:
-            return pages
-        assert scan.resume is not None and scan.resume != position
-        position = scan.resume
-
-
-async def test_newest_first_pages_cover_every_result_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Small perfdb pages, so that windows span several pages and bursts overflow them.
-    monkeypatch.setattr(source_module, "PAGE_LIMIT", 20)
-    async with seeded_source(tmp_path) as (source, records):
-        newest = _ids(records)[::-1]
-        for wanted in (3, 50):
-            pages = await _newest_first_pages(source, RecordQuery(), wanted, budget=100_000)
-            assert [record_id for page in pages for record_id in page] == newest
-            assert all(len(page) == wanted for page in pages[:-1])
-        bob = [record["record_id"] for record in records if record["user_id"] == "bob"][::-1]
-        pages = await _newest_first_pages(source, RecordQuery(search_words=("brown",)), 7, budget=100_000)
-        assert [record_id for page in pages for record_id in page] == bob
-        # perfdb's own filters and the date range narrow the windows too.
-        since, until = records[50]["record_id"], records[400]["record_id"]
-        ranged = RecordQuery(test_name="burst", since=int(since[:14], 16), until=int(until[:14], 16))
-        expected = [
-            record["record_id"]
-            for record in records
-            if record["test_name"] == "burst" and since[:14] <= record["record_id"][:14] < until[:14]
-        ][::-1]
-        pages = await _newest_first_pages(source, ranged, 40, budget=100_000)
-        assert [record_id for page in pages for record_id in page] == expected
 
 
 async def _time_pages(source: ResultSource, query: RecordQuery, *, wanted: int, newest_first: bool) -> list[list[str]]:
@@ -190,58 +152,3 @@ async def test_find_record_picks_one_result_out_of_its_microsecond(tmp_path: Pat
         assert await source.find_record(shared[0]["record_id"][:14] + "0000ff") is None
         assert await source.profile("bob") == USERS["bob"]
         assert await source.profile("carol") is None
-
-
-# -- the cache of recent scans -------------------------------------------------------------------
-
-
-def _scan(marker: str) -> Scan:
-    return Scan(rows=[], users={marker: {}}, more=False, resume=None)
-
-
-async def test_recent_scans_share_one_read_and_expire() -> None:
-    scans = RecentScans(ttl=0.2)
-    calls: list[str] = []
-    release = asyncio.Event()
-
-    async def produce() -> Scan:
-        calls.append("read")
-        await release.wait()
-        return _scan(str(len(calls)))
-
-    waiting = [asyncio.ensure_future(scans.get("key", produce)) for _ in range(5)]
-    await asyncio.sleep(0.01)
-    release.set()
-    results = await asyncio.gather(*waiting)
-    assert len(calls) == 1 and all(result is results[0] for result in results)
-    assert await scans.get("key", produce) is results[0]  # still fresh
-    await asyncio.sleep(0.25)
-    assert (await scans.get("key", produce)).users == {"2": {}}
-    await scans.close()
-
-
-async def test_recent_scans_forget_failures_and_can_be_off() -> None:
-    scans = RecentScans(ttl=60)
-    attempts = 0
-
-    async def flaky() -> Scan:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise source_module.PerfdbError("connection_failed", "down", unavailable=True)
-        return _scan("ok")
-
-    with pytest.raises(source_module.PerfdbError):
-        await scans.get("key", flaky)
-    assert (await scans.get("key", flaky)).users == {"ok": {}}
-    assert attempts == 2
-    uncached = RecentScans(ttl=0)
-    await uncached.get("key", flaky)
-    await uncached.get("key", flaky)
-    assert attempts == 4
-    # Closing cancels a read still in flight, quietly.
-    stuck = asyncio.ensure_future(scans.get("other", lambda: asyncio.sleep(30, _scan("late"))))
-    await asyncio.sleep(0.01)
-    await scans.close()
-    with pytest.raises(asyncio.CancelledError):
-        await stuck

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,7 @@ from perfdb.web.queries import (
     parse_moment,
     quick_range,
 )
-from perfdb.web.source import ResultRow
 from tests.support import DASHBOARD, REPO_ROOT, Spawn
-
-
-def _row(record_id: str, user: str = "u", test: str = "t", **metrics: float) -> ResultRow:
-    return ResultRow(record_id, user, "2026-01-01T00:00:00.000000Z", test, "", dict(metrics))
 
 
 def _params(url: str) -> dict[str, str]:
@@ -207,8 +203,17 @@ def test_help_documents_every_option(spawn: Spawn) -> None:
     assert len(options) >= 10
     for option in options:
         assert option in text
-    for documented in ("--server", "--listen", "--read-key-file", "--timeout", "--scan-limit", "--tls"):
+    for documented in ("--server", "--listen", "--read-key-file", "--timeout", "--tls"):
         assert documented in options
+
+
+def test_readme_lists_exactly_the_dashboards_options() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Dashboard\n") :]
+    table = section[section.index("| option |") : section.index("\n\n", section.index("| option |"))]
+    listed = {option for line in table.splitlines()[2:] for option in re.findall(r"`(--[a-z-]+)`", line.split("|")[1])}
+    options = {action.option_strings[-1] for action in build_parser()._actions if action.option_strings}
+    assert listed == options - {"--help", "--version"}
 
 
 def test_settings_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,7 +231,7 @@ def test_settings_from_the_command_line(tmp_path: Path, monkeypatch: pytest.Monk
         config_from_args(["--listen", "nowhere"])
 
 
-def test_dashboard_and_server_take_the_same_log_settings_and_zero_cache_seconds() -> None:
+def test_dashboard_and_server_take_the_same_log_settings() -> None:
     def choices(parser: argparse.ArgumentParser, option: str) -> tuple[object, ...]:
         (action,) = [action for action in parser._actions if option in action.option_strings]
         assert action.choices is not None
@@ -236,10 +241,6 @@ def test_dashboard_and_server_take_the_same_log_settings_and_zero_cache_seconds(
         assert choices(build_parser(), option) == choices(server_parser(), option), option
     defaults, server_defaults = config_from_args([]), ServerConfig()
     assert (defaults.log_level, defaults.log_format) == (server_defaults.log_level, server_defaults.log_format)
-    assert config_from_args(["--cache-seconds", "0"]).cache_seconds == 0.0  # 0 turns the reuse off
-    for refused in ("-1", "nan"):
-        with pytest.raises(SystemExit):
-            config_from_args(["--cache-seconds", refused])
 
 
 def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
