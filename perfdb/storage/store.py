@@ -46,6 +46,13 @@ SCAN_BUDGET = 50_000
 # A page also stops once its records add up to this many bytes, whatever the limit, so one
 # reply (and the memory behind it) stays bounded.
 PAGE_BYTES = 8 * 1024 * 1024
+# A read sorted by a core metric walks that metric's index (best first) unless a filter holds at
+# most this many records: then ranking the filter's own entries is cheaper than skipping the
+# index entries of records the filter does not admit.
+METRIC_INDEX_MIN_FILTERED = 20_000
+# Records that tie on a metric are read back in id order; a tie group up to this size is
+# buffered from the descending walk, a larger one read forward on its own.
+_TIE_BUFFER = 256
 _READ_THREADS = 4
 _OVERVIEW_LOAD_BATCH = 10_000
 
@@ -527,7 +534,11 @@ class ResultStore:
     def _read_page(self, snapshot: plyvel.Snapshot, query: Query, *, through: str | None = None) -> Page:
         """A page of the query; `through`: a record id past which a time-ordered page does not go."""
         source = _choose_source(snapshot, query)
-        if query.sort is not None:
+        if query.sort in layout.INDEXED_METRICS and (
+            source.prefix == layout.RECORD_PREFIX or source.count > METRIC_INDEX_MIN_FILTERED
+        ):
+            page = self._read_by_metric_index(snapshot, query)
+        elif query.sort is not None:
             page = self._read_sorted(snapshot, source, query)
         else:
             page = self._read_in_time_order(snapshot, source, query, through)
@@ -647,6 +658,57 @@ class ResultStore:
             page_bytes += len(document)
             last_rank = rank
         more = candidates > len(records) and last_rank is not None
+        next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
+        return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
+
+    def _read_by_metric_index(self, snapshot: plyvel.Snapshot, query: Query) -> Page:
+        """The query's records ranked by a core metric, after the cursor's place in that order,
+        walking the metric's index from the best end: filters and the time range are decided
+        from each entry, and only the records of the page are read. Examines at most
+        max_sort_examined entries; a page cut short there ends at the last entry examined."""
+        assert query.sort is not None
+        after = None if query.cursor is None else _parse_sort_cursor(query.cursor)
+        low = None if query.since is None else layout.time_bound(query.since)
+        high = None if query.until is None else layout.time_bound(query.until)
+        id_start = -RECORD_ID_CHARS
+        records: list[bytes | memoryview] = []
+        user_ids: set[bytes] = set()
+        page_bytes = examined = 0
+        last_rank: _Rank | None = None
+        more = full = False
+        complete = True
+        for key, value, rank in _metric_walk(snapshot, query.sort, query.descending, after):
+            if examined == self._max_sort_examined:
+                more = True
+                complete = full  # a full page is exact; only whether more follow was not seen
+                break
+            examined += 1
+            record_id = key[id_start:]
+            if (low is not None and record_id < low) or (high is not None and record_id >= high):
+                last_rank = rank  # the next page starts past entries this one skipped
+                continue
+            try:
+                user_id, test_name, tag = layout.index_fields(layout.METRIC_INDEX_PREFIX, value)
+            except (ValueError, TypeError):  # orjson's decode error is a ValueError
+                self.corrupt_records += 1
+                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                last_rank = rank
+                continue
+            if not _matches(query, user_id, test_name, tag):
+                last_rank = rank  # the next page starts past entries this one skipped
+                continue
+            if full:  # looks on to the next admitted entry, so the last page has no cursor
+                more = True
+                break
+            last_rank = rank
+            owner = user_id.encode()
+            record_key = layout.RECORD_PREFIX + record_id + owner
+            document = self._checked(snapshot.get(record_key), record_key)
+            if document is not None:
+                records.append(document)
+                user_ids.add(owner)
+                page_bytes += len(document)
+                full = len(records) == query.limit or page_bytes >= PAGE_BYTES
         next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
         return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
 
@@ -855,6 +917,72 @@ def _with_lone_start(
     if not found:
         with snapshot.iterator(start=start, stop=stop, fill_cache=False) as forward:
             yield from forward
+
+
+def _metric_walk(
+    snapshot: plyvel.Snapshot, metric: str, descending: bool, after: _Rank | None
+) -> Iterator[tuple[bytes, bytes, _Rank]]:
+    """A core metric's index entries in the order of a sorted read, each with its rank, from just
+    after `after`: the records with the metric by value (ties in id order), then those without
+    it in id order."""
+    valued = layout.metric_index_prefix(metric)
+    number_end = len(valued) + layout.SORTABLE_NUMBER_BYTES
+    lacking = layout.metric_lacking_prefix(metric)
+    lacking_start = lacking
+    if after is not None and after[0]:
+        lacking_start = lacking + after[2].encode() + b"\x00"  # just past the cursor's record
+    elif descending:
+        high = layout.prefix_end(valued)
+        if after is not None:  # first the rest of the cursor's tie group, then below it
+            group = valued + layout.sortable_number(-after[1])
+            yield from _ranked(snapshot, group + after[2].encode() + b"\x00", group + b"\xff", number_end, True)
+            high = group
+        yield from _descending(snapshot, valued, high, number_end)
+    else:
+        start = valued if after is None else valued + layout.sortable_number(after[1]) + after[2].encode() + b"\x00"
+        yield from _ranked(snapshot, start, layout.prefix_end(valued), number_end, False)
+    with snapshot.iterator(start=lacking_start, stop=layout.prefix_end(lacking), fill_cache=False) as entries:
+        for key, value in entries:
+            yield key, value, (1, 0, key[-RECORD_ID_CHARS:].decode())
+
+
+def _ranked(
+    snapshot: plyvel.Snapshot, start: bytes, stop: bytes, number_end: int, descending: bool
+) -> Iterator[tuple[bytes, bytes, _Rank]]:
+    """The metric index entries in [start, stop) in key order, each with its rank."""
+    with snapshot.iterator(start=start, stop=stop, fill_cache=False) as entries:
+        for key, value in entries:
+            yield key, value, _entry_rank(key, number_end, descending)
+
+
+def _entry_rank(key: bytes, number_end: int, descending: bool) -> _Rank:
+    number = layout.sortable_number_value(key[number_end - layout.SORTABLE_NUMBER_BYTES : number_end])
+    return (0, -number if descending else number, key[number_end:].decode())
+
+
+def _descending(
+    snapshot: plyvel.Snapshot, low: bytes, high: bytes, number_end: int
+) -> Iterator[tuple[bytes, bytes, _Rank]]:
+    """The metric index entries in [low, high), highest value first and ties in id order: a
+    reverse walk holds each tie group back until it ends, and reads a large one forward instead."""
+    while True:
+        group = b""
+        tied: list[tuple[bytes, bytes]] = []
+        with snapshot.iterator(start=low, stop=high, reverse=True, fill_cache=False) as entries:
+            for key, value in entries:
+                if not key.startswith(group) or not group:
+                    for held_key, held_value in reversed(tied):
+                        yield held_key, held_value, _entry_rank(held_key, number_end, True)
+                    group, tied = key[:number_end], []
+                elif len(tied) == _TIE_BUFFER:
+                    break
+                tied.append((key, value))
+            else:
+                for held_key, held_value in reversed(tied):
+                    yield held_key, held_value, _entry_rank(held_key, number_end, True)
+                return
+        yield from _ranked(snapshot, group, group + b"\xff", number_end, True)
+        high = group
 
 
 def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:
