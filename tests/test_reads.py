@@ -355,7 +355,9 @@ class CountingDB:
         return counts
 
 
-async def test_filtered_reads_examine_only_the_matching_index_entries(tmp_path: Path) -> None:
+async def test_filtered_reads_examine_only_the_matching_index_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A page of 100 of a rare test among many records reads about 100 index entries and 100
     records, however many records there are: the cost does not grow with the database."""
     store = build_store(Config(database=tmp_path / "db", sync=False))
@@ -406,6 +408,14 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(tmp_path: 
             entries, gets = counting.take_counts()
             assert entries <= 52  # a descending walk reads one entry past the next one's tie group
             assert gets <= 50 + 1 + 2  # the records, the record count, the profiles
+
+        # A time range counts as a filter: one holding the 20,000 records ranks them itself (not
+        # above METRIC_INDEX_MIN_FILTERED), one more record and it would walk the index.
+        page = await store.get_all(query(limit=50, sort="qps", since=0))
+        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (20_000, 19_999)
+        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 19_999)
+        page = await store.get_all(query(limit=50, sort="qps", since=0))
+        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (51, 19_999)
     finally:
         store._db = counting.real
         await loop.run_in_executor(None, store.close)
