@@ -282,7 +282,8 @@ async def test_repair_removes_a_deleted_record_that_came_back(tmp_path: Path) ->
     old_copy = {key: value for key, value in db.iterator() if alice[1].encode() in key}
     old_copy[layout.idempotency_key("alice", "unary-1")] = db.get(layout.idempotency_key("alice", "unary-1"))
     db.close()
-    assert len(old_copy) == 5  # the record, its three index entries, its idempotency entry
+    # the record, its three filter index entries, one per core metric, its idempotency entry
+    assert len(old_copy) == 1 + 3 + len(layout.INDEXED_METRICS) + 1
     async with perfdb(tmp_path) as (server, _), connect(server) as c:
         assert (await c.request("delete_record", record_id=alice[1], access_token="user-alice"))["deleted"]
     db = plyvel.DB(str(database))
@@ -764,13 +765,18 @@ async def check_reads(connection: Connection, remaining: list[dict[str, Any]], u
 
 
 def stored_derived_keys(database: Path) -> tuple[dict[bytes, int], set[bytes]]:
-    """The (closed) database's counts, and the keys of its user, test and tag index entries."""
+    """The (closed) database's counts, and the keys of its user, test, tag and metric index entries."""
     db = plyvel.DB(str(database))
     try:
         counts = {key: int(value) for key, value in db.iterator(prefix=layout.COUNT_PREFIX)}
         entries = {
             key
-            for prefix in (layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX, layout.TAG_INDEX_PREFIX)
+            for prefix in (
+                layout.USER_INDEX_PREFIX,
+                layout.TEST_INDEX_PREFIX,
+                layout.TAG_INDEX_PREFIX,
+                layout.METRIC_INDEX_PREFIX,
+            )
             for key in db.iterator(prefix=prefix, include_value=False)
         }
         return counts, entries
@@ -790,7 +796,9 @@ def expected_counts(records: list[dict[str, Any]]) -> dict[bytes, int]:
 def expected_index_entries(records: list[dict[str, Any]]) -> set[bytes]:
     """The keys of these records' index entries (record_keys after the record's own key)."""
     return {
-        key for r in records for key in layout.record_keys(r["record_id"], r["user_id"], r["test_name"], r["tag"])[1:]
+        key
+        for r in records
+        for key in layout.record_keys(r["record_id"], r["user_id"], r["test_name"], r["tag"], r["metrics"])[1:]
     }
 
 

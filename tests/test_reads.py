@@ -20,6 +20,7 @@ from perfdb.records.profiles import Profile
 from perfdb.records.schema import Query, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import build_store
+from perfdb.storage import store as store_module
 from tests.support import (
     Connection,
     connect,
@@ -156,20 +157,47 @@ def brute_force_sorted(records: list[dict[str, Any]], metric: str, descending: b
     return ids(having) + ids(sorted(lacking, key=lambda r: r["record_id"]))
 
 
-async def test_sorting_ranks_the_whole_filtered_set_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("walk", ["metric index", "filter index"])
+async def test_sorting_ranks_the_whole_filtered_set_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, walk: str
+) -> None:
+    """Both ways of a sorted read give the brute-force order: the core metric's index (here even
+    for small filters), and ranking the filter's own entries (here for every filter)."""
     monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=25))
+    monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 0 if walk == "metric index" else 10**9)
     async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
         written = await write_burst(conn, 6000, seed=2)
-        # The true top result by qps comes first, though it is neither newest nor oldest.
+        # The true top result by qps comes first, though it is neither newest nor oldest; with no
+        # filter the metric index gives it from the first entry, and one more shows a next page.
         top = await conn.request("get_all", sort="qps", limit=1)
         best = max((r for r in written if "qps" in r["metrics"]), key=lambda r: r["metrics"]["qps"])
         assert top["records"][0]["metrics"]["qps"] == best["metrics"]["qps"]
-        assert (top["examined"], top["complete"], top["total"]) == (6000, True, 6000)
-        for filters in ({}, {"test_name": "unary"}, {"tag": "pr", "test_name": "streaming"}):
+        assert (top["examined"], top["complete"], top["total"]) == (2, True, 6000)
+        filtered = await conn.request("get_all", sort="qps", limit=1, test_name="unary")
+        unary = len(matching(written, test_name="unary"))
+        if walk == "metric index":  # a third of the records are unary: a few entries find one
+            assert filtered["examined"] < 100
+        else:
+            assert filtered["examined"] == unary
+        for filters in ({}, {"test_name": "unary"}, {"tag": "pr", "test_name": "streaming"}, {"test_name": "nope"}):
             for order, descending in (("desc", True), ("asc", False)):
                 expected = brute_force_sorted(matching(written, **filters), "qps", descending)
                 pages = await page_through(conn, "get_all", sort="qps", order=order, limit=700, **filters)
                 assert paged_ids(pages, 700) == expected, (filters, order)
+                assert all(page["complete"] for page in pages)
+        # Small pages: cursors land inside tie groups (a thousand records share qps 1000) and
+        # on the records without qps, which come last.
+        for order, descending in (("desc", True), ("asc", False)):
+            pages = await page_through(conn, "get_all", sort="qps", order=order, limit=37)
+            assert paged_ids(pages, 37) == brute_force_sorted(written, "qps", descending), order
+        # A time range inside the burst.
+        oldest_first = sorted(written, key=lambda r: r["record_id"])
+        micros = int(oldest_first[2000]["record_id"][:14], 16)
+        window = {"since": format_micros(micros), "until": format_micros(micros + 40)}
+        inside = [r for r in written if micros <= int(r["record_id"][:14], 16) < micros + 40]
+        pages = await page_through(conn, "get_all", sort="qps", limit=100, tag="nightly", **window)
+        assert paged_ids(pages, 100) == brute_force_sorted(matching(inside, tag="nightly"), "qps", True)
+        assert len(inside) > 500
         expected = brute_force_sorted(matching(written, user_id="carol"), "perc_lat_50", False)
         pages = await page_through(conn, "get_user", user_id="carol", sort="perc_lat_50", order="asc", limit=900)
         assert paged_ids(pages, 900) == expected
@@ -178,15 +206,23 @@ async def test_sorting_ranks_the_whole_filtered_set_exactly(tmp_path: Path, monk
         assert paged_ids(pages, 5000) == ids(sorted(matching(written, test_name="rare"), key=lambda r: r["record_id"]))
 
 
-async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path) -> None:
-    async with perfdb_with_provider(tmp_path, max_sort_examined=100) as (server, _), connect(server) as conn:
+async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with perfdb_with_provider(tmp_path, max_sort_examined=50) as (server, _), connect(server) as conn:
         written = await write_burst(conn, 250, seed=3)
-        reply = await conn.request("get_all", sort="qps", limit=5)
+        # Ranking a filter's entries: only the newest 50 of alice's 84 are ranked.
+        reply = await conn.request("get_user", user_id="alice", sort="qps", limit=5)
         hello = await conn.request("hello")
-    assert hello["limits"]["max_sort_examined"] == 100
-    assert (reply["examined"], reply["complete"]) == (100, False)
-    newest = sorted(written, key=lambda r: r["record_id"])[-100:]  # what was examined
+        # The metric index: a page that the bound cuts short ranks exactly but holds what it found
+        # (here fewer than `limit` of the rare test), and its cursor goes on past what it examined.
+        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 0)
+        pages = await page_through(conn, "get_all", sort="qps", order="asc", limit=5, test_name="rare")
+    assert hello["limits"]["max_sort_examined"] == 50
+    assert (reply["examined"], reply["complete"]) == (50, False)
+    newest = sorted(matching(written, user_id="alice"), key=lambda r: r["record_id"])[-50:]  # what was examined
     assert ids(reply["records"]) == brute_force_sorted(newest, "qps", True)[:5]
+    assert paged_ids(pages, 5) == brute_force_sorted(matching(written, test_name="rare"), "qps", False)
+    assert len(pages) == 5 and [page["examined"] for page in pages] == [50, 50, 50, 50, 50]
+    assert [page["complete"] for page in pages] == [False] * 4 + [True]
 
 
 def histogram_check(values: list[float], histogram: list[list[Any]]) -> None:
@@ -319,7 +355,9 @@ class CountingDB:
         return counts
 
 
-async def test_filtered_reads_examine_only_the_matching_index_entries(tmp_path: Path) -> None:
+async def test_filtered_reads_examine_only_the_matching_index_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A page of 100 of a rare test among many records reads about 100 index entries and 100
     records, however many records there are: the cost does not grow with the database."""
     store = build_store(Config(database=tmp_path / "db", sync=False))
@@ -360,6 +398,24 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(tmp_path: 
         assert (page.examined, page.complete) == (200, True)
         entries, _ = counting.take_counts()
         assert entries == 200
+
+        # Over all 20,000 records the qps index gives a page of 50 from 51 entries (one more to
+        # see a next page), best first, and reads only the page's records.
+        for order, best in ((True, list(range(19_999, 19_949, -1))), (False, list(range(50)))):
+            page = await store.get_all(query(limit=50, sort="qps", descending=order))
+            assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == best
+            assert (page.examined, page.complete) == (51, True)
+            entries, gets = counting.take_counts()
+            assert entries <= 52  # a descending walk reads one entry past the next one's tie group
+            assert gets <= 50 + 1 + 2  # the records, the record count, the profiles
+
+        # A time range counts as a filter: one holding the 20,000 records ranks them itself (not
+        # above METRIC_INDEX_MIN_FILTERED), one more record and it would walk the index.
+        page = await store.get_all(query(limit=50, sort="qps", since=0))
+        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (20_000, 19_999)
+        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 19_999)
+        page = await store.get_all(query(limit=50, sort="qps", since=0))
+        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (51, 19_999)
     finally:
         store._db = counting.real
         await loop.run_in_executor(None, store.close)

@@ -20,6 +20,7 @@ from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
 from tests.support import ServerProcess, closed_port_url, connect, make_config, page_through, running_server
 from tests.test_deletion import ADMIN_KEY, expected_counts, expected_index_entries, stored_derived_keys
+from tests.test_reads import brute_force_sorted
 
 TESTS = ("unary", "streaming", "rare")
 
@@ -82,6 +83,9 @@ async def test_a_schema_1_database_is_upgraded_and_answers_through_the_new_index
         mine = await conn.request("get_user", user_id="user2", tag="nightly")
         top = await conn.request("get_all", sort="qps", limit=3, tag="nightly")
         overview = await conn.request("overview", metric="qps", test_name="rare")
+        by_qps = {
+            order: await page_through(conn, "get_all", sort="qps", order=order, limit=300) for order in ("desc", "asc")
+        }
     assert [r for page in everything for r in page["records"]] == records
     assert everything[0]["total"] == 2500
     expected_rare = [r for r in records if r["test_name"] == "rare"]
@@ -95,11 +99,17 @@ async def test_a_schema_1_database_is_upgraded_and_answers_through_the_new_index
     assert [r["metrics"]["qps"] for r in top["records"]] == sorted(r["metrics"]["qps"] for r in nightly)[::-1][:3]
     assert top["total"] == len(nightly) and top["examined"] == len(nightly)
     assert overview["tests"]["rare"]["count"] == len(expected_rare)
+    for order, pages in by_qps.items():  # through the qps index the upgrade built
+        assert ids([r for page in pages for r in page["records"]]) == brute_force_sorted(
+            records, "qps", order == "desc"
+        )
+        assert pages[0]["examined"] == 301
     db = plyvel.DB(str(database))
     try:
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 2500
+        assert key_count(db, layout.METRIC_INDEX_PREFIX) == 2500 * len(layout.INDEXED_METRICS)
         assert db.get(layout.test_count_key("rare")) == str(len(expected_rare)).encode()
         assert db.get(layout.user_count_key("user1")) == b"625"
     finally:
@@ -120,6 +130,7 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
         assert db.get(layout.SCHEMA_KEY) == b"1"  # not bumped before the end
         assert db.get(layout.UPGRADE_RESUME_KEY) == layout.record_key(records[499]["record_id"], "user3")
         assert key_count(db, layout.TEST_INDEX_PREFIX) == 500
+        assert key_count(db, layout.METRIC_INDEX_PREFIX) == 500 * len(layout.INDEXED_METRICS)
     finally:
         db.close()
     with ServerProcess(*common) as second:
@@ -138,6 +149,7 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         # Each record indexed once: the restart went on from the resume key, it did not count twice.
         assert key_count(db, layout.TEST_INDEX_PREFIX) == 3000
+        assert key_count(db, layout.METRIC_INDEX_PREFIX) == 3000 * len(layout.INDEXED_METRICS)
         assert db.get(layout.test_count_key("unary")) == str(first_page["total"]).encode()
         assert sum(int(db.get(layout.user_count_key(f"user{n}"))) for n in range(4)) == 3000
     finally:
@@ -152,6 +164,8 @@ async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tm
         # An upgrade interrupted after a few entries, plus a stray entry and a wrong count.
         db.put(layout.test_index_prefix("rare") + records[1]["record_id"].encode(), b'["user1",""]')
         db.put(layout.test_count_key("rare"), b"999")
+        stray_qps = layout.metric_index_prefix("qps") + layout.sortable_number(5e9) + records[2]["record_id"].encode()
+        db.put(stray_qps, b'["user2","unary",""]')
         db.put(layout.UPGRADE_RESUME_KEY, layout.record_key(records[0]["record_id"], "user0"))
     finally:
         db.close()
@@ -164,6 +178,8 @@ async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tm
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 1200
+        assert key_count(db, layout.METRIC_INDEX_PREFIX) == 1200 * len(layout.INDEXED_METRICS)
+        assert db.get(stray_qps) is None
     finally:
         db.close()
     rare = [r for r in records if r["test_name"] == "rare"]
@@ -171,6 +187,8 @@ async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tm
     async with running_server(config) as server, connect(server) as conn:
         pages = await page_through(conn, "get_all", test_name="rare")
         nightly = await conn.request("get_all", tag="nightly", limit=1)
+        by_qps = await page_through(conn, "get_all", sort="qps", order="asc", limit=500)
+    assert ids([r for page in by_qps for r in page["records"]]) == brute_force_sorted(records, "qps", False)
     assert [r for page in pages for r in page["records"]] == rare
     assert pages[0]["total"] == len(rare)
     assert nightly["total"] == sum(1 for r in records if r["tag"] == "nightly")

@@ -9,6 +9,11 @@
     u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
     t:<test_name>\\0<record_id>   -> [user_id, tag] (JSON): per-test index (schema 2)
     g:<tag>\\0<record_id>         -> [user_id, test_name] (JSON): per-tag index (schema 2)
+    s:<metric>\\0<value><record_id> -> [user_id, test_name, tag] (JSON): per-core-metric index
+                                    (schema 2): <value> is 8 bytes that sort as the numbers do
+                                    (sortable_number)
+    s:<metric>\\1<record_id>     -> [user_id, test_name, tag] (JSON): the records lacking that
+                                    core metric (or holding a non-number there), in id order
     c:u<user_id>, c:t<test_name>, c:g<tag>
                                  -> how many records each index holds under that name (ASCII integer)
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
@@ -26,8 +31,8 @@ new index is removed with its record. The idempotency entry is not among them: i
 for a user's first use of a request_id, so it is removed with a record only when it names it.
 A deletion leaves a tombstone (d:) and an audit entry (a:); tombstones travel with exports.
 
-Schema history: 1 had the user index only; 2 added the test and tag indexes and their counts,
-tombstones and audit entries (an older database is upgraded when opened, see ResultStore; it has
+Schema history: 1 had the user index only; 2 added the test, tag and core-metric indexes, the
+test and tag counts, tombstones and audit entries (an older database is upgraded when opened, see ResultStore; it has
 no tombstones or audit entries, and the upgrade leaves those prefixes alone).
 """
 
@@ -39,6 +44,7 @@ import zlib
 import orjson
 
 from perfdb.records.record_ids import RECORD_ID_CHARS, make_record_id
+from perfdb.records.units import CORE_METRIC_NAMES
 
 SCHEMA_VERSION = 2
 
@@ -53,12 +59,20 @@ USER_INDEX_PREFIX = b"u:"
 IDEMPOTENCY_PREFIX = b"i:"
 TEST_INDEX_PREFIX = b"t:"
 TAG_INDEX_PREFIX = b"g:"
+METRIC_INDEX_PREFIX = b"s:"
 COUNT_PREFIX = b"c:"
 TOMBSTONE_PREFIX = b"d:"
 AUDIT_PREFIX = b"a:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
+_DOUBLE = struct.Struct(">d")
+_BITS = struct.Struct(">Q")
+_SIGN_BIT = 1 << 63
+_ALL_BITS = (1 << 64) - 1
+SORTABLE_NUMBER_BYTES = _BITS.size
+INDEXED_METRICS = CORE_METRIC_NAMES  # the metrics with an index each (sorted reads walk it)
+_LACKING = b"\x01"  # after SEPARATOR: a metric index's entries of records without the metric
 
 
 class CorruptValueError(ValueError):
@@ -99,6 +113,36 @@ def tag_index_prefix(tag: str) -> bytes:
     return TAG_INDEX_PREFIX + tag.encode() + SEPARATOR
 
 
+def metric_index_prefix(metric: str) -> bytes:
+    """The prefix of a core metric's index entries of records that have the metric."""
+    return METRIC_INDEX_PREFIX + metric.encode() + SEPARATOR
+
+
+def metric_lacking_prefix(metric: str) -> bytes:
+    """The prefix of a core metric's index entries of records that lack it."""
+    return METRIC_INDEX_PREFIX + metric.encode() + _LACKING
+
+
+def sortable_number(value: float) -> bytes:
+    """8 bytes that compare as the numbers do: the IEEE double with its sign bit set for a
+    positive number and every bit flipped for a negative one (-0.0 is stored as 0.0)."""
+    bits: int = _BITS.unpack(_DOUBLE.pack(float(value) + 0.0))[0]
+    return _BITS.pack(bits ^ _ALL_BITS if bits & _SIGN_BIT else bits | _SIGN_BIT)
+
+
+def sortable_number_value(encoded: bytes) -> float:
+    """The number that sortable_number encoded."""
+    bits: int = _BITS.unpack(encoded)[0]
+    value: float = _DOUBLE.unpack(_BITS.pack(bits ^ _SIGN_BIT if bits & _SIGN_BIT else bits ^ _ALL_BITS))[0]
+    return value
+
+
+def metric_number(metrics: object, metric: str) -> int | float | None:
+    """A record's value of a metric if it is a number (bools are not), else None."""
+    value = metrics.get(metric) if isinstance(metrics, dict) else None
+    return value if type(value) in (int, float) else None
+
+
 def user_count_key(user_id: str) -> bytes:
     return COUNT_PREFIX + b"u" + user_id.encode()
 
@@ -111,20 +155,31 @@ def tag_count_key(tag: str) -> bytes:
     return COUNT_PREFIX + b"g" + tag.encode()
 
 
-def record_index_entries(record_id: str, user_id: str, test_name: str, tag: str) -> list[tuple[bytes, bytes]]:
-    """The index entries (key, value) of a record: the one place that derives them."""
+def record_index_entries(
+    record_id: str, user_id: str, test_name: str, tag: str, metrics: object
+) -> list[tuple[bytes, bytes]]:
+    """The index entries (key, value) of a record: the one place that derives them. `metrics` is
+    the record's metrics object (anything else: it lacks every metric)."""
     rid = record_id.encode()
-    return [
+    entries = [
         (user_index_prefix(user_id) + rid, orjson.dumps([test_name, tag])),
         (test_index_prefix(test_name) + rid, orjson.dumps([user_id, tag])),
         (tag_index_prefix(tag) + rid, orjson.dumps([user_id, test_name])),
     ]
+    fields = orjson.dumps([user_id, test_name, tag])
+    for metric in INDEXED_METRICS:
+        number = metric_number(metrics, metric)
+        if number is None:
+            entries.append((metric_lacking_prefix(metric) + rid, fields))
+        else:
+            entries.append((metric_index_prefix(metric) + sortable_number(number) + rid, fields))
+    return entries
 
 
-def record_keys(record_id: str, user_id: str, test_name: str, tag: str) -> list[bytes]:
+def record_keys(record_id: str, user_id: str, test_name: str, tag: str, metrics: object) -> list[bytes]:
     """Every key a record owns: the record itself, then its index entries (not its idempotency
     key, which only records with a request_id have; see idempotency_key)."""
-    entries = record_index_entries(record_id, user_id, test_name, tag)
+    entries = record_index_entries(record_id, user_id, test_name, tag, metrics)
     return [record_key(record_id, user_id), *(key for key, _ in entries)]
 
 
@@ -135,7 +190,11 @@ def record_counts(user_id: str, test_name: str, tag: str) -> list[bytes]:
 
 def index_fields(prefix: bytes, value: bytes) -> tuple[str, str, str]:
     """(user_id, test_name, tag) of a record, from one of its index entries and the index's prefix
-    (user_index_prefix, test_index_prefix or tag_index_prefix of the name it is filed under)."""
+    (user_index_prefix, test_index_prefix or tag_index_prefix of the name it is filed under, or
+    any prefix of a metric index)."""
+    if prefix.startswith(METRIC_INDEX_PREFIX):
+        user_id, test_name, tag = orjson.loads(value)
+        return user_id, test_name, tag
     first, second = orjson.loads(value)
     name = prefix[2:-1].decode()
     if prefix.startswith(USER_INDEX_PREFIX):

@@ -76,8 +76,8 @@ def _refuse_foreign(real_path: Path) -> None:
 
 
 def _drop_derived(db: plyvel.DB) -> None:
-    """Delete the test and tag index entries and every count; they are rebuilt from the records."""
-    for prefix in (layout.TEST_INDEX_PREFIX, layout.TAG_INDEX_PREFIX, layout.COUNT_PREFIX):
+    """Delete the test, tag and metric index entries and every count; they are rebuilt from the records."""
+    for prefix in (layout.TEST_INDEX_PREFIX, layout.TAG_INDEX_PREFIX, layout.METRIC_INDEX_PREFIX, layout.COUNT_PREFIX):
         batch = db.write_batch(sync=False)
         for deleted, key in enumerate(db.iterator(prefix=prefix, include_value=False), 1):
             batch.delete(key)
@@ -93,7 +93,7 @@ def _remove_resurrected(db: plyvel.DB, batch: Any, key: bytes, document: Any) ->
     record_id, user_id = layout.split_record_key(key)
     test_name, tag = (document.get("test_name"), document.get("tag")) if isinstance(document, dict) else (None, None)
     if isinstance(test_name, str) and isinstance(tag, str):
-        doomed = layout.record_keys(record_id, user_id, test_name, tag)
+        doomed = layout.record_keys(record_id, user_id, test_name, tag, document.get("metrics"))
     else:
         doomed = [key, layout.user_index_prefix(user_id) + record_id.encode()]
     for doomed_key in doomed:
@@ -141,7 +141,9 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
             doomed.append(key)
             continue
         good.add(record_id)
-        for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag):
+        for index_key, index_value in layout.record_index_entries(
+            record_id, user_id, test_name, tag, document.get("metrics")
+        ):
             batch.put(index_key, index_value)
         for count_key in layout.record_counts(user_id, test_name, tag):
             counts[count_key] = counts.get(count_key, 0) + 1

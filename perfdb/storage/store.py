@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import fcntl
 import heapq
+import itertools
 import logging
 import operator
 import os
@@ -46,6 +47,14 @@ SCAN_BUDGET = 50_000
 # A page also stops once its records add up to this many bytes, whatever the limit, so one
 # reply (and the memory behind it) stays bounded.
 PAGE_BYTES = 8 * 1024 * 1024
+# A read sorted by a core metric walks that metric's index (best first) unless its filters (or
+# time range) hold at most this many records: then ranking the filter's own entries (at most
+# this many, under half a second) is cheaper than skipping the index entries of the records the
+# filters turn away, and the walk could not run into max_sort_examined.
+METRIC_INDEX_MIN_FILTERED = 20_000
+# Records that tie on a metric are read back in id order; a tie group up to this size is
+# buffered from the descending walk, a larger one read forward on its own.
+_TIE_BUFFER = 256
 _READ_THREADS = 4
 _OVERVIEW_LOAD_BATCH = 10_000
 
@@ -191,8 +200,9 @@ class ResultStore:
     ) -> None:
         """The settings come from Config (--max-sort-examined and so on), where their defaults are.
 
-        A sorted read examines at most max_sort_examined entries: about 12-30 us each (decoding
-        the record is most of it). upgrade_batch records are indexed per synced write when an
+        A sorted read examines at most max_sort_examined entries: about 12-30 us each when it
+        ranks a filter's records (decoding the record is most of it), a few us each when it walks
+        a core metric's index. upgrade_batch records are indexed per synced write when an
         older database is upgraded at open, upgrade_pause seconds apart."""
         self._path = path
         self._sync = sync
@@ -527,7 +537,9 @@ class ResultStore:
     def _read_page(self, snapshot: plyvel.Snapshot, query: Query, *, through: str | None = None) -> Page:
         """A page of the query; `through`: a record id past which a time-ordered page does not go."""
         source = _choose_source(snapshot, query)
-        if query.sort is not None:
+        if _walks_metric_index(snapshot, source, query):
+            page = self._read_by_metric_index(snapshot, query)
+        elif query.sort is not None:
             page = self._read_sorted(snapshot, source, query)
         else:
             page = self._read_in_time_order(snapshot, source, query, through)
@@ -648,6 +660,58 @@ class ResultStore:
             last_rank = rank
         more = candidates > len(records) and last_rank is not None
         next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
+        return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
+
+    def _read_by_metric_index(self, snapshot: plyvel.Snapshot, query: Query) -> Page:
+        """The query's records ranked by a core metric, after the cursor's place in that order,
+        walking the metric's index from the best end: filters and the time range are decided
+        from each entry, and only the records of the page are read. Examines at most
+        max_sort_examined entries; a page cut short there ends at the last entry examined."""
+        assert query.sort is not None
+        after = None if query.cursor is None else _parse_sort_cursor(query.cursor)
+        low = None if query.since is None else layout.time_bound(query.since)
+        high = None if query.until is None else layout.time_bound(query.until)
+        id_start = -RECORD_ID_CHARS
+        records: list[bytes | memoryview] = []
+        user_ids: set[bytes] = set()
+        page_bytes = examined = 0
+        last_key: bytes | None = None
+        more = full = False
+        complete = True
+        rank_of = _MetricRanks(query.sort, query.descending)
+        for key, value in _metric_walk(snapshot, query.sort, query.descending, after):
+            if examined == self._max_sort_examined:
+                more = True
+                complete = full  # a full page is exact; only whether more follow was not seen
+                break
+            examined += 1
+            record_id = key[id_start:]
+            if (low is not None and record_id < low) or (high is not None and record_id >= high):
+                last_key = key  # the next page starts past entries this one skipped
+                continue
+            try:
+                user_id, test_name, tag = layout.index_fields(layout.METRIC_INDEX_PREFIX, value)
+            except (ValueError, TypeError):  # orjson's decode error is a ValueError
+                self.corrupt_records += 1
+                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                last_key = key
+                continue
+            if not _matches(query, user_id, test_name, tag):
+                last_key = key  # the next page starts past entries this one skipped
+                continue
+            if full:  # looks on to the next admitted entry, so the last page has no cursor
+                more = True
+                break
+            last_key = key
+            owner = user_id.encode()
+            record_key = layout.RECORD_PREFIX + record_id + owner
+            document = self._checked(snapshot.get(record_key), record_key)
+            if document is not None:
+                records.append(document)
+                user_ids.add(owner)
+                page_bytes += len(document)
+                full = len(records) == query.limit or page_bytes >= PAGE_BYTES
+        next_cursor = _sort_cursor(rank_of(last_key)) if more and last_key is not None else None
         return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
 
     def _read_series(self, request: SeriesQuery) -> dict[str, Any]:
@@ -855,6 +919,85 @@ def _with_lone_start(
     if not found:
         with snapshot.iterator(start=start, stop=stop, fill_cache=False) as forward:
             yield from forward
+
+
+class _MetricRanks:
+    """The rank (see _Rank) of a metric index entry, from its key."""
+
+    def __init__(self, metric: str, descending: bool) -> None:
+        self._number_start = len(layout.metric_index_prefix(metric))
+        self._descending = descending
+
+    def __call__(self, key: bytes) -> _Rank:
+        record_id = key[-RECORD_ID_CHARS:].decode()
+        if key[self._number_start - 1] != layout.SEPARATOR[0]:
+            return (1, 0, record_id)  # an entry of a record lacking the metric
+        start = self._number_start
+        number = layout.sortable_number_value(key[start : start + layout.SORTABLE_NUMBER_BYTES])
+        return (0, -number if self._descending else number, record_id)
+
+
+def _walks_metric_index(snapshot: plyvel.Snapshot, source: _Source, query: Query) -> bool:
+    """Whether a sorted read walks its metric's index: a core metric with no filter, or with
+    filters (a time range counts) that admit more than METRIC_INDEX_MIN_FILTERED records. A time
+    range is measured by counting the keys of the source within it, up to that many."""
+    if query.sort not in layout.INDEXED_METRICS:
+        return False
+    if query.since is None and query.until is None:
+        return source.prefix == layout.RECORD_PREFIX or source.count > METRIC_INDEX_MIN_FILTERED
+    start, stop = _key_range(source.prefix, query, after_cursor=False)
+    with snapshot.iterator(start=start, stop=stop, include_value=False, fill_cache=False) as keys:
+        return sum(1 for _ in itertools.islice(keys, METRIC_INDEX_MIN_FILTERED + 1)) > METRIC_INDEX_MIN_FILTERED
+
+
+def _metric_walk(
+    snapshot: plyvel.Snapshot, metric: str, descending: bool, after: _Rank | None
+) -> Iterator[tuple[bytes, bytes]]:
+    """A core metric's index entries in the order of a sorted read, from just after `after`: the
+    records with the metric by value (ties in id order), then those without it in id order."""
+    valued = layout.metric_index_prefix(metric)
+    number_end = len(valued) + layout.SORTABLE_NUMBER_BYTES
+    lacking = layout.metric_lacking_prefix(metric)
+    lacking_start = lacking
+    if after is not None and after[0]:
+        lacking_start = lacking + after[2].encode() + b"\x00"  # just past the cursor's record
+    elif descending:
+        high = layout.prefix_end(valued)
+        if after is not None:  # first the rest of the cursor's tie group, then below it
+            group = valued + layout.sortable_number(-after[1])
+            yield from _forward(snapshot, group + after[2].encode() + b"\x00", group + b"\xff")
+            high = group
+        yield from _descending(snapshot, valued, high, number_end)
+    else:
+        start = valued if after is None else valued + layout.sortable_number(after[1]) + after[2].encode() + b"\x00"
+        yield from _forward(snapshot, start, layout.prefix_end(valued))
+    yield from _forward(snapshot, lacking_start, layout.prefix_end(lacking))
+
+
+def _forward(snapshot: plyvel.Snapshot, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+    with snapshot.iterator(start=start, stop=stop, fill_cache=False) as entries:
+        yield from entries
+
+
+def _descending(snapshot: plyvel.Snapshot, low: bytes, high: bytes, number_end: int) -> Iterator[tuple[bytes, bytes]]:
+    """The metric index entries in [low, high), highest value first and ties in id order: a
+    reverse walk holds each tie group back until it ends, and reads a large one forward instead."""
+    while True:
+        group = b""
+        tied: list[tuple[bytes, bytes]] = []
+        with snapshot.iterator(start=low, stop=high, reverse=True, fill_cache=False) as entries:
+            for key, value in entries:
+                if not group or not key.startswith(group):
+                    yield from reversed(tied)
+                    group, tied = key[:number_end], []
+                elif len(tied) == _TIE_BUFFER:
+                    break
+                tied.append((key, value))
+            else:
+                yield from reversed(tied)
+                return
+        yield from _forward(snapshot, group, group + b"\xff")
+        high = group
 
 
 def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:

@@ -1,7 +1,7 @@
 """Bringing a database written by an older perfdb up to the current schema, at open.
 
-Schema 1 -> 2 files every record under the test and tag indexes and counts the records of each
-user, test and tag (layout.record_index_entries, layout.record_counts). It walks the records in
+Schema 1 -> 2 files every record under the test, tag and core-metric indexes and counts the
+records of each user, test and tag (layout.record_index_entries, layout.record_counts). It walks the records in
 key order in bounded batches; each batch is one synced write that also records the last record
 key it covered (layout.UPGRADE_RESUME_KEY), so a process killed during the upgrade leaves a
 database that opens and carries on from there. The schema version changes only once every
@@ -65,12 +65,12 @@ def _index_batch(db: plyvel.DB, records: plyvel.Iterator, limit: int) -> tuple[i
             record_id, user_id = layout.split_record_key(key)
             try:
                 document = orjson.loads(layout.unseal(value))
-                test_name, tag = document["test_name"], document["tag"]
+                test_name, tag, metrics = document["test_name"], document["tag"], document.get("metrics")
             except (layout.CorruptValueError, orjson.JSONDecodeError, KeyError, TypeError):
                 # Reads skip it as they always did; perfdb repair reports or drops it.
                 log.error("record %s is damaged; not indexed", record_id)
             else:
-                for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag):
+                for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag, metrics):
                     batch.put(index_key, index_value)
                 for count_key in layout.record_counts(user_id, test_name, tag):
                     counts[count_key] = counts.get(count_key, 0) + 1

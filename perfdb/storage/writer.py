@@ -212,7 +212,9 @@ class _Batch:
         """
         document, encoded = record
         self.batch.put(layout.record_key(record_id, user_id), layout.seal(encoded))
-        for index_key, index_value in layout.record_index_entries(record_id, user_id, draft.test_name, draft.tag):
+        for index_key, index_value in layout.record_index_entries(
+            record_id, user_id, draft.test_name, draft.tag, draft.metrics
+        ):
             self.batch.put(index_key, index_value)
         self._count(layout.record_counts(user_id, draft.test_name, draft.tag), 1)
         removal = self.writer._user_removals.get(user_id)
@@ -286,7 +288,9 @@ class _Batch:
             self._count([layout.user_count_key(user_id)], -1)
         else:
             test_name, tag = fields
-            for key in layout.record_keys(record_id, user_id, test_name, tag):
+            # A damaged document cannot say its metric values: those entries stay until perfdb
+            # repair rebuilds the metric indexes (reads skip an entry whose record is gone).
+            for key in layout.record_keys(record_id, user_id, test_name, tag, document.get("metrics")):
                 self.batch.delete(key)
             self._count(layout.record_counts(user_id, test_name, tag), -1)
             self.overview_removed.add(test_name)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from perfdb.client import AsyncClient
+from perfdb.storage import store as store_module
 from perfdb.web import source as source_module
 from tests.support import perfdb_with_provider
 from tests.web.burst import BURST_TESTS, BURST_USERS, SHARED_MICROSECOND, build_burst
@@ -139,7 +140,7 @@ async def test_a_search_stays_bounded_and_says_so(burst: BurstPerfdb, monkeypatc
         assert "among results 1 to 500 by QPS" in text
 
 
-async def test_a_cut_ranking_says_so_plainly(tmp_path: Path) -> None:
+async def test_a_cut_ranking_says_so_plainly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = build_burst(600)
     key_file = tmp_path / "admin.key"
     key_file.write_text(ADMIN_KEY)
@@ -150,8 +151,14 @@ async def test_a_cut_ranking_says_so_plainly(tmp_path: Path) -> None:
             await perfdb.call("import", admin_key=ADMIN_KEY, records=data.records[:500], users=users)
             await perfdb.call("import", admin_key=ADMIN_KEY, records=data.records[500:], users=users)
         async with dashboard_client(address) as client:
+            indexed, indexed_text = await _page(client, "/?sort=qps&per_page=25")
+            # Ranked by reading records (as perfdb does for small filters), the bound cuts it.
+            monkeypatch.setattr(store_module, "_walks_metric_index", lambda *_: False)
             page, text = await _page(client, "/?sort=qps&per_page=25")
             narrow, narrow_text = await _page(client, f"/?sort=qps&per_page=25&test={TEST}")
+    # Through the qps index perfdb ranks all 600 exactly, whatever the bound.
+    assert "perfdb ranked only" not in indexed_text
+    assert indexed.record_ids == _ids(sorted(data.records, key=lambda r: (-r["metrics"]["qps"], r["record_id"]))[:25])
     # perfdb ranked the newest 400 only: the page says so, and its top is theirs.
     assert "perfdb ranked only the newest 400 results of these filters" in text
     assert page.record_ids == _ids(
