@@ -21,8 +21,10 @@ from perfdb.observability.http import OperatorEndpoints
 from perfdb.observability.operator import start_operator_endpoints
 from perfdb.protocol.addresses import format_address, parse_address
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
+from perfdb.regression.thresholds import DEFAULT_MODEL, ThresholdConfig, ThresholdModel, load_threshold_config
 from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
+from perfdb.storage.detection import RegressionDetector
 from perfdb.web.supervisor import (
     DashboardAddressError,
     DashboardSupervisor,
@@ -47,6 +49,19 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+def threshold_config(config: Config) -> ThresholdConfig:
+    """The verdict model from the options, with --regression-config's overrides; raises ValueError (one line)."""
+    base = ThresholdModel(
+        window=config.regression_window,
+        min_points=min(DEFAULT_MODEL.min_points, config.regression_window),
+        sigmas=config.regression_sigmas,
+        min_change=config.regression_min_change,
+    )
+    if config.regression_config is None:
+        return ThresholdConfig(base)
+    return load_threshold_config(config.regression_config, base)
+
+
 class StartupError(Exception):
     """The server cannot start; the message is one line for the operator."""
 
@@ -65,6 +80,9 @@ class PerfdbServer:
             max_sort_examined=config.max_sort_examined,
             upgrade_batch=config.upgrade_batch_records,
             upgrade_pause=config.upgrade_pause,
+            detector=RegressionDetector(
+                ThresholdConfig(), config.regression_max_series, enabled=config.regression_detection
+            ),
         )
         self.resolver: TokenResolver | None = None
         self.dispatcher: CommandDispatcher | None = None
@@ -95,6 +113,7 @@ class PerfdbServer:
                 read_key = await loop.run_in_executor(None, load_key, config.read_key_file, "read key")
             if config.tls_cert is not None and config.tls_key is not None:
                 tls = await loop.run_in_executor(None, server_tls_context, config.tls_cert, config.tls_key)
+            self.store.detector.thresholds = await loop.run_in_executor(None, threshold_config, config)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:

@@ -223,17 +223,20 @@ class ThresholdConfig:
         return self.default if best is None else best.model
 
 
-def load_threshold_config(path: str | Path) -> ThresholdConfig:
-    """Read the override file (`.toml`, else JSON) at start-up; any problem is one ThresholdConfigError line."""
+def load_threshold_config(path: str | Path, base: ThresholdModel = DEFAULT_MODEL) -> ThresholdConfig:
+    """Read the override file (`.toml`, else JSON) at start-up; any problem is one ThresholdConfigError line.
+    `base` is the model the file's `default` table changes (the server's options)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ThresholdConfigError(f"{path}: cannot read: {error}") from None
-    return parse_threshold_config(text, "toml" if path.suffix == ".toml" else "json", source=str(path))
+    return parse_threshold_config(text, "toml" if path.suffix == ".toml" else "json", source=str(path), base=base)
 
 
-def parse_threshold_config(text: str, syntax: Literal["toml", "json"], source: str = "<thresholds>") -> ThresholdConfig:
+def parse_threshold_config(
+    text: str, syntax: Literal["toml", "json"], source: str = "<thresholds>", base: ThresholdModel = DEFAULT_MODEL
+) -> ThresholdConfig:
     """Parse the override file's text.
 
     Shape (JSON has the same keys)::
@@ -259,7 +262,7 @@ def parse_threshold_config(text: str, syntax: Literal["toml", "json"], source: s
     if not isinstance(default_table, dict):
         raise ThresholdConfigError(f"{source}: `default` must be a table/object")
     default_fields = _model_fields(default_table, f"{source}: default", allowed=set(_MODEL_FIELDS))
-    default = _checked_model(DEFAULT_MODEL, default_fields, f"{source}: default")
+    default = _checked_model(base, default_fields, f"{source}: default")
     rule_tables = document.get("rule", [])
     if not isinstance(rule_tables, list):
         raise ThresholdConfigError(f"{source}: `rule` must be an array of tables/objects")

@@ -12,6 +12,11 @@
     c:u<user_id>, c:t<test_name>, c:g<tag>
                                  -> how many records each index holds under that name (ASCII integer)
     i:<user_id>\\0<request_id>    -> {"record_id", "timestamp"} (JSON): idempotency index
+    e:<record_id>                -> {"note", "excluded_at", "excluded_by"} (JSON): the record is left out of
+                                    baselines and alerts (the record itself is never rewritten)
+    a:<alert_id>                 -> the alert (JSON); alert ids sort by creation time like record ids
+    n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
+                                 -> alert_id: the change point at that record already has its alert
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
 keyspace is the time index, and each index lists its records in time order too. Each index entry
@@ -46,6 +51,9 @@ IDEMPOTENCY_PREFIX = b"i:"
 TEST_INDEX_PREFIX = b"t:"
 TAG_INDEX_PREFIX = b"g:"
 COUNT_PREFIX = b"c:"
+EXCLUSION_PREFIX = b"e:"
+ALERT_PREFIX = b"a:"
+ALERTED_POINT_PREFIX = b"n:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -150,6 +158,18 @@ def read_count(value: bytes | None) -> int:
 
 def idempotency_key(user_id: str, request_id: str) -> bytes:
     return IDEMPOTENCY_PREFIX + user_id.encode() + SEPARATOR + request_id.encode()
+
+
+def exclusion_key(record_id: str) -> bytes:
+    return EXCLUSION_PREFIX + record_id.encode()
+
+
+def alert_key(alert_id: str) -> bytes:
+    return ALERT_PREFIX + alert_id.encode()
+
+
+def alerted_point_key(user_id: str, test_name: str, tag: str, metric: str, record_id: str) -> bytes:
+    return ALERTED_POINT_PREFIX + SEPARATOR.join(part.encode() for part in (user_id, test_name, tag, metric, record_id))
 
 
 def prefix_end(prefix: bytes) -> bytes:

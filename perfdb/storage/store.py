@@ -28,8 +28,10 @@ from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id, record_id_micros
 from perfdb.records.schema import ImportedRecord, Query, RecordDraft, SeriesQuery
 from perfdb.records.timestamps import format_micros
+from perfdb.regression.thresholds import ThresholdConfig
 from perfdb.storage import layout
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
+from perfdb.storage.detection import DEFAULT_MAX_SERIES, RegressionDetector
 from perfdb.storage.overview import Overview
 from perfdb.storage.series import BucketGrid, MetricSeries
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
@@ -182,8 +184,12 @@ class ResultStore:
         max_sort_examined: int = DEFAULT_MAX_SORT_EXAMINED,
         upgrade_batch: int = DEFAULT_UPGRADE_BATCH,
         upgrade_pause: float = 0.0,
+        detector: RegressionDetector | None = None,
     ) -> None:
         self._path = path
+        self.detector = detector or RegressionDetector(ThresholdConfig(), DEFAULT_MAX_SERIES, enabled=False)
+        # record id -> its exclusion ({"note", "excluded_at", "excluded_by"}); few, so kept whole in memory.
+        self.exclusions: dict[str, dict[str, Any]] = {}
         self._sync = sync
         self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
@@ -219,6 +225,8 @@ class ResultStore:
                 raise StoreOpenError(f"database {self._path} has damaged counters; run 'perfdb repair'") from None
             last_record_id = self._last_record_id()
             self._load_overview()
+            self._load_exclusions()
+            self.detector.load(self._db, self.is_excluded)
         except BaseException:
             self._db.close()
             self._lock.release()
@@ -234,6 +242,7 @@ class ResultStore:
             user_count=user_count,
             last_record_id=last_record_id,
             overview=self._overview,
+            detector=self.detector,
         )
         self._writer.start()
 
@@ -298,6 +307,18 @@ class ResultStore:
         elapsed = time.monotonic() - started
         if elapsed >= 1.0:  # only worth a line when it visibly delays the start
             log.info("overview of the stored records built in %.1f s", elapsed)
+
+    def _load_exclusions(self) -> None:
+        assert self._db is not None
+        with self._db.iterator(prefix=layout.EXCLUSION_PREFIX) as entries:
+            for key, value in entries:
+                try:
+                    self.exclusions[key[len(layout.EXCLUSION_PREFIX) :].decode()] = orjson.loads(value)
+                except orjson.JSONDecodeError:
+                    log.error("exclusion entry %r is damaged; the record counts again", key[:80])
+
+    def is_excluded(self, record_id: str) -> bool:
+        return record_id in self.exclusions
 
     def _last_record_id(self) -> str | None:
         assert self._db is not None
@@ -609,11 +630,16 @@ class ResultStore:
             log.error("record %s is indexed but missing", layout.split_record_key(record_key)[0])
             return None
         try:
-            return layout.unseal(value)
+            document = layout.unseal(value)
         except layout.CorruptValueError as exc:
             self.corrupt_records += 1
             log.error("record %s is damaged (%s); skipped", layout.split_record_key(record_key)[0], exc)
             return None
+        if self.exclusions:
+            exclusion = self.exclusions.get(layout.split_record_key(record_key)[0])
+            if exclusion is not None:
+                return memoryview(with_exclusion(document, exclusion))
+        return document
 
 
 _Admits = Callable[[bytes, bytes], bytes | None]
@@ -758,3 +784,11 @@ def _parse_sort_cursor(cursor: str) -> _Rank:
     if fractional is not None:
         return (0, float(fractional), record_id)
     return (1, 0, record_id)
+
+
+def with_exclusion(document: bytes | memoryview, exclusion: dict[str, Any]) -> bytes:
+    """A stored record's JSON as reads show an excluded record: with `"excluded": true` and the note."""
+    fields = orjson.loads(document)
+    fields["excluded"] = True
+    fields["exclusion"] = exclusion
+    return orjson.dumps(fields)

@@ -27,6 +27,7 @@ from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros
 from perfdb.storage import layout
+from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview
 
 log = logging.getLogger("perfdb.storage")
@@ -49,6 +50,9 @@ class RecordAck:
     user_id: str
     timestamp: str
     duplicate: bool
+    # One Verdict.to_json() per metric, judged once the record was durable; empty for a duplicate resend
+    # (its verdicts went to the first send) and when detection is off.
+    verdicts: tuple[dict[str, object], ...] = ()
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -56,6 +60,7 @@ class RecordAck:
             "user_id": self.user_id,
             "timestamp": self.timestamp,
             "duplicate": self.duplicate,
+            "verdicts": self.verdicts,
         }
 
 
@@ -65,6 +70,7 @@ class ImportAck:
 
     imported: int
     duplicates: int
+    stored_ids: frozenset[str] = frozenset()  # the records this import stored (not sent to the client)
 
     def to_fields(self) -> dict[str, Any]:
         return {"imported": self.imported, "duplicates": self.duplicates}
@@ -207,8 +213,10 @@ class GroupCommitWriter:
         user_count: int,
         last_record_id: str | None,
         overview: Overview,
+        detector: RegressionDetector,
     ) -> None:
         self._db = db
+        self.detector = detector  # judges each new record once its batch is durable
         self.overview = overview  # brought up to date after each committed batch
         self._directory = directory
         self._reopen = reopen
@@ -391,14 +399,39 @@ class GroupCommitWriter:
             else:
                 outcomes.append((item.future, self._add_restoration(batch, item)))
         batch.commit()
-        return outcomes, batch.write_seconds
+        return self._judge(items, outcomes), batch.write_seconds
+
+    def _judge(self, items: list[Submission | Restoration], outcomes: list[Outcome]) -> list[Outcome]:
+        """The committed records join the verdict windows; new submissions get their verdicts, each judged
+        against its window before it joined, in commit order."""
+        detector = self.detector
+        if not detector.enabled:
+            return outcomes
+        judged: list[Outcome] = []
+        for item, (future, outcome) in zip(items, outcomes, strict=True):
+            if isinstance(item, Submission):
+                if isinstance(outcome, RecordAck) and not outcome.duplicate:
+                    draft = item.draft
+                    verdicts = detector.judge_and_join(
+                        outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
+                        better=draft.better, baseline_tag=draft.baseline_tag,
+                    )  # fmt: skip
+                    outcome = dataclasses.replace(outcome, verdicts=tuple(verdicts))
+            elif isinstance(outcome, ImportAck):
+                for record in item.records:
+                    if record.record_id in outcome.stored_ids:
+                        draft = record.draft
+                        detector.join(record.user_id, record.record_id, draft.test_name, draft.tag, draft.metrics)
+            judged.append((future, outcome))
+        detector.batch_committed()
+        return judged
 
     def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
         profile, draft = submission.profile, submission.draft
         if draft.request_id is not None:
             earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
             if earlier is not None:
-                return dataclasses.replace(earlier, duplicate=True)
+                return dataclasses.replace(earlier, duplicate=True, verdicts=())
         record_id, micros = self._clock.next()
         timestamp = format_micros(micros)
         try:
@@ -432,7 +465,7 @@ class GroupCommitWriter:
             )
             # A restored profile never replaces the newer one a user's own submissions wrote.
             batch.add_profile(restoration.profiles[record.user_id], replace=False)
-        return ImportAck(len(staged), duplicates)
+        return ImportAck(len(staged), duplicates, frozenset(record.record_id for record, _ in staged))
 
 
 def _record_document(record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> bytes:
@@ -451,6 +484,8 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
         document["request_id"] = draft.request_id
     if draft.scenario is not None:
         document["scenario"] = draft.scenario
+    if draft.better is not None:
+        document["better"] = draft.better
     return orjson.dumps(document)
 
 
