@@ -107,3 +107,53 @@ async def test_windows_rebuilt_at_restart_give_the_same_verdicts(tmp_path: Path)
         ]
     assert [item["status"] for item in live] == ["no_change", "regression", "no_change"]
     assert rebuilt == live
+
+
+async def test_exclude_record_takes_a_value_out_of_the_baseline(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        await send_values(connection, "qps", noisy(rng, 1000.0, 29))
+        outlier = (await send_values(connection, "qps", [700.0]))[0]
+        probe = {"tag": "probe", "baseline_tag": ""}
+        assert verdict((await send_values(connection, "qps", [900.0], **probe))[0], "qps")["status"] == "no_change"
+
+        foreign = await connection.request(
+            "exclude_record", record_id=outlier["record_id"], access_token="user-mallory", note="not mine"
+        )
+        assert error_code(foreign) == "forbidden"
+        excluded = await connection.request(
+            "exclude_record", record_id=outlier["record_id"], access_token="user-alice", note="noisy neighbour"
+        )
+        assert excluded["ok"] and excluded["excluded"] is True, excluded
+        after = verdict((await send_values(connection, "qps", [900.0], **probe))[0], "qps")
+        assert after["status"] == "regression" and after["baseline"]["n"] == 29, after
+
+        shown = await connection.request("get_record", record_id=outlier["record_id"])
+        assert shown["record"]["excluded"] is True
+        assert shown["record"]["exclusion"]["note"] == "noisy neighbour"
+        assert shown["record"]["exclusion"]["excluded_by"] == "alice"
+        page = await connection.request("get_user", user_id="alice", tag="")
+        flagged = [record for record in page["records"] if record.get("excluded")]
+        assert [record["record_id"] for record in flagged] == [outlier["record_id"]]
+
+        restored = await connection.request("exclude_record", record_id=outlier["record_id"], excluded=False,
+                                            access_token="user-alice")  # fmt: skip
+        assert restored["excluded"] is False
+        again = verdict((await send_values(connection, "qps", [900.0], **probe))[0], "qps")
+        assert again["status"] == "no_change"
+        assert "excluded" not in (await connection.request("get_record", record_id=outlier["record_id"]))["record"]
+
+
+async def test_get_record_and_exclude_record_errors(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        unknown = "0" * 20
+        assert error_code(await connection.request("get_record", record_id=unknown)) == "not_found"
+        assert error_code(await connection.request("get_record", record_id="nope")) == "bad_request"
+        assert error_code(await connection.request("get_record")) == "bad_request"
+        missing = await connection.request("exclude_record", record_id=unknown, access_token="user-alice")
+        assert error_code(missing) == "not_found"
+        no_auth = await connection.request("exclude_record", record_id=unknown)
+        assert error_code(no_auth) == "bad_request"
+        wrong_admin = await connection.request("exclude_record", record_id=unknown, admin_key="x" * 20)
+        assert error_code(wrong_admin) == "forbidden"
+        assert (await connection.request("ping"))["ok"]

@@ -29,18 +29,24 @@ from perfdb.records.schema import (
     ADMIN_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
+    MAX_ACCESS_TOKEN_CHARS,
+    MAX_NOTE_CHARS,
     ORDER_FIELDS,
+    OWNER_FIELDS,
     READ_FIELDS,
     Query,
     RecordDraft,
     check_fields,
     check_request_id,
+    optional_string,
     parse_import_records,
     parse_overview,
     parse_query,
     parse_record,
+    parse_record_id,
     parse_series,
 )
+from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import Page, RecordAck, ResultStore
 
 log = logging.getLogger("perfdb.commands")
@@ -367,6 +373,37 @@ class CommandDispatcher:
         series = parse_series(request)
         # Deferred like a page: a reply of thousands of points waits for the client to read.
         return Deferred(lambda: self._store.series(series))
+
+    def op_get_record(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        check_fields(request, ENVELOPE_FIELDS | READ_FIELDS | frozenset({"record_id"}))
+        return self._store.get_record(parse_record_id(request))
+
+    def op_exclude_record(self, request: dict[str, Any], peer: str) -> Outcome:
+        check_fields(request, ENVELOPE_FIELDS | OWNER_FIELDS | frozenset({"record_id", "excluded", "note"}))
+        record_id = parse_record_id(request)
+        excluded = request.get("excluded", True)
+        if not isinstance(excluded, bool):
+            raise bad_request("excluded", "must be true or false")
+        note = optional_string(request, "note", MAX_NOTE_CHARS) or ""
+        return self._exclude(request, record_id, excluded, note)
+
+    async def _exclude(self, request: dict[str, Any], record_id: str, excluded: bool, note: str) -> Fields:
+        owner = await self._owner_or_admin(request)
+        exclusion = {"note": note, "excluded_by": owner or "admin", "excluded_at": format_micros(now_micros())}
+        return await self._store.set_exclusion(record_id, exclusion if excluded else None, owner)
+
+    async def _owner_or_admin(self, request: dict[str, Any]) -> str | None:
+        """The user id of the request's access_token, or None when it presents the admin key instead."""
+        if request.get("admin_key") is not None:
+            self._require_admin(request)
+            return None
+        token = request.get("access_token")
+        if not isinstance(token, str) or not token or len(token) > MAX_ACCESS_TOKEN_CHARS:
+            raise bad_request("access_token", "is required (the owner's token), or send the admin_key")
+        resolved = self._resolver.resolve(token)
+        profile = resolved if isinstance(resolved, Profile) else await asyncio.shield(resolved)
+        return profile.user_id
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

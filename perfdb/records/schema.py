@@ -51,6 +51,8 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
     }
 )
 ADMIN_FIELDS = frozenset({"admin_key"})
+OWNER_FIELDS = frozenset({"access_token", "admin_key"})  # ops the owner's token or the admin key may do
+MAX_NOTE_CHARS = 1000  # exclusion and alert notes
 READ_FIELDS = frozenset({"read_key", "admin_key"})
 IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
@@ -528,6 +530,15 @@ def _metric_name(field: str, value: Any) -> str:
         raise bad_request(
             field, f"must be a metric name: 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'"
         )
+    return value
+
+
+def parse_record_id(request: dict[str, Any], field: str = "record_id") -> str:
+    value = request.get(field)
+    if value is None:
+        raise bad_request(field, "is required")
+    if not isinstance(value, str) or not is_record_id(value):
+        raise bad_request(field, "must be a record id (20 lowercase hex digits)")
     return value
 
 

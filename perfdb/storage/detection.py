@@ -166,7 +166,7 @@ class RegressionDetector:
         """Re-read these series' windows from the database (after an exclusion, an expected alert, a deletion).
 
         Records committed while the series is read stay in the window: the newer points of the old window are
-        kept on top of what was read.
+        kept on top of what was read, unless `excluded` (or before the baseline start).
         """
         if not self.enabled:
             return
@@ -179,7 +179,12 @@ class RegressionDetector:
                 snapshot.close()
             with self._lock:
                 newest_read = stored[-1].record_id if stored else ""
-                later = [point for point in self.windows.points(key) if point.record_id > newest_read]
+                start = self._baseline_starts.get(key, "")
+                later = [
+                    point
+                    for point in self.windows.points(key)
+                    if point.record_id > newest_read and point.record_id >= start and not excluded(point.record_id)
+                ]
                 self.windows.discard(key)
                 for stored_point in stored:
                     self.windows.append(key, stored_point.record_id, float(stored_point.metrics[key.metric]), window)

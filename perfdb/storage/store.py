@@ -28,6 +28,7 @@ from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id, record_id_micros
 from perfdb.records.schema import ImportedRecord, Query, RecordDraft, SeriesQuery
 from perfdb.records.timestamps import format_micros
+from perfdb.regression.series import SeriesKey
 from perfdb.regression.thresholds import ThresholdConfig
 from perfdb.storage import layout
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
@@ -382,6 +383,48 @@ class ResultStore:
     async def series(self, request: SeriesQuery) -> dict[str, Any]:
         """The series reply's fields: the request's metrics bucketed over time (see series.py)."""
         return await self._read(self._read_series, request)
+
+    async def get_record(self, record_id: str) -> dict[str, Any]:
+        """The get_record reply's fields: the record (with its exclusion, if any); not_found if unknown."""
+        _owner, document = await self._read(self._read_record, record_id)
+        return {"record": orjson.Fragment(bytes(document))}
+
+    def _read_record(self, record_id: str) -> tuple[str, memoryview]:
+        with self._guard.reading():
+            prefix = layout.RECORD_PREFIX + record_id.encode()
+            with self._database().iterator(prefix=prefix) as records:
+                found = next(records, None)
+            document = None if found is None else self._checked(found[1], found[0])
+            if found is None or document is None:
+                raise PerfdbError(ErrorCode.NOT_FOUND, "no such record")
+            return layout.split_record_key(found[0])[1], document
+
+    async def set_exclusion(
+        self, record_id: str, exclusion: dict[str, Any] | None, owner: str | None
+    ) -> dict[str, Any]:
+        """Exclude the record from baselines and alerts (`exclusion` is its note, who and when), or count it
+        again (None); `owner` given: only that user's record (else forbidden). Its series' windows are rebuilt."""
+        return await self._read(self._write_exclusion, (record_id, exclusion, owner))
+
+    def _write_exclusion(self, request: tuple[str, dict[str, Any] | None, str | None]) -> dict[str, Any]:
+        record_id, exclusion, owner = request
+        user_id, document = self._read_record(record_id)
+        if owner is not None and owner != user_id:
+            raise PerfdbError(ErrorCode.FORBIDDEN, "only the record's owner (or the admin key) may exclude it")
+        with self._guard.reading():
+            db = self._database()
+            if exclusion is None:
+                db.delete(layout.exclusion_key(record_id), sync=True)
+                self.exclusions.pop(record_id, None)
+            else:
+                db.put(layout.exclusion_key(record_id), orjson.dumps(exclusion), sync=True)
+                self.exclusions[record_id] = exclusion
+            fields = orjson.loads(document)
+            keys = [
+                SeriesKey(user_id, fields["test_name"], fields.get("tag", ""), metric) for metric in fields["metrics"]
+            ]
+            self.detector.rebuild(db, keys, self.is_excluded)
+        return {"record_id": record_id, "excluded": exclusion is not None}
 
     async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
