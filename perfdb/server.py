@@ -16,6 +16,7 @@ from perfdb import __version__
 from perfdb.auth.tokens import TokenResolver, load_key, load_static_tokens
 from perfdb.commands.dispatcher import CommandDispatcher
 from perfdb.commands.stats import ServerStats
+from perfdb.commands.webhook import AlertWebhook
 from perfdb.config import Config, ConfigError, config_from_args
 from perfdb.observability.http import OperatorEndpoints
 from perfdb.observability.operator import start_operator_endpoints
@@ -25,6 +26,7 @@ from perfdb.regression.thresholds import DEFAULT_MODEL, ThresholdConfig, Thresho
 from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
 from perfdb.storage.detection import RegressionDetector
+from perfdb.storage.monitor import AlertMonitor
 from perfdb.web.supervisor import (
     DashboardAddressError,
     DashboardSupervisor,
@@ -94,6 +96,8 @@ class PerfdbServer:
         self._new_connection: Callable[[], LineProtocol] | None = None
         self._tls: ssl.SSLContext | None = None
         self.operator_endpoints: OperatorEndpoints | None = None  # --metrics-address
+        self.alert_monitor: AlertMonitor | None = None
+        self.webhook: AlertWebhook | None = None  # --alert-webhook
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -136,6 +140,12 @@ class PerfdbServer:
             config, self.store, self.resolver, self.stats, admin_key=admin_key, read_key=read_key
         )
         dispatcher = self.dispatcher
+        if config.regression_detection:
+            if config.alert_webhook is not None:
+                self.webhook = AlertWebhook(config.alert_webhook)
+                await self.webhook.start()
+            self.alert_monitor = AlertMonitor(self.store, on_alert=None if self.webhook is None else self.webhook.post)
+            self.alert_monitor.start()
         if config.metrics_address is not None:
             await self._start_operator_endpoints(config.metrics_address)
         limits = ConnectionLimits(
@@ -299,6 +309,8 @@ class PerfdbServer:
 
     async def _close_services(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.alert_monitor is not None:
+            await self.alert_monitor.stop()
         # Flushes the last write batch and stops the writer thread before LevelDB closes.
         await loop.run_in_executor(None, self.store.close)
         if self.resolver is not None:
@@ -306,6 +318,8 @@ class PerfdbServer:
         # Last, so /readyz answers 503 for as long as the shutdown lasts.
         if self.operator_endpoints is not None:
             await self.operator_endpoints.close()
+        if self.webhook is not None:
+            await self.webhook.close()
 
 
 def _listen_error(address: str, host: str, exc: OSError) -> str:

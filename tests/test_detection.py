@@ -3,10 +3,12 @@ against a real server on loopback with a real LevelDB and seeded noisy data."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
 
+from perfdb.server import PerfdbServer
 from tests.support import Connection, connect, error_code, perfdb_with_provider, record_request
 
 
@@ -157,3 +159,144 @@ async def test_get_record_and_exclude_record_errors(tmp_path: Path) -> None:
         wrong_admin = await connection.request("exclude_record", record_id=unknown, admin_key="x" * 20)
         assert error_code(wrong_admin) == "forbidden"
         assert (await connection.request("ping"))["ok"]
+
+
+ADMIN_KEY = "detection-tests-admin-key-0123456789"
+
+
+def admin_key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "admin.key"
+    path.write_text(ADMIN_KEY + "\n")
+    return path
+
+
+async def wait_for_alerts(
+    server: PerfdbServer, connection: Connection, count: int, deadline: float = 30.0, **filters: Any
+) -> list[dict[str, Any]]:
+    """The `regressions` listing once it holds `count` alerts, re-read after each analysis pass."""
+    monitor = server.alert_monitor
+    assert monitor is not None
+
+    async def listed() -> list[dict[str, Any]]:
+        reply = await connection.request("regressions", **filters)
+        assert reply["ok"], reply
+        alerts: list[dict[str, Any]] = reply["alerts"]
+        return alerts
+
+    async def wait() -> list[dict[str, Any]]:
+        while True:
+            seen = monitor.passes
+            alerts = await listed()
+            if len(alerts) >= count:
+                return alerts
+            await monitor.wait_for_pass(seen)
+
+    return await asyncio.wait_for(wait(), deadline)
+
+
+async def send_shift(connection: Connection, rng: random.Random, **fields: Any) -> list[dict[str, Any]]:
+    """40 records of qps around 1000, then 30 around 850: a sustained 15 % drop at the 41st."""
+    return await send_values(connection, "qps", noisy(rng, 1000.0, 40) + noisy(rng, 850.0, 30), **fields)
+
+
+async def test_a_sustained_shift_becomes_one_alert_at_the_right_record(tmp_path: Path) -> None:
+    rng = random.Random(8)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        acks = await send_shift(connection, rng)
+        alerts = await wait_for_alerts(server, connection, 1)
+        assert len(alerts) == 1
+        alert = alerts[0]
+        assert alert["record_id"] == acks[40]["record_id"]
+        assert (alert["user_id"], alert["test_name"], alert["tag"], alert["metric"]) == ("alice", "unary", "", "qps")
+        assert alert["state"] == "open" and alert["change_percent"] < -10 and alert["pvalue"] < 0.001
+        assert alert["before_mean"] > alert["after_mean"]
+        # More records of the same level: analysed again, not alerted again.
+        await send_values(connection, "qps", noisy(rng, 850.0, 10))
+        monitor = server.alert_monitor
+        assert monitor is not None
+        await asyncio.wait_for(monitor.wait_for_pass(monitor.passes), 30)
+        assert len((await connection.request("regressions"))["alerts"]) == 1
+        assert (await connection.request("regressions", state="acknowledged"))["alerts"] == []
+        assert (await connection.request("regressions", user_id="bob"))["alerts"] == []
+        assert len((await connection.request("regressions", test_name="unary", tag=""))["alerts"]) == 1
+
+
+async def test_alert_states_owner_foreign_admin_and_restart(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    overrides = {"admin_key_file": admin_key_file(tmp_path)}
+    async with perfdb_with_provider(tmp_path, **overrides) as (server, _), connect(server) as connection:
+        await send_shift(connection, rng)
+        (alert,) = await wait_for_alerts(server, connection, 1)
+        alert_id = alert["alert_id"]
+        foreign = await connection.request("update_alert", alert_id=alert_id, state="resolved", access_token="user-bob")
+        assert error_code(foreign) == "forbidden"
+        assert (await connection.request("regressions"))["alerts"][0]["state"] == "open"
+        owned = await connection.request(
+            "update_alert", alert_id=alert_id, state="acknowledged", note="looking", access_token="user-alice"
+        )
+        assert owned["ok"] and owned["alert"]["state"] == "acknowledged", owned
+        assert owned["alert"]["updated_by"] == "alice" and owned["alert"]["note"] == "looking"
+        unknown = await connection.request("update_alert", alert_id="0" * 20, state="resolved", admin_key=ADMIN_KEY)
+        assert error_code(unknown) == "not_found"
+        bad_state = await connection.request("update_alert", alert_id=alert_id, state="gone", admin_key=ADMIN_KEY)
+        assert error_code(bad_state) == "bad_request"
+        wrong_admin = await connection.request("update_alert", alert_id=alert_id, state="resolved", admin_key="x" * 20)
+        assert error_code(wrong_admin) == "forbidden"
+        by_admin = await connection.request("update_alert", alert_id=alert_id, state="resolved", admin_key=ADMIN_KEY)
+        assert by_admin["alert"]["updated_by"] == "admin"
+        assert [change["state"] for change in by_admin["alert"]["history"]] == ["acknowledged", "resolved"]
+    async with perfdb_with_provider(tmp_path, **overrides) as (server, _), connect(server) as connection:
+        (kept,) = (await connection.request("regressions"))["alerts"]
+        assert kept["alert_id"] == alert_id and kept["state"] == "resolved"
+        assert server.store.alerts.counts["resolved"] == 1 and server.store.alerts.counts["open"] == 0
+        assert (await connection.request("get_record", record_id=kept["record_id"]))["ok"]
+
+
+async def test_an_expected_change_restarts_the_verdict_window(tmp_path: Path) -> None:
+    rng = random.Random(10)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        await send_shift(connection, rng)
+        (alert,) = await wait_for_alerts(server, connection, 1)
+        probe = {"tag": "probe", "baseline_tag": ""}
+        # The window holds 30 records at the new level already; a probe at the old level is an improvement.
+        assert verdict((await send_values(connection, "qps", [1000.0], **probe))[0], "qps")["baseline"]["n"] == 30
+        expected = await connection.request(
+            "update_alert", alert_id=alert["alert_id"], state="expected", access_token="user-alice"
+        )
+        assert expected["ok"], expected
+        judged = verdict((await send_values(connection, "qps", [850.0], **probe))[0], "qps")
+        assert judged["baseline"]["n"] == 30 and judged["status"] == "no_change"
+        assert judged["baseline"]["max"] < 900  # only records from the change on
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        again = verdict((await send_values(connection, "qps", [850.0], **probe))[0], "qps")
+        assert again["baseline"] == judged["baseline"]
+
+
+async def test_regressions_pages_newest_first(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        for tag in ("a", "b", "c"):
+            await send_shift(connection, rng, tag=tag)
+        alerts = await wait_for_alerts(server, connection, 3)
+        ids = [alert["alert_id"] for alert in alerts]
+        assert ids == sorted(ids, reverse=True)
+        first = await connection.request("regressions", limit=2)
+        assert [alert["alert_id"] for alert in first["alerts"]] == ids[:2] and first["next_cursor"]
+        second = await connection.request("regressions", limit=2, cursor=first["next_cursor"])
+        assert [alert["alert_id"] for alert in second["alerts"]] == ids[2:] and second["next_cursor"] is None
+        assert error_code(await connection.request("regressions", state="closed")) == "bad_request"
+        assert error_code(await connection.request("regressions", cursor="zz")) == "bad_request"
+        late = await connection.request("regressions", since="2999-01-01T00:00:00Z")
+        assert late["alerts"] == []
+
+
+async def test_forget_records_resolves_their_alerts_and_leaves_the_windows(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        acks = await send_shift(connection, rng)
+        await wait_for_alerts(server, connection, 1)
+        await server.store.forget_records("alice", [ack["record_id"] for ack in acks[40:]])
+        (resolved,) = (await connection.request("regressions"))["alerts"]
+        assert resolved["state"] == "resolved"
+        probe = verdict((await send_values(connection, "qps", [1000.0], tag="p", baseline_tag=""))[0], "qps")
+        assert probe["baseline"]["min"] > 900  # the 850s left the window

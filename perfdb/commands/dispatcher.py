@@ -25,12 +25,14 @@ from perfdb.config import Config
 from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_input
 from perfdb.protocol.replies import DeferredReply, Reply
 from perfdb.records.profiles import Profile, profile_from_document, public_profile
+from perfdb.records.record_ids import is_record_id
 from perfdb.records.schema import (
     ADMIN_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
     MAX_ACCESS_TOKEN_CHARS,
     MAX_NOTE_CHARS,
+    MAX_USER_ID_CHARS,
     ORDER_FIELDS,
     OWNER_FIELDS,
     READ_FIELDS,
@@ -48,6 +50,7 @@ from perfdb.records.schema import (
 )
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import Page, RecordAck, ResultStore
+from perfdb.storage.alerts import ALERT_STATES, AlertQuery
 
 log = logging.getLogger("perfdb.commands")
 
@@ -404,6 +407,40 @@ class CommandDispatcher:
         resolved = self._resolver.resolve(token)
         profile = resolved if isinstance(resolved, Profile) else await asyncio.shield(resolved)
         return profile.user_id
+
+    def op_regressions(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        query = self._query(request, with_user=False, extra_fields=READ_FIELDS | frozenset({"user_id", "state"}))
+        state = request.get("state")
+        if state is not None and state not in ALERT_STATES:
+            raise bad_request("state", f"must be one of {', '.join(ALERT_STATES)}")
+        cursor = query.cursor
+        if cursor is not None and not is_record_id(cursor):
+            raise bad_request("cursor", "is not a cursor this op returned")
+        alerts = AlertQuery(
+            user_id=optional_string(request, "user_id", MAX_USER_ID_CHARS),
+            test_name=query.test_name,
+            tag=query.tag,
+            state=state,
+            since=query.since,
+            until=query.until,
+            limit=query.limit,
+            cursor=cursor,
+        )
+        return Deferred(lambda: self._store.list_alerts(alerts))
+
+    def op_update_alert(self, request: dict[str, Any], peer: str) -> Outcome:
+        check_fields(request, ENVELOPE_FIELDS | OWNER_FIELDS | frozenset({"alert_id", "state", "note"}))
+        alert_id = parse_record_id(request, "alert_id")
+        state = request.get("state")
+        if state not in ALERT_STATES:
+            raise bad_request("state", f"is required: one of {', '.join(ALERT_STATES)}")
+        note = optional_string(request, "note", MAX_NOTE_CHARS) or ""
+        return self._update_alert(request, alert_id, state, note)
+
+    async def _update_alert(self, request: dict[str, Any], alert_id: str, state: str, note: str) -> Fields:
+        owner = await self._owner_or_admin(request)
+        return await self._store.update_alert(alert_id, state, note, owner)
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

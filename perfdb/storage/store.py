@@ -31,6 +31,7 @@ from perfdb.records.timestamps import format_micros
 from perfdb.regression.series import SeriesKey
 from perfdb.regression.thresholds import ThresholdConfig
 from perfdb.storage import layout
+from perfdb.storage.alerts import AlertBook, AlertQuery
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
 from perfdb.storage.detection import DEFAULT_MAX_SERIES, RegressionDetector
 from perfdb.storage.overview import Overview
@@ -191,6 +192,7 @@ class ResultStore:
         self.detector = detector or RegressionDetector(ThresholdConfig(), DEFAULT_MAX_SERIES, enabled=False)
         # record id -> its exclusion ({"note", "excluded_at", "excluded_by"}); few, so kept whole in memory.
         self.exclusions: dict[str, dict[str, Any]] = {}
+        self.alerts = AlertBook(self.detector, self.is_excluded)
         self._sync = sync
         self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
@@ -227,6 +229,7 @@ class ResultStore:
             last_record_id = self._last_record_id()
             self._load_overview()
             self._load_exclusions()
+            self.alerts.load(self._db)  # first: an `expected` alert restarts its series' window
             self.detector.load(self._db, self.is_excluded)
         except BaseException:
             self._db.close()
@@ -423,8 +426,43 @@ class ResultStore:
             keys = [
                 SeriesKey(user_id, fields["test_name"], fields.get("tag", ""), metric) for metric in fields["metrics"]
             ]
-            self.detector.rebuild(db, keys, self.is_excluded)
+            self._rebuild(db, keys)
         return {"record_id": record_id, "excluded": exclusion is not None}
+
+    # -- regression detection (reader threads) ------------------------------------------------------------------
+
+    async def analyse_series(self, keys: list[SeriesKey]) -> list[dict[str, Any]]:
+        """Change-point analysis of these series; the alerts it created (stored before this returns)."""
+        return await self._read(self._with_database, lambda db: self.alerts.analyse(db, keys))
+
+    async def update_alert(self, alert_id: str, state: str, note: str, owner: str | None) -> dict[str, Any]:
+        def update(db: plyvel.DB) -> dict[str, Any]:
+            return self.alerts.update(db, alert_id, state, note, owner, lambda key: self._rebuild(db, [key]))
+
+        return {"alert": await self._read(self._with_database, update)}
+
+    async def list_alerts(self, query: AlertQuery) -> dict[str, Any]:
+        alerts, cursor = await self._read(self._with_database, lambda db: self.alerts.page(db, query))
+        return {"alerts": alerts, "next_cursor": cursor}
+
+    async def forget_records(self, user_id: str, record_ids: list[str]) -> None:
+        """Detection's side of deleting records: call it once the records are deleted. Their series' windows are
+        rebuilt without them and the alerts that point at them are resolved."""
+        forgotten = set(record_ids)
+
+        def forget(db: plyvel.DB) -> None:
+            keys = self.detector.series_of_records(user_id, forgotten)
+            self.detector.rebuild(db, keys, lambda record_id: record_id in forgotten or self.is_excluded(record_id))
+            self.alerts.resolve_for_records(db, user_id, forgotten)
+
+        await self._read(self._with_database, forget)
+
+    def _rebuild(self, db: plyvel.DB, keys: list[SeriesKey]) -> None:
+        self.detector.rebuild(db, keys, self.is_excluded)
+
+    def _with_database(self, work: Callable[[plyvel.DB], _T]) -> _T:
+        with self._guard.reading():
+            return work(self._database())
 
     async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
