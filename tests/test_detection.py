@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import signal
 from pathlib import Path
 from typing import Any
 
+import orjson
+from aiohttp import web
+
 from perfdb.server import PerfdbServer
-from tests.support import Connection, connect, error_code, perfdb_with_provider, record_request
+from tests.support import (
+    Connection,
+    Spawn,
+    connect,
+    error_code,
+    perfdb_with_provider,
+    record_request,
+    token_hash,
+)
 
 
 def noisy(rng: random.Random, level: float, count: int, noise: float = 0.01) -> list[float]:
@@ -300,3 +313,97 @@ async def test_forget_records_resolves_their_alerts_and_leaves_the_windows(tmp_p
         assert resolved["state"] == "resolved"
         probe = verdict((await send_values(connection, "qps", [1000.0], tag="p", baseline_tag=""))[0], "qps")
         assert probe["baseline"]["min"] > 900  # the 850s left the window
+
+
+class WebhookReceiver:
+    """An aiohttp endpoint on loopback that answers alert POSTs: held until `release` is set, then with the
+    statuses in `statuses` in turn (200 once they run out)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.bodies: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()  # the first POST came in
+        self.release = asyncio.Event()
+        self.accepted = asyncio.Event()  # a POST was answered 200
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        self.arrived.set()
+        await self.release.wait()
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            self.accepted.set()
+        return web.Response(status=status)
+
+    async def __aenter__(self) -> WebhookReceiver:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+async def test_a_slow_then_failing_webhook_never_delays_ingest_and_gets_the_alert(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    async with (
+        WebhookReceiver([500, 503]) as receiver,
+        perfdb_with_provider(tmp_path, alert_webhook=receiver.url) as (server, _),
+        connect(server) as connection,
+    ):
+        await send_shift(connection, rng)
+        await asyncio.wait_for(receiver.arrived.wait(), 30)
+        # The endpoint holds the alert's POST: records are still stored and judged meanwhile.
+        acks = await send_values(connection, "qps", noisy(rng, 850.0, 200), tag="during")
+        assert all(ack["verdicts"] for ack in acks)
+        receiver.release.set()
+        await asyncio.wait_for(receiver.accepted.wait(), 30)
+        (alert,) = (await connection.request("regressions", tag=""))["alerts"]
+        assert [body["alert_id"] for body in receiver.bodies] == [alert["alert_id"]] * 3
+        assert receiver.bodies[-1] == alert
+        assert server.webhook is not None and server.webhook.delivered == 1
+
+
+async def test_a_killed_server_leaves_no_alert_pointing_at_an_unstored_record(tmp_path: Path, spawn: Spawn) -> None:
+    token = "detection-bot-token-0123456789"
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(token), "user_id": "bot", "name": "Bot"}]}))
+    server = spawn(
+        "--address=127.0.0.1:0", f"--database={tmp_path / 'db'}", f"--tokens-file={tokens_file}", "--no-sync"
+    )
+    port = await asyncio.to_thread(server.wait_listening)
+    rng = random.Random(14)
+    shifts = [
+        record_request(token, tag=f"t{tag}", metrics={"qps": value})
+        for tag in range(6)
+        for value in noisy(rng, 1000.0, 40) + noisy(rng, 850.0, 30)
+    ]
+    connection = await Connection.open(port)
+    await connection.send(*shifts)
+    # Killed once the first alerts can exist, with records of later shifts still on their way.
+    first = await connection.replies(3 * 70)
+    assert all(reply["ok"] for reply in first)
+    await asyncio.to_thread(server.wait_for_log, re.compile(r"alert [0-9a-f]{20}: static:bot/"), timeout=30)
+    assert server.kill() == -signal.SIGKILL
+    await connection.close()
+    server.restart()
+    port = await asyncio.to_thread(server.wait_listening)
+    connection = await Connection.open(port)
+    try:
+        alerts = (await connection.request("regressions", limit=1000))["alerts"]
+        assert alerts
+        for alert in alerts:
+            stored = await connection.request("get_record", record_id=alert["record_id"])
+            assert stored["ok"] and stored["record"]["tag"] == alert["tag"], (alert, stored)
+    finally:
+        await connection.close()
