@@ -22,9 +22,14 @@ TIMEOUT = "timeout"
 PROTOCOL_ERROR = "protocol_error"
 
 # Ops that are safe to send again: reads, and records that carry a request_id.
-IDEMPOTENT_OPS = frozenset({"hello", "ping", "stats", "get_user", "get_all", "overview", "series", "export", "import"})
+IDEMPOTENT_OPS = frozenset(
+    {
+        "hello", "ping", "stats", "get_user", "get_all", "overview", "series", "export", "import",
+        "get_record", "regressions", "exclude_record",
+    }
+)  # fmt: skip
 # Ops that carry the read key when the client has one.
-READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series"})
+READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series", "get_record", "regressions"})
 
 
 class ClientSettings:
