@@ -407,3 +407,19 @@ async def test_a_killed_server_leaves_no_alert_pointing_at_an_unstored_record(tm
             assert stored["ok"] and stored["record"]["tag"] == alert["tag"], (alert, stored)
     finally:
         await connection.close()
+
+
+async def test_the_series_op_marks_the_change_points(tmp_path: Path) -> None:
+    rng = random.Random(15)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as connection:
+        acks = await send_shift(connection, rng)
+        (alert,) = await wait_for_alerts(server, connection, 1)
+        series = await connection.request("series", metric=["qps", "perc_lat_50"], test_name="unary", user_id="alice")
+        (mark,) = series["series"]["qps"]["marks"]
+        assert mark["alert_id"] == alert["alert_id"] and mark["record_id"] == acks[40]["record_id"]
+        assert mark["record_timestamp"] == acks[40]["timestamp"] and mark["state"] == "open"
+        assert series["series"]["perc_lat_50"]["marks"] == []
+        other_tag = await connection.request("series", metric="qps", test_name="unary", tag="nightly")
+        assert other_tag["series"]["qps"]["marks"] == []
+        before = await connection.request("series", metric="qps", test_name="unary", until=acks[40]["timestamp"])
+        assert before["series"]["qps"]["marks"] == []

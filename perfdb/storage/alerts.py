@@ -36,6 +36,11 @@ ANALYSIS_HISTORY = 500
 # An alerts page examines at most this many alerts.
 ALERT_SCAN_BUDGET = 50_000
 _MAX_HISTORY = 20  # state changes kept per alert
+# What a chart mark says of an alert (the series op's `marks`).
+MARK_FIELDS = (
+    "alert_id", "record_id", "record_timestamp", "user_id", "tag", "state", "before_mean", "after_mean",
+    "change_percent",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -224,6 +229,37 @@ class AlertBook:
                     alerts.append(alert)
         cursor = last_key[len(layout.ALERT_PREFIX) :].decode() if more and last_key else None
         return alerts, cursor
+
+    def marks(
+        self,
+        db: plyvel.DB | plyvel.Snapshot,
+        test_name: str,
+        metrics: Iterable[str],
+        user_id: str | None,
+        tag: str | None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The change points of a test's series as chart marks, by metric, oldest first: every alert (bar
+        resolved ones) of the test for these metrics, of one user and tag or of all. Reads at most
+        ALERT_SCAN_BUDGET alerts, newest first."""
+        wanted = set(metrics)
+        found: dict[str, list[dict[str, Any]]] = {}
+        with db.iterator(prefix=layout.ALERT_PREFIX, reverse=True) as entries:
+            for scanned, (_, value) in enumerate(entries):
+                if scanned == ALERT_SCAN_BUDGET:
+                    break
+                alert = orjson.loads(value)
+                if (
+                    alert["test_name"] != test_name
+                    or alert["metric"] not in wanted
+                    or alert["state"] == "resolved"
+                    or (user_id is not None and alert["user_id"] != user_id)
+                    or (tag is not None and alert["tag"] != tag)
+                ):
+                    continue
+                found.setdefault(alert["metric"], []).append({name: alert[name] for name in MARK_FIELDS})
+        for marks in found.values():
+            marks.sort(key=lambda mark: mark["record_id"])
+        return found
 
     def resolve_for_records(self, db: plyvel.DB, user_id: str, record_ids: set[str]) -> list[dict[str, Any]]:
         """Resolve the alerts that point at these (deleted) records of the user."""

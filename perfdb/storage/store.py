@@ -632,7 +632,9 @@ class ResultStore:
                 start, stop = _key_range(source.prefix, query, after_cursor=False)
                 grid = self._series_grid(snapshot, source, request, start, stop)
                 if grid is None:
-                    return _series_fields(request, None, {}, records=0, examined=0, complete=True)
+                    return self._with_marks(
+                        snapshot, request, _series_fields(request, None, {}, records=0, examined=0, complete=True)
+                    )
                 series = {metric: MetricSeries(grid) for metric in request.metrics}
                 admits, fetch = self._entry_readers(snapshot, source, query)
                 examined = records = 0
@@ -655,9 +657,23 @@ class ResultStore:
                             number = metrics.get(metric)
                             if type(number) in (int, float):
                                 points.add(number, record_id, micros)
-                return _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
+                fields = _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
+                return self._with_marks(snapshot, request, fields)
             finally:
                 snapshot.close()
+
+    def _with_marks(self, snapshot: plyvel.Snapshot, request: SeriesQuery, fields: dict[str, Any]) -> dict[str, Any]:
+        """Each series gets `marks`: the alerts (change points) of its records in the range."""
+        marks = self.alerts.marks(snapshot, request.test_name, request.metrics, request.user_id, request.tag)
+        since, until = request.since, request.until
+        for metric, series in fields["series"].items():
+            series["marks"] = [
+                mark
+                for mark in marks.get(metric, ())
+                if (since is None or record_id_micros(mark["record_id"]) >= since)
+                and (until is None or record_id_micros(mark["record_id"]) < until)
+            ]
+        return fields
 
     def _series_grid(
         self, snapshot: plyvel.Snapshot, source: _Source, request: SeriesQuery, start: bytes, stop: bytes
