@@ -61,6 +61,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "get_all_rps": (">=", 150_000),
     "server_peak_rss_mb": ("<=", 200.0),
     "growth_ratio": (">=", 0.8),
+    "ingest_detect_ratio": (">=", 0.9),
 }
 
 
@@ -210,6 +211,10 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
             get_user_records=reads["records_per_read"],
         )
 
+    progress("durable ingest without regression detection (--no-regression-detection), for the ratio")
+    with perfdb_server(work, work / "db-nodetect", "--no-regression-detection") as server:
+        figures["ingest_nodetect_rps"] = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))["rps"]
+
     progress("no-sync ingest at saturation")
     big = work / "db-big"
     with perfdb_server(work, big, "--no-sync") as server:
@@ -260,6 +265,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
     figures["ingest_ratio"] = figures["ingest_durable_rps"] / figures["store_limit_rps"]
     figures["echo_ratio"] = figures["ingest_durable_rps"] / figures["echo_rps"]
     figures["growth_ratio"] = figures["ingest_durable_full_rps"] / figures["ingest_durable_rps"]
+    # Durable ingest with verdicts computed (the default) against the same without them.
+    figures["ingest_detect_ratio"] = figures["ingest_durable_rps"] / figures["ingest_nodetect_rps"]
     figures["uvloop_speedup"] = figures["ingest_durable_rps"] / figures["ingest_asyncio_rps"]
     return figures
 
@@ -270,6 +277,8 @@ ROWS: list[tuple[str, str, str | None]] = [
     ("ingest_nosync_rps", "records/s", "store_limit_rps"),
     ("ingest_durable_rps", "records/s", "echo_rps"),
     ("ingest_ratio", "", None),
+    ("ingest_durable_rps", "records/s", "ingest_nodetect_rps"),
+    ("ingest_detect_ratio", "", None),
     ("ack_p50_ms", "ms", None),
     ("ack_p99_ms", "ms", None),
     ("get_user_p99_ms", "ms", None),

@@ -14,14 +14,12 @@ import fnmatch
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from perfdb.regression.direction import MetricDirection
-from perfdb.regression.series import FloatArray, SeriesLike, as_series
+from perfdb.regression.series import SeriesLike, as_series
 
 Status = Literal["regression", "improvement", "no_change", "insufficient_data"]
 MODEL_NAME = "sigmas_and_min_change"
@@ -76,17 +74,27 @@ class BaselineSummary:
     max: float
 
     @classmethod
-    def of(cls, values: FloatArray) -> BaselineSummary:
-        if not len(values):
+    def of(cls, values: Sequence[float]) -> BaselineSummary:
+        """In plain Python: the server judges every metric of every record as it commits, and for a window of
+        30 points this takes about 5 us where numpy's mean, std and median calls take 100-200 us."""
+        n = len(values)
+        if not n:
             return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan)
-        stddev = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        mean, median = float(np.mean(values)), float(np.median(values))
-        return cls(len(values), mean, stddev, median, float(values.min()), float(values.max()))
+        ordered = sorted(values)
+        mean = math.fsum(values) / n
+        stddev = math.sqrt(math.fsum([(value - mean) ** 2 for value in values]) / (n - 1)) if n > 1 else 0.0
+        middle = n // 2
+        median = ordered[middle] if n % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return cls(n, mean, stddev, median, ordered[0], ordered[-1])
 
     def to_json(self) -> dict[str, object]:
         if self.n == 0:
             return {"n": 0}
-        return dataclasses.asdict(self)
+        # Spelt out: dataclasses.asdict deep-copies, and every record ack carries one of these per metric.
+        return {
+            "n": self.n, "mean": self.mean, "stddev": self.stddev, "median": self.median, "min": self.min,
+            "max": self.max,
+        }  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,7 +108,10 @@ class Threshold:
     governed_by: Literal["sigmas", "min_change"]
 
     def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        return {
+            "bound": self.bound, "percent": self.percent, "sigma_bound": self.sigma_bound,
+            "min_change_bound": self.min_change_bound, "governed_by": self.governed_by,
+        }  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,7 +163,7 @@ def judge(
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"the value judged must be a finite number, not {value}")
-    summary = BaselineSummary.of(as_series(baseline)[-model.window :])
+    summary = BaselineSummary.of(_recent_points(baseline, model.window))
     if summary.n < model.min_points:
         return Verdict(direction.metric, "insufficient_data", model, summary, value, None, None, None, direction, False)
     sigma_bound = model.sigmas * summary.stddev
@@ -181,6 +192,20 @@ def judge(
         direction,
         changed,
     )
+
+
+def _recent_points(baseline: SeriesLike, window: int) -> list[float]:
+    """The last `window` points as floats, checked finite (a list, as the server passes, skips numpy)."""
+    if isinstance(baseline, list):
+        recent = baseline[-window:]
+        try:
+            finite = math.isfinite(math.fsum(recent))  # one NaN or infinity makes the sum so
+        except (TypeError, OverflowError):  # not numbers, or a sum past the float range: as_series decides
+            finite = False
+        if finite:
+            return recent
+    points: list[float] = as_series(baseline)[-window:].tolist()
+    return points
 
 
 # -- per-test, per-metric overrides ------------------------------------------------------------------------------
