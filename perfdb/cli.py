@@ -472,6 +472,8 @@ async def cmd_repair(args: argparse.Namespace) -> int:
 async def cmd_regressions(args: argparse.Namespace) -> int:
     filters = {**_filters(args), "user_id": args.user_id, "state": args.state}
     output_format = args.format or ("table" if sys.stdout.isatty() else "ndjson")
+    if output_format == "csv":
+        raise CliError("--format csv is for records; alerts print as table, json or ndjson", EXIT_USAGE)
     async with make_client(args) as client:
         alerts = [alert async for alert in client.regressions(**filters)]
     if output_format == "table":
