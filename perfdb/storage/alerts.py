@@ -25,7 +25,7 @@ from perfdb.regression.changepoints import ChangePointAnalysis, analyse, extend_
 from perfdb.regression.direction import direction_of
 from perfdb.regression.series import SeriesKey
 from perfdb.storage import layout
-from perfdb.storage.detection import RegressionDetector, read_series
+from perfdb.storage.detection import RegressionDetector, StoredPoint, read_series
 
 log = logging.getLogger("perfdb.alerts")
 
@@ -97,25 +97,37 @@ class AlertBook:
     # -- analysis -------------------------------------------------------------------------------------------
 
     def analyse(self, db: plyvel.DB, keys: Iterable[SeriesKey]) -> list[dict[str, Any]]:
-        """Analyse these series; store and return the alerts of change points not alerted before."""
-        created = []
+        """Analyse these series (the metrics of one user, test and tag read together); store and return the
+        alerts of change points not alerted before."""
+        groups: dict[tuple[str, str, str], list[SeriesKey]] = {}
         for key in keys:
+            groups.setdefault((key.user_id, key.test_name, key.tag), []).append(key)
+        created = []
+        for members in groups.values():
             try:
-                created.extend(self._analyse_series(db, key))
+                created.extend(self._analyse_group(db, members))
             except Exception:  # one bad series must not stop the others
-                log.exception("change-point analysis of %s failed", key)
+                log.exception("change-point analysis of %s failed", members[0][:3])
         return created
 
-    def _analyse_series(self, db: plyvel.DB, key: SeriesKey) -> list[dict[str, Any]]:
+    def _analyse_group(self, db: plyvel.DB, members: list[SeriesKey]) -> list[dict[str, Any]]:
+        starts = {key: self._detector.baseline_start(key) for key in members}
         snapshot = db.snapshot()
         try:
             points = read_series(
-                snapshot, key, self._excluded, limit=ANALYSIS_HISTORY, start=self._detector.baseline_start(key)
-            )
+                snapshot, members[0], self._excluded, limit=ANALYSIS_HISTORY, start=min(starts.values()),
+                metrics=[key.metric for key in members],
+            )  # fmt: skip
         finally:
             snapshot.close()
-        if not points:
-            return []
+        created = []
+        for key in members:
+            series = [point for point in points if point.record_id >= starts[key] and key.metric in point.metrics]
+            if series:
+                created.extend(self._analyse_series(db, key, series))
+        return created
+
+    def _analyse_series(self, db: plyvel.DB, key: SeriesKey, points: list[StoredPoint]) -> list[dict[str, Any]]:
         values = [float(point.metrics[key.metric]) for point in points]
         previous = self._analyses.get(key)
         if previous is not None and previous[0] == points[0].record_id and previous[1].length <= len(values):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -103,11 +103,21 @@ class RegressionDetector:
 
     # -- the alert monitor ------------------------------------------------------------------------------------
 
-    def take_dirty(self) -> set[SeriesKey]:
-        """The series that received records since the last call (emptied)."""
+    def take_dirty(self, most: int) -> list[SeriesKey]:
+        """Up to `most` of the series that received records since they were last taken, a whole user, test
+        and tag at a time where it fits (they are read together); the rest stay for the next call."""
         with self._lock:
-            dirty, self._dirty = self._dirty, set()
-        return dirty
+            ordered = sorted(self._dirty)
+            taken = ordered[:most]
+            while most < len(ordered) and taken and ordered[most][:3] == taken[-1][:3]:
+                taken.append(ordered[most])
+                most += 1
+            self._dirty.difference_update(taken)
+        return taken
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
 
     def mark_dirty(self, keys: Iterable[SeriesKey]) -> None:
         with self._lock:
@@ -210,9 +220,12 @@ def read_series(
     *,
     limit: int,
     start: str = "",
+    metrics: Collection[str] = (),
 ) -> list[StoredPoint]:
-    """The newest `limit` stored records of the series that have its metric, oldest first; excluded records and
-    records before `start` (a record id) left out. Walks the user's index, at most SERIES_SCAN_BUDGET entries."""
+    """The newest `limit` stored records of the series that have its metric (or any of `metrics`, to read
+    several series of one user, test and tag at once), oldest first; excluded records and records before
+    `start` (a record id) left out. Walks the user's index, at most SERIES_SCAN_BUDGET entries."""
+    wanted_metrics = set(metrics) or {key.metric}
     user_prefix = layout.user_index_prefix(key.user_id)
     wanted = orjson.dumps([key.test_name, key.tag])
     points: list[StoredPoint] = []
@@ -231,10 +244,10 @@ def read_series(
             document = _decode(snapshot.get(layout.record_key(record_id, key.user_id)))
             if document is None:
                 continue
-            metrics = document.get("metrics")
-            if isinstance(metrics, dict) and key.metric in metrics:
+            values = document.get("metrics")
+            if isinstance(values, dict) and not wanted_metrics.isdisjoint(values):
                 better = document.get("better")
-                points.append(StoredPoint(record_id, metrics, better if isinstance(better, dict) else None))
+                points.append(StoredPoint(record_id, values, better if isinstance(better, dict) else None))
     points.reverse()
     return points
 

@@ -17,6 +17,8 @@ log = logging.getLogger("perfdb.alerts")
 # Seconds between passes at most once per this: under a steady stream of records a pass takes every series
 # written meanwhile at once, instead of re-analysing a series for each of its records.
 DEFAULT_PASS_INTERVAL = 0.5
+# Series analysed per pass at most (more are left dirty for the next): bounds one pass to about a second.
+SERIES_PER_PASS = 256
 
 
 class AlertMonitor:
@@ -65,7 +67,10 @@ class AlertMonitor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            keys = sorted(self._store.detector.take_dirty())
+            started = self._loop.time()
+            keys = self._store.detector.take_dirty(SERIES_PER_PASS)
+            if self._store.detector.dirty_count:
+                self._wake.set()  # more than one pass's worth: carry on after the pause
             if keys:
                 try:
                     created = await self._store.analyse_series(keys)
@@ -83,4 +88,6 @@ class AlertMonitor:
             self.passes += 1
             async with self.passed:
                 self.passed.notify_all()
-            await asyncio.sleep(self._pass_interval)
+            # The analysis shares the interpreter with ingest: pause at least four times as long as the pass
+            # took, so it takes at most a fifth of one core however many series are dirty.
+            await asyncio.sleep(max(self._pass_interval, 4 * (self._loop.time() - started)))
