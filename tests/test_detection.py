@@ -7,9 +7,12 @@ import asyncio
 import random
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -423,3 +426,40 @@ async def test_the_series_op_marks_the_change_points(tmp_path: Path) -> None:
         assert other_tag["series"]["qps"]["marks"] == []
         before = await connection.request("series", metric="qps", test_name="unary", until=acks[40]["timestamp"])
         assert before["series"]["qps"]["marks"] == []
+
+
+async def test_the_alerts_gauge_counts_alerts_by_state(tmp_path: Path) -> None:
+    rng = random.Random(16)
+    async with (
+        perfdb_with_provider(tmp_path, metrics_address="127.0.0.1:0") as (server, _),
+        connect(server) as connection,
+        aiohttp.ClientSession() as http,
+    ):
+        assert server.operator_endpoints is not None
+        url = f"http://{server.operator_endpoints.address}/metrics"
+        await send_shift(connection, rng)
+        (alert,) = await wait_for_alerts(server, connection, 1)
+        await connection.request(
+            "update_alert", alert_id=alert["alert_id"], state="expected", access_token="user-alice"
+        )
+        async with http.get(url) as response:
+            text = await response.text()
+    gauges = dict(re.findall(r'^perfdb_alerts\{state="(\w+)"\} (\S+)$', text, re.MULTILINE))
+    assert gauges == {"open": "0.0", "acknowledged": "0.0", "expected": "1.0", "resolved": "0.0"}
+
+
+def test_a_bad_threshold_file_stops_the_start_in_one_line(tmp_path: Path, spawn: Spawn) -> None:
+    config = tmp_path / "thresholds.toml"
+    config.write_text('[[rule]]\ntest = "streaming_*"\nsigmas = -1\n')
+    server = spawn("--address=127.0.0.1:0", f"--database={tmp_path / 'db'}", f"--regression-config={config}")
+    code, stderr = server.wait_exit(timeout=60)
+    assert code == 1 and "Traceback" not in stderr, stderr
+    (line,) = stderr.splitlines()
+    assert f"{config}: rule 1: sigmas must be a finite number >= 0, not -1.0" in line, line
+    help_text = subprocess.run(
+        [sys.executable, "run_perf_db_server.py", "--help"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout  # fmt: skip
+    for option in ("--regression-window", "--regression-sigmas", "--regression-min-change", "--regression-config",
+                   "--regression-max-series", "--no-regression-detection", "--alert-webhook"):  # fmt: skip
+        assert option in help_text, option
