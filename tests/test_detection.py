@@ -16,6 +16,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from perfdb.records.record_ids import make_record_id
+from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import PerfdbServer
 from tests.support import (
     Connection,
@@ -463,3 +465,19 @@ def test_a_bad_threshold_file_stops_the_start_in_one_line(tmp_path: Path, spawn:
     for option in ("--regression-window", "--regression-sigmas", "--regression-min-change", "--regression-config",
                    "--regression-max-series", "--no-regression-detection", "--alert-webhook"):  # fmt: skip
         assert option in help_text, option
+
+
+async def test_imported_records_join_the_windows_without_verdicts(tmp_path: Path) -> None:
+    rng = random.Random(17)
+    start = now_micros() - 3_600_000_000
+    records = [
+        {"record_id": make_record_id(start + index, 0), "user_id": "alice",
+         "timestamp": format_micros(start + index), "test_name": "unary", "metrics": {"qps": value}}
+        for index, value in enumerate(noisy(rng, 1000.0, 12))
+    ]  # fmt: skip
+    overrides = {"admin_key_file": admin_key_file(tmp_path)}
+    async with perfdb_with_provider(tmp_path, **overrides) as (server, _), connect(server) as connection:
+        imported = await connection.request("import", admin_key=ADMIN_KEY, records=records, users={"alice": {}})
+        assert imported["ok"] and imported["imported"] == 12 and "verdicts" not in imported, imported
+        ack = (await send_values(connection, "qps", [850.0]))[0]
+        assert verdict(ack, "qps")["status"] == "regression" and verdict(ack, "qps")["baseline"]["n"] == 12

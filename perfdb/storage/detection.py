@@ -94,7 +94,8 @@ class RegressionDetector:
 
     def _join(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
         points = self.windows.points(key)
-        # An import may bring a record older than the window's newest: the window is then rebuilt.
+        # An import may restore a record older than the window's newest: it stays out of the window until the
+        # series is next rebuilt (at start, say), since a window holds the newest records in time order.
         if points and points[-1].record_id >= record_id:
             self._dirty.add(key)
             return

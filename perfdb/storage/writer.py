@@ -412,16 +412,23 @@ class GroupCommitWriter:
             if isinstance(item, Submission):
                 if isinstance(outcome, RecordAck) and not outcome.duplicate:
                     draft = item.draft
-                    verdicts = detector.judge_and_join(
-                        outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
-                        better=draft.better, baseline_tag=draft.baseline_tag,
-                    )  # fmt: skip
+                    try:
+                        verdicts = detector.judge_and_join(
+                            outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
+                            better=draft.better, baseline_tag=draft.baseline_tag,
+                        )  # fmt: skip
+                    except Exception:  # the record is durable: a failed verdict must not fail its ack
+                        log.exception("verdicts of record %s failed", outcome.record_id)
+                        verdicts = []
                     outcome = dataclasses.replace(outcome, verdicts=tuple(verdicts))
             elif isinstance(outcome, ImportAck):
                 for record in item.records:
                     if record.record_id in outcome.stored_ids:
                         draft = record.draft
-                        detector.join(record.user_id, record.record_id, draft.test_name, draft.tag, draft.metrics)
+                        try:
+                            detector.join(record.user_id, record.record_id, draft.test_name, draft.tag, draft.metrics)
+                        except Exception:
+                            log.exception("record %s did not join its verdict windows", record.record_id)
             judged.append((future, outcome))
         detector.batch_committed()
         return judged
