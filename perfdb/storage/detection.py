@@ -1,7 +1,7 @@
 """Regression detection's state in the server: the verdict windows, the series waiting for change-point analysis,
 and reading a series' points back from the database.
 
-The writer thread judges each new record after its batch is durable (before its ack resolves) against the
+The writer's verdict thread judges each new record after its batch is durable (before its ack resolves) against the
 window BEFORE the record joins it; a record sent with `baseline_tag` is judged against that tag's window and
 joins its own tag's. The windows are rebuilt from the database at start and, for one series, after an
 exclusion, an `expected` alert or a deletion (`forget_records`). Every method is safe from any thread.
@@ -50,13 +50,13 @@ class RegressionDetector:
         self._dirty: set[SeriesKey] = set()
         # Series whose baseline restarts at a record (an `expected` alert): record ids before it are left out.
         self._baseline_starts: dict[SeriesKey, str] = {}
-        # Told (on the writer thread) when a committed batch made some series dirty; the alert monitor sets it.
+        # Told (on the verdict thread) when a committed batch made some series dirty; the alert monitor sets it.
         self.dirty_listener: Callable[[], None] | None = None
 
     def window_for(self, test_name: str, metric: str) -> int:
         return self.thresholds.model_for(test_name, metric).window
 
-    # -- the writer thread ------------------------------------------------------------------------------------
+    # -- the writer's verdict thread ------------------------------------------------------------------------------------
 
     def judge_and_join(
         self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float], *,

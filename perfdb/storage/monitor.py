@@ -57,7 +57,7 @@ class AlertMonitor:
             await self.passed.wait_for(lambda: self.passes > after)
 
     def _wake_from_thread(self) -> None:
-        """Called on the writer thread after a batch that made series dirty."""
+        """Called on the verdict thread after a batch that made series dirty."""
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(self._wake.set)
 

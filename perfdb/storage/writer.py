@@ -3,6 +3,8 @@
 Being the only writer makes it the point where order is decided: it assigns record ids and
 timestamps, checks idempotency keys and compares profiles without races, and acknowledges a
 submission only after the batch that holds it has been written (fsync'd unless sync is off).
+With regression detection on, a second thread judges each written batch's records (in commit
+order, before their acks) while the writer goes on to the next batch.
 """
 
 from __future__ import annotations
@@ -229,6 +231,9 @@ class GroupCommitWriter:
         self._profiles: dict[str, bytes] = {}
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="perfdb-writer", daemon=True)
+        # Durable batches waiting for their verdicts; one thread judges them in commit order.
+        self._verdict_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._verdict_thread = threading.Thread(target=self._run_verdicts, name="perfdb-verdicts", daemon=True)
         # Read by stats from the event loop; plain ints, written only by the writer thread.
         self.record_count = record_count
         self.user_count = user_count
@@ -266,6 +271,7 @@ class GroupCommitWriter:
 
     def start(self) -> None:
         self._thread.start()
+        self._verdict_thread.start()
 
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         """Queue a record; the future resolves once it is durable (or fails with PerfdbError)."""
@@ -289,6 +295,8 @@ class GroupCommitWriter:
         self._accepting = False
         self._queue.put(self._STOP)
         self._thread.join()
+        self._verdict_queue.put(self._STOP)  # after the writer's last batch
+        self._verdict_thread.join()
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -344,9 +352,22 @@ class GroupCommitWriter:
             log.error("write batch of %d submissions failed: %s", len(items), exc)
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
             outcomes = [(item.future, error) for item in items]
-        self._loop.call_soon_threadsafe(_settle, outcomes)
+        if write_seconds is not None and self.detector.enabled:
+            # Judged on the verdict thread while this one writes the next batch (the fsync frees the GIL).
+            self._verdict_queue.put((items, outcomes))
+        else:
+            self._loop.call_soon_threadsafe(_settle, outcomes)
         if write_seconds is not None and self.commit_observer is not None:
             self.commit_observer(sum(map(_record_count, items)), write_seconds)
+
+    def _run_verdicts(self) -> None:
+        """The verdict thread: judges each durable batch in commit order, then hands out its outcomes."""
+        while True:
+            work = self._verdict_queue.get()
+            if work is self._STOP:
+                return
+            items, outcomes = work
+            self._loop.call_soon_threadsafe(_settle, self._judge(items, outcomes))
 
     def _retry_heal(self) -> None:
         self._heal_requested = False
@@ -399,7 +420,7 @@ class GroupCommitWriter:
             else:
                 outcomes.append((item.future, self._add_restoration(batch, item)))
         batch.commit()
-        return self._judge(items, outcomes), batch.write_seconds
+        return outcomes, batch.write_seconds
 
     def _judge(self, items: list[Submission | Restoration], outcomes: list[Outcome]) -> list[Outcome]:
         """The committed records join the verdict windows; new submissions get their verdicts, each judged
