@@ -40,6 +40,13 @@ class ThresholdModel:
             raise ValueError(problem)
 
     def to_json(self) -> dict[str, object]:
+        """The same (shared, not to be changed) dict each time: every verdict of a record ack carries it."""
+        cached = _MODEL_JSON.get(self)
+        if cached is None:
+            cached = _MODEL_JSON[self] = self._json()
+        return cached
+
+    def _json(self) -> dict[str, object]:
         return {
             "name": MODEL_NAME,
             "window": self.window,
@@ -61,6 +68,7 @@ def _model_problem(window: int, min_points: int, sigmas: float, min_change: floa
     return ""
 
 
+_MODEL_JSON: dict[ThresholdModel, dict[str, object]] = {}  # few models: the defaults and the override file's
 DEFAULT_MODEL = ThresholdModel()
 
 

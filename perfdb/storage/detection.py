@@ -56,7 +56,7 @@ class RegressionDetector:
     def window_for(self, test_name: str, metric: str) -> int:
         return self.thresholds.model_for(test_name, metric).window
 
-    # -- the writer's verdict thread ------------------------------------------------------------------------------------
+    # -- the writer's verdict thread --------------------------------------------------------------------------------
 
     def judge_and_join(
         self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float], *,
