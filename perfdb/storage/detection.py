@@ -93,10 +93,10 @@ class RegressionDetector:
             listener()
 
     def _join(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
-        points = self.windows.points(key)
+        newest = self.windows.newest_record_id(key)
         # An import may restore a record older than the window's newest: it stays out of the window until the
         # series is next rebuilt (at start, say), since a window holds the newest records in time order.
-        if points and points[-1].record_id >= record_id:
+        if newest is not None and newest >= record_id:
             self._dirty.add(key)
             return
         self.windows.append(key, record_id, value, window)
