@@ -47,7 +47,8 @@ class RegressionDetector:
         self.enabled = enabled
         self.windows = SeriesWindows(max_series)
         self._lock = threading.Lock()
-        self._dirty: set[SeriesKey] = set()
+        # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
+        self._dirty: dict[tuple[str, str, str], set[str]] = {}
         # Series whose baseline restarts at a record (an `expected` alert): record ids before it are left out.
         self._baseline_starts: dict[SeriesKey, str] = {}
         # Told (on the verdict thread) when a committed batch made some series dirty; the alert monitor sets it.
@@ -97,32 +98,39 @@ class RegressionDetector:
         # An import may restore a record older than the window's newest: it stays out of the window until the
         # series is next rebuilt (at start, say), since a window holds the newest records in time order.
         if newest is not None and newest >= record_id:
-            self._dirty.add(key)
+            self._mark(key)
             return
         self.windows.append(key, record_id, value, window)
-        self._dirty.add(key)
+        self._mark(key)
+
+    def _mark(self, key: SeriesKey) -> None:
+        metrics = self._dirty.get(key[:3])
+        if metrics is None:
+            self._dirty[key[:3]] = {key.metric}
+        else:
+            metrics.add(key.metric)
 
     # -- the alert monitor ------------------------------------------------------------------------------------
 
     def take_dirty(self, most: int) -> list[SeriesKey]:
-        """Up to `most` of the series that received records since they were last taken, a whole user, test
-        and tag at a time where it fits (they are read together); the rest stay for the next call."""
+        """About `most` of the series that received records since they were last taken, whole users' tests and
+        tags at a time (they are read together), those dirty longest first; the rest stay for the next call."""
+        taken: list[SeriesKey] = []
         with self._lock:
-            ordered = sorted(self._dirty)
-            taken = ordered[:most]
-            while most < len(ordered) and taken and ordered[most][:3] == taken[-1][:3]:
-                taken.append(ordered[most])
-                most += 1
-            self._dirty.difference_update(taken)
+            while self._dirty and len(taken) < most:
+                group = next(iter(self._dirty))
+                taken.extend(SeriesKey(*group, metric) for metric in sorted(self._dirty.pop(group)))
         return taken
 
     @property
     def dirty_count(self) -> int:
+        """Users' tests and tags with series waiting."""
         return len(self._dirty)
 
     def mark_dirty(self, keys: Iterable[SeriesKey]) -> None:
         with self._lock:
-            self._dirty.update(keys)
+            for key in keys:
+                self._mark(key)
 
     # -- rebuilding (executor threads) --------------------------------------------------------------------------
 
@@ -201,7 +209,7 @@ class RegressionDetector:
                     self.windows.append(key, stored_point.record_id, float(stored_point.metrics[key.metric]), window)
                 for point in later:
                     self.windows.append(key, point.record_id, point.value, window)
-                self._dirty.add(key)
+                self._mark(key)
 
     def series_of_records(self, user_id: str, record_ids: Iterable[str]) -> set[SeriesKey]:
         """The windowed series of this user that hold any of these records."""
