@@ -213,7 +213,7 @@ async def read_user(port: int, user_id: str, rounds: int, page_size: int) -> dic
     }
 
 
-_NEXT_CURSOR = re.compile(rb'"next_cursor":(null|"([0-9a-f]+)")}$')
+_NEXT_CURSOR = re.compile(rb'"next_cursor":(null|"([0-9a-f]+)")[,}]')
 
 
 async def read_all(port: int, page_size: int) -> dict[str, Any]:

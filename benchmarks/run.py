@@ -62,6 +62,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "get_all_rps": (">=", 150_000),
     "server_peak_rss_mb": ("<=", 200.0),
     "growth_ratio": (">=", 0.8),
+    "ingest_detect_ratio": (">=", 0.9),
 }
 
 
@@ -211,6 +212,10 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
             get_user_records=reads["records_per_read"],
         )
 
+    progress("durable ingest with regression detection (--regression-detection), for the ratio")
+    with perfdb_server(work, work / "db-detect", "--regression-detection") as server:
+        figures["ingest_detect_rps"] = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))["rps"]
+
     progress("no-sync ingest at saturation")
     big = work / "db-big"
     with perfdb_server(work, big, "--no-sync") as server:
@@ -261,6 +266,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
     figures["ingest_ratio"] = figures["ingest_durable_rps"] / figures["store_limit_rps"]
     figures["echo_ratio"] = figures["ingest_durable_rps"] / figures["echo_rps"]
     figures["growth_ratio"] = figures["ingest_durable_full_rps"] / figures["ingest_durable_rps"]
+    # Durable ingest with verdicts computed (--regression-detection) against the same without them (the default).
+    figures["ingest_detect_ratio"] = figures["ingest_detect_rps"] / figures["ingest_durable_rps"]
     figures["uvloop_speedup"] = figures["ingest_durable_rps"] / figures["ingest_asyncio_rps"]
     return figures
 
@@ -271,6 +278,8 @@ ROWS: list[tuple[str, str, str | None]] = [
     ("ingest_nosync_rps", "records/s", "store_limit_rps"),
     ("ingest_durable_rps", "records/s", "echo_rps"),
     ("ingest_ratio", "", None),
+    ("ingest_detect_rps", "records/s", "ingest_durable_rps"),
+    ("ingest_detect_ratio", "", None),
     ("ack_p50_ms", "ms", None),
     ("ack_p99_ms", "ms", None),
     ("get_user_p99_ms", "ms", None),

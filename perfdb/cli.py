@@ -249,7 +249,9 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         overrides["tag"] = args.tag
     if args.sys_info == "auto":
         overrides["sys_info"] = collect_sys_info()
-    refused = unreadable = 0
+    if args.baseline_tag is not None:
+        overrides["baseline_tag"] = args.baseline_tag
+    refused = unreadable = regressed = 0
     async with make_client(args) as client:
         for name in args.files:
             progress = Progress(f"submitting {name}")
@@ -265,6 +267,10 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                         else:
                             state = "duplicate" if outcome["duplicate"] else "stored"
                             print(f"{name}: {outcome['record_id']} {state}", flush=False)
+                            for verdict in outcome.get("verdicts", ()):
+                                if verdict["status"] == "regression":
+                                    regressed += 1
+                                    print(f"{name}: {outcome['record_id']} {describe_regression(verdict)}", flush=False)
             except InputError as exc:
                 unreadable += 1
                 print(f"perfdb: {exc}", file=sys.stderr)
@@ -278,7 +284,23 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     if unreadable:
         return EXIT_BAD_INPUT
+    if regressed and args.fail_on_regression:
+        print(f"perfdb: {regressed} metric(s) regressed", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_REFUSED if refused else EXIT_OK
+
+
+def describe_regression(verdict: dict[str, Any]) -> str:
+    """One line of evidence: the value, the baseline it was judged against, and the bound it crossed."""
+    baseline, threshold = verdict["baseline"], verdict["threshold"]
+    change = verdict["change_percent"]
+    moved = f"{change:+.1f} %" if change is not None else f"{verdict['change']:+g}"
+    bound = f"{threshold['percent']:.1f} %" if threshold.get("percent") is not None else f"{threshold['bound']:g}"
+    return (
+        f"REGRESSION {verdict['metric']}: {verdict['value']:g} against a baseline of {baseline['mean']:g} "
+        f"(stddev {baseline['stddev']:g}, n={baseline['n']}): {moved}, beyond the {bound} threshold "
+        f"({threshold['governed_by']}; {verdict['direction']} is better)"
+    )
 
 
 def _submission_requests(
@@ -716,6 +738,42 @@ def elide_middle(text: str, width: int) -> str:
     return text[:start] + "…" + text[len(text) - (width - 1 - start) :]
 
 
+async def cmd_regressions(args: argparse.Namespace) -> int:
+    filters = {**_filters(args), "user_id": args.user_id, "state": args.state}
+    output_format = args.format or ("table" if sys.stdout.isatty() else "ndjson")
+    if output_format == "csv":
+        raise CliError("--format csv is for records; alerts print as table, json or ndjson", EXIT_USAGE)
+    async with make_client(args) as client:
+        alerts = [alert async for alert in client.regressions(**filters)]
+    if output_format == "table":
+        print(f"{'ALERT':20}  {'STATE':12}  {'CHANGE':>8}  {'RECORD':20}  SERIES (user/test/tag/metric)")
+        for alert in alerts:
+            change = alert.get("change_percent")
+            shown = f"{change:+.1f}%" if change is not None else "-"
+            series = f"{alert['user_id']}/{alert['test_name']}/{alert['tag']}/{alert['metric']}"
+            print(f"{alert['alert_id']:20}  {alert['state']:12}  {shown:>8}  {alert['record_id']:20}  {series}")
+    elif output_format == "json":
+        sys.stdout.write(orjson.dumps(alerts, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for alert in alerts:
+            sys.stdout.write(orjson.dumps(alert).decode() + "\n")
+    return EXIT_OK
+
+
+async def cmd_alert(args: argparse.Namespace) -> int:
+    credentials: dict[str, str] = {}
+    if args.admin_key_file is not None or os.environ.get("PERFDB_ADMIN_KEY"):
+        credentials["admin_key"] = read_secret(args.admin_key_file, "PERFDB_ADMIN_KEY", "", "admin key")
+    else:
+        credentials["access_token"] = read_secret(
+            args.token_file, "PERFDB_ACCESS_TOKEN", "perfdb access token: ", "token"
+        )
+    async with make_client(args) as client:
+        alert = await client.update_alert(args.alert_id, args.state, note=args.note, **credentials)
+    print(f"alert {alert['alert_id']}: {alert['state']} (by {alert.get('updated_by')}, {alert.get('updated_at')})")
+    return EXIT_OK
+
+
 async def cmd_stats(args: argparse.Namespace) -> int:
     async with make_client(args) as client:
         stats = await client.stats()
@@ -735,6 +793,9 @@ async def cmd_ping(args: argparse.Namespace) -> int:
 
 
 # -- the parser ----------------------------------------------------------------------------
+
+
+ALERT_STATES = ("open", "acknowledged", "expected", "resolved")  # the server's alert states (protocol_spec.md)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -792,7 +853,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--sys-info", choices=("auto",), help="'auto' attaches this machine's CPU, memory, OS and Python"
     )
     submit.add_argument("--window", type=positive_int, default=256, help="records in flight at once (default: 256)")
+    submit.add_argument(
+        "--baseline-tag",
+        metavar="TAG",
+        help="judge each record against this tag's history (e.g. main) instead of its own",
+    )
+    submit.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 1 when a verdict says regression (the regressed metrics are printed with their evidence)",
+    )
     submit.set_defaults(handler=cmd_submit)
+
+    regressions = commands.add_parser(
+        "regressions", parents=[connection, filters], help="list regression alerts, newest first"
+    )
+    regressions.add_argument("--user-id", help="only alerts of this user's series")
+    regressions.add_argument("--state", choices=ALERT_STATES, help="only alerts in this state")
+    regressions.set_defaults(handler=cmd_regressions)
+
+    alert = commands.add_parser(
+        "alert",
+        parents=[connection],
+        help="change an alert's state (the series owner's token, or the admin key)",
+        description="Move an alert to another state: acknowledged (being looked at), expected (an intended change: "
+        "the series' verdicts are judged from the change on), resolved, or open again.",
+    )
+    alert.add_argument("alert_id", metavar="ALERT_ID")
+    alert.add_argument("--state", required=True, choices=ALERT_STATES)
+    alert.add_argument("--note", help="why (kept with the alert, with who and when)")
+    alert.add_argument("--token-file", help="file holding your access token (else $PERFDB_ACCESS_TOKEN, else a prompt)")
+    alert.add_argument("--admin-key-file", help="use the admin key in this file (or $PERFDB_ADMIN_KEY) instead")
+    alert.set_defaults(handler=cmd_alert)
 
     get_user = commands.add_parser("get-user", parents=[connection, filters], help="print one user's records")
     get_user.add_argument("user_id", metavar="USER_ID")

@@ -187,6 +187,44 @@ class Config:
         "dashboard",
         type=Path,
     )
+    # Regression detection: verdicts in record acks, change-point alerts
+    # Off by default: judging every record costs CPU on the ingest path (benchmarks/README.md).
+    regression_detection: bool = setting(
+        False,
+        "judge every record against its series' history in the record reply (verdicts), and watch series "
+        "for change points (alerts); costs CPU on the ingest path: see benchmarks/README.md",
+        "regression detection",
+    )
+    regression_window: int = setting(
+        30, "a record is judged against the last this many records of its series", "regression detection",
+    )  # fmt: skip
+    regression_sigmas: float = setting(
+        3.0, "a regression moves the worse way by more than this many baseline standard deviations...",
+        "regression detection", type=float,
+    )  # fmt: skip
+    regression_min_change: float = setting(
+        0.05, "...and by more than this fraction of the baseline mean (0.05 = 5 %%)", "regression detection",
+        type=float,
+    )  # fmt: skip
+    regression_config: Path | None = setting(
+        None,
+        "TOML or JSON file of per-test/per-metric threshold overrides (see README 'Catching regressions'); "
+        "its [default] table overrides the three options above",
+        "regression detection",
+        type=Path,
+        metavar="FILE",
+    )
+    regression_max_series: int = setting(
+        100_000, "most series whose verdict windows are kept in memory (least recently written dropped)",
+        "regression detection",
+    )  # fmt: skip
+    alert_webhook: str | None = setting(
+        None,
+        "URL each new alert is POSTed to as JSON (retried with backoff; never delays ingest); off unless given",
+        "regression detection",
+        type=str,
+        metavar="URL",
+    )
     # Lifecycle and runtime
     shutdown_timeout: float = setting(
         10.0, "seconds to finish in-flight requests on SIGTERM/SIGINT before closing connections", "runtime"
@@ -338,5 +376,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
         raise ConfigError("--web-ca-file needs --tls-cert (the dashboard verifies the server's certificate with it)")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if not (math.isfinite(values["regression_sigmas"]) and values["regression_sigmas"] >= 0):
+        raise ConfigError("--regression-sigmas must be a number >= 0")
+    if not (math.isfinite(values["regression_min_change"]) and 0 <= values["regression_min_change"] <= 1):
+        raise ConfigError("--regression-min-change must be a fraction between 0 and 1 (0.05 = 5 %)")
+    if values["regression_window"] < 5:
+        raise ConfigError("--regression-window must be at least 5 (the fewest points a verdict is judged on)")
+    if values["alert_webhook"] is not None and not values["alert_webhook"].startswith(("http://", "https://")):
+        raise ConfigError("--alert-webhook must be an http:// or https:// URL")
     values["default_page_size"] = min(Config().default_page_size, values["max_page_size"])
     return Config(host=host, port=port, **values)

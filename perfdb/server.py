@@ -16,13 +16,17 @@ from perfdb import __version__
 from perfdb.auth.tokens import TokenResolver, load_key, load_static_tokens
 from perfdb.commands.dispatcher import CommandDispatcher
 from perfdb.commands.stats import ServerStats
+from perfdb.commands.webhook import AlertWebhook
 from perfdb.config import Config, ConfigError, config_from_args
 from perfdb.observability.http import OperatorEndpoints
 from perfdb.observability.operator import start_operator_endpoints
 from perfdb.protocol.addresses import format_address, parse_address
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
+from perfdb.regression.thresholds import DEFAULT_MODEL, ThresholdConfig, ThresholdModel, load_threshold_config
 from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
+from perfdb.storage.detection import RegressionDetector
+from perfdb.storage.monitor import AlertMonitor
 from perfdb.web.supervisor import (
     DashboardAddressError,
     DashboardSupervisor,
@@ -48,6 +52,19 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+def threshold_config(config: Config) -> ThresholdConfig:
+    """The verdict model from the options, with --regression-config's overrides; raises ValueError (one line)."""
+    base = ThresholdModel(
+        window=config.regression_window,
+        min_points=min(DEFAULT_MODEL.min_points, config.regression_window),
+        sigmas=config.regression_sigmas,
+        min_change=config.regression_min_change,
+    )
+    if config.regression_config is None:
+        return ThresholdConfig(base)
+    return load_threshold_config(config.regression_config, base)
+
+
 class StartupError(Exception):
     """The server cannot start; the message is one line for the operator."""
 
@@ -62,6 +79,10 @@ def build_store(config: Config) -> ResultStore:
         max_sort_examined=config.max_sort_examined,
         upgrade_batch=config.upgrade_batch_records,
         upgrade_pause=config.upgrade_pause,
+        # The thresholds from --regression-config are read at start (off the event loop).
+        detector=RegressionDetector(
+            ThresholdConfig(), config.regression_max_series, enabled=config.regression_detection
+        ),
     )
 
 
@@ -95,6 +116,8 @@ class PerfdbServer:
         self._new_connection: Callable[[], LineProtocol] | None = None
         self._tls: ssl.SSLContext | None = None
         self.operator_endpoints: OperatorEndpoints | None = None  # --metrics-address
+        self.alert_monitor: AlertMonitor | None = None
+        self.webhook: AlertWebhook | None = None  # --alert-webhook
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -114,6 +137,7 @@ class PerfdbServer:
                 read_key = await loop.run_in_executor(None, load_key, config.read_key_file, "read key")
             if config.tls_cert is not None and config.tls_key is not None:
                 tls = await loop.run_in_executor(None, server_tls_context, config.tls_cert, config.tls_key)
+            self.store.detector.thresholds = await loop.run_in_executor(None, threshold_config, config)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -136,6 +160,12 @@ class PerfdbServer:
             config, self.store, self.resolver, self.stats, admin_key=admin_key, read_key=read_key
         )
         dispatcher = self.dispatcher
+        if config.regression_detection:
+            if config.alert_webhook is not None:
+                self.webhook = AlertWebhook(config.alert_webhook)
+                await self.webhook.start()
+            self.alert_monitor = AlertMonitor(self.store, on_alert=None if self.webhook is None else self.webhook.post)
+            self.alert_monitor.start()
         if config.metrics_address is not None:
             await self._start_operator_endpoints(config.metrics_address)
         limits = connection_limits(config)
@@ -292,6 +322,8 @@ class PerfdbServer:
 
     async def _close_services(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.alert_monitor is not None:
+            await self.alert_monitor.stop()
         # Flushes the last write batch and stops the writer thread before LevelDB closes.
         await loop.run_in_executor(None, self.store.close)
         if self.resolver is not None:
@@ -299,6 +331,8 @@ class PerfdbServer:
         # Last, so /readyz answers 503 for as long as the shutdown lasts.
         if self.operator_endpoints is not None:
             await self.operator_endpoints.close()
+        if self.webhook is not None:
+            await self.webhook.close()
 
 
 def _listen_error(address: str, host: str, exc: OSError) -> str:

@@ -10,6 +10,7 @@ import http.server
 import io
 import os
 import platform
+import random
 import re
 import secrets
 import socket
@@ -46,7 +47,7 @@ CONSOLE_SCRIPT = REPO_ROOT / ".venv" / "bin" / "perfdb"
 CLI_TIMEOUT = 30.0
 COMMANDS = (
     "submit", "get-user", "get-all", "compare", "export", "import", "repair", "stats", "ping", "delete-record",
-    "delete-user", "audit",
+    "delete-user", "audit", "regressions", "alert",
 )  # fmt: skip
 RECORD_ID = r"[0-9a-f]{20}"
 CSV_HEADER = [
@@ -180,7 +181,7 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def serving(keys: Secrets, database: Path, userinfo_url: str | None = None) -> Iterator[RunningServer]:
+def serving(keys: Secrets, database: Path, userinfo_url: str | None = None, *options: str) -> Iterator[RunningServer]:
     """run_perf_db_server in a child process; stopped with SIGTERM, which must end it cleanly.
     Without a userinfo_url, the provider is unreachable: static tokens only."""
     with ServerProcess(
@@ -189,6 +190,7 @@ def serving(keys: Secrets, database: Path, userinfo_url: str | None = None) -> I
         f"--tokens-file={keys.tokens_file}",
         f"--admin-key-file={keys.admin_key_file}",
         f"--userinfo-url={userinfo_url or closed_port_url()}",
+        *options,
     ) as process:
         port = process.wait_listening()
         yield RunningServer(
@@ -206,6 +208,13 @@ def serving(keys: Secrets, database: Path, userinfo_url: str | None = None) -> I
 def server(keys: Secrets, tmp_path: Path) -> Iterator[RunningServer]:
     """A fresh server with an empty database."""
     with serving(keys, tmp_path / "db") as running:
+        yield running
+
+
+@pytest.fixture
+def detecting_server(keys: Secrets, tmp_path: Path) -> Iterator[RunningServer]:
+    """A fresh server with regression detection on (verdicts and alerts)."""
+    with serving(keys, tmp_path / "db", None, "--regression-detection") as running:
         yield running
 
 
@@ -900,3 +909,62 @@ def test_progress_bar_is_drawn_on_a_terminal_and_nowhere_else() -> None:
     drawn = terminal.getvalue()
     assert drawn.startswith("\rsubmitting [") and drawn.endswith("\n")
     assert "4/4 100%" in drawn
+
+
+# -- regression detection ----------------------------------------------------------------------
+
+
+def qps_records(values: list[float], tag: str = "main") -> bytes:
+    """NDJSON of perfdb records of one series (test ci-bench), one per qps value, each with its own request id."""
+    return b"".join(
+        orjson.dumps(
+            {"test_name": "ci-bench", "tag": tag, "metrics": {"qps": value}, "request_id": secrets.token_hex(8)}
+        )
+        + b"\n"
+        for value in values
+    )
+
+
+def steady_qps(count: int, level: float = 1000.0, seed: int = 1) -> list[float]:
+    rng = random.Random(seed)
+    return [level * (1 + rng.gauss(0, 0.01)) for _ in range(count)]
+
+
+def test_submit_fail_on_regression_exits_1_with_the_evidence(detecting_server: RunningServer) -> None:
+    server = detecting_server
+    token = ("--token-file", str(server.bot_token_file))
+    ok("submit", "-", *token, server=server, stdin=qps_records(steady_qps(30)))
+    steady = ok("submit", "-", *token, "--fail-on-regression", server=server, stdin=qps_records([1001.0]))
+    assert "REGRESSION" not in steady.out
+    dropped = perfdb("submit", "-", *token, "--fail-on-regression", server=server, stdin=qps_records([850.0]))
+    assert dropped.returncode == 1, dropped.err
+    (evidence,) = [line for line in dropped.lines() if "REGRESSION" in line]
+    assert "qps: 850 against a baseline of" in evidence and "n=30" in evidence and "higher is better" in evidence
+    assert "1 metric(s) regressed" in dropped.err
+    # Without the flag the verdict is printed but the exit code stays 0; --baseline-tag judges against main.
+    pull_request = ok("submit", "-", *token, "--baseline-tag", "main", server=server, stdin=qps_records([850.0], "pr"))
+    assert "REGRESSION qps" in pull_request.out
+
+
+def test_regressions_lists_alerts_and_alert_changes_their_state(detecting_server: RunningServer) -> None:
+    server = detecting_server
+    token = ("--token-file", str(server.bot_token_file))
+    shift = steady_qps(40) + steady_qps(30, 850.0, seed=2)
+    ok("submit", "-", *token, server=server, stdin=qps_records(shift))
+    server.process.wait_for_log(re.compile(r"alert [0-9a-f]{20}: static:ci-bot/ci-bench/main qps"), timeout=30)
+    (alert,) = [orjson.loads(line) for line in ok("regressions", server=server).lines()]
+    assert alert["state"] == "open" and alert["metric"] == "qps" and alert["user_id"] == BOT_USER
+    table = ok("regressions", "--format", "table", "--test-name", "ci-bench", server=server).lines()
+    assert table_cells(table[1])[:2] == [alert["alert_id"], "open"]
+    lab = perfdb("alert", alert["alert_id"], "--state", "resolved", "--token-file", str(server.lab_token_file),
+                 server=server)  # fmt: skip
+    assert lab.returncode == 1 and "forbidden" in lab.err
+    changed = ok("alert", alert["alert_id"], "--state", "acknowledged", "--note", "bisecting", *token, server=server)
+    assert f"alert {alert['alert_id']}: acknowledged (by {BOT_USER}" in changed.out
+    (acknowledged,) = [
+        orjson.loads(line) for line in ok("regressions", "--state", "acknowledged", server=server).lines()
+    ]
+    assert acknowledged["note"] == "bisecting"
+    admin = ok("alert", alert["alert_id"], "--state", "resolved", env=clean_env(PERFDB_ADMIN_KEY=ADMIN_KEY),
+               server=server)  # fmt: skip
+    assert "resolved (by admin" in admin.out

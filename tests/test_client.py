@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import signal
 import time
 from collections import Counter
@@ -1006,3 +1007,52 @@ async def test_both_clients_delete_and_read_the_audit_log(tmp_path: Path) -> Non
     assert seen["left"] == [alice[1], *alice[4:]]  # bob and his record are gone; the forbidden delete changed nothing
     assert bob["record_id"] not in seen["left"]
     assert after == seen["audit"] and seen["audit"][-1] == entries[0]
+
+
+async def test_both_clients_speak_the_regression_ops(tmp_path: Path) -> None:
+    rng = random.Random(21)
+    levels = [1000.0 * (1 + rng.gauss(0, 0.01)) for _ in range(40)] + [
+        850 * (1 + rng.gauss(0, 0.01)) for _ in range(30)
+    ]
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(ADMIN_KEY + "\n")
+    async with (
+        perfdb_with_provider(tmp_path, admin_key_file=key_file, regression_detection=True) as (server, _),
+        AsyncClient(address(server)) as client,
+    ):
+        acks = [await client.record(access_token="user-alice", test_name="t", metrics={"qps": v}) for v in levels]
+        assert acks[-31]["verdicts"][0]["status"] == "no_change"
+        assert acks[-30]["verdicts"][0]["status"] == "regression"
+        custom = await client.record(
+            access_token="user-alice", test_name="t", metrics={"fps": 60.0}, better={"fps": "higher"}, baseline_tag="x"
+        )
+        assert custom["verdicts"][0]["direction"] == "higher"
+        monitor = server.alert_monitor
+        assert monitor is not None
+        while True:  # each listing is followed by a wait for the next pass, unless it found the alert
+            seen = monitor.passes
+            alerts = [alert async for alert in client.regressions(test_name="t")]
+            if alerts:
+                break
+            await monitor.wait_for_pass(seen)
+        (alert,) = alerts
+        excluded = await client.exclude_record(acks[0]["record_id"], note="warm-up", access_token="user-alice")
+        record = await client.get_record(acks[0]["record_id"])
+        updated = await client.update_alert(alert["alert_id"], "acknowledged", note="ok", access_token="user-alice")
+        with Client(address(server)) as blocking:
+            blocking_results = await asyncio.to_thread(
+                lambda: (
+                    blocking.record(access_token="user-alice", test_name="t", metrics={"qps": 850.0}),
+                    list(blocking.regressions(state="acknowledged")),
+                    blocking.update_alert(alert["alert_id"], "resolved", admin_key=ADMIN_KEY),
+                    blocking.exclude_record(acks[0]["record_id"], excluded=False, admin_key=ADMIN_KEY),
+                    blocking.get_record(acks[0]["record_id"]),
+                )
+            )
+    assert excluded["excluded"] is True and record["excluded"] is True and record["exclusion"]["note"] == "warm-up"
+    assert updated["state"] == "acknowledged" and updated["updated_by"] == "alice"
+    blocking_ack, acknowledged, resolved, restored, blocking_record = blocking_results
+    assert blocking_ack["verdicts"][0]["metric"] == "qps"
+    assert [found["alert_id"] for found in acknowledged] == [alert["alert_id"]]
+    assert resolved["state"] == "resolved" and resolved["updated_by"] == "admin"
+    assert restored["excluded"] is False and "excluded" not in blocking_record

@@ -113,6 +113,7 @@ async def test_series_match_brute_force_for_every_filter_and_bucket_count(
         nothing = await conn.request("series", metric="no_such_metric", test_name="unary")
         assert nothing["series"]["no_such_metric"] == {
             "count": 0, "first": None, "last": None, "min": None, "max": None, "exact_medians": True, "points": [],
+            "marks": [],
         }  # fmt: skip
         no_test = await conn.request("series", id=3, metric="qps", test_name="nobody ran this")
         assert no_test == {

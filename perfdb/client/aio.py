@@ -200,7 +200,8 @@ class AsyncClient(ClientSettings):
         return await self.call("stats")
 
     async def record(self, **fields: Any) -> dict[str, Any]:
-        """Store one result; a request_id is generated when none is given, so retries are safe."""
+        """Store one result; a request_id is generated when none is given, so retries are safe. The ack's
+        `verdicts` judge each metric against its series (or `baseline_tag`'s; `better` declares custom metrics)."""
         return await self.call("record", **with_request_id(fields))
 
     async def record_many(
@@ -336,3 +337,50 @@ class AsyncClient(ClientSettings):
         async for page in self.pages("audit_log", admin_key=admin_key, limit=limit):
             for entry in page["entries"]:
                 yield entry
+
+    # -- regression detection --------------------------------------------------------------
+
+    async def get_record(self, record_id: str) -> dict[str, Any]:
+        """One record by id, with `"excluded": true` and its exclusion when it is excluded."""
+        reply = await self.call("get_record", record_id=record_id)
+        record: dict[str, Any] = reply["record"]
+        return record
+
+    async def exclude_record(
+        self,
+        record_id: str,
+        *,
+        excluded: bool = True,
+        note: str | None = None,
+        access_token: str | None = None,
+        admin_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Leave the record out of baselines and alerts (or, excluded=False, count it again); the owner's
+        access_token or the admin key."""
+        return await self.call(
+            "exclude_record", record_id=record_id, excluded=excluded, note=note,
+            access_token=access_token, admin_key=admin_key,
+        )  # fmt: skip
+
+    async def regressions(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every alert that matches the filters (user_id, test_name, tag, state, since, until), newest first,
+        across as many pages as it takes."""
+        async for page in self.pages("regressions", **filters):
+            for alert in page["alerts"]:
+                yield alert
+
+    async def update_alert(
+        self,
+        alert_id: str,
+        state: str,
+        *,
+        note: str | None = None,
+        access_token: str | None = None,
+        admin_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Move an alert to open, acknowledged, expected or resolved; returns the alert as stored."""
+        reply = await self.call(
+            "update_alert", alert_id=alert_id, state=state, note=note, access_token=access_token, admin_key=admin_key
+        )
+        alert: dict[str, Any] = reply["alert"]
+        return alert

@@ -136,7 +136,8 @@ class Client(ClientSettings):
         return self.call("stats")
 
     def record(self, **fields: Any) -> dict[str, Any]:
-        """Store one result; a request_id is generated when none is given, so retries are safe."""
+        """Store one result; a request_id is generated when none is given, so retries are safe. The ack's
+        `verdicts` judge each metric against its series (or `baseline_tag`'s; `better` declares custom metrics)."""
         return self.call("record", **with_request_id(fields))
 
     def record_many(self, records: Iterable[dict[str, Any]], *, window: int = 64) -> Iterator[dict[str, Any]]:
@@ -265,3 +266,49 @@ class Client(ClientSettings):
         """The audit entries of deletions, newest first, across as many pages as it takes."""
         for page in self.pages("audit_log", admin_key=admin_key, limit=limit):
             yield from page["entries"]
+
+    # -- regression detection --------------------------------------------------------------
+
+    def get_record(self, record_id: str) -> dict[str, Any]:
+        """One record by id, with `"excluded": true` and its exclusion when it is excluded."""
+        reply = self.call("get_record", record_id=record_id)
+        record: dict[str, Any] = reply["record"]
+        return record
+
+    def exclude_record(
+        self,
+        record_id: str,
+        *,
+        excluded: bool = True,
+        note: str | None = None,
+        access_token: str | None = None,
+        admin_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Leave the record out of baselines and alerts (or, excluded=False, count it again); the owner's
+        access_token or the admin key."""
+        return self.call(
+            "exclude_record", record_id=record_id, excluded=excluded, note=note,
+            access_token=access_token, admin_key=admin_key,
+        )  # fmt: skip
+
+    def regressions(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every alert that matches the filters (user_id, test_name, tag, state, since, until), newest first,
+        across as many pages as it takes."""
+        for page in self.pages("regressions", **filters):
+            yield from page["alerts"]
+
+    def update_alert(
+        self,
+        alert_id: str,
+        state: str,
+        *,
+        note: str | None = None,
+        access_token: str | None = None,
+        admin_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Move an alert to open, acknowledged, expected or resolved; returns the alert as stored."""
+        reply = self.call(
+            "update_alert", alert_id=alert_id, state=state, note=note, access_token=access_token, admin_key=admin_key
+        )
+        alert: dict[str, Any] = reply["alert"]
+        return alert

@@ -22,7 +22,7 @@ TIMEOUT = "timeout"
 PROTOCOL_ERROR = "protocol_error"
 
 # Ops that are safe to send again: reads, imports, deletions (a repeat finds the record or user
-# gone and says so), and records that carry a request_id.
+# gone and says so), exclusions (a repeat sets the same state), and records that carry a request_id.
 IDEMPOTENT_OPS = frozenset(
     {
         "hello",
@@ -38,10 +38,13 @@ IDEMPOTENT_OPS = frozenset(
         "delete_record",
         "delete_user",
         "audit_log",
+        "get_record",
+        "regressions",
+        "exclude_record",
     }
 )
 # Ops that carry the read key when the client has one.
-READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series", "compare"})
+READ_OPS = frozenset({"stats", "get_user", "get_all", "overview", "series", "compare", "get_record", "regressions"})
 
 
 class ClientSettings:

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -25,18 +25,24 @@ from perfdb.config import Config
 from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_input
 from perfdb.protocol.replies import DeferredReply, Reply
 from perfdb.records.profiles import Profile, profile_from_document, public_profile
+from perfdb.records.record_ids import is_record_id
 from perfdb.records.schema import (
     ADMIN_FIELDS,
     DELETE_RECORD_FIELDS,
     ENVELOPE_FIELDS,
     IMPORT_FIELDS,
+    MAX_ACCESS_TOKEN_CHARS,
+    MAX_NOTE_CHARS,
+    MAX_USER_ID_CHARS,
     ORDER_FIELDS,
+    OWNER_FIELDS,
     READ_FIELDS,
     Query,
     RecordDraft,
     access_token,
     check_fields,
     check_request_id,
+    optional_string,
     parse_audit_page,
     parse_compare,
     parse_delete_user,
@@ -49,7 +55,9 @@ from perfdb.records.schema import (
     parse_tombstones,
     required_record_id,
 )
-from perfdb.storage import Page, RecordAck, ResultStore
+from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.storage import Page, RecordAck, RecordDeletionAck, ResultStore, UserDeletionAck
+from perfdb.storage.alerts import ALERT_STATES, AlertQuery
 
 log = logging.getLogger("perfdb.commands")
 
@@ -68,6 +76,12 @@ class Deferred:
 
 # A command answers at once, or later through a future, a coroutine or deferred work.
 Outcome = Fields | asyncio.Future[Any] | Coroutine[Any, Any, Fields] | Deferred
+
+
+async def _fields_of(pending: Awaitable[RecordDeletionAck | UserDeletionAck]) -> Fields:
+    return (await pending).to_fields()
+
+
 Command = Callable[[dict[str, Any], str], Outcome]
 
 _ENCODE = orjson.OPT_APPEND_NEWLINE
@@ -288,6 +302,7 @@ class CommandDispatcher:
                 "max_page_size": config.max_page_size,
                 "max_sort_examined": config.max_sort_examined,
             },
+            "features": {"regression_detection": config.regression_detection},
         }
 
     def op_ping(self, request: dict[str, Any], peer: str) -> Fields:
@@ -384,6 +399,71 @@ class CommandDispatcher:
         # Deferred like a page: one row per test and metric can make a large reply.
         return Deferred(lambda: self._store.compare(query))
 
+    def op_get_record(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        check_fields(request, ENVELOPE_FIELDS | READ_FIELDS | frozenset({"record_id"}))
+        return self._store.get_record(required_record_id(request))
+
+    def op_exclude_record(self, request: dict[str, Any], peer: str) -> Outcome:
+        check_fields(request, ENVELOPE_FIELDS | OWNER_FIELDS | frozenset({"record_id", "excluded", "note"}))
+        record_id = required_record_id(request)
+        excluded = request.get("excluded", True)
+        if not isinstance(excluded, bool):
+            raise bad_request("excluded", "must be true or false")
+        note = optional_string(request, "note", MAX_NOTE_CHARS) or ""
+        return self._exclude(request, record_id, excluded, note)
+
+    async def _exclude(self, request: dict[str, Any], record_id: str, excluded: bool, note: str) -> Fields:
+        owner = await self._owner_or_admin(request)
+        exclusion = {"note": note, "excluded_by": owner or "admin", "excluded_at": format_micros(now_micros())}
+        return await self._store.set_exclusion(record_id, exclusion if excluded else None, owner)
+
+    async def _owner_or_admin(self, request: dict[str, Any]) -> str | None:
+        """The user id of the request's access_token, or None when it presents the admin key instead."""
+        if request.get("admin_key") is not None:
+            self._require_admin(request)
+            return None
+        token = request.get("access_token")
+        if not isinstance(token, str) or not token or len(token) > MAX_ACCESS_TOKEN_CHARS:
+            raise bad_request("access_token", "is required (the owner's token), or send the admin_key")
+        resolved = self._resolver.resolve(token)
+        profile = resolved if isinstance(resolved, Profile) else await asyncio.shield(resolved)
+        return profile.user_id
+
+    def op_regressions(self, request: dict[str, Any], peer: str) -> Outcome:
+        self._require_read(request)
+        query = self._query(request, with_user=False, extra_fields=READ_FIELDS | frozenset({"user_id", "state"}))
+        state = request.get("state")
+        if state is not None and state not in ALERT_STATES:
+            raise bad_request("state", f"must be one of {', '.join(ALERT_STATES)}")
+        cursor = query.cursor
+        if cursor is not None and not is_record_id(cursor):
+            raise bad_request("cursor", "is not a cursor this op returned")
+        alerts = AlertQuery(
+            user_id=optional_string(request, "user_id", MAX_USER_ID_CHARS),
+            test_name=query.test_name,
+            tag=query.tag,
+            state=state,
+            since=query.since,
+            until=query.until,
+            limit=query.limit,
+            cursor=cursor,
+        )
+        return Deferred(lambda: self._store.list_alerts(alerts))
+
+    def op_update_alert(self, request: dict[str, Any], peer: str) -> Outcome:
+        check_fields(request, ENVELOPE_FIELDS | OWNER_FIELDS | frozenset({"alert_id", "state", "note"}))
+        alert_id = required_record_id(request, "alert_id")
+        state = request.get("state")
+        if state not in ALERT_STATES:
+            raise bad_request("state", f"is required: one of {', '.join(ALERT_STATES)}")
+        note = optional_string(request, "note", MAX_NOTE_CHARS) or ""
+        return self._update_alert(request, alert_id, state, note)
+
+    async def _update_alert(self, request: dict[str, Any], alert_id: str, state: str, note: str) -> Fields:
+        owner = await self._owner_or_admin(request)
+        return await self._store.update_alert(alert_id, state, note, owner)
+
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
         query = self._query(request, with_user=False, extra_fields=ADMIN_FIELDS)
@@ -429,7 +509,7 @@ class CommandDispatcher:
             check_fields(request, DELETE_RECORD_FIELDS)
             if request.get("access_token") is not None:
                 raise bad_request("access_token", "cannot be combined with admin_key")
-            return self._store.delete_record(required_record_id(request), None)
+            return _fields_of(self._store.delete_record(required_record_id(request), None))
         check_fields(request, DELETE_RECORD_FIELDS)
         if request.get("access_token") is None:
             raise bad_request("access_token", "is required (the record's owner's), or admin_key")
@@ -437,7 +517,7 @@ class CommandDispatcher:
         record_id = required_record_id(request)
         resolved = self._resolver.resolve(token)
         if isinstance(resolved, Profile):
-            return self._store.delete_record(record_id, resolved.user_id)
+            return _fields_of(self._store.delete_record(record_id, resolved.user_id))
         return self._delete_once_resolved(resolved, record_id)
 
     async def _delete_once_resolved(self, profile_future: asyncio.Future[Profile], record_id: str) -> Fields:
@@ -447,7 +527,7 @@ class CommandDispatcher:
 
     def op_delete_user(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
-        return self._store.delete_user(parse_delete_user(request))  # resolves to a UserDeletionAck
+        return _fields_of(self._store.delete_user(parse_delete_user(request)))
 
     def op_audit_log(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)

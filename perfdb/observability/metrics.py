@@ -25,6 +25,7 @@ from perfdb.commands.stats import OK_OUTCOME, ServerStats
 from perfdb.observability.http import process_registry, render
 from perfdb.protocol.errors import PerfdbError
 from perfdb.storage import ResultStore
+from perfdb.storage.alerts import ALERT_STATES
 from perfdb.storage.dbstats import DatabaseStats
 
 log = logging.getLogger("perfdb.observability")
@@ -172,6 +173,11 @@ class ServerMetrics:
         yield GaugeMetricFamily("perfdb_database_users", "Users with a stored profile", value=writer.user_count)
         yield CounterMetricFamily(
             "perfdb_corrupt_records", "Damaged or missing records that reads skipped", value=self._store.corrupt_records
+        )
+        alert_counts = self._store.alerts.counts
+        yield _labelled(
+            GaugeMetricFamily("perfdb_alerts", "Stored regression alerts, by state", labels=["state"]),
+            [((state,), alert_counts[state]) for state in ALERT_STATES],
         )
         cache = resolver.cache
         yield CounterMetricFamily("perfdb_token_cache_hits", "Token lookups answered by the cache", value=cache.hits)

@@ -46,9 +46,13 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
         "server_config",
         "request_id",
         "scenario_result",
+        "baseline_tag",
+        "better",
     }
 )
 ADMIN_FIELDS = frozenset({"admin_key"})
+OWNER_FIELDS = frozenset({"access_token", "admin_key"})  # ops the owner's token or the admin key may do
+MAX_NOTE_CHARS = 1000  # exclusion and alert notes
 READ_FIELDS = frozenset({"read_key", "admin_key"})
 IMPORT_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"records", "users", "tombstones", "force"})
 DELETE_RECORD_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"record_id", "access_token"})
@@ -82,6 +86,8 @@ class RecordDraft:
     server_config: dict[str, Any]
     request_id: str | None = None
     scenario: dict[str, Any] | None = None
+    better: dict[str, str] | None = None  # which way is better for custom metrics; stored with the record
+    baseline_tag: str | None = None  # judge against this tag's series instead of the record's own; not stored
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -328,8 +334,11 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
     """Validate a record request; returns the access token and the scrubbed draft."""
     check_fields(request, RECORD_FIELDS)
     token = access_token(request)
+    baseline_tag = None
+    if request.get("baseline_tag") is not None:
+        baseline_tag = _string("baseline_tag", request["baseline_tag"], MAX_NAME_CHARS, allow_empty=True)
     if "scenario_result" not in request:
-        return token, _draft(request)
+        return token, dataclasses.replace(_draft(request), baseline_tag=baseline_tag)
     for field in ("metrics", "client_config", "server_config"):
         if field in request:
             raise bad_request(field, "cannot be combined with scenario_result")
@@ -342,7 +351,7 @@ def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
     }
     if request.get("test_name") is None and mapped.name:
         fields["test_name"] = mapped.name
-    return token, _draft(fields, scenario=mapped.scenario)
+    return token, dataclasses.replace(_draft(fields, scenario=mapped.scenario), baseline_tag=baseline_tag)
 
 
 def access_token(request: dict[str, Any]) -> str:
@@ -439,7 +448,22 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
         server_config=server_config,
         request_id=optional_string(fields, "request_id", MAX_REQUEST_ID_CHARS),
         scenario=scenario,
+        better=_better(fields.get("better"), metrics),
     )
+
+
+def _better(value: Any, metrics: dict[str, int | float]) -> dict[str, str] | None:
+    """`better`: {metric: "higher"|"lower"} for metrics of this record (the core metrics' direction is fixed)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("better", f'must be an object of metric name to "higher" or "lower", got {_json_type(value)}')
+    for metric, direction in value.items():
+        if metric not in metrics:
+            raise bad_request(f"better.{quote_input(metric)}", "names no metric of this record")
+        if direction not in ("higher", "lower"):
+            raise bad_request(f"better.{quote_input(metric)}", 'must be "higher" or "lower"')
+    return value or None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -455,7 +479,7 @@ class ImportedRecord:
 STORED_RECORD_FIELDS = frozenset(
     {
         "record_id", "user_id", "timestamp", "test_name", "tag", "sys_info", "metrics",
-        "client_config", "server_config", "request_id", "scenario",
+        "client_config", "server_config", "request_id", "scenario", "better",
     }
 )  # fmt: skip
 MAX_IMPORT_RECORDS = 1000

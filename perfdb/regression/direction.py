@@ -45,9 +45,9 @@ def direction_of(metric: str, declared: Mapping[str, object] | None = None) -> M
     A core metric ignores what a record declares (a record cannot turn a latency drop into a regression); an
     undeclared or malformed declaration gives an unknown direction.
     """
-    core = CORE_DIRECTIONS.get(metric)
+    core = _CORE_METRIC_DIRECTIONS.get(metric)
     if core is not None:
-        return MetricDirection(metric, core, "core")
+        return core
     if declared is not None:
         value = declared.get(metric)
         if value == Better.HIGHER.value:
@@ -55,3 +55,9 @@ def direction_of(metric: str, declared: Mapping[str, object] | None = None) -> M
         if value == Better.LOWER.value:
             return MetricDirection(metric, Better.LOWER, "declared")
     return MetricDirection(metric, None, "unknown")
+
+
+# Made once: every metric of every record asks.
+_CORE_METRIC_DIRECTIONS = {
+    metric: MetricDirection(metric, better, "core") for metric, better in CORE_DIRECTIONS.items()
+}

@@ -68,6 +68,11 @@ class SeriesWindows:
         points = self._series.get(key)
         return () if points is None else tuple(points)
 
+    def newest_record_id(self, key: SeriesKey) -> str | None:
+        """The record id of the series' newest kept point (None if none); does not count as a use."""
+        points = self._series.get(key)
+        return points[-1].record_id if points else None
+
     def values(self, key: SeriesKey) -> list[float]:
         """The kept values, oldest first: the baseline to `judge` the series' next value against."""
         points = self._series.get(key)

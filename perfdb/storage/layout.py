@@ -21,6 +21,11 @@
                                     whose it was (user_id null if unknown: imported); older
                                     tombstones hold only the deletion time (RFC 3339)
     a:<audit_id>                 -> an audit entry (JSON) of a deletion; ids sort by time like record ids
+    e:<record_id>                -> {"note", "excluded_at", "excluded_by"} (JSON): the record is left out of
+                                    baselines and alerts (the record itself is never rewritten)
+    w:<alert_id>                 -> the alert (JSON); alert ids sort by creation time like record ids
+    n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
+                                 -> alert_id: the change point at that record already has its alert
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
 keyspace is the time index, and each index lists its records in time order too. Each index entry
@@ -32,8 +37,10 @@ for a user's first use of a request_id, so it is removed with a record only when
 A deletion leaves a tombstone (d:) and an audit entry (a:); tombstones travel with exports.
 
 Schema history: 1 had the user index only; 2 added the test, tag and core-metric indexes, the
-test and tag counts, tombstones and audit entries (an older database is upgraded when opened, see ResultStore; it has
-no tombstones or audit entries, and the upgrade leaves those prefixes alone).
+test and tag counts, tombstones and audit entries (an older database is upgraded when opened, see
+ResultStore; it has no tombstones or audit entries, and the upgrade leaves those prefixes alone).
+Exclusions (e:), alerts (w:) and alerted change points (n:) need no schema change: neither the
+upgrade nor repair touches them.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ METRIC_INDEX_PREFIX = b"s:"
 COUNT_PREFIX = b"c:"
 TOMBSTONE_PREFIX = b"d:"
 AUDIT_PREFIX = b"a:"
+EXCLUSION_PREFIX = b"e:"
+ALERT_PREFIX = b"w:"  # not a: (the audit log's)
+ALERTED_POINT_PREFIX = b"n:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -243,6 +253,18 @@ def audit_key(audit_id: str) -> bytes:
 
 def idempotency_key(user_id: str, request_id: str) -> bytes:
     return IDEMPOTENCY_PREFIX + user_id.encode() + SEPARATOR + request_id.encode()
+
+
+def exclusion_key(record_id: str) -> bytes:
+    return EXCLUSION_PREFIX + record_id.encode()
+
+
+def alert_key(alert_id: str) -> bytes:
+    return ALERT_PREFIX + alert_id.encode()
+
+
+def alerted_point_key(user_id: str, test_name: str, tag: str, metric: str, record_id: str) -> bytes:
+    return ALERTED_POINT_PREFIX + SEPARATOR.join(part.encode() for part in (user_id, test_name, tag, metric, record_id))
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -31,8 +31,11 @@ from perfdb.records.schema import CompareQuery, ImportedRecord, Query, RecordDra
 from perfdb.records.timestamps import format_micros
 from perfdb.regression.compare import DEFAULT_MODEL as COMPARE_MODEL
 from perfdb.regression.runs import RunSample, compare_runs
+from perfdb.regression.series import SeriesKey
 from perfdb.storage import layout
+from perfdb.storage.alerts import AlertBook, AlertQuery
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
+from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview, Row
 from perfdb.storage.series import BucketGrid, MetricSeries
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
@@ -197,6 +200,7 @@ class ResultStore:
         max_sort_examined: int,
         upgrade_batch: int,
         upgrade_pause: float,
+        detector: RegressionDetector,
     ) -> None:
         """The settings come from Config (--max-sort-examined and so on), where their defaults are.
 
@@ -205,6 +209,10 @@ class ResultStore:
         a core metric's index. upgrade_batch records are indexed per synced write when an
         older database is upgraded at open, upgrade_pause seconds apart."""
         self._path = path
+        self.detector = detector
+        # record id -> its exclusion ({"note", "excluded_at", "excluded_by"}); few, so kept whole in memory.
+        self.exclusions: dict[str, dict[str, Any]] = {}
+        self.alerts = AlertBook(self.detector, self.is_excluded)
         self._sync = sync
         self._paranoid_checks = paranoid_checks
         self._max_batch = max_batch
@@ -242,6 +250,9 @@ class ResultStore:
             last_record_id = self._last_key_id(layout.RECORD_PREFIX)
             last_audit_id = self._last_key_id(layout.AUDIT_PREFIX)
             self._load_overview()
+            self._load_exclusions()
+            self.alerts.load(self._db)  # first: an `expected` alert restarts its series' window
+            self.detector.load(self._db, self.is_excluded)
         except BaseException:
             self._db.close()
             self._lock.release()
@@ -258,6 +269,7 @@ class ResultStore:
             last_record_id=last_record_id,
             last_audit_id=last_audit_id,
             overview=self._overview,
+            detector=self.detector,
         )
         self._writer.overview_stale_observer = self._queue_overview_rebuild
         self._writer.start()
@@ -324,6 +336,18 @@ class ResultStore:
         if elapsed >= 1.0:  # only worth a line when it visibly delays the start
             log.info("overview of the stored records built in %.1f s", elapsed)
 
+    def _load_exclusions(self) -> None:
+        assert self._db is not None
+        with self._db.iterator(prefix=layout.EXCLUSION_PREFIX) as entries:
+            for key, value in entries:
+                try:
+                    self.exclusions[key[len(layout.EXCLUSION_PREFIX) :].decode()] = orjson.loads(value)
+                except orjson.JSONDecodeError:
+                    log.error("exclusion entry %r is damaged; the record counts again", key[:80])
+
+    def is_excluded(self, record_id: str) -> bool:
+        return record_id in self.exclusions
+
     def _last_key_id(self, prefix: bytes) -> str | None:
         """The greatest record id (or audit id) under `prefix`, which such keys begin with."""
         assert self._db is not None
@@ -376,11 +400,24 @@ class ResultStore:
     ) -> asyncio.Future[ImportAck]:
         return self.writer.restore(records, profiles, tombstones, force=force)
 
-    def delete_record(self, record_id: str, owner: str | None) -> asyncio.Future[RecordDeletionAck]:
-        return self.writer.delete_record(record_id, owner)
+    async def delete_record(self, record_id: str, owner: str | None) -> RecordDeletionAck:
+        ack = await self.writer.delete_record(record_id, owner)
+        if ack.deleted and ack.user_id is not None:
+            # Committed: the verdict windows and alerts let go of the record too.
+            await self._forget_deleted(ack.user_id, [record_id])
+        return ack
 
-    def delete_user(self, user_id: str) -> asyncio.Future[UserDeletionAck]:
-        return self.writer.delete_user(user_id)
+    async def delete_user(self, user_id: str) -> UserDeletionAck:
+        ack = await self.writer.delete_user(user_id)
+        if ack.deleted:
+            await self._forget_deleted(user_id, None)
+        return ack
+
+    async def _forget_deleted(self, user_id: str, record_ids: list[str] | None) -> None:
+        try:
+            await self.forget_records(user_id, record_ids)
+        except Exception:  # the deletion is committed: its reply says so even if detection lags behind
+            log.exception("regression detection could not forget the deleted records of %s", user_id)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -467,6 +504,87 @@ class ResultStore:
         """The compare reply's fields: both sides read from one snapshot, then compared per test and
         metric (the statistics run on the reader thread too: scipy is not for the event loop)."""
         return await self._read(self._compare, query)
+
+    async def get_record(self, record_id: str) -> dict[str, Any]:
+        """The get_record reply's fields: the record (with its exclusion, if any); not_found if unknown."""
+        _owner, document = await self._read(self._read_record, record_id)
+        return {"record": orjson.Fragment(bytes(document))}
+
+    def _read_record(self, record_id: str) -> tuple[str, memoryview]:
+        with self._guard.reading():
+            prefix = layout.RECORD_PREFIX + record_id.encode()
+            with self._database().iterator(prefix=prefix) as records:
+                found = next(records, None)
+            document = None if found is None else self._checked(found[1], found[0])
+            if found is None or document is None:
+                raise PerfdbError(ErrorCode.NOT_FOUND, "no such record")
+            return layout.split_record_key(found[0])[1], document
+
+    async def set_exclusion(
+        self, record_id: str, exclusion: dict[str, Any] | None, owner: str | None
+    ) -> dict[str, Any]:
+        """Exclude the record from baselines and alerts (`exclusion` is its note, who and when), or count it
+        again (None); `owner` given: only that user's record (else forbidden). Its series' windows are rebuilt."""
+        return await self._read(self._write_exclusion, (record_id, exclusion, owner))
+
+    def _write_exclusion(self, request: tuple[str, dict[str, Any] | None, str | None]) -> dict[str, Any]:
+        record_id, exclusion, owner = request
+        user_id, document = self._read_record(record_id)
+        if owner is not None and owner != user_id:
+            raise PerfdbError(ErrorCode.FORBIDDEN, "only the record's owner (or the admin key) may exclude it")
+        with self._guard.reading():
+            db = self._database()
+            if exclusion is None:
+                db.delete(layout.exclusion_key(record_id), sync=True)
+                self.exclusions.pop(record_id, None)
+            else:
+                db.put(layout.exclusion_key(record_id), orjson.dumps(exclusion), sync=True)
+                self.exclusions[record_id] = exclusion
+            fields = orjson.loads(document)
+            keys = [
+                SeriesKey(user_id, fields["test_name"], fields.get("tag", ""), metric) for metric in fields["metrics"]
+            ]
+            self._rebuild(db, keys)
+        return {"record_id": record_id, "excluded": exclusion is not None}
+
+    # -- regression detection (reader threads) ------------------------------------------------------------------
+
+    async def analyse_series(self, keys: list[SeriesKey]) -> list[dict[str, Any]]:
+        """Change-point analysis of these series; the alerts it created (stored before this returns)."""
+        return await self._read(self._with_database, lambda db: self.alerts.analyse(db, keys))
+
+    async def update_alert(self, alert_id: str, state: str, note: str, owner: str | None) -> dict[str, Any]:
+        def update(db: plyvel.DB) -> dict[str, Any]:
+            return self.alerts.update(db, alert_id, state, note, owner, lambda key: self._rebuild(db, [key]))
+
+        return {"alert": await self._read(self._with_database, update)}
+
+    async def list_alerts(self, query: AlertQuery) -> dict[str, Any]:
+        alerts, cursor = await self._read(self._with_database, lambda db: self.alerts.page(db, query))
+        return {"alerts": alerts, "next_cursor": cursor}
+
+    async def forget_records(self, user_id: str, record_ids: list[str] | None) -> None:
+        """Detection's side of deleting records (None: all the user's): called once the deletion is
+        committed. Their series' windows are rebuilt without them (a deleted user's are dropped) and
+        the alerts that point at them are resolved."""
+        forgotten = None if record_ids is None else set(record_ids)
+
+        def forget(db: plyvel.DB) -> None:
+            if forgotten is None:
+                self.detector.forget_user(user_id)
+            else:
+                keys = self.detector.series_of_records(user_id, forgotten)
+                self.detector.rebuild(db, keys, lambda record_id: record_id in forgotten or self.is_excluded(record_id))
+            self.alerts.resolve_for_records(db, user_id, forgotten)
+
+        await self._read(self._with_database, forget)
+
+    def _rebuild(self, db: plyvel.DB, keys: list[SeriesKey]) -> None:
+        self.detector.rebuild(db, keys, self.is_excluded)
+
+    def _with_database(self, work: Callable[[plyvel.DB], _T]) -> _T:
+        with self._guard.reading():
+            return work(self._database())
 
     async def _read(self, read: Callable[[_A], _T], query: _A) -> _T:
         """Run a read on the reader threads; LevelDB failures become storage_error."""
@@ -725,7 +843,9 @@ class ResultStore:
                 start, stop = _key_range(source.prefix, query, after_cursor=False)
                 grid = self._series_grid(snapshot, source, request, start, stop)
                 if grid is None:
-                    return _series_fields(request, None, {}, records=0, examined=0, complete=True)
+                    return self._with_marks(
+                        snapshot, request, _series_fields(request, None, {}, records=0, examined=0, complete=True)
+                    )
                 series = {metric: MetricSeries(grid) for metric in request.metrics}
                 admits, fetch = self._entry_readers(snapshot, source, query)
                 examined = records = 0
@@ -748,7 +868,8 @@ class ResultStore:
                             number = metrics.get(metric)
                             if type(number) in (int, float):
                                 points.add(number, record_id, micros)
-                return _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
+                fields = _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
+                return self._with_marks(snapshot, request, fields)
             finally:
                 snapshot.close()
 
@@ -819,6 +940,19 @@ class ResultStore:
         record: dict[str, Any] = orjson.loads(sealed)
         return record
 
+    def _with_marks(self, snapshot: plyvel.Snapshot, request: SeriesQuery, fields: dict[str, Any]) -> dict[str, Any]:
+        """Each series gets `marks`: the alerts (change points) of its records in the range."""
+        marks = self.alerts.marks(snapshot, request.test_name, request.metrics, request.user_id, request.tag)
+        since, until = request.since, request.until
+        for metric, series in fields["series"].items():
+            series["marks"] = [
+                mark
+                for mark in marks.get(metric, ())
+                if (since is None or record_id_micros(mark["record_id"]) >= since)
+                and (until is None or record_id_micros(mark["record_id"]) < until)
+            ]
+        return fields
+
     def _series_grid(
         self, snapshot: plyvel.Snapshot, source: _Source, request: SeriesQuery, start: bytes, stop: bytes
     ) -> BucketGrid | None:
@@ -871,11 +1005,16 @@ class ResultStore:
             log.error("record %s is indexed but missing", layout.split_record_key(record_key)[0])
             return None
         try:
-            return layout.unseal(value)
+            document = layout.unseal(value)
         except layout.CorruptValueError as exc:
             self.corrupt_records += 1
             log.error("record %s is damaged (%s); skipped", layout.split_record_key(record_key)[0], exc)
             return None
+        if self.exclusions:
+            exclusion = self.exclusions.get(layout.split_record_key(record_key)[0])
+            if exclusion is not None:
+                return memoryview(with_exclusion(document, exclusion))
+        return document
 
 
 _Admits = Callable[[bytes, bytes], bytes | None]
@@ -1132,3 +1271,11 @@ def _parse_sort_cursor(cursor: str) -> _Rank:
     if fractional is not None:
         return (0, float(fractional), record_id)
     return (1, 0, record_id)
+
+
+def with_exclusion(document: bytes | memoryview, exclusion: dict[str, Any]) -> bytes:
+    """A stored record's JSON as reads show an excluded record: with `"excluded": true` and the note."""
+    fields = orjson.loads(document)
+    fields["excluded"] = True
+    fields["exclusion"] = exclusion
+    return orjson.dumps(fields)

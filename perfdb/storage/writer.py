@@ -8,6 +8,8 @@ it (layout.record_keys, layout.record_counts), leaves a tombstone and writes an 
 batch, and marks the tests it removed records from as stale in the overview (see overview.py); a
 user's records go a chunk per batch, so no batch grows without bound and other writes are
 committed between the chunks.
+With regression detection on, a second thread judges each written batch's records (in commit
+order, before their acks) while the writer goes on to the next batch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
+from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview, Row
 
 log = logging.getLogger("perfdb.storage")
@@ -61,14 +64,20 @@ class RecordAck:
     user_id: str
     timestamp: str
     duplicate: bool
+    # One Verdict.to_json() per metric, judged once the record was durable; empty for a duplicate resend
+    # (its verdicts went to the first send); None (no member in the reply) when detection is off.
+    verdicts: tuple[dict[str, object], ...] | None = None
 
     def to_fields(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "record_id": self.record_id,
             "user_id": self.user_id,
             "timestamp": self.timestamp,
             "duplicate": self.duplicate,
         }
+        if self.verdicts is not None:
+            fields["verdicts"] = self.verdicts
+        return fields
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,6 +88,7 @@ class ImportAck:
     duplicates: int
     tombstoned: int = 0  # records not written because their id was deleted here before
     removed: int = 0  # stored records removed by the import's tombstones
+    stored_ids: frozenset[str] = frozenset()  # the records this import stored (not sent to the client)
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -95,6 +105,7 @@ class RecordDeletionAck:
 
     record_id: str
     deleted: bool
+    user_id: str | None = None  # whose record was removed now (not sent: detection forgets it by owner)
 
     def to_fields(self) -> dict[str, Any]:
         return {"record_id": self.record_id, "deleted": self.deleted}
@@ -421,9 +432,11 @@ class GroupCommitWriter:
         user_count: int,
         last_record_id: str | None,
         overview: Overview,
-        last_audit_id: str | None = None,
+        last_audit_id: str | None,
+        detector: RegressionDetector,
     ) -> None:
         self._db = db
+        self.detector = detector  # judges each new record once its batch is durable
         self.overview = overview  # brought up to date after each committed batch
         self._directory = directory
         self._reopen = reopen
@@ -439,6 +452,9 @@ class GroupCommitWriter:
         self._profiles: dict[str, bytes] = {}
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="perfdb-writer", daemon=True)
+        # Durable batches waiting for their verdicts; one thread judges them in commit order.
+        self._verdict_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._verdict_thread = threading.Thread(target=self._run_verdicts, name="perfdb-verdicts", daemon=True)
         # Read by stats from the event loop; plain ints, written only by the writer thread.
         self.record_count = record_count
         self.user_count = user_count
@@ -479,6 +495,7 @@ class GroupCommitWriter:
 
     def start(self) -> None:
         self._thread.start()
+        self._verdict_thread.start()
 
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         """Queue a record; the future resolves once it is durable (or fails with PerfdbError)."""
@@ -523,6 +540,8 @@ class GroupCommitWriter:
         self._accepting = False
         self._queue.put(self._STOP)
         self._thread.join()
+        self._verdict_queue.put(self._STOP)  # after the writer's last batch
+        self._verdict_thread.join()
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -588,12 +607,27 @@ class GroupCommitWriter:
             for item in items:
                 if isinstance(item, UserRemoval):
                     self._user_removals.pop(item.user_id, None)  # it ends here; sent again, it starts afresh
-        self._loop.call_soon_threadsafe(_settle, outcomes)
+        if write_seconds is not None and self.detector.enabled:
+            # Judged on the verdict thread while this one writes the next batch (the fsync frees the GIL).
+            # A user deletion still going has no outcome yet: only the answered items go along.
+            answered = [item for item in items if all(item is not removal for removal in unfinished)]
+            self._verdict_queue.put((answered, outcomes))
+        else:
+            self._loop.call_soon_threadsafe(_settle, outcomes)
         for removal in unfinished:
             # Behind whatever came meanwhile; after a stop marker it is refused with shutting_down.
             self._queue.put(removal)
         if write_seconds is not None and self.commit_observer is not None:
             self.commit_observer(sum(map(self._record_count, items)), write_seconds)
+
+    def _run_verdicts(self) -> None:
+        """The verdict thread: judges each durable batch in commit order, then hands out its outcomes."""
+        while True:
+            work = self._verdict_queue.get()
+            if work is self._STOP:
+                return
+            items, outcomes = work
+            self._loop.call_soon_threadsafe(_settle, self._judge(items, outcomes))
 
     def _retry_heal(self) -> None:
         self._heal_requested = False
@@ -689,7 +723,7 @@ class GroupCommitWriter:
                 "complete": True,
             },
         )
-        return RecordDeletionAck(removal.record_id, deleted=True)
+        return RecordDeletionAck(removal.record_id, deleted=True, user_id=user_id)
 
     def _add_user_chunk(self, batch: _Batch, removal: UserRemoval) -> UserDeletionAck | None:
         """Stage the next chunk of a user's deletion; its ack once the last chunk is staged, else None."""
@@ -766,12 +800,44 @@ class GroupCommitWriter:
         self._user_removals.pop(user_id, None)
         return UserDeletionAck(user_id, removal.audit_id is not None, removal.removed)
 
+    def _judge(self, items: list[WriteItem], outcomes: list[Outcome]) -> list[Outcome]:
+        """The committed records join the verdict windows; new submissions get their verdicts, each judged
+        against its window before it joined, in commit order."""
+        detector = self.detector
+        if not detector.enabled:
+            return outcomes
+        judged: list[Outcome] = []
+        for item, (future, outcome) in zip(items, outcomes, strict=True):
+            if isinstance(item, Submission):
+                if isinstance(outcome, RecordAck) and not outcome.duplicate:
+                    draft = item.draft
+                    try:
+                        verdicts = detector.judge_and_join(
+                            outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
+                            better=draft.better, baseline_tag=draft.baseline_tag,
+                        )  # fmt: skip
+                    except Exception:  # the record is durable: a failed verdict must not fail its ack
+                        log.exception("verdicts of record %s failed", outcome.record_id)
+                        verdicts = []
+                    outcome = dataclasses.replace(outcome, verdicts=tuple(verdicts))
+            elif isinstance(item, Restoration) and isinstance(outcome, ImportAck):
+                for record in item.records:
+                    if record.record_id in outcome.stored_ids:
+                        draft = record.draft
+                        try:
+                            detector.join(record.user_id, record.record_id, draft.test_name, draft.tag, draft.metrics)
+                        except Exception:
+                            log.exception("record %s did not join its verdict windows", record.record_id)
+            judged.append((future, outcome))
+        detector.batch_committed()
+        return judged
+
     def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
         profile, draft = submission.profile, submission.draft
         if draft.request_id is not None:
             earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
             if earlier is not None:
-                return dataclasses.replace(earlier, duplicate=True)
+                return dataclasses.replace(earlier, duplicate=True, verdicts=() if self.detector.enabled else None)
         record_id, micros = self._clock.next()
         timestamp = format_micros(micros)
         try:
@@ -811,7 +877,9 @@ class GroupCommitWriter:
             )
             # A restored profile never replaces the newer one a user's own submissions wrote.
             batch.add_profile(restoration.profiles[record.user_id], replace=False)
-        return ImportAck(len(staged), duplicates, tombstoned, removed)
+        return ImportAck(
+            len(staged), duplicates, tombstoned, removed, frozenset(record.record_id for record, _ in staged)
+        )
 
     def _add_tombstones(self, batch: _Batch, record_ids: list[str]) -> int:
         """Remember imported deletions; a record still stored here under such an id is removed,
@@ -859,6 +927,8 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
         document["request_id"] = draft.request_id
     if draft.scenario is not None:
         document["scenario"] = draft.scenario
+    if draft.better is not None:
+        document["better"] = draft.better
     return document, orjson.dumps(document)
 
 

@@ -1,0 +1,277 @@
+"""Regression detection's state in the server: the verdict windows, the series waiting for change-point analysis,
+and reading a series' points back from the database.
+
+The writer's verdict thread judges each new record after its batch is durable (before its ack resolves) against the
+window BEFORE the record joins it; a record sent with `baseline_tag` is judged against that tag's window and
+joins its own tag's. The windows are rebuilt from the database at start and, for one series, after an
+exclusion, an `expected` alert or a deletion (`forget_records`). Every method is safe from any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
+
+import orjson
+import plyvel
+
+from perfdb.regression.direction import direction_of
+from perfdb.regression.series import SeriesKey, SeriesWindows
+from perfdb.regression.thresholds import ThresholdConfig, judge
+from perfdb.storage import layout
+
+log = logging.getLogger("perfdb.detection")
+
+# A series read for a rebuild or an analysis walks at most this many of its user's index entries.
+SERIES_SCAN_BUDGET = 200_000
+DEFAULT_MAX_SERIES = 100_000  # windows of 30 points: about 100 MB at this many series
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredPoint:
+    """One record of a series as stored: its id, its metrics and the directions it declared."""
+
+    record_id: str
+    metrics: Mapping[str, Any]
+    better: Mapping[str, Any] | None
+
+
+class RegressionDetector:
+    """See the module docstring. `enabled` False (no --regression-detection, the default): no verdicts, no windows."""
+
+    def __init__(self, thresholds: ThresholdConfig, max_series: int, *, enabled: bool = True) -> None:
+        self.thresholds = thresholds
+        self.enabled = enabled
+        self.windows = SeriesWindows(max_series)
+        self._lock = threading.Lock()
+        # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
+        self._dirty: dict[tuple[str, str, str], set[str]] = {}
+        # Series whose baseline restarts at a record (an `expected` alert): record ids before it are left out.
+        self._baseline_starts: dict[SeriesKey, str] = {}
+        # Told (on the verdict thread) when a committed batch made some series dirty; the alert monitor sets it.
+        self.dirty_listener: Callable[[], None] | None = None
+
+    def window_for(self, test_name: str, metric: str) -> int:
+        return self.thresholds.model_for(test_name, metric).window
+
+    # -- the writer's verdict thread --------------------------------------------------------------------------------
+
+    def judge_and_join(
+        self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float], *,
+        better: Mapping[str, object] | None, baseline_tag: str | None,
+    ) -> list[dict[str, object]]:  # fmt: skip
+        """The record's verdicts (one per metric, in the record's order), then the record joins its windows."""
+        if not self.enabled:
+            return []
+        verdicts = []
+        judged_tag = tag if baseline_tag is None else baseline_tag
+        with self._lock:
+            for metric, value in metrics.items():
+                model = self.thresholds.model_for(test_name, metric)
+                baseline = self.windows.values(SeriesKey(user_id, test_name, judged_tag, metric))
+                verdict = judge(value, baseline, direction_of(metric, better), model)
+                verdicts.append(verdict.to_json())
+                self._join(SeriesKey(user_id, test_name, tag, metric), record_id, value, model.window)
+        return verdicts
+
+    def join(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
+        """A record that joins its windows without verdicts (an import)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            for metric, value in metrics.items():
+                self._join(
+                    SeriesKey(user_id, test_name, tag, metric), record_id, value, self.window_for(test_name, metric)
+                )
+
+    def batch_committed(self) -> None:
+        """Called by the writer after the judged records' acks are on their way."""
+        listener = self.dirty_listener
+        if listener is not None and self._dirty:
+            listener()
+
+    def _join(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
+        newest = self.windows.newest_record_id(key)
+        # An import may restore a record older than the window's newest: it stays out of the window until the
+        # series is next rebuilt (at start, say), since a window holds the newest records in time order.
+        if newest is not None and newest >= record_id:
+            self._mark(key)
+            return
+        self.windows.append(key, record_id, value, window)
+        self._mark(key)
+
+    def _mark(self, key: SeriesKey) -> None:
+        metrics = self._dirty.get(key[:3])
+        if metrics is None:
+            self._dirty[key[:3]] = {key.metric}
+        else:
+            metrics.add(key.metric)
+
+    # -- the alert monitor ------------------------------------------------------------------------------------
+
+    def take_dirty(self, most: int) -> list[SeriesKey]:
+        """About `most` of the series that received records since they were last taken, whole users' tests and
+        tags at a time (they are read together), those dirty longest first; the rest stay for the next call."""
+        taken: list[SeriesKey] = []
+        with self._lock:
+            while self._dirty and len(taken) < most:
+                group = next(iter(self._dirty))
+                taken.extend(SeriesKey(*group, metric) for metric in sorted(self._dirty.pop(group)))
+        return taken
+
+    @property
+    def dirty_count(self) -> int:
+        """Users' tests and tags with series waiting."""
+        return len(self._dirty)
+
+    def mark_dirty(self, keys: Iterable[SeriesKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._mark(key)
+
+    # -- rebuilding (executor threads) --------------------------------------------------------------------------
+
+    def set_baseline_start(self, key: SeriesKey, record_id: str | None) -> None:
+        with self._lock:
+            if record_id is None:
+                self._baseline_starts.pop(key, None)
+            else:
+                self._baseline_starts[key] = max(record_id, self._baseline_starts.get(key, ""))
+
+    def baseline_start(self, key: SeriesKey) -> str:
+        with self._lock:
+            return self._baseline_starts.get(key, "")
+
+    def load(self, db: plyvel.DB, excluded: Callable[[str], bool]) -> None:
+        """Fill the windows from the database at start: the newest `window` unexcluded records of each series,
+        for the `max_series` series written most recently. One pass over the records, newest first."""
+        if not self.enabled:
+            return
+        collected: dict[SeriesKey, list[tuple[str, float]]] = {}
+        with db.iterator(prefix=layout.RECORD_PREFIX, reverse=True, fill_cache=False) as records:
+            for key, value in records:
+                record_id, user_id = layout.split_record_key(key)
+                if excluded(record_id):
+                    continue
+                document = _decode(value)
+                if document is None:
+                    continue
+                test_name, tag = document.get("test_name"), document.get("tag", "")
+                metrics = document.get("metrics")
+                if not isinstance(test_name, str) or not isinstance(metrics, dict):
+                    continue
+                for metric, metric_value in metrics.items():
+                    series = SeriesKey(user_id, test_name, tag, metric)
+                    points = collected.get(series)
+                    if points is None:
+                        if len(collected) >= self.windows.max_series:
+                            continue
+                        points = collected[series] = []
+                    if len(points) < self.window_for(test_name, metric) and record_id >= self._baseline_starts.get(
+                        series, ""
+                    ):
+                        points.append((record_id, float(metric_value)))
+        with self._lock:
+            # Oldest series first, so the least recently written are the first evicted later.
+            for series, points in sorted(collected.items(), key=lambda item: item[1][0][0] if item[1] else ""):
+                window = self.window_for(series.test_name, series.metric)
+                for record_id, metric_value in reversed(points):
+                    self.windows.append(series, record_id, metric_value, window)
+
+    def rebuild(self, db: plyvel.DB, keys: Iterable[SeriesKey], excluded: Callable[[str], bool]) -> None:
+        """Re-read these series' windows from the database (after an exclusion, an expected alert, a deletion).
+
+        Records committed while the series is read stay in the window: the newer points of the old window are
+        kept on top of what was read, unless `excluded` (or before the baseline start).
+        """
+        if not self.enabled:
+            return
+        for key in keys:
+            window = self.window_for(key.test_name, key.metric)
+            snapshot = db.snapshot()
+            try:
+                stored = read_series(snapshot, key, excluded, limit=window, start=self.baseline_start(key))
+            finally:
+                snapshot.close()
+            with self._lock:
+                newest_read = stored[-1].record_id if stored else ""
+                start = self._baseline_starts.get(key, "")
+                later = [
+                    point
+                    for point in self.windows.points(key)
+                    if point.record_id > newest_read and point.record_id >= start and not excluded(point.record_id)
+                ]
+                self.windows.discard(key)
+                for stored_point in stored:
+                    self.windows.append(key, stored_point.record_id, float(stored_point.metrics[key.metric]), window)
+                for point in later:
+                    self.windows.append(key, point.record_id, point.value, window)
+                self._mark(key)
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop every window of a deleted user (their records are all gone)."""
+        with self._lock:
+            for key in [key for key in self.windows if key.user_id == user_id]:
+                self.windows.discard(key)
+
+    def series_of_records(self, user_id: str, record_ids: Iterable[str]) -> set[SeriesKey]:
+        """The windowed series of this user that hold any of these records."""
+        wanted = set(record_ids)
+        with self._lock:
+            return {
+                key
+                for key in self.windows
+                if key.user_id == user_id and any(point.record_id in wanted for point in self.windows.points(key))
+            }
+
+
+def read_series(
+    snapshot: plyvel.Snapshot,
+    key: SeriesKey,
+    excluded: Callable[[str], bool],
+    *,
+    limit: int,
+    start: str = "",
+    metrics: Collection[str] = (),
+) -> list[StoredPoint]:
+    """The newest `limit` stored records of the series that have its metric (or any of `metrics`, to read
+    several series of one user, test and tag at once), oldest first; excluded records and records before
+    `start` (a record id) left out. Walks the user's index, at most SERIES_SCAN_BUDGET entries."""
+    wanted_metrics = set(metrics) or {key.metric}
+    user_prefix = layout.user_index_prefix(key.user_id)
+    wanted = orjson.dumps([key.test_name, key.tag])
+    points: list[StoredPoint] = []
+    lower = user_prefix + start.encode() if start else user_prefix
+    scanned = 0
+    with snapshot.iterator(start=lower, stop=layout.prefix_end(user_prefix), reverse=True) as entries:
+        for index_key, index_value in entries:
+            scanned += 1
+            if scanned > SERIES_SCAN_BUDGET or len(points) == limit:
+                break
+            if index_value != wanted:
+                continue
+            record_id = layout.index_record_id(index_key)
+            if excluded(record_id):
+                continue
+            document = _decode(snapshot.get(layout.record_key(record_id, key.user_id)))
+            if document is None:
+                continue
+            values = document.get("metrics")
+            if isinstance(values, dict) and not wanted_metrics.isdisjoint(values):
+                better = document.get("better")
+                points.append(StoredPoint(record_id, values, better if isinstance(better, dict) else None))
+    points.reverse()
+    return points
+
+
+def _decode(value: bytes | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        document = orjson.loads(layout.unseal(value))
+    except (layout.CorruptValueError, orjson.JSONDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
