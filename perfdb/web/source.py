@@ -249,9 +249,10 @@ class ResultSource:
         return counts
 
     async def find_record(self, record_id: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-        """One record and its user's profile, or None. There is no get-record op, but a record id
-        starts with its commit time, and a record id is a cursor: reading one record oldest first
-        from just before it, within its microsecond, finds it or proves it absent."""
+        """One record and its user's profile, or None, in one read: `get_record` returns no
+        profile, but `get_all` does, and a record id starts with its commit time and is a cursor,
+        so reading one record oldest first from just before it, within its microsecond, finds it
+        or proves it absent."""
         micros = record_id_micros(record_id)
         fields: dict[str, Any] = {
             "since": format_micros(micros),
