@@ -217,12 +217,18 @@ async def test_both_clients_pass_ordering_options_and_ask_for_the_overview(tmp_p
 async def test_both_clients_ask_for_a_series(tmp_path: Path) -> None:
     async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(address(server)) as client:
         acks = [await client.record(**bench(n, metrics={"qps": n, "perc_lat_50": 10 * n})) for n in range(4)]
+        other = await client.record(**bench(9, test_name="streaming", metrics={"qps": 7}))
         one = await client.series("qps", "unary", user_id="alice", buckets=1)
+        grouped = await client.series("qps", by="test", user_id="alice", buckets=1)
         since = acks[1]["timestamp"]
         with Client(address(server)) as blocking:
             both = await asyncio.to_thread(
                 lambda: blocking.series(["qps", "perc_lat_50"], "unary", tag="", since=since, buckets=4000)
             )
+            blocking_grouped = await asyncio.to_thread(lambda: blocking.series("qps", by="test", user_id="alice"))
+    assert grouped["records"] == 5 and sorted(grouped["tests"]) == ["streaming", "unary"]
+    assert grouped["tests"]["streaming"]["qps"]["min"]["record_id"] == other["record_id"]
+    assert blocking_grouped["tests"]["unary"]["qps"]["count"] == 4 and blocking_grouped["tests_truncated"] is False
     [point] = one["series"]["qps"]["points"]
     assert (point["count"], point["min"], point["max"], one["buckets"]) == (4, 0, 3, 1)
     assert both["since"] == since and both["records"] == 3

@@ -13,6 +13,7 @@ import pytest
 from perfdb.records import record_ids
 from perfdb.records.timestamps import format_micros, parse_rfc3339
 from perfdb.storage import series as series_module
+from perfdb.storage import store as series_store
 from perfdb.storage.series import BucketGrid, MetricSeries
 from tests.support import connect, error_code, perfdb_with_provider, record_request, send_burst
 from tests.test_reads import DenseClock, matching, write_burst
@@ -123,6 +124,56 @@ async def test_series_match_brute_force_for_every_filter_and_bucket_count(
         }  # fmt: skip
 
 
+async def test_series_by_test_equal_the_per_test_series_on_the_same_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=7))
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 6000, seed=13)
+        for filters in ({"user_id": "alice"}, {"user_id": "bob", "tag": "pr"}):
+            records = matching(written, **filters)
+            tests = sorted({r["test_name"] for r in records})
+            assert len(tests) > 1, filters
+            for buckets in (1, 7, 100, 4000):
+                metrics = ["qps", "perc_lat_50"]
+                grouped = await conn.request("series", metric=metrics, by="test", buckets=buckets, **filters)
+                assert grouped["ok"], grouped
+                assert (grouped["complete"], grouped["tests_truncated"]) == (True, False)
+                assert grouped["records"] == len(records) and sorted(grouped["tests"]) == tests
+                grid = {"since": grouped["since"], "until": grouped["until"]}
+                assert grid == {
+                    "since": format_micros(min(micros_of(r) for r in records)),
+                    "until": format_micros(max(micros_of(r) for r in records) + 1),
+                }
+                for test in tests:
+                    # The same grid, asked of one test, gives the same series; both match brute force.
+                    one = await conn.request(
+                        "series", metric=metrics, test_name=test, buckets=buckets, **grid, **filters
+                    )
+                    assert grouped["tests"][test] == one["series"]
+                    assert one["bucket_micros"] == grouped["bucket_micros"]
+                    check_series(one, matching(records, test_name=test), metrics, buckets)
+        nobody = await conn.request("series", metric="qps", by="test", user_id="nobody")
+    assert nobody["ok"] and (nobody["tests"], nobody["records"], nobody["buckets"]) == ({}, 0, 0)
+
+
+async def test_series_by_test_keep_the_most_recently_run_tests_and_say_when_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(series_store, "MAX_SERIES_TESTS", 3)
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        names = ["t0", "t1", "t2", "t3", "t4", "t0"]  # t0 runs last again: among the newest three
+        await send_burst(
+            conn, [record_request(test_name=name, metrics={"qps": 10.0 + n}) for n, name in enumerate(names)]
+        )
+        cut = await conn.request("series", metric="qps", by="test", user_id="alice")
+        whole = await conn.request("series", metric="qps", by="test", user_id="alice", tag="")
+    assert cut["tests_truncated"] is True and cut["complete"] is True
+    assert sorted(cut["tests"]) == ["t0", "t3", "t4"]
+    assert cut["records"] == 4 and cut["tests"]["t0"]["qps"]["count"] == 2
+    assert whole["tests_truncated"] is True and whole["examined"] == 6
+
+
 async def test_the_extremes_survive_among_thousands_of_points(tmp_path: Path) -> None:
     async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
         values = [1000.0 + (n % 50) for n in range(5000)]
@@ -188,6 +239,10 @@ async def test_a_series_past_the_examined_bound_covers_the_newest_records(tmp_pa
             "until: must be later than since",
         ),
         ({"metric": "qps", "test_name": "unary", "limit": 3}, "'limit': unknown field for this op"),
+        ({"metric": "qps", "by": "test"}, "user_id: is required"),
+        ({"metric": "qps", "by": "user", "user_id": "alice"}, 'by: must be "test"'),
+        ({"metric": "qps", "by": 1, "user_id": "alice"}, "by: must be a string, got number"),
+        ({"metric": "qps", "by": "test", "user_id": "alice", "test_name": "unary"}, "test_name: must be left out"),
     ],
 )
 async def test_bad_series_requests_are_refused_and_the_connection_carries_on(

@@ -300,8 +300,9 @@ class AsyncClient(ClientSettings):
     async def series(
         self,
         metric: str | Sequence[str],
-        test_name: str,
+        test_name: str | None = None,
         *,
+        by: str | None = None,
         user_id: str | None = None,
         tag: str | None = None,
         since: str | None = None,
@@ -309,11 +310,14 @@ class AsyncClient(ClientSettings):
         buckets: int | None = None,
     ) -> dict[str, Any]:
         """One test's values of a metric (or of several, given a list) over time, downsampled by
-        the server into at most `buckets` time buckets (its default: 1000); see the series op."""
+        the server into at most `buckets` time buckets (its default: 1000); see the series op.
+        `by="test"` instead of a test_name (user_id required): every test of the user in one read,
+        on one grid; the reply's `tests` maps test name -> series by metric."""
         return await self.call(
             "series",
             metric=metric if isinstance(metric, str) else list(metric),
             test_name=test_name,
+            by=by,
             user_id=user_id,
             tag=tag,
             since=since,

@@ -62,12 +62,16 @@ QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until"
 ORDER_FIELDS = frozenset({"reverse", "sort", "order"})  # get_user and get_all only
 OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric"})
 SERIES_FIELDS = (
-    ENVELOPE_FIELDS | READ_FIELDS | frozenset({"metric", "test_name", "user_id", "tag", "since", "until", "buckets"})
+    ENVELOPE_FIELDS
+    | READ_FIELDS
+    | frozenset({"metric", "test_name", "user_id", "tag", "since", "until", "buckets", "by"})
 )
 # A series reply holds at most MAX_SERIES_METRICS x MAX_SERIES_BUCKETS points.
 DEFAULT_SERIES_BUCKETS = 1000
 MAX_SERIES_BUCKETS = 4000
 MAX_SERIES_METRICS = 16
+# A series "by": "test" reply holds at most this many tests: those run most recently in the range.
+MAX_SERIES_TESTS = 64
 SORT_ORDERS = ("desc", "asc")
 COMPARE_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"base", "head", "test_name", "user_id"})
 SELECTOR_FIELDS = frozenset({"tag", "record_ids", "since", "until", "test_name", "user_id"})
@@ -111,12 +115,16 @@ class SeriesQuery:
     """A validated series request: which records, which metrics, and how finely to bucket them."""
 
     metrics: tuple[str, ...]
-    test_name: str
+    test_name: str | None  # None: grouped by test (then user_id is set)
     user_id: str | None
     tag: str | None
     since: int | None  # microseconds since the epoch, inclusive
     until: int | None  # microseconds since the epoch, exclusive
     buckets: int
+
+    @property
+    def by_test(self) -> bool:
+        return self.test_name is None
 
     def as_query(self) -> Query:
         """The same filters as a read query (for choosing the index to walk)."""
@@ -587,8 +595,19 @@ def parse_series(request: dict[str, Any]) -> SeriesQuery:
             raise bad_request("metric", "names a metric twice")
     else:
         metrics = (_metric_name("metric", metric),)
-    test_name = required_string(request, "test_name", MAX_NAME_CHARS)
-    user_id = optional_string(request, "user_id", MAX_USER_ID_CHARS)
+    by = request.get("by")
+    if by is None:
+        test_name: str | None = required_string(request, "test_name", MAX_NAME_CHARS)
+        user_id = optional_string(request, "user_id", MAX_USER_ID_CHARS)
+    elif by != "test":
+        raise bad_request(
+            "by", f'must be "test", got {by!r}' if isinstance(by, str) else f"must be a string, got {_json_type(by)}"
+        )
+    elif request.get("test_name") is not None:
+        raise bad_request("test_name", 'must be left out with "by": "test" (the reply holds every test)')
+    else:
+        test_name = None
+        user_id = required_string(request, "user_id", MAX_USER_ID_CHARS)
     since = _timestamp(request, "since")
     until = _timestamp(request, "until")
     if since is not None and until is not None and until <= since:

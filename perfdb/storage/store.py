@@ -27,7 +27,15 @@ import plyvel
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import RECORD_ID_CHARS, is_record_id, record_id_micros
-from perfdb.records.schema import CompareQuery, ImportedRecord, Query, RecordDraft, Selector, SeriesQuery
+from perfdb.records.schema import (
+    MAX_SERIES_TESTS,
+    CompareQuery,
+    ImportedRecord,
+    Query,
+    RecordDraft,
+    Selector,
+    SeriesQuery,
+)
 from perfdb.records.timestamps import format_micros
 from perfdb.regression.compare import DEFAULT_MODEL as COMPARE_MODEL
 from perfdb.regression.runs import RunSample, compare_runs
@@ -835,6 +843,8 @@ class ResultStore:
     def _read_series(self, request: SeriesQuery) -> dict[str, Any]:
         """Walk the series' records newest first over the smallest index, at most
         max_sort_examined entries, adding each metric value to its time bucket."""
+        if request.by_test:
+            return self._read_series_by_test(request)
         query = request.as_query()
         with self._guard.reading():
             snapshot = self._database().snapshot()
@@ -870,6 +880,62 @@ class ResultStore:
                                 points.add(number, record_id, micros)
                 fields = _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
                 return self._with_marks(snapshot, request, fields)
+            finally:
+                snapshot.close()
+
+    def _read_series_by_test(self, request: SeriesQuery) -> dict[str, Any]:
+        """One user's series of every test in one walk over the smallest index, newest first,
+        on one grid: each test's metrics have one open bucket each. The first MAX_SERIES_TESTS
+        tests met (those run most recently in the range) are kept; others are skipped and the
+        reply says `tests_truncated`."""
+        query = request.as_query()
+        with self._guard.reading():
+            snapshot = self._database().snapshot()
+            try:
+                source = _choose_source(snapshot, query)
+                start, stop = _key_range(source.prefix, query, after_cursor=False)
+                grid = self._series_grid(snapshot, source, request, start, stop)
+                tests: dict[str, dict[str, MetricSeries]] = {}
+                examined = records = 0
+                complete = True
+                truncated = False
+                if grid is not None:
+                    admits, fetch = self._entry_readers(snapshot, source, query)
+                    with _entries(snapshot, start, stop, reverse=True) as entries:
+                        for key, value in entries:
+                            if examined == self._max_sort_examined:
+                                complete = False
+                                break
+                            examined += 1
+                            user_id = admits(key, value)
+                            document = None if user_id is None else fetch(key, value, user_id)
+                            if document is None:
+                                continue
+                            record = orjson.loads(document)
+                            series = tests.get(record["test_name"])
+                            if series is None:
+                                if len(tests) == MAX_SERIES_TESTS:
+                                    truncated = True
+                                    continue
+                                series = tests[record["test_name"]] = {
+                                    metric: MetricSeries(grid) for metric in request.metrics
+                                }
+                            records += 1
+                            metrics = record["metrics"]
+                            record_id = source.record_id(key)
+                            micros = record_id_micros(record_id)
+                            for metric, points in series.items():
+                                number = metrics.get(metric)
+                                if type(number) in (int, float):
+                                    points.add(number, record_id, micros)
+                fields = _series_fields(request, grid, {}, records=records, examined=examined, complete=complete)
+                del fields["series"]
+                fields["tests_truncated"] = truncated
+                fields["tests"] = {}
+                for test_name in sorted(tests):
+                    one = _series_fields(request, grid, tests[test_name], records=0, examined=0, complete=True)
+                    fields["tests"][test_name] = self._with_marks(snapshot, request, one, test_name)["series"]
+                return fields
             finally:
                 snapshot.close()
 
@@ -940,9 +1006,13 @@ class ResultStore:
         record: dict[str, Any] = orjson.loads(sealed)
         return record
 
-    def _with_marks(self, snapshot: plyvel.Snapshot, request: SeriesQuery, fields: dict[str, Any]) -> dict[str, Any]:
+    def _with_marks(
+        self, snapshot: plyvel.Snapshot, request: SeriesQuery, fields: dict[str, Any], test_name: str | None = None
+    ) -> dict[str, Any]:
         """Each series gets `marks`: the alerts (change points) of its records in the range."""
-        marks = self.alerts.marks(snapshot, request.test_name, request.metrics, request.user_id, request.tag)
+        test_name = test_name or request.test_name
+        assert test_name is not None
+        marks = self.alerts.marks(snapshot, test_name, request.metrics, request.user_id, request.tag)
         since, until = request.since, request.until
         for metric, series in fields["series"].items():
             series["marks"] = [

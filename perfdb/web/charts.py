@@ -84,21 +84,38 @@ async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, A
     calls = []
     if query.test_name:
         calls.append((detail, [*LINE_METRICS, *DETAIL_METRICS], request.points))
+        line_buckets = 0
     else:
-        per_line = max(MIN_POINTS, min(request.points, CHART_POINTS // max(1, len(shown) * len(LINE_METRICS))))
-        calls += [(test, list(LINE_METRICS), per_line) for test in shown]
+        line_buckets = max(MIN_POINTS, min(request.points, CHART_POINTS // max(1, len(shown) * len(LINE_METRICS))))
+        if query.user_id is None:  # everyone's results: grouping is per user only, so one call per test
+            calls += [(test, list(LINE_METRICS), line_buckets) for test in shown]
         calls.append((detail, list(DETAIL_METRICS), request.points))
-    replies = await asyncio.gather(
-        *(
-            source.series(metrics, test, query, since=since, until=until, buckets=buckets)
-            for test, metrics, buckets in calls
-        )
+    grouped = not query.test_name and query.user_id is not None
+    single_replies, grouped_reply = await asyncio.gather(
+        asyncio.gather(
+            *(
+                source.series(metrics, test, query, since=since, until=until, buckets=buckets)
+                for test, metrics, buckets in calls
+            )
+        ),
+        _every_test(source, query, since, until, line_buckets) if grouped else _nothing(),
     )
+    replies: list[tuple[str, list[str], dict[str, Any]]] = []
+    if grouped_reply is not None:
+        # One read for every test's line metrics; tests beyond the reply's bound draw no line.
+        for test in shown:
+            per_metric = grouped_reply["tests"].get(test)
+            if per_metric is not None:
+                replies.append((test, list(LINE_METRICS), {**grouped_reply, "series": per_metric}))
+    drawn_tests = len(replies)
+    replies += [(test, metrics, reply) for (test, metrics, _), reply in zip(calls, single_replies, strict=True)]
     lines = []
-    results = 0
+    results = grouped_reply["records"] if grouped_reply is not None else 0
     complete = True
-    for (test, metrics, _), reply in zip(calls, replies, strict=True):
-        if query.test_name or metrics == list(LINE_METRICS):
+    if grouped_reply is not None:  # cut short, or the bound on tests left out a test the page lists
+        complete = grouped_reply["complete"] and not (grouped_reply["tests_truncated"] and drawn_tests < len(shown))
+    for test, metrics, reply in replies:
+        if "tests" not in reply and (query.test_name or metrics == list(LINE_METRICS)):
             results += reply["records"]
         complete = complete and reply["complete"]
         for metric in metrics:
@@ -116,6 +133,19 @@ async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, A
         "results": results,
         "complete": complete,  # False: perfdb's bound cut a line short (to its newest results)
     }
+
+
+async def _every_test(
+    source: ResultSource, query: RecordQuery, since: int, until: int, buckets: int
+) -> dict[str, Any] | None:
+    assert query.user_id is not None
+    return await source.series_by_test(
+        list(LINE_METRICS), query.user_id, query, since=since, until=until, buckets=buckets
+    )
+
+
+async def _nothing() -> None:
+    return None
 
 
 def encode_line(test: str, metric: str, reply: dict[str, Any]) -> dict[str, Any]:

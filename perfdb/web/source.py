@@ -236,6 +236,21 @@ class ResultSource:
             buckets=buckets,
         )
 
+    async def series_by_test(
+        self, metrics: list[str], user_id: str, query: RecordQuery, *, since: int, until: int, buckets: int
+    ) -> dict[str, Any]:
+        """perfdb's series of some metrics of every test of one user over [since, until), in one read."""
+        return await self._call(
+            "series",
+            metric=metrics,
+            by="test",
+            user_id=user_id,
+            tag=query.tag,
+            since=format_micros(since),
+            until=format_micros(until),
+            buckets=buckets,
+        )
+
     async def test_counts(self, user_id: str | None, metrics: tuple[str, ...]) -> dict[str, int]:
         """Test name -> results (of the user, or of everyone) that have one of these metrics, of
         all time, from perfdb's in-memory overview: nothing is read from disk."""
