@@ -94,6 +94,11 @@
       return `${threeDigits(value)} \u00b5s`;
     }
     if (unit === "percent") return `${value.toFixed(1)}%`;
+    if (Math.abs(value) >= 1000) {
+      // Counts stay whole and grouped (1,403,434), as format_value in perfdb/records/units.py does.
+      const digits = Number.isInteger(value) || Math.abs(value) >= 100000 ? 0 : 2;
+      return value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+    }
     return String(value);
   }
   window.perfdbFormatValue = formatValue;
