@@ -153,6 +153,23 @@ async def test_compare_page_colours_the_regression_and_formats_counts(detecting:
     assert missing.status == 400 and missing_body["error"]["code"] == "bad_query"
 
 
+async def test_user_chart_lines_carry_the_change_point(detecting: DetectingPerfdb) -> None:
+    alert = detecting.alert
+    async with dashboard_client(detecting.address) as client:
+        response = await client.get(f"/api/users/static%3Aci/series?test={SHIFTED_TEST}&tag=main")
+        assert response.status == 200
+        data = await response.json()
+    qps = [line for line in data["lines"] if line["metric"] == "qps"]
+    assert len(qps) == 1
+    assert [(mark["alert_id"], mark["record_id"]) for mark in qps[0]["marks"]] == [
+        (alert["alert_id"], alert["record_id"])
+    ]
+    since, until = data["range"]
+    assert since <= qps[0]["marks"][0]["time"] <= until
+    latency = [line for line in data["lines"] if line["metric"] != "qps"]
+    assert all(line["marks"] == [] for line in latency)
+
+
 def test_regressions_and_compare_in_a_browser(detecting: DetectingPerfdb) -> None:
     from tests.web.test_browser import CHROMIUM, CHROMIUM_ARGS
 
@@ -176,6 +193,9 @@ def test_regressions_and_compare_in_a_browser(detecting: DetectingPerfdb) -> Non
             page.wait_for_selector("#compare-table")
             colour = page.eval_on_selector("#compare-table .chip.status-regression", "e => getComputedStyle(e).color")
             assert colour == "rgb(180, 35, 24)"
+            # The user chart with its change point draws without errors.
+            page.goto(dashboard.url + f"/users/static%3Aci?test={SHIFTED_TEST}&tag=main")
+            page.wait_for_selector("#charts canvas")
             assert errors == []
         finally:
             browser.close()
