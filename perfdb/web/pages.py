@@ -900,7 +900,7 @@ def regressions_page(
         """<section class="page-head">
   <h1>Regressions</h1>
   <p class="lede">Change points the worse way that perfdb found in a series (user, test, tag and metric),
-  newest first. States are changed with <code>perfdb alerts</code>, not here.</p>
+  newest first. States are changed with <code>perfdb alert ALERT_ID --state ...</code>, not here.</p>
 </section>
 {form}
 {table}
@@ -920,6 +920,10 @@ STATUS_LABELS = {
     "no_change": "no change",
     "insufficient_data": "too few values",
 }
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _pvalue_text(value: float | None) -> str:
@@ -980,7 +984,7 @@ def compare_page(site: Site, view: CompareView, reply: dict[str, Any] | None) ->
         counts = {status: sum(1 for row in reply["rows"] if row["status"] == status) for status in STATUS_LABELS}
         result = render(
             '<p class="summary" id="summary">{base} results under {base_tag} against {head} under {head_tag}: '
-            "{regressions} regressions, {improvements} improvements, {unchanged} unchanged.</p>"
+            "{regressions}, {improvements}, {unchanged} unchanged.</p>"
             '<div class="table-wrap"><table class="results" id="compare-table"><thead><tr>'
             "<th>Test</th><th>Metric</th><th>Status</th><th>Base n</th><th>Base mean</th><th>Head n</th>"
             '<th>Head mean</th><th>Change</th><th title="the p-value the verdict used">p-value</th></tr></thead>'
@@ -989,8 +993,8 @@ def compare_page(site: Site, view: CompareView, reply: dict[str, Any] | None) ->
             head=format_value(reply["head"]["records"], ""),
             base_tag=view.base,
             head_tag=view.head,
-            regressions=counts["regression"],
-            improvements=counts["improvement"],
+            regressions=_plural(counts["regression"], "regression"),
+            improvements=_plural(counts["improvement"], "improvement"),
             unchanged=counts["no_change"] + counts["insufficient_data"],
             rows=concat(compare_row(row) for row in reply["rows"]),
         )

@@ -17,7 +17,7 @@ import pytest
 
 from perfdb.client import Client
 from tests.support import ServerProcess, token_hash
-from tests.web.conftest import dashboard_client, dashboard_process
+from tests.web.conftest import ARTIFACTS, dashboard_client, dashboard_process
 
 TOKEN = "ci-" + secrets.token_hex(16)
 USER = "static:ci"
@@ -141,6 +141,7 @@ async def test_compare_page_colours_the_regression_and_formats_counts(detecting:
     qps = rows[(LONG_TEST, "qps")]
     assert '<span class="chip status-regression">regression</span>' in qps
     assert re.search(r'class="num change status-regression">-\d', qps)
+    assert "1 regression, 0 improvements, 1 unchanged" in html
     assert "e+" not in html and "1,403,434" in _text(rows[(LONG_TEST, "messages")])
     # The long name keeps its distinguishing tail; the full name is the tooltip.
     shown = _text(qps).split()[0]
@@ -186,6 +187,8 @@ def test_regressions_and_compare_in_a_browser(detecting: DetectingPerfdb) -> Non
             page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
             page.goto(dashboard.url + "/regressions")
             assert page.locator("#alerts-table tbody tr").count() == 1
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "regressions.png"), full_page=True)
             page.click("nav a[href='/compare']")
             page.fill("#f-base", "v1")
             page.fill("#f-head", "v2")
@@ -193,9 +196,11 @@ def test_regressions_and_compare_in_a_browser(detecting: DetectingPerfdb) -> Non
             page.wait_for_selector("#compare-table")
             colour = page.eval_on_selector("#compare-table .chip.status-regression", "e => getComputedStyle(e).color")
             assert colour == "rgb(180, 35, 24)"
+            page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
             # The user chart with its change point draws without errors.
             page.goto(dashboard.url + f"/users/static%3Aci?test={SHIFTED_TEST}&tag=main")
             page.wait_for_selector("#charts canvas")
+            page.screenshot(path=str(ARTIFACTS / "user-change-point.png"), full_page=True)
             assert errors == []
         finally:
             browser.close()
