@@ -44,4 +44,7 @@ def format_value(value: object, unit: str) -> str:
         return f"{value:.3g} µs"
     if unit == "percent":
         return f"{value:.1f}%"
+    if abs(value) >= 1000:
+        # Counts stay whole and grouped (1,403,434), never in exponent form (1.40343e+06).
+        return f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 100_000 else f"{value:,.2f}"
     return f"{value:g}"

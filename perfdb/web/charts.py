@@ -184,6 +184,17 @@ def encode_line(test: str, metric: str, reply: dict[str, Any]) -> dict[str, Any]
         "lowest": series["min"],
         "highest": series["max"],
         "exact_medians": series["exact_medians"],
+        # Change points (alerts) of this series, drawn as vertical markers at their first record.
+        "marks": [
+            {
+                "time": parse_rfc3339(mark["record_timestamp"]) / 1e6,
+                "record_id": mark["record_id"],
+                "alert_id": mark["alert_id"],
+                "state": mark["state"],
+                "change_percent": mark["change_percent"],
+            }
+            for mark in series.get("marks", [])
+        ],
     }
 
 

@@ -26,12 +26,15 @@ from perfdb.web.charts import CHART_TEST_METRICS, ChartRequest, chart_data, poin
 from perfdb.web.markup import Markup
 from perfdb.web.pages import COLUMN_LABELS
 from perfdb.web.queries import (
+    ALERTS_PER_PAGE,
     MAX_SORTED_PAGES,
     METRICS_BY_NAME,
+    CompareView,
     Filters,
     OneTestView,
     OverviewView,
     QueryError,
+    RegressionsView,
     TableView,
     UserView,
     build_url,
@@ -500,6 +503,74 @@ async def api_overview(request: web.Request) -> web.Response:
     )
 
 
+# -- regressions and compare -------------------------------------------------------------------
+
+
+async def _alerts(request: web.Request) -> tuple[RegressionsView, dict[str, Any]]:
+    view = RegressionsView.from_params(request.query)
+    reply = await request.app[DASHBOARD].source.regressions(
+        state=None if view.state == "all" else view.state,
+        limit=ALERTS_PER_PAGE,
+        cursor=view.cursor,
+        user_id=view.user or None,
+        test_name=view.test or None,
+        tag=view.tag or None,
+    )
+    return view, reply
+
+
+async def regressions_handler(request: web.Request) -> web.Response:
+    view, reply = await _alerts(request)
+    return html_response(
+        pages.regressions_page(request.app[DASHBOARD].site, view, reply["alerts"], reply["next_cursor"])
+    )
+
+
+async def api_regressions(request: web.Request) -> web.Response:
+    view, reply = await _alerts(request)
+    next_cursor = reply["next_cursor"]
+    return json_response(
+        {
+            "state": view.state,
+            "alerts": reply["alerts"],
+            "links": {
+                "page": view.url(),
+                "next": view.url("/api/regressions", cursor=next_cursor) if next_cursor else None,
+            },
+        }
+    )
+
+
+async def _comparison(request: web.Request) -> tuple[CompareView, dict[str, Any] | None]:
+    view = CompareView.from_params(request.query)
+    if not view.ready:
+        return view, None
+    return view, await request.app[DASHBOARD].source.compare_tags(view.base, view.head, view.test)
+
+
+async def compare_handler(request: web.Request) -> web.Response:
+    view, reply = await _comparison(request)
+    return html_response(pages.compare_page(request.app[DASHBOARD].site, view, reply))
+
+
+async def api_compare(request: web.Request) -> web.Response:
+    view, reply = await _comparison(request)
+    if reply is None:
+        raise QueryError("base and head: both tags are required")
+    return json_response(
+        {
+            "base_tag": view.base,
+            "head_tag": view.head,
+            "test": view.test or None,
+            "model": reply["model"],
+            "base": reply["base"],
+            "head": reply["head"],
+            "rows": reply["rows"],
+            "links": {"page": view.url()},
+        }
+    )
+
+
 # -- health and the API index --------------------------------------------------------------
 
 
@@ -589,7 +660,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/users/{user_id}", user_handler, name="user")
     app.router.add_get("/tests/{test_name}", one_test_handler, name="test")
     app.router.add_get("/overview", overview_handler, name="overview")
+    app.router.add_get("/regressions", regressions_handler, name="regressions")
+    app.router.add_get("/compare", compare_handler, name="compare")
     app.router.add_get("/api", api_index, name="api")
+    app.router.add_get("/api/regressions", api_regressions, name="api-regressions")
+    app.router.add_get("/api/compare", api_compare, name="api-compare")
     app.router.add_get("/api/results", api_results, name="api-results")
     app.router.add_get("/api/results/{record_id}", api_result, name="api-result")
     app.router.add_get("/api/users/{user_id}/series", api_user_series, name="api-user-series")

@@ -14,15 +14,18 @@ from perfdb.records.units import CORE_METRICS, format_value
 from perfdb.web.analysis import LeaderboardEntry
 from perfdb.web.markup import Markup, concat, render
 from perfdb.web.queries import (
+    ALERT_STATES,
     DEFAULT_PER_PAGE,
     METRICS_BY_NAME,
     OPTIONAL_COLUMNS,
     PER_PAGE_CHOICES,
     QUICK_RANGES,
     SORT_KEYS,
+    CompareView,
     Filters,
     OneTestView,
     OverviewView,
+    RegressionsView,
     TableView,
     UserView,
     build_url,
@@ -75,6 +78,24 @@ def short_time(timestamp: str) -> str:
     return timestamp[:16].replace("T", " ")
 
 
+ELIDE_NAMES_OVER = 56  # characters; longer test names are shortened in the middle in tables
+
+
+def elided_name(name: str, limit: int = ELIDE_NAMES_OVER) -> Markup:
+    """A test name for a table cell: a long one loses its middle, not its distinguishing tail
+    (`..._unconstrained_insecure_64b`); the full name is the tooltip."""
+    if len(name) <= limit:
+        return render('<span class="name" title="{name}">{name}</span>', name=name)
+    head = limit * 2 // 5
+    tail = limit - head - 1
+    return render(
+        '<span class="name elided" title="{name}">{head}\u2026{tail}</span>',
+        name=name,
+        head=name[:head],
+        tail=name[-tail:],
+    )
+
+
 def time_cell(timestamp: str) -> Markup:
     return render('<time datetime="{full}" title="{full}">{short}</time>', full=timestamp, short=short_time(timestamp))
 
@@ -82,7 +103,12 @@ def time_cell(timestamp: str) -> Markup:
 def layout(site: Site, *, title: str, active: str, body: Markup, scripts: Iterable[str] = ()) -> Markup:
     nav = concat(
         render('<a href="{href}"{current}>{label}</a>', href=href, label=label, current=_current(name == active))
-        for name, href, label in (("results", "/", "Results"), ("overview", "/overview", "Overview"))
+        for name, href, label in (
+            ("results", "/", "Results"),
+            ("overview", "/overview", "Overview"),
+            ("regressions", "/regressions", "Regressions"),
+            ("compare", "/compare", "Compare"),
+        )
     )
     script_tags = concat(
         render('<script src="{src}" defer></script>', src=site.assets[name])
@@ -350,9 +376,9 @@ def _result_row(row: ResultRow, columns: list[str], users: dict[str, dict[str, A
         elif column == "test":
             cells.append(
                 render(
-                    '<td class="test"><a href="{href}" title="{name}">{name}</a></td>',
+                    '<td class="test"><a href="{href}">{name}</a></td>',
                     href=result_url(row.record_id),
-                    name=row.test_name,
+                    name=elided_name(row.test_name),
                 )
             )
         elif column == "tag":
@@ -779,6 +805,8 @@ API_ENDPOINTS = (
     ),
     ("/api/tests/{test_name}/series", "Everyone's results of one test over time, downsampled (tag, from, to, points)."),
     ("/api/overview", "Histogram and leaderboard of one metric over all results (metric, test)."),
+    ("/api/regressions", "Alerts of perfdb's regression detection, newest first (state, test, tag, user, cursor)."),
+    ("/api/compare", "Two tags' results compared test by test and metric by metric (base, head, test)."),
     ("/api/health", "Whether perfdb answers, and its version."),
 )
 
@@ -796,3 +824,188 @@ as <code>{{"error": {{"code": ..., "message": ...}}}}</code>.</p></section>
         rows=rows,
     )
     return layout(site, title="JSON API", active="api", body=body)
+
+
+# -- regressions -------------------------------------------------------------------------------
+
+
+def change_cell(change_percent: float | None, status: str) -> Markup:
+    """A change of a mean in percent, coloured by whether it is a regression or an improvement."""
+    text = "-" if change_percent is None else f"{change_percent:+.1f}%"
+    return render('<td class="num change status-{status}">{text}</td>', status=status, text=text)
+
+
+def alert_row(alert: dict[str, Any]) -> Markup:
+    chart = build_url(
+        user_url(alert["user_id"]), [("test", alert["test_name"]), *([("tag", alert["tag"])] if alert["tag"] else [])]
+    )
+    return render(
+        '<tr data-alert-id="{alert_id}"><td class="time">{time}</td>'
+        '<td class="test"><a href="{chart}">{test}</a></td><td>{metric}</td>'
+        '<td class="user"><a href="{user_href}">{user}</a></td><td class="tag">{tag}</td>{change}'
+        '<td><span class="chip state-{state}">{state}</span></td>'
+        '<td><a href="{result}">result</a> · <a href="{chart}">chart</a></td></tr>',
+        alert_id=alert["alert_id"],
+        time=time_cell(alert["created"]),
+        chart=chart,
+        test=elided_name(alert["test_name"]),
+        metric=alert["metric"],
+        user_href=user_url(alert["user_id"]),
+        user=alert["user_id"],
+        tag=render('<span class="chip">{tag}</span>', tag=alert["tag"]) if alert["tag"] else "",
+        change=change_cell(alert.get("change_percent"), "regression"),
+        state=alert["state"],
+        result=result_url(alert["record_id"]),
+    )
+
+
+def regressions_page(
+    site: Site, view: RegressionsView, alerts: list[dict[str, Any]], next_cursor: str | None
+) -> Markup:
+    states = concat(
+        render('<option value="{value}"{sel}>{value}</option>', value=state, sel=_selected(state == view.state))
+        for state in (*ALERT_STATES, "all")
+    )
+    form = render(
+        """<form class="filters" method="get" action="/regressions" id="alert-filters">
+  <div class="field"><label for="f-state">State</label><select id="f-state" name="state">{states}</select></div>
+  {test}{tag}{user}
+  <div class="actions"><button type="submit">Apply</button><a class="button-link" href="/regressions">Reset</a></div>
+</form>""",
+        states=states,
+        test=_text_input("test", "Test", view.test, placeholder="any test"),
+        tag=_text_input("tag", "Tag", view.tag, placeholder="any tag"),
+        user=_text_input("user", "User id", view.user, placeholder="any user"),
+    )
+    if alerts:
+        table = render(
+            '<div class="table-wrap"><table class="results" id="alerts-table"><thead><tr>'
+            "<th>Raised (UTC)</th><th>Test</th><th>Metric</th><th>User</th><th>Tag</th><th>Change</th>"
+            "<th>State</th><th>Links</th></tr></thead><tbody>{rows}</tbody></table></div>",
+            rows=concat(alert_row(alert) for alert in alerts),
+        )
+    else:
+        table = render(
+            '<div class="empty" id="no-alerts"><p>No {state} alerts match these filters.</p></div>',
+            state="" if view.state == "all" else view.state,
+        )
+    pager = (
+        render(
+            '<nav class="pager"><a rel="next" href="{href}">Older alerts</a></nav>', href=view.url(cursor=next_cursor)
+        )
+        if next_cursor
+        else Markup("")
+    )
+    body = render(
+        """<section class="page-head">
+  <h1>Regressions</h1>
+  <p class="lede">Change points the worse way that perfdb found in a series (user, test, tag and metric),
+  newest first. States are changed with <code>perfdb alert ALERT_ID --state ...</code>, not here.</p>
+</section>
+{form}
+{table}
+{pager}""",
+        form=form,
+        table=table,
+        pager=pager,
+    )
+    return layout(site, title="Regressions", active="regressions", body=body)
+
+
+# -- compare -----------------------------------------------------------------------------------
+
+STATUS_LABELS = {
+    "regression": "regression",
+    "improvement": "improvement",
+    "no_change": "no change",
+    "insufficient_data": "too few values",
+}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def _pvalue_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value >= 0.001 else "< 0.001"
+
+
+def compare_row(row: dict[str, Any]) -> Markup:
+    metric = METRICS_BY_NAME.get(row["metric"])
+    unit = metric.unit if metric is not None else ""
+    return render(
+        '<tr class="status-row-{status}"><td class="test">{test}</td><td>{metric}</td>'
+        '<td><span class="chip status-{status}">{label}</span></td>'
+        '<td class="num">{base_n}</td><td class="num" title="{base_raw}">{base_mean}</td>'
+        '<td class="num">{head_n}</td><td class="num" title="{head_raw}">{head_mean}</td>'
+        '{change}<td class="num" title="{pvalue_raw}">{pvalue}</td></tr>',
+        status=row["status"],
+        label=STATUS_LABELS.get(row["status"], row["status"]),
+        test=elided_name(row["test_name"]),
+        metric=row["metric"],
+        base_n=format_value(row["base"]["n"], ""),
+        base_raw=repr(row["base"]["mean"]),
+        base_mean=format_value(row["base"]["mean"], unit),
+        head_n=format_value(row["head"]["n"], ""),
+        head_raw=repr(row["head"]["mean"]),
+        head_mean=format_value(row["head"]["mean"], unit),
+        change=change_cell(row["change_percent"], row["status"]),
+        pvalue_raw="" if row["pvalue"] is None else repr(row["pvalue"]),
+        pvalue=_pvalue_text(row["pvalue"]),
+    )
+
+
+def compare_page(site: Site, view: CompareView, reply: dict[str, Any] | None) -> Markup:
+    form = render(
+        """<form class="filters" method="get" action="/compare" id="compare-form">
+  {base}{head}{test}
+  <div class="actions"><button type="submit">Compare</button></div>
+</form>""",
+        base=_text_input("base", "Base tag (before)", view.base, placeholder="e.g. v1.2"),
+        head=_text_input("head", "Head tag (after)", view.head, placeholder="e.g. v1.3"),
+        test=_text_input("test", "Test", view.test, placeholder="all tests"),
+    )
+    if reply is None:
+        result = notice(
+            "Give two tags to compare the results of one with the other's, test by test and metric by metric."
+        )
+    elif not reply["rows"]:
+        result = render(
+            '<div class="empty" id="no-rows"><p>Nothing to compare: {base} results under {base_tag}, '
+            "{head} under {head_tag}, and no test and metric both hold.</p></div>",
+            base=format_value(reply["base"]["records"], ""),
+            head=format_value(reply["head"]["records"], ""),
+            base_tag=view.base,
+            head_tag=view.head,
+        )
+    else:
+        counts = {status: sum(1 for row in reply["rows"] if row["status"] == status) for status in STATUS_LABELS}
+        result = render(
+            '<p class="summary" id="summary">{base} results under {base_tag} against {head} under {head_tag}: '
+            "{regressions}, {improvements}, {unchanged} unchanged.</p>"
+            '<div class="table-wrap"><table class="results" id="compare-table"><thead><tr>'
+            "<th>Test</th><th>Metric</th><th>Status</th><th>Base n</th><th>Base mean</th><th>Head n</th>"
+            '<th>Head mean</th><th>Change</th><th title="the p-value the verdict used">p-value</th></tr></thead>'
+            "<tbody>{rows}</tbody></table></div>",
+            base=format_value(reply["base"]["records"], ""),
+            head=format_value(reply["head"]["records"], ""),
+            base_tag=view.base,
+            head_tag=view.head,
+            regressions=_plural(counts["regression"], "regression"),
+            improvements=_plural(counts["improvement"], "improvement"),
+            unchanged=counts["no_change"] + counts["insufficient_data"],
+            rows=concat(compare_row(row) for row in reply["rows"]),
+        )
+    body = render(
+        """<section class="page-head">
+  <h1>Compare</h1>
+  <p class="lede">Two tags' results, test by test: a change counts when it is significant and at least 5 %.</p>
+</section>
+{form}
+{result}""",
+        form=form,
+        result=result,
+    )
+    return layout(site, title="Compare", active="compare", body=body)

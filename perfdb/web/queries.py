@@ -373,3 +373,61 @@ class OverviewView:
 
     def url(self, path: str = "/overview", **changes: Any) -> str:
         return build_url(path, dataclasses.replace(self, **changes).params())
+
+
+# -- regressions and compare -----------------------------------------------------------------
+
+ALERT_STATES = ("open", "acknowledged", "expected", "resolved")
+ALERTS_PER_PAGE = 50
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegressionsView:
+    """The alerts list: one state (or "all"), optional series filters, and a page cursor."""
+
+    state: str = "open"
+    user: str = ""
+    test: str = ""
+    tag: str = ""
+    cursor: str | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> RegressionsView:
+        return cls(
+            state=_choice(params, "state", ("all", *ALERT_STATES), "open"),
+            user=_text(params, "user"),
+            test=_text(params, "test"),
+            tag=_text(params, "tag"),
+            cursor=_text(params, "cursor", 64) or None,
+        )
+
+    def params(self) -> list[tuple[str, str]]:
+        pairs = [("state", self.state if self.state != "open" else ""), ("user", self.user), ("test", self.test)]
+        pairs += [("tag", self.tag), ("cursor", self.cursor or "")]
+        return [(name, value) for name, value in pairs if value]
+
+    def url(self, path: str = "/regressions", **changes: Any) -> str:
+        return build_url(path, dataclasses.replace(self, **changes).params())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompareView:
+    """Two tags to compare, base (before) and head (after), and optionally one test."""
+
+    base: str = ""
+    head: str = ""
+    test: str = ""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> CompareView:
+        return cls(base=_text(params, "base"), head=_text(params, "head"), test=_text(params, "test"))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.base and self.head)
+
+    def params(self) -> list[tuple[str, str]]:
+        return [(n, v) for n, v in (("base", self.base), ("head", self.head), ("test", self.test)) if v]
+
+    def url(self, path: str = "/compare") -> str:
+        return build_url(path, self.params())

@@ -283,6 +283,16 @@ class ResultSource:
                 return record, page["users"].get(record["user_id"])
         return None
 
+    async def regressions(
+        self, *, state: str | None, limit: int, cursor: str | None = None, **filters: str | None
+    ) -> dict[str, Any]:
+        """One page of perfdb's alerts, newest first (`alerts`, `next_cursor`)."""
+        return await self._call("regressions", state=state, limit=limit, cursor=cursor, **filters)
+
+    async def compare_tags(self, base_tag: str, head_tag: str, test_name: str | None) -> dict[str, Any]:
+        """perfdb's comparison of the records tagged `base_tag` (before) with those tagged `head_tag`."""
+        return await self._call("compare", base={"tag": base_tag}, head={"tag": head_tag}, test_name=test_name or None)
+
     async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """perfdb's per-test aggregates of one metric (count, min, max, histogram, each user's best)."""
         fields: dict[str, Any] = {"metric": metric}

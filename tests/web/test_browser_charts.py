@@ -191,5 +191,6 @@ def test_the_page_formats_values_as_the_server_does(dense_tab: BrowserPage) -> N
     dense_tab.goto(f"/tests/{BIG_TEST}")
     _wait_for_charts(dense_tab)
     samples = [(value, unit) for unit in ("qps", "us", "percent") for value in (0.5, 42.26, 999.4, 1234.6, 2_500_000.0)]
+    samples += [(value, "") for value in (1_403_434.0, 1234.5, 250_000.7, 42.0)]  # counts of unknown metrics
     shown = dense_tab.page.evaluate("(samples) => samples.map(([v, u]) => window.perfdbFormatValue(v, u))", samples)
     assert shown == [format_value(value, unit) for value, unit in samples]

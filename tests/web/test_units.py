@@ -251,3 +251,14 @@ def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
     ]
     assert main(["--server", "no-port"]) == 2
     assert "--server must be hostname:port" in capsys.readouterr().err
+
+
+def test_large_counts_are_grouped_never_in_exponent_form() -> None:
+    from perfdb.records.units import format_value
+
+    assert format_value(1_403_434, "") == "1,403,434"
+    assert format_value(1_403_434.0, "") == "1,403,434"
+    assert format_value(1234.5, "") == "1,234.50"
+    assert format_value(250_000.7, "") == "250,001"
+    assert format_value(42.0, "") == "42"
+    assert format_value(0.125, "") == "0.125"

@@ -94,6 +94,11 @@
       return `${threeDigits(value)} \u00b5s`;
     }
     if (unit === "percent") return `${value.toFixed(1)}%`;
+    if (Math.abs(value) >= 1000) {
+      // Counts stay whole and grouped (1,403,434), as format_value in perfdb/records/units.py does.
+      const digits = Number.isInteger(value) || Math.abs(value) >= 100000 ? 0 : 2;
+      return value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+    }
     return String(value);
   }
   window.perfdbFormatValue = formatValue;
@@ -199,6 +204,27 @@
         drag: { x: true, y: false, setScale: false },
       },
       hooks: {
+        // Change points (perfdb's alerts): a dashed vertical line in the line's colour at the
+        // first result after the change.
+        draw: [
+          (u) => {
+            const ctx = u.ctx;
+            ctx.save();
+            ctx.setLineDash([5, 4]);
+            ctx.lineWidth = 1.5 * devicePixelRatio;
+            drawn.forEach((item) => {
+              (item.line.marks || []).forEach((mark) => {
+                const x = Math.round(u.valToPos(mark.time, "x", true));
+                ctx.strokeStyle = item.color;
+                ctx.beginPath();
+                ctx.moveTo(x, u.bbox.top);
+                ctx.lineTo(x, u.bbox.top + u.bbox.height);
+                ctx.stroke();
+              });
+            });
+            ctx.restore();
+          },
+        ],
         setCursor: [
           (u) => {
             state.hovered = hoveredBucket(u, xs, drawn);
