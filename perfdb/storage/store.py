@@ -748,23 +748,13 @@ class ResultStore:
         start, stop = _key_range(source.prefix, query, after_cursor=False)
         admits, fetch = self._entry_readers(snapshot, source, query)
         record_id_of = source.record_id
-        examined = candidates = 0
-        complete = True
+        walk = _BoundedWalk(self._max_sort_examined)
+        candidates = 0
 
         def ranked() -> Iterator[tuple[_Rank, memoryview, bytes]]:
-            nonlocal examined, candidates, complete
+            nonlocal candidates
             with _entries(snapshot, start, stop, reverse=True) as entries:
-                for key, value in entries:
-                    if examined == self._max_sort_examined:
-                        complete = False
-                        return
-                    examined += 1
-                    user_id = admits(key, value)
-                    if user_id is None:
-                        continue
-                    document = fetch(key, value, user_id)
-                    if document is None:
-                        continue
+                for key, user_id, document in walk.documents(entries, admits, fetch):
                     rank = _rank(orjson.loads(document)["metrics"].get(metric), descending, record_id_of(key))
                     if after is not None and rank <= after:
                         continue
@@ -786,7 +776,7 @@ class ResultStore:
             last_rank = rank
         more = candidates > len(records) and last_rank is not None
         next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
-        return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
+        return Page(records, {}, next_cursor, user_ids=user_ids, examined=walk.examined, complete=walk.complete)
 
     def _read_by_metric_index(self, snapshot: plyvel.Snapshot, query: Query) -> Page:
         """The query's records ranked by a core metric, after the cursor's place in that order,
@@ -858,27 +848,15 @@ class ResultStore:
                     )
                 series = {metric: MetricSeries(grid) for metric in request.metrics}
                 admits, fetch = self._entry_readers(snapshot, source, query)
-                examined = records = 0
-                complete = True
+                walk = _BoundedWalk(self._max_sort_examined)
+                records = 0
                 with _entries(snapshot, start, stop, reverse=True) as entries:
-                    for key, value in entries:
-                        if examined == self._max_sort_examined:
-                            complete = False
-                            break
-                        examined += 1
-                        user_id = admits(key, value)
-                        document = None if user_id is None else fetch(key, value, user_id)
-                        if document is None:
-                            continue
+                    for key, _, document in walk.documents(entries, admits, fetch):
                         records += 1
-                        metrics = orjson.loads(document)["metrics"]
-                        record_id = source.record_id(key)
-                        micros = record_id_micros(record_id)
-                        for metric, points in series.items():
-                            number = metrics.get(metric)
-                            if type(number) in (int, float):
-                                points.add(number, record_id, micros)
-                fields = _series_fields(request, grid, series, records=records, examined=examined, complete=complete)
+                        _add_points(series, orjson.loads(document)["metrics"], source.record_id(key))
+                fields = _series_fields(
+                    request, grid, series, records=records, examined=walk.examined, complete=walk.complete
+                )
                 return self._with_marks(snapshot, request, fields)
             finally:
                 snapshot.close()
@@ -896,21 +874,13 @@ class ResultStore:
                 start, stop = _key_range(source.prefix, query, after_cursor=False)
                 grid = self._series_grid(snapshot, source, request, start, stop)
                 tests: dict[str, dict[str, MetricSeries]] = {}
-                examined = records = 0
-                complete = True
+                walk = _BoundedWalk(self._max_sort_examined)
+                records = 0
                 truncated = False
                 if grid is not None:
                     admits, fetch = self._entry_readers(snapshot, source, query)
                     with _entries(snapshot, start, stop, reverse=True) as entries:
-                        for key, value in entries:
-                            if examined == self._max_sort_examined:
-                                complete = False
-                                break
-                            examined += 1
-                            user_id = admits(key, value)
-                            document = None if user_id is None else fetch(key, value, user_id)
-                            if document is None:
-                                continue
+                        for key, _, document in walk.documents(entries, admits, fetch):
                             record = orjson.loads(document)
                             series = tests.get(record["test_name"])
                             if series is None:
@@ -921,14 +891,10 @@ class ResultStore:
                                     metric: MetricSeries(grid) for metric in request.metrics
                                 }
                             records += 1
-                            metrics = record["metrics"]
-                            record_id = source.record_id(key)
-                            micros = record_id_micros(record_id)
-                            for metric, points in series.items():
-                                number = metrics.get(metric)
-                                if type(number) in (int, float):
-                                    points.add(number, record_id, micros)
-                fields = _series_fields(request, grid, {}, records=records, examined=examined, complete=complete)
+                            _add_points(series, record["metrics"], source.record_id(key))
+                fields = _series_fields(
+                    request, grid, {}, records=records, examined=walk.examined, complete=walk.complete
+                )
                 del fields["series"]
                 fields["tests_truncated"] = truncated
                 fields["tests"] = {}
@@ -1105,6 +1071,42 @@ class _Source:
         if self.prefix == layout.RECORD_PREFIX:
             return layout.split_record_key(key)[0]
         return layout.index_record_id(key)
+
+
+class _BoundedWalk:
+    """How far a newest-first walk over the records a query admits went: at most `limit`
+    entries are examined (admitted or not), and `complete` says whether that was the range."""
+
+    __slots__ = ("_limit", "complete", "examined")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.examined = 0
+        self.complete = True
+
+    def documents(
+        self, entries: Iterator[tuple[bytes, bytes]], admits: _Admits, fetch: _Fetch
+    ) -> Iterator[tuple[bytes, bytes, memoryview]]:
+        """(key, user id, record JSON) of each admitted, readable record among `entries`."""
+        for key, value in entries:
+            if self.examined == self._limit:
+                self.complete = False
+                return
+            self.examined += 1
+            user_id = admits(key, value)
+            document = None if user_id is None else fetch(key, value, user_id)
+            if document is not None:
+                assert user_id is not None
+                yield key, user_id, document
+
+
+def _add_points(series: dict[str, MetricSeries], metrics: dict[str, Any], record_id: str) -> None:
+    """A record's numeric values of the series' metrics, into their buckets."""
+    micros = record_id_micros(record_id)
+    for metric, points in series.items():
+        number: Any = metrics.get(metric)  # type() not isinstance(): a bool is no value
+        if type(number) in (int, float):
+            points.add(number, record_id, micros)
 
 
 @contextlib.contextmanager
