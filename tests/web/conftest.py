@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from perfdb.client import Client
 from perfdb.web.app import WebConfig, build_app
-from tests.support import DASHBOARD, REPO_ROOT, ServerProcess, closed_port_url, token_hash
+from tests.support import DASHBOARD, REPO_ROOT, ServerProcess, closed_port_url, server_for_imports, token_hash
 from tests.web.burst import BurstData, build_burst, load_burst
 from tests.web.dense import dense_perfdb  # noqa: F401  (a fixture the chart tests share)
 from tests.web.seed import GRPC_USER_NAME, SeedData, seed
@@ -65,25 +65,11 @@ class BurstPerfdb:
 @pytest.fixture(scope="session")
 def burst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BurstPerfdb]:
     """A perfdb server holding a burst of 24,000 results from the last seconds; read-only for the tests."""
-    directory = tmp_path_factory.mktemp("perfdb-burst")
-    admin_key_file = directory / "admin.key"
-    admin_key_file.write_text(ADMIN_KEY)
-    process = ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={directory / 'db'}",
-        "--no-sync",
-        f"--admin-key-file={admin_key_file}",
-        "--userinfo-url=none",
-    )
-    try:
-        address = f"127.0.0.1:{process.wait_listening()}"
+    with server_for_imports(tmp_path_factory.mktemp("perfdb-burst"), ADMIN_KEY) as address:
         data = build_burst()
         with Client(address) as client:
             load_burst(client, ADMIN_KEY, data)
         yield BurstPerfdb(address, data)
-    finally:
-        code, log = process.stop()
-    assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
 @contextlib.asynccontextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from perfdb.client import Client
 from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
-from tests.support import ServerProcess
+from tests.support import server_for_imports
 
 DAY = 86_400 * 1_000_000
 DENSE_USER = "static:dense-lab"
@@ -103,18 +102,7 @@ def build_dense_records(now: int, seed: int = 5) -> tuple[list[dict[str, Any]], 
 
 @pytest.fixture(scope="session")
 def dense_perfdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DensePerfdb]:
-    directory = tmp_path_factory.mktemp("perfdb-dense")
-    admin_key_file = directory / "admin.key"
-    admin_key_file.write_text(ADMIN_KEY)
-    process = ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={directory / 'db'}",
-        "--no-sync",
-        f"--admin-key-file={admin_key_file}",
-        "--userinfo-url=none",
-    )
-    try:
-        address = f"127.0.0.1:{process.wait_listening()}"
+    with server_for_imports(tmp_path_factory.mktemp("perfdb-dense"), ADMIN_KEY) as address:
         records, lowest_id, highest_id = build_dense_records(now_micros() - 60_000_000)
         users = {
             user: {"user_id": user, "name": name} for user, name in ((DENSE_USER, "Dense Lab"), (OTHER_USER, "Other"))
@@ -125,6 +113,3 @@ def dense_perfdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DensePerf
                 reply = client.call("import", admin_key=ADMIN_KEY, records=batch, users=users)
                 assert reply["imported"] == len(batch), orjson.dumps(reply)[:200]
         yield DensePerfdb(address, records, lowest_id, highest_id)
-    finally:
-        code, log = process.stop(signal.SIGTERM)
-    assert code == 0 and "Traceback" not in log, log[-2000:]
