@@ -56,7 +56,7 @@ from perfdb.records.schema import (
     required_record_id,
 )
 from perfdb.records.timestamps import format_micros, now_micros
-from perfdb.storage import Page, RecordAck, RecordDeletionAck, ResultStore, UserDeletionAck
+from perfdb.storage import ImportAck, Page, RecordAck, RecordDeletionAck, ResultStore, UserDeletionAck
 from perfdb.storage.alerts import ALERT_STATES, AlertQuery
 
 log = logging.getLogger("perfdb.commands")
@@ -78,7 +78,7 @@ class Deferred:
 Outcome = Fields | asyncio.Future[Any] | Coroutine[Any, Any, Fields] | Deferred
 
 
-async def _fields_of(pending: Awaitable[RecordDeletionAck | UserDeletionAck]) -> Fields:
+async def _fields_of(pending: Awaitable[ImportAck | RecordDeletionAck | UserDeletionAck]) -> Fields:
     return (await pending).to_fields()
 
 
@@ -501,7 +501,7 @@ class CommandDispatcher:
                     profiles[record.user_id] = profile_from_document(record.user_id, users.get(record.user_id))
                 except ValueError as exc:
                     raise bad_request(f"users.{quote_input(record.user_id)}", str(exc)) from None
-        return self._store.restore(records, profiles, tombstones, force=force)  # resolves to an ImportAck
+        return _fields_of(self._store.restore(records, profiles, tombstones, force=force))
 
     def op_delete_record(self, request: dict[str, Any], peer: str) -> Outcome:
         if request.get("admin_key") is not None:

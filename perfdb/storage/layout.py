@@ -26,6 +26,8 @@
     w:<alert_id>                 -> the alert (JSON); alert ids sort by creation time like record ids
     n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
                                  -> alert_id: the change point at that record already has its alert
+    v:<record_id>                -> the verdicts its record reply carried (checksummed JSON array),
+                                    written in a write batch after the record's
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
 keyspace is the time index, and each index lists its records in time order too. Each index entry
@@ -39,14 +41,16 @@ A deletion leaves a tombstone (d:) and an audit entry (a:); tombstones travel wi
 Schema history: 1 had the user index only; 2 added the test, tag and core-metric indexes, the
 test and tag counts, tombstones and audit entries (an older database is upgraded when opened, see
 ResultStore; it has no tombstones or audit entries, and the upgrade leaves those prefixes alone).
-Exclusions (e:), alerts (w:) and alerted change points (n:) need no schema change: neither the
-upgrade nor repair touches them.
+Exclusions (e:), alerts (w:), alerted change points (n:) and verdicts (v:) need no schema change:
+the upgrade leaves them alone, and repair only drops verdicts whose record is gone. A record's
+verdicts are among record_keys, so they are removed with it.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 
 import orjson
 
@@ -73,6 +77,7 @@ AUDIT_PREFIX = b"a:"
 EXCLUSION_PREFIX = b"e:"
 ALERT_PREFIX = b"w:"  # not a: (the audit log's)
 ALERTED_POINT_PREFIX = b"n:"
+VERDICTS_PREFIX = b"v:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -187,10 +192,16 @@ def record_index_entries(
 
 
 def record_keys(record_id: str, user_id: str, test_name: str, tag: str, metrics: object) -> list[bytes]:
-    """Every key a record owns: the record itself, then its index entries (not its idempotency
-    key, which only records with a request_id have; see idempotency_key)."""
+    """Every key a record owns: the record itself, its verdicts, then its index entries (not its
+    idempotency key, which only records with a request_id have; see idempotency_key)."""
     entries = record_index_entries(record_id, user_id, test_name, tag, metrics)
-    return [record_key(record_id, user_id), *(key for key, _ in entries)]
+    return [record_key(record_id, user_id), verdicts_key(record_id), *(key for key, _ in entries)]
+
+
+def record_keys_by_id(record_id: str, user_id: str) -> list[bytes]:
+    """The keys of a record that its id and user alone give: what is removed of a record too
+    damaged to say its test, tag and metrics (perfdb repair rebuilds the rest)."""
+    return [record_key(record_id, user_id), user_index_prefix(user_id) + record_id.encode(), verdicts_key(record_id)]
 
 
 def record_counts(user_id: str, test_name: str, tag: str) -> list[bytes]:
@@ -265,6 +276,15 @@ def alert_key(alert_id: str) -> bytes:
 
 def alerted_point_key(user_id: str, test_name: str, tag: str, metric: str, record_id: str) -> bytes:
     return ALERTED_POINT_PREFIX + SEPARATOR.join(part.encode() for part in (user_id, test_name, tag, metric, record_id))
+
+
+def verdicts_key(record_id: str) -> bytes:
+    return VERDICTS_PREFIX + record_id.encode()
+
+
+def verdicts_value(verdicts: Sequence[Mapping[str, object]]) -> bytes:
+    """A record's verdicts as stored: the JSON array of them, sealed."""
+    return seal(orjson.dumps(verdicts))
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -30,7 +30,8 @@ class RepairReport:
     # every key derived from them: LevelDB's repair can bring back an older copy when the table
     # holding the deletion was lost.
     resurrected: list[str] = dataclasses.field(default_factory=list)
-    dangling_index_entries: int = 0  # user-index or idempotency entries without their record
+    # user-index, idempotency or stored-verdicts entries without their record
+    dangling_index_entries: int = 0
     counters_wrong: bool = False  # the stored record or user count disagrees with what is there
     indexed: int = 0  # records whose index entries and counts were rewritten
     dropped: bool = False
@@ -95,7 +96,7 @@ def _remove_resurrected(db: plyvel.DB, batch: Any, key: bytes, document: Any) ->
     if isinstance(test_name, str) and isinstance(tag, str):
         doomed = layout.record_keys(record_id, user_id, test_name, tag, document.get("metrics"))
     else:
-        doomed = [key, layout.user_index_prefix(user_id) + record_id.encode()]
+        doomed = layout.record_keys_by_id(record_id, user_id)
     for doomed_key in doomed:
         batch.delete(doomed_key)
     request_id = document.get("request_id") if isinstance(document, dict) else None
@@ -169,6 +170,10 @@ def _check(db: plyvel.DB, drop_damaged: bool) -> RepairReport:
         except (orjson.JSONDecodeError, AttributeError):
             target = None  # a damaged entry points nowhere
         if not isinstance(target, str) or target not in good:
+            report.dangling_index_entries += 1
+            doomed.append(key)
+    for key in db.iterator(prefix=layout.VERDICTS_PREFIX, include_value=False):
+        if key[len(layout.VERDICTS_PREFIX) :].decode(errors="replace") not in good:
             report.dangling_index_entries += 1
             doomed.append(key)
     report.users = sum(1 for _ in db.iterator(prefix=layout.PROFILE_PREFIX, include_value=False))

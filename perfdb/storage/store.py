@@ -398,15 +398,22 @@ class ResultStore:
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
 
-    def restore(
+    async def restore(
         self,
         records: list[ImportedRecord],
         profiles: dict[str, Profile],
         tombstones: list[str] | None = None,
         *,
         force: bool = False,
-    ) -> asyncio.Future[ImportAck]:
-        return self.writer.restore(records, profiles, tombstones, force=force)
+    ) -> ImportAck:
+        ack = await self.writer.restore(records, profiles, tombstones, force=force)
+        # Records its tombstones removed leave the verdict windows and alerts too, as for delete_record.
+        removed: dict[str, list[str]] = {}
+        for user_id, record_id in ack.removed_records:
+            removed.setdefault(user_id, []).append(record_id)
+        for user_id, record_ids in removed.items():
+            await self._forget_deleted(user_id, record_ids)
+        return ack
 
     async def delete_record(self, record_id: str, owner: str | None) -> RecordDeletionAck:
         ack = await self.writer.delete_record(record_id, owner)
@@ -514,9 +521,21 @@ class ResultStore:
         return await self._read(self._compare, query)
 
     async def get_record(self, record_id: str) -> dict[str, Any]:
-        """The get_record reply's fields: the record (with its exclusion, if any); not_found if unknown."""
-        _owner, document = await self._read(self._read_record, record_id)
-        return {"record": orjson.Fragment(bytes(document))}
+        """The get_record reply's fields: the record (with its exclusion, if any) and its stored verdicts, if
+        any; not_found if unknown."""
+        return await self._read(self._read_record_reply, record_id)
+
+    def _read_record_reply(self, record_id: str) -> dict[str, Any]:
+        _owner, document = self._read_record(record_id)
+        reply: dict[str, Any] = {"record": orjson.Fragment(bytes(document))}
+        with self._guard.reading():
+            verdicts = self._database().get(layout.verdicts_key(record_id))
+        if verdicts is not None:
+            try:
+                reply["verdicts"] = orjson.Fragment(bytes(layout.unseal(verdicts)))
+            except layout.CorruptValueError as exc:  # the record itself is fine: it is answered without them
+                log.error("verdicts of record %s are damaged (%s); left out", record_id, exc)
+        return reply
 
     def _read_record(self, record_id: str) -> tuple[str, memoryview]:
         with self._guard.reading():

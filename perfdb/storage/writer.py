@@ -9,7 +9,8 @@ batch, and marks the tests it removed records from as stale in the overview (see
 user's records go a chunk per batch, so no batch grows without bound and other writes are
 committed between the chunks.
 With regression detection on, a second thread judges each written batch's records (in commit
-order, before their acks) while the writer goes on to the next batch.
+order, before their acks) while the writer goes on to the next batch, and hands the verdicts back
+as one write item (StoredVerdicts) that rides along with the next batch.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class ImportAck:
     tombstoned: int = 0  # records not written because their id was deleted here before
     removed: int = 0  # stored records removed by the import's tombstones
     stored_ids: frozenset[str] = frozenset()  # the records this import stored (not sent to the client)
+    # (user id, record id) of the records its tombstones removed (not sent: detection forgets them by owner)
+    removed_records: tuple[tuple[str, str], ...] = ()
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -175,7 +178,26 @@ class UserRemoval:
             self.index_resume = key
 
 
-WriteItem = Submission | Restoration | RecordRemoval | UserRemoval
+@dataclasses.dataclass(slots=True)
+class StoredVerdicts:
+    """The verdicts of one judged batch, for the writer to store: (record id, user id, verdicts_value).
+    Nobody waits for it: a crash before it is committed leaves those records without stored verdicts."""
+
+    entries: list[tuple[str, str, bytes]]
+
+    @classmethod
+    def of(cls, outcomes: list[Outcome]) -> StoredVerdicts | None:
+        """The verdicts the acks of a judged batch carry (None if none do)."""
+        entries = [
+            (outcome.record_id, outcome.user_id, layout.verdicts_value(outcome.verdicts))
+            for _, outcome in outcomes
+            if isinstance(outcome, RecordAck) and outcome.verdicts and not outcome.duplicate
+        ]
+        return cls(entries) if entries else None
+
+
+WriteItem = Submission | Restoration | RecordRemoval | UserRemoval | StoredVerdicts
+AnsweredItem = Submission | Restoration | RecordRemoval | UserRemoval
 Ack = RecordAck | ImportAck | RecordDeletionAck | UserDeletionAck
 Outcome = tuple[asyncio.Future[Any], Ack | PerfdbError]
 _DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
@@ -184,10 +206,10 @@ _DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
 class _Batch:
     """One write batch being built, with the state it will change staged beside it."""
 
-    def __init__(self, writer: GroupCommitWriter) -> None:
+    def __init__(self, writer: GroupCommitWriter, *, sync: bool) -> None:
         self.writer = writer
         self.db = writer._db
-        self.batch = writer._db.write_batch(sync=writer._sync)
+        self.batch = writer._db.write_batch(sync=sync)
         self.requests: dict[bytes, RecordAck] = {}
         self.staged: dict[str, dict[str, Any]] = {}  # record id -> document, for records put in this batch
         self.deleted: set[str] = set()  # ids of the records this batch deletes (and does not put again)
@@ -294,8 +316,8 @@ class _Batch:
             # Neither the record nor its user-index entry says its test and tag: remove what its
             # id and user give; perfdb repair rebuilds the test and tag indexes and counts.
             log.warning("record %s is damaged; removing it by its id", record_id)
-            self.batch.delete(layout.record_key(record_id, user_id))
-            self.batch.delete(layout.user_index_prefix(user_id) + record_id.encode())
+            for key in layout.record_keys_by_id(record_id, user_id):
+                self.batch.delete(key)
             self._count([layout.user_count_key(user_id)], -1)
         else:
             test_name, tag = fields
@@ -317,6 +339,15 @@ class _Batch:
         self.staged.pop(record_id, None)
         self.deleted.add(record_id)
         self.removed_records += 1
+
+    def add_verdicts(self, stored: StoredVerdicts) -> None:
+        """Store judged records' verdicts, each only if its record is still there (a deletion committed
+        since would leave them behind; one later in this batch deletes them after this put)."""
+        for record_id, user_id, value in stored.entries:
+            if record_id in self.deleted:
+                continue
+            if record_id in self.staged or self.db.get(layout.record_key(record_id, user_id)) is not None:
+                self.batch.put(layout.verdicts_key(record_id), value)
 
     def _indexed_fields(self, record_id: str, user_id: str) -> tuple[str, str] | None:
         """(test_name, tag) of a record as its user-index entry has them, or None."""
@@ -536,12 +567,14 @@ class GroupCommitWriter:
         self._queue.put(item)
 
     def stop(self) -> None:
-        """Commit what is queued, then end the thread. Blocks: call it off the event loop."""
+        """Commit what is queued, then end the threads (the writer ends the verdict thread after its last
+        batch). Blocks: call it off the event loop."""
         self._accepting = False
         self._queue.put(self._STOP)
         self._thread.join()
-        self._verdict_queue.put(self._STOP)  # after the writer's last batch
-        self._verdict_thread.join()
+        if self._verdict_thread.is_alive():  # the writer thread died without ending it
+            self._verdict_queue.put(self._STOP)
+            self._verdict_thread.join()
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -572,15 +605,24 @@ class GroupCommitWriter:
         self._refuse_leftovers()
 
     def _refuse_leftovers(self) -> None:
-        """Answer anything that slipped in behind the stop marker, so no future is left hanging."""
+        """Answer anything that slipped in behind the stop marker, so no future is left hanging. The verdict
+        thread judges the last batches first, and the verdicts it hands back are still stored."""
+        self._verdict_queue.put(self._STOP)
+        if self._verdict_thread.is_alive():
+            self._verdict_thread.join()
         leftovers: list[Outcome] = []
+        verdicts: list[WriteItem] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not self._STOP and item is not self._HEAL:
+            if isinstance(item, StoredVerdicts):
+                verdicts.append(item)
+            elif item is not self._STOP and item is not self._HEAL:
                 leftovers.append((item.future, PerfdbError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
+        if verdicts:
+            self._commit(verdicts)
         if leftovers:
             self._loop.call_soon_threadsafe(_settle, leftovers)
 
@@ -588,6 +630,8 @@ class GroupCommitWriter:
         """How much of a batch's --max-batch-records an item takes."""
         if isinstance(item, Restoration):
             return len(item.records) + len(item.tombstones)
+        if isinstance(item, StoredVerdicts):
+            return 0  # small puts riding along: they never keep a record out of a batch
         return self._user_chunk if isinstance(item, UserRemoval) else 1
 
     def _commit(self, items: list[WriteItem]) -> None:
@@ -603,16 +647,22 @@ class GroupCommitWriter:
             self._needs_heal = True
             log.error("write batch of %d submissions failed: %s", len(items), exc)
             error = PerfdbError(ErrorCode.STORAGE_ERROR, "the database could not store the record; retry later")
-            outcomes = [(item.future, error) for item in items]
+            outcomes = [(item.future, error) for item in items if not isinstance(item, StoredVerdicts)]
             for item in items:
                 if isinstance(item, UserRemoval):
                     self._user_removals.pop(item.user_id, None)  # it ends here; sent again, it starts afresh
         if write_seconds is not None and self.detector.enabled:
             # Judged on the verdict thread while this one writes the next batch (the fsync frees the GIL).
-            # A user deletion still going has no outcome yet: only the answered items go along.
-            answered = [item for item in items if all(item is not removal for removal in unfinished)]
-            self._verdict_queue.put((answered, outcomes))
-        else:
+            # A user deletion still going has no outcome yet, stored verdicts none at all: only the answered
+            # items go along.
+            answered = [
+                item
+                for item in items
+                if not isinstance(item, StoredVerdicts) and all(item is not removal for removal in unfinished)
+            ]
+            if answered:
+                self._verdict_queue.put((answered, outcomes))
+        elif outcomes:
             self._loop.call_soon_threadsafe(_settle, outcomes)
         for removal in unfinished:
             # Behind whatever came meanwhile; after a stop marker it is refused with shutting_down.
@@ -627,7 +677,12 @@ class GroupCommitWriter:
             if work is self._STOP:
                 return
             items, outcomes = work
-            self._loop.call_soon_threadsafe(_settle, self._judge(items, outcomes))
+            judged = self._judge(items, outcomes)
+            # Queued before the acks go out: a write acknowledged after them is committed after these verdicts.
+            stored = StoredVerdicts.of(judged)
+            if stored is not None:
+                self._queue.put(stored)
+            self._loop.call_soon_threadsafe(_settle, judged)
 
     def _retry_heal(self) -> None:
         self._heal_requested = False
@@ -673,11 +728,16 @@ class GroupCommitWriter:
     def _write(self, items: list[WriteItem]) -> tuple[list[Outcome], list[UserRemoval], float]:
         """Stage and commit one batch: the outcomes to send, the user deletions still going, and
         the seconds LevelDB took to write it."""
-        batch = _Batch(self)
+        # A batch of verdicts alone is not synced: the next synced batch makes it durable, and its records
+        # were acknowledged without waiting for it.
+        sync = self._sync and not all(isinstance(item, StoredVerdicts) for item in items)
+        batch = _Batch(self, sync=sync)
         outcomes: list[Outcome] = []
         unfinished: list[UserRemoval] = []
         for item in items:
-            if isinstance(item, Submission):
+            if isinstance(item, StoredVerdicts):
+                batch.add_verdicts(item)
+            elif isinstance(item, Submission):
                 outcomes.append((item.future, self._add_submission(batch, item)))
             elif isinstance(item, Restoration):
                 outcomes.append((item.future, self._add_restoration(batch, item)))
@@ -800,7 +860,7 @@ class GroupCommitWriter:
         self._user_removals.pop(user_id, None)
         return UserDeletionAck(user_id, removal.audit_id is not None, removal.removed)
 
-    def _judge(self, items: list[WriteItem], outcomes: list[Outcome]) -> list[Outcome]:
+    def _judge(self, items: list[AnsweredItem], outcomes: list[Outcome]) -> list[Outcome]:
         """The committed records join the verdict windows; new submissions get their verdicts, each judged
         against its window before it joined, in commit order."""
         detector = self.detector
@@ -878,21 +938,26 @@ class GroupCommitWriter:
             # A restored profile never replaces the newer one a user's own submissions wrote.
             batch.add_profile(restoration.profiles[record.user_id], replace=False)
         return ImportAck(
-            len(staged), duplicates, tombstoned, removed, frozenset(record.record_id for record, _ in staged)
+            len(staged),
+            duplicates,
+            tombstoned,
+            len(removed),
+            frozenset(record.record_id for record, _ in staged),
+            tuple(removed),
         )
 
-    def _add_tombstones(self, batch: _Batch, record_ids: list[str]) -> int:
+    def _add_tombstones(self, batch: _Batch, record_ids: list[str]) -> list[tuple[str, str]]:
         """Remember imported deletions; a record still stored here under such an id is removed,
-        with an audit entry. Returns how many records were removed."""
+        with an audit entry. Returns (user id, record id) of the records removed."""
         if not record_ids:
-            return 0
+            return []
         deleted_at = format_micros(now_micros())
-        removed: list[str] = []
+        removed: list[tuple[str, str]] = []
         for record_id in record_ids:
             found = batch.find_record(record_id)
             if found is not None:
                 batch.remove_record(record_id, found[0], found[1], deleted_at)
-                removed.append(record_id)
+                removed.append((found[0], record_id))
             elif not batch.is_tombstoned(record_id):
                 batch.put_tombstone(record_id, deleted_at, None)  # whose it was is not known here
         if removed:
@@ -903,12 +968,12 @@ class GroupCommitWriter:
                     "time": now,
                     "actor": "admin",
                     "op": "import",
-                    "record_ids": removed,
+                    "record_ids": [record_id for _, record_id in removed],
                     "records": len(removed),
                     "complete": True,
                 },
             )
-        return len(removed)
+        return removed
 
 
 def _record_document(record_id: str, user_id: str, timestamp: str, draft: RecordDraft) -> tuple[dict[str, Any], bytes]:
