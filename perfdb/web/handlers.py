@@ -39,6 +39,7 @@ from perfdb.web.queries import (
     UserView,
     build_url,
     higher_is_better,
+    picked_pair,
 )
 from perfdb.web.source import (
     PerfdbError,
@@ -338,24 +339,28 @@ async def api_results(request: web.Request) -> web.Response:
 # -- one result --------------------------------------------------------------------------
 
 
-async def _find_result(request: web.Request) -> tuple[dict[str, Any], dict[str, Any] | None]:
+async def _find_result(
+    request: web.Request,
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """The record, its user's profile and its stored verdicts (read at once)."""
     record_id = request.match_info["record_id"]
     if not is_record_id(record_id):
         raise NotFoundError(f"{record_id[:40]!r} is not a result id: result ids are 20 hexadecimal digits.")
-    found = await request.app[DASHBOARD].source.find_record(record_id)
+    source = request.app[DASHBOARD].source
+    found, verdicts = await asyncio.gather(source.find_record(record_id), source.stored_verdicts(record_id))
     if found is None:
         raise NotFoundError(f"perfdb has no result {record_id}.")
-    return found
+    return *found, verdicts
 
 
 async def result_handler(request: web.Request) -> web.Response:
-    record, profile = await _find_result(request)
-    return html_response(pages.result_page(request.app[DASHBOARD].site, record, profile))
+    record, profile, verdicts = await _find_result(request)
+    return html_response(pages.result_page(request.app[DASHBOARD].site, record, profile, verdicts))
 
 
 async def api_result(request: web.Request) -> web.Response:
-    record, profile = await _find_result(request)
-    return json_response({"record": record, "user": profile})
+    record, profile, verdicts = await _find_result(request)
+    return json_response({"record": record, "user": profile, "verdicts": verdicts})
 
 
 # -- one user ----------------------------------------------------------------------------
@@ -545,22 +550,32 @@ async def _comparison(request: web.Request) -> tuple[CompareView, dict[str, Any]
     view = CompareView.from_params(request.query)
     if not view.ready:
         return view, None
-    return view, await request.app[DASHBOARD].source.compare_tags(view.base, view.head, view.test)
+    source = request.app[DASHBOARD].source
+    return view, await source.compare(view.selector("base"), view.selector("head"), view.test)
 
 
 async def compare_handler(request: web.Request) -> web.Response:
+    picks = request.query.getall("pick", [])
+    if picks:
+        # Two results ticked in a table: the older is the base. The canonical URL names them by side.
+        base_id, head_id = picked_pair(picks)
+        raise web.HTTPSeeOther(CompareView(base_ids=(base_id,), head_ids=(head_id,)).url())
     view, reply = await _comparison(request)
-    return html_response(pages.compare_page(request.app[DASHBOARD].site, view, reply))
+    picked = [*view.base_ids, *view.head_ids]
+    records = await request.app[DASHBOARD].source.records_by_id(picked) if reply is not None and picked else {}
+    return html_response(pages.compare_page(request.app[DASHBOARD].site, view, reply, records))
 
 
 async def api_compare(request: web.Request) -> web.Response:
     view, reply = await _comparison(request)
     if reply is None:
-        raise QueryError("base and head: both tags are required")
+        raise QueryError("base and head: each needs a tag (base, head) or result ids (base_ids, head_ids)")
     return json_response(
         {
-            "base_tag": view.base,
-            "head_tag": view.head,
+            "base_tag": view.base or None,
+            "head_tag": view.head or None,
+            "base_ids": list(view.base_ids) or None,
+            "head_ids": list(view.head_ids) or None,
             "test": view.test or None,
             "model": reply["model"],
             "base": reply["base"],

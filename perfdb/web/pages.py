@@ -298,6 +298,10 @@ def results_page(site: Site, view: TableView, page: TablePage) -> Markup:
     body_rows = concat(_result_row(row, columns, page.users) for row in page.rows)
     if page.rows:
         table = render(
+            '<form class="compare-bar" method="get" action="/compare" id="compare-picks">'
+            '<button type="submit" id="compare-picked">Compare picked</button>'
+            '<span class="hint" id="compare-hint" aria-live="polite">Tick two results to compare them '
+            "(the older one is the base).</span></form>"
             '<div class="table-wrap"><table class="results" id="results-table">'
             "<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>",
             head=head,
@@ -313,7 +317,8 @@ def results_page(site: Site, view: TableView, page: TablePage) -> Markup:
     body = render(
         """<section class="page-head">
   <h1>Results</h1>
-  <p class="lede">Every benchmark result in perfdb. A test opens the full result; a user opens their charts.</p>
+  <p class="lede">Every benchmark result in perfdb. A test opens the full result; a user opens their charts;
+    ticking two results compares them.</p>
 </section>
 {form}
 {ranges}
@@ -363,7 +368,15 @@ def _result_row(row: ResultRow, columns: list[str], users: dict[str, dict[str, A
     cells = []
     for column in columns:
         if column == "time":
-            cells.append(render('<td class="time">{time}</td>', time=time_cell(row.timestamp)))
+            # The box that picks the result for a comparison (form compare-picks) leads the row.
+            cells.append(
+                render(
+                    '<td class="time"><input type="checkbox" class="pick" name="pick" value="{id}" '
+                    'form="compare-picks" aria-label="Pick this result to compare">{time}</td>',
+                    id=row.record_id,
+                    time=time_cell(row.timestamp),
+                )
+            )
         elif column == "user":
             cells.append(
                 render(
@@ -639,7 +652,9 @@ def _leaderboard(view: OverviewView, page: OverviewPage, better: str) -> Markup:
 # -- result page -------------------------------------------------------------------------
 
 
-def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | None) -> Markup:
+def result_page(
+    site: Site, record: dict[str, Any], profile: dict[str, Any] | None, verdicts: list[dict[str, Any]] | None
+) -> Markup:
     user_id = str(record["user_id"])
     metrics: dict[str, Any] = record.get("metrics") or {}
     core_rows = concat(
@@ -672,7 +687,8 @@ def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | No
             "<tbody>{core}{custom}</tbody></table></div></section>",
             core=core_rows,
             custom=custom_rows,
-        )
+        ),
+        verdicts_card(verdicts),
     ]
     for key, title in (
         ("scenario", "Scenario"),
@@ -716,6 +732,94 @@ def result_page(site: Site, record: dict[str, Any], profile: dict[str, Any] | No
         sections=concat(sections),
     )
     return layout(site, title=test, active="result", body=body)
+
+
+def verdicts_card(verdicts: list[dict[str, Any]] | None) -> Markup:
+    """The verdicts perfdb gave the result when it stored it, with the numbers behind each."""
+    if not verdicts:
+        return render(
+            '<section class="card wide" id="verdicts"><h2>Verdicts</h2>'
+            '<p class="empty" id="no-verdicts">No verdict stored for this result. perfdb judges a result against '
+            "its series' history as it stores it when it runs with <code>--regression-detection</code>; results "
+            "stored without it, imported results, and results whose verdicts a crash lost have none.</p></section>"
+        )
+    return render(
+        '<section class="card wide" id="verdicts"><h2>Verdicts</h2>'
+        '<p class="chart-note">Each metric against the last results of its series (this user, test and tag), '
+        "judged when perfdb stored it.</p>"
+        '<div class="table-wrap"><table class="kv verdicts" id="verdicts-table"><thead><tr>'
+        '<th>Metric</th><th>Status</th><th class="num">Value</th><th class="num">Baseline n</th>'
+        '<th class="num">Mean</th><th class="num">Std dev</th><th class="num">Change</th>'
+        "<th>Threshold</th><th>Model</th></tr></thead><tbody>{rows}</tbody></table></div></section>",
+        rows=concat(verdict_row(verdict) for verdict in verdicts),
+    )
+
+
+def verdict_row(verdict: dict[str, Any]) -> Markup:
+    name = str(verdict.get("metric", ""))
+    metric = METRICS_BY_NAME.get(name)
+    unit = metric.unit if metric is not None else ""
+    status = str(verdict.get("status", ""))
+    baseline = verdict.get("baseline") or {}
+    model = verdict.get("model") or {}
+    direction = verdict.get("direction")
+    return render(
+        '<tr class="status-row-{status}" data-metric="{name}"><th scope="row" title="{better}">{label}</th>'
+        '<td><span class="chip status-{status}">{status_label}</span></td>'
+        '<td class="num" title="{value_raw}">{value}</td><td class="num">{n}</td>'
+        '<td class="num" title="{mean_raw}">{mean}</td><td class="num" title="{stddev_raw}">{stddev}</td>'
+        '{change}<td class="threshold" title="{threshold_title}">{threshold}</td>'
+        '<td class="model" title="{model_name}">{model}</td></tr>',
+        status=status,
+        name=name,
+        better=f"{direction} is better" if direction else "which way is better is unknown",
+        label=metric.label if metric is not None else name,
+        status_label=STATUS_LABELS.get(status, status),
+        value_raw=repr(verdict.get("value")),
+        value=format_value(verdict.get("value"), unit),
+        n=format_value(baseline.get("n", 0), ""),
+        mean_raw=repr(baseline.get("mean")) if "mean" in baseline else "",
+        mean=format_value(baseline.get("mean"), unit),
+        stddev_raw=repr(baseline.get("stddev")) if "stddev" in baseline else "",
+        stddev=format_value(baseline.get("stddev"), unit),
+        change=change_cell(verdict.get("change_percent"), status),
+        threshold_title=_threshold_title(verdict.get("threshold"), unit),
+        threshold=_threshold_text(verdict.get("threshold"), unit),
+        model_name=str(model.get("name", "")),
+        model=_model_text(model),
+    )
+
+
+def _threshold_text(threshold: dict[str, Any] | None, unit: str) -> str:
+    """The bound the move had to exceed: ±50.1 (5.0 %, min_change)."""
+    if not threshold:
+        return "-"
+    percent = threshold.get("percent")
+    share = "" if percent is None else f"{percent:.1f} %, "
+    return f"±{format_value(threshold.get('bound'), unit)} ({share}{threshold.get('governed_by', '')})"
+
+
+def _threshold_title(threshold: dict[str, Any] | None, unit: str) -> str:
+    if not threshold:
+        return "too few results in the baseline for a threshold"
+    return (
+        f"the larger of sigmas times the stddev ({format_value(threshold.get('sigma_bound'), unit)}) and "
+        f"min_change times the mean ({format_value(threshold.get('min_change_bound'), unit)})"
+    )
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    """window 30 · min 5 · 3 sigmas · 5 %"""
+    parts = []
+    if "window" in model:
+        parts.append(f"window {model['window']}")
+    if "min_points" in model:
+        parts.append(f"min {model['min_points']}")
+    if "sigmas" in model:
+        parts.append(f"{model['sigmas']:g} sigmas")
+    if "min_change" in model:
+        parts.append(f"{model['min_change'] * 100:g} %")
+    return " · ".join(parts) or "-"
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -798,7 +902,7 @@ def error_page(site: Site, *, status: int, title: str, message: str, retry_url: 
 
 API_ENDPOINTS = (
     ("/api/results", "A page of the results table; takes the table's query parameters and follows its links."),
-    ("/api/results/{record_id}", "One stored result and its user's public profile."),
+    ("/api/results/{record_id}", "One stored result, its user's public profile and the verdicts stored with it."),
     (
         "/api/users/{user_id}/series",
         "One user's results over time, downsampled for charts (test, tag, from, to, detail, points).",
@@ -806,7 +910,11 @@ API_ENDPOINTS = (
     ("/api/tests/{test_name}/series", "Everyone's results of one test over time, downsampled (tag, from, to, points)."),
     ("/api/overview", "Histogram and leaderboard of one metric over all results (metric, test)."),
     ("/api/regressions", "Alerts of perfdb's regression detection, newest first (state, test, tag, user, cursor)."),
-    ("/api/compare", "Two tags' results compared test by test and metric by metric (base, head, test)."),
+    (
+        "/api/compare",
+        "Two runs compared test by test and metric by metric: each a tag or result ids "
+        "(base or base_ids, head or head_ids, test).",
+    ),
     ("/api/health", "Whether perfdb answers, and its version."),
 )
 
@@ -829,10 +937,15 @@ as <code>{{"error": {{"code": ..., "message": ...}}}}</code>.</p></section>
 # -- regressions -------------------------------------------------------------------------------
 
 
-def change_cell(change_percent: float | None, status: str) -> Markup:
+def change_cell(change_percent: float | None, status: str, *, title: str = "") -> Markup:
     """A change of a mean in percent, coloured by whether it is a regression or an improvement."""
     text = "-" if change_percent is None else f"{change_percent:+.1f}%"
-    return render('<td class="num change status-{status}">{text}</td>', status=status, text=text)
+    return render(
+        '<td class="num change status-{status}"{title}>{text}</td>',
+        status=status,
+        text=text,
+        title=render(' title="{title}"', title=title) if title else "",
+    )
 
 
 def alert_row(alert: dict[str, Any]) -> Markup:
@@ -935,6 +1048,12 @@ def _pvalue_text(value: float | None) -> str:
 def compare_row(row: dict[str, Any]) -> Markup:
     metric = METRICS_BY_NAME.get(row["metric"])
     unit = metric.unit if metric is not None else ""
+    change = row["change_percent"]
+    change_title = ""
+    if change is None and row["status"] == "insufficient_data" and row["base"].get("mean"):
+        # One result a side (two picked from a table) is too few to judge, but the difference still shows.
+        change = (row["head"]["mean"] - row["base"]["mean"]) / abs(row["base"]["mean"]) * 100
+        change_title = "head mean against base mean; too few values to judge whether it is significant"
     return render(
         '<tr class="status-row-{status}"><td class="test">{test}</td><td>{metric}</td>'
         '<td><span class="chip status-{status}">{label}</span></td>'
@@ -951,48 +1070,114 @@ def compare_row(row: dict[str, Any]) -> Markup:
         head_n=format_value(row["head"]["n"], ""),
         head_raw=repr(row["head"]["mean"]),
         head_mean=format_value(row["head"]["mean"], unit),
-        change=change_cell(row["change_percent"], row["status"]),
+        change=change_cell(change, row["status"], title=change_title),
         pvalue_raw="" if row["pvalue"] is None else repr(row["pvalue"]),
         pvalue=_pvalue_text(row["pvalue"]),
     )
 
 
-def compare_page(site: Site, view: CompareView, reply: dict[str, Any] | None) -> Markup:
+def _side_text(tag: str, ids: tuple[str, ...], records: int) -> str:
+    """What one side of a comparison holds: "12 results under v1.2", or "1 picked result"."""
+    if ids:
+        return f"{_plural(records, 'picked result')}"
+    return f"{_plural(records, 'result')} under {tag or '(no tag)'}"
+
+
+def _side_input(side: str, label: str, tag: str, ids: tuple[str, ...], placeholder: str) -> Markup:
+    """A side of the form: its tag, or the result ids it names when it names some."""
+    if ids:
+        return _text_input(f"{side}_ids", f"{label}: result ids", ",".join(ids), placeholder="ids, comma-separated")
+    return _text_input(side, f"{label} tag", tag, placeholder=placeholder)
+
+
+def compared_results(view: CompareView, records: Mapping[str, dict[str, Any] | None]) -> Markup:
+    """The results a comparison by id holds, side by side: what is being compared."""
+
+    def listing(side: str, label: str, ids: tuple[str, ...], tag: str) -> Markup:
+        if not ids:
+            return render(
+                '<div class="side" id="compared-{side}"><h3>{label}</h3><p>Every result under the tag '
+                '<span class="chip">{tag}</span></p></div>',
+                side=side,
+                label=label,
+                tag=tag,
+            )
+        items = []
+        for record_id in ids:
+            record = records.get(record_id)
+            if record is None:
+                items.append(render("<li><code>{id}</code>: perfdb has no such result</li>", id=record_id))
+                continue
+            items.append(
+                render(
+                    '<li data-record-id="{id}"><a href="{href}">{test}</a> · {time} · '
+                    '<a href="{user_href}">{user}</a>{tag}</li>',
+                    id=record_id,
+                    href=result_url(record_id),
+                    test=elided_name(str(record.get("test_name", ""))),
+                    time=time_cell(str(record.get("timestamp", ""))),
+                    user_href=user_url(str(record.get("user_id", ""))),
+                    user=record.get("user_id", ""),
+                    tag=render(' · <span class="chip">{tag}</span>', tag=record["tag"]) if record.get("tag") else "",
+                )
+            )
+        return render(
+            '<div class="side" id="compared-{side}"><h3>{label}</h3><ul>{items}</ul></div>',
+            side=side,
+            label=label,
+            items=concat(items),
+        )
+
+    return render(
+        '<section class="card compared" id="compared"><h2>Compared</h2><div class="sides">{base}{head}</div></section>',
+        base=listing("base", "Base (before)", view.base_ids, view.base),
+        head=listing("head", "Head (after)", view.head_ids, view.head),
+    )
+
+
+def compare_page(
+    site: Site,
+    view: CompareView,
+    reply: dict[str, Any] | None,
+    records: Mapping[str, dict[str, Any] | None] | None = None,
+) -> Markup:
+    """The comparison of two runs; `records` holds the results that a side names by id."""
     form = render(
         """<form class="filters" method="get" action="/compare" id="compare-form">
   {base}{head}{test}
-  <div class="actions"><button type="submit">Compare</button></div>
+  <div class="actions"><button type="submit">Compare</button>{tags_link}</div>
 </form>""",
-        base=_text_input("base", "Base tag (before)", view.base, placeholder="e.g. v1.2"),
-        head=_text_input("head", "Head tag (after)", view.head, placeholder="e.g. v1.3"),
+        base=_side_input("base", "Base (before)", view.base, view.base_ids, "e.g. v1.2"),
+        head=_side_input("head", "Head (after)", view.head, view.head_ids, "e.g. v1.3"),
         test=_text_input("test", "Test", view.test, placeholder="all tests"),
+        tags_link=render('<a class="button-link" href="/compare">Compare tags instead</a>')
+        if view.base_ids or view.head_ids
+        else "",
     )
+    compared = compared_results(view, records or {}) if reply is not None and (view.base_ids or view.head_ids) else ""
     if reply is None:
         result = notice(
-            "Give two tags to compare the results of one with the other's, test by test and metric by metric."
+            "Give two tags to compare the results of one with the other's, test by test and metric by metric, "
+            "or tick two results in the results table and press Compare."
         )
     elif not reply["rows"]:
         result = render(
-            '<div class="empty" id="no-rows"><p>Nothing to compare: {base} results under {base_tag}, '
-            "{head} under {head_tag}, and no test and metric both hold.</p></div>",
-            base=format_value(reply["base"]["records"], ""),
-            head=format_value(reply["head"]["records"], ""),
-            base_tag=view.base,
-            head_tag=view.head,
+            '<div class="empty" id="no-rows"><p>Nothing to compare: {base} against {head}, '
+            "and no test and metric both hold.</p></div>",
+            base=_side_text(view.base, view.base_ids, reply["base"]["records"]),
+            head=_side_text(view.head, view.head_ids, reply["head"]["records"]),
         )
     else:
         counts = {status: sum(1 for row in reply["rows"] if row["status"] == status) for status in STATUS_LABELS}
         result = render(
-            '<p class="summary" id="summary">{base} results under {base_tag} against {head} under {head_tag}: '
+            '<p class="summary" id="summary">{base} against {head}: '
             "{regressions}, {improvements}, {unchanged} unchanged.</p>"
             '<div class="table-wrap"><table class="results" id="compare-table"><thead><tr>'
             "<th>Test</th><th>Metric</th><th>Status</th><th>Base n</th><th>Base mean</th><th>Head n</th>"
             '<th>Head mean</th><th>Change</th><th title="the p-value the verdict used">p-value</th></tr></thead>'
             "<tbody>{rows}</tbody></table></div>",
-            base=format_value(reply["base"]["records"], ""),
-            head=format_value(reply["head"]["records"], ""),
-            base_tag=view.base,
-            head_tag=view.head,
+            base=_side_text(view.base, view.base_ids, reply["base"]["records"]),
+            head=_side_text(view.head, view.head_ids, reply["head"]["records"]),
             regressions=_plural(counts["regression"], "regression"),
             improvements=_plural(counts["improvement"], "improvement"),
             unchanged=counts["no_change"] + counts["insufficient_data"],
@@ -1001,11 +1186,13 @@ def compare_page(site: Site, view: CompareView, reply: dict[str, Any] | None) ->
     body = render(
         """<section class="page-head">
   <h1>Compare</h1>
-  <p class="lede">Two tags' results, test by test: a change counts when it is significant and at least 5 %.</p>
+  <p class="lede">Two runs' results, test by test: a change counts when it is significant and at least 5 %.</p>
 </section>
 {form}
+{compared}
 {result}""",
         form=form,
+        compared=compared,
         result=result,
     )
     return layout(site, title="Compare", active="compare", body=body)

@@ -410,24 +410,77 @@ class RegressionsView:
         return build_url(path, dataclasses.replace(self, **changes).params())
 
 
+# Result ids one side of /compare may name: enough for any selection by hand, and a URL of a few KB at most.
+MAX_COMPARE_IDS = 50
+
+
+def _record_ids(params: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of distinct result ids, in the order given."""
+    raw = params.get(name, "").strip()
+    if raw == "":
+        return ()
+    ids = tuple(part.strip() for part in raw.split(","))
+    if len(ids) > MAX_COMPARE_IDS:
+        raise QueryError(f"{name}: at most {MAX_COMPARE_IDS} result ids")
+    for record_id in ids:
+        if not is_record_id(record_id):
+            raise QueryError(f"{name}: {record_id[:40]!r} is not a result id (20 hexadecimal digits)")
+    if len(set(ids)) != len(ids):
+        raise QueryError(f"{name}: names a result twice")
+    return ids
+
+
+def picked_pair(picks: list[str]) -> tuple[str, str]:
+    """Two results picked in a table (their ids): (base, head), the older one first."""
+    if len(picks) != 2 or len(set(picks)) != 2:
+        raise QueryError(f"pick: tick two results to compare, not {len(set(picks))}")
+    for record_id in picks:
+        if not is_record_id(record_id):
+            raise QueryError(f"pick: {record_id[:40]!r} is not a result id (20 hexadecimal digits)")
+    older, newer = sorted(picks)  # result ids sort by time
+    return older, newer
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CompareView:
-    """Two tags to compare, base (before) and head (after), and optionally one test."""
+    """Two runs to compare, base (before) and head (after), each a tag or a list of result ids, and optionally
+    one test."""
 
     base: str = ""
     head: str = ""
     test: str = ""
+    base_ids: tuple[str, ...] = ()
+    head_ids: tuple[str, ...] = ()
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> CompareView:
-        return cls(base=_text(params, "base"), head=_text(params, "head"), test=_text(params, "test"))
+        view = cls(
+            base=_text(params, "base"),
+            head=_text(params, "head"),
+            test=_text(params, "test"),
+            base_ids=_record_ids(params, "base_ids"),
+            head_ids=_record_ids(params, "head_ids"),
+        )
+        for side, tag, ids in (("base", view.base, view.base_ids), ("head", view.head, view.head_ids)):
+            if tag and ids:
+                raise QueryError(f"{side}: give a tag or result ids ({side}_ids), not both")
+        return view
 
     @property
     def ready(self) -> bool:
-        return bool(self.base and self.head)
+        return bool((self.base or self.base_ids) and (self.head or self.head_ids))
+
+    def selector(self, side: str) -> dict[str, Any]:
+        """perfdb's compare selector for one side ("base" or "head")."""
+        ids = self.base_ids if side == "base" else self.head_ids
+        if ids:
+            return {"record_ids": list(ids)}
+        return {"tag": self.base if side == "base" else self.head}
 
     def params(self) -> list[tuple[str, str]]:
-        return [(n, v) for n, v in (("base", self.base), ("head", self.head), ("test", self.test)) if v]
+        pairs = [("base", self.base), ("base_ids", ",".join(self.base_ids)), ("head", self.head)]
+        pairs += [("head_ids", ",".join(self.head_ids)), ("test", self.test)]
+        return [(name, value) for name, value in pairs if value]
 
     def url(self, path: str = "/compare") -> str:
         return build_url(path, self.params())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from perfdb.client import AsyncClient, PerfdbClientError, RetryPolicy
@@ -283,15 +284,42 @@ class ResultSource:
                 return record, page["users"].get(record["user_id"])
         return None
 
+    async def stored_verdicts(self, record_id: str) -> list[dict[str, Any]] | None:
+        """The verdicts perfdb stored for a record when it judged it; None when it stored none (or has no such
+        record, or is a perfdb without get_record)."""
+        try:
+            reply = await self._call("get_record", record_id=record_id)
+        except PerfdbError as error:
+            if error.code in ("not_found", "unknown_op"):
+                return None
+            raise
+        verdicts = reply.get("verdicts")
+        return verdicts if isinstance(verdicts, list) else None
+
     async def regressions(
         self, *, state: str | None, limit: int, cursor: str | None = None, **filters: str | None
     ) -> dict[str, Any]:
         """One page of perfdb's alerts, newest first (`alerts`, `next_cursor`)."""
         return await self._call("regressions", state=state, limit=limit, cursor=cursor, **filters)
 
-    async def compare_tags(self, base_tag: str, head_tag: str, test_name: str | None) -> dict[str, Any]:
-        """perfdb's comparison of the records tagged `base_tag` (before) with those tagged `head_tag`."""
-        return await self._call("compare", base={"tag": base_tag}, head={"tag": head_tag}, test_name=test_name or None)
+    async def compare(self, base: dict[str, Any], head: dict[str, Any], test_name: str | None) -> dict[str, Any]:
+        """perfdb's comparison of the records `base` selects (before) with those `head` selects (perfdb's
+        selectors: {"tag": ...} or {"record_ids": [...]})."""
+        return await self._call("compare", base=base, head=head, test_name=test_name or None)
+
+    async def records_by_id(self, record_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Each of these records, or None for one perfdb does not have (read in one pipelined go)."""
+
+        async def one(record_id: str) -> dict[str, Any] | None:
+            try:
+                record: dict[str, Any] = (await self._call("get_record", record_id=record_id))["record"]
+            except PerfdbError as error:
+                if error.code == "not_found":
+                    return None
+                raise
+            return record
+
+        return dict(zip(record_ids, await asyncio.gather(*map(one, record_ids)), strict=True))
 
     async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """perfdb's per-test aggregates of one metric (count, min, max, histogram, each user's best)."""

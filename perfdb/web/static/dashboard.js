@@ -1,4 +1,5 @@
-// perfdb dashboard, every page: tidy filter forms and their URLs, and the retry countdown.
+// perfdb dashboard, every page: tidy filter forms and their URLs, picking results to compare, and the retry
+// countdown.
 "use strict";
 
 (function () {
@@ -31,6 +32,28 @@
       // Re-enable after the browser has read the form, in case the page is kept (back button).
       setTimeout(() => { for (const element of Array.from(form.elements)) element.disabled = false; }, 0);
     });
+  }
+
+  // The results table: tick two results, then compare them (the server makes the older one the base).
+  const picks = document.getElementById("compare-picks");
+  if (picks) {
+    const button = document.getElementById("compare-picked");
+    const hint = document.getElementById("compare-hint");
+    const boxes = () => Array.from(document.querySelectorAll("input.pick[form=compare-picks]"));
+    const update = () => {
+      const picked = boxes().filter((box) => box.checked).length;
+      button.disabled = picked !== 2;
+      // Two is the most a comparison of picked results takes.
+      for (const box of boxes()) box.disabled = !box.checked && picked >= 2;
+      hint.textContent = picked === 2
+        ? "Compare the two picked results (the older one is the base)."
+        : `Tick ${2 - picked} more result${picked === 1 ? "" : "s"} to compare them (the older one is the base).`;
+    };
+    document.addEventListener("change", (event) => {
+      if (event.target.matches("input.pick")) update();
+    });
+    window.addEventListener("pageshow", update); // boxes the browser kept ticked on the way back
+    update();
   }
 
   // Error pages: perfdb may be back soon, so try again by ourselves.
