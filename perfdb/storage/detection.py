@@ -2,9 +2,10 @@
 and reading a series' points back from the database.
 
 The writer's verdict thread judges each new record after its batch is durable (before its ack resolves) against the
-window BEFORE the record joins it; a record sent with `baseline_tag` is judged against that tag's window and
-joins its own tag's. The windows are rebuilt from the database at start and, for one series, after an
-exclusion, an `expected` alert or a deletion (`forget_records`). Every method is safe from any thread.
+window BEFORE the record joins it, and hands the verdicts back to the writer to store (StoredVerdicts); a record
+sent with `baseline_tag` is judged against that tag's window and joins its own tag's. The windows are rebuilt from
+the database at start and, for one series, after an exclusion, an `expected` alert or a deletion (`forget_records`).
+Every method is safe from any thread.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -37,6 +38,24 @@ class StoredPoint:
     record_id: str
     metrics: Mapping[str, Any]
     better: Mapping[str, Any] | None
+
+
+@dataclasses.dataclass(slots=True)
+class StoredVerdicts:
+    """The verdicts of one judged batch, handed to the writer to store (it is the only writer) as one write item:
+    (record id, user id, layout.verdicts_value) each. Nobody waits for it: a crash before it is committed leaves
+    those records without stored verdicts."""
+
+    entries: list[tuple[str, str, bytes]]
+
+    @classmethod
+    def of(cls, judged: Iterable[tuple[str, str, Sequence[Mapping[str, object]] | None]]) -> StoredVerdicts | None:
+        """The verdicts to store of judged records ((record id, user id, verdicts) each; a record without
+        verdicts, such as a duplicate resend, has none to store). None if there are none."""
+        entries = [
+            (record_id, user_id, layout.verdicts_value(verdicts)) for record_id, user_id, verdicts in judged if verdicts
+        ]
+        return cls(entries) if entries else None
 
 
 class RegressionDetector:

@@ -35,7 +35,7 @@ from perfdb.records.record_ids import RecordIdClock
 from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.storage import layout
-from perfdb.storage.detection import RegressionDetector
+from perfdb.storage.detection import RegressionDetector, StoredVerdicts
 from perfdb.storage.overview import Overview, Row
 
 log = logging.getLogger("perfdb.storage")
@@ -176,24 +176,6 @@ class UserRemoval:
         chunks reached): the next chunk starts at it, so it goes too."""
         if self.index_resume is not None and key < self.index_resume:
             self.index_resume = key
-
-
-@dataclasses.dataclass(slots=True)
-class StoredVerdicts:
-    """The verdicts of one judged batch, for the writer to store: (record id, user id, verdicts_value).
-    Nobody waits for it: a crash before it is committed leaves those records without stored verdicts."""
-
-    entries: list[tuple[str, str, bytes]]
-
-    @classmethod
-    def of(cls, outcomes: list[Outcome]) -> StoredVerdicts | None:
-        """The verdicts the acks of a judged batch carry (None if none do)."""
-        entries = [
-            (outcome.record_id, outcome.user_id, layout.verdicts_value(outcome.verdicts))
-            for _, outcome in outcomes
-            if isinstance(outcome, RecordAck) and outcome.verdicts and not outcome.duplicate
-        ]
-        return cls(entries) if entries else None
 
 
 WriteItem = Submission | Restoration | RecordRemoval | UserRemoval | StoredVerdicts
@@ -679,9 +661,10 @@ class GroupCommitWriter:
             items, outcomes = work
             judged = self._judge(items, outcomes)
             # Queued before the acks go out: a write acknowledged after them is committed after these verdicts.
-            stored = StoredVerdicts.of(judged)
-            if stored is not None:
-                self._queue.put(stored)
+            stored = [(ack.record_id, ack.user_id, ack.verdicts) for _, ack in judged if isinstance(ack, RecordAck)]
+            verdicts = StoredVerdicts.of(stored)
+            if verdicts is not None:
+                self._queue.put(verdicts)
             self._loop.call_soon_threadsafe(_settle, judged)
 
     def _retry_heal(self) -> None:
