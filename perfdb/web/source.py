@@ -284,16 +284,20 @@ class ResultSource:
                 return record, page["users"].get(record["user_id"])
         return None
 
-    async def stored_verdicts(self, record_id: str) -> list[dict[str, Any]] | None:
-        """The verdicts perfdb stored for a record when it judged it; None when it stored none (or has no such
-        record, or is a perfdb without get_record)."""
+    async def _record_reply(self, record_id: str) -> dict[str, Any] | None:
+        """perfdb's get_record reply (the record and its stored verdicts), or None when it has no such record
+        (or is a perfdb without get_record)."""
         try:
-            reply = await self._call("get_record", record_id=record_id)
+            return await self._call("get_record", record_id=record_id)
         except PerfdbError as error:
             if error.code in ("not_found", "unknown_op"):
                 return None
             raise
-        verdicts = reply.get("verdicts")
+
+    async def stored_verdicts(self, record_id: str) -> list[dict[str, Any]] | None:
+        """The verdicts perfdb stored for a record when it judged it; None when it stored none."""
+        reply = await self._record_reply(record_id)
+        verdicts = None if reply is None else reply.get("verdicts")
         return verdicts if isinstance(verdicts, list) else None
 
     async def regressions(
@@ -309,17 +313,11 @@ class ResultSource:
 
     async def records_by_id(self, record_ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         """Each of these records, or None for one perfdb does not have (read in one pipelined go)."""
-
-        async def one(record_id: str) -> dict[str, Any] | None:
-            try:
-                record: dict[str, Any] = (await self._call("get_record", record_id=record_id))["record"]
-            except PerfdbError as error:
-                if error.code == "not_found":
-                    return None
-                raise
-            return record
-
-        return dict(zip(record_ids, await asyncio.gather(*map(one, record_ids)), strict=True))
+        replies = await asyncio.gather(*map(self._record_reply, record_ids))
+        return {
+            record_id: None if reply is None else reply["record"]
+            for record_id, reply in zip(record_ids, replies, strict=True)
+        }
 
     async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
         """perfdb's per-test aggregates of one metric (count, min, max, histogram, each user's best)."""
