@@ -8,6 +8,7 @@ import dataclasses
 import random
 import re
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 from html import unescape
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from perfdb.client import Client
 from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.web.queries import CompareView, QueryError, picked_pair
 from tests.support import ServerProcess, token_hash
 from tests.web.conftest import ARTIFACTS, dashboard_client, dashboard_process
 from tests.web.test_browser import CHROMIUM, CHROMIUM_ARGS
@@ -159,6 +161,18 @@ async def test_two_picked_results_are_compared_by_id(judged: JudgedPerfdb) -> No
     assert api["base"]["records"] == 1 and api["head"]["missing"] == 0
     assert "13 results under main against 1 picked result" in _text(mixed)
     assert 'id="compared-base"><h3>Base (before)</h3><p>Every result under the tag' in mixed
+
+
+def test_a_comparison_by_id_is_a_link_that_reads_back_the_same() -> None:
+    older, newer, other = "06620c6e0087c6000000", "06620c6e0087c7000000", "06620c6e0087c8000000"
+    assert picked_pair([newer, older]) == (older, newer)
+    view = CompareView.from_params({"base_ids": f" {older} , {other}", "head": "v2", "test": TEST})
+    assert (view.base_ids, view.head, view.ready) == ((older, other), "v2", True)
+    assert view.selector("base") == {"record_ids": [older, other]} and view.selector("head") == {"tag": "v2"}
+    assert CompareView.from_params(dict(urllib.parse.parse_qsl(view.url().split("?", 1)[1]))) == view
+    assert not CompareView.from_params({"base_ids": older}).ready
+    with pytest.raises(QueryError, match="at most 50 result ids"):
+        CompareView.from_params({"head_ids": ",".join(f"{n:020x}" for n in range(51))})
 
 
 @pytest.mark.parametrize(
