@@ -178,6 +178,25 @@ async def test_repair_keeps_verdicts_and_drops_those_without_a_record(tmp_path: 
         assert (await connection.request("ping"))["ok"]
 
 
+async def test_damaged_stored_verdicts_are_left_out_of_the_reply_not_the_record(tmp_path: Path) -> None:
+    rng = random.Random(37)
+    async with perfdb_with_provider(tmp_path, **DETECTING) as (server, _), connect(server) as connection:
+        acks = await record_all(connection, two_metrics(rng, 2))
+    db = plyvel.DB(str(tmp_path / "db"))
+    try:
+        key = layout.verdicts_key(acks[0]["record_id"])
+        value = bytearray(db.get(key))
+        value[len(value) // 2] ^= 0x01  # one flipped bit
+        db.put(key, bytes(value), sync=True)
+    finally:
+        db.close()
+    async with perfdb_with_provider(tmp_path, **DETECTING) as (server, _), connect(server) as connection:
+        damaged = await connection.request("get_record", record_id=acks[0]["record_id"])
+        assert damaged["ok"] and damaged["record"]["record_id"] == acks[0]["record_id"], damaged
+        assert "verdicts" not in damaged
+        assert await stored_verdicts(connection, acks[1]["record_id"]) == acks[1]["verdicts"]
+
+
 async def test_a_record_removed_by_an_imported_tombstone_leaves_the_baseline(tmp_path: Path) -> None:
     rng = random.Random(35)
     overrides = {"admin_key_file": admin_key_file(tmp_path), **DETECTING}
