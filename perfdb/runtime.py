@@ -38,7 +38,6 @@ def run_event_loop(main: Coroutine[Any, Any, None], loop_choice: str = "auto") -
     asyncio.run(main)
 
 
-
 def freeze_startup_objects() -> None:
     """Move everything alive once the program has started (modules, the overview and verdict
     windows rebuilt from the store, caches) out of the garbage collector's reach: a full

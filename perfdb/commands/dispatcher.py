@@ -51,12 +51,13 @@ from perfdb.records.schema import (
     parse_overview,
     parse_query,
     parse_record,
+    parse_record_batch,
     parse_series,
     parse_tombstones,
     required_record_id,
 )
 from perfdb.records.timestamps import format_micros, now_micros
-from perfdb.storage import Page, RecordAck, RecordDeletionAck, ResultStore, UserDeletionAck
+from perfdb.storage import BatchAck, Page, RecordAck, RecordDeletionAck, ResultStore, UserDeletionAck
 from perfdb.storage.alerts import ALERT_STATES, AlertQuery
 
 log = logging.getLogger("perfdb.commands")
@@ -87,11 +88,13 @@ Command = Callable[[dict[str, Any], str], Outcome]
 _ENCODE = orjson.OPT_APPEND_NEWLINE
 
 
+def error_fields(code: ErrorCode, message: str) -> Fields:
+    """The `error` object of an error reply (and of a refused record inside record_batch's results)."""
+    return {"code": code.value, "message": message, "retryable": code.retryable}
+
+
 def encode_error(request_id: Any, code: ErrorCode, message: str) -> bytes:
-    return orjson.dumps(
-        {"id": request_id, "ok": False, "error": {"code": code.value, "message": message, "retryable": code.retryable}},
-        option=_ENCODE,
-    )
+    return orjson.dumps({"id": request_id, "ok": False, "error": error_fields(code, message)}, option=_ENCODE)
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -129,6 +132,13 @@ def _page_counts(page: Page) -> Fields:
         counts["examined"] = page.examined
         counts["complete"] = page.complete
     return counts
+
+
+def _result_fields(outcome: RecordAck | PerfdbError) -> Fields:
+    """One record's entry in record_batch's results."""
+    if isinstance(outcome, PerfdbError):
+        return {"error": error_fields(outcome.code, outcome.message)}
+    return outcome.to_fields()
 
 
 def _json_array(documents: list[bytes | memoryview]) -> orjson.Fragment:
@@ -321,6 +331,42 @@ class CommandDispatcher:
         profile = await asyncio.shield(profile_future)
         ack: RecordAck = await self._store_record(profile, draft)
         return ack.to_fields()
+
+    def op_record_batch(self, request: dict[str, Any], peer: str) -> Outcome:
+        token, drafts = parse_record_batch(request)
+        resolved = self._resolver.resolve(token)
+        if isinstance(resolved, Profile):
+            return self._store_batch(resolved, drafts)
+        return self._batch_once_resolved(resolved, drafts)
+
+    async def _batch_once_resolved(
+        self, profile_future: asyncio.Future[Profile], drafts: list[RecordDraft | PerfdbError]
+    ) -> Fields:
+        profile = await asyncio.shield(profile_future)
+        stored = self._store_batch(profile, drafts)
+        return stored if isinstance(stored, dict) else await stored
+
+    def _store_batch(
+        self, profile: Profile, drafts: list[RecordDraft | PerfdbError]
+    ) -> Fields | Coroutine[Any, Any, Fields]:
+        """Store a batch's valid records (each takes one of the user's rate-limit tokens; those past
+        what the bucket holds are refused alone, as overloaded); refused records keep their place."""
+        limited = PerfdbError(ErrorCode.OVERLOADED, "this user is storing records faster than the server allows")
+        entries: list[RecordDraft | PerfdbError] = [
+            entry if isinstance(entry, PerfdbError) or self._rate_limiter.allow(profile.user_id) else limited
+            for entry in drafts
+        ]
+        valid = [entry for entry in entries if isinstance(entry, RecordDraft)]
+        if not valid:
+            return {"results": [_result_fields(entry) for entry in entries if isinstance(entry, PerfdbError)]}
+        return self._batch_results(entries, self._store.submit_batch(profile, valid))
+
+    async def _batch_results(self, entries: list[RecordDraft | PerfdbError], stored: Awaitable[BatchAck]) -> Fields:
+        """The results in the batch's order: each stored record's ack where its draft was."""
+        acks = iter((await stored).outcomes)
+        return {
+            "results": [_result_fields(next(acks) if isinstance(entry, RecordDraft) else entry) for entry in entries]
+        }
 
     def _store_record(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         if not self._rate_limiter.allow(profile.user_id):

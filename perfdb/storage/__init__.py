@@ -2,6 +2,6 @@
 store, schema upgrades, the in-memory overview aggregates and offline repair."""
 
 from perfdb.storage.store import Page, ResultStore, StoreOpenError
-from perfdb.storage.writer import RecordAck, RecordDeletionAck, UserDeletionAck
+from perfdb.storage.writer import BatchAck, RecordAck, RecordDeletionAck, UserDeletionAck
 
-__all__ = ["Page", "RecordAck", "RecordDeletionAck", "ResultStore", "StoreOpenError", "UserDeletionAck"]
+__all__ = ["BatchAck", "Page", "RecordAck", "RecordDeletionAck", "ResultStore", "StoreOpenError", "UserDeletionAck"]

@@ -47,7 +47,14 @@ from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview, Row
 from perfdb.storage.series import BucketGrid, MetricSeries
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
-from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck, RecordDeletionAck, UserDeletionAck
+from perfdb.storage.writer import (
+    BatchAck,
+    GroupCommitWriter,
+    ImportAck,
+    RecordAck,
+    RecordDeletionAck,
+    UserDeletionAck,
+)
 
 log = logging.getLogger("perfdb.storage")
 
@@ -397,6 +404,9 @@ class ResultStore:
 
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
+
+    def submit_batch(self, profile: Profile, drafts: list[RecordDraft]) -> asyncio.Future[BatchAck]:
+        return self.writer.submit_batch(profile, drafts)
 
     def restore(
         self,

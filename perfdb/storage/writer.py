@@ -133,6 +133,22 @@ class Submission:
 
 
 @dataclasses.dataclass(slots=True)
+class BatchSubmission:
+    """A client's record_batch: its records, stored in one write batch (never split)."""
+
+    profile: Profile
+    drafts: list[RecordDraft]
+    future: asyncio.Future[Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchAck:
+    """Each record of a record_batch: its ack, or the error that refused it alone."""
+
+    outcomes: tuple[RecordAck | PerfdbError, ...]
+
+
+@dataclasses.dataclass(slots=True)
 class Restoration:
     """Records restored from an export, keeping their ids, timestamps and users."""
 
@@ -175,8 +191,8 @@ class UserRemoval:
             self.index_resume = key
 
 
-WriteItem = Submission | Restoration | RecordRemoval | UserRemoval
-Ack = RecordAck | ImportAck | RecordDeletionAck | UserDeletionAck
+WriteItem = Submission | BatchSubmission | Restoration | RecordRemoval | UserRemoval
+Ack = RecordAck | BatchAck | ImportAck | RecordDeletionAck | UserDeletionAck
 Outcome = tuple[asyncio.Future[Any], Ack | PerfdbError]
 _DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
 
@@ -503,6 +519,12 @@ class GroupCommitWriter:
         self._enqueue(Submission(profile, draft, future))
         return future
 
+    def submit_batch(self, profile: Profile, drafts: list[RecordDraft]) -> asyncio.Future[BatchAck]:
+        """Queue a record_batch's records; they are committed together, in one write batch."""
+        future: asyncio.Future[BatchAck] = self._loop.create_future()
+        self._enqueue(BatchSubmission(profile, drafts, future))
+        return future
+
     def restore(
         self,
         records: list[ImportedRecord],
@@ -588,6 +610,8 @@ class GroupCommitWriter:
         """How much of a batch's --max-batch-records an item takes."""
         if isinstance(item, Restoration):
             return len(item.records) + len(item.tombstones)
+        if isinstance(item, BatchSubmission):
+            return len(item.drafts)
         return self._user_chunk if isinstance(item, UserRemoval) else 1
 
     def _commit(self, items: list[WriteItem]) -> None:
@@ -678,7 +702,10 @@ class GroupCommitWriter:
         unfinished: list[UserRemoval] = []
         for item in items:
             if isinstance(item, Submission):
-                outcomes.append((item.future, self._add_submission(batch, item)))
+                outcomes.append((item.future, self._add_submission(batch, item.profile, item.draft)))
+            elif isinstance(item, BatchSubmission):
+                acks = tuple(self._add_submission(batch, item.profile, draft) for draft in item.drafts)
+                outcomes.append((item.future, BatchAck(acks)))
             elif isinstance(item, Restoration):
                 outcomes.append((item.future, self._add_restoration(batch, item)))
             elif isinstance(item, RecordRemoval):
@@ -808,18 +835,11 @@ class GroupCommitWriter:
             return outcomes
         judged: list[Outcome] = []
         for item, (future, outcome) in zip(items, outcomes, strict=True):
-            if isinstance(item, Submission):
-                if isinstance(outcome, RecordAck) and not outcome.duplicate:
-                    draft = item.draft
-                    try:
-                        verdicts = detector.judge_and_join(
-                            outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
-                            better=draft.better, baseline_tag=draft.baseline_tag,
-                        )  # fmt: skip
-                    except Exception:  # the record is durable: a failed verdict must not fail its ack
-                        log.exception("verdicts of record %s failed", outcome.record_id)
-                        verdicts = []
-                    outcome = dataclasses.replace(outcome, verdicts=tuple(verdicts))
+            if isinstance(item, Submission) and isinstance(outcome, RecordAck | PerfdbError):
+                outcome = self._with_verdicts(outcome, item.draft)
+            elif isinstance(item, BatchSubmission) and isinstance(outcome, BatchAck):
+                acks = zip(outcome.outcomes, item.drafts, strict=True)
+                outcome = BatchAck(tuple(self._with_verdicts(ack, draft) for ack, draft in acks))
             elif isinstance(item, Restoration) and isinstance(outcome, ImportAck):
                 for record in item.records:
                     if record.record_id in outcome.stored_ids:
@@ -832,8 +852,21 @@ class GroupCommitWriter:
         detector.batch_committed()
         return judged
 
-    def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
-        profile, draft = submission.profile, submission.draft
+    def _with_verdicts(self, outcome: RecordAck | PerfdbError, draft: RecordDraft) -> RecordAck | PerfdbError:
+        """A new record's ack with its verdicts (on the verdict thread, once it is durable)."""
+        if not isinstance(outcome, RecordAck) or outcome.duplicate:
+            return outcome
+        try:
+            verdicts = self.detector.judge_and_join(
+                outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
+                better=draft.better, baseline_tag=draft.baseline_tag,
+            )  # fmt: skip
+        except Exception:  # the record is durable: a failed verdict must not fail its ack
+            log.exception("verdicts of record %s failed", outcome.record_id)
+            verdicts = []
+        return dataclasses.replace(outcome, verdicts=tuple(verdicts))
+
+    def _add_submission(self, batch: _Batch, profile: Profile, draft: RecordDraft) -> RecordAck | PerfdbError:
         if draft.request_id is not None:
             earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
             if earlier is not None:
