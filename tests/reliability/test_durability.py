@@ -1358,7 +1358,7 @@ async def test_a_record_batch_survives_kill_9_whole_once_acknowledged_and_is_nev
     server = servers.start(tmp_path / "db")
     token = TOKENS[0]
     batch_size = 200
-    batches = [
+    batches: list[list[dict[str, Any]]] = [
         [
             {
                 "test_name": f"batch_kill_{index % 3}",
@@ -1416,7 +1416,7 @@ async def test_a_record_batch_survives_kill_9_whole_once_acknowledged_and_is_nev
     finally:
         await connection.close()
     for number, records in enumerate(batches):
-        present = [stored.get(record["request_id"]) for record in records]
+        present: list[dict[str, Any] | None] = [stored.get(record["request_id"]) for record in records]
         if number in acknowledged:
             assert [record["record_id"] if record else None for record in present] == acknowledged[number]
         else:
