@@ -2,6 +2,15 @@
 store, schema upgrades, the in-memory overview aggregates and offline repair."""
 
 from perfdb.storage.store import Page, ResultStore, StoreOpenError
-from perfdb.storage.writer import BatchAck, RecordAck, RecordDeletionAck, UserDeletionAck
+from perfdb.storage.writer import BatchAck, RecordAck, RecordDeletionAck, Settleable, UserDeletionAck
 
-__all__ = ["BatchAck", "Page", "RecordAck", "RecordDeletionAck", "ResultStore", "StoreOpenError", "UserDeletionAck"]
+__all__ = [
+    "BatchAck",
+    "Page",
+    "RecordAck",
+    "RecordDeletionAck",
+    "ResultStore",
+    "Settleable",
+    "StoreOpenError",
+    "UserDeletionAck",
+]

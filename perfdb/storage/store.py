@@ -53,6 +53,7 @@ from perfdb.storage.writer import (
     ImportAck,
     RecordAck,
     RecordDeletionAck,
+    Settleable,
     UserDeletionAck,
 )
 
@@ -404,6 +405,9 @@ class ResultStore:
 
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
+
+    def submit_to(self, profile: Profile, draft: RecordDraft, outcome: Settleable) -> None:
+        self.writer.submit_to(profile, draft, outcome)
 
     def submit_batch(self, profile: Profile, drafts: list[RecordDraft]) -> asyncio.Future[BatchAck]:
         return self.writer.submit_batch(profile, drafts)

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import plyvel
@@ -54,6 +54,17 @@ USER_DELETION_CHUNK = 1000
 # A chunk also ends once the records it read add up to this many bytes, so that a user with
 # large records (up to some 200 KiB each) does not hold hundreds of MiB in the writer.
 USER_DELETION_BYTES = 8 * 1024 * 1024
+
+
+class Settleable(Protocol):
+    """What a write item's outcome is handed to, on the event loop: an asyncio future, or
+    anything with the same three methods (the dispatcher's pending record replies)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,7 +140,7 @@ class Submission:
 
     profile: Profile
     draft: RecordDraft
-    future: asyncio.Future[Any]
+    future: Settleable
 
 
 @dataclasses.dataclass(slots=True)
@@ -193,7 +204,7 @@ class UserRemoval:
 
 WriteItem = Submission | BatchSubmission | Restoration | RecordRemoval | UserRemoval
 Ack = RecordAck | BatchAck | ImportAck | RecordDeletionAck | UserDeletionAck
-Outcome = tuple[asyncio.Future[Any], Ack | PerfdbError]
+Outcome = tuple[Settleable, Ack | PerfdbError]
 _DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
 
 
@@ -518,6 +529,11 @@ class GroupCommitWriter:
         future: asyncio.Future[RecordAck] = self._loop.create_future()
         self._enqueue(Submission(profile, draft, future))
         return future
+
+    def submit_to(self, profile: Profile, draft: RecordDraft, outcome: Settleable) -> None:
+        """Queue a record whose RecordAck (or PerfdbError) goes to `outcome` once it is durable,
+        on the event loop: submit without a future of its own, for the ingest path."""
+        self._enqueue(Submission(profile, draft, outcome))
 
     def submit_batch(self, profile: Profile, drafts: list[RecordDraft]) -> asyncio.Future[BatchAck]:
         """Queue a record_batch's records; they are committed together, in one write batch."""
