@@ -63,7 +63,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "server_peak_rss_mb": ("<=", 200.0),
     "growth_ratio": (">=", 0.8),
     "ingest_detect_ratio": (">=", 0.9),
+    "ingest_batch_ratio": (">=", 0.8),
+    "cpu_ratio": ("<=", 2.0),
 }
+BATCH_RECORDS = 100  # records per record_batch line in the batch figure
 
 
 def progress(message: str) -> None:
@@ -109,6 +112,12 @@ class Process:
         match = re.search(rf"{field}:\s+(\d+) kB", status)
         return int(match.group(1)) / 1024 if match else float("nan")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far: every thread, and any child it has reaped."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime: fields 14-17 of stat(5), counted after the ")".
+        return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -142,9 +151,9 @@ def loadgen(mode: str, port: int, *args: str) -> dict[str, Any]:
     return run_json(python(str(HERE / "loadgen.py"), mode, "--port", str(port), *args))
 
 
-def ingest(port: int, records: int, start: int, *extra: str) -> dict[str, Any]:
+def ingest(port: int, records: int, start: int, *extra: str, window: int = 256) -> dict[str, Any]:
     result = loadgen("ingest", port, "--records", str(records), "--start", str(start),
-                     "--connections", "16", "--window", "256", *extra)  # fmt: skip
+                     "--connections", "16", "--window", str(window), *extra)  # fmt: skip
     if result["errors"]:
         raise RuntimeError(f"{result['errors']} of {records} records were refused: the figures would be wrong")
     return result
@@ -184,6 +193,7 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
     store = run_json(python(str(HERE / "store_baseline.py"), "--records", str(sizes.ingest_records),
                             "--database", str(work / "store-baseline")))  # fmt: skip
     figures["store_limit_rps"] = store["rps"]
+    figures["store_cpu_us_per_record"] = store["cpu_seconds"] / store["records"] * 1e6
 
     progress("echo baseline: the load generator against a trivial NDJSON echo server")
     echo = Process(python(str(HERE / "echo_server.py")), work / "echo.log")
@@ -194,7 +204,10 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
 
     progress("durable ingest at saturation (sync commits)")
     with perfdb_server(work, work / "db-durable") as server:
+        cpu_before = server.cpu_seconds()
         figures["ingest_durable_rps"] = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))["rps"]
+        cpu = server.cpu_seconds() - cpu_before
+        figures["server_cpu_us_per_record"] = cpu / sizes.ingest_records * 1e6
         rate = figures["ingest_durable_rps"] / 2
         progress(f"ack latency at half load: {rate:,.0f} records/s for {sizes.paced_seconds:g}s")
         count = int(rate * sizes.paced_seconds)
@@ -211,6 +224,14 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
             get_user_full_read_ms=reads["full_read_median_ms"],
             get_user_records=reads["records_per_read"],
         )
+
+    progress(f"durable ingest at saturation, {BATCH_RECORDS} records a line (record_batch)")
+    with perfdb_server(work, work / "db-batch") as server:
+        cpu_before = server.cpu_seconds()
+        result = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records),
+                        "--batch", str(BATCH_RECORDS), window=4)  # fmt: skip
+        figures["ingest_batch_rps"] = result["rps"]
+        figures["server_batch_cpu_us_per_record"] = (server.cpu_seconds() - cpu_before) / sizes.ingest_records * 1e6
 
     progress("durable ingest with regression detection (--regression-detection), for the ratio")
     with perfdb_server(work, work / "db-detect", "--regression-detection") as server:
@@ -264,6 +285,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         figures["ingest_asyncio_rps"] = ingest(server.port, sizes.ingest_records, take(sizes.ingest_records))["rps"]
 
     figures["ingest_ratio"] = figures["ingest_durable_rps"] / figures["store_limit_rps"]
+    figures["ingest_batch_ratio"] = figures["ingest_batch_rps"] / figures["store_limit_rps"]
+    figures["cpu_ratio"] = figures["server_cpu_us_per_record"] / figures["store_cpu_us_per_record"]
     figures["echo_ratio"] = figures["ingest_durable_rps"] / figures["echo_rps"]
     figures["growth_ratio"] = figures["ingest_durable_full_rps"] / figures["ingest_durable_rps"]
     # Durable ingest with verdicts computed (--regression-detection) against the same without them (the default).
@@ -278,6 +301,11 @@ ROWS: list[tuple[str, str, str | None]] = [
     ("ingest_nosync_rps", "records/s", "store_limit_rps"),
     ("ingest_durable_rps", "records/s", "echo_rps"),
     ("ingest_ratio", "", None),
+    ("ingest_batch_rps", "records/s", "store_limit_rps"),
+    ("ingest_batch_ratio", "", None),
+    ("server_cpu_us_per_record", "us", "store_cpu_us_per_record"),
+    ("server_batch_cpu_us_per_record", "us", "store_cpu_us_per_record"),
+    ("cpu_ratio", "", None),
     ("ingest_detect_rps", "records/s", "ingest_durable_rps"),
     ("ingest_detect_ratio", "", None),
     ("ack_p50_ms", "ms", None),

@@ -2,8 +2,11 @@
 plyvel, in WriteBatches of 1,000 records with sync=True.
 
 Each record is written as the server writes it (perfdb.storage.layout): the checksummed
-record under its time-ordered key, the per-user index entry and the idempotency entry, all
-encoded before the clock starts, so only LevelDB and the batch calls are timed.
+record under its time-ordered key, every index entry layout.record_index_entries derives from
+it (user, test, tag and the per-metric sort indexes), its idempotency entry, and each batch's
+counts, all encoded before the clock starts, so only LevelDB and the batch calls are timed.
+It reports the process's CPU time over the writes too (every thread: LevelDB's compactions run
+in one of its own), for the server's CPU per record to be compared with.
 
     python benchmarks/store_baseline.py --records N --database DIR
 """
@@ -11,6 +14,7 @@ encoded before the clock starts, so only LevelDB and the batch calls are timed.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,7 +36,8 @@ BATCH = 1000
 STORED = ("test_name", "tag", "sys_info", "metrics", "client_config", "server_config", "request_id")
 
 
-def encoded_entries(count: int) -> list[tuple[bytes, bytes, bytes, bytes, bytes, bytes]]:
+def encoded_entries(count: int) -> list[tuple[list[tuple[bytes, bytes]], list[bytes]]]:
+    """Per record: its (key, value) pairs and the count keys it adds one to."""
     start = now_micros()
     entries = []
     for index, line in enumerate(record_lines(count)):
@@ -42,17 +47,22 @@ def encoded_entries(count: int) -> list[tuple[bytes, bytes, bytes, bytes, bytes,
         timestamp = format_micros(start + index)
         document = {"record_id": record_id, "user_id": user_id, "timestamp": timestamp}
         document.update((key, request[key]) for key in STORED)
-        entries.append(
+        test_name, tag = request["test_name"], request["tag"]
+        pairs = [
+            (layout.record_key(record_id, user_id), layout.seal(orjson.dumps(document))),
+            *layout.record_index_entries(record_id, user_id, test_name, tag, request["metrics"]),
             (
-                layout.record_key(record_id, user_id),
-                layout.seal(orjson.dumps(document)),
-                layout.user_index_prefix(user_id) + record_id.encode(),
-                orjson.dumps([request["test_name"], request["tag"]]),
                 layout.idempotency_key(user_id, request["request_id"]),
                 orjson.dumps({"record_id": record_id, "timestamp": timestamp}),
-            )
-        )
+            ),
+        ]
+        entries.append((pairs, layout.record_counts(user_id, test_name, tag)))
     return entries
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all of the process's threads
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -64,18 +74,24 @@ def main() -> None:
     # The server's LevelDB options, so the comparison is like for like.
     db = plyvel.DB(args.database, create_if_missing=True, bloom_filter_bits=10,
                    lru_cache_size=64 * 1024 * 1024, write_buffer_size=64 * 1024 * 1024)  # fmt: skip
-    started = time.perf_counter()
+    counts: dict[bytes, int] = {}
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     for first in range(0, len(entries), BATCH):
         with db.write_batch(sync=True) as batch:
-            for record_key, record, index_key, index, request_key, request in entries[first : first + BATCH]:
-                batch.put(record_key, record)
-                batch.put(index_key, index)
-                batch.put(request_key, request)
-    elapsed = time.perf_counter() - started
+            touched: set[bytes] = set()
+            for pairs, count_keys in entries[first : first + BATCH]:
+                for key, value in pairs:
+                    batch.put(key, value)
+                for count_key in count_keys:
+                    counts[count_key] = counts.get(count_key, 0) + 1
+                touched.update(count_keys)
+            for count_key in touched:
+                batch.put(count_key, str(counts[count_key]).encode())
+            batch.put(layout.RECORD_COUNT_KEY, str(first + BATCH).encode())
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     db.close()
-    sys.stdout.write(
-        orjson.dumps({"records": len(entries), "seconds": elapsed, "rps": len(entries) / elapsed}).decode()
-    )
+    figures = {"records": len(entries), "seconds": elapsed, "rps": len(entries) / elapsed, "cpu_seconds": cpu}
+    sys.stdout.write(orjson.dumps(figures).decode())
     sys.stdout.write("\n")
 
 

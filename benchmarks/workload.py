@@ -67,3 +67,18 @@ def record_lines(count: int, *, start: int = 0, users: int = USERS, seed: int = 
 def single_user_lines(count: int, user: int = 0, *, start: int = 0) -> list[bytes]:
     rng = random.Random(start)
     return [orjson.dumps(record_request(i, user, rng)) + b"\n" for i in range(start, start + count)]
+
+
+def batch_lines(lines: list[bytes], size: int) -> list[bytes]:
+    """The same records as record_batch requests of up to `size` records of one user each."""
+    by_token: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        request = orjson.loads(line)
+        del request["op"]
+        by_token.setdefault(request.pop("access_token"), []).append(request)
+    batches = []
+    for token, records in by_token.items():
+        for first in range(0, len(records), size):
+            batch = {"op": "record_batch", "access_token": token, "records": records[first : first + size]}
+            batches.append(orjson.dumps(batch) + b"\n")
+    return batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Coroutine
@@ -35,3 +36,12 @@ def run_event_loop(main: Coroutine[Any, Any, None], loop_choice: str = "auto") -
             uvloop.run(main)
             return
     asyncio.run(main)
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive once the program has started (modules, the overview and verdict
+    windows rebuilt from the store, caches) out of the garbage collector's reach: a full
+    collection would otherwise walk all of it again and again while requests allocate. Profiled
+    under saturated ingest, collections were 16% of the event loop's samples before this.
+    (No collection first: it would pause the loop once for all that, to free little.)"""
+    gc.freeze()

@@ -23,7 +23,7 @@ from perfdb.observability.operator import start_operator_endpoints
 from perfdb.protocol.addresses import format_address, parse_address
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.regression.thresholds import DEFAULT_MODEL, ThresholdConfig, ThresholdModel, load_threshold_config
-from perfdb.runtime import LoopUnavailableError, configure_logging, run_event_loop
+from perfdb.runtime import LoopUnavailableError, configure_logging, freeze_startup_objects, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
 from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.monitor import AlertMonitor
@@ -355,6 +355,7 @@ async def serve(config: Config) -> None:
     try:
         web_listen = await _reserve_web_address(config)
         await server.start()
+        freeze_startup_objects()
         if web_listen is not None:
             command = dashboard_command(config, server.port, web_listen)
             dashboard = DashboardSupervisor(command, web_listen, config.shutdown_timeout)

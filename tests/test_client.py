@@ -1062,3 +1062,22 @@ async def test_both_clients_speak_the_regression_ops(tmp_path: Path) -> None:
     assert [found["alert_id"] for found in acknowledged] == [alert["alert_id"]]
     assert resolved["state"] == "resolved" and resolved["updated_by"] == "admin"
     assert restored["excluded"] is False and "excluded" not in blocking_record
+
+
+async def test_both_clients_send_a_record_batch_that_can_be_resent_safely(tmp_path: Path) -> None:
+    records = [{"test_name": "unary", "metrics": {"qps": float(n)}} for n in range(20)]
+    records[7]["metrics"] = {"qps": "fast"}  # refused alone
+    keyed = [{**record, "request_id": f"run-1-{n}"} for n, record in enumerate(records[:3])]
+    async with perfdb_with_provider(tmp_path) as (server, _), AsyncClient(address(server)) as client:
+        results = await client.record_batch("user-alice", records)
+        with Client(address(server)) as blocking:
+            first = await asyncio.to_thread(blocking.record_batch, "user-alice", keyed)
+            again = await asyncio.to_thread(blocking.record_batch, "user-alice", keyed)
+        stored = await collect(client.get_user("alice"))
+    assert results[7]["error"]["code"] == "bad_request"
+    assert [result["duplicate"] for n, result in enumerate(results) if n != 7] == [False] * 19
+    # The caller's records gained no request_id; what was sent did, each its own.
+    assert all("request_id" not in record for record in records)
+    assert len({record["request_id"] for record in stored}) == len(stored) == 19 + 3
+    assert [result["duplicate"] for result in first] == [False] * 3
+    assert again == [{**result, "duplicate": True} for result in first]

@@ -16,7 +16,7 @@ from perfdb.config import Config
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
 from perfdb.protocol.errors import ErrorCode
 from perfdb.protocol.flow_control import FlowControl, ReadPause
-from perfdb.protocol.replies import DeferredReply, Reply, ReplyQueue
+from perfdb.protocol.replies import DeferredReply, PendingReply, Reply, ReplyQueue
 from perfdb.server import connection_limits
 
 LIMIT = 16  # max_line_bytes for the tests about over-long lines
@@ -372,7 +372,7 @@ class QueueUnderTest:
     """A ReplyQueue with its callbacks recorded."""
 
     def __init__(self) -> None:
-        self.settled: list[asyncio.Future[bytes]] = []
+        self.settled: list[object] = []
         self.failures = 0
         self.queue = ReplyQueue(self.settled.append, self.failed_reply)
 
@@ -401,6 +401,21 @@ async def test_reply_queue_gives_ready_replies_only_in_request_order() -> None:
     assert replies.settled == [third, first]
     assert replies.queue.take_ready() == [b"first\n", b"second\n", b"third\n", b"fourth\n"]
     assert len(replies.queue) == 0 and replies.queue.take_ready() == []
+
+
+def test_a_pending_reply_holds_the_replies_behind_it_until_filled_and_is_told_once() -> None:
+    replies = QueueUnderTest()
+    pending, later = PendingReply(), PendingReply()
+    for reply in (b"zero\n", pending, b"second\n", later):
+        replies.queue.append(reply)
+    later.fill(b"third\n")  # filled out of order: told at once, written in order
+    assert replies.settled == [later]
+    assert replies.queue.take_ready() == [b"zero\n"]
+    pending.fill(b"first\n")
+    pending.fill(b"again\n")  # a second fill changes nothing and tells nobody
+    assert replies.settled == [later, pending]
+    assert replies.queue.take_ready() == [b"first\n", b"second\n", b"third\n"]
+    assert len(replies.queue) == 0
 
 
 async def test_reply_queue_puts_the_failure_reply_in_place_of_a_failed_or_cancelled_future() -> None:

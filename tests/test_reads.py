@@ -21,6 +21,7 @@ from perfdb.records.schema import Query, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import build_store
 from perfdb.storage import store as store_module
+from perfdb.storage.overview import PENDING_ROWS, Overview
 from tests.support import (
     Connection,
     connect,
@@ -250,6 +251,39 @@ def check_overview(reply: dict[str, Any], written: list[dict[str, Any]], metric:
                 users.setdefault(r["user_id"], []).append(r["metrics"][metric])
         best = max if reply["better"] == "higher" else min
         assert summary["users"] == {u: {"count": len(v), "best": best(v)} for u, v in users.items()}
+
+
+def test_overview_adds_rows_in_bulk_exactly_whatever_their_shape() -> None:
+    """Rows wait and are added in bulk (numpy): the aggregates equal a brute-force count over rows
+    that mix ints and floats, lack metrics, add metrics of their own, across several bulk adds."""
+    rng = random.Random(12)
+    written: list[dict[str, Any]] = []
+    for index in range(2 * PENDING_ROWS + 2345):
+        metrics: dict[str, Any] = {
+            "qps": rng.randint(0, 10**6) if index % 3 == 0 else rng.uniform(0, 1e6),
+            "perc_lat_99": rng.lognormvariate(3, 3),
+        }
+        if index % 7 == 0:
+            del metrics["perc_lat_99"]  # this test's rows do not all have every metric
+        if index % 11 == 0:
+            metrics["custom"] = -rng.random()
+        test_name = "one_shape" if index % 4 == 0 else f"test_{index % 3}"
+        if test_name == "one_shape":
+            metrics = {"qps": metrics["qps"]}
+        written.append({"test_name": test_name, "user_id": f"user{rng.randrange(40)}", "metrics": metrics})
+    overview = Overview()
+    start = 0
+    while start < len(written):
+        size = rng.choice([1, 17, 900, 4000])
+        overview.batch_writing()
+        overview.batch_written(
+            [(r["test_name"], r["user_id"], r["metrics"]) for r in written[start : start + size]], ()
+        )
+        start += size
+        if rng.random() < 0.1:  # a report in between adds what waits, and later rows come on top
+            check_overview({"ok": True, **overview.report(None, "qps")}, written[:start], "qps")
+    for metric in ("qps", "perc_lat_99", "custom"):
+        check_overview({"ok": True, **overview.report(None, metric)}, written, metric)
 
 
 async def test_overview_matches_brute_force_before_and_after_a_restart(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from perfdb.client.common import (
     PerfdbClientError,
     RecordWindow,
     RunSelector,
+    batch_fields,
     check_reply,
     compare_fields,
     connection_failed,
@@ -203,6 +204,14 @@ class AsyncClient(ClientSettings):
         """Store one result; a request_id is generated when none is given, so retries are safe. The ack's
         `verdicts` judge each metric against its series (or `baseline_tag`'s; `better` declares custom metrics)."""
         return await self.call("record", **with_request_id(fields))
+
+    async def record_batch(self, access_token: str, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store up to 1000 results of one token in one request and one write batch; returns one
+        result per record, in order: its ack, or {"error": {...}} for a record refused alone.
+        Records without a request_id get one, so the batch is resent safely."""
+        reply = await self.call("record_batch", **batch_fields(access_token, records))
+        results: list[dict[str, Any]] = reply["results"]
+        return results
 
     async def record_many(
         self, records: Iterable[dict[str, Any]], *, window: int = 256

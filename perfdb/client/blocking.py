@@ -18,6 +18,7 @@ from perfdb.client.common import (
     PerfdbClientError,
     RecordWindow,
     RunSelector,
+    batch_fields,
     check_reply,
     compare_fields,
     connection_failed,
@@ -139,6 +140,14 @@ class Client(ClientSettings):
         """Store one result; a request_id is generated when none is given, so retries are safe. The ack's
         `verdicts` judge each metric against its series (or `baseline_tag`'s; `better` declares custom metrics)."""
         return self.call("record", **with_request_id(fields))
+
+    def record_batch(self, access_token: str, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store up to 1000 results of one token in one request and one write batch; returns one
+        result per record, in order: its ack, or {"error": {...}} for a record refused alone.
+        Records without a request_id get one, so the batch is resent safely."""
+        reply = self.call("record_batch", **batch_fields(access_token, records))
+        results: list[dict[str, Any]] = reply["results"]
+        return results
 
     def record_many(self, records: Iterable[dict[str, Any]], *, window: int = 64) -> Iterator[dict[str, Any]]:
         """Store many results with up to `window` in flight; yields their acks in input order.

@@ -7,7 +7,7 @@ import dataclasses
 import random
 import ssl
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -132,7 +132,18 @@ def with_request_id(fields: dict[str, Any]) -> dict[str, Any]:
 
 def may_resend(op: str, fields: dict[str, Any]) -> bool:
     """Whether sending this request again cannot do anything twice: reads, and keyed records."""
+    if op == "record_batch":
+        records = fields.get("records")
+        return isinstance(records, list) and all(
+            isinstance(record, dict) and record.get("request_id") is not None for record in records
+        )
     return op in IDEMPOTENT_OPS or (op == "record" and fields.get("request_id") is not None)
+
+
+def batch_fields(access_token: str, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A record_batch request's fields: each record with a request_id (generated where missing),
+    so that resending the batch stores nothing twice."""
+    return {"access_token": access_token, "records": [with_request_id(record) for record in records]}
 
 
 def order_fields(reverse: bool, sort: str | None, order: str | None) -> dict[str, Any]:

@@ -263,7 +263,7 @@ class LineProtocol(asyncio.Protocol):
         """The reply in place of a reply future that failed or was cancelled."""
         return self._handler.error_reply(ErrorCode.INTERNAL, "internal server error")
 
-    def _on_reply_done(self, _future: asyncio.Future[bytes]) -> None:
+    def _on_reply_done(self, _settled: object) -> None:
         # Many replies complete in one loop iteration (a group commit); write them together.
         if not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True

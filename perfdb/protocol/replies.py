@@ -17,8 +17,28 @@ class DeferredReply:
         self.start = start
 
 
-# A reply is ready (bytes), will be (a future that resolves to bytes), or is yet to be started.
-Reply = bytes | asyncio.Future[bytes] | DeferredReply
+class PendingReply:
+    """A reply that other code fills in later, without an asyncio future: the writer's group
+    commit fills the replies of thousands of records in one loop callback, and each connection
+    hears of it once (see ReplyQueue). Filled once; a later fill is ignored."""
+
+    __slots__ = ("_listener", "value")
+
+    def __init__(self) -> None:
+        self.value: bytes | None = None
+        self._listener: Callable[[PendingReply], object] | None = None
+
+    def fill(self, value: bytes) -> None:
+        if self.value is not None:
+            return
+        self.value = value
+        if self._listener is not None:
+            self._listener(self)
+
+
+# A reply is ready (bytes), will be (a future that resolves to bytes, or a pending reply), or is
+# yet to be started.
+Reply = bytes | PendingReply | asyncio.Future[bytes] | DeferredReply
 
 
 class ReplyQueue:
@@ -27,11 +47,9 @@ class ReplyQueue:
 
     __slots__ = ("_failed_reply", "_on_settled", "_replies")
 
-    def __init__(
-        self, on_settled: Callable[[asyncio.Future[bytes]], object], failed_reply: Callable[[], bytes]
-    ) -> None:
-        """on_settled is called when a queued future finishes; failed_reply gives the reply that
-        stands in for a future that failed or was cancelled."""
+    def __init__(self, on_settled: Callable[[object], object], failed_reply: Callable[[], bytes]) -> None:
+        """on_settled is called when a queued future finishes or a pending reply is filled;
+        failed_reply gives the reply that stands in for a future that failed or was cancelled."""
         self._replies: collections.deque[Reply] = collections.deque()
         self._on_settled = on_settled
         self._failed_reply = failed_reply
@@ -42,7 +60,9 @@ class ReplyQueue:
 
     def append(self, reply: Reply) -> None:
         self._replies.append(reply)
-        if isinstance(reply, asyncio.Future):
+        if isinstance(reply, PendingReply):
+            reply._listener = self._on_settled
+        elif isinstance(reply, asyncio.Future):
             reply.add_done_callback(self._on_settled)
 
     def take_ready(self) -> list[bytes]:
@@ -54,6 +74,10 @@ class ReplyQueue:
             head = replies[0]
             if isinstance(head, bytes):
                 ready.append(head)
+            elif isinstance(head, PendingReply):
+                if head.value is None:
+                    break
+                ready.append(head.value)
             elif isinstance(head, DeferredReply) or not head.done():
                 break
             elif head.cancelled() or head.exception() is not None:

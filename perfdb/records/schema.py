@@ -50,6 +50,10 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
         "better",
     }
 )
+# A record inside record_batch: a record request's fields without the envelope and the token.
+BATCH_RECORD_FIELDS = RECORD_FIELDS - ENVELOPE_FIELDS - {"access_token"}
+RECORD_BATCH_FIELDS = ENVELOPE_FIELDS | frozenset({"access_token", "records"})
+MAX_BATCH_RECORDS = 1000  # records one record_batch may carry
 ADMIN_FIELDS = frozenset({"admin_key"})
 OWNER_FIELDS = frozenset({"access_token", "admin_key"})  # ops the owner's token or the admin key may do
 MAX_NOTE_CHARS = 1000  # exclusion and alert notes
@@ -341,25 +345,53 @@ def remove_host_fields(config: Any) -> Any:
 def parse_record(request: dict[str, Any]) -> tuple[str, RecordDraft]:
     """Validate a record request; returns the access token and the scrubbed draft."""
     check_fields(request, RECORD_FIELDS)
+    return access_token(request), record_draft(request)
+
+
+def parse_record_batch(request: dict[str, Any]) -> tuple[str, list[RecordDraft | PerfdbError]]:
+    """Validate a record_batch request: the access token, and each record's draft or the error
+    that refuses that record alone (the others are unaffected)."""
+    check_fields(request, RECORD_BATCH_FIELDS)
     token = access_token(request)
+    records = request.get("records")
+    if not isinstance(records, list) or not 1 <= len(records) <= MAX_BATCH_RECORDS:
+        raise bad_request("records", f"must be a list of 1 to {MAX_BATCH_RECORDS} records")
+    drafts: list[RecordDraft | PerfdbError] = []
+    for fields in records:
+        try:
+            if not isinstance(fields, dict):
+                raise bad_request("record", f"must be an object, got {_json_type(fields)}")
+            check_fields(fields, BATCH_RECORD_FIELDS)
+            drafts.append(record_draft(fields))
+        except PerfdbError as exc:
+            drafts.append(exc)
+    return token, drafts
+
+
+def record_draft(fields: dict[str, Any]) -> RecordDraft:
+    """The draft of one record's fields (a record request's, or one of a record_batch's records)."""
     baseline_tag = None
-    if request.get("baseline_tag") is not None:
-        baseline_tag = _string("baseline_tag", request["baseline_tag"], MAX_NAME_CHARS, allow_empty=True)
-    if "scenario_result" not in request:
-        return token, dataclasses.replace(_draft(request), baseline_tag=baseline_tag)
+    if fields.get("baseline_tag") is not None:
+        baseline_tag = _string("baseline_tag", fields["baseline_tag"], MAX_NAME_CHARS, allow_empty=True)
+    if "scenario_result" not in fields:
+        draft = _draft(fields)
+        draft.baseline_tag = baseline_tag
+        return draft
     for field in ("metrics", "client_config", "server_config"):
-        if field in request:
+        if field in fields:
             raise bad_request(field, "cannot be combined with scenario_result")
-    mapped = map_scenario_result(request["scenario_result"])
-    fields = {
-        **request,
+    mapped = map_scenario_result(fields["scenario_result"])
+    mapped_fields = {
+        **fields,
         "metrics": mapped.metrics,
         "client_config": mapped.client_config,
         "server_config": mapped.server_config,
     }
-    if request.get("test_name") is None and mapped.name:
-        fields["test_name"] = mapped.name
-    return token, dataclasses.replace(_draft(fields, scenario=mapped.scenario), baseline_tag=baseline_tag)
+    if fields.get("test_name") is None and mapped.name:
+        mapped_fields["test_name"] = mapped.name
+    draft = _draft(mapped_fields, scenario=mapped.scenario)
+    draft.baseline_tag = baseline_tag
+    return draft
 
 
 def access_token(request: dict[str, Any]) -> str:

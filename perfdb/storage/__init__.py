@@ -2,6 +2,16 @@
 store, schema upgrades, the in-memory overview aggregates and offline repair."""
 
 from perfdb.storage.store import Page, ResultStore, StoreOpenError
-from perfdb.storage.writer import ImportAck, RecordAck, RecordDeletionAck, UserDeletionAck
+from perfdb.storage.writer import BatchAck, ImportAck, RecordAck, RecordDeletionAck, Settleable, UserDeletionAck
 
-__all__ = ["ImportAck", "Page", "RecordAck", "RecordDeletionAck", "ResultStore", "StoreOpenError", "UserDeletionAck"]
+__all__ = [
+    "BatchAck",
+    "ImportAck",
+    "Page",
+    "RecordAck",
+    "RecordDeletionAck",
+    "ResultStore",
+    "Settleable",
+    "StoreOpenError",
+    "UserDeletionAck",
+]

@@ -51,6 +51,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import orjson
 
@@ -152,6 +153,12 @@ def sortable_number_value(encoded: bytes) -> float:
     return value
 
 
+# (metric, prefix of its entries, prefix of the entries of records that lack it), per indexed metric.
+_METRIC_INDEX_PREFIXES = tuple(
+    (metric, metric_index_prefix(metric), metric_lacking_prefix(metric)) for metric in INDEXED_METRICS
+)
+
+
 def metric_number(metrics: object, metric: str) -> int | float | None:
     """A record's value of a metric if it is a number (bools are not), else None."""
     value = metrics.get(metric) if isinstance(metrics, dict) else None
@@ -182,12 +189,19 @@ def record_index_entries(
         (tag_index_prefix(tag) + rid, orjson.dumps([user_id, test_name])),
     ]
     fields = orjson.dumps([user_id, test_name, tag])
-    for metric in INDEXED_METRICS:
-        number = metric_number(metrics, metric)
-        if number is None:
-            entries.append((metric_lacking_prefix(metric) + rid, fields))
+    values: dict[str, Any] = metrics if isinstance(metrics, dict) else {}
+    # sortable_number inlined, with the prefixes computed once: this runs for every metric of
+    # every record the writer stores.
+    pack_double, unpack_bits, pack_bits = _DOUBLE.pack, _BITS.unpack, _BITS.pack
+    for metric, present, lacking in _METRIC_INDEX_PREFIXES:
+        number: Any = values.get(metric)
+        kind = type(number)
+        if kind is float or kind is int:
+            bits: int = unpack_bits(pack_double(float(number) + 0.0))[0]
+            sortable = pack_bits(bits ^ _ALL_BITS if bits & _SIGN_BIT else bits | _SIGN_BIT)
+            entries.append((present + sortable + rid, fields))
         else:
-            entries.append((metric_index_prefix(metric) + sortable_number(number) + rid, fields))
+            entries.append((lacking + rid, fields))
     return entries
 
 

@@ -47,7 +47,15 @@ from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview, Row
 from perfdb.storage.series import BucketGrid, MetricSeries
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
-from perfdb.storage.writer import GroupCommitWriter, ImportAck, RecordAck, RecordDeletionAck, UserDeletionAck
+from perfdb.storage.writer import (
+    BatchAck,
+    GroupCommitWriter,
+    ImportAck,
+    RecordAck,
+    RecordDeletionAck,
+    Settleable,
+    UserDeletionAck,
+)
 
 log = logging.getLogger("perfdb.storage")
 
@@ -397,6 +405,12 @@ class ResultStore:
 
     def submit(self, profile: Profile, draft: RecordDraft) -> asyncio.Future[RecordAck]:
         return self.writer.submit(profile, draft)
+
+    def submit_to(self, profile: Profile, draft: RecordDraft, outcome: Settleable) -> None:
+        self.writer.submit_to(profile, draft, outcome)
+
+    def submit_batch(self, profile: Profile, drafts: list[RecordDraft]) -> asyncio.Future[BatchAck]:
+        return self.writer.submit_batch(profile, drafts)
 
     async def restore(
         self,

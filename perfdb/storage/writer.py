@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import plyvel
@@ -55,6 +55,17 @@ USER_DELETION_CHUNK = 1000
 # A chunk also ends once the records it read add up to this many bytes, so that a user with
 # large records (up to some 200 KiB each) does not hold hundreds of MiB in the writer.
 USER_DELETION_BYTES = 8 * 1024 * 1024
+
+
+class Settleable(Protocol):
+    """What a write item's outcome is handed to, on the event loop: an asyncio future, or
+    anything with the same three methods (the dispatcher's pending record replies)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,7 +143,23 @@ class Submission:
 
     profile: Profile
     draft: RecordDraft
+    future: Settleable
+
+
+@dataclasses.dataclass(slots=True)
+class BatchSubmission:
+    """A client's record_batch: its records, stored in one write batch (never split)."""
+
+    profile: Profile
+    drafts: list[RecordDraft]
     future: asyncio.Future[Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchAck:
+    """Each record of a record_batch: its ack, or the error that refused it alone."""
+
+    outcomes: tuple[RecordAck | PerfdbError, ...]
 
 
 @dataclasses.dataclass(slots=True)
@@ -178,10 +205,10 @@ class UserRemoval:
             self.index_resume = key
 
 
-WriteItem = Submission | Restoration | RecordRemoval | UserRemoval | StoredVerdicts
-AnsweredItem = Submission | Restoration | RecordRemoval | UserRemoval
-Ack = RecordAck | ImportAck | RecordDeletionAck | UserDeletionAck
-Outcome = tuple[asyncio.Future[Any], Ack | PerfdbError]
+WriteItem = Submission | BatchSubmission | Restoration | RecordRemoval | UserRemoval | StoredVerdicts
+AnsweredItem = Submission | BatchSubmission | Restoration | RecordRemoval | UserRemoval
+Ack = RecordAck | BatchAck | ImportAck | RecordDeletionAck | UserDeletionAck
+Outcome = tuple[Settleable, Ack | PerfdbError]
 _DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
 
 
@@ -516,6 +543,17 @@ class GroupCommitWriter:
         self._enqueue(Submission(profile, draft, future))
         return future
 
+    def submit_to(self, profile: Profile, draft: RecordDraft, outcome: Settleable) -> None:
+        """Queue a record whose RecordAck (or PerfdbError) goes to `outcome` once it is durable,
+        on the event loop: submit without a future of its own, for the ingest path."""
+        self._enqueue(Submission(profile, draft, outcome))
+
+    def submit_batch(self, profile: Profile, drafts: list[RecordDraft]) -> asyncio.Future[BatchAck]:
+        """Queue a record_batch's records; they are committed together, in one write batch."""
+        future: asyncio.Future[BatchAck] = self._loop.create_future()
+        self._enqueue(BatchSubmission(profile, drafts, future))
+        return future
+
     def restore(
         self,
         records: list[ImportedRecord],
@@ -614,6 +652,8 @@ class GroupCommitWriter:
             return len(item.records) + len(item.tombstones)
         if isinstance(item, StoredVerdicts):
             return 0  # small puts riding along: they never keep a record out of a batch
+        if isinstance(item, BatchSubmission):
+            return len(item.drafts)
         return self._user_chunk if isinstance(item, UserRemoval) else 1
 
     def _commit(self, items: list[WriteItem]) -> None:
@@ -661,7 +701,8 @@ class GroupCommitWriter:
             items, outcomes = work
             judged = self._judge(items, outcomes)
             # Queued before the acks go out: a write acknowledged after them is committed after these verdicts.
-            stored = [(ack.record_id, ack.user_id, ack.verdicts) for _, ack in judged if isinstance(ack, RecordAck)]
+            acks = [ack for _, outcome in judged for ack in _record_acks(outcome)]
+            stored = [(ack.record_id, ack.user_id, ack.verdicts) for ack in acks]
             verdicts = StoredVerdicts.of(stored)
             if verdicts is not None:
                 self._queue.put(verdicts)
@@ -721,7 +762,10 @@ class GroupCommitWriter:
             if isinstance(item, StoredVerdicts):
                 batch.add_verdicts(item)
             elif isinstance(item, Submission):
-                outcomes.append((item.future, self._add_submission(batch, item)))
+                outcomes.append((item.future, self._add_submission(batch, item.profile, item.draft)))
+            elif isinstance(item, BatchSubmission):
+                acks = tuple(self._add_submission(batch, item.profile, draft) for draft in item.drafts)
+                outcomes.append((item.future, BatchAck(acks)))
             elif isinstance(item, Restoration):
                 outcomes.append((item.future, self._add_restoration(batch, item)))
             elif isinstance(item, RecordRemoval):
@@ -851,18 +895,11 @@ class GroupCommitWriter:
             return outcomes
         judged: list[Outcome] = []
         for item, (future, outcome) in zip(items, outcomes, strict=True):
-            if isinstance(item, Submission):
-                if isinstance(outcome, RecordAck) and not outcome.duplicate:
-                    draft = item.draft
-                    try:
-                        verdicts = detector.judge_and_join(
-                            outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
-                            better=draft.better, baseline_tag=draft.baseline_tag,
-                        )  # fmt: skip
-                    except Exception:  # the record is durable: a failed verdict must not fail its ack
-                        log.exception("verdicts of record %s failed", outcome.record_id)
-                        verdicts = []
-                    outcome = dataclasses.replace(outcome, verdicts=tuple(verdicts))
+            if isinstance(item, Submission) and isinstance(outcome, RecordAck | PerfdbError):
+                outcome = self._with_verdicts(outcome, item.draft)
+            elif isinstance(item, BatchSubmission) and isinstance(outcome, BatchAck):
+                acks = zip(outcome.outcomes, item.drafts, strict=True)
+                outcome = BatchAck(tuple(self._with_verdicts(ack, draft) for ack, draft in acks))
             elif isinstance(item, Restoration) and isinstance(outcome, ImportAck):
                 for record in item.records:
                     if record.record_id in outcome.stored_ids:
@@ -875,8 +912,21 @@ class GroupCommitWriter:
         detector.batch_committed()
         return judged
 
-    def _add_submission(self, batch: _Batch, submission: Submission) -> RecordAck | PerfdbError:
-        profile, draft = submission.profile, submission.draft
+    def _with_verdicts(self, outcome: RecordAck | PerfdbError, draft: RecordDraft) -> RecordAck | PerfdbError:
+        """A new record's ack with its verdicts (on the verdict thread, once it is durable)."""
+        if not isinstance(outcome, RecordAck) or outcome.duplicate:
+            return outcome
+        try:
+            verdicts = self.detector.judge_and_join(
+                outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
+                better=draft.better, baseline_tag=draft.baseline_tag,
+            )  # fmt: skip
+        except Exception:  # the record is durable: a failed verdict must not fail its ack
+            log.exception("verdicts of record %s failed", outcome.record_id)
+            verdicts = []
+        return dataclasses.replace(outcome, verdicts=tuple(verdicts))
+
+    def _add_submission(self, batch: _Batch, profile: Profile, draft: RecordDraft) -> RecordAck | PerfdbError:
         if draft.request_id is not None:
             earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
             if earlier is not None:
@@ -1011,6 +1061,15 @@ def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> Record
         # Damaged: treat the request as new (its entry is rewritten) rather than fail the batch.
         log.error("idempotency entry %r is damaged; treating the request as new", request_key[:80])
         return None
+
+
+def _record_acks(outcome: Ack | PerfdbError) -> list[RecordAck]:
+    """The record acks in an outcome: a record's, or each stored record's of a record_batch."""
+    if isinstance(outcome, RecordAck):
+        return [outcome]
+    if isinstance(outcome, BatchAck):
+        return [ack for ack in outcome.outcomes if isinstance(ack, RecordAck)]
+    return []
 
 
 def _settle(outcomes: list[Outcome]) -> None:

@@ -1347,3 +1347,79 @@ def deletion_round(
     if not round_problems:
         shutil.rmtree(database)
     return round_problems, left
+
+
+async def test_a_record_batch_survives_kill_9_whole_once_acknowledged_and_is_never_half_stored(
+    tmp_path: Path, servers: ServerLauncher, rng: random.Random
+) -> None:
+    """Batches are pipelined and the server is killed once some are acknowledged: after the
+    restart every acknowledged batch is stored whole under the record ids it was told, and every
+    other batch is stored whole or not at all (one write batch each)."""
+    server = servers.start(tmp_path / "db")
+    token = TOKENS[0]
+    batch_size = 200
+    batches: list[list[dict[str, Any]]] = [
+        [
+            {
+                "test_name": f"batch_kill_{index % 3}",
+                "request_id": f"kill-{number}-{index}",
+                "metrics": {"qps": rng.uniform(1e3, 1e6), "batch": number, "index": index},
+                "sys_info": {"padding": "p" * rng.randint(0, 400)},
+            }
+            for index in range(batch_size)
+        ]
+        for number in range(80)
+    ]
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    acknowledged: dict[int, list[str]] = {}
+
+    async def send_all() -> None:
+        for number, records in enumerate(batches):
+            request = {"op": "record_batch", "id": number, "access_token": token, "records": records}
+            writer.write(orjson.dumps(request) + b"\n")
+            await writer.drain()
+
+    sending = asyncio.create_task(send_all())
+    async with asyncio.timeout(STREAMS_END_SECONDS * 3):
+        while len(acknowledged) < 5:
+            reply = orjson.loads(await reader.readline())
+            assert reply["ok"], reply
+            acknowledged[reply["id"]] = [result["record_id"] for result in reply["results"]]
+        server.kill()
+        # Replies already on their way count as acknowledged too (until the end or a reset).
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                with contextlib.suppress(orjson.JSONDecodeError):  # a line cut short by the kill
+                    reply = orjson.loads(line)
+                    acknowledged[reply["id"]] = [result["record_id"] for result in reply["results"]]
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+        await sending
+    writer.close()
+    assert len(acknowledged) < len(batches), "every batch was acknowledged before the kill: nothing was tested"
+    server.restart()
+    server.wait_listening()
+    connection = await Connection.open(server.port)
+    try:
+        stored: dict[str, dict[str, Any]] = {}
+        cursor = None
+        async with asyncio.timeout(READ_BACK_SECONDS):
+            while True:
+                page = await connection.request(
+                    "get_user", user_id=BOT_TOKENS[token], limit=1000, **({"cursor": cursor} if cursor else {})
+                )
+                assert page["ok"], page
+                stored.update((record["request_id"], record) for record in page["records"])
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+    finally:
+        await connection.close()
+    for number, records in enumerate(batches):
+        present: list[dict[str, Any] | None] = [stored.get(record["request_id"]) for record in records]
+        if number in acknowledged:
+            assert [record["record_id"] if record else None for record in present] == acknowledged[number]
+        else:
+            assert all(present) or not any(present), f"batch {number} is half stored"
+        for record, sent in zip(present, records, strict=True):
+            assert record is None or record["metrics"] == sent["metrics"]
