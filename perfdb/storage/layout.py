@@ -24,6 +24,8 @@
     e:<record_id>                -> {"note", "excluded_at", "excluded_by"} (JSON): the record is left out of
                                     baselines and alerts (the record itself is never rewritten)
     w:<alert_id>                 -> the alert (JSON); alert ids sort by creation time like record ids
+    v:<record_id>                -> the record's samples (checksummed JSON), when it has any: kept out of
+                                    the record so that table reads never decode them
     n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
                                  -> alert_id: the change point at that record already has its alert
 
@@ -73,6 +75,7 @@ AUDIT_PREFIX = b"a:"
 EXCLUSION_PREFIX = b"e:"
 ALERT_PREFIX = b"w:"  # not a: (the audit log's)
 ALERTED_POINT_PREFIX = b"n:"
+SAMPLES_PREFIX = b"v:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -187,10 +190,15 @@ def record_index_entries(
 
 
 def record_keys(record_id: str, user_id: str, test_name: str, tag: str, metrics: object) -> list[bytes]:
-    """Every key a record owns: the record itself, then its index entries (not its idempotency
-    key, which only records with a request_id have; see idempotency_key)."""
+    """Every key a record owns: the record itself, its samples (if it has any), then its index
+    entries (not its idempotency key, which only records with a request_id have; see
+    idempotency_key)."""
     entries = record_index_entries(record_id, user_id, test_name, tag, metrics)
-    return [record_key(record_id, user_id), *(key for key, _ in entries)]
+    return [record_key(record_id, user_id), samples_key(record_id), *(key for key, _ in entries)]
+
+
+def samples_key(record_id: str) -> bytes:
+    return SAMPLES_PREFIX + record_id.encode()
 
 
 def record_counts(user_id: str, test_name: str, tag: str) -> list[bytes]:
