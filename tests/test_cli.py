@@ -50,6 +50,7 @@ COMMANDS = (
     "delete-user", "audit", "regressions", "alert",
 )  # fmt: skip
 RECORD_ID = r"[0-9a-f]{20}"
+SUBMIT_SUMMARY = re.compile(r"perfdb: .+: [a-z-]+: (\d+) stored, (\d+) duplicate, (\d+) refused$")
 CSV_HEADER = [
     "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
     "perc_lat_95", "perc_lat_99", "perc_lat_99_point_9", "server_system_time", "server_user_time",
@@ -96,8 +97,8 @@ class CliResult:
         return self.out.splitlines()
 
     def error_line(self) -> str:
-        """The one line a failing command writes to stderr."""
-        lines = self.err.splitlines()
+        """The one line a failing command writes to stderr (besides submit's summary of each file)."""
+        lines = [line for line in self.err.splitlines() if not SUBMIT_SUMMARY.match(line)]
         assert len(lines) == 1, f"expected one line on stderr from {self.args}, got:\n{self.err}"
         assert lines[0].startswith("perfdb: "), lines[0]
         return lines[0]
@@ -358,7 +359,7 @@ def test_submit_real_grpc_results_and_read_them_back(server: RunningServer) -> N
     assert len(lines) == len(paths), result.out
     ids = [stored_ids([line], path)[0] for line, path in zip(lines, paths, strict=True)]
     assert len(set(ids)) == len(ids)
-    assert result.err == ""
+    assert result.err.splitlines() == [f"perfdb: {path}: grpc: 1 stored, 0 duplicate, 0 refused" for path in paths]
 
     records = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
     assert [record["record_id"] for record in records] == ids  # oldest first
@@ -489,9 +490,12 @@ def test_bad_input_does_not_stop_the_other_files_and_wins_the_exit_code(server: 
     result = perfdb("submit", str(bad), good, str(refused), "--token-file", str(server.bot_token_file), server=server)
     assert result.returncode == 4  # unreadable input takes precedence over a refusal
     stored_ids(result.lines(), good)
-    errors = result.err.splitlines()
+    errors = [line for line in result.err.splitlines() if not SUBMIT_SUMMARY.match(line)]
     assert len(errors) == 2, result.err
     assert str(bad) in errors[0] and str(refused) in errors[1]
+    summaries = [line for line in result.err.splitlines() if SUBMIT_SUMMARY.match(line)]
+    assert summaries == [f"perfdb: {good}: grpc: 1 stored, 0 duplicate, 0 refused",
+                         f"perfdb: {refused}: grpc: 0 stored, 0 duplicate, 1 refused"]  # fmt: skip
     assert stats(server)["records"] == 1
 
 
@@ -501,7 +505,7 @@ def test_a_record_the_server_refuses_exits_1_with_its_code(server: RunningServer
     result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
     assert result.returncode == 1
     line = result.error_line()
-    assert line.startswith(f"perfdb: {path} (record 1): bad_request: metrics"), line
+    assert line.startswith(f"perfdb: {path} (record 1: unary): bad_request: metrics"), line
     assert result.out == ""
     assert stats(server)["records"] == 0
 
@@ -513,7 +517,7 @@ def test_a_refusal_inside_a_file_reports_exactly_what_was_stored(server: Running
     path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
     result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
     assert result.returncode == 1
-    assert result.error_line().startswith(f"perfdb: {path} (record 3): bad_request: metrics"), result.err
+    assert result.error_line().startswith(f"perfdb: {path} (record 3: mixed): bad_request: metrics"), result.err
     printed = stored_ids(result.lines(), str(path))
     assert len(printed) >= 2  # the records before the refused one
     stored = [record["record_id"] for record in records_of(ok("get-user", BOT_USER, "--format", "json", server=server))]

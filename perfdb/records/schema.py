@@ -538,12 +538,15 @@ def _source(value: Any) -> dict[str, str] | None:
         if field not in SOURCE_FIELDS:
             raise bad_request(f"source.{quote_input(field)}", f"unknown field; use {', '.join(SOURCE_FIELDS)}")
     source = {}
-    for field in SOURCE_FIELDS:
-        text = optional_string(value, field, MAX_SOURCE_CHARS) if field in value else None
-        if field == "commit_time" and text is not None:
-            text = format_micros(_timestamp(value, field) or 0)
-        if text is not None:
-            source[field] = text
+    try:
+        for field in SOURCE_FIELDS:
+            text = optional_string(value, field, MAX_SOURCE_CHARS)
+            if field == "commit_time" and text is not None:
+                text = format_micros(_timestamp(value, field) or 0)
+            if text is not None:
+                source[field] = text
+    except PerfdbError as error:
+        raise PerfdbError(ErrorCode.BAD_REQUEST, f"source.{error.message}") from None
     return source or None
 
 
