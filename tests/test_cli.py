@@ -155,7 +155,11 @@ class Secrets:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Secrets:
-    directory = tmp_path_factory.mktemp("secrets")
+    return make_secrets(tmp_path_factory.mktemp("secrets"))
+
+
+def make_secrets(directory: Path) -> Secrets:
+    """The bot's and the lab's static tokens and the admin key, in files in `directory`."""
     tokens_file = directory / "tokens.json"
     tokens_file.write_bytes(
         orjson.dumps(
