@@ -476,6 +476,46 @@ def test_a_file_that_is_not_json_exits_4_naming_it(server: RunningServer, tmp_pa
     assert stats(server)["records"] == 0
 
 
+def test_a_json_file_of_no_known_format_exits_4_naming_the_formats_tried(server: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "other.json"
+    path.write_bytes(orjson.dumps({"name": "my benchmark", "seconds": 1.5}))
+    result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 4
+    line = result.error_line()
+    assert line.startswith(f"perfdb: {path}: no benchmark format recognised"), line
+    assert "formats tried: grpc, google-benchmark, pytest-benchmark, pyperf, hyperfine, jmh, go, criterion" in line
+    assert "test_name" not in line
+    wrong = FIXTURES / "tools" / "hyperfine" / "commands.json"
+    named = perfdb("submit", str(wrong), "--format", "jmh", "--token-file", str(server.bot_token_file), server=server)
+    assert named.returncode == 4
+    assert named.error_line().startswith(f"perfdb: {wrong}: not JMH JSON (-rf json): expected a list"), named.err
+    assert stats(server)["records"] == 0
+
+
+def test_a_tools_file_is_submitted_one_record_per_benchmark_and_once(server: RunningServer) -> None:
+    path = str(FIXTURES / "tools" / "criterion" / "many.txt")
+    token = ("--token-file", str(server.bot_token_file))
+    first = ok("submit", path, "--tag", "nightly", *token, server=server)
+    ids = stored_ids(first.lines(), path)
+    assert len(ids) == 5
+    assert first.err == f"perfdb: {path}: criterion: 5 stored, 0 duplicate, 0 refused\n"
+    again = ok("submit", path, "--tag", "nightly", "--format", "criterion", *token, server=server)
+    assert stored_ids(again.lines(), path, "duplicate") == ids
+    assert again.err == f"perfdb: {path}: criterion: 0 stored, 5 duplicate, 0 refused\n"
+    records = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
+    assert [record["test_name"] for record in records] == [
+        "file", "rolling_file", "tracing_file", "tracing_rolling_file", "benchmark: name with spaces",
+    ]  # fmt: skip
+    assert records[2]["metrics"] == {"time_lower": 16652.0, "time": 18019.0, "time_upper": 19562.0}
+    assert records[2]["units"] == {"time_lower": "ns", "time": "ns", "time_upper": "ns"}
+    assert all(record["tag"] == "nightly" for record in records)
+
+
+def test_submit_help_lists_the_formats() -> None:
+    text = " ".join(ok("submit", "--help").out.split())
+    assert "--format {auto,grpc,google-benchmark,pytest-benchmark,pyperf,hyperfine,jmh,go,criterion}" in text
+
+
 def test_a_scenario_input_file_exits_4_naming_it(server: RunningServer) -> None:
     path = str(FIXTURES / "test-infra_cxx_example_scenario.json")
     result = perfdb("submit", path, "--token-file", str(server.bot_token_file), server=server)

@@ -565,8 +565,10 @@ def _samples(value: Any) -> dict[str, list[int | float]] | None:
             raise bad_request(
                 field, f"names are 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'"
             )
-        if not isinstance(values, list) or not values:
-            raise bad_request(field, f"must be a non-empty list of numbers, got {_json_type(values)}")
+        if not isinstance(values, list):
+            raise bad_request(field, f"must be a list of numbers, got {_json_type(values)}")
+        if not values:
+            raise bad_request(field, "must hold at least one number")
         count += len(values)
         if count > MAX_SAMPLES:
             raise bad_request("samples", f"more than {MAX_SAMPLES} values")
