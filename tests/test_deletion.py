@@ -794,11 +794,11 @@ def expected_counts(records: list[dict[str, Any]]) -> dict[bytes, int]:
 
 
 def expected_index_entries(records: list[dict[str, Any]]) -> set[bytes]:
-    """The keys of these records' index entries (record_keys after the record's own key)."""
+    """The keys of these records' index entries."""
     return {
         key
         for r in records
-        for key in layout.record_keys(r["record_id"], r["user_id"], r["test_name"], r["tag"], r["metrics"])[1:]
+        for key, _ in layout.record_index_entries(r["record_id"], r["user_id"], r["test_name"], r["tag"], r["metrics"])
     }
 
 

@@ -47,12 +47,17 @@ async def test_units_run_time_source_and_samples_are_stored_and_read_back(tmp_pa
 
 
 async def test_samples_live_under_their_own_key_and_go_with_the_record(tmp_path: Path) -> None:
-    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("admin-key-for-samples")
+    async with perfdb_with_provider(tmp_path, admin_key_file=key_file) as (server, _), connect(server) as conn:
         kept = await conn.request(**record_request(test_name="kept", samples={"time": [1.0]}))
         doomed = await conn.request(**record_request(test_name="doomed", samples={"time": [2.0, 3.0]}))
         none = await conn.request(**record_request(test_name="none"))
+        bobs = await conn.request(**record_request(token="user-bob", samples={"time": [4.0]}))
         deleted = await conn.request("delete_record", record_id=doomed["record_id"], access_token="user-alice")
         assert deleted["ok"], deleted
+        gone = await conn.request("delete_user", user_id="bob", admin_key="admin-key-for-samples")
+        assert gone["ok"] and bobs["ok"], gone
         [no_samples] = (await conn.request("get_user", user_id="alice", test_name="none", samples=True))["records"]
     assert "samples" not in no_samples
     db = plyvel.DB(str(tmp_path / "db"))
@@ -62,7 +67,7 @@ async def test_samples_live_under_their_own_key_and_go_with_the_record(tmp_path:
             _, record = next(records)
     finally:
         db.close()
-    assert stored == {kept["record_id"]}  # the deleted record's samples went with it; "none" has none
+    assert stored == {kept["record_id"]}  # the deleted records' samples went with them; "none" has none
     assert b"samples" not in bytes(layout.unseal(record))
     assert none["ok"]
 

@@ -190,11 +190,11 @@ def record_index_entries(
 
 
 def record_keys(record_id: str, user_id: str, test_name: str, tag: str, metrics: object) -> list[bytes]:
-    """Every key a record owns: the record itself, its samples (if it has any), then its index
-    entries (not its idempotency key, which only records with a request_id have; see
-    idempotency_key)."""
+    """Every key a record owns: the record itself, its index entries, then its samples' key (which
+    holds nothing when it has none); not its idempotency key, which only records with a
+    request_id have (see idempotency_key)."""
     entries = record_index_entries(record_id, user_id, test_name, tag, metrics)
-    return [record_key(record_id, user_id), samples_key(record_id), *(key for key, _ in entries)]
+    return [record_key(record_id, user_id), *(key for key, _ in entries), samples_key(record_id)]
 
 
 def samples_key(record_id: str) -> bytes:
