@@ -230,8 +230,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                     progress.advance()
                     if isinstance(outcome, PerfdbClientError):
                         counts["refused"] += 1
-                        print(f"perfdb: {name}{_entry(requests, outcome.index)}: {outcome.code}: {outcome.message}",
-                              file=sys.stderr)  # fmt: skip
+                        where = _entry(requests, outcome.index)
+                        print(f"perfdb: {name}{where}: {outcome.code}: {outcome.message}", file=sys.stderr)
                     else:
                         state = "duplicate" if outcome["duplicate"] else "stored"
                         counts[state] += 1
@@ -249,8 +249,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
                 progress.finish()
                 sys.stdout.flush()
             refused += counts["refused"]
-            print(f"perfdb: {name}: {file_format}: " + ", ".join(f"{n} {state}" for state, n in counts.items()),
-                  file=sys.stderr)  # fmt: skip
+            summary = ", ".join(f"{count} {state}" for state, count in counts.items())
+            print(f"perfdb: {name}: {file_format}: {summary}", file=sys.stderr)
     if unreadable:
         return EXIT_BAD_INPUT
     if regressed and args.fail_on_regression:

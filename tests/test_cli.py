@@ -538,8 +538,10 @@ def test_bad_input_does_not_stop_the_other_files_and_wins_the_exit_code(server: 
     assert len(errors) == 2, result.err
     assert str(bad) in errors[0] and str(refused) in errors[1]
     summaries = [line for line in result.err.splitlines() if SUBMIT_SUMMARY.match(line)]
-    assert summaries == [f"perfdb: {good}: grpc: 1 stored, 0 duplicate, 0 refused",
-                         f"perfdb: {refused}: grpc: 0 stored, 0 duplicate, 1 refused"]  # fmt: skip
+    assert summaries == [
+        f"perfdb: {good}: grpc: 1 stored, 0 duplicate, 0 refused",
+        f"perfdb: {refused}: grpc: 0 stored, 0 duplicate, 1 refused",
+    ]
     assert stats(server)["records"] == 1
 
 

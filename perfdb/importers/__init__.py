@@ -39,10 +39,12 @@ def import_file(data: bytes, name: str, file_format: str = AUTO) -> tuple[str, l
         return file_format, IMPORTERS[file_format].parse(data, name)
     if not data.strip():
         raise ImportFormatError(f"{name}: empty: expected one of {', '.join(FORMATS)}")
+    json_error = None
     try:
         document: Any = orjson.loads(data)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
         document = None  # a text format, a JSON file cut short, or one JSON document per line
+        json_error = exc
     failures: list[str] = []
     for candidate, module in IMPORTERS.items():
         if module.looks_like(data, document):
@@ -53,7 +55,12 @@ def import_file(data: bytes, name: str, file_format: str = AUTO) -> tuple[str, l
     tried = ", ".join(FORMATS)
     if failures:
         raise ImportFormatError(f"{name}: {'; '.join(failures)} (formats tried: {tried}; or give --format)")
-    what = "a JSON document of no known shape" if document is not None else "not one of them (nor complete JSON)"
+    if document is not None:
+        what = "a JSON document of no known shape"
+    elif data.lstrip()[:1] in (b"{", b"["):
+        what = f"JSON that does not parse, perhaps cut short ({json_error})"
+    else:
+        what = "text of no known shape"
     raise ImportFormatError(
         f"{name}: no benchmark format recognised, {what} (formats tried: {tried}; or give --format)"
     )
