@@ -176,3 +176,13 @@ def test_go(server: test_cli.RunningServer, tmp_path: Path) -> None:
             assert record["metrics"]["throughput"] == float(Decimal(figures["MB/s"]) * 1_000_000)
             assert record["metrics"]["widgets_per_op"] == float(figures["widgets/op"])
         assert record["sys_info"]["goos"] and record["units"]["time"] == "ns"
+
+
+def test_a_missing_tool_skips_unless_tools_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PERFDB_REQUIRE_TOOLS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="frobnicator is not installed"):
+        require_tool(False, "frobnicator")
+    monkeypatch.setenv("PERFDB_REQUIRE_TOOLS", "1")
+    with pytest.raises(pytest.fail.Exception, match="PERFDB_REQUIRE_TOOLS=1 but frobnicator is not installed"):
+        require_tool(False, "frobnicator")
+    require_tool(True, "frobnicator")  # present: nothing happens
