@@ -22,8 +22,8 @@ from perfdb import __version__
 from perfdb.client import AsyncClient, PerfdbClientError, tls_context
 from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
 from perfdb.config import DEFAULT_ADDRESS, positive_int
+from perfdb.importers import AUTO, FORMATS, ImportFormatError, import_file
 from perfdb.protocol.addresses import AddressError
-from perfdb.records.schema import RECORD_FIELDS
 from perfdb.records.sysinfo import collect_sys_info
 from perfdb.records.units import CORE_METRICS, format_value
 
@@ -37,8 +37,6 @@ EXIT_BAD_INPUT = 4  # an input file could not be read or understood
 # Version 2 added tombstone lines (deleted record ids); version 1 dumps import as before.
 DUMP_HEADER = {"format": "perfdb-dump", "version": 2}
 DUMP_VERSIONS = (1, 2)
-# What a record file may carry into a record request; the token comes from the command line.
-SUBMITTED_FIELDS = RECORD_FIELDS - {"op", "id", "access_token"}
 IMPORT_BATCH_RECORDS = 1000  # records, or tombstones, per import request: the server's bound
 
 
@@ -112,44 +110,6 @@ def read_secret(path: str | None, env_var: str, prompt: str, what: str) -> str:
     if not secret:
         raise InputError(f"the {what} is empty")
     return secret
-
-
-def _json_object(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise InputError(f"{where}: not JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise InputError(f"{where}: expected a JSON object")
-    return document
-
-
-def read_documents(stream: IO[bytes], name: str) -> Iterator[dict[str, Any]]:
-    """The JSON objects in a file: one document (pretty-printed or not), or one per line."""
-    first = stream.readline()
-    try:
-        complete_first_line = isinstance(orjson.loads(first), dict) if first.strip() else False
-    except orjson.JSONDecodeError:
-        complete_first_line = False
-    if not complete_first_line:
-        # Not a complete object on the first line: the whole file is one document.
-        yield _json_object(first + stream.read(), name)
-        return
-    yield _json_object(first, f"{name}: line 1")
-    for number, line in enumerate(stream, start=2):
-        if line.strip():
-            yield _json_object(line, f"{name}: line {number}")
-
-
-def record_fields(document: dict[str, Any], name: str) -> dict[str, Any]:
-    """Request fields for one document: a gRPC ScenarioResult or a perfdb record."""
-    if "summary" in document and "metrics" not in document:
-        return {"scenario_result": document}
-    if "scenarios" in document:
-        raise InputError(f"{name}: a scenario input file (what qps_json_driver reads), not a result")
-    if "metrics" in document or "scenario_result" in document:
-        return {key: value for key, value in document.items() if key in SUBMITTED_FIELDS}
-    raise InputError(f"{name}: neither a gRPC ScenarioResult nor a perfdb record (no summary or metrics)")
 
 
 def content_request_id(fields: dict[str, Any]) -> str:
@@ -254,34 +214,43 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     refused = unreadable = regressed = 0
     async with make_client(args) as client:
         for name in args.files:
-            progress = Progress(f"submitting {name}")
             try:
-                with _open_input(name) as stream:
-                    requests = _submission_requests(stream, name, overrides, token)
-                    async for outcome in client.record_outcomes(requests, window=args.window):
-                        progress.advance()
-                        if isinstance(outcome, PerfdbClientError):
-                            refused += 1
-                            where = f" (record {outcome.index + 1})" if outcome.index is not None else ""
-                            print(f"perfdb: {name}{where}: {outcome.code}: {outcome.message}", file=sys.stderr)
-                        else:
-                            state = "duplicate" if outcome["duplicate"] else "stored"
-                            print(f"{name}: {outcome['record_id']} {state}", flush=False)
-                            for verdict in outcome.get("verdicts", ()):
-                                if verdict["status"] == "regression":
-                                    regressed += 1
-                                    print(f"{name}: {outcome['record_id']} {describe_regression(verdict)}", flush=False)
+                # The whole file is understood before anything is sent: bad input stores nothing.
+                file_format, requests = await asyncio.to_thread(
+                    _submission_requests, name, args.format, overrides, token
+                )
             except InputError as exc:
                 unreadable += 1
                 print(f"perfdb: {exc}", file=sys.stderr)
+                continue
+            progress = Progress(f"submitting {name}", len(requests))
+            counts = {"stored": 0, "duplicate": 0, "refused": 0}
+            try:
+                async for outcome in client.record_outcomes(requests, window=args.window):
+                    progress.advance()
+                    if isinstance(outcome, PerfdbClientError):
+                        counts["refused"] += 1
+                        where = _entry(requests, outcome.index)
+                        print(f"perfdb: {name}{where}: {outcome.code}: {outcome.message}", file=sys.stderr)
+                    else:
+                        state = "duplicate" if outcome["duplicate"] else "stored"
+                        counts[state] += 1
+                        print(f"{name}: {outcome['record_id']} {state}", flush=False)
+                        for verdict in outcome.get("verdicts", ()):
+                            if verdict["status"] == "regression":
+                                regressed += 1
+                                print(f"{name}: {outcome['record_id']} {describe_regression(verdict)}", flush=False)
             except PerfdbClientError as exc:
                 if exc.code in (CONNECTION_FAILED, TIMEOUT):
                     raise
-                refused += 1
+                counts["refused"] += len(requests) - counts["stored"] - counts["duplicate"]
                 print(f"perfdb: {name}: {exc.code}: {exc.message}", file=sys.stderr)
             finally:
                 progress.finish()
                 sys.stdout.flush()
+            refused += counts["refused"]
+            summary = ", ".join(f"{count} {state}" for state, count in counts.items())
+            print(f"perfdb: {name}: {file_format}: {summary}", file=sys.stderr)
     if unreadable:
         return EXIT_BAD_INPUT
     if regressed and args.fail_on_regression:
@@ -304,13 +273,33 @@ def describe_regression(verdict: dict[str, Any]) -> str:
 
 
 def _submission_requests(
-    stream: IO[bytes], name: str, overrides: dict[str, Any], token: str
-) -> Iterator[dict[str, Any]]:
-    for document in read_documents(stream, name):
-        fields = {**record_fields(document, name), **overrides}
+    name: str, file_format: str, overrides: dict[str, Any], token: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """(the file's format, its record requests); runs off the event loop (it reads the file)."""
+    with _open_input(name) as stream:
+        try:
+            data = stream.read()
+        except OSError as exc:
+            raise InputError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        found_format, entries = import_file(data, name, file_format)
+    except ImportFormatError as exc:
+        raise InputError(str(exc)) from None
+    requests = []
+    for entry in entries:
+        fields = {**entry, **overrides}
         if fields.get("request_id") is None:  # absent or null: derive it from the content
             fields["request_id"] = content_request_id({k: v for k, v in fields.items() if k != "request_id"})
-        yield {**fields, "access_token": token}
+        requests.append({**fields, "access_token": token})
+    return found_format, requests
+
+
+def _entry(requests: list[dict[str, Any]], index: int | None) -> str:
+    """Which entry of a file a refusal is about: its position and, when it has one, its test name."""
+    if index is None:
+        return ""
+    test_name = requests[index].get("test_name")
+    return f" (record {index + 1}: {test_name})" if isinstance(test_name, str) else f" (record {index + 1})"
 
 
 @contextlib.contextmanager
@@ -838,12 +827,23 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser(
         "submit",
         parents=[connection],
-        help="store results: gRPC ScenarioResult files, perfdb record JSON or NDJSON",
+        help="store results: gRPC ScenarioResult files, perfdb records, or other benchmark tools' output",
         description="Store results. Each FILE is a gRPC ScenarioResult (qps_json_driver --scenario_result_file), "
-        "a perfdb record as JSON, or NDJSON of records; '-' reads stdin. Prints one line per stored record. "
+        "a perfdb record as JSON, NDJSON of records, or another benchmark tool's output (see --format); "
+        "'-' reads stdin; gzip-compressed files are read too. Each benchmark in a file becomes one record. "
+        "Prints one line per stored record and, on stderr, a summary per file (stored, duplicate, refused). "
         "Submitting the same content twice stores it once.",
     )
     submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument(
+        "--format",
+        choices=(AUTO, *FORMATS),
+        default=AUTO,
+        help="what the files hold: auto (the default) detects it from the content; grpc (ScenarioResult or "
+        "perfdb records), google-benchmark (--benchmark_format=json), pytest-benchmark (--benchmark-json), "
+        "pyperf (its JSON), hyperfine (--export-json), go (go test -bench text, -benchmem too), criterion "
+        "(cargo bench text), jmh (-rf json)",
+    )
     submit.add_argument(
         "--token-file", help="file holding the OAuth access token (else $PERFDB_ACCESS_TOKEN, else a prompt)"
     )

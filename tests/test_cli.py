@@ -50,6 +50,7 @@ COMMANDS = (
     "delete-user", "audit", "regressions", "alert",
 )  # fmt: skip
 RECORD_ID = r"[0-9a-f]{20}"
+SUBMIT_SUMMARY = re.compile(r"perfdb: .+: [a-z-]+: (\d+) stored, (\d+) duplicate, (\d+) refused$")
 CSV_HEADER = [
     "record_id", "user_id", "timestamp", "test_name", "tag", "qps", "qps_per_core", "perc_lat_50", "perc_lat_90",
     "perc_lat_95", "perc_lat_99", "perc_lat_99_point_9", "server_system_time", "server_user_time",
@@ -96,8 +97,8 @@ class CliResult:
         return self.out.splitlines()
 
     def error_line(self) -> str:
-        """The one line a failing command writes to stderr."""
-        lines = self.err.splitlines()
+        """The one line a failing command writes to stderr (besides submit's summary of each file)."""
+        lines = [line for line in self.err.splitlines() if not SUBMIT_SUMMARY.match(line)]
         assert len(lines) == 1, f"expected one line on stderr from {self.args}, got:\n{self.err}"
         assert lines[0].startswith("perfdb: "), lines[0]
         return lines[0]
@@ -154,7 +155,11 @@ class Secrets:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Secrets:
-    directory = tmp_path_factory.mktemp("secrets")
+    return make_secrets(tmp_path_factory.mktemp("secrets"))
+
+
+def make_secrets(directory: Path) -> Secrets:
+    """The bot's and the lab's static tokens and the admin key, in files in `directory`."""
     tokens_file = directory / "tokens.json"
     tokens_file.write_bytes(
         orjson.dumps(
@@ -358,7 +363,7 @@ def test_submit_real_grpc_results_and_read_them_back(server: RunningServer) -> N
     assert len(lines) == len(paths), result.out
     ids = [stored_ids([line], path)[0] for line, path in zip(lines, paths, strict=True)]
     assert len(set(ids)) == len(ids)
-    assert result.err == ""
+    assert result.err.splitlines() == [f"perfdb: {path}: grpc: 1 stored, 0 duplicate, 0 refused" for path in paths]
 
     records = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
     assert [record["record_id"] for record in records] == ids  # oldest first
@@ -471,6 +476,46 @@ def test_a_file_that_is_not_json_exits_4_naming_it(server: RunningServer, tmp_pa
     assert stats(server)["records"] == 0
 
 
+def test_a_json_file_of_no_known_format_exits_4_naming_the_formats_tried(server: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "other.json"
+    path.write_bytes(orjson.dumps({"name": "my benchmark", "seconds": 1.5}))
+    result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
+    assert result.returncode == 4
+    line = result.error_line()
+    assert line.startswith(f"perfdb: {path}: no benchmark format recognised"), line
+    assert "formats tried: grpc, google-benchmark, pytest-benchmark, pyperf, hyperfine, jmh, go, criterion" in line
+    assert "test_name" not in line
+    wrong = FIXTURES / "tools" / "hyperfine" / "commands.json"
+    named = perfdb("submit", str(wrong), "--format", "jmh", "--token-file", str(server.bot_token_file), server=server)
+    assert named.returncode == 4
+    assert named.error_line().startswith(f"perfdb: {wrong}: not JMH JSON (-rf json): expected a list"), named.err
+    assert stats(server)["records"] == 0
+
+
+def test_a_tools_file_is_submitted_one_record_per_benchmark_and_once(server: RunningServer) -> None:
+    path = str(FIXTURES / "tools" / "criterion" / "many.txt")
+    token = ("--token-file", str(server.bot_token_file))
+    first = ok("submit", path, "--tag", "nightly", *token, server=server)
+    ids = stored_ids(first.lines(), path)
+    assert len(ids) == 5
+    assert first.err == f"perfdb: {path}: criterion: 5 stored, 0 duplicate, 0 refused\n"
+    again = ok("submit", path, "--tag", "nightly", "--format", "criterion", *token, server=server)
+    assert stored_ids(again.lines(), path, "duplicate") == ids
+    assert again.err == f"perfdb: {path}: criterion: 0 stored, 5 duplicate, 0 refused\n"
+    records = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
+    assert [record["test_name"] for record in records] == [
+        "file", "rolling_file", "tracing_file", "tracing_rolling_file", "benchmark: name with spaces",
+    ]  # fmt: skip
+    assert records[2]["metrics"] == {"time_lower": 16652.0, "time": 18019.0, "time_upper": 19562.0}
+    assert records[2]["units"] == {"time_lower": "ns", "time": "ns", "time_upper": "ns"}
+    assert all(record["tag"] == "nightly" for record in records)
+
+
+def test_submit_help_lists_the_formats() -> None:
+    text = " ".join(ok("submit", "--help").out.split())
+    assert "--format {auto,grpc,google-benchmark,pytest-benchmark,pyperf,hyperfine,jmh,go,criterion}" in text
+
+
 def test_a_scenario_input_file_exits_4_naming_it(server: RunningServer) -> None:
     path = str(FIXTURES / "test-infra_cxx_example_scenario.json")
     result = perfdb("submit", path, "--token-file", str(server.bot_token_file), server=server)
@@ -489,9 +534,14 @@ def test_bad_input_does_not_stop_the_other_files_and_wins_the_exit_code(server: 
     result = perfdb("submit", str(bad), good, str(refused), "--token-file", str(server.bot_token_file), server=server)
     assert result.returncode == 4  # unreadable input takes precedence over a refusal
     stored_ids(result.lines(), good)
-    errors = result.err.splitlines()
+    errors = [line for line in result.err.splitlines() if not SUBMIT_SUMMARY.match(line)]
     assert len(errors) == 2, result.err
     assert str(bad) in errors[0] and str(refused) in errors[1]
+    summaries = [line for line in result.err.splitlines() if SUBMIT_SUMMARY.match(line)]
+    assert summaries == [
+        f"perfdb: {good}: grpc: 1 stored, 0 duplicate, 0 refused",
+        f"perfdb: {refused}: grpc: 0 stored, 0 duplicate, 1 refused",
+    ]
     assert stats(server)["records"] == 1
 
 
@@ -501,7 +551,7 @@ def test_a_record_the_server_refuses_exits_1_with_its_code(server: RunningServer
     result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
     assert result.returncode == 1
     line = result.error_line()
-    assert line.startswith(f"perfdb: {path} (record 1): bad_request: metrics"), line
+    assert line.startswith(f"perfdb: {path} (record 1: unary): bad_request: metrics"), line
     assert result.out == ""
     assert stats(server)["records"] == 0
 
@@ -513,7 +563,7 @@ def test_a_refusal_inside_a_file_reports_exactly_what_was_stored(server: Running
     path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
     result = perfdb("submit", str(path), "--token-file", str(server.bot_token_file), server=server)
     assert result.returncode == 1
-    assert result.error_line().startswith(f"perfdb: {path} (record 3): bad_request: metrics"), result.err
+    assert result.error_line().startswith(f"perfdb: {path} (record 3: mixed): bad_request: metrics"), result.err
     printed = stored_ids(result.lines(), str(path))
     assert len(printed) >= 2  # the records before the refused one
     stored = [record["record_id"] for record in records_of(ok("get-user", BOT_USER, "--format", "json", server=server))]

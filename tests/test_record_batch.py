@@ -166,3 +166,20 @@ async def test_with_detection_each_record_of_a_batch_gets_its_verdicts_in_order(
     assert set(statuses[5:30]) <= {"no_change", "improvement", "regression"}
     assert statuses[30] == "regression" and results[30]["verdicts"][0]["metric"] == "qps"
     assert kept["verdicts"] == results[30]["verdicts"]  # stored as the batch's reply gave them
+
+
+async def test_a_batch_record_takes_every_field_a_record_takes(tmp_path: Path) -> None:
+    record = {
+        "test_name": "BM_Sort/1024",
+        "metrics": {"real_time": 1520.5, "iterations": 44800},
+        "units": {"real_time": "ns"},
+        "samples": {"real_time": [1500.25, 1520.5, 1541.0]},
+        "run_time": "2026-01-02T03:04:05.000000Z",  # stored as the server writes times
+        "source": {"commit": "0123456789abcdef0123456789abcdef01234567", "branch": "main"},
+        "better": {"real_time": "lower"},
+    }
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        [result] = (await conn.request("record_batch", access_token="user-alice", records=[record]))["results"]
+        stored = (await conn.request("get_record", record_id=result["record_id"]))["record"]
+    for field, value in record.items():
+        assert stored[field] == value, field

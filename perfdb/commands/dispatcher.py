@@ -8,6 +8,7 @@ become coded error replies; nothing raised here reaches the framing layer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -37,6 +38,7 @@ from perfdb.records.schema import (
     ORDER_FIELDS,
     OWNER_FIELDS,
     READ_FIELDS,
+    SAMPLES_FIELDS,
     Query,
     RecordDraft,
     access_token,
@@ -445,7 +447,7 @@ class CommandDispatcher:
 
     def op_get_user(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        query = self._query(request, with_user=True, extra_fields=READ_FIELDS | ORDER_FIELDS)
+        query = self._query(request, with_user=True, extra_fields=READ_FIELDS | ORDER_FIELDS | SAMPLES_FIELDS)
         return Deferred(lambda: self._get_user(query))
 
     async def _get_user(self, query: Query) -> Fields:
@@ -459,7 +461,7 @@ class CommandDispatcher:
 
     def op_get_all(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        query = self._query(request, with_user=False, extra_fields=READ_FIELDS | ORDER_FIELDS)
+        query = self._query(request, with_user=False, extra_fields=READ_FIELDS | ORDER_FIELDS | SAMPLES_FIELDS)
         return Deferred(lambda: self._get_all(query))
 
     async def _get_all(self, query: Query) -> Fields:
@@ -556,7 +558,8 @@ class CommandDispatcher:
 
     def op_export(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_admin(request)
-        query = self._query(request, with_user=False, extra_fields=ADMIN_FIELDS)
+        # A dump carries each record's samples, so that import restores them.
+        query = dataclasses.replace(self._query(request, with_user=False, extra_fields=ADMIN_FIELDS), samples=True)
         return Deferred(lambda: self._export(query))
 
     async def _export(self, query: Query) -> Fields:

@@ -17,6 +17,7 @@ from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_in
 from perfdb.records.record_ids import is_record_id, record_id_micros
 from perfdb.records.scenario import map_scenario_result
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
+from perfdb.records.units import CORE_METRIC_UNITS, is_unit
 
 # Size bounds, documented in protocol_spec.md.
 MAX_ACCESS_TOKEN_CHARS = 4096
@@ -30,6 +31,10 @@ MAX_CONFIG_BYTES = 64 * 1024
 MAX_CURSOR_CHARS = 64
 MAX_NESTING = 32  # objects and arrays inside sys_info, the configs and the scenario
 MAX_FUTURE_SKEW_MICROS = 300 * 1_000_000  # an imported record may be dated this far ahead
+MAX_SAMPLES = 10_000  # raw values in one record's samples, all metrics together
+MAX_SAMPLE_BYTES = 256 * 1024  # the samples object's JSON
+MAX_SOURCE_CHARS = 256  # each string of a record's source
+SOURCE_FIELDS = ("commit", "branch", "commit_time", "repository")
 
 _METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -48,6 +53,10 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
         "scenario_result",
         "baseline_tag",
         "better",
+        "units",
+        "run_time",
+        "source",
+        "samples",
     }
 )
 # A record inside record_batch: a record request's fields without the envelope and the token.
@@ -64,6 +73,7 @@ DELETE_USER_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"user_id"})
 AUDIT_LOG_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"limit", "cursor"})
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
 ORDER_FIELDS = frozenset({"reverse", "sort", "order"})  # get_user and get_all only
+SAMPLES_FIELDS = frozenset({"samples"})  # get_user and get_all: attach each record's samples
 OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric"})
 SERIES_FIELDS = (
     ENVELOPE_FIELDS
@@ -96,6 +106,10 @@ class RecordDraft:
     scenario: dict[str, Any] | None = None
     better: dict[str, str] | None = None  # which way is better for custom metrics; stored with the record
     baseline_tag: str | None = None  # judge against this tag's series instead of the record's own; not stored
+    units: dict[str, str] | None = None  # metric (or samples series) -> unit
+    run_time: str | None = None  # when the benchmark ran (RFC 3339, canonical form), beside the server's timestamp
+    source: dict[str, str] | None = None  # the code measured: commit, branch, commit_time, repository
+    samples: dict[str, list[int | float]] | None = None  # raw values; stored under their own key
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,6 +126,7 @@ class Query:
     reverse: bool = False  # newest first
     sort: str | None = None  # a metric name: the page is the top `limit` records by it
     descending: bool = True  # with sort: highest values first
+    samples: bool = False  # attach each record's samples
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -479,6 +494,7 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
             _bounded_object("sys_info", sys_info, MAX_SYS_INFO_BYTES)
     if scenario is not None:
         _bounded_object("scenario", scenario, MAX_CONFIG_BYTES)
+    samples = _samples(fields.get("samples"))
     return RecordDraft(
         test_name=test_name,
         tag=tag,
@@ -489,6 +505,10 @@ def _draft(fields: dict[str, Any], scenario: dict[str, Any] | None = None) -> Re
         request_id=optional_string(fields, "request_id", MAX_REQUEST_ID_CHARS),
         scenario=scenario,
         better=_better(fields.get("better"), metrics),
+        units=_units(fields.get("units"), metrics, samples),
+        run_time=_run_time(fields.get("run_time")),
+        source=_source(fields.get("source")),
+        samples=samples,
     )
 
 
@@ -506,6 +526,93 @@ def _better(value: Any, metrics: dict[str, int | float]) -> dict[str, str] | Non
     return value or None
 
 
+def _units(
+    value: Any, metrics: dict[str, int | float], samples: dict[str, list[int | float]] | None
+) -> dict[str, str] | None:
+    """`units`: {metric or samples series: unit} from the documented set; a core metric's unit is fixed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("units", f"must be an object of metric name to unit, got {_json_type(value)}")
+    for metric, unit in value.items():
+        field = f"units.{quote_input(metric)}"
+        if metric not in metrics and (samples is None or metric not in samples):
+            raise bad_request(field, "names no metric (or samples series) of this record")
+        if not is_unit(unit):
+            raise bad_request(
+                field,
+                "must be a unit: ps, ns, us, ms, s, ns/op, us/op, ms/op, s/op, ops/s, ops/ms, ops/us, ops/ns, B, "
+                "B/s, B/op, allocs/op, elem/s, percent, 1, or <name>/op, <name>/s",
+            )
+        core_unit = CORE_METRIC_UNITS.get(metric)
+        if core_unit is not None and unit != core_unit:
+            raise bad_request(field, f"a core metric's unit is fixed: {core_unit}")
+    return value or None
+
+
+def _run_time(value: Any) -> str | None:
+    """`run_time`: when the benchmark ran, kept in the canonical form of the server's timestamps."""
+    micros = _timestamp({"run_time": value}, "run_time")
+    if micros is None:
+        return None
+    if micros > now_micros() + MAX_FUTURE_SKEW_MICROS:
+        raise bad_request("run_time", "is in the future")
+    return format_micros(micros)
+
+
+def _source(value: Any) -> dict[str, str] | None:
+    """`source`: {commit, branch, commit_time, repository}, each an optional bounded string."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("source", f"must be an object with {', '.join(SOURCE_FIELDS)}, got {_json_type(value)}")
+    for field in value:
+        if field not in SOURCE_FIELDS:
+            raise bad_request(f"source.{quote_input(field)}", f"unknown field; use {', '.join(SOURCE_FIELDS)}")
+    source = {}
+    try:
+        for field in SOURCE_FIELDS:
+            text = optional_string(value, field, MAX_SOURCE_CHARS)
+            if field == "commit_time" and text is not None:
+                text = format_micros(_timestamp(value, field) or 0)
+            if text is not None:
+                source[field] = text
+    except PerfdbError as error:
+        raise PerfdbError(ErrorCode.BAD_REQUEST, f"source.{error.message}") from None
+    return source or None
+
+
+def _samples(value: Any) -> dict[str, list[int | float]] | None:
+    """`samples`: {name: [finite numbers]}, at most MAX_SAMPLES values and MAX_SAMPLE_BYTES of JSON."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("samples", f"must be an object of metric name to a list of numbers, got {_json_type(value)}")
+    if len(value) > MAX_METRICS:
+        raise bad_request("samples", f"more than {MAX_METRICS} series")
+    count = 0
+    for name, values in value.items():
+        field = f"samples.{quote_input(name)}"
+        if not isinstance(name, str) or len(name) > MAX_METRIC_NAME_CHARS or not _METRIC_NAME.fullmatch(name):
+            raise bad_request(
+                field, f"names are 1-{MAX_METRIC_NAME_CHARS} characters of letters, digits, '_', '.', '-'"
+            )
+        if not isinstance(values, list):
+            raise bad_request(field, f"must be a list of numbers, got {_json_type(values)}")
+        if not values:
+            raise bad_request(field, "must hold at least one number")
+        count += len(values)
+        if count > MAX_SAMPLES:
+            raise bad_request("samples", f"more than {MAX_SAMPLES} values")
+        for index, number in enumerate(values):
+            kind = type(number)
+            if kind is not int and (kind is not float or not math.isfinite(number)):
+                raise bad_request(f"{field}[{index}]", "must be a finite number")
+    if len(orjson.dumps(value)) > MAX_SAMPLE_BYTES:
+        raise bad_request("samples", f"larger than {MAX_SAMPLE_BYTES} bytes of JSON")
+    return value or None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ImportedRecord:
     """A record restored from an export, keeping its identity."""
@@ -519,7 +626,8 @@ class ImportedRecord:
 STORED_RECORD_FIELDS = frozenset(
     {
         "record_id", "user_id", "timestamp", "test_name", "tag", "sys_info", "metrics",
-        "client_config", "server_config", "request_id", "scenario", "better",
+        "client_config", "server_config", "request_id", "scenario", "better", "units", "run_time", "source",
+        "samples",
     }
 )  # fmt: skip
 MAX_IMPORT_RECORDS = 1000
@@ -590,6 +698,9 @@ def parse_query(
             raise bad_request("order", "needs sort")
         if order not in SORT_ORDERS:
             raise bad_request("order", "must be 'desc' or 'asc'")
+    samples = request.get("samples")
+    if samples is not None and not isinstance(samples, bool):
+        raise bad_request("samples", f"must be a boolean, got {_json_type(samples)}")
     return Query(
         user_id=user_id,
         test_name=optional_string(request, "test_name", MAX_NAME_CHARS),
@@ -601,6 +712,7 @@ def parse_query(
         reverse=reverse,
         sort=sort,
         descending=order != "asc",
+        samples=bool(samples),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,3 +49,29 @@ def format_value(value: object, unit: str) -> str:
         # Counts stay whole and grouped (1,403,434), never in exponent form (1.40343e+06).
         return f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 100_000 else f"{value:,.2f}"
     return f"{value:g}"
+
+
+# -- units of submitted metrics (a record's optional "units") ------------------------------
+
+# The units a record may give its metrics, documented in protocol_spec.md section 4. Times are
+# per operation (iteration) unless the metric's name says otherwise; "1" is a plain count or ratio.
+UNIT_NAMES = frozenset(
+    {
+        "ps", "ns", "us", "ms", "s",  # durations
+        "ns/op", "us/op", "ms/op", "s/op",  # JMH's average-time units
+        "ops/s", "ops/ms", "ops/us", "ops/ns",  # throughput
+        "B", "B/s", "B/op", "allocs/op", "elem/s",
+        "percent", "1",
+    }
+)  # fmt: skip
+# Besides those, a tool's own counter unit "<name>/op" or "<name>/s" (Go's b.ReportMetric units).
+_CUSTOM_UNIT = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,31}/(?:op|s)")
+# The core metrics' units are fixed: a record may restate them, never change them.
+CORE_METRIC_UNITS = {
+    metric.name: {"qps": "ops/s", "us": "us", "percent": "percent"}[metric.unit] for metric in CORE_METRICS
+}
+
+
+def is_unit(text: object) -> bool:
+    """Whether `text` is a unit a record may give a metric."""
+    return isinstance(text, str) and (text in UNIT_NAMES or _CUSTOM_UNIT.fullmatch(text) is not None)

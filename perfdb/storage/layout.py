@@ -24,6 +24,8 @@
     e:<record_id>                -> {"note", "excluded_at", "excluded_by"} (JSON): the record is left out of
                                     baselines and alerts (the record itself is never rewritten)
     w:<alert_id>                 -> the alert (JSON); alert ids sort by creation time like record ids
+    x:<record_id>                -> the record's samples (checksummed JSON), when it has any: kept out of
+                                    the record so that table reads never decode them
     n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
                                  -> alert_id: the change point at that record already has its alert
     v:<record_id>                -> the verdicts its record reply carried (checksummed JSON array),
@@ -79,6 +81,7 @@ EXCLUSION_PREFIX = b"e:"
 ALERT_PREFIX = b"w:"  # not a: (the audit log's)
 ALERTED_POINT_PREFIX = b"n:"
 VERDICTS_PREFIX = b"v:"
+SAMPLES_PREFIX = b"x:"
 SEPARATOR = b"\x00"
 
 _CHECKSUM = struct.Struct(">I")
@@ -206,16 +209,31 @@ def record_index_entries(
 
 
 def record_keys(record_id: str, user_id: str, test_name: str, tag: str, metrics: object) -> list[bytes]:
-    """Every key a record owns: the record itself, its verdicts, then its index entries (not its
-    idempotency key, which only records with a request_id have; see idempotency_key)."""
+    """Every key a record owns: the record itself, its verdicts, its index entries, then its
+    samples' key (the verdicts' and samples' keys hold nothing when it has none); not its
+    idempotency key, which only records with a request_id have (see idempotency_key)."""
     entries = record_index_entries(record_id, user_id, test_name, tag, metrics)
-    return [record_key(record_id, user_id), verdicts_key(record_id), *(key for key, _ in entries)]
+    return [
+        record_key(record_id, user_id),
+        verdicts_key(record_id),
+        *(key for key, _ in entries),
+        samples_key(record_id),
+    ]
 
 
 def record_keys_by_id(record_id: str, user_id: str) -> list[bytes]:
     """The keys of a record that its id and user alone give: what is removed of a record too
     damaged to say its test, tag and metrics (perfdb repair rebuilds the rest)."""
-    return [record_key(record_id, user_id), user_index_prefix(user_id) + record_id.encode(), verdicts_key(record_id)]
+    return [
+        record_key(record_id, user_id),
+        user_index_prefix(user_id) + record_id.encode(),
+        verdicts_key(record_id),
+        samples_key(record_id),
+    ]
+
+
+def samples_key(record_id: str) -> bytes:
+    return SAMPLES_PREFIX + record_id.encode()
 
 
 def record_counts(user_id: str, test_name: str, tag: str) -> list[bytes]:

@@ -535,8 +535,8 @@ class ResultStore:
         return await self._read(self._compare, query)
 
     async def get_record(self, record_id: str) -> dict[str, Any]:
-        """The get_record reply's fields: the record (with its exclusion, if any) and its stored verdicts, if
-        any; not_found if unknown."""
+        """The get_record reply's fields: the record (with its exclusion and samples, if any) and its stored
+        verdicts, if any; not_found if unknown."""
         return await self._read(self._read_record_reply, record_id)
 
     def _read_record_reply(self, record_id: str) -> dict[str, Any]:
@@ -551,15 +551,16 @@ class ResultStore:
                 log.error("verdicts of record %s are damaged (%s); left out", record_id, exc)
         return reply
 
-    def _read_record(self, record_id: str) -> tuple[str, memoryview]:
+    def _read_record(self, record_id: str) -> tuple[str, bytes | memoryview]:
         with self._guard.reading():
+            db = self._database()
             prefix = layout.RECORD_PREFIX + record_id.encode()
-            with self._database().iterator(prefix=prefix) as records:
+            with db.iterator(prefix=prefix) as records:
                 found = next(records, None)
             document = None if found is None else self._checked(found[1], found[0])
             if found is None or document is None:
                 raise PerfdbError(ErrorCode.NOT_FOUND, "no such record")
-            return layout.split_record_key(found[0])[1], document
+            return layout.split_record_key(found[0])[1], _with_samples(document, record_id, db)
 
     async def set_exclusion(
         self, record_id: str, exclusion: dict[str, Any] | None, owner: str | None
@@ -702,6 +703,10 @@ class ResultStore:
             page = self._read_sorted(snapshot, source, query)
         else:
             page = self._read_in_time_order(snapshot, source, query, through)
+        if query.samples:
+            page.records = [
+                _with_samples(document, _document_record_id(document), snapshot) for document in page.records
+            ]
         if query.user_id is None:  # get_all: the profiles of the page's users
             for user_id in sorted(page.user_ids):
                 stored = snapshot.get(layout.PROFILE_PREFIX + user_id)
@@ -1376,6 +1381,30 @@ def _parse_sort_cursor(cursor: str) -> _Rank:
     if fractional is not None:
         return (0, float(fractional), record_id)
     return (1, 0, record_id)
+
+
+_RECORD_ID_FIELD = b'{"record_id":"'  # how every stored record's JSON begins (see writer._record_document)
+
+
+def _document_record_id(document: bytes | memoryview) -> str:
+    head = bytes(document[: len(_RECORD_ID_FIELD) + RECORD_ID_CHARS])
+    if head.startswith(_RECORD_ID_FIELD):
+        return head[len(_RECORD_ID_FIELD) :].decode()
+    record_id: str = orjson.loads(document)["record_id"]
+    return record_id
+
+
+def _with_samples(document: bytes | memoryview, record_id: str, source: Any) -> bytes | memoryview:
+    """A record's JSON with `"samples"` added when it has any (`source`: the database or a snapshot)."""
+    stored = source.get(layout.samples_key(record_id))
+    if stored is None:
+        return document
+    try:
+        samples = layout.unseal(stored)
+    except layout.CorruptValueError as exc:
+        log.error("samples of record %s are damaged (%s); left out", record_id, exc)
+        return document
+    return bytes(document[:-1]) + b',"samples":' + bytes(samples) + b"}"
 
 
 def with_exclusion(document: bytes | memoryview, exclusion: dict[str, Any]) -> bytes:

@@ -254,6 +254,8 @@ class _Batch:
         """
         document, encoded = record
         self.batch.put(layout.record_key(record_id, user_id), layout.seal(encoded))
+        if draft.samples is not None:
+            self.batch.put(layout.samples_key(record_id), layout.seal(orjson.dumps(draft.samples)))
         for index_key, index_value in layout.record_index_entries(
             record_id, user_id, draft.test_name, draft.tag, draft.metrics
         ):
@@ -1027,6 +1029,9 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
         document["scenario"] = draft.scenario
     if draft.better is not None:
         document["better"] = draft.better
+    for field in ("units", "run_time", "source"):  # the samples live under their own key
+        if getattr(draft, field) is not None:
+            document[field] = getattr(draft, field)
     return document, orjson.dumps(document)
 
 
