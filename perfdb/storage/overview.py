@@ -55,9 +55,10 @@ def bucket_range(bucket: int) -> tuple[float | None, float | None]:
 
 
 class MetricSummary:
-    """One metric of one test: the aggregates of every value recorded for it."""
+    """One metric of one test: the aggregates of every value recorded for it. Each user's count,
+    min and max sit in arrays indexed by the test's user index (see _TestAggregates)."""
 
-    __slots__ = ("buckets", "count", "maximum", "minimum", "total", "users")
+    __slots__ = ("buckets", "count", "maximum", "minimum", "total", "user_counts", "user_highs", "user_lows")
 
     def __init__(self) -> None:
         self.count = 0
@@ -65,10 +66,12 @@ class MetricSummary:
         self.maximum = -math.inf
         self.total: float = 0
         self.buckets: dict[int, int] = {}  # bucket -> values in it; only non-empty ones
-        self.users: dict[str, list[Any]] = {}  # user -> [count, min, max]
+        self.user_counts = np.zeros(0, dtype=np.int64)
+        self.user_lows = np.zeros(0)
+        self.user_highs = np.zeros(0)
 
-    def add_values(self, values: npt.NDArray[np.float64], groups: _UserGroups) -> None:
-        """Add values (none missing), grouped by user as `groups` says."""
+    def add_values(self, values: npt.NDArray[np.float64], users: npt.NDArray[np.intp], known_users: int) -> None:
+        """Add values (none missing), each of the user at that place of `users` (indexes below known_users)."""
         self.count += int(values.size)
         self.minimum = min(self.minimum, float(values.min()))
         self.maximum = max(self.maximum, float(values.max()))
@@ -76,19 +79,25 @@ class MetricSummary:
         buckets = np.bincount(np.searchsorted(_BOUNDS, values, side="right"))
         for bucket in np.flatnonzero(buckets).tolist():
             self.buckets[bucket] = self.buckets.get(bucket, 0) + int(buckets[bucket])
-        by_user = values[groups.order]
-        lows = np.minimum.reduceat(by_user, groups.starts).tolist()
-        highs = np.maximum.reduceat(by_user, groups.starts).tolist()
-        for user_id, count, low, high in zip(groups.users, groups.counts, lows, highs, strict=True):
-            mine = self.users.get(user_id)
-            if mine is None:
-                self.users[user_id] = [count, low, high]
-            else:
-                mine[0] += count
-                mine[1] = min(mine[1], low)
-                mine[2] = max(mine[2], high)
+        grown = known_users - self.user_counts.size
+        if grown > 0:
+            self.user_counts = np.concatenate((self.user_counts, np.zeros(grown, dtype=np.int64)))
+            self.user_lows = np.concatenate((self.user_lows, np.full(grown, np.inf)))
+            self.user_highs = np.concatenate((self.user_highs, np.full(grown, -np.inf)))
+        self.user_counts += np.bincount(users, minlength=known_users)
+        np.minimum.at(self.user_lows, users, values)
+        np.maximum.at(self.user_highs, users, values)
 
-    def to_fields(self, better: str) -> dict[str, Any]:
+    def to_fields(self, better: str, user_ids: list[str]) -> dict[str, Any]:
+        """The overview's fields for this metric; user_ids names the test's user indexes."""
+        best = self.user_lows if better == "lower" else self.user_highs
+        users = {
+            user_ids[index]: {"count": count, "best": value}
+            for index, count, value in zip(
+                range(self.user_counts.size), self.user_counts.tolist(), best.tolist(), strict=True
+            )
+            if count
+        }
         return {
             "count": self.count,
             "min": self.minimum,
@@ -96,11 +105,31 @@ class MetricSummary:
             "sum": self.total,
             "mean": self.total / self.count,
             "histogram": [[*bucket_range(bucket), self.buckets[bucket]] for bucket in sorted(self.buckets)],
-            "users": {
-                user_id: {"count": count, "best": low if better == "lower" else high}
-                for user_id, (count, low, high) in sorted(self.users.items())
-            },
+            "users": dict(sorted(users.items())),
         }
+
+
+class _TestAggregates:
+    """One test's aggregates: its record count, its users' indexes, and a summary per metric."""
+
+    __slots__ = ("metrics", "records", "user_ids", "user_index")
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.user_index: dict[str, int] = {}
+        self.user_ids: list[str] = []  # index -> user id
+        self.metrics: dict[str, MetricSummary] = {}
+
+    def indexes_of(self, user_ids: list[str]) -> npt.NDArray[np.intp]:
+        index = self.user_index
+        codes = []
+        for user_id in user_ids:
+            code = index.get(user_id)
+            if code is None:
+                code = index[user_id] = len(self.user_ids)
+                self.user_ids.append(user_id)
+            codes.append(code)
+        return np.array(codes, dtype=np.intp)
 
 
 Row = tuple[str, str, Mapping[str, Any]]  # a record as the overview sees it: (test_name, user_id, metrics)
@@ -118,8 +147,7 @@ class Overview:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._tests: dict[str, dict[str, MetricSummary]] = {}
-        self._records: dict[str, int] = {}  # records per test, whatever their metrics
+        self._tests: dict[str, _TestAggregates] = {}
         self._pending: list[Row] = []  # rows added but not yet in the aggregates (see _fold)
         self._writing = False  # a batch is being written: its rows are in the database, not here yet
         self._stale: set[str] = set()  # tests whose aggregates a deletion left wrong
@@ -181,10 +209,8 @@ class Overview:
                 for name in tests:
                     added_since = self._rebuilding.pop(name)
                     self._tests.pop(name, None)
-                    self._records.pop(name, None)
-                    if name in fresh._records:
+                    if name in fresh._tests:
                         self._tests[name] = fresh._tests[name]
-                        self._records[name] = fresh._records[name]
                     self._add(added_since)
             return len(tests)
 
@@ -211,33 +237,30 @@ class Overview:
             else:
                 group.append(row)
         for test_name, group in by_test.items():
-            self._records[test_name] = self._records.get(test_name, 0) + len(group)
-            summaries = self._tests.get(test_name)
-            if summaries is None:
-                summaries = self._tests[test_name] = {}
-            user_ids = [user_id for _, user_id, _ in group]
+            aggregates = self._tests.get(test_name)
+            if aggregates is None:
+                aggregates = self._tests[test_name] = _TestAggregates()
+            aggregates.records += len(group)
+            users = aggregates.indexes_of([user_id for _, user_id, _ in group])
+            known_users = len(aggregates.user_ids)
             metrics = [row[2] for row in group]
             names = sorted(set().union(*metrics))
             if not names:
                 continue
             table = _table(names, metrics)
-            everyone = _UserGroups.of(user_ids) if table is not None else None
             for column, metric in enumerate(names):
-                if table is not None and everyone is not None:
-                    values, groups = table[:, column], everyone
+                if table is not None:
+                    values, whose = table[:, column], users
                 else:
                     values = _numbers(metric, metrics)
                     present = ~np.isnan(values)
                     if not present.any():
                         continue
-                    values = values[present]
-                    groups = _UserGroups.of(
-                        [user_id for user_id, keep in zip(user_ids, present.tolist(), strict=True) if keep]
-                    )
-                summary = summaries.get(metric)
+                    values, whose = values[present], users[present]
+                summary = aggregates.metrics.get(metric)
                 if summary is None:
-                    summary = summaries[metric] = MetricSummary()
-                summary.add_values(values, groups)
+                    summary = aggregates.metrics[metric] = MetricSummary()
+                summary.add_values(values, whose, known_users)
 
     def report(self, test_name: str | None, metric: str) -> dict[str, Any]:
         """The overview reply's fields: every test (or just `test_name`) that has `metric`."""
@@ -247,33 +270,11 @@ class Overview:
             names = sorted(self._tests) if test_name is None else [test_name]
             tests: dict[str, Any] = {}
             for name in names:
-                summary = self._tests.get(name, {}).get(metric)
-                if summary is not None:
-                    tests[name] = {"records": self._records[name], **summary.to_fields(better)}
+                aggregates = self._tests.get(name)
+                summary = aggregates.metrics.get(metric) if aggregates is not None else None
+                if aggregates is not None and summary is not None:
+                    tests[name] = {"records": aggregates.records, **summary.to_fields(better, aggregates.user_ids)}
         return {"metric": metric, "better": better, "tests": tests}
-
-
-class _UserGroups:
-    """Rows grouped by user: `order` sorts them by user, each group starting at `starts`."""
-
-    __slots__ = ("counts", "order", "starts", "users")
-
-    def __init__(self, users: list[str], counts: list[int], order: npt.NDArray[np.intp], starts: npt.NDArray[np.intp]):
-        self.users = users
-        self.counts = counts
-        self.order = order
-        self.starts = starts
-
-    @classmethod
-    def of(cls, user_ids: list[str]) -> _UserGroups:
-        codes: dict[str, int] = {}
-        user_codes = np.array([codes.setdefault(user_id, len(codes)) for user_id in user_ids], dtype=np.intp)
-        order = np.argsort(user_codes, kind="stable")
-        ordered = user_codes[order]
-        starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
-        counts = np.diff(np.append(starts, ordered.size)).tolist()
-        names = list(codes)
-        return cls([names[code] for code in ordered[starts].tolist()], counts, order, starts)
 
 
 def _table(names: list[str], metrics: list[Mapping[str, Any]]) -> npt.NDArray[np.float64] | None:
