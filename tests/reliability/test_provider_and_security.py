@@ -491,9 +491,11 @@ async def test_failing_provider_under_load(tmp_path: Path, outage: str, loop_kin
     assert max_active <= MAX_UPSTREAM
     if counting is not None:
         assert counting.max_active >= 1
-        if outage == "hanging":
-            # Lookups queued behind the hung connections time out before they are sent.
+        if outage in ("hanging", "huge-body"):
+            # Lookups queued behind hung or slowly read connections may time out before they are
+            # sent (on a loaded machine, a huge body takes long to read); none is sent twice.
             assert 1 <= len(counting.calls) <= OUTAGE_SUBMISSIONS
+            assert len(set(counting.calls)) == len(counting.calls) and set(counting.calls) <= set(tokens)
         else:
             assert sorted(counting.calls) == sorted(tokens)
     if dropping is not None:
