@@ -20,7 +20,7 @@ import orjson
 
 from perfdb import __version__
 from perfdb.client import AsyncClient, PerfdbClientError, tls_context
-from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
+from perfdb.client.common import CONNECTION_FAILED, MAX_BATCH_RECORDS, TIMEOUT
 from perfdb.config import DEFAULT_ADDRESS, positive_int
 from perfdb.importers import AUTO, FORMATS, ImportFormatError, import_file
 from perfdb.protocol.addresses import AddressError
@@ -216,17 +216,19 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         for name in args.files:
             try:
                 # The whole file is understood before anything is sent: bad input stores nothing.
-                file_format, requests = await asyncio.to_thread(
-                    _submission_requests, name, args.format, overrides, token
-                )
+                file_format, requests = await asyncio.to_thread(_submission_requests, name, args.format, overrides)
             except InputError as exc:
                 unreadable += 1
                 print(f"perfdb: {exc}", file=sys.stderr)
                 continue
             progress = Progress(f"submitting {name}", len(requests))
             counts = {"stored": 0, "duplicate": 0, "refused": 0}
+            batch_size = min(MAX_BATCH_RECORDS, args.window)
             try:
-                async for outcome in client.record_outcomes(requests, window=args.window):
+                outcomes = client.record_batches(
+                    token, requests, batch_size=batch_size, window=max(1, args.window // batch_size)
+                )
+                async for outcome in outcomes:
                     progress.advance()
                     if isinstance(outcome, PerfdbClientError):
                         counts["refused"] += 1
@@ -272,10 +274,9 @@ def describe_regression(verdict: dict[str, Any]) -> str:
     )
 
 
-def _submission_requests(
-    name: str, file_format: str, overrides: dict[str, Any], token: str
-) -> tuple[str, list[dict[str, Any]]]:
-    """(the file's format, its record requests); runs off the event loop (it reads the file)."""
+def _submission_requests(name: str, file_format: str, overrides: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """(the file's format, its records' fields, as record_batch takes them); runs off the event loop
+    (it reads the file)."""
     with _open_input(name) as stream:
         try:
             data = stream.read()
@@ -290,7 +291,7 @@ def _submission_requests(
         fields = {**entry, **overrides}
         if fields.get("request_id") is None:  # absent or null: derive it from the content
             fields["request_id"] = content_request_id({k: v for k, v in fields.items() if k != "request_id"})
-        requests.append({**fields, "access_token": token})
+        requests.append(fields)
     return found_format, requests
 
 
@@ -852,7 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--sys-info", choices=("auto",), help="'auto' attaches this machine's CPU, memory, OS and Python"
     )
-    submit.add_argument("--window", type=positive_int, default=256, help="records in flight at once (default: 256)")
+    submit.add_argument(
+        "--window",
+        type=positive_int,
+        default=4000,
+        help="records in flight at once, sent as record_batch requests of up to 1000 (default: 4000)",
+    )
     submit.add_argument(
         "--baseline-tag",
         metavar="TAG",

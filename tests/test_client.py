@@ -1081,3 +1081,26 @@ async def test_both_clients_send_a_record_batch_that_can_be_resent_safely(tmp_pa
     assert len({record["request_id"] for record in stored}) == len(stored) == 19 + 3
     assert [result["duplicate"] for result in first] == [False] * 3
     assert again == [{**result, "duplicate": True} for result in first]
+
+
+async def test_record_batches_yield_every_outcome_in_order_and_retry_what_the_rate_limit_refused(
+    tmp_path: Path,
+) -> None:
+    records = [bench(n) for n in range(60)]
+    for record in records:
+        del record["access_token"]
+    records[33]["metrics"] = {"qps": "fast"}  # refused for good: never retried
+    policy = RetryPolicy(attempts=40, first_delay=0.05, max_delay=0.25)
+    async with (
+        perfdb_with_provider(tmp_path, user_rate=200.0, user_burst=10) as (server, _),
+        AsyncClient(address(server), retry=policy) as client,
+    ):
+        outcomes = [o async for o in client.record_batches("user-alice", records, batch_size=16, window=2)]
+        stored = await collect(client.get_user("alice"))
+    refused = [outcome for outcome in outcomes if isinstance(outcome, PerfdbClientError)]
+    assert [(error.code, error.index) for error in refused] == [("bad_request", 33)]
+    acks = [outcome for outcome in outcomes if not isinstance(outcome, PerfdbClientError)]
+    assert len(outcomes) == 60 and all(not ack["duplicate"] for ack in acks)
+    # In input order, each record stored once although most were refused as overloaded at first.
+    by_id = {record["record_id"]: record["metrics"]["seq"] for record in stored}
+    assert [by_id[ack["record_id"]] for ack in acks] == [n for n in range(60) if n != 33]

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from perfdb.client.common import (
+    MAX_BATCH_RECORDS,
     NO_RETRY,
     TIMEOUT,
     ClientSettings,
@@ -22,6 +23,7 @@ from perfdb.client.common import (
     encode_request,
     may_resend,
     order_fields,
+    result_outcome,
     with_request_id,
 )
 
@@ -212,6 +214,55 @@ class AsyncClient(ClientSettings):
         reply = await self.call("record_batch", **batch_fields(access_token, records))
         results: list[dict[str, Any]] = reply["results"]
         return results
+
+    async def record_batches(
+        self,
+        access_token: str,
+        records: Iterable[dict[str, Any]],
+        *,
+        batch_size: int = MAX_BATCH_RECORDS,
+        window: int = 4,
+    ) -> AsyncIterator[dict[str, Any] | PerfdbClientError]:
+        """Store many results of one token as record_batch requests of `batch_size`, up to `window`
+        of them in flight; yields one outcome per record in input order: its ack, or its error
+        (with `.index`). Records without a request_id get one, so that resending is safe: a batch
+        that fails whole with a retryable error is sent again, and so are the records a batch
+        refused with a retryable error (overloaded), each as the client's RetryPolicy allows."""
+        keyed = [with_request_id(record) for record in records]
+        chunks = [range(first, min(first + batch_size, len(keyed))) for first in range(0, len(keyed), batch_size)]
+        sending: collections.deque[asyncio.Task[list[dict[str, Any] | PerfdbClientError]]] = collections.deque()
+        try:
+            for chunk in chunks:
+                sending.append(asyncio.ensure_future(self._send_batch(access_token, keyed, chunk)))
+                if len(sending) >= window:
+                    for outcome in await sending.popleft():
+                        yield outcome
+            while sending:
+                for outcome in await sending.popleft():
+                    yield outcome
+        finally:
+            for task in sending:
+                task.cancel()
+
+    async def _send_batch(
+        self, access_token: str, records: list[dict[str, Any]], indexes: range
+    ) -> list[dict[str, Any] | PerfdbClientError]:
+        outcomes: dict[int, dict[str, Any] | PerfdbClientError] = {}
+        waiting = list(indexes)
+        delays = self._retry.delays()
+        while waiting:
+            results = await self.record_batch(access_token, [records[index] for index in waiting])
+            retry = []
+            for index, result in zip(waiting, results, strict=True):
+                outcome = outcomes[index] = result_outcome(result, index)
+                if isinstance(outcome, PerfdbClientError) and outcome.retryable:
+                    retry.append(index)
+            delay = next(delays, None) if retry else None
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+            waiting = retry
+        return [outcomes[index] for index in indexes]
 
     async def record_many(
         self, records: Iterable[dict[str, Any]], *, window: int = 256

@@ -140,6 +140,17 @@ def may_resend(op: str, fields: dict[str, Any]) -> bool:
     return op in IDEMPOTENT_OPS or (op == "record" and fields.get("request_id") is not None)
 
 
+MAX_BATCH_RECORDS = 1000  # records one record_batch may carry (protocol section 3.21)
+
+
+def result_outcome(result: dict[str, Any], index: int) -> dict[str, Any] | PerfdbClientError:
+    """One entry of record_batch's results as a record outcome: the ack, or its error with `index`."""
+    error = result.get("error")
+    if error is None:
+        return result
+    return PerfdbClientError(error["code"], error["message"], error["retryable"], index=index)
+
+
 def batch_fields(access_token: str, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """A record_batch request's fields: each record with a request_id (generated where missing),
     so that resending the batch stores nothing twice."""
