@@ -8,7 +8,7 @@ import re
 from perfdb.records.timestamps import now_micros
 
 RECORD_ID_CHARS = 20
-_SEQUENCE_LIMIT = 1 << 24
+SEQUENCE_LIMIT = 1 << 24
 _RECORD_ID = re.compile(r"[0-9a-f]{20}")
 
 
@@ -46,6 +46,6 @@ class RecordIdClock:
             self._micros, self._sequence = now, 0
         else:
             self._sequence += 1
-            if self._sequence >= _SEQUENCE_LIMIT:  # 16M ids in one microsecond: borrow the next one
+            if self._sequence >= SEQUENCE_LIMIT:  # 16M ids in one microsecond: borrow the next one
                 self._micros, self._sequence = self._micros + 1, 0
         return make_record_id(self._micros, self._sequence), self._micros

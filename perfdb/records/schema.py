@@ -653,12 +653,17 @@ def _imported_record(document: Any, index: int) -> ImportedRecord:
         if not is_record_id(record_id):
             raise bad_request("record_id", "is not a perfdb record id")
         user_id = required_string(document, "user_id", MAX_USER_ID_CHARS)
-        if _timestamp(document, "timestamp") != record_id_micros(record_id):
+        stamped, filed_at = _timestamp(document, "timestamp"), record_id_micros(record_id)
+        if stamped is None:
+            raise bad_request("timestamp", "is required")
+        # A record is filed at its commit time, or at its run_time when it ran long before it was stored.
+        ran = _timestamp(document, "run_time") if document.get("run_time") is not None else None
+        if filed_at not in (stamped, ran):
             raise bad_request("timestamp", "does not match the record id")
-        if record_id_micros(record_id) > now_micros() + MAX_FUTURE_SKEW_MICROS:
+        if max(stamped, filed_at) > now_micros() + MAX_FUTURE_SKEW_MICROS:
             # New records must sort after it, so a future date would stall the server's clock.
             raise bad_request("timestamp", "is in the future")
-        timestamp = format_micros(record_id_micros(record_id))  # stored in the one canonical form
+        timestamp = format_micros(stamped)  # stored in the one canonical form
         draft = _draft(document, scenario=document.get("scenario"))  # _draft bounds the scenario
     except PerfdbError as error:
         raise bad_request(where, error.message) from None

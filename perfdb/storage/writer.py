@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -31,9 +32,9 @@ import plyvel
 
 from perfdb.protocol.errors import ErrorCode, PerfdbError
 from perfdb.records.profiles import Profile
-from perfdb.records.record_ids import RecordIdClock
+from perfdb.records.record_ids import SEQUENCE_LIMIT, RecordIdClock, make_record_id
 from perfdb.records.schema import ImportedRecord, RecordDraft
-from perfdb.records.timestamps import format_micros, now_micros
+from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
 from perfdb.storage import layout
 from perfdb.storage.detection import RegressionDetector, StoredVerdicts
 from perfdb.storage.overview import Overview, Row
@@ -48,6 +49,10 @@ _ROOM_TO_REOPEN = 4 * 1024 * 1024  # free bytes below which reopening would fail
 # Profiles kept in memory to skip re-reading ones that did not change; past this many the
 # cache is emptied and refills from the database as users come back.
 _MAX_CACHED_PROFILES = 100_000
+
+# A record that ran longer ago than this is filed at its run_time (see GroupCommitWriter._place);
+# one that ran more recently, at its commit time, so that live submissions keep commit order.
+RUN_TIME_SLACK_MICROS = 60 * 1_000_000
 
 # Records a delete_user removes per write batch (fewer if --max-batch-records is smaller): a
 # chunk of 1000 commits in milliseconds, so writes queued behind it wait no longer than that.
@@ -933,7 +938,7 @@ class GroupCommitWriter:
             earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
             if earlier is not None:
                 return dataclasses.replace(earlier, duplicate=True, verdicts=() if self.detector.enabled else None)
-        record_id, micros = self._clock.next()
+        record_id, micros = self._place(batch, draft.run_time)
         timestamp = format_micros(micros)
         try:
             record = _record_document(record_id, profile.user_id, timestamp, draft)
@@ -943,6 +948,23 @@ class GroupCommitWriter:
         ack = batch.add_record(record_id, profile.user_id, timestamp, draft, record, request_checked=True)
         batch.add_profile(profile)
         return ack
+
+    def _place(self, batch: _Batch, run_time: str | None) -> tuple[str, int]:
+        """A new record's id and its commit time (microseconds). Ids sort by time: by when the
+        benchmark ran for a record whose run_time is older than RUN_TIME_SLACK_MICROS (an
+        imported history charts over the time it ran, and reads filter and order it so), by
+        commit time otherwise. A past id gets a random sequence number, checked unused."""
+        record_id, micros = self._clock.next()
+        if run_time is None:
+            return record_id, micros
+        ran = parse_rfc3339(run_time)
+        if ran >= micros - RUN_TIME_SLACK_MICROS:
+            return record_id, micros
+        for _ in range(8):
+            candidate = make_record_id(ran, secrets.randbelow(SEQUENCE_LIMIT))
+            if not batch.has_record(candidate) and not batch.is_tombstoned(candidate):
+                return candidate, micros
+        return record_id, micros  # that microsecond is crowded beyond belief: commit order it is
 
     def _add_restoration(self, batch: _Batch, restoration: Restoration) -> ImportAck | PerfdbError:
         """All of a restoration's new records and tombstones go into the batch, or none of them do."""
