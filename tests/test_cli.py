@@ -604,7 +604,8 @@ def test_a_wrong_token_exits_1_unauthenticated(keys: Secrets, tmp_path: Path) ->
         wrong = keys.token_file("not-" + BOT_TOKEN, "wrong.token")
         result = perfdb("submit", path, "--token-file", str(wrong), server=running)
         assert result.returncode == 1
-        assert result.error_line().startswith(f"perfdb: {path} (record 1): unauthenticated: "), result.err
+        # The token is the whole file's (one record_batch): the refusal names the file, not a record.
+        assert result.error_line().startswith(f"perfdb: {path}: unauthenticated: "), result.err
         assert BOT_TOKEN not in result.err
         assert result.out == ""
         assert stats(running)["records"] == 0
