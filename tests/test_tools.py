@@ -36,6 +36,11 @@ def require_tool(present: bool, what: str) -> None:
     pytest.skip(reason)
 
 
+# The environment without pytest-xdist's worker variables: pytest-benchmark, run inside a worker of
+# this suite, would read them and turn itself off.
+OUTSIDE_XDIST = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+
+
 def run(*command: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     completed = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False, env=env
@@ -108,7 +113,7 @@ def test_pytest_benchmark(server: test_cli.RunningServer, tmp_path: Path) -> Non
     run(
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", str(tmp_path),
         "test_tiny.py", f"--benchmark-json={out}", "--benchmark-min-rounds=5", "--benchmark-max-time=0.0001",
-        cwd=tmp_path,
+        cwd=tmp_path, env=OUTSIDE_XDIST,
     )  # fmt: skip
     document = json.loads(out.read_text())
     records = submit_and_read(server, out, 3)

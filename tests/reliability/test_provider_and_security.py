@@ -75,7 +75,9 @@ OUTAGE_CONNECTIONS = 20
 SEED_RECORDS = 50  # stored (with a static token) before each outage, so get_all has work to do
 SLOW_ANSWER = 0.01  # every failing answer takes this long, so lookups queue for the 4 connections
 LATENCY_TARGET = 0.050
-LATENCY_BOUND = 0.250  # p99 bound for ping/get_all during an outage; generous for shared CI machines
+# p99 bound for ping/get_all during an outage: generous for shared CI machines (the suite runs two
+# test files at once), and still below AUTH_TIMEOUT, which a loop that waited on the provider would show.
+LATENCY_BOUND = 0.75
 
 NO_RETRY = RetryPolicy(attempts=1)
 TLS_HANDSHAKE_TIMEOUT = 1.0
