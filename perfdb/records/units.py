@@ -31,12 +31,13 @@ CORE_METRICS = (
 CORE_METRIC_NAMES = tuple(metric.name for metric in CORE_METRICS)
 
 
-def format_value(value: object, unit: str, *, peak: float | None = None) -> str:
+def format_value(value: object, unit: str, *, peak: float | None = None, digits: int = 3) -> str:
     """A metric value for people: 221,994 QPS; 28.6 ms or 850 µs; 131.2%; 1.2 MiB/s; 3.4 M ops/s.
 
     `unit` is a core metric's ("qps", "us", "percent"), a record's (section 4.2 of
     protocol_spec.md) or "" (unknown). Times, byte sizes and rates are scaled to suit the value,
-    or to suit `peak` (the largest magnitude of a set of values shown side by side, in one scale)."""
+    or to suit `peak` (the largest magnitude of a set of values shown side by side, in one scale),
+    with `digits` significant digits."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "-"
     if unit == "qps":
@@ -49,8 +50,8 @@ def format_value(value: object, unit: str, *, peak: float | None = None) -> str:
             return f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 100_000 else f"{value:,.2f}"
         return f"{value:g}"
     scale = display_scale(unit, abs(value) if peak is None else peak)
-    # Three significant digits, but never in exponent form (999.7 ns is "1,000 ns", not "1e+03 ns").
-    shown = float(f"{value / scale.divisor:.3g}")
+    # Never in exponent form: 999.7 ns to three digits is "1,000 ns", not "1e+03 ns".
+    shown = float(f"{value / scale.divisor:.{digits}g}")
     return f"{shown:,.0f} {scale.label}" if abs(shown) >= 1000 else f"{shown:g} {scale.label}"
 
 
