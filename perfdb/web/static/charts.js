@@ -119,6 +119,15 @@
     return prefixed(peak, unit, 1);
   }
 
+  // Tick spacings of an axis, in stored units: 1, 2, 2.5 and 5 times the powers of ten of the unit shown.
+  function shownIncrements(divisor) {
+    const increments = [];
+    for (let power = -12; power <= 15; power += 1) {
+      for (const step of [1, 2, 2.5, 5]) increments.push(step * 10 ** power * divisor);
+    }
+    return increments;
+  }
+
   function formatValue(value, unit) {
     if (typeof value !== "number" || !Number.isFinite(value)) return "-";
     if (unit === "qps") {
@@ -232,6 +241,8 @@
           size: 64,
           label: chart.axis.label,
           labelSize: 18,
+          // Ticks at round numbers of the unit shown (2 GiB/s, not 1.86), whatever the divisor.
+          incrs: shownIncrements(divisor),
           values: (u, splits) => splits.map((value) => (value == null ? "" : axisNumber.format(value / divisor))),
         },
       ],
