@@ -690,7 +690,7 @@ def result_page(
             core=core_rows,
             custom=custom_rows,
         ),
-        verdicts_card(verdicts),
+        verdicts_card(verdicts, record),
         source_card(record),
         distributions_card(record),
     ]
@@ -891,7 +891,7 @@ def _distribution(name: str, values: list[float], unit: str) -> Markup:
     )
 
 
-def verdicts_card(verdicts: list[dict[str, Any]] | None) -> Markup:
+def verdicts_card(verdicts: list[dict[str, Any]] | None, record: dict[str, Any]) -> Markup:
     """The verdicts perfdb gave the result when it stored it, with the numbers behind each."""
     if not verdicts:
         return render(
@@ -908,14 +908,15 @@ def verdicts_card(verdicts: list[dict[str, Any]] | None) -> Markup:
         '<th>Metric</th><th>Status</th><th class="num">Value</th><th class="num">Baseline n</th>'
         '<th class="num">Mean</th><th class="num">Std dev</th><th class="num">Change</th>'
         "<th>Threshold</th><th>Model</th></tr></thead><tbody>{rows}</tbody></table></div></section>",
-        rows=concat(verdict_row(verdict) for verdict in verdicts),
+        rows=concat(verdict_row(verdict, record) for verdict in verdicts),
     )
 
 
-def verdict_row(verdict: dict[str, Any]) -> Markup:
+def verdict_row(verdict: dict[str, Any], record: dict[str, Any]) -> Markup:
+    """One metric's verdict, its numbers in the metric's unit (a custom metric's as the record gives it)."""
     name = str(verdict.get("metric", ""))
     metric = METRICS_BY_NAME.get(name)
-    unit = metric.unit if metric is not None else ""
+    unit = metric_unit(record, name)
     status = str(verdict.get("status", ""))
     baseline = verdict.get("baseline") or {}
     model = verdict.get("model") or {}
