@@ -222,8 +222,11 @@ def _charts(lines: list[dict[str, Any]], other_units: dict[str, str]) -> list[di
     """The charts, each with an axis in units that suit its values: the core metrics' charts, then
     one per other metric. A test with other metrics leaves out the core charts it has nothing for."""
     charts = []
-    specs = [*CHARTS, *({"id": f"metric-{index}", "title": name, "metrics": [name], "unit": unit}
-                        for index, (name, unit) in enumerate(other_units.items()))]  # fmt: skip
+    others = [
+        {"id": f"metric-{index}", "title": name, "metrics": [name], "unit": unit}
+        for index, (name, unit) in enumerate(other_units.items())
+    ]
+    specs = [*CHARTS, *others]
     for chart in specs:
         drawn = [line["max"] for line in lines if line["metric"] in chart["metrics"]]
         values = [value for highs in drawn for value in highs if value is not None]
