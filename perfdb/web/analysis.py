@@ -6,10 +6,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from perfdb.records.units import format_value
+from perfdb.records.units import display_scale, format_value
 from perfdb.web.queries import METRICS_BY_NAME
 from perfdb.web.source import display_name
 
@@ -39,15 +40,13 @@ CHARTS = (
 
 
 def axis_scale(unit: str, values: list[float]) -> dict[str, Any]:
-    """How a chart axis shows a unit: latencies in µs, ms or s depending on their size."""
-    if unit == "us":
-        peak = max((abs(value) for value in values), default=0.0)
-        if peak >= 1_000_000:
-            return {"label": "s", "divisor": 1_000_000}
-        if peak >= 1000:
-            return {"label": "ms", "divisor": 1000}
-        return {"label": "µs", "divisor": 1}
-    return {"label": {"qps": "queries/s", "percent": "%"}.get(unit, ""), "divisor": 1}
+    """How a chart axis shows a unit: one scale for all its values (latencies in µs, ms or s,
+    a record's ns in ns, µs, ms or s, bytes in B, KiB or MiB, rates with k or M), chosen by the
+    largest of them, so every series on the axis reads alike."""
+    if unit == "qps":
+        return {"label": "queries/s", "divisor": 1}
+    scale = display_scale(unit, max((abs(value) for value in values), default=0.0))
+    return {"label": scale.label, "divisor": scale.divisor}
 
 
 # perfdb's overview histogram: fixed buckets, eight per decade (protocol_spec.md section 3.10).
@@ -137,3 +136,39 @@ def leaderboard(
         )
         for rank, (user_id, entry) in enumerate(ranked, start=1)
     ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SampleSummary:
+    """What a box plot draws of one series of samples."""
+
+    count: int
+    low: float  # the smallest sample
+    first_quartile: float
+    median: float
+    third_quartile: float
+    high: float  # the largest sample
+
+
+def sample_summary(samples: list[float]) -> SampleSummary:
+    """Five numbers and the count of a non-empty series. Quartiles by the two textbook rules
+    (Wikipedia's "Quartile", methods 1 and 3): for an even count, the medians of the lower and
+    the upper half; for an odd count, a weighted mean of the two values around a quarter of the
+    way in, so that the quartiles match what pytest-benchmark reports for the same rounds."""
+    ordered = sorted(samples)
+    count = len(ordered)
+    if count == 1:
+        only = ordered[0]
+        return SampleSummary(1, only, only, only, only, only)
+    half = count // 2
+    if count % 2 == 0:
+        first, third = statistics.median(ordered[:half]), statistics.median(ordered[half:])
+    else:
+        quarter = count // 4
+        if count % 4 == 1:  # n = 4q + 1
+            first = 0.25 * ordered[quarter - 1] + 0.75 * ordered[quarter]
+            third = 0.75 * ordered[3 * quarter] + 0.25 * ordered[3 * quarter + 1]
+        else:  # n = 4q + 3
+            first = 0.75 * ordered[quarter] + 0.25 * ordered[quarter + 1]
+            third = 0.25 * ordered[3 * quarter + 1] + 0.75 * ordered[3 * quarter + 2]
+    return SampleSummary(count, ordered[0], first, statistics.median(ordered), third, ordered[-1])

@@ -16,7 +16,7 @@ import statistics
 from typing import Any
 
 from perfdb.records.timestamps import parse_rfc3339
-from perfdb.records.units import CORE_METRICS
+from perfdb.records.units import CORE_METRIC_NAMES, CORE_METRICS
 from perfdb.web.analysis import CHARTS, axis_scale
 from perfdb.web.queries import QueryError
 from perfdb.web.source import RecordQuery, ResultSource
@@ -41,6 +41,9 @@ LINE_METRICS = tuple(metric for chart in CHARTS if len(chart["metrics"]) == 1 fo
 # Tests are listed (with their number of results) if they have one of these.
 CHART_TEST_METRICS = ("qps", "perc_lat_50")
 DETAIL_METRICS = tuple(metric for chart in CHARTS if len(chart["metrics"]) > 1 for metric in chart["metrics"])
+# One test's page also charts the other metrics of its newest result (those of Google Benchmark,
+# pytest-benchmark, ...), each in the unit that result gives it: at most one series call's worth.
+MAX_OTHER_METRICS = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,7 +75,7 @@ async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, A
         "range": None,
         "lines": [],
         "detail": detail,
-        "charts": _charts([]),
+        "charts": _charts([], {}),
         "metrics": METRIC_LABELS,
         "results": 0,
         "complete": True,
@@ -80,10 +83,13 @@ async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, A
     if edges is None or not shown or detail is None:
         return empty
     # The grid spans the results actually found, so the buckets are as fine as they can be.
-    since, until = edges[0], edges[1] + 1
+    since, until = edges.oldest, edges.newest + 1
     calls = []
+    other_units = other_metric_units(edges.newest_record) if query.test_name else {}
     if query.test_name:
         calls.append((detail, [*LINE_METRICS, *DETAIL_METRICS], request.points))
+        if other_units:
+            calls.append((detail, list(other_units), request.points))
         line_buckets = 0
     else:
         line_buckets = max(MIN_POINTS, min(request.points, CHART_POINTS // max(1, len(shown) * len(LINE_METRICS))))
@@ -115,7 +121,8 @@ async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, A
     if grouped_reply is not None:  # cut short, or the bound on tests left out a test the page lists
         complete = grouped_reply["complete"] and not (grouped_reply["tests_truncated"] and drawn_tests < len(shown))
     for test, metrics, reply in replies:
-        if "tests" not in reply and (query.test_name or metrics == list(LINE_METRICS)):
+        # Each test's results are counted once: from the call that holds its line metrics.
+        if "tests" not in reply and metrics[: len(LINE_METRICS)] == list(LINE_METRICS):
             results += reply["records"]
         complete = complete and reply["complete"]
         for metric in metrics:
@@ -128,8 +135,8 @@ async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, A
         ],
         "lines": lines,
         "detail": detail,
-        "charts": _charts(lines),
-        "metrics": METRIC_LABELS,
+        "charts": _charts(lines, other_units),
+        "metrics": {**METRIC_LABELS, **{name: {"label": name, "unit": unit} for name, unit in other_units.items()}},
         "results": results,
         "complete": complete,  # False: perfdb's bound cut a line short (to its newest results)
     }
@@ -202,11 +209,28 @@ def _rounded(value: float) -> float:
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
-def _charts(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The charts, each with an axis in units that suit its values."""
+def other_metric_units(record: dict[str, Any]) -> dict[str, str]:
+    """A result's metrics other than the core ones, by name, each with the unit the result gives
+    it ("" when it gives none)."""
+    metrics = record.get("metrics") or {}
+    units = record.get("units") or {}
+    names = sorted(name for name in metrics if name not in CORE_METRIC_NAMES)[:MAX_OTHER_METRICS]
+    return {name: str(units.get(name, "")) for name in names}
+
+
+def _charts(lines: list[dict[str, Any]], other_units: dict[str, str]) -> list[dict[str, Any]]:
+    """The charts, each with an axis in units that suit its values: the core metrics' charts, then
+    one per other metric. A test with other metrics leaves out the core charts it has nothing for."""
     charts = []
-    for chart in CHARTS:
+    others = [
+        {"id": f"metric-{index}", "title": name, "metrics": [name], "unit": unit}
+        for index, (name, unit) in enumerate(other_units.items())
+    ]
+    specs = [*CHARTS, *others]
+    for chart in specs:
         drawn = [line["max"] for line in lines if line["metric"] in chart["metrics"]]
         values = [value for highs in drawn for value in highs if value is not None]
+        if not values and other_units and chart in CHARTS:
+            continue
         charts.append({**chart, "axis": axis_scale(str(chart["unit"]), values), "empty": not values})
     return charts

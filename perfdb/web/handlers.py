@@ -342,15 +342,17 @@ async def api_results(request: web.Request) -> web.Response:
 async def _find_result(
     request: web.Request,
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]] | None]:
-    """The record, its user's profile and its stored verdicts (read at once)."""
+    """The record (with its samples), its user's profile and its stored verdicts (read at once)."""
     record_id = request.match_info["record_id"]
     if not is_record_id(record_id):
         raise NotFoundError(f"{record_id[:40]!r} is not a result id: result ids are 20 hexadecimal digits.")
     source = request.app[DASHBOARD].source
-    found, verdicts = await asyncio.gather(source.find_record(record_id), source.stored_verdicts(record_id))
+    found, (verdicts, samples) = await asyncio.gather(source.find_record(record_id), source.stored_extras(record_id))
     if found is None:
         raise NotFoundError(f"perfdb has no result {record_id}.")
-    return *found, verdicts
+    record, profile = found
+    # Reads of many records leave samples out; get_record has them, as the record holds them.
+    return ({**record, "samples": samples} if samples else record), profile, verdicts
 
 
 async def result_handler(request: web.Request) -> web.Response:
@@ -410,7 +412,9 @@ async def api_one_test_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view = _one_test_view(request)
     tests = await dashboard.source.test_counts(None, CHART_TEST_METRICS)
-    if view.filters.test not in tests:
+    # A test without the core metrics (another tool's benchmark) is charted if perfdb has it at all.
+    test = view.filters.test
+    if test not in tests and await dashboard.source.edges(RecordQuery(test_name=test)) is None:
         raise NotFoundError(f"perfdb has no results of a test named {view.filters.test[:100]!r}.")
     data = await _chart_data(dashboard, request, record_query(view.filters), tests)
     return json_response({"test": view.filters.test, **data, "links": {"page": view.url(), "table": view.url("/")}})

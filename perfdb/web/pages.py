@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -11,7 +12,7 @@ import orjson
 
 from perfdb import __version__
 from perfdb.records.units import CORE_METRICS, format_value
-from perfdb.web.analysis import LeaderboardEntry
+from perfdb.web.analysis import LeaderboardEntry, sample_summary
 from perfdb.web.markup import Markup, concat, render
 from perfdb.web.queries import (
     ALERT_STATES,
@@ -672,9 +673,10 @@ def result_page(
     custom_rows = concat(
         render(
             '<tr><th scope="row">{name}</th><td class="num">{text}</td>'
-            '<td class="desc">custom metric</td><td class="raw">{raw}</td></tr>',
+            '<td class="desc">{desc}</td><td class="raw">{raw}</td></tr>',
             name=name,
-            text=format_value(value, ""),
+            text=format_value(value, metric_unit(record, name)),
+            desc=_custom_description(record, name),
             raw=repr(value),
         )
         for name, value in sorted(metrics.items())
@@ -688,7 +690,9 @@ def result_page(
             core=core_rows,
             custom=custom_rows,
         ),
-        verdicts_card(verdicts),
+        verdicts_card(verdicts, record),
+        source_card(record),
+        distributions_card(record),
     ]
     for key, title in (
         ("scenario", "Scenario"),
@@ -713,7 +717,7 @@ def result_page(
         """<section class="page-head">
   <p class="crumbs"><a href="/">Results</a> &rsaquo; result <code>{record_id}</code></p>
   <h1>{test}</h1>
-  <p class="lede">by <a href="{user_href}" title="{user_id}">{user}</a> · {time}{tag}</p>
+  <p class="lede">by <a href="{user_href}" title="{user_id}">{user}</a> · {time}{run_time}{tag}</p>
   <p class="links"><a href="{user_test_href}" id="user-test-link">This user's results of this test over time</a> ·
     <a href="{test_href}">everyone's results of this test</a>
     (<a href="{test_chart_href}" id="test-chart-link">over time</a>)</p>
@@ -724,7 +728,16 @@ def result_page(
         user_href=user_url(user_id),
         user_id=user_id,
         user=display_name(user_id, profile),
-        time=time_cell(str(record["timestamp"])),
+        time=render(
+            '<span id="stored-time" title="when perfdb stored it">stored {time}</span>',
+            time=time_cell(str(record["timestamp"])),
+        ),
+        run_time=render(
+            ' · <span id="run-time" title="when it ran, by the benchmark tool\'s clock">ran {time}</span>',
+            time=time_cell(str(record["run_time"])),
+        )
+        if isinstance(record.get("run_time"), str)
+        else "",
         tag=render(' · tag <span class="chip">{tag}</span>', tag=tag) if tag else "",
         user_test_href=build_url(user_url(user_id), [("test", test)]),
         test_href=build_url("/", [("test", test)]),
@@ -734,7 +747,151 @@ def result_page(
     return layout(site, title=test, active="result", body=body)
 
 
-def verdicts_card(verdicts: list[dict[str, Any]] | None) -> Markup:
+def metric_unit(record: dict[str, Any], name: str) -> str:
+    """The unit a metric (or samples series) of a record is shown in: a core metric's fixed one,
+    else the one the record gives it ("" when it gives none)."""
+    if name in METRICS_BY_NAME:
+        return METRICS_BY_NAME[name].unit
+    unit = (record.get("units") or {}).get(name, "")
+    return unit if isinstance(unit, str) else ""
+
+
+def _custom_description(record: dict[str, Any], name: str) -> str:
+    unit = metric_unit(record, name)
+    better = (record.get("better") or {}).get(name)
+    return "custom metric" + (f", in {unit}" if unit else "") + (f", {better} is better" if better else "")
+
+
+def source_card(record: dict[str, Any]) -> Markup:
+    """The code the result measured, as the record names it: commit, branch, commit time, repository."""
+    source = record.get("source")
+    if not isinstance(source, dict) or not source:
+        return Markup("")
+    commit, branch = source.get("commit"), source.get("branch")
+    repository, commit_time = source.get("repository"), source.get("commit_time")
+    rows: list[tuple[str, object]] = []
+    if isinstance(commit, str):
+        web_repository = isinstance(repository, str) and repository.startswith(("https://", "http://"))
+        commit_text = render('<code title="{commit}">{short}</code>', commit=commit, short=commit[:12])
+        if web_repository:
+            assert isinstance(repository, str)
+            href = repository.rstrip("/").removesuffix(".git") + "/commit/" + urllib.parse.quote(commit, safe="")
+            commit_text = render('<a href="{href}" id="source-commit-link">{text}</a>', href=href, text=commit_text)
+        rows.append(("commit", commit_text))
+    if isinstance(branch, str):
+        rows.append(("branch", render('<span class="chip">{branch}</span>', branch=branch)))
+    if isinstance(commit_time, str):
+        rows.append(("commit time", time_cell(commit_time)))
+    if isinstance(repository, str):
+        rows.append(("repository", repository))
+    return render(
+        '<section class="card" id="source"><h2>Source</h2><div class="table-wrap"><table class="kv">'
+        "<tbody>{rows}</tbody></table></div></section>",
+        rows=concat(
+            render('<tr><th scope="row">{name}</th><td data-field="{name}">{value}</td></tr>', name=name, value=value)
+            for name, value in rows
+        ),
+    )
+
+
+def distributions_card(record: dict[str, Any]) -> Markup:
+    """Each series of samples the result carries, as a box plot over its samples with its
+    count, extremes, quartiles and median, in the series' unit."""
+    samples = record.get("samples")
+    if not isinstance(samples, dict) or not samples:
+        return Markup("")
+    figures = concat(
+        _distribution(name, values, metric_unit(record, name))
+        for name, values in sorted(samples.items())
+        if isinstance(values, list) and values
+    )
+    return render(
+        '<section class="card wide" id="distributions"><h2>Distributions</h2>'
+        '<p class="chart-note">The raw samples the result carries (each repetition or round), '
+        "one box plot per series: the box spans the quartiles, the bar is the median, the whiskers reach "
+        "the smallest and the largest sample, and each dot is a sample.</p>{figures}</section>",
+        figures=figures,
+    )
+
+
+# The box plots' drawing, in SVG user units.
+BOX_PLOT_WIDTH, BOX_PLOT_HEIGHT, BOX_PLOT_MARGIN = 600, 64, 16
+# Series with more samples than this draw no dots (the box says enough, the page stays small).
+MAX_DOTS = 500
+
+
+def _distribution(name: str, values: list[float], unit: str) -> Markup:
+    summary = sample_summary(values)
+    peak = max(abs(summary.low), abs(summary.high))
+    span = summary.high - summary.low
+    # Enough digits that samples a hair apart (176.0 to 177.2 ns) do not all read the same.
+    digits = min(6, max(3, math.ceil(math.log10(peak / span)) + 2)) if span > 0 else 3
+    inner = BOX_PLOT_WIDTH - 2 * BOX_PLOT_MARGIN
+
+    def x(value: float) -> str:
+        fraction = (value - summary.low) / span if span > 0 else 0.5
+        return f"{BOX_PLOT_MARGIN + fraction * inner:.1f}"
+
+    middle = 24
+    dots = (
+        concat(
+            render('<circle class="sample" cx="{x}" cy="{y}" r="2.5"></circle>', x=x(value), y=middle + 18)
+            for value in values
+        )
+        if len(values) <= MAX_DOTS
+        else ""
+    )
+    stats = (
+        ("n", "count", summary.count),
+        ("min", "min", summary.low),
+        ("q1", "q1", summary.first_quartile),
+        ("median", "median", summary.median),
+        ("q3", "q3", summary.third_quartile),
+        ("max", "max", summary.high),
+    )
+    return render(
+        """<figure class="distribution" data-series="{name}">
+<figcaption><strong>{name}</strong>{unit_note}</figcaption>
+<svg class="box-plot" viewBox="0 0 {width} {height}" role="img" aria-label="{label}">
+<line class="whisker" x1="{low}" y1="{middle}" x2="{high}" y2="{middle}"></line>
+<line class="whisker-end" x1="{low}" y1="{top}" x2="{low}" y2="{bottom}"></line>
+<line class="whisker-end" x1="{high}" y1="{top}" x2="{high}" y2="{bottom}"></line>
+<rect class="box" x="{q1}" y="{box_top}" width="{box_width}" height="24"></rect>
+<line class="median" x1="{median}" y1="{box_top}" x2="{median}" y2="{box_bottom}"></line>
+{dots}</svg>
+<table class="kv distribution-stats"><thead><tr>{heads}</tr></thead><tbody><tr>{cells}</tr></tbody></table>
+</figure>""",
+        name=name,
+        unit_note=render(' <span class="muted">in {unit}</span>', unit=unit) if unit else "",
+        width=BOX_PLOT_WIDTH,
+        height=BOX_PLOT_HEIGHT,
+        label=f"{name}: {summary.count} samples from {format_value(summary.low, unit, peak=peak)} "
+        f"to {format_value(summary.high, unit, peak=peak)}, median {format_value(summary.median, unit, peak=peak)}",
+        low=x(summary.low),
+        high=x(summary.high),
+        q1=x(summary.first_quartile),
+        median=x(summary.median),
+        box_width=f"{float(x(summary.third_quartile)) - float(x(summary.first_quartile)):.1f}",
+        middle=middle,
+        top=middle - 8,
+        bottom=middle + 8,
+        box_top=middle - 12,
+        box_bottom=middle + 12,
+        dots=dots,
+        heads=concat(render('<th scope="col">{label}</th>', label=label) for label, _, _ in stats),
+        cells=concat(
+            render(
+                '<td class="num" data-stat="{stat}" data-value="{raw}" title="{raw}">{text}</td>',
+                stat=stat,
+                raw=repr(value),
+                text=str(value) if stat == "count" else format_value(value, unit, peak=peak, digits=digits),
+            )
+            for _, stat, value in stats
+        ),
+    )
+
+
+def verdicts_card(verdicts: list[dict[str, Any]] | None, record: dict[str, Any]) -> Markup:
     """The verdicts perfdb gave the result when it stored it, with the numbers behind each."""
     if not verdicts:
         return render(
@@ -751,14 +908,15 @@ def verdicts_card(verdicts: list[dict[str, Any]] | None) -> Markup:
         '<th>Metric</th><th>Status</th><th class="num">Value</th><th class="num">Baseline n</th>'
         '<th class="num">Mean</th><th class="num">Std dev</th><th class="num">Change</th>'
         "<th>Threshold</th><th>Model</th></tr></thead><tbody>{rows}</tbody></table></div></section>",
-        rows=concat(verdict_row(verdict) for verdict in verdicts),
+        rows=concat(verdict_row(verdict, record) for verdict in verdicts),
     )
 
 
-def verdict_row(verdict: dict[str, Any]) -> Markup:
+def verdict_row(verdict: dict[str, Any], record: dict[str, Any]) -> Markup:
+    """One metric's verdict, its numbers in the metric's unit (a custom metric's as the record gives it)."""
     name = str(verdict.get("metric", ""))
     metric = METRICS_BY_NAME.get(name)
-    unit = metric.unit if metric is not None else ""
+    unit = metric_unit(record, name)
     status = str(verdict.get("status", ""))
     baseline = verdict.get("baseline") or {}
     model = verdict.get("model") or {}

@@ -114,6 +114,15 @@ class RecordQuery:
         return all(word in haystack for word in self.search_words)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Edges:
+    """Where a query's results start and end (record times in microseconds), and its newest result."""
+
+    oldest: int
+    newest: int
+    newest_record: dict[str, Any]
+
+
 @dataclasses.dataclass(slots=True)
 class TimeRead:
     """Results read in one time direction from a position, in the order read."""
@@ -199,9 +208,9 @@ class ResultSource:
         profile: dict[str, Any] = page["user"]
         return profile
 
-    async def edges(self, query: RecordQuery) -> tuple[int, int] | None:
+    async def edges(self, query: RecordQuery) -> Edges | None:
         """The times of the oldest and the newest result a query matches (search words aside),
-        from two one-record reads; None when it matches none."""
+        and that newest result, from two one-record reads; None when it matches none."""
         fields: dict[str, Any] = {
             "test_name": query.test_name,
             "tag": query.tag,
@@ -220,7 +229,12 @@ class ResultSource:
             raise
         if not oldest["records"] or not newest["records"]:
             return None
-        return record_id_micros(oldest["records"][0]["record_id"]), record_id_micros(newest["records"][0]["record_id"])
+        newest_record: dict[str, Any] = newest["records"][0]
+        return Edges(
+            oldest=record_id_micros(oldest["records"][0]["record_id"]),
+            newest=record_id_micros(newest_record["record_id"]),
+            newest_record=newest_record,
+        )
 
     async def series(
         self, metrics: list[str], test_name: str, query: RecordQuery, *, since: int, until: int, buckets: int
@@ -294,11 +308,13 @@ class ResultSource:
                 return None
             raise
 
-    async def stored_verdicts(self, record_id: str) -> list[dict[str, Any]] | None:
-        """The verdicts perfdb stored for a record when it judged it; None when it stored none."""
+    async def stored_extras(self, record_id: str) -> tuple[list[dict[str, Any]] | None, dict[str, list[float]]]:
+        """What get_record returns beside the record as every read does: the verdicts perfdb stored
+        when it judged the record (None when it stored none) and the record's samples ({} if none)."""
         reply = await self._record_reply(record_id)
         verdicts = None if reply is None else reply.get("verdicts")
-        return verdicts if isinstance(verdicts, list) else None
+        samples = None if reply is None else reply["record"].get("samples")
+        return (verdicts if isinstance(verdicts, list) else None), (samples if isinstance(samples, dict) else {})
 
     async def regressions(
         self, *, state: str | None, limit: int, cursor: str | None = None, **filters: str | None

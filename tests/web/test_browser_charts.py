@@ -192,5 +192,12 @@ def test_the_page_formats_values_as_the_server_does(dense_tab: BrowserPage) -> N
     _wait_for_charts(dense_tab)
     samples = [(value, unit) for unit in ("qps", "us", "percent") for value in (0.5, 42.26, 999.4, 1234.6, 2_500_000.0)]
     samples += [(value, "") for value in (1_403_434.0, 1234.5, 250_000.7, 42.0)]  # counts of unknown metrics
+    # Records' own units (Google Benchmark, pytest-benchmark, ...), scaled as the server scales them.
+    samples += [
+        (value, unit)
+        for unit in ("ns", "s", "ms/op", "ps", "ops/s", "ops/ms", "B", "B/s", "elem/s", "allocs/op", "1")
+        for value in (0.5, 42.26, 999.7, 1234.6, 2_500_000.0)
+    ]
+    samples += [(2.08e-7, "s"), (3e-10, "s")]
     shown = dense_tab.page.evaluate("(samples) => samples.map(([v, u]) => window.perfdbFormatValue(v, u))", samples)
     assert shown == [format_value(value, unit) for value, unit in samples]

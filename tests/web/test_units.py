@@ -4,6 +4,7 @@ charts, and the perfdb-web command line."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import urllib.parse
@@ -21,6 +22,7 @@ from perfdb.web.analysis import (
     merge_aggregates,
     overview_histogram,
     ranked_users,
+    sample_summary,
 )
 from perfdb.web.app import asset_urls, build_parser, config_from_args, main
 from perfdb.web.markup import Markup, render
@@ -182,6 +184,41 @@ def test_leaderboard_ranks_users_by_their_best_in_the_metrics_direction() -> Non
 def test_chart_axes_show_latencies_in_a_unit_that_suits_them() -> None:
     assert axis_scale("us", [900.0, 2500.0]) == {"label": "ms", "divisor": 1000}
     assert axis_scale("us", [90.0]) == {"label": "µs", "divisor": 1}
+    assert axis_scale("qps", [250_000.0]) == {"label": "queries/s", "divisor": 1}
+
+
+@pytest.mark.parametrize(
+    ("unit", "values", "label", "divisor"),
+    [
+        # A record's ns in the millions is shown in ms; one scale for every value on the axis.
+        ("ns", [900.0, 2_500_000.0], "ms", 1e6),
+        ("ns", [126.6, 133.9], "ns", 1),
+        ("ns", [0.4], "ns", 1),
+        ("ns/op", [45_000.0], "µs/op", 1000),
+        ("s", [2.08e-7, 2.7e-7], "ns", 1e-9),
+        ("s", [0.02, 1.5], "s", 1),
+        ("ps", [500.0], "ps", 1),
+        ("ps", [3_000_000.0], "µs", 1e6),
+        ("ops/s", [950.0], "ops/s", 1),
+        ("ops/s", [2_500.0], "k ops/s", 1e3),
+        ("ops/s", [3_400_000.0], "M ops/s", 1e6),
+        ("ops/ms", [5.0], "k ops/s", 1),
+        ("ops/us", [2.0], "M ops/s", 1),
+        ("B", [512.0], "B", 1),
+        ("B/op", [4096.0], "KiB/op", 1024),
+        ("B/s", [11_032_809_135.1], "GiB/s", 1024**3),
+        ("B/s", [3_000_000.0], "MiB/s", 1024**2),
+        ("elem/s", [12_000.0], "k elem/s", 1e3),
+        ("allocs/op", [7.0], "allocs/op", 1),
+        ("percent", [55.0], "%", 1),
+        ("1", [294_687.0], "", 1),
+        ("", [], "", 1),
+    ],
+)
+def test_chart_axes_scale_a_records_units(unit: str, values: list[float], label: str, divisor: float) -> None:
+    scale = axis_scale(unit, values)
+    assert scale["label"] == label
+    assert scale["divisor"] == pytest.approx(divisor, rel=1e-12)
 
 
 def test_asset_urls_change_with_the_content(tmp_path: Path) -> None:
@@ -262,3 +299,46 @@ def test_large_counts_are_grouped_never_in_exponent_form() -> None:
     assert format_value(250_000.7, "") == "250,001"
     assert format_value(42.0, "") == "42"
     assert format_value(0.125, "") == "0.125"
+
+
+def test_values_are_shown_with_their_unit_scaled_to_suit_them() -> None:
+    from perfdb.records.units import format_value
+
+    assert format_value(1_234_567, "ns") == "1.23 ms"
+    assert format_value(126.6, "ns") == "127 ns"
+    assert format_value(2.0849e-7, "s") == "208 ns"
+    assert format_value(11_032_809_135.1, "B/s") == "10.3 GiB/s"
+    assert format_value(3_400_000, "ops/s") == "3.4 M ops/s"
+    assert format_value(28_600, "us") == "28.6 ms"
+    assert format_value(999.7, "ns") == "1,000 ns"  # rounded up, never 1e+03
+    assert format_value(7200, "s") == "7,200 s"
+    # Side by side in one scale: the largest value of the set picks it.
+    assert format_value(900, "ns", peak=2_500_000) == "0.0009 ms"
+    assert format_value(float("nan"), "ns") == "-" and format_value(True, "ns") == "-"
+
+
+@pytest.mark.parametrize(
+    ("samples", "expected"),
+    [
+        ([5.0], (1, 5.0, 5.0, 5.0, 5.0, 5.0)),
+        ([4.0, 1.0, 3.0, 2.0], (4, 1.0, 1.5, 2.5, 3.5, 4.0)),  # even: medians of the halves
+        ([3.0, 1.0, 2.0], (3, 1.0, 1.25, 2.0, 2.75, 3.0)),  # 4q + 3
+        ([5.0, 4.0, 3.0, 2.0, 1.0], (5, 1.0, 1.75, 3.0, 4.25, 5.0)),  # 4q + 1
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], (7, 1.0, 2.25, 4.0, 5.75, 7.0)),
+    ],
+)
+def test_sample_summary_has_the_five_numbers_and_the_count(samples: list[float], expected: tuple[float, ...]) -> None:
+    summary = sample_summary(samples)
+    assert (summary.count, summary.low, summary.first_quartile, summary.median, summary.third_quartile,
+            summary.high) == pytest.approx(expected)  # fmt: skip
+
+
+def test_sample_summary_matches_pytest_benchmarks_own_statistics() -> None:
+    document = json.loads((REPO_ROOT / "tests/fixtures/tools/pytest-benchmark/parametrized.json").read_text())
+    for bench in document["benchmarks"]:
+        stats = bench["stats"]
+        summary = sample_summary(stats["data"])
+        assert summary.count == stats["rounds"]
+        shown = [summary.low, summary.first_quartile, summary.median, summary.third_quartile, summary.high]
+        expected = [stats["min"], stats["q1"], stats["median"], stats["q3"], stats["max"]]
+        assert shown == pytest.approx(expected, rel=1e-12), bench["name"]

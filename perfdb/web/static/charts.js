@@ -79,27 +79,74 @@
   // band around a line), and the record id of a bucket holding one result. Lines of one chart
   // share a time grid; a null row in a line marks a pause in its results, where it breaks.
 
-  // The same rules as perfdb.records.units.format_value, for values drawn from the API's numbers
-  // (a value exactly halfway may round the other way: Python rounds halves to even).
+  // The same rules as perfdb.records.units (display_scale and format_value), for values drawn
+  // from the API's numbers (a value exactly halfway may round the other way: Python rounds halves to even).
+  const PICOSECONDS = { ps: 1, ns: 1e3, us: 1e6, ms: 1e9, s: 1e12 };
+  const SHOWN_DURATIONS = [["s", 1e12], ["ms", 1e9], ["\u00b5s", 1e6], ["ns", 1e3]];
+  const PER_SECOND = { "ops/s": 1, "ops/ms": 1e3, "ops/us": 1e6, "ops/ns": 1e9 };
+  const SI_PREFIXES = [["G", 1e9], ["M", 1e6], ["k", 1e3]];
+  const BINARY_PREFIXES = [["GiB", 1024 ** 3], ["MiB", 1024 ** 2], ["KiB", 1024]];
+
+  function prefixed(peak, label, perUnit) {
+    for (const [prefix, size] of SI_PREFIXES) {
+      if (peak >= size) return { label: `${prefix} ${label}`, divisor: size / perUnit };
+    }
+    return { label, divisor: 1 / perUnit };
+  }
+
+  function displayScale(unit, peak) {
+    const slash = unit.indexOf("/");
+    const base = slash < 0 ? unit : unit.slice(0, slash);
+    const per = slash < 0 ? "" : unit.slice(slash + 1);
+    const suffix = per ? `/${per}` : "";
+    if (base in PICOSECONDS && (per === "" || per === "op")) {
+      const picoseconds = peak * PICOSECONDS[base];
+      for (const [label, size] of SHOWN_DURATIONS) {
+        if (picoseconds >= size) return { label: label + suffix, divisor: size / PICOSECONDS[base] };
+      }
+      if (picoseconds === 0 || base === "ps") return { label: (base === "us" ? "\u00b5s" : base) + suffix, divisor: 1 };
+      return { label: "ns" + suffix, divisor: 1e3 / PICOSECONDS[base] };
+    }
+    if (unit in PER_SECOND) return prefixed(peak * PER_SECOND[unit], "ops/s", PER_SECOND[unit]);
+    if (base === "B") {
+      for (const [label, size] of BINARY_PREFIXES) {
+        if (peak >= size) return { label: label + suffix, divisor: size };
+      }
+      return { label: unit, divisor: 1 };
+    }
+    if (unit === "percent") return { label: "%", divisor: 1 };
+    if (unit === "" || unit === "1") return { label: "", divisor: 1 };
+    return prefixed(peak, unit, 1);
+  }
+
+  // Tick spacings of an axis, in stored units: 1, 2, 2.5 and 5 times the powers of ten of the unit shown.
+  function shownIncrements(divisor) {
+    const increments = [];
+    for (let power = -12; power <= 15; power += 1) {
+      for (const step of [1, 2, 2.5, 5]) increments.push(step * 10 ** power * divisor);
+    }
+    return increments;
+  }
+
   function formatValue(value, unit) {
     if (typeof value !== "number" || !Number.isFinite(value)) return "-";
-    const threeDigits = (number) => String(Number(number.toPrecision(3)));
     if (unit === "qps") {
       const digits = Math.abs(value) >= 100 ? 0 : 2;
       return value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits });
     }
-    if (unit === "us") {
-      if (Math.abs(value) >= 1e6) return `${threeDigits(value / 1e6)} s`;
-      if (Math.abs(value) >= 1000) return `${threeDigits(value / 1000)} ms`;
-      return `${threeDigits(value)} \u00b5s`;
-    }
     if (unit === "percent") return `${value.toFixed(1)}%`;
-    if (Math.abs(value) >= 1000) {
-      // Counts stay whole and grouped (1,403,434), as format_value in perfdb/records/units.py does.
-      const digits = Number.isInteger(value) || Math.abs(value) >= 100000 ? 0 : 2;
-      return value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+    if (unit === "" || unit === "1") {
+      if (Math.abs(value) >= 1000) {
+        // Counts stay whole and grouped (1,403,434), as format_value in perfdb/records/units.py does.
+        const digits = Number.isInteger(value) || Math.abs(value) >= 100000 ? 0 : 2;
+        return value.toLocaleString("en", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+      }
+      return String(value);
     }
-    return String(value);
+    const scale = displayScale(unit, Math.abs(value));
+    const shown = Number((value / scale.divisor).toPrecision(3));
+    const text = Math.abs(shown) >= 1000 ? shown.toLocaleString("en", { maximumFractionDigits: 0 }) : String(shown);
+    return `${text} ${scale.label}`;
   }
   window.perfdbFormatValue = formatValue;
 
@@ -194,6 +241,8 @@
           size: 64,
           label: chart.axis.label,
           labelSize: 18,
+          // Ticks at round numbers of the unit shown (2 GiB/s, not 1.86), whatever the divisor.
+          incrs: shownIncrements(divisor),
           values: (u, splits) => splits.map((value) => (value == null ? "" : axisNumber.format(value / divisor))),
         },
       ],
