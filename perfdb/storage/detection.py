@@ -14,14 +14,15 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import plyvel
 
 from perfdb.regression.direction import direction_of
-from perfdb.regression.series import SeriesKey, SeriesWindows
-from perfdb.regression.thresholds import ThresholdConfig, judge
+from perfdb.regression.series import SeriesKey, SeriesWindow, SeriesWindows
+from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig
+from perfdb.regression.verdicts import RecordVerdicts, Summary, VerdictShapeCache
 from perfdb.storage import layout
 
 log = logging.getLogger("perfdb.detection")
@@ -40,6 +41,19 @@ class StoredPoint:
     better: Mapping[str, Any] | None
 
 
+class CommittedRecord(NamedTuple):
+    """A durable record for the verdict windows: `judged` ones get verdicts and join, the rest (imports) join."""
+
+    user_id: str
+    record_id: str
+    test_name: str
+    tag: str
+    metrics: Mapping[str, float]
+    better: Mapping[str, object] | None
+    baseline_tag: str | None
+    judged: bool
+
+
 @dataclasses.dataclass(slots=True)
 class StoredVerdicts:
     """The verdicts of one judged batch, handed to the writer to store (it is the only writer) as one write item:
@@ -49,9 +63,9 @@ class StoredVerdicts:
     entries: list[tuple[str, str, bytes]]
 
     @classmethod
-    def of(cls, judged: Iterable[tuple[str, str, Sequence[Mapping[str, object]] | None]]) -> StoredVerdicts | None:
-        """The verdicts to store of judged records ((record id, user id, verdicts) each; a record without
-        verdicts, such as a duplicate resend, has none to store). None if there are none."""
+    def of(cls, judged: Iterable[tuple[str, str, bytes | None]]) -> StoredVerdicts | None:
+        """The verdicts to store of judged records ((record id, user id, the verdicts' JSON array as judge_batch
+        encoded it) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
         entries = [
             (record_id, user_id, layout.verdicts_value(verdicts)) for record_id, user_id, verdicts in judged if verdicts
         ]
@@ -65,6 +79,7 @@ class RegressionDetector:
         self.thresholds = thresholds
         self.enabled = enabled
         self.windows = SeriesWindows(max_series)
+        self._shapes = VerdictShapeCache()
         self._lock = threading.Lock()
         # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
         self._dirty: dict[tuple[str, str, str], set[str]] = {}
@@ -78,33 +93,53 @@ class RegressionDetector:
 
     # -- the writer's verdict thread --------------------------------------------------------------------------------
 
-    def judge_and_join(
-        self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float], *,
-        better: Mapping[str, object] | None, baseline_tag: str | None,
-    ) -> list[dict[str, object]]:  # fmt: skip
-        """The record's verdicts (one per metric, in the record's order), then the record joins its windows."""
+    def judge_batch(self, records: Sequence[CommittedRecord]) -> list[bytes | None]:
+        """Each committed record's verdicts, in order, as the JSON array to send and store (one per metric, in the
+        record's order; None for a record only joining, or whose verdicts failed), each judged against its
+        windows as the records before it left them, then joining its own. One lock for the whole batch."""
         if not self.enabled:
-            return []
-        verdicts = []
-        judged_tag = tag if baseline_tag is None else baseline_tag
+            return [None] * len(records)
+        encoded: list[bytes | None] = []
         with self._lock:
-            for metric, value in metrics.items():
-                model = self.thresholds.model_for(test_name, metric)
-                baseline = self.windows.values(SeriesKey(user_id, test_name, judged_tag, metric))
-                verdict = judge(value, baseline, direction_of(metric, better), model)
-                verdicts.append(verdict.to_json())
-                self._join(SeriesKey(user_id, test_name, tag, metric), record_id, value, model.window)
-        return verdicts
+            for record in records:
+                try:
+                    if record.judged:
+                        encoded.append(self._judge_and_join(record))
+                        continue
+                    self._join_all(record.user_id, record.record_id, record.test_name, record.tag, record.metrics)
+                except Exception:  # the record is durable: a failed verdict must not fail its ack
+                    log.exception("verdicts of record %s failed", record.record_id)
+                encoded.append(None)
+        return encoded
+
+    def _judge_and_join(self, record: CommittedRecord) -> bytes:
+        user_id, record_id, test_name, tag = record.user_id, record.record_id, record.test_name, record.tag
+        judged_tag = tag if record.baseline_tag is None else record.baseline_tag
+        model_for, windows, better = self.thresholds.model_for, self.windows, record.better
+        verdicts = RecordVerdicts()
+        for metric, raw_value in record.metrics.items():
+            value = float(raw_value)
+            model = model_for(test_name, metric)
+            key = SeriesKey(user_id, test_name, tag, metric)
+            baseline = windows.get(key if judged_tag == tag else SeriesKey(user_id, test_name, judged_tag, metric))
+            summary = None
+            if baseline is not None:
+                # A window kept longer than the model's (never, as both come from model_for) is cut to it.
+                summary = baseline.summary() if len(baseline) <= model.window else _summary(baseline, model.window)
+            verdicts.add(self._shapes.shapes(direction_of(metric, better), model), value, summary)
+            self._join(key, record_id, value, model.window)
+        return verdicts.encode()
 
     def join(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
         """A record that joins its windows without verdicts (an import)."""
         if not self.enabled:
             return
         with self._lock:
-            for metric, value in metrics.items():
-                self._join(
-                    SeriesKey(user_id, test_name, tag, metric), record_id, value, self.window_for(test_name, metric)
-                )
+            self._join_all(user_id, record_id, test_name, tag, metrics)
+
+    def _join_all(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
+        for metric, value in metrics.items():
+            self._join(SeriesKey(user_id, test_name, tag, metric), record_id, value, self.window_for(test_name, metric))
 
     def batch_committed(self) -> None:
         """Called by the writer after the judged records' acks are on their way."""
@@ -113,13 +148,11 @@ class RegressionDetector:
             listener()
 
     def _join(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
-        newest = self.windows.newest_record_id(key)
+        series = self.windows.get(key)
         # An import may restore a record older than the window's newest: it stays out of the window until the
         # series is next rebuilt (at start, say), since a window holds the newest records in time order.
-        if newest is not None and newest >= record_id:
-            self._mark(key)
-            return
-        self.windows.append(key, record_id, value, window)
+        if series is None or series.points[-1].record_id < record_id:
+            self.windows.used(key, window).append(record_id, float(value))
         self._mark(key)
 
     def _mark(self, key: SeriesKey) -> None:
@@ -284,6 +317,12 @@ def read_series(
                 points.append(StoredPoint(record_id, values, better if isinstance(better, dict) else None))
     points.reverse()
     return points
+
+
+def _summary(window: SeriesWindow, last: int) -> Summary:
+    values = [point.value for point in window.points][-last:]
+    summary = BaselineSummary.of(values)
+    return summary.n, summary.mean, summary.stddev, summary.median, summary.min, summary.max
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:
