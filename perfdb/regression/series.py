@@ -7,7 +7,7 @@ import bisect
 import collections
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -138,7 +138,8 @@ class SeriesWindows:
             raise ValueError(f"max_series must be at least 1, not {max_series}")
         self.max_series = max_series
         self.evictions = 0
-        self._series: collections.OrderedDict[SeriesKey, SeriesWindow] = collections.OrderedDict()
+        # Keyed by SeriesKey; looked up with plain tuples of its fields too (equal, same hash, cheaper to make).
+        self._series: collections.OrderedDict[tuple[str, str, str, str], SeriesWindow] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._series)
@@ -147,7 +148,7 @@ class SeriesWindows:
         return key in self._series
 
     def __iter__(self) -> Iterator[SeriesKey]:
-        return iter(self._series)
+        return cast(Iterator[SeriesKey], iter(self._series))
 
     def points(self, key: SeriesKey) -> tuple[SeriesPoint, ...]:
         """The series' kept points, oldest first (empty if unknown); does not count as a use."""
@@ -186,6 +187,28 @@ class SeriesWindows:
             if series.maxlen != window:
                 series = self._series[key] = SeriesWindow(window, series.points)
         return series
+
+    def summarise_and_append(
+        self, key: tuple[str, str, str, str], baseline: tuple[str, str, str, str] | None, record_id: str,
+        value: float, window: int,
+    ) -> tuple[int, float, float, float, float, float] | None:  # fmt: skip
+        """The summary of the last `window` points of `baseline`'s window (`key`'s when None; None if it has no
+        window), then the point joins `key`'s window unless that holds a record as new or newer (an import of an
+        old record: it stays out until the series is rebuilt, as a window holds the newest records in time
+        order). The verdict thread's one call per metric; `key` may be a plain tuple (SeriesKey's fields)."""
+        series = self._series.get(key)
+        judged = series if baseline is None else self._series.get(baseline)
+        summary = None
+        if judged is not None:
+            summary = (
+                judged.summary() if len(judged.points) <= window else SeriesWindow(window, judged.points).summary()
+            )
+        if series is None or series.maxlen != window:
+            self.used(SeriesKey(*key), window).append(record_id, value)
+        elif series.points[-1].record_id < record_id:
+            self._series.move_to_end(key)
+            series.append(record_id, value)
+        return summary
 
     def discard(self, key: SeriesKey) -> None:
         self._series.pop(key, None)

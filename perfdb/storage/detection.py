@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -22,13 +23,14 @@ import plyvel
 from perfdb.regression.direction import direction_of
 from perfdb.regression.series import SeriesKey, SeriesWindow, SeriesWindows
 from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig
-from perfdb.regression.verdicts import RecordVerdicts, Summary, VerdictShapeCache
+from perfdb.regression.verdicts import RecordVerdicts, Summary, VerdictShapeCache, VerdictShapes
 from perfdb.storage import layout
 
 log = logging.getLogger("perfdb.detection")
 
 # A series read for a rebuild or an analysis walks at most this many of its user's index entries.
 SERIES_SCAN_BUDGET = 200_000
+_MAX_PLANS = 10_000
 DEFAULT_MAX_SERIES = 100_000  # windows of 30 points: about 100 MB at this many series
 
 
@@ -80,6 +82,8 @@ class RegressionDetector:
         self.enabled = enabled
         self.windows = SeriesWindows(max_series)
         self._shapes = VerdictShapeCache()
+        # (test name, *metric names) -> the verdict shapes of each metric, for records declaring no directions
+        self._plans: dict[tuple[str, ...], list[VerdictShapes]] = {}
         self._lock = threading.Lock()
         # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
         self._dirty: dict[tuple[str, str, str], set[str]] = {}
@@ -113,22 +117,41 @@ class RegressionDetector:
         return encoded
 
     def _judge_and_join(self, record: CommittedRecord) -> bytes:
-        user_id, record_id, test_name, tag = record.user_id, record.record_id, record.test_name, record.tag
-        judged_tag = tag if record.baseline_tag is None else record.baseline_tag
-        model_for, windows, better = self.thresholds.model_for, self.windows, record.better
+        user_id, record_id, test_name, tag, metrics = (
+            record.user_id, record.record_id, record.test_name, record.tag, record.metrics
+        )  # fmt: skip
+        judged_tag = None if record.baseline_tag is None or record.baseline_tag == tag else record.baseline_tag
+        summarise_and_append = self.windows.summarise_and_append
         verdicts = RecordVerdicts()
-        for metric, raw_value in record.metrics.items():
+        add = verdicts.add
+        for (metric, raw_value), shapes in zip(
+            metrics.items(), self._plan(test_name, metrics, record.better), strict=True
+        ):
             value = float(raw_value)
-            model = model_for(test_name, metric)
-            key = SeriesKey(user_id, test_name, tag, metric)
-            baseline = windows.get(key if judged_tag == tag else SeriesKey(user_id, test_name, judged_tag, metric))
-            summary = None
-            if baseline is not None:
-                # A window kept longer than the model's (never, as both come from model_for) is cut to it.
-                summary = baseline.summary() if len(baseline) <= model.window else _summary(baseline, model.window)
-            verdicts.add(self._shapes.shapes(direction_of(metric, better), model), value, summary)
-            self._join(key, record_id, value, model.window)
+            if not math.isfinite(value):  # judged before it joins: a bad value stays out of the window
+                raise ValueError(f"the value judged must be a finite number, not {value}")
+            baseline = None if judged_tag is None else (user_id, test_name, judged_tag, metric)
+            summary = summarise_and_append(
+                (user_id, test_name, tag, metric), baseline, record_id, value, shapes.model.window
+            )
+            add(shapes, value, summary)
+        self._mark_all((user_id, test_name, tag), metrics)
         return verdicts.encode()
+
+    def _plan(
+        self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None
+    ) -> list[VerdictShapes]:
+        """Each metric's model, direction and verdict shapes, in the record's order: the same for every record
+        of a test with the same metrics and no declared directions, so those are looked up once."""
+        plan = self._plans.get((test_name, *metrics)) if better is None else None
+        if plan is None:
+            model_for, shapes = self.thresholds.model_for, self._shapes.shapes
+            plan = [shapes(direction_of(metric, better), model_for(test_name, metric)) for metric in metrics]
+            if better is None:
+                if len(self._plans) >= _MAX_PLANS:  # many test names: start again rather than grow without end
+                    self._plans.clear()
+                self._plans[(test_name, *metrics)] = plan
+        return plan
 
     def join(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
         """A record that joins its windows without verdicts (an import)."""
@@ -154,6 +177,13 @@ class RegressionDetector:
         if series is None or series.points[-1].record_id < record_id:
             self.windows.used(key, window).append(record_id, float(value))
         self._mark(key)
+
+    def _mark_all(self, group: tuple[str, str, str], metrics: Iterable[str]) -> None:
+        dirty = self._dirty.get(group)
+        if dirty is None:
+            self._dirty[group] = set(metrics)
+        else:
+            dirty.update(metrics)
 
     def _mark(self, key: SeriesKey) -> None:
         metrics = self._dirty.get(key[:3])
