@@ -60,6 +60,17 @@ def test_a_window_of_identical_points_has_a_stddev_of_exactly_zero() -> None:
     assert window.summary() == (5, 0.1, 0.0, 0.1, 0.1, 0.1)
 
 
+def test_a_window_of_tiny_and_huge_values_is_summarised_past_the_float_range_of_its_sums() -> None:
+    values = [1e-300, 1e150, 2e150, 3e-290]
+    window = SeriesWindow(4)
+    for index, value in enumerate(values):
+        window.append(str(index), value)
+    n, mean, stddev, *rest = window.summary()
+    expected = reference_summary(values)
+    assert (n, mean, *rest) == (expected[0], expected[1], *expected[3:])
+    assert stddev == pytest.approx(expected[2], rel=1e-12)
+
+
 def test_a_window_summary_depends_only_on_the_points_it_keeps() -> None:
     """So a window rebuilt from the database judges exactly as the live one did."""
     rng = random.Random(2)

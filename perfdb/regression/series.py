@@ -78,22 +78,23 @@ class SeriesWindow:
             old = points[0].value
             ordered = self._ordered
             del ordered[bisect.bisect_left(ordered, old)]
-            mantissa, exponent = _integer_parts(old)
-            if mantissa:  # a zero's exponent may be below the floor
-                scaled = mantissa << (exponent - self._floor)
+            fraction, exponent = math.frexp(old)
+            if fraction:  # a zero's exponent may be below the floor
+                scaled = int(fraction * _TWO_53) << (exponent - 53 - self._floor)
                 self._sum -= scaled
                 self._squares -= scaled * scaled
-        points.append(SeriesPoint(record_id, value))
+        points.append(_new_tuple(SeriesPoint, (record_id, value)))  # SeriesPoint(...) costs twice as much
         bisect.insort(self._ordered, value)
-        mantissa, exponent = _integer_parts(value)
-        if not mantissa:
+        fraction, exponent = math.frexp(value)  # value == int(fraction * 2**53) * 2**(exponent - 53) exactly
+        if not fraction:
             return
+        exponent -= 53
         if exponent < self._floor:
             shift = self._floor - exponent
             self._sum <<= shift
             self._squares <<= 2 * shift
             self._floor = exponent
-        scaled = mantissa << (exponent - self._floor)
+        scaled = int(fraction * _TWO_53) << (exponent - self._floor)
         self._sum += scaled
         self._squares += scaled * scaled
 
@@ -103,25 +104,33 @@ class SeriesWindow:
         ordered = self._ordered
         n = len(ordered)
         floor, total = self._floor, self._sum
-        # int / int and float(int) round once, correctly: the exact sum rounded, as math.fsum gives it.
-        mean = (total / (1 << -floor) if floor < 0 else float(total << floor)) / n
-        stddev = 0.0
-        if n > 1:
-            spread = n * self._squares - total * total  # n (n - 1) times the variance, over 2**(2 * floor)
-            scale = n * (n - 1)
-            stddev = math.sqrt(spread / (scale << -2 * floor) if floor < 0 else float(spread << 2 * floor) / scale)
+        try:
+            # float(int) rounds once, correctly, and ldexp is exact: the exact sum rounded, as math.fsum gives it.
+            mean = math.ldexp(float(total), floor) / n
+            stddev = 0.0
+            if n > 1:  # the exact n (n - 1) times the variance, rounded once
+                stddev = math.sqrt(math.ldexp(float(n * self._squares - total * total), 2 * floor) / (n * (n - 1)))
+        except OverflowError:  # integers past the float range (a window with tiny and huge values): slower
+            mean, stddev = self._exact_mean_and_stddev(n)
         middle = n // 2
         median = ordered[middle] if n % 2 else (ordered[middle - 1] + ordered[middle]) / 2
         return n, mean, stddev, median, ordered[0], ordered[-1]
+
+    def _exact_mean_and_stddev(self, n: int) -> tuple[float, float]:
+        floor, total = self._floor, self._sum
+        # int / int rounds once, correctly, however large the integers.
+        mean = (total / (1 << -floor) if floor < 0 else float(total << floor)) / n
+        if n == 1:
+            return mean, 0.0
+        spread, scale = n * self._squares - total * total, n * (n - 1)
+        return mean, math.sqrt(spread / (scale << -2 * floor) if floor < 0 else float(spread << 2 * floor) / scale)
 
 
 _NO_FLOOR = 1 << 20  # above any float's exponent: the first nonzero value sets the floor
 
 
-def _integer_parts(value: float) -> tuple[int, int]:
-    """(mantissa, exponent) with value == mantissa * 2**exponent exactly."""
-    fraction, exponent = math.frexp(value)
-    return int(fraction * 9007199254740992.0), exponent - 53  # 2**53: the whole mantissa
+_TWO_53 = 9007199254740992.0  # times a frexp fraction: the whole mantissa as an integer
+_new_tuple = tuple.__new__
 
 
 class SeriesWindows:
