@@ -217,3 +217,13 @@ def test_a_disabled_detector_judges_nothing() -> None:
     detector = RegressionDetector(ThresholdConfig(), 1000, enabled=False)
     assert detector.judge_batch([record(1, "unary", {"qps": 1.0})]) == [None]
     assert len(detector.windows) == 0
+
+
+def test_new_thresholds_apply_to_the_next_batch() -> None:
+    """The detector caches each test's models; setting its thresholds (the server does at start) drops them."""
+    detector = RegressionDetector(ThresholdConfig(), 1000)
+    first = detector.judge_batch([record(1, "unary", {"qps": 1000.0})])[0]
+    assert first is not None and orjson.loads(first)[0]["model"]["window"] == 30
+    detector.thresholds = ThresholdConfig(default=SMALL)
+    second = detector.judge_batch([record(2, "unary", {"qps": 1000.0})])[0]
+    assert second is not None and orjson.loads(second)[0]["model"] == SMALL.to_json()

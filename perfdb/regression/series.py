@@ -213,7 +213,8 @@ class SeriesWindows:
                 judged.summary() if len(judged.points) <= window else SeriesWindow(window, judged.points).summary()
             )
         if series is None or series.maxlen != window:
-            self.used(SeriesKey(*key), window).append(record_id, value)
+            if series is None or series.points[-1].record_id < record_id:
+                self.used(SeriesKey(*key), window).append(record_id, value)
         elif series.points[-1].record_id < record_id:
             self._series.move_to_end(key)
             series.append(record_id, value)

@@ -78,7 +78,7 @@ class RegressionDetector:
     """See the module docstring. `enabled` False (no --regression-detection, the default): no verdicts, no windows."""
 
     def __init__(self, thresholds: ThresholdConfig, max_series: int, *, enabled: bool = True) -> None:
-        self.thresholds = thresholds
+        self._thresholds = thresholds
         self.enabled = enabled
         self.windows = SeriesWindows(max_series)
         self._shapes = VerdictShapeCache()
@@ -91,6 +91,17 @@ class RegressionDetector:
         self._baseline_starts: dict[SeriesKey, str] = {}
         # Told (on the verdict thread) when a committed batch made some series dirty; the alert monitor sets it.
         self.dirty_listener: Callable[[], None] | None = None
+
+    @property
+    def thresholds(self) -> ThresholdConfig:
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, thresholds: ThresholdConfig) -> None:
+        """Set at start, from the override file; the models cached per test go with the old ones."""
+        with self._lock:
+            self._thresholds = thresholds
+            self._plans.clear()
 
     def window_for(self, test_name: str, metric: str) -> int:
         return self.thresholds.model_for(test_name, metric).window
