@@ -123,7 +123,8 @@ class RegressionDetector:
                         continue
                     self._join_all(record.user_id, record.record_id, record.test_name, record.tag, record.metrics)
                 except Exception:  # the record is durable: a failed verdict must not fail its ack
-                    log.exception("verdicts of record %s failed", record.record_id)
+                    failed = "verdicts of record %s failed" if record.judged else "record %s did not join its windows"
+                    log.exception(failed, record.record_id)
                 encoded.append(None)
         return encoded
 

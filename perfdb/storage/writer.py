@@ -1075,8 +1075,8 @@ def _joined_record(record: ImportedRecord) -> CommittedRecord:
 
 def _with_verdicts(ack: RecordAck | PerfdbError, verdicts_of: dict[str, bytes | None]) -> RecordAck | PerfdbError:
     """A new record's ack with its verdicts (a failed judgement: none); others as they are."""
-    if not isinstance(ack, RecordAck) or ack.record_id not in verdicts_of:
-        return ack
+    if not isinstance(ack, RecordAck) or ack.duplicate or ack.record_id not in verdicts_of:
+        return ack  # a resend keeps its empty verdicts, even when the record it repeats is in the same batch
     verdicts = verdicts_of[ack.record_id]
     return RecordAck(
         ack.record_id, ack.user_id, ack.timestamp, ack.duplicate, () if verdicts is None else orjson.Fragment(verdicts)
