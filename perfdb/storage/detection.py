@@ -136,18 +136,20 @@ class RegressionDetector:
         summarise_and_append = self.windows.summarise_and_append
         verdicts = RecordVerdicts()
         add = verdicts.add
-        for (metric, raw_value), shapes in zip(
-            metrics.items(), self._plan(test_name, metrics, record.better), strict=True
-        ):
-            value = float(raw_value)
-            if not math.isfinite(value):  # judged before it joins: a bad value stays out of the window
-                raise ValueError(f"the value judged must be a finite number, not {value}")
-            baseline = None if judged_tag is None else (user_id, test_name, judged_tag, metric)
-            summary = summarise_and_append(
-                (user_id, test_name, tag, metric), baseline, record_id, value, shapes.model.window
-            )
-            add(shapes, value, summary)
-        self._mark_all((user_id, test_name, tag), metrics)
+        try:
+            for (metric, raw_value), shapes in zip(
+                metrics.items(), self._plan(test_name, metrics, record.better), strict=True
+            ):
+                value = float(raw_value)
+                if not math.isfinite(value):  # judged before it joins: a bad value stays out of the window
+                    raise ValueError(f"the value judged must be a finite number, not {value}")
+                baseline = None if judged_tag is None else (user_id, test_name, judged_tag, metric)
+                summary = summarise_and_append(
+                    (user_id, test_name, tag, metric), baseline, record_id, value, shapes.model.window
+                )
+                add(shapes, value, summary)
+        finally:  # the metrics that joined before a failure are new points for the analysis too
+            self._mark_all((user_id, test_name, tag), metrics)
         return verdicts.encode()
 
     def _plan(
