@@ -17,7 +17,7 @@ from perfdb.records.record_ids import make_record_id
 from perfdb.records.schema import RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import build_store
-from perfdb.storage import layout
+from perfdb.storage import RecordAck, layout
 from perfdb.storage.repair import repair_database
 from tests.support import Connection, connect, perfdb_with_provider, record_request
 from tests.test_detection import ADMIN_KEY, admin_key_file, noisy, send_values, verdict
@@ -213,3 +213,21 @@ async def test_a_record_removed_by_an_imported_tombstone_leaves_the_baseline(tmp
         windowed = {point.record_id for key in server.store.detector.windows
                     for point in server.store.detector.windows.points(key)}  # fmt: skip
         assert windowed and not windowed & set(gone)
+
+
+async def test_a_resend_in_the_same_batch_as_its_record_gets_no_verdicts(tmp_path: Path) -> None:
+    """Both in one record_batch, so one commit: the resend's ack names the first record's id, and only the first
+    carries (and stores) its verdicts."""
+    store = build_store(Config(database=tmp_path / "db", sync=False, regression_detection=True))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    try:
+        profile = Profile.create("static:ci", {})
+        drafts = [RecordDraft("unary", "", {}, {"qps": 1000.0}, {}, {}, request_id="same") for _ in range(2)]
+        first, resent = (await store.submit_batch(profile, drafts)).outcomes
+    finally:
+        await loop.run_in_executor(None, store.close)
+    assert isinstance(first, RecordAck) and isinstance(resent, RecordAck)
+    assert resent.duplicate and resent.record_id == first.record_id
+    assert resent.verdicts == () and first.verdicts
+    assert verdict_keys(tmp_path / "db") == {first.record_id}

@@ -16,7 +16,7 @@ import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from perfdb.regression.direction import MetricDirection
 from perfdb.regression.series import SeriesLike, as_series
@@ -174,30 +174,39 @@ def judge(
     summary = BaselineSummary.of(_recent_points(baseline, model.window))
     if summary.n < model.min_points:
         return Verdict(direction.metric, "insufficient_data", model, summary, value, None, None, None, direction, False)
-    sigma_bound = model.sigmas * summary.stddev
-    min_change_bound = model.min_change * abs(summary.mean)
-    bound = max(sigma_bound, min_change_bound)
-    threshold = Threshold(
-        bound=bound,
-        percent=None if summary.mean == 0 else bound / abs(summary.mean) * 100.0,
-        sigma_bound=sigma_bound,
-        min_change_bound=min_change_bound,
-        governed_by="sigmas" if sigma_bound > min_change_bound else "min_change",
+    decision = decide(value, summary.mean, summary.stddev, direction, model)
+    status, change, change_percent, bound, percent, sigma_bound, min_change_bound, governed_by, changed = decision
+    threshold = Threshold(bound, percent, sigma_bound, min_change_bound, governed_by)
+    return Verdict(
+        direction.metric, status, model, summary, value, change, change_percent, threshold, direction, changed
     )
-    change = value - summary.mean
+
+
+Decision: TypeAlias = tuple[
+    Status, float, float | None, float, float | None, float, float, Literal["sigmas", "min_change"], bool
+]
+
+
+def decide(value: float, mean: float, stddev: float, direction: MetricDirection, model: ThresholdModel) -> Decision:
+    """The decision of `judge` once the baseline has enough points: (status, change, change_percent, and the
+    threshold's bound, percent, sigma_bound, min_change_bound and governed_by, then changed). The one place it is
+    made: `judge` and the server's batch judging (perfdb/regression/verdicts.py) both call it."""
+    sigma_bound = model.sigmas * stddev
+    min_change_bound = model.min_change * abs(mean)
+    bound = max(sigma_bound, min_change_bound)
+    change = value - mean
     changed = abs(change) > bound
     worse = direction.is_worse(change)
     status: Status = "no_change" if not changed or worse is None else "regression" if worse else "improvement"
-    return Verdict(
-        direction.metric,
+    return (
         status,
-        model,
-        summary,
-        value,
         change,
-        percent_change(value, summary.mean),
-        threshold,
-        direction,
+        percent_change(value, mean),
+        bound,
+        None if mean == 0 else bound / abs(mean) * 100.0,
+        sigma_bound,
+        min_change_bound,
+        "sigmas" if sigma_bound > min_change_bound else "min_change",
         changed,
     )
 

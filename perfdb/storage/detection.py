@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import plyvel
 
 from perfdb.regression.direction import direction_of
-from perfdb.regression.series import SeriesKey, SeriesWindows
-from perfdb.regression.thresholds import ThresholdConfig, judge
+from perfdb.regression.series import SeriesKey, SeriesWindow, SeriesWindows
+from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig
+from perfdb.regression.verdicts import RecordVerdicts, Summary, VerdictShapeCache, VerdictShapes
 from perfdb.storage import layout
 
 log = logging.getLogger("perfdb.detection")
 
 # A series read for a rebuild or an analysis walks at most this many of its user's index entries.
 SERIES_SCAN_BUDGET = 200_000
+_MAX_PLANS = 10_000
 DEFAULT_MAX_SERIES = 100_000  # windows of 30 points: about 100 MB at this many series
 
 
@@ -40,6 +43,19 @@ class StoredPoint:
     better: Mapping[str, Any] | None
 
 
+class CommittedRecord(NamedTuple):
+    """A durable record for the verdict windows: `judged` ones get verdicts and join, the rest (imports) join."""
+
+    user_id: str
+    record_id: str
+    test_name: str
+    tag: str
+    metrics: Mapping[str, float]
+    better: Mapping[str, object] | None
+    baseline_tag: str | None
+    judged: bool
+
+
 @dataclasses.dataclass(slots=True)
 class StoredVerdicts:
     """The verdicts of one judged batch, handed to the writer to store (it is the only writer) as one write item:
@@ -49,9 +65,9 @@ class StoredVerdicts:
     entries: list[tuple[str, str, bytes]]
 
     @classmethod
-    def of(cls, judged: Iterable[tuple[str, str, Sequence[Mapping[str, object]] | None]]) -> StoredVerdicts | None:
-        """The verdicts to store of judged records ((record id, user id, verdicts) each; a record without
-        verdicts, such as a duplicate resend, has none to store). None if there are none."""
+    def of(cls, judged: Iterable[tuple[str, str, bytes | None]]) -> StoredVerdicts | None:
+        """The verdicts to store of judged records ((record id, user id, the verdicts' JSON array as judge_batch
+        encoded it) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
         entries = [
             (record_id, user_id, layout.verdicts_value(verdicts)) for record_id, user_id, verdicts in judged if verdicts
         ]
@@ -62,9 +78,12 @@ class RegressionDetector:
     """See the module docstring. `enabled` False (no --regression-detection, the default): no verdicts, no windows."""
 
     def __init__(self, thresholds: ThresholdConfig, max_series: int, *, enabled: bool = True) -> None:
-        self.thresholds = thresholds
+        self._thresholds = thresholds
         self.enabled = enabled
         self.windows = SeriesWindows(max_series)
+        self._shapes = VerdictShapeCache()
+        # (test name, *metric names) -> the verdict shapes of each metric, for records declaring no directions
+        self._plans: dict[tuple[str, ...], list[VerdictShapes]] = {}
         self._lock = threading.Lock()
         # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
         self._dirty: dict[tuple[str, str, str], set[str]] = {}
@@ -73,38 +92,91 @@ class RegressionDetector:
         # Told (on the verdict thread) when a committed batch made some series dirty; the alert monitor sets it.
         self.dirty_listener: Callable[[], None] | None = None
 
+    @property
+    def thresholds(self) -> ThresholdConfig:
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, thresholds: ThresholdConfig) -> None:
+        """Set at start, from the override file; the models cached per test go with the old ones."""
+        with self._lock:
+            self._thresholds = thresholds
+            self._plans.clear()
+
     def window_for(self, test_name: str, metric: str) -> int:
         return self.thresholds.model_for(test_name, metric).window
 
     # -- the writer's verdict thread --------------------------------------------------------------------------------
 
-    def judge_and_join(
-        self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float], *,
-        better: Mapping[str, object] | None, baseline_tag: str | None,
-    ) -> list[dict[str, object]]:  # fmt: skip
-        """The record's verdicts (one per metric, in the record's order), then the record joins its windows."""
+    def judge_batch(self, records: Sequence[CommittedRecord]) -> list[bytes | None]:
+        """Each committed record's verdicts, in order, as the JSON array to send and store (one per metric, in the
+        record's order; None for a record only joining, or whose verdicts failed), each judged against its
+        windows as the records before it left them, then joining its own. One lock for the whole batch."""
         if not self.enabled:
-            return []
-        verdicts = []
-        judged_tag = tag if baseline_tag is None else baseline_tag
+            return [None] * len(records)
+        encoded: list[bytes | None] = []
         with self._lock:
-            for metric, value in metrics.items():
-                model = self.thresholds.model_for(test_name, metric)
-                baseline = self.windows.values(SeriesKey(user_id, test_name, judged_tag, metric))
-                verdict = judge(value, baseline, direction_of(metric, better), model)
-                verdicts.append(verdict.to_json())
-                self._join(SeriesKey(user_id, test_name, tag, metric), record_id, value, model.window)
-        return verdicts
+            for record in records:
+                try:
+                    if record.judged:
+                        encoded.append(self._judge_and_join(record))
+                        continue
+                    self._join_all(record.user_id, record.record_id, record.test_name, record.tag, record.metrics)
+                except Exception:  # the record is durable: a failed verdict must not fail its ack
+                    failed = "verdicts of record %s failed" if record.judged else "record %s did not join its windows"
+                    log.exception(failed, record.record_id)
+                encoded.append(None)
+        return encoded
+
+    def _judge_and_join(self, record: CommittedRecord) -> bytes:
+        user_id, record_id, test_name, tag, metrics = (
+            record.user_id, record.record_id, record.test_name, record.tag, record.metrics
+        )  # fmt: skip
+        judged_tag = None if record.baseline_tag is None or record.baseline_tag == tag else record.baseline_tag
+        summarise_and_append = self.windows.summarise_and_append
+        verdicts = RecordVerdicts()
+        add = verdicts.add
+        try:
+            for (metric, raw_value), shapes in zip(
+                metrics.items(), self._plan(test_name, metrics, record.better), strict=True
+            ):
+                value = float(raw_value)
+                if not math.isfinite(value):  # judged before it joins: a bad value stays out of the window
+                    raise ValueError(f"the value judged must be a finite number, not {value}")
+                baseline = None if judged_tag is None else (user_id, test_name, judged_tag, metric)
+                summary = summarise_and_append(
+                    (user_id, test_name, tag, metric), baseline, record_id, value, shapes.model.window
+                )
+                add(shapes, value, summary)
+        finally:  # the metrics that joined before a failure are new points for the analysis too
+            self._mark_all((user_id, test_name, tag), metrics)
+        return verdicts.encode()
+
+    def _plan(
+        self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None
+    ) -> list[VerdictShapes]:
+        """Each metric's model, direction and verdict shapes, in the record's order: the same for every record
+        of a test with the same metrics and no declared directions, so those are looked up once."""
+        plan = self._plans.get((test_name, *metrics)) if better is None else None
+        if plan is None:
+            model_for, shapes = self.thresholds.model_for, self._shapes.shapes
+            plan = [shapes(direction_of(metric, better), model_for(test_name, metric)) for metric in metrics]
+            if better is None:
+                if len(self._plans) >= _MAX_PLANS:  # many test names: start again rather than grow without end
+                    self._plans.clear()
+                self._plans[(test_name, *metrics)] = plan
+        return plan
 
     def join(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
         """A record that joins its windows without verdicts (an import)."""
         if not self.enabled:
             return
         with self._lock:
-            for metric, value in metrics.items():
-                self._join(
-                    SeriesKey(user_id, test_name, tag, metric), record_id, value, self.window_for(test_name, metric)
-                )
+            self._join_all(user_id, record_id, test_name, tag, metrics)
+
+    def _join_all(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
+        for metric, value in metrics.items():
+            self._join(SeriesKey(user_id, test_name, tag, metric), record_id, value, self.window_for(test_name, metric))
 
     def batch_committed(self) -> None:
         """Called by the writer after the judged records' acks are on their way."""
@@ -113,14 +185,19 @@ class RegressionDetector:
             listener()
 
     def _join(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
-        newest = self.windows.newest_record_id(key)
+        series = self.windows.get(key)
         # An import may restore a record older than the window's newest: it stays out of the window until the
         # series is next rebuilt (at start, say), since a window holds the newest records in time order.
-        if newest is not None and newest >= record_id:
-            self._mark(key)
-            return
-        self.windows.append(key, record_id, value, window)
+        if series is None or series.points[-1].record_id < record_id:
+            self.windows.used(key, window).append(record_id, float(value))
         self._mark(key)
+
+    def _mark_all(self, group: tuple[str, str, str], metrics: Iterable[str]) -> None:
+        dirty = self._dirty.get(group)
+        if dirty is None:
+            self._dirty[group] = set(metrics)
+        else:
+            dirty.update(metrics)
 
     def _mark(self, key: SeriesKey) -> None:
         metrics = self._dirty.get(key[:3])
@@ -284,6 +361,12 @@ def read_series(
                 points.append(StoredPoint(record_id, values, better if isinstance(better, dict) else None))
     points.reverse()
     return points
+
+
+def _summary(window: SeriesWindow, last: int) -> Summary:
+    values = [point.value for point in window.points][-last:]
+    summary = BaselineSummary.of(values)
+    return summary.n, summary.mean, summary.stddev, summary.median, summary.min, summary.max
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:

@@ -314,9 +314,9 @@ def verdicts_key(record_id: str) -> bytes:
     return VERDICTS_PREFIX + record_id.encode()
 
 
-def verdicts_value(verdicts: Sequence[Mapping[str, object]]) -> bytes:
-    """A record's verdicts as stored: the JSON array of them, sealed."""
-    return seal(orjson.dumps(verdicts))
+def verdicts_value(verdicts: bytes | Sequence[Mapping[str, object]]) -> bytes:
+    """A record's verdicts as stored: the JSON array of them (given encoded, or to encode), sealed."""
+    return seal(verdicts if isinstance(verdicts, bytes) else orjson.dumps(verdicts))
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -36,7 +36,7 @@ from perfdb.records.record_ids import SEQUENCE_LIMIT, RecordIdClock, make_record
 from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
 from perfdb.storage import layout
-from perfdb.storage.detection import RegressionDetector, StoredVerdicts
+from perfdb.storage.detection import CommittedRecord, RegressionDetector, StoredVerdicts
 from perfdb.storage.overview import Overview, Row
 
 log = logging.getLogger("perfdb.storage")
@@ -81,9 +81,10 @@ class RecordAck:
     user_id: str
     timestamp: str
     duplicate: bool
-    # One Verdict.to_json() per metric, judged once the record was durable; empty for a duplicate resend
-    # (its verdicts went to the first send); None (no member in the reply) when detection is off.
-    verdicts: tuple[dict[str, object], ...] | None = None
+    # The JSON array of one Verdict.to_json() per metric, judged once the record was durable, encoded once for
+    # the reply and the stored verdicts; empty for a duplicate resend (its verdicts went to the first send) or a
+    # failed judgement; None (no member in the reply) when detection is off.
+    verdicts: orjson.Fragment | tuple[()] | None = None
 
     def to_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -706,11 +707,8 @@ class GroupCommitWriter:
             if work is self._STOP:
                 return
             items, outcomes = work
-            judged = self._judge(items, outcomes)
+            judged, verdicts = self._judge(items, outcomes)
             # Queued before the acks go out: a write acknowledged after them is committed after these verdicts.
-            acks = [ack for _, outcome in judged for ack in _record_acks(outcome)]
-            stored = [(ack.record_id, ack.user_id, ack.verdicts) for ack in acks]
-            verdicts = StoredVerdicts.of(stored)
             if verdicts is not None:
                 self._queue.put(verdicts)
             self._loop.call_soon_threadsafe(_settle, judged)
@@ -894,44 +892,43 @@ class GroupCommitWriter:
         self._user_removals.pop(user_id, None)
         return UserDeletionAck(user_id, removal.audit_id is not None, removal.removed)
 
-    def _judge(self, items: list[AnsweredItem], outcomes: list[Outcome]) -> list[Outcome]:
+    def _judge(self, items: list[AnsweredItem], outcomes: list[Outcome]) -> tuple[list[Outcome], StoredVerdicts | None]:
         """The committed records join the verdict windows; new submissions get their verdicts, each judged
-        against its window before it joined, in commit order."""
+        against its window before it joined, in commit order, all in one call (see RegressionDetector.judge_batch).
+        Also the verdicts to store, encoded once for both."""
         detector = self.detector
         if not detector.enabled:
-            return outcomes
-        judged: list[Outcome] = []
-        for item, (future, outcome) in zip(items, outcomes, strict=True):
-            if isinstance(item, Submission) and isinstance(outcome, RecordAck | PerfdbError):
-                outcome = self._with_verdicts(outcome, item.draft)
+            return outcomes, None
+        committed: list[CommittedRecord] = []
+        for item, (_, outcome) in zip(items, outcomes, strict=True):
+            if isinstance(item, Submission) and isinstance(outcome, RecordAck) and not outcome.duplicate:
+                committed.append(_judged_record(outcome, item.draft))
             elif isinstance(item, BatchSubmission) and isinstance(outcome, BatchAck):
                 acks = zip(outcome.outcomes, item.drafts, strict=True)
-                outcome = BatchAck(tuple(self._with_verdicts(ack, draft) for ack, draft in acks))
+                committed += [
+                    _judged_record(ack, draft)
+                    for ack, draft in acks
+                    if isinstance(ack, RecordAck) and not ack.duplicate
+                ]
             elif isinstance(item, Restoration) and isinstance(outcome, ImportAck):
-                for record in item.records:
-                    if record.record_id in outcome.stored_ids:
-                        draft = record.draft
-                        try:
-                            detector.join(record.user_id, record.record_id, draft.test_name, draft.tag, draft.metrics)
-                        except Exception:
-                            log.exception("record %s did not join its verdict windows", record.record_id)
+                restored = [record for record in item.records if record.record_id in outcome.stored_ids]
+                committed += [_joined_record(record) for record in restored]
+        encoded = detector.judge_batch(committed)
+        verdicts_of = {
+            record.record_id: verdicts for record, verdicts in zip(committed, encoded, strict=True) if record.judged
+        }
+        judged: list[Outcome] = []
+        for future, outcome in outcomes:
+            if isinstance(outcome, RecordAck):
+                outcome = _with_verdicts(outcome, verdicts_of)
+            elif isinstance(outcome, BatchAck):
+                outcome = BatchAck(tuple(_with_verdicts(ack, verdicts_of) for ack in outcome.outcomes))
             judged.append((future, outcome))
         detector.batch_committed()
-        return judged
-
-    def _with_verdicts(self, outcome: RecordAck | PerfdbError, draft: RecordDraft) -> RecordAck | PerfdbError:
-        """A new record's ack with its verdicts (on the verdict thread, once it is durable)."""
-        if not isinstance(outcome, RecordAck) or outcome.duplicate:
-            return outcome
-        try:
-            verdicts = self.detector.judge_and_join(
-                outcome.user_id, outcome.record_id, draft.test_name, draft.tag, draft.metrics,
-                better=draft.better, baseline_tag=draft.baseline_tag,
-            )  # fmt: skip
-        except Exception:  # the record is durable: a failed verdict must not fail its ack
-            log.exception("verdicts of record %s failed", outcome.record_id)
-            verdicts = []
-        return dataclasses.replace(outcome, verdicts=tuple(verdicts))
+        stored = StoredVerdicts.of(
+            (record.record_id, record.user_id, verdicts) for record, verdicts in zip(committed, encoded, strict=True)
+        )
+        return judged, stored
 
     def _add_submission(self, batch: _Batch, profile: Profile, draft: RecordDraft) -> RecordAck | PerfdbError:
         if draft.request_id is not None:
@@ -1090,13 +1087,27 @@ def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> Record
         return None
 
 
-def _record_acks(outcome: Ack | PerfdbError) -> list[RecordAck]:
-    """The record acks in an outcome: a record's, or each stored record's of a record_batch."""
-    if isinstance(outcome, RecordAck):
-        return [outcome]
-    if isinstance(outcome, BatchAck):
-        return [ack for ack in outcome.outcomes if isinstance(ack, RecordAck)]
-    return []
+def _judged_record(ack: RecordAck, draft: RecordDraft) -> CommittedRecord:
+    return CommittedRecord(
+        ack.user_id, ack.record_id, draft.test_name, draft.tag, draft.metrics, draft.better, draft.baseline_tag, True
+    )
+
+
+def _joined_record(record: ImportedRecord) -> CommittedRecord:
+    draft = record.draft
+    return CommittedRecord(
+        record.user_id, record.record_id, draft.test_name, draft.tag, draft.metrics, None, None, False
+    )
+
+
+def _with_verdicts(ack: RecordAck | PerfdbError, verdicts_of: dict[str, bytes | None]) -> RecordAck | PerfdbError:
+    """A new record's ack with its verdicts (a failed judgement: none); others as they are."""
+    if not isinstance(ack, RecordAck) or ack.duplicate or ack.record_id not in verdicts_of:
+        return ack  # a resend keeps its empty verdicts, even when the record it repeats is in the same batch
+    verdicts = verdicts_of[ack.record_id]
+    return RecordAck(
+        ack.record_id, ack.user_id, ack.timestamp, ack.duplicate, () if verdicts is None else orjson.Fragment(verdicts)
+    )
 
 
 def _settle(outcomes: list[Outcome]) -> None:
