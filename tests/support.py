@@ -455,6 +455,26 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
+def static_token_server(directory: Path, token: str, user_id: str) -> Iterator[str]:
+    """A no-sync server on a database in `directory` that knows one static token, of `user_id`, and
+    no identity provider. Yields its address; it must stop cleanly, having logged no traceback."""
+    tokens_file = directory / "tokens.json"
+    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(token), "user_id": user_id}]}))
+    process = ServerProcess(
+        "--address=127.0.0.1:0",
+        f"--database={directory / 'db'}",
+        "--no-sync",
+        f"--tokens-file={tokens_file}",
+        f"--userinfo-url={closed_port_url()}",
+    )
+    try:
+        yield f"127.0.0.1:{process.wait_listening()}"
+    finally:
+        code, log = process.stop()
+    assert code == 0 and "Traceback" not in log, log[-2000:]
+
+
+@contextlib.contextmanager
 def server_for_imports(directory: Path, admin_key: str) -> Iterator[str]:
     """A no-sync server on a database in `directory` that takes `import` with `admin_key` and
     knows no identity provider: the quick way to load many records. Yields its address; it

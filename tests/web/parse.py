@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import html.parser
+import re
+from html import unescape
 from typing import Any
 
 
@@ -102,3 +104,15 @@ def parse_page(text: str) -> Page:
         for cell in row.cells:
             cell.text = " ".join(cell.text.split())
     return parser.page
+
+
+def table_rows(markup: str, table_id: str) -> list[str]:
+    """The body rows (as markup) of the table with this id."""
+    table = re.search(rf'<table[^>]* id="{table_id}">.*?</table>', markup, re.S)
+    assert table is not None, markup[-3000:]
+    return re.findall(r"<tr[^>]*>.*?</tr>", table.group(0).split("<tbody>", 1)[1], re.S)
+
+
+def text_of(markup: str) -> str:
+    """The text a reader sees in some markup, its runs of white space made one space."""
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", markup)).split())

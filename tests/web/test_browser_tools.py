@@ -10,12 +10,11 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 
 from perfdb.client import Client
 from perfdb.importers import import_file
-from tests.support import FIXTURES, ServerProcess, closed_port_url, token_hash
+from tests.support import FIXTURES, static_token_server
 from tests.web.conftest import DashboardProcess, dashboard_process
 from tests.web.test_browser import CHROMIUM, BrowserPage, _open_tab, browser  # noqa: F401  (fixtures)
 
@@ -49,16 +48,7 @@ class ToolsPerfdb:
 def tools_perfdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolsPerfdb]:
     """A perfdb server holding real tools' outputs, submitted through their importers."""
     directory = tmp_path_factory.mktemp("perfdb-tools")
-    tokens_file = directory / "tokens.json"
-    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(TOKEN), "user_id": "tools-ci"}]}))
-    with ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={directory / 'db'}",
-        "--no-sync",
-        f"--tokens-file={tokens_file}",
-        f"--userinfo-url={closed_port_url()}",
-    ) as process:
-        address = f"127.0.0.1:{process.wait_listening()}"
+    with static_token_server(directory, TOKEN, "tools-ci") as address:
         _, google_benchmark = import_file((TOOLS / "google-benchmark/plain.json").read_bytes(), "plain.json")
         _, pytest_benchmark = import_file(
             (TOOLS / "pytest-benchmark/parametrized.json").read_bytes(), "parametrized.json"
@@ -77,7 +67,6 @@ def tools_perfdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolsPerf
                 for fields in pytest_benchmark
             }
         yield ToolsPerfdb(address, runs, pytest_ids)
-        process.stop()
 
 
 @pytest.fixture(scope="module")

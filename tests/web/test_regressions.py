@@ -18,6 +18,7 @@ import pytest
 from perfdb.client import Client
 from tests.support import ServerProcess, token_hash
 from tests.web.conftest import ARTIFACTS, dashboard_client, dashboard_process
+from tests.web.parse import table_rows, text_of
 
 TOKEN = "ci-" + secrets.token_hex(16)
 USER = "static:ci"
@@ -88,16 +89,6 @@ def detecting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectingPer
     assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
-def _rows(html: str, table_id: str) -> list[str]:
-    table = re.search(rf'<table[^>]* id="{table_id}">.*?</table>', html, re.S)
-    assert table is not None, html[-3000:]
-    return re.findall(r"<tr[^>]*>.*?</tr>", table.group(0).split("<tbody>", 1)[1], re.S)
-
-
-def _text(row: str) -> str:
-    return unescape(re.sub(r"<[^>]+>", " ", row))
-
-
 def _title(row: str) -> str:
     found = re.search(r'<span class="name[^"]*" title="([^"]*)"', row)
     assert found is not None, row
@@ -114,10 +105,10 @@ async def test_regressions_page_lists_the_open_alert_with_its_links(detecting: D
         acknowledged = await (await client.get("/regressions?state=acknowledged")).text()
         bad = await client.get("/api/regressions?state=closed")
         bad_body = await bad.json()
-    rows = _rows(html, "alerts-table")
+    rows = table_rows(html, "alerts-table")
     assert len(rows) == 1 and f'data-alert-id="{alert["alert_id"]}"' in rows[0]
     row = rows[0]
-    text = _text(row)
+    text = text_of(row)
     assert SHIFTED_TEST in text and "qps" in text and USER in text and "main" in text and "open" in text
     assert f"{alert['change_percent']:+.1f}%" in text and alert["change_percent"] < -10
     assert 'class="num change status-regression"' in row
@@ -137,14 +128,14 @@ async def test_compare_page_colours_the_regression_and_formats_counts(detecting:
         empty_form = await (await client.get("/compare")).text()
         missing = await client.get("/api/compare?base=v1")
         missing_body = await missing.json()
-    rows = {(_title(row), _text(row).split()[1]): row for row in _rows(html, "compare-table")}
+    rows = {(_title(row), text_of(row).split()[1]): row for row in table_rows(html, "compare-table")}
     qps = rows[(LONG_TEST, "qps")]
     assert '<span class="chip status-regression">regression</span>' in qps
     assert re.search(r'class="num change status-regression">-\d', qps)
     assert "1 regression, 0 improvements, 1 unchanged" in html
-    assert "e+" not in html and "1,403,434" in _text(rows[(LONG_TEST, "messages")])
+    assert "e+" not in html and "1,403,434" in text_of(rows[(LONG_TEST, "messages")])
     # The long name keeps its distinguishing tail; the full name is the tooltip.
-    shown = _text(qps).split()[0]
+    shown = text_of(qps).split()[0]
     assert shown.endswith("_unconstrained_insecure_64b") and "\u2026" in shown and len(shown) < len(LONG_TEST)
     assert [(row["test_name"], row["status"]) for row in api["rows"] if row["metric"] == "qps"] == [
         (LONG_TEST, "regression")

@@ -9,11 +9,10 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from perfdb.client import Client
-from tests.support import ServerProcess, closed_port_url, token_hash
+from tests.support import static_token_server
 from tests.web.conftest import dashboard_client
 
 TOKEN = "tool-results-" + secrets.token_hex(16)
@@ -31,16 +30,7 @@ class ToolRecords:
 @pytest.fixture(scope="module")
 def tool_records(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolRecords]:
     directory: Path = tmp_path_factory.mktemp("perfdb-tool-results")
-    tokens_file = directory / "tokens.json"
-    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(TOKEN), "user_id": "tool-bot"}]}))
-    with ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={directory / 'db'}",
-        "--no-sync",
-        f"--tokens-file={tokens_file}",
-        f"--userinfo-url={closed_port_url()}",
-    ) as process:
-        address = f"127.0.0.1:{process.wait_listening()}"
+    with static_token_server(directory, TOKEN, "tool-bot") as address:
         with Client(address) as client:
             hostile = client.record(
                 access_token=TOKEN,
@@ -59,7 +49,6 @@ def tool_records(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolRecor
                 samples={"perc_lat_50": [900.0, 950.0, 1200.0]},
             )["record_id"]
         yield ToolRecords(address, hostile, plain, latency)
-        process.stop()
 
 
 async def test_source_fields_are_text_and_only_a_web_repository_is_linked(tool_records: ToolRecords) -> None:

@@ -22,6 +22,7 @@ from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.web.queries import CompareView, QueryError, picked_pair
 from tests.support import ServerProcess, token_hash
 from tests.web.conftest import ARTIFACTS, dashboard_client, dashboard_process
+from tests.web.parse import table_rows, text_of
 from tests.web.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 TOKEN = "judged-" + secrets.token_hex(16)
@@ -78,16 +79,6 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JudgedPerfdb]:
     assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
-def _table_rows(html: str, table_id: str) -> list[str]:
-    table = re.search(rf'<table[^>]* id="{table_id}">.*?</table>', html, re.S)
-    assert table is not None, html[-3000:]
-    return re.findall(r"<tr[^>]*>.*?</tr>", table.group(0).split("<tbody>", 1)[1], re.S)
-
-
-def _text(markup: str) -> str:
-    return " ".join(unescape(re.sub(r"<[^>]+>", " ", markup)).split())
-
-
 async def test_a_result_page_shows_the_verdicts_perfdb_stored(judged: JudgedPerfdb) -> None:
     regression = judged.acks[-1]
     async with dashboard_client(judged.address) as client:
@@ -95,14 +86,14 @@ async def test_a_result_page_shows_the_verdicts_perfdb_stored(judged: JudgedPerf
         api = await (await client.get(f"/api/results/{regression['record_id']}")).json()
         first = await (await client.get(f"/results/{judged.acks[0]['record_id']}")).text()
     assert api["verdicts"] == regression["verdicts"]
-    rows = {re.search(r'data-metric="([^"]+)"', row).group(1): row for row in _table_rows(html, "verdicts-table")}  # type: ignore[union-attr]
+    rows = {re.search(r'data-metric="([^"]+)"', row).group(1): row for row in table_rows(html, "verdicts-table")}  # type: ignore[union-attr]
     assert list(rows) == ["qps", "perc_lat_99"]
     qps = next(item for item in regression["verdicts"] if item["metric"] == "qps")
     assert qps["status"] == "regression"
     row = rows["qps"]
     assert '<span class="chip status-regression">regression</span>' in row
     assert f'class="num change status-regression">{qps["change_percent"]:+.1f}%' in row
-    text = _text(row)
+    text = text_of(row)
     threshold = qps["threshold"]
     assert (
         text.startswith("QPS regression 800 12 ")
@@ -110,9 +101,9 @@ async def test_a_result_page_shows_the_verdicts_perfdb_stored(judged: JudgedPerf
     )
     assert "window 30 · min 5 · 3 sigmas · 5 %" in text
     assert f'title="{qps["baseline"]["mean"]!r}"' in row and f'title="{qps["baseline"]["stddev"]!r}"' in row
-    assert "status-row-no_change" in rows["perc_lat_99"] and "no change" in _text(rows["perc_lat_99"])
+    assert "status-row-no_change" in rows["perc_lat_99"] and "no change" in text_of(rows["perc_lat_99"])
     # The first result of the series was judged too, against nothing yet.
-    assert [_text(row).split()[1:3] for row in _table_rows(first, "verdicts-table")] == [["too", "few"]] * 2
+    assert [text_of(row).split()[1:3] for row in table_rows(first, "verdicts-table")] == [["too", "few"]] * 2
     assert 'id="no-verdicts"' not in html
 
 
@@ -148,18 +139,18 @@ async def test_two_picked_results_are_compared_by_id(judged: JudgedPerfdb) -> No
     assert re.search(
         r'id="compared-base">.*?' + older + r".*?id=\"compared-head\">.*?" + newer, compared.group(0), re.S
     )
-    assert "1 picked result against 1 picked result" in _text(html)
-    rows = {_text(row).split()[1]: row for row in _table_rows(html, "compare-table")}
+    assert "1 picked result against 1 picked result" in text_of(html)
+    rows = {text_of(row).split()[1]: row for row in table_rows(html, "compare-table")}
     assert set(rows) == {"qps", "perc_lat_99"}
     base_qps = next(item for item in judged.acks[3]["verdicts"] if item["metric"] == "qps")["value"]
     change = (800.0 - base_qps) / base_qps * 100
     # One result a side is too few to judge, but the difference shows, uncoloured.
-    assert "too few values" in _text(rows["qps"]) and f">{change:+.1f}%</td>" in rows["qps"]
+    assert "too few values" in text_of(rows["qps"]) and f">{change:+.1f}%</td>" in rows["qps"]
     assert 'class="num change status-insufficient_data"' in rows["qps"]
     assert 'name="base_ids"' in html and f'value="{older}"' in html and 'name="base"' not in html
     assert (api["base_ids"], api["head_ids"], api["base_tag"]) == ([older], [newer], None)
     assert api["base"]["records"] == 1 and api["head"]["missing"] == 0
-    assert "13 results under main against 1 picked result" in _text(mixed)
+    assert "13 results under main against 1 picked result" in text_of(mixed)
     assert 'id="compared-base"><h3>Base (before)</h3><p>Every result under the tag' in mixed
 
 
