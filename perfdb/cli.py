@@ -584,17 +584,22 @@ def compare_selector(args: argparse.Namespace, side: str) -> dict[str, Any]:
     """One side of a compare from --SIDE, --SIDE-records or --SIDE-since/--SIDE-until; exactly one kind."""
     tag = getattr(args, side)
     record_ids = getattr(args, f"{side}_records")
+    commit = getattr(args, f"{side}_commit")
     since, until = getattr(args, f"{side}_since"), getattr(args, f"{side}_until")
-    given = [kind for kind, value in (("tag", tag), ("records", record_ids), ("window", since or until)) if value]
+    kinds = (("tag", tag), ("records", record_ids), ("commit", commit), ("window", since or until))
+    given = [kind for kind, value in kinds if value]
     if tag is not None and "tag" not in given:
         given.insert(0, "tag")  # an empty tag is a tag too
     if len(given) != 1:
         raise CliError(
-            f"{side}: give exactly one of --{side} TAG, --{side}-records ID,ID or --{side}-since/--{side}-until",
+            f"{side}: give exactly one of --{side} TAG, --{side}-records ID,ID, --{side}-commit SHA "
+            f"or --{side}-since/--{side}-until",
             EXIT_USAGE,
         )
     if tag is not None:
         return {"tag": tag}
+    if commit:
+        return {"commit": commit}
     if record_ids:
         ids = [record_id.strip() for record_id in record_ids.split(",") if record_id.strip()]
         if not ids:
@@ -986,7 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         parents=[connection],
         help="compare two runs per test and metric; exits 1 when any regressed",
-        description="Compare two runs (each a tag, a list of record ids or a time window) per test and metric: "
+        description="Compare two runs (each a tag, a list of record ids, a commit or a time window) per test and "
+        "metric (on the records' raw samples where both sides have them): "
         "Welch's t-test, plus Mann-Whitney U under 20 results a side. Prints one row per test and metric "
         "found on both sides, regressions first. Exits 1 if any row is a regression, 0 otherwise, 2 on a bad "
         "command line, so a CI job can gate on it.",
@@ -996,6 +1002,11 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(f"--{side}", metavar="TAG", help=f"the {side} run is the records with this tag")
         group.add_argument(
             f"--{side}-records", metavar="ID,ID", help=f"the {side} run is these records (comma-separated ids)"
+        )
+        group.add_argument(
+            f"--{side}-commit",
+            metavar="SHA",
+            help=f"the {side} run is the records whose source commit is SHA (or starts with it, 7+ digits)",
         )
         group.add_argument(f"--{side}-since", metavar="TIME", help=f"the {side} run starts at this RFC 3339 time")
         group.add_argument(f"--{side}-until", metavar="TIME", help=f"the {side} run ends before this RFC 3339 time")

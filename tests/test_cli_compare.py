@@ -36,12 +36,21 @@ class Runs:
     starts: dict[str, str]  # tag -> the timestamp of its first record (the runs were stored one after another)
 
 
+# Each run's source commit, as an importer records it.
+COMMITS = {tag: f"{digit}" * 7 + "abcdef" * 5 + "0" for tag, digit in (("v1", 1), ("v2", 2), ("v3", 3))}
+
+
 def run(tag: str, unary_qps: float, seed: int) -> list[dict[str, Any]]:
     """RUN_SIZE results each of `unary` (at about `unary_qps`) and of a long-named test at about 5000
     qps, with 1 % seeded noise."""
     noise = random.Random(seed)
     return [
-        {"test_name": test_name, "tag": tag, "metrics": {"qps": mean * noise.gauss(1, 0.01)}}
+        {
+            "test_name": test_name,
+            "tag": tag,
+            "metrics": {"qps": mean * noise.gauss(1, 0.01)},
+            "source": {"commit": COMMITS[tag], "branch": "main"},
+        }
         for _ in range(RUN_SIZE)
         for test_name, mean in (("unary", unary_qps), (LONG_TEST, 5000.0))
     ]
@@ -130,6 +139,14 @@ def test_record_ids_and_windows_select_the_runs(runs: Runs) -> None:
     assert [(r["metric"], r["status"]) for r in reply["rows"]] == [("qps", "regression")]
 
 
+def test_commits_select_the_runs(runs: Runs) -> None:
+    result = compare(runs, "--base-commit", COMMITS["v1"][:7], "--head-commit", COMMITS["v2"], "--format", "json")
+    assert result.returncode == 1, result.err
+    reply = orjson.loads(result.stdout)
+    assert reply["base"]["records"] == reply["head"]["records"] == 2 * RUN_SIZE
+    assert reply["rows"][0]["test_name"] == "unary" and reply["rows"][0]["status"] == "regression"
+
+
 def test_a_selector_that_matches_nothing_is_no_regression(runs: Runs) -> None:
     result = compare(runs, "--base", "v1", "--head", "no-such-tag")
     assert result.returncode == 0
@@ -144,6 +161,8 @@ def test_a_selector_that_matches_nothing_is_no_regression(runs: Runs) -> None:
         (("--base", "v1", "--head", "v2", "--head-since", "2026-01-01T00:00:00Z"), "head: give exactly one of"),
         (("--base-records", ",,", "--head", "v2"), "--base-records: no record ids"),
         (("--base-records", "abc", "--head", "v2"), "base: record_ids[0]: is not a perfdb record id"),
+        (("--base-commit", "xyz", "--head", "v2"), "base: commit: must be a commit sha"),
+        (("--base", "v1", "--base-commit", "1111111", "--head", "v2"), "base: give exactly one of"),
         (("--base-since", "yesterday", "--head", "v2"), "base: since: must be an RFC 3339 timestamp"),
     ],
 )

@@ -155,7 +155,10 @@ GOOD_ID = "0" * 20
 BAD_SELECTORS: list[tuple[dict[str, Any], str]] = [
     ({"head": {"tag": "b"}}, "base: is required"),
     ({"base": "v1", "head": {"tag": "b"}}, "base: must be an object, got string"),
-    ({"base": {}, "head": {"tag": "b"}}, "base: needs exactly one of tag, record_ids, or a window"),
+    ({"base": {}, "head": {"tag": "b"}}, "base: needs exactly one of tag, record_ids, commit, or a window"),
+    ({"base": {"commit": "a1b2c3"}, "head": {"tag": "b"}}, "base: commit: must be a commit sha or its first 7"),
+    ({"base": {"commit": "A1B2C3D4"}, "head": {"tag": "b"}}, "base: commit: must be a commit sha"),
+    ({"base": {"commit": "a1b2c3d4", "tag": "x"}, "head": {"tag": "b"}}, "got tag and commit"),
     ({"base": {"tag": "a", "record_ids": [GOOD_ID]}, "head": {"tag": "b"}}, "got tag and record_ids"),
     ({"base": {"tag": "a"}, "head": {"tag": "b", "since": "2026-01-01T00:00:00Z"}}, "head: needs exactly one"),
     ({"base": {"tag": "a", "colour": 1}, "head": {"tag": "b"}}, "base: 'colour': unknown selector field"),
@@ -250,3 +253,63 @@ async def test_junk_in_every_field_is_answered_ok_or_bad_request(tmp_path: Path)
     for request, reply in zip(requests, replies, strict=True):
         assert reply["ok"] or error_code(reply) == "bad_request", (request, reply)
     assert sum(reply["ok"] for reply in replies) > 0  # some junk is a valid selector ("" is a tag)
+
+
+def commit_run(commit: str, real_time_ns: float, seed: int) -> list[dict[str, Any]]:
+    """A CI run at one commit: RUN_SIZE results of BM_Sort (lower real_time is better), with 1 % noise."""
+    noise = random.Random(seed)
+    return [
+        record_request(
+            test_name="BM_Sort",
+            metrics={"real_time": real_time_ns * noise.gauss(1, 0.01)},
+            units={"real_time": "ns"},
+            better={"real_time": "lower"},
+            source={"commit": commit, "branch": "main"},
+        )
+        for _ in range(RUN_SIZE)
+    ]
+
+
+async def test_runs_are_selected_by_commit_or_its_first_digits(tmp_path: Path) -> None:
+    base_commit, head_commit = "a1b2c3d4" + "0" * 32, "f00dfeed" + "1" * 32
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        await store(conn, commit_run(base_commit, 1000.0, seed=1))
+        await store(conn, commit_run(head_commit, 1100.0, seed=2))
+        # A record that names the commit elsewhere than in its source is not of that commit.
+        decoy = record_request(test_name="BM_Sort", metrics={"real_time": 1.0}, sys_info={"commit": head_commit})
+        await store(conn, [decoy])
+        reply = await conn.request("compare", base={"commit": base_commit[:7]}, head={"commit": head_commit})
+        unknown = await conn.request("compare", base={"commit": "0123456789"}, head={"commit": head_commit})
+    real_time = row(reply, "BM_Sort", "real_time")
+    assert (reply["base"]["records"], reply["head"]["records"]) == (RUN_SIZE, RUN_SIZE)
+    assert real_time["status"] == "regression" and real_time["on"] == "records"
+    assert real_time["change_percent"] == pytest.approx(10, abs=1.5)
+    assert unknown["ok"] and unknown["rows"] == [] and unknown["base"]["records"] == 0
+
+
+async def test_samples_are_compared_when_both_sides_have_them(tmp_path: Path) -> None:
+    noise = random.Random(5)
+
+    def with_samples(tag: str, mean: float) -> dict[str, Any]:
+        values = [mean * noise.gauss(1, 0.02) for _ in range(30)]
+        return record_request(
+            test_name="BM_Parse", tag=tag, metrics={"real_time": sum(values) / len(values)},
+            units={"real_time": "ns", "rep": "ns"}, better={"real_time": "lower"},
+            samples={"real_time": values, "rep": values},
+        )  # fmt: skip
+
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        await store(conn, [with_samples("before", 500.0)])
+        await store(conn, [with_samples("after", 550.0)])
+        # One side without samples: its records' values are compared, one per record.
+        await store(conn, [record_request(test_name="BM_Parse", tag="plain", metrics={"real_time": 500.0})])
+        reply = await conn.request("compare", base={"tag": "before"}, head={"tag": "after"})
+        mixed = await conn.request("compare", base={"tag": "plain"}, head={"tag": "after"})
+    real_time = row(reply, "BM_Parse", "real_time")
+    # One record a side, but 30 samples each: enough for the tests, and a 10 % slowdown is found.
+    assert real_time["on"] == "samples" and real_time["base"]["n"] == real_time["head"]["n"] == 30
+    assert real_time["status"] == "regression" and real_time["pvalue"] < 0.001
+    # A samples series that is no metric of the record is compared too (its direction undeclared).
+    assert row(reply, "BM_Parse", "rep")["on"] == "samples"
+    plain = row(mixed, "BM_Parse", "real_time")
+    assert plain["on"] == "records" and plain["base"]["n"] == 1 and plain["status"] == "insufficient_data"

@@ -88,7 +88,8 @@ MAX_SERIES_METRICS = 16
 MAX_SERIES_TESTS = 64
 SORT_ORDERS = ("desc", "asc")
 COMPARE_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"base", "head", "test_name", "user_id"})
-SELECTOR_FIELDS = frozenset({"tag", "record_ids", "since", "until", "test_name", "user_id"})
+SELECTOR_FIELDS = frozenset({"tag", "record_ids", "commit", "since", "until", "test_name", "user_id"})
+_COMMIT_PREFIX = re.compile(r"[0-9a-f]{7,64}")  # a commit's sha, or the start of it (7 digits at least)
 MAX_COMPARE_RECORD_IDS = 1000  # record ids one compare selector may list
 
 
@@ -156,6 +157,7 @@ class Selector:
 
     tag: str | None
     record_ids: tuple[str, ...] | None  # newest first
+    commit: str | None  # records whose source.commit starts with this
     since: int | None  # microseconds since the epoch, inclusive
     until: int | None  # microseconds since the epoch, exclusive
     user_id: str | None
@@ -784,20 +786,22 @@ def parse_compare(request: dict[str, Any], *, max_records: int) -> CompareQuery:
 def _selector(request: dict[str, Any], side: str, shared: dict[str, str | None]) -> Selector:
     value = request.get(side)
     if value is None:
-        raise bad_request(side, "is required: an object with tag, record_ids, or since and/or until")
+        raise bad_request(side, "is required: an object with tag, record_ids, commit, or since and/or until")
     if not isinstance(value, dict):
         raise bad_request(side, f"must be an object, got {_json_type(value)}")
     try:
         unknown = next((name for name in value if name not in SELECTOR_FIELDS), None)
         if unknown is not None:
             raise bad_request(
-                quote_input(unknown), "unknown selector field; use tag, record_ids, since, until, test_name, user_id"
+                quote_input(unknown),
+                "unknown selector field; use tag, record_ids, commit, since, until, test_name, user_id",
             )
         kinds = [kind for kind, present in _selector_kinds(value).items() if present]
         if len(kinds) != 1:
             given = " and ".join(kinds) if kinds else "none"
             raise PerfdbError(
-                ErrorCode.BAD_REQUEST, f"needs exactly one of tag, record_ids, or a window (since/until); got {given}"
+                ErrorCode.BAD_REQUEST,
+                f"needs exactly one of tag, record_ids, commit, or a window (since/until); got {given}",
             )
         narrowing = {
             "test_name": optional_string(value, "test_name", MAX_NAME_CHARS),
@@ -811,12 +815,14 @@ def _selector(request: dict[str, Any], side: str, shared: dict[str, str | None])
         if since is not None and until is not None and until <= since:
             raise bad_request("until", "must be later than since")
         record_ids = None if value.get("record_ids") is None else _record_ids(value["record_ids"])
+        commit = None if value.get("commit") is None else _commit_prefix(value["commit"])
         tag = _optional_tag(value)
     except PerfdbError as error:
         raise bad_request(side, error.message) from None
     return Selector(
         tag=tag,
         record_ids=record_ids,
+        commit=commit,
         since=since,
         until=until,
         user_id=narrowing["user_id"] or shared["user_id"],
@@ -828,8 +834,15 @@ def _selector_kinds(value: dict[str, Any]) -> dict[str, bool]:
     return {
         "tag": value.get("tag") is not None,
         "record_ids": value.get("record_ids") is not None,
+        "commit": value.get("commit") is not None,
         "window": value.get("since") is not None or value.get("until") is not None,
     }
+
+
+def _commit_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not _COMMIT_PREFIX.fullmatch(value):
+        raise bad_request("commit", "must be a commit sha or its first 7 or more digits (lowercase hex)")
+    return value
 
 
 def _record_ids(value: Any) -> tuple[str, ...]:

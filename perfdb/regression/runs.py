@@ -19,6 +19,8 @@ class RunSample:
     """What one side of a comparison selected: its values by (test, metric), and how the reading went."""
 
     values: dict[tuple[str, str], list[float]] = dataclasses.field(default_factory=dict)
+    # (test, series) -> the raw samples the records carried (protocol section 3.3), pooled.
+    samples: dict[tuple[str, str], list[float]] = dataclasses.field(default_factory=dict)
     # Per test, the first "better" declaration seen (see direction.direction_of).
     declared: dict[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
     records: int = 0
@@ -27,12 +29,16 @@ class RunSample:
     examined: int = 0  # index entries (or record ids) looked at
     missing: int | None = None  # record_ids selectors: ids with no record (or not admitted by the narrowing)
 
-    def add(self, document: Mapping[str, Any]) -> None:
-        """Add one stored record's numeric metrics."""
+    def add(self, document: Mapping[str, Any], samples: Mapping[str, Any] | None = None) -> None:
+        """Add one stored record's numeric metrics, and its samples if it has any."""
         test_name = document["test_name"]
         for metric, value in document["metrics"].items():
             if type(value) in (int, float) and math.isfinite(value):
                 self.values.setdefault((test_name, metric), []).append(float(value))
+        for series, raw in (samples or {}).items():
+            if isinstance(raw, list):
+                numbers = [float(x) for x in raw if type(x) in (int, float) and math.isfinite(x)]
+                self.samples.setdefault((test_name, series), []).extend(numbers)
         better = document.get("better")
         if isinstance(better, dict):
             self.declared.setdefault(test_name, better)
@@ -56,6 +62,7 @@ class RunComparison:
 
     test_name: str
     comparison: Comparison
+    on: str  # "samples": the records' raw samples were compared; "records": one value per record
 
     def sort_key(self) -> tuple[bool, str, str]:
         """Regressions first, then by test and metric."""
@@ -66,6 +73,7 @@ class RunComparison:
         return {
             "test_name": self.test_name,
             "metric": result.metric,
+            "on": self.on,
             "status": result.status,
             "direction": result.direction.to_json(),
             "base": result.base.to_json(),
@@ -88,13 +96,21 @@ def _test_used(result: Comparison) -> str | None:
 def compare_runs(base: RunSample, head: RunSample, model: CompareModel = DEFAULT_MODEL) -> list[RunComparison]:
     """One comparison per (test, metric) that both runs hold, regressions first, then by test and metric.
 
-    A metric's direction comes from the core metrics, else from what head's records declare, else base's.
+    Where both sides' records carry raw samples of a metric (or of a series of their own), those
+    samples are compared, pooled per side; otherwise one value per record. A metric's direction
+    comes from the core metrics, else from what head's records declare, else base's.
     """
     rows = []
-    for key in base.values.keys() & head.values.keys():
+    for key in (base.values.keys() | base.samples.keys()) & (head.values.keys() | head.samples.keys()):
         test_name, metric = key
         declared = head.declared.get(test_name) or base.declared.get(test_name)
         direction = direction_of(metric, declared)
-        rows.append(RunComparison(test_name, compare(base.values[key], head.values[key], direction, model)))
+        if base.samples.get(key) and head.samples.get(key):
+            on, before, after = "samples", base.samples[key], head.samples[key]
+        elif key in base.values and key in head.values:
+            on, before, after = "records", base.values[key], head.values[key]
+        else:
+            continue
+        rows.append(RunComparison(test_name, compare(before, after, direction, model), on))
     rows.sort(key=RunComparison.sort_key)
     return rows

@@ -975,7 +975,7 @@ class ResultStore:
                 if document is None or not selector.admits(document["user_id"], document["test_name"]):
                     sample.missing += 1
                     continue
-                sample.add(document)
+                sample.add(document, _stored_samples(snapshot, record_id))
             return sample
         query = selector.as_query()
         source = _choose_source(snapshot, query)
@@ -990,12 +990,16 @@ class ResultStore:
                 user_id = admits(key, value)
                 if user_id is None:
                     continue
+                stored = fetch(key, value, user_id)
+                if stored is None:
+                    continue
+                document = _of_commit(stored, selector.commit) if selector.commit else orjson.loads(stored)
+                if document is None:
+                    continue
                 if sample.records == max_records:  # one more matches: the side is cut
                     sample.truncated = True
                     break
-                stored = fetch(key, value, user_id)
-                if stored is not None:
-                    sample.add(orjson.loads(stored))
+                sample.add(document, _stored_samples(snapshot, document["record_id"]))
         return sample
 
     def _record_by_id(self, snapshot: plyvel.Snapshot, record_id: str) -> dict[str, Any] | None:
@@ -1392,6 +1396,31 @@ def _document_record_id(document: bytes | memoryview) -> str:
         return head[len(_RECORD_ID_FIELD) :].decode()
     record_id: str = orjson.loads(document)["record_id"]
     return record_id
+
+
+def _of_commit(stored: bytes | memoryview, commit: str) -> dict[str, Any] | None:
+    """The record's document if its source.commit starts with `commit`, else None. The raw JSON is
+    searched first, so that a walk over many records decodes only the likely ones."""
+    raw = stored if isinstance(stored, bytes) else bytes(stored)  # a memoryview has no substring search
+    if b'"commit":"' + commit.encode() not in raw:
+        return None
+    document: dict[str, Any] = orjson.loads(raw)
+    source = document.get("source")
+    found = source.get("commit") if isinstance(source, dict) else None
+    return document if isinstance(found, str) and found.startswith(commit) else None
+
+
+def _stored_samples(snapshot: plyvel.Snapshot, record_id: str) -> dict[str, Any] | None:
+    """A record's samples (series name -> values), or None if it has none (or they are damaged)."""
+    stored = snapshot.get(layout.samples_key(record_id))
+    if stored is None:
+        return None
+    try:
+        samples = orjson.loads(layout.unseal(stored))
+    except (layout.CorruptValueError, orjson.JSONDecodeError) as exc:
+        log.error("samples of record %s are damaged (%s); left out", record_id, exc)
+        return None
+    return samples if isinstance(samples, dict) else None
 
 
 def _with_samples(document: bytes | memoryview, record_id: str, source: Any) -> bytes | memoryview:
