@@ -26,6 +26,8 @@ import orjson
 import pytest
 
 from perfdb.cli import Progress
+from perfdb.records.record_ids import record_id_micros
+from perfdb.records.timestamps import format_micros
 from tests.support import (
     FIXTURES,
     GRPC_RESULT_FILES,
@@ -365,8 +367,11 @@ def test_submit_real_grpc_results_and_read_them_back(server: RunningServer) -> N
     assert len(set(ids)) == len(ids)
     assert result.err.splitlines() == [f"perfdb: {path}: grpc: 1 stored, 0 duplicate, 0 refused" for path in paths]
 
-    records = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
-    assert [record["record_id"] for record in records] == ids  # oldest first
+    listed = records_of(ok("get-user", BOT_USER, "--format", "json", server=server))
+    # Oldest first: results whose summary says when they ran (2024) are filed then, before the others.
+    assert [record["record_id"] for record in listed] == sorted(ids)
+    by_id = {record["record_id"]: record for record in listed}
+    records = [by_id[record_id] for record_id in ids]
     cpu_times_seen = 0
     for name, record in zip(GRPC_RESULT_FILES, records, strict=True):
         scenario_result = grpc_result(name)
@@ -641,7 +646,7 @@ def test_json_output_parses_to_a_list(populated: Populated) -> None:
     everything = records_of(ok("get-all", "--format", "json", server=populated.server))
     assert everything == populated.records
     bot = records_of(ok("get-user", BOT_USER, "--format", "json", server=populated.server))
-    assert [record["record_id"] for record in bot] == list(populated.grpc_ids.values())
+    assert [record["record_id"] for record in bot] == sorted(populated.grpc_ids.values())  # oldest first
     nothing = ok("get-all", "--tag", "no-such-tag", "--format", "json", server=populated.server)
     assert orjson.loads(nothing.stdout) == []
 
@@ -677,7 +682,7 @@ def test_table_output_shows_readable_units(populated: Populated) -> None:
     assert len(table) == 1 + len(populated.records)
     for heading in ("time (UTC)", "user", "test", "tag", "QPS", "QPS/core", "p50", "p99.9", "srv sys", "cli user"):
         assert heading in table[0]
-    unary = table[1 + list(populated.grpc_ids).index("grpc_scenario_result.json")]
+    unary = table[1 + sorted(populated.grpc_ids.values()).index(populated.grpc_ids["grpc_scenario_result.json"])]
     for cell in ("221,994", "18,500", "28.6 ms", "70.2 ms", "131.2%", "504.0%", "89.3%", "391.0%"):
         assert cell in table_cells(unary), (cell, unary)
     lab = ok("get-user", LAB_USER, "--format", "table", server=populated.server).lines()
@@ -699,18 +704,22 @@ def test_filters_narrow_the_output(populated: Populated) -> None:
     assert by_name == [r["record_id"] for r in records if r["test_name"] == "unary-small"]
     assert len(by_name) == 3
     by_tag = ids("get-all", "--tag", "nightly")
-    assert by_tag == list(populated.grpc_ids.values())
+    assert by_tag == sorted(populated.grpc_ids.values())
     both = ids("get-user", LAB_USER, "--test-name", "unary-small", "--tag", "lab-a")
     assert both == [r["record_id"] for r in records if r["test_name"] == "unary-small" and r["tag"] == "lab-a"]
     assert len(both) == 2
 
-    since, until = records[2]["timestamp"], records[5]["timestamp"]
+    # Times filter on when a record is filed: its commit time, or its run time (section 4.1).
+    def filed(record: dict[str, Any]) -> str:
+        return format_micros(record_id_micros(record["record_id"]))
+
+    since, until = filed(records[2]), filed(records[5])
     window = ids("get-all", "--since", since, "--until", until)
-    assert window == [r["record_id"] for r in records if since <= r["timestamp"] < until]
+    assert window == [r["record_id"] for r in records if since <= filed(r) < until]
     assert records[2]["record_id"] in window and records[5]["record_id"] not in window
-    assert ids("get-all", "--since", since) == [r["record_id"] for r in records if r["timestamp"] >= since]
-    until_second = ids("get-user", BOT_USER, "--until", records[1]["timestamp"])
-    assert until_second == [r["record_id"] for r in records[:3] if r["timestamp"] < records[1]["timestamp"]]
+    assert ids("get-all", "--since", since) == [r["record_id"] for r in records if filed(r) >= since]
+    until_second = ids("get-user", BOT_USER, "--until", filed(records[1]))
+    assert until_second == [r["record_id"] for r in records[:3] if filed(r) < filed(records[1])]
     assert records[0]["record_id"] in until_second and records[1]["record_id"] not in until_second
 
 

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from perfdb.protocol.errors import PerfdbError
+from perfdb.records.record_ids import record_id_micros
 from perfdb.records.scenario import map_scenario_result, proto_number
+from perfdb.records.timestamps import parse_rfc3339
 from tests.support import GRPC_RESULT_FILES, connect, grpc_result, perfdb_with_provider
 
 # Expected mapping, written out from SOURCES.txt rather than derived from the code under test.
@@ -49,8 +51,9 @@ async def test_real_grpc_results_round_trip(tmp_path: Path) -> None:
             )
             assert reply["ok"], reply
             acks.append(reply)
-        records = (await conn.request("get_user", user_id="grpc"))["records"]
-    assert [r["record_id"] for r in records] == [a["record_id"] for a in acks]
+        by_id = {r["record_id"]: r for r in (await conn.request("get_user", user_id="grpc"))["records"]}
+    # Each is read back; those whose summary says when they ran are filed at that time.
+    records = [by_id[ack["record_id"]] for ack in acks]
     for name, record in zip(GRPC_RESULT_FILES, records, strict=True):
         source = grpc_result(name)
         summary = source["summary"]
@@ -78,6 +81,10 @@ async def test_real_grpc_results_round_trip(tmp_path: Path) -> None:
         if "startTime" in summary:
             assert record["scenario"]["start_time"] == summary["startTime"]
             assert record["scenario"]["end_time"] == summary["endTime"]
+            ran = parse_rfc3339(summary["startTime"])
+            assert parse_rfc3339(record["run_time"]) == ran == record_id_micros(record["record_id"])
+        else:
+            assert "run_time" not in record
 
 
 def _without_targets(config: dict[str, Any]) -> dict[str, Any]:

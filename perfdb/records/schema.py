@@ -5,6 +5,7 @@ Every check raises a bad_request PerfdbError whose message starts with the offen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import math
@@ -406,6 +407,11 @@ def record_draft(fields: dict[str, Any]) -> RecordDraft:
     }
     if fields.get("test_name") is None and mapped.name:
         mapped_fields["test_name"] = mapped.name
+    if fields.get("run_time") is None:
+        # When the benchmark ran, from the ScenarioResult itself (its summary's start time), if usable.
+        started = (mapped.scenario or {}).get("start_time")
+        with contextlib.suppress(PerfdbError):
+            mapped_fields["run_time"] = _run_time(started) if isinstance(started, str) else None
     draft = _draft(mapped_fields, scenario=mapped.scenario)
     draft.baseline_tag = baseline_tag
     return draft
