@@ -455,17 +455,22 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def static_token_server(directory: Path, token: str, user_id: str) -> Iterator[str]:
-    """A no-sync server on a database in `directory` that knows one static token, of `user_id`, and
-    no identity provider. Yields its address; it must stop cleanly, having logged no traceback."""
+def static_token_server(
+    directory: Path, token: str, user_id: str, *options: str, name: str | None = None
+) -> Iterator[str]:
+    """A no-sync server on a database in `directory` that knows one static token, of `user_id`
+    (called `name`, if given), and no identity provider; `options` are further server flags.
+    Yields its address; it must stop cleanly, having logged no traceback."""
+    entry = {"sha256": token_hash(token), "user_id": user_id, **({"name": name} if name else {})}
     tokens_file = directory / "tokens.json"
-    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(token), "user_id": user_id}]}))
+    tokens_file.write_bytes(orjson.dumps({"tokens": [entry]}))
     process = ServerProcess(
         "--address=127.0.0.1:0",
         f"--database={directory / 'db'}",
         "--no-sync",
         f"--tokens-file={tokens_file}",
         f"--userinfo-url={closed_port_url()}",
+        *options,
     )
     try:
         yield f"127.0.0.1:{process.wait_listening()}"

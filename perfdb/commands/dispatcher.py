@@ -154,12 +154,13 @@ class _RecordReply(PendingReply):
     no loop callback per record (see Settleable), which profiles showed to cost as much as
     validating the record."""
 
-    __slots__ = ("_dispatcher", "_request_id", "_started")
+    __slots__ = ("_dispatcher", "_peer", "_request_id", "_started")
 
-    def __init__(self, dispatcher: CommandDispatcher, request_id: Any) -> None:
+    def __init__(self, dispatcher: CommandDispatcher, request_id: Any, peer: str) -> None:
         super().__init__()
         self._dispatcher = dispatcher
         self._request_id = request_id
+        self._peer = peer
         self._started = time.perf_counter() if dispatcher._stats.observe_latency is not None else 0.0
 
     def done(self) -> bool:
@@ -169,12 +170,7 @@ class _RecordReply(PendingReply):
         self._filled(self._dispatcher._ok("record", self._request_id, ack.to_fields()))
 
     def set_exception(self, error: BaseException, /) -> None:
-        dispatcher = self._dispatcher
-        if isinstance(error, PerfdbError):
-            self._filled(dispatcher._error("record", self._request_id, error.code, error.message))
-            return
-        log.error("op record failed", exc_info=error, extra={"op": "record"})
-        self._filled(dispatcher._error("record", self._request_id, ErrorCode.INTERNAL, "internal server error"))
+        self._filled(self._dispatcher._failure("record", self._request_id, self._peer, error))
 
     def _filled(self, reply: bytes) -> None:
         observe = self._dispatcher._stats.observe_latency
@@ -328,11 +324,15 @@ class CommandDispatcher:
             result = outcome.result()
             fields = result if isinstance(result, dict) else result.to_fields()
             reply.set_result(self._ok(op, request_id, fields))
-        elif isinstance(error, PerfdbError):
-            reply.set_result(self._error(op, request_id, error.code, error.message))
         else:
-            log.error("%s: op %s failed", peer, op, exc_info=error, extra={"peer": peer, "op": op})
-            reply.set_result(self._error(op, request_id, ErrorCode.INTERNAL, "internal server error"))
+            reply.set_result(self._failure(op, request_id, peer, error))
+
+    def _failure(self, op: str, request_id: Any, peer: str, error: BaseException) -> bytes:
+        """The reply to an op that failed later: its coded error, or `internal` (logged) for anything else."""
+        if isinstance(error, PerfdbError):
+            return self._error(op, request_id, error.code, error.message)
+        log.error("%s: op %s failed", peer, op, exc_info=error, extra={"peer": peer, "op": op})
+        return self._error(op, request_id, ErrorCode.INTERNAL, "internal server error")
 
     # -- ops (method name op_<name> puts it in the command table) ----------------------------
 
@@ -364,7 +364,7 @@ class CommandDispatcher:
         if isinstance(resolved, Profile):
             # The common case (a known token): the writer fills the reply itself.
             self._check_rate(resolved)
-            reply = _RecordReply(self, request.get("id"))
+            reply = _RecordReply(self, request.get("id"), peer)
             self._store.submit_to(resolved, draft, reply)
             return reply
         return self._record_once_resolved(resolved, draft)

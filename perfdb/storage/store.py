@@ -981,18 +981,9 @@ class ResultStore:
         source = _choose_source(snapshot, query)
         start, stop = _key_range(source.prefix, query, after_cursor=False)
         admits, fetch = self._entry_readers(snapshot, source, query)
+        walk = _BoundedWalk(self._max_sort_examined)
         with _entries(snapshot, start, stop, reverse=True) as entries:
-            for key, value in entries:
-                if sample.examined == self._max_sort_examined:
-                    sample.complete = False
-                    break
-                sample.examined += 1
-                user_id = admits(key, value)
-                if user_id is None:
-                    continue
-                stored = fetch(key, value, user_id)
-                if stored is None:
-                    continue
+            for _, _, stored in walk.documents(entries, admits, fetch):
                 document = _of_commit(stored, selector.commit) if selector.commit else orjson.loads(stored)
                 if document is None:
                     continue
@@ -1000,6 +991,7 @@ class ResultStore:
                     sample.truncated = True
                     break
                 sample.add(document, _stored_samples(snapshot, document["record_id"]))
+        sample.examined, sample.complete = walk.examined, walk.complete
         return sample
 
     def _record_by_id(self, snapshot: plyvel.Snapshot, record_id: str) -> dict[str, Any] | None:
@@ -1410,28 +1402,30 @@ def _of_commit(stored: bytes | memoryview, commit: str) -> dict[str, Any] | None
     return document if isinstance(found, str) and found.startswith(commit) else None
 
 
-def _stored_samples(snapshot: plyvel.Snapshot, record_id: str) -> dict[str, Any] | None:
-    """A record's samples (series name -> values), or None if it has none (or they are damaged)."""
-    stored = snapshot.get(layout.samples_key(record_id))
+def _samples_json(source: Any, record_id: str) -> memoryview | None:
+    """A record's samples as stored JSON, or None if it has none or they are damaged (logged);
+    `source`: the database or a snapshot."""
+    stored = source.get(layout.samples_key(record_id))
     if stored is None:
         return None
     try:
-        samples = orjson.loads(layout.unseal(stored))
-    except (layout.CorruptValueError, orjson.JSONDecodeError) as exc:
+        return layout.unseal(stored)
+    except layout.CorruptValueError as exc:
         log.error("samples of record %s are damaged (%s); left out", record_id, exc)
         return None
+
+
+def _stored_samples(snapshot: plyvel.Snapshot, record_id: str) -> dict[str, Any] | None:
+    """A record's samples (series name -> values), or None if it has none."""
+    stored = _samples_json(snapshot, record_id)
+    samples = None if stored is None else orjson.loads(stored)
     return samples if isinstance(samples, dict) else None
 
 
 def _with_samples(document: bytes | memoryview, record_id: str, source: Any) -> bytes | memoryview:
     """A record's JSON with `"samples"` added when it has any (`source`: the database or a snapshot)."""
-    stored = source.get(layout.samples_key(record_id))
-    if stored is None:
-        return document
-    try:
-        samples = layout.unseal(stored)
-    except layout.CorruptValueError as exc:
-        log.error("samples of record %s are damaged (%s); left out", record_id, exc)
+    samples = _samples_json(source, record_id)
+    if samples is None:
         return document
     return bytes(document[:-1]) + b',"samples":' + bytes(samples) + b"}"
 

@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from html import unescape
 from typing import Any
 
-import orjson
 import pytest
 
 from perfdb.client import Client
-from tests.support import ServerProcess, token_hash
+from tests.support import static_token_server
 from tests.web.conftest import ARTIFACTS, dashboard_client, dashboard_process
 from tests.web.parse import table_rows, text_of
 
@@ -52,18 +51,7 @@ def _wait_for_alert(client: Client) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def detecting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectingPerfdb]:
     directory = tmp_path_factory.mktemp("perfdb-detecting")
-    tokens_file = directory / "tokens.json"
-    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(TOKEN), "user_id": "ci", "name": "CI"}]}))
-    process = ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={directory / 'db'}",
-        "--no-sync",
-        "--regression-detection",
-        f"--tokens-file={tokens_file}",
-        "--userinfo-url=none",
-    )
-    try:
-        address = f"127.0.0.1:{process.wait_listening()}"
+    with static_token_server(directory, TOKEN, "ci", "--regression-detection", name="CI") as address:
         rng = random.Random(8)
         records = [
             {"access_token": TOKEN, "test_name": SHIFTED_TEST, "tag": "main", "metrics": {"qps": value}}
@@ -84,9 +72,6 @@ def detecting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DetectingPer
             assert all(ack["ok"] for ack in acks), acks[:1]
             alert = _wait_for_alert(client)
         yield DetectingPerfdb(address, alert)
-    finally:
-        code, log = process.stop()
-    assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
 def _title(row: str) -> str:

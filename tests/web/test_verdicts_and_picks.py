@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from html import unescape
 from typing import Any
 
-import orjson
 import pytest
 
 from perfdb.client import Client
 from perfdb.records.record_ids import make_record_id
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.web.queries import CompareView, QueryError, picked_pair
-from tests.support import ServerProcess, token_hash
+from tests.support import static_token_server
 from tests.web.conftest import ARTIFACTS, dashboard_client, dashboard_process
 from tests.web.parse import table_rows, text_of
 from tests.web.test_browser import CHROMIUM, CHROMIUM_ARGS
@@ -41,21 +40,11 @@ class JudgedPerfdb:
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JudgedPerfdb]:
     directory = tmp_path_factory.mktemp("perfdb-judged")
-    tokens_file = directory / "tokens.json"
-    tokens_file.write_bytes(orjson.dumps({"tokens": [{"sha256": token_hash(TOKEN), "user_id": "ci", "name": "CI"}]}))
     admin_key_file = directory / "admin.key"
     admin_key_file.write_text(ADMIN_KEY)
-    process = ServerProcess(
-        "--address=127.0.0.1:0",
-        f"--database={directory / 'db'}",
-        "--no-sync",
-        "--regression-detection",
-        f"--tokens-file={tokens_file}",
-        f"--admin-key-file={admin_key_file}",
-        "--userinfo-url=none",
-    )
-    try:
-        address = f"127.0.0.1:{process.wait_listening()}"
+    with static_token_server(
+        directory, TOKEN, "ci", "--regression-detection", f"--admin-key-file={admin_key_file}", name="CI"
+    ) as address:
         rng = random.Random(41)
         values = [(1000 * (1 + rng.gauss(0, 0.01)), 250 * (1 + rng.gauss(0, 0.01))) for _ in range(12)]
         values.append((800.0, 252.0))
@@ -74,9 +63,6 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JudgedPerfdb]:
             reply = client.call("import", admin_key=ADMIN_KEY, records=[imported], users={"static:ci": {}})
             assert reply["imported"] == 1, reply
         yield JudgedPerfdb(address, acks, imported_id)
-    finally:
-        code, log = process.stop()
-    assert code == 0 and "Traceback" not in log, log[-2000:]
 
 
 async def test_a_result_page_shows_the_verdicts_perfdb_stored(judged: JudgedPerfdb) -> None:
