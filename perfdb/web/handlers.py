@@ -480,36 +480,41 @@ async def _overview(
 async def overview_handler(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view = OverviewView.from_params(request.query)
-    view, page, _ = await _overview(dashboard, view, test_given="test" in request.query)
-    return html_response(pages.overview_page(dashboard.site, view, page))
+    view, page, distribution = await _overview(dashboard, view, test_given="test" in request.query)
+    # The histogram's data goes in the page, so that it draws without asking perfdb a second time.
+    embedded = orjson.dumps(_overview_json(view, page, distribution), option=orjson.OPT_NON_STR_KEYS)
+    return html_response(pages.overview_page(dashboard.site, view, page, embedded))
 
 
 async def api_overview(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view = OverviewView.from_params(request.query)
     view, page, distribution = await _overview(dashboard, view, test_given="test" in request.query)
+    return json_response(_overview_json(view, page, distribution))
+
+
+def _overview_json(view: OverviewView, page: pages.OverviewPage, distribution: dict[str, Any]) -> dict[str, Any]:
+    """The overview API's reply; the overview page carries it too."""
     metric = METRICS_BY_NAME[view.metric]
-    return json_response(
-        {
-            "metric": {
-                "name": metric.name,
-                "label": metric.label,
-                "unit": metric.unit,
-                "higher_is_better": higher_is_better(metric.name),
-            },
-            "test": view.test,
-            "results": page.results,
-            "users": page.users,
-            "tests": [{"name": name, "count": count} for name, count in page.tests],
-            "histogram": distribution,
-            "leaderboard": {
-                "test": page.leaderboard_test,
-                "users": page.leaderboard_users,
-                "entries": page.leaderboard,
-            },
-            "links": {"page": view.url()},
-        }
-    )
+    return {
+        "metric": {
+            "name": metric.name,
+            "label": metric.label,
+            "unit": metric.unit,
+            "higher_is_better": higher_is_better(metric.name),
+        },
+        "test": view.test,
+        "results": page.results,
+        "users": page.users,
+        "tests": [{"name": name, "count": count} for name, count in page.tests],
+        "histogram": distribution,
+        "leaderboard": {
+            "test": page.leaderboard_test,
+            "users": page.leaderboard_users,
+            "entries": page.leaderboard,
+        },
+        "links": {"page": view.url()},
+    }
 
 
 # -- regressions and compare -------------------------------------------------------------------

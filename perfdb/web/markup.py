@@ -31,3 +31,11 @@ def render(template: str, **values: object) -> Markup:
 def concat(parts: Iterable[object]) -> Markup:
     """Markup for a sequence of parts (escaping those that are not Markup)."""
     return Markup("").join_markup(parts)
+
+
+def json_data_block(element_id: str, data: bytes) -> Markup:
+    """A JSON document in the page, for its script to read instead of fetching it. Every `<` is
+    written as its JSON escape (it can only occur inside strings), so no `</script>` or comment
+    opener in a test name can end the block early."""
+    text = data.decode().replace("<", "\\u003c")
+    return Markup(render('<script type="application/json" id="{id}">', id=element_id) + text + "</script>")

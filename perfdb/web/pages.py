@@ -13,7 +13,7 @@ import orjson
 from perfdb import __version__
 from perfdb.records.units import CORE_METRICS, format_value
 from perfdb.web.analysis import LeaderboardEntry, sample_summary
-from perfdb.web.markup import Markup, concat, render
+from perfdb.web.markup import Markup, concat, json_data_block, render
 from perfdb.web.queries import (
     ALERT_STATES,
     DEFAULT_PER_PAGE,
@@ -536,7 +536,8 @@ class OverviewPage:
     users: int
 
 
-def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
+def overview_page(site: Site, view: OverviewView, page: OverviewPage, data: bytes) -> Markup:
+    """The overview; `data` is its API reply, which the histogram draws from."""
     metric = METRICS_BY_NAME[view.metric]
     metric_options = concat(
         render('<option value="{name}"{sel}>{label} — {desc}</option>', name=m.name, label=m.label,
@@ -586,6 +587,7 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
   <h2>Distribution of {metric} {scope}</h2>
   <div class="chart histogram" id="histogram" data-api="{api}" data-unit="{unit}"></div>
   <p class="chart-note" id="histogram-note"></p>
+  {data}
 </section>
 {leaderboard}
 <div class="chart-tooltip" id="chart-tooltip" hidden></div>""",
@@ -598,6 +600,7 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage) -> Markup:
         api=view.url("/api/overview"),
         unit=metric.unit,
         leaderboard=_leaderboard(view, page, better),
+        data=json_data_block("histogram-data", data),
     )
     return layout(site, title="Overview", active="overview", body=body, scripts=("charts.js",))
 

@@ -4,6 +4,7 @@ two months of results from several users and the real gRPC result files."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
@@ -37,6 +38,13 @@ async def _json(client: Any, url: str, status: int = 200) -> Any:
     assert response.status == status, (url, response.status, await response.text())
     assert response.content_type == "application/json"
     return await response.json()
+
+
+def _embedded(text: str, element_id: str) -> Any:
+    """The JSON a page carries in its `<script type="application/json">` block of that id."""
+    found = re.search(rf'<script type="application/json" id="{element_id}">(.*?)</script>', text, re.DOTALL)
+    assert found is not None, element_id
+    return json.loads(found.group(1))
 
 
 async def _all_stored(seeded: SeededPerfdb) -> list[dict[str, Any]]:
@@ -331,7 +339,10 @@ async def test_overview_histogram_and_leaderboard_of_a_test(seeded: SeededPerfdb
                 records, streaming, metric, highest
             )
             assert data["metric"]["higher_is_better"] is highest
+        api = await _json(client, f"/api/overview?metric=qps&test={streaming}&from=&to=")
         page, text = await _page(client, f"/overview?metric=qps&test={streaming}&from=&to=")
+    # The page carries the API's reply, so its histogram draws without a second request.
+    assert _embedded(text, "histogram-data") == api
     names = re.findall(r'<td class="user"><a href="[^"]*" title="[^"]*">([^<]*)</a>', text)
     assert names == [USERS[user_id]["name"] for user_id, _ in _best_per_user(records, streaming, "qps", True)]
     assert len(names) == 3
@@ -377,6 +388,10 @@ async def test_names_and_tags_holding_html_are_shown_as_text(seeded: SeededPerfd
     for _, text in pages:
         assert "<script>window.hacked" not in text and "<img src=x" not in text
         assert "&lt;script&gt;window.hacked=1&lt;/script&gt;Mallory" in text or "&lt;img src=x" in text
+    # The overview's embedded data holds the hostile name as JSON text, whole, ending no element.
+    overview = _embedded(pages[3][1], "histogram-data")
+    names = [entry["user_name"] for entry in overview["leaderboard"]["entries"]]
+    assert "<script>window.hacked=1</script>Mallory" in names
     table, _ = pages[0]
     assert table.column("tag")[0].text == HOSTILE_TAG
     assert table.column("user")[0].text == "<script>window.hacked=1</script>Mallory"

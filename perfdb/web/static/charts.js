@@ -607,9 +607,11 @@
 
   async function drawHistogram(container) {
     const note = document.getElementById("histogram-note");
+    // The page carries the data it was built from; the API is asked only without it.
+    const embedded = document.getElementById("histogram-data");
     let data;
     try {
-      data = await fetchJson(container.dataset.api);
+      data = embedded ? JSON.parse(embedded.textContent) : await fetchJson(container.dataset.api);
     } catch (error) {
       showMessage(container, `The histogram could not be loaded: ${error.message}`, "error");
       return;
