@@ -65,13 +65,22 @@ class StoredVerdicts:
     entries: list[tuple[str, str, bytes]]
 
     @classmethod
-    def of(cls, judged: Iterable[tuple[str, str, bytes | None]]) -> StoredVerdicts | None:
-        """The verdicts to store of judged records ((record id, user id, the verdicts' JSON array as judge_batch
-        encoded it) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
+    def of(cls, judged: Iterable[tuple[str, str, JudgedVerdicts | None]]) -> StoredVerdicts | None:
+        """The verdicts to store of judged records ((record id, user id, their verdicts as judge_committed gave
+        them) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
         entries = [
-            (record_id, user_id, layout.verdicts_value(verdicts)) for record_id, user_id, verdicts in judged if verdicts
+            (record_id, user_id, layout.verdicts_value(verdicts.packed))
+            for record_id, user_id, verdicts in judged
+            if verdicts is not None
         ]
         return cls(entries) if entries else None
+
+
+class JudgedVerdicts(NamedTuple):
+    """A record's verdicts: the JSON array its ack carries, and the packed numbers stored (about a ninth of it)."""
+
+    json: bytes
+    packed: bytes
 
 
 class RegressionDetector:
@@ -109,12 +118,22 @@ class RegressionDetector:
     # -- the writer's verdict thread --------------------------------------------------------------------------------
 
     def judge_batch(self, records: Sequence[CommittedRecord]) -> list[bytes | None]:
-        """Each committed record's verdicts, in order, as the JSON array to send and store (one per metric, in the
-        record's order; None for a record only joining, or whose verdicts failed), each judged against its
-        windows as the records before it left them, then joining its own. One lock for the whole batch."""
+        """Each committed record's verdicts, in order, as the JSON array to send (one per metric, in the record's
+        order; None for a record only joining, or whose verdicts failed), each judged against its windows as the
+        records before it left them, then joining its own. One lock for the whole batch."""
+        return [None if verdicts is None else verdicts.encode() for verdicts in self._judge_all(records)]
+
+    def judge_committed(self, records: Sequence[CommittedRecord]) -> list[JudgedVerdicts | None]:
+        """judge_batch, with each record's verdicts packed to store too (the writer's verdict thread)."""
+        return [
+            None if verdicts is None else JudgedVerdicts(verdicts.encode(), verdicts.pack())
+            for verdicts in self._judge_all(records)
+        ]
+
+    def _judge_all(self, records: Sequence[CommittedRecord]) -> list[RecordVerdicts | None]:
         if not self.enabled:
             return [None] * len(records)
-        encoded: list[bytes | None] = []
+        encoded: list[RecordVerdicts | None] = []
         with self._lock:
             for record in records:
                 try:
@@ -128,7 +147,7 @@ class RegressionDetector:
                 encoded.append(None)
         return encoded
 
-    def _judge_and_join(self, record: CommittedRecord) -> bytes:
+    def _judge_and_join(self, record: CommittedRecord) -> RecordVerdicts:
         user_id, record_id, test_name, tag, metrics = (
             record.user_id, record.record_id, record.test_name, record.tag, record.metrics
         )  # fmt: skip
@@ -150,7 +169,7 @@ class RegressionDetector:
                 add(shapes, value, summary)
         finally:  # the metrics that joined before a failure are new points for the analysis too
             self._mark_all((user_id, test_name, tag), metrics)
-        return verdicts.encode()
+        return verdicts
 
     def _plan(
         self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None
