@@ -47,6 +47,7 @@ def serve(arguments: list[str]) -> None:
         started(thread)
 
     threading.Thread.run = run_named  # type: ignore[method-assign,assignment]
+    sys.path.insert(0, str(ROOT))  # this checkout's perfdb, as running the script itself would import
     sys.argv = [str(ROOT / "run_perf_db_server.py"), *arguments]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

@@ -4,12 +4,12 @@ metric.
 
 Per metric the server adds only its baseline summary and value (`VerdictBatch.add`); the decisions of the whole
 batch are then made at once with numpy (`decide_all`: the same float operations as `decide`), and every number of
-every verdict goes through one orjson call (so each reads exactly as orjson writes it in a Verdict's dict) and is
-spliced into a %-template of its metric: the constant parts (name, model, direction) and the few that take one of a
-handful of values (status, governed_by, changed, the baseline's n) are encoded once per template.
+every verdict goes through one of two orjson calls (so each reads exactly as orjson writes it in a Verdict's dict)
+and is spliced into a %-template of its metric: the constant parts (name, model, direction) and those that take
+one of a few values (status, governed_by, changed) are encoded once per template, at most 14 a metric and model.
 
-What is stored is not that JSON (about 470 bytes a metric) but the numbers it was built from (`pack`, 59 bytes a
-metric: each metric's name, direction and model, the models' parameters once, the baseline summary and value);
+What is stored is not that JSON (about 470 bytes a metric) but the numbers it was built from (`pack`, 55 bytes a
+core metric: its name, direction and model, the models' parameters once, the baseline summary and value);
 `unpack_verdicts` gives the JSON back through the same batch, so it is byte for byte what the ack carried.
 """
 
@@ -29,8 +29,9 @@ from perfdb.regression.thresholds import IMPROVEMENT, NO_CHANGE, REGRESSION, Thr
 # (n, mean, stddev, median, min, max) of a baseline, as SeriesWindow.summary gives it.
 Summary = tuple[int, float, float, float, float, float]
 
-# A template's key: _EMPTY (no baseline), n * 16 + _UNDECIDED (too few points), or n * 16 + a decision's code.
-_EMPTY, _UNDECIDED = -1, 15
+# A template's key: a decision's code (status * 4 + governed_by_sigmas * 2 + changed), _UNDECIDED (too few points)
+# or _EMPTY (no baseline).
+_UNDECIDED, _EMPTY = 15, 16
 _STATUS_TEXT = {NO_CHANGE: b'"no_change"', REGRESSION: b'"regression"', IMPROVEMENT: b'"improvement"'}
 _WORSE_SIGNS = {Better.HIGHER: -1.0, Better.LOWER: 1.0, None: 0.0}
 # The numbers of a verdict, in its JSON's order (mean, stddev, median, min, max, value, change, change_percent,
@@ -51,7 +52,7 @@ class VerdictShapes:
     head: bytes  # %-escaped, up to the status
     model_json: bytes  # %-escaped, the model member
     tail: bytes  # %-escaped, the direction member, up to "changed"
-    templates: dict[int, bytes]  # by key, made on first use: a few per n
+    templates: dict[int, bytes]  # by key, made on first use: at most 14
 
     @classmethod
     def of(cls, direction: MetricDirection, model: ThresholdModel) -> VerdictShapes:
@@ -77,22 +78,20 @@ class VerdictShapes:
         return template
 
     def _template(self, key: int) -> bytes:
+        """The template of a key: the baseline's n, then the numbers a verdict of its shape holds."""
         undecided_rest = b',"change":null,"change_percent":null,"threshold":null' + self.tail + b"false}"
         if key == _EMPTY:
             return (
                 self.head
                 + b'"insufficient_data"'
                 + self.model_json
-                + b',"baseline":{"n":0},"value":%b'
+                + b',"baseline":{"n":%b},"value":%b'
                 + (undecided_rest)
             )
-        n, code = divmod(key, 16)
-        baseline = (
-            b',"baseline":{"n":' + str(n).encode() + b',"mean":%b,"stddev":%b,"median":%b,"min":%b,"max":%b},"value":%b'
-        )
-        if code == _UNDECIDED:
+        baseline = b',"baseline":{"n":%b,"mean":%b,"stddev":%b,"median":%b,"min":%b,"max":%b},"value":%b'
+        if key == _UNDECIDED:
             return self.head + b'"insufficient_data"' + self.model_json + baseline + undecided_rest
-        status, governed_by_sigmas, changed = code >> 2, code >> 1 & 1, code & 1
+        status, governed_by_sigmas, changed = key >> 2, key >> 1 & 1, key & 1
         return (
             self.head + _STATUS_TEXT[status] + self.model_json + baseline + b',"change":%b,"change_percent":%b,'
             b'"threshold":{"bound":%b,"percent":%b,"sigma_bound":%b,"min_change_bound":%b,"governed_by":'
@@ -187,21 +186,24 @@ class VerdictBatch:
         decisions = decide_all(value, mean, stddev, sigmas, min_change, worse_sign)
         empty, decided = counts == 0, counts >= min_points
         codes = decisions.status * 4 + decisions.governed_by_sigmas * 2 + decisions.changed
-        keys = np.where(empty, _EMPTY, counts * 16 + np.where(decided, codes, _UNDECIDED))
+        keys = np.where(empty, _EMPTY, np.where(decided, codes, _UNDECIDED))
         table = np.empty((len(shapes), _COLUMNS))
         table[:, :_BASELINE_COLUMNS] = numbers
         table[:, _BASELINE_COLUMNS:] = np.column_stack(
             (decisions.change, decisions.change_percent, decisions.bound, decisions.percent, decisions.sigma_bound,
              decisions.min_change_bound)
         )  # fmt: skip
-        # One orjson call (NaN, a None, is written null); no number it writes holds a comma.
+        # One orjson call for the floats (NaN, a None, is written null), one for the counts; no number holds a comma.
         pieces = orjson.dumps(table.ravel(), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+        counted = orjson.dumps(counts, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
         starts = np.arange(0, len(shapes) * _COLUMNS, _COLUMNS)
         firsts = starts + np.where(empty, _VALUE_COLUMN, 0)
         lasts = starts + np.where(decided, _COLUMNS, _BASELINE_COLUMNS)
         return [
-            (shape.templates.get(key) or shape.template(key)) % tuple(pieces[first:last])
-            for shape, key, first, last in zip(shapes, keys.tolist(), firsts.tolist(), lasts.tolist(), strict=True)
+            (shape.templates.get(key) or shape.template(key)) % (n, *pieces[first:last])
+            for shape, key, n, first, last in zip(
+                shapes, keys.tolist(), counted, firsts.tolist(), lasts.tolist(), strict=True
+            )
         ]
 
 
