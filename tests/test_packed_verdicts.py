@@ -34,7 +34,7 @@ def test_packed_verdicts_unpack_to_exactly_the_json_encoded() -> None:
     for _ in range(300):
         verdicts = RecordVerdicts()
         for metric in rng.sample(METRICS, rng.randrange(0, len(METRICS) + 1)):
-            model = rng.choice([ThresholdModel(), SMALL])
+            model = rng.choice([ThresholdModel(), SMALL, ThresholdModel(sigmas=2, min_change=0)])  # ints: as written
             direction = direction_of(metric, {"frames": rng.choice(["higher", "lower"])})
             baseline = [awkward_value(rng) for _ in range(rng.randrange(0, model.window + 1))]
             summary = BaselineSummary.of(baseline)
@@ -99,7 +99,7 @@ def test_a_record_failing_part_way_leaves_the_batch_aligned() -> None:
         lambda packed: packed[:-1],  # cut short
         lambda packed: packed + b"\x00",  # a byte too many
         lambda packed: b"\x09" + packed[1:],  # an unknown version
-        lambda packed: packed[:2] + b"\x00" * 24 + packed[26:],  # a model no one could have judged with
+        lambda packed: packed[:2] + b"\x00" * 25 + packed[27:],  # a model no one could have judged with
     ],
 )
 def test_malformed_packed_verdicts_are_a_value_error(damage: object) -> None:

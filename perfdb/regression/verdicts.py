@@ -241,7 +241,8 @@ class RecordVerdicts:
 
 
 # The packed form of a record's verdicts, little-endian:
-#   version (B, 1); models (B), each: window (I), min_points (I), sigmas (d), min_change (d); metrics (H), each:
+#   version (B, 1); models (B), each: window (I), min_points (I), sigmas (d), min_change (d), flags (B: which of
+#   those two were ints); metrics (H), each:
 #   direction (B: 0 unknown, 1 higher, 2 lower); name: its index in CORE_METRIC_NAMES (B), or 255, length (H)
 #   and UTF-8; the index of its model (B). Then each metric's baseline n (I, 0: none), then each metric's baseline
 #   mean, stddev, median, min, max (0.0 without a baseline) and value (6d).
@@ -251,7 +252,9 @@ _OTHER_NAME = 255
 _CORE_INDEX = {name: index for index, name in enumerate(CORE_METRIC_NAMES)}
 _DIRECTION_CODES = {None: 0, Better.HIGHER: 1, Better.LOWER: 2}
 _DIRECTIONS = {code: better for better, code in _DIRECTION_CODES.items()}
-_MODEL = struct.Struct("<IIdd")
+_MODEL = struct.Struct("<IIddB")
+# A model's flags: its sigmas or min_change was an int (a model made in code), which its JSON writes as one.
+_INT_SIGMAS, _INT_MIN_CHANGE = 1, 2
 
 
 def _packed_head(direction: MetricDirection) -> bytes:
@@ -274,7 +277,10 @@ def packed_head(shapes: list[VerdictShapes]) -> bytes:
         index = models.get(id(model))
         if index is None:
             index = models[id(model)] = len(models)
-            parameters.append(_MODEL.pack(model.window, model.min_points, model.sigmas, model.min_change))
+            flags = (_INT_SIGMAS if isinstance(model.sigmas, int) else 0) | (
+                _INT_MIN_CHANGE if isinstance(model.min_change, int) else 0
+            )
+            parameters.append(_MODEL.pack(model.window, model.min_points, model.sigmas, model.min_change, flags))
         heads.append(shape.packed_head + bytes([index]))
     if len(models) > 255 or len(shapes) > 65535:
         raise ValueError("too many models or metrics to pack")
@@ -297,7 +303,15 @@ def _unpack(packed: memoryview) -> bytes:
     offset = 2
     models = []
     for _ in range(model_count):
-        models.append(ThresholdModel(*_MODEL.unpack_from(packed, offset)))
+        window, min_points, sigmas, min_change, flags = _MODEL.unpack_from(packed, offset)
+        models.append(
+            ThresholdModel(
+                window,
+                min_points,
+                int(sigmas) if flags & _INT_SIGMAS else sigmas,
+                int(min_change) if flags & _INT_MIN_CHANGE else min_change,
+            )
+        )
         offset += _MODEL.size
     (metric_count,) = struct.unpack_from("<H", packed, offset)
     offset += 2
