@@ -8,7 +8,7 @@ every verdict goes through one of two orjson calls (so each reads exactly as orj
 and is spliced into a %-template of its metric: the constant parts (name, model, direction) and those that take
 one of a few values (status, governed_by, changed) are encoded once per template, at most 14 a metric and model.
 
-What is stored is not that JSON (about 470 bytes a metric) but the numbers it was built from (`pack`, 55 bytes a
+What is stored is not that JSON (about 470 bytes a metric) but the numbers it was built from (packed, 55 bytes a
 core metric: its name, direction and model, the models' parameters once, the baseline summary and value);
 `unpack_verdicts` gives the JSON back through the same batch, so it is byte for byte what the ack carried.
 """

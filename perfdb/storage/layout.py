@@ -29,8 +29,8 @@
     n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
                                  -> alert_id: the change point at that record already has its alert
     v:<record_id>                -> the verdicts its record reply carried (checksummed): the numbers they were
-                                    built from, packed (RecordVerdicts.pack; verdicts_json gives the JSON
-                                    back), or, if stored before that form, the JSON array; written in a
+                                    built from, packed (perfdb/regression/verdicts.py; verdicts_json gives
+                                    the JSON back), or, if stored before that form, the JSON array; written in a
                                     write batch after the record's
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
@@ -318,8 +318,8 @@ def verdicts_key(record_id: str) -> bytes:
 
 
 def verdicts_value(verdicts: bytes | Sequence[Mapping[str, object]]) -> bytes:
-    """A record's verdicts as stored, sealed: packed (RecordVerdicts.pack, what the server stores), or, as before
-    the packed form, the JSON array of them (given encoded, or to encode)."""
+    """A record's verdicts as stored, sealed: packed (perfdb/regression/verdicts.py; what the server stores), or, as
+    before the packed form, the JSON array of them (given encoded, or to encode)."""
     return seal(verdicts if isinstance(verdicts, bytes) else orjson.dumps(verdicts))
 
 
