@@ -5,8 +5,9 @@
 Both judge the benchmark workload's 11-metric records against windows already full (30 points each) and encode
 the verdicts as the record's ack and stored value need them. `per_record` is the earlier way: one `judge` and one
 `Verdict.to_json` per metric, the verdicts encoded twice (ack and stored value). `batch` is the server's:
-RegressionDetector.judge_batch on committed batches, encoded once. CPU time (time.process_time), not wall time:
-the machine is shared. Prints one JSON line.
+RegressionDetector.judge_committed on committed batches, the JSON for the ack and the packed numbers to store.
+CPU time (time.process_time), not wall time: the machine is shared. Also the bytes stored per record, packed and
+as the JSON array stored before. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -73,10 +74,21 @@ def per_record(detector: RegressionDetector, batch: list[CommittedRecord]) -> No
 
 
 def batched(detector: RegressionDetector, batch: list[CommittedRecord]) -> None:
-    for encoded in detector.judge_batch(batch):
-        assert encoded is not None
-        orjson.dumps({"ok": True, "verdicts": orjson.Fragment(encoded)})
-        layout.verdicts_value(encoded)
+    """The server's: judge_committed on the batch, the JSON in each ack, the packed numbers stored."""
+    for verdicts in detector.judge_committed(batch):
+        assert verdicts is not None
+        orjson.dumps({"ok": True, "verdicts": orjson.Fragment(verdicts.json)})
+        layout.verdicts_value(verdicts.packed)
+
+
+def stored_bytes(count: int) -> dict[str, float]:
+    """Bytes a record's verdicts take stored, packed and (as before the packed form) as their JSON array."""
+    detector = warmed()
+    judged = [verdicts for verdicts in detector.judge_committed(records(count, WARM_RECORDS)) if verdicts]
+    return {
+        "stored_packed_bytes_per_record": sum(len(layout.verdicts_value(v.packed)) for v in judged) / len(judged),
+        "stored_json_bytes_per_record": sum(len(layout.verdicts_value(v.json)) for v in judged) / len(judged),
+    }
 
 
 def measure(count: int, batch_size: int) -> dict[str, Any]:
@@ -90,6 +102,7 @@ def measure(count: int, batch_size: int) -> dict[str, Any]:
             judge_all(detector, batch)
         figures[f"{name}_cpu_us_per_record"] = round((time.process_time() - started) / count * 1e6, 1)
     figures["speedup"] = round(figures["per_record_cpu_us_per_record"] / figures["batch_cpu_us_per_record"], 2)
+    figures.update((name, round(size, 1)) for name, size in stored_bytes(1000).items())
     return figures
 
 

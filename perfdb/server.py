@@ -22,6 +22,7 @@ from perfdb.observability.http import OperatorEndpoints
 from perfdb.observability.operator import start_operator_endpoints
 from perfdb.protocol.addresses import format_address, parse_address
 from perfdb.protocol.connection import ConnectionLimits, LineProtocol
+from perfdb.regression.significance import preload_scipy
 from perfdb.regression.thresholds import DEFAULT_MODEL, ThresholdConfig, ThresholdModel, load_threshold_config
 from perfdb.runtime import LoopUnavailableError, configure_logging, freeze_startup_objects, run_event_loop
 from perfdb.storage import ResultStore, StoreOpenError
@@ -140,10 +141,16 @@ class PerfdbServer:
             self.store.detector.thresholds = await loop.run_in_executor(None, threshold_config, config)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        # Detection's lazy imports (scipy: about a second of CPU) load beside the database's opening and before the
+        # listener opens, not on the executor while the first records arrive (and are frozen out of the collector).
+        preloading = loop.run_in_executor(None, preload_scipy) if config.regression_detection else None
         try:
             await loop.run_in_executor(None, self.store.open, loop)
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from None
+        finally:
+            if preloading is not None:
+                await preloading
         if config.userinfo_url is None and not static_tokens:
             log.warning("no identity provider and no static tokens: every record request will be refused")
         self.resolver = TokenResolver(

@@ -16,10 +16,13 @@ import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
 
 from perfdb.regression.direction import MetricDirection
-from perfdb.regression.series import SeriesLike, as_series
+from perfdb.regression.series import FloatArray, SeriesLike, as_series
 
 Status = Literal["regression", "improvement", "no_change", "insufficient_data"]
 MODEL_NAME = "sigmas_and_min_change"
@@ -189,8 +192,8 @@ Decision: TypeAlias = tuple[
 
 def decide(value: float, mean: float, stddev: float, direction: MetricDirection, model: ThresholdModel) -> Decision:
     """The decision of `judge` once the baseline has enough points: (status, change, change_percent, and the
-    threshold's bound, percent, sigma_bound, min_change_bound and governed_by, then changed). The one place it is
-    made: `judge` and the server's batch judging (perfdb/regression/verdicts.py) both call it."""
+    threshold's bound, percent, sigma_bound, min_change_bound and governed_by, then changed). `decide_all` is the
+    same decision over arrays, for the server's batch judging (perfdb/regression/verdicts.py)."""
     sigma_bound = model.sigmas * stddev
     min_change_bound = model.min_change * abs(mean)
     bound = max(sigma_bound, min_change_bound)
@@ -209,6 +212,47 @@ def decide(value: float, mean: float, stddev: float, direction: MetricDirection,
         "sigmas" if sigma_bound > min_change_bound else "min_change",
         changed,
     )
+
+
+# decide_all's status codes
+NO_CHANGE, REGRESSION, IMPROVEMENT = 0, 1, 2
+
+
+class Decisions(NamedTuple):
+    """decide's results for many values, as arrays: status codes (NO_CHANGE...), and NaN for a None."""
+
+    status: npt.NDArray[np.int64]
+    change: FloatArray
+    change_percent: FloatArray
+    bound: FloatArray
+    percent: FloatArray
+    sigma_bound: FloatArray
+    min_change_bound: FloatArray
+    governed_by_sigmas: npt.NDArray[np.bool_]
+    changed: npt.NDArray[np.bool_]
+
+
+def decide_all(
+    value: FloatArray, mean: FloatArray, stddev: FloatArray, sigmas: FloatArray, min_change: FloatArray,
+    worse_sign: FloatArray,
+) -> Decisions:  # fmt: skip
+    """`decide` of each value at once: the same float operations in the same order, element by element, so the
+    same numbers. `worse_sign` is 1 where higher is worse (a latency), -1 where lower is worse, 0 if unknown."""
+    with np.errstate(all="ignore"):  # as Python floats: inf past the float range, and no mean no percent
+        sigma_bound = sigmas * stddev
+        scale = np.abs(mean)
+        min_change_bound = min_change * scale
+        bound = np.maximum(sigma_bound, min_change_bound)
+        change = value - mean
+        changed = np.abs(change) > bound
+        worse = worse_sign * change > 0
+        status = np.where(changed & (worse_sign != 0), np.where(worse, REGRESSION, IMPROVEMENT), NO_CHANGE)
+        no_scale = mean == 0
+        change_percent = np.where(no_scale, np.nan, change / scale * 100.0)
+        percent = np.where(no_scale, np.nan, bound / scale * 100.0)
+    governed_by_sigmas = sigma_bound > min_change_bound
+    return Decisions(status, change, change_percent, bound, percent, sigma_bound, min_change_bound,
+                     governed_by_sigmas, changed)  # fmt: skip
 
 
 def _recent_points(baseline: SeriesLike, window: int) -> list[float]:

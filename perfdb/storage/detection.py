@@ -23,7 +23,7 @@ import plyvel
 from perfdb.regression.direction import direction_of
 from perfdb.regression.series import SeriesKey, SeriesWindow, SeriesWindows
 from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig
-from perfdb.regression.verdicts import RecordVerdicts, Summary, VerdictShapeCache, VerdictShapes
+from perfdb.regression.verdicts import Summary, VerdictBatch, VerdictShapeCache, VerdictShapes, packed_head
 from perfdb.storage import layout
 
 log = logging.getLogger("perfdb.detection")
@@ -65,13 +65,22 @@ class StoredVerdicts:
     entries: list[tuple[str, str, bytes]]
 
     @classmethod
-    def of(cls, judged: Iterable[tuple[str, str, bytes | None]]) -> StoredVerdicts | None:
-        """The verdicts to store of judged records ((record id, user id, the verdicts' JSON array as judge_batch
-        encoded it) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
+    def of(cls, judged: Iterable[tuple[str, str, JudgedVerdicts | None]]) -> StoredVerdicts | None:
+        """The verdicts to store of judged records ((record id, user id, their verdicts as judge_committed gave
+        them) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
         entries = [
-            (record_id, user_id, layout.verdicts_value(verdicts)) for record_id, user_id, verdicts in judged if verdicts
+            (record_id, user_id, layout.verdicts_value(verdicts.packed))
+            for record_id, user_id, verdicts in judged
+            if verdicts is not None
         ]
         return cls(entries) if entries else None
+
+
+class JudgedVerdicts(NamedTuple):
+    """A record's verdicts: the JSON array its ack carries, and the packed numbers stored (about a ninth of it)."""
+
+    json: bytes
+    packed: bytes
 
 
 class RegressionDetector:
@@ -82,8 +91,9 @@ class RegressionDetector:
         self.enabled = enabled
         self.windows = SeriesWindows(max_series)
         self._shapes = VerdictShapeCache()
-        # (test name, *metric names) -> the verdict shapes of each metric, for records declaring no directions
-        self._plans: dict[tuple[str, ...], list[VerdictShapes]] = {}
+        # (test name, *metric names) -> the verdict shapes of each metric and their packed head, for records
+        # declaring no directions
+        self._plans: dict[tuple[str, ...], tuple[list[VerdictShapes], bytes]] = {}
         self._lock = threading.Lock()
         # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
         self._dirty: dict[tuple[str, str, str], set[str]] = {}
@@ -109,37 +119,48 @@ class RegressionDetector:
     # -- the writer's verdict thread --------------------------------------------------------------------------------
 
     def judge_batch(self, records: Sequence[CommittedRecord]) -> list[bytes | None]:
-        """Each committed record's verdicts, in order, as the JSON array to send and store (one per metric, in the
-        record's order; None for a record only joining, or whose verdicts failed), each judged against its
-        windows as the records before it left them, then joining its own. One lock for the whole batch."""
+        """Each committed record's verdicts, in order, as the JSON array to send (one per metric, in the record's
+        order; None for a record only joining, or whose verdicts failed), each judged against its windows as the
+        records before it left them, then joining its own. One lock for the whole batch."""
+        return [None if verdicts is None else verdicts.json for verdicts in self.judge_committed(records)]
+
+    def judge_committed(self, records: Sequence[CommittedRecord]) -> list[JudgedVerdicts | None]:
+        """judge_batch, with each record's verdicts packed to store too (the writer's verdict thread). The windows
+        give each metric its baseline summary in commit order; the batch's verdicts are then decided and encoded
+        at once (VerdictBatch)."""
         if not self.enabled:
             return [None] * len(records)
-        encoded: list[bytes | None] = []
+        batch = VerdictBatch()
         with self._lock:
             for record in records:
                 try:
                     if record.judged:
-                        encoded.append(self._judge_and_join(record))
+                        self._judge_and_join(record, batch)
                         continue
+                    batch.drop_record()
                     self._join_all(record.user_id, record.record_id, record.test_name, record.tag, record.metrics)
                 except Exception:  # the record is durable: a failed verdict must not fail its ack
                     failed = "verdicts of record %s failed" if record.judged else "record %s did not join its windows"
                     log.exception(failed, record.record_id)
-                encoded.append(None)
-        return encoded
+                    if record.judged:
+                        batch.drop_record()
+        try:
+            finished = batch.finish()
+        except Exception:  # the records are durable and joined their windows: acknowledged without verdicts
+            log.exception("verdicts of a batch of %d records failed", len(records))
+            return [None] * len(records)
+        return [None if verdicts is None else JudgedVerdicts(*verdicts) for verdicts in finished]
 
-    def _judge_and_join(self, record: CommittedRecord) -> bytes:
+    def _judge_and_join(self, record: CommittedRecord, batch: VerdictBatch) -> None:
         user_id, record_id, test_name, tag, metrics = (
             record.user_id, record.record_id, record.test_name, record.tag, record.metrics
         )  # fmt: skip
         judged_tag = None if record.baseline_tag is None or record.baseline_tag == tag else record.baseline_tag
         summarise_and_append = self.windows.summarise_and_append
-        verdicts = RecordVerdicts()
-        add = verdicts.add
+        add = batch.add
+        plan, packed = self._plan(test_name, metrics, record.better)
         try:
-            for (metric, raw_value), shapes in zip(
-                metrics.items(), self._plan(test_name, metrics, record.better), strict=True
-            ):
+            for (metric, raw_value), shapes in zip(metrics.items(), plan, strict=True):
                 value = float(raw_value)
                 if not math.isfinite(value):  # judged before it joins: a bad value stays out of the window
                     raise ValueError(f"the value judged must be a finite number, not {value}")
@@ -150,21 +171,23 @@ class RegressionDetector:
                 add(shapes, value, summary)
         finally:  # the metrics that joined before a failure are new points for the analysis too
             self._mark_all((user_id, test_name, tag), metrics)
-        return verdicts.encode()
+        batch.end_record(packed)
 
     def _plan(
         self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None
-    ) -> list[VerdictShapes]:
-        """Each metric's model, direction and verdict shapes, in the record's order: the same for every record
-        of a test with the same metrics and no declared directions, so those are looked up once."""
+    ) -> tuple[list[VerdictShapes], bytes | None]:
+        """Each metric's model, direction and verdict shapes, in the record's order, and the packed verdicts' head
+        of them: the same for every record of a test with the same metrics and no declared directions, so those
+        are made once (for the others the batch makes the head)."""
         plan = self._plans.get((test_name, *metrics)) if better is None else None
         if plan is None:
             model_for, shapes = self.thresholds.model_for, self._shapes.shapes
-            plan = [shapes(direction_of(metric, better), model_for(test_name, metric)) for metric in metrics]
-            if better is None:
-                if len(self._plans) >= _MAX_PLANS:  # many test names: start again rather than grow without end
-                    self._plans.clear()
-                self._plans[(test_name, *metrics)] = plan
+            made = [shapes(direction_of(metric, better), model_for(test_name, metric)) for metric in metrics]
+            if better is not None:
+                return made, None
+            if len(self._plans) >= _MAX_PLANS:  # many test names: start again rather than grow without end
+                self._plans.clear()
+            plan = self._plans[(test_name, *metrics)] = (made, packed_head(made))
         return plan
 
     def join(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:

@@ -28,8 +28,10 @@
                                     the record so that table reads never decode them
     n:<user_id>\\0<test_name>\\0<tag>\\0<metric>\\0<record_id>
                                  -> alert_id: the change point at that record already has its alert
-    v:<record_id>                -> the verdicts its record reply carried (checksummed JSON array),
-                                    written in a write batch after the record's
+    v:<record_id>                -> the verdicts its record reply carried (checksummed): the numbers they were
+                                    built from, packed (perfdb/regression/verdicts.py; verdicts_json gives
+                                    the JSON back), or, if stored before that form, the JSON array; written in a
+                                    write batch after the record's
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
 keyspace is the time index, and each index lists its records in time order too. Each index entry
@@ -59,6 +61,7 @@ import orjson
 
 from perfdb.records.record_ids import RECORD_ID_CHARS, make_record_id
 from perfdb.records.units import CORE_METRIC_NAMES
+from perfdb.regression.verdicts import unpack_verdicts
 
 SCHEMA_VERSION = 2
 
@@ -315,8 +318,20 @@ def verdicts_key(record_id: str) -> bytes:
 
 
 def verdicts_value(verdicts: bytes | Sequence[Mapping[str, object]]) -> bytes:
-    """A record's verdicts as stored: the JSON array of them (given encoded, or to encode), sealed."""
+    """A record's verdicts as stored, sealed: packed (perfdb/regression/verdicts.py; what the server stores), or, as
+    before the packed form, the JSON array of them (given encoded, or to encode)."""
     return seal(verdicts if isinstance(verdicts, bytes) else orjson.dumps(verdicts))
+
+
+def verdicts_json(value: bytes) -> bytes:
+    """The JSON array of the verdicts a stored value holds, packed or JSON; CorruptValueError if damaged."""
+    document = unseal(value)
+    if document[:1].tobytes() == b"[":  # stored before the packed form
+        return document.tobytes()
+    try:
+        return unpack_verdicts(document)
+    except ValueError as exc:  # sealed, so written so: by a newer server, say
+        raise CorruptValueError(str(exc)) from None
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from perfdb.regression.significance import preload_scipy
 from perfdb.storage.store import ResultStore
 
 log = logging.getLogger("perfdb.alerts")
@@ -62,8 +61,7 @@ class AlertMonitor:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
-        # scipy takes a second or two to import: in a worker thread, before the first analysis needs it.
-        await self._loop.run_in_executor(None, preload_scipy)
+        # scipy, which the analysis imports on first use, was loaded before the server listened (Server.start).
         while True:
             await self._wake.wait()
             self._wake.clear()

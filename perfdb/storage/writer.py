@@ -895,7 +895,7 @@ class GroupCommitWriter:
     def _judge(self, items: list[AnsweredItem], outcomes: list[Outcome]) -> tuple[list[Outcome], StoredVerdicts | None]:
         """The committed records join the verdict windows; new submissions get their verdicts, each judged
         against its window before it joined, in commit order, all in one call (see RegressionDetector.judge_batch).
-        Also the verdicts to store, encoded once for both."""
+        Also the verdicts to store, packed."""
         detector = self.detector
         if not detector.enabled:
             return outcomes, None
@@ -913,9 +913,11 @@ class GroupCommitWriter:
             elif isinstance(item, Restoration) and isinstance(outcome, ImportAck):
                 restored = [record for record in item.records if record.record_id in outcome.stored_ids]
                 committed += [_joined_record(record) for record in restored]
-        encoded = detector.judge_batch(committed)
+        encoded = detector.judge_committed(committed)
         verdicts_of = {
-            record.record_id: verdicts for record, verdicts in zip(committed, encoded, strict=True) if record.judged
+            record.record_id: None if verdicts is None else verdicts.json
+            for record, verdicts in zip(committed, encoded, strict=True)
+            if record.judged
         }
         judged: list[Outcome] = []
         for future, outcome in outcomes:
