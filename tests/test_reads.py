@@ -17,9 +17,11 @@ import pytest
 from perfdb.config import Config
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
+from perfdb.records.record_ids import record_id_micros
 from perfdb.records.schema import Query, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import build_store
+from perfdb.storage import layout
 from perfdb.storage import store as store_module
 from perfdb.storage.overview import PENDING_ROWS, Overview
 from tests.support import (
@@ -158,6 +160,19 @@ def brute_force_sorted(records: list[dict[str, Any]], metric: str, descending: b
     return ids(having) + ids(sorted(lacking, key=lambda r: r["record_id"]))
 
 
+def force_sorted_walk(monkeypatch: pytest.MonkeyPatch, walk: str) -> None:
+    """Make every read sorted by a core metric walk the metric's index ("metric index") or rank
+    the records its filters (or time range) hold ("filter index"), whatever each would cost; a
+    read of everything walks the index either way."""
+    walks = walk == "metric index"
+
+    def chosen(snapshot: Any, source: Any, query: Query, max_examined: int) -> bool:
+        everything = source.prefix == layout.RECORD_PREFIX and query.since is None and query.until is None
+        return query.sort in layout.INDEXED_METRICS and (walks or everything)
+
+    monkeypatch.setattr(store_module, "_walks_metric_index", chosen)
+
+
 @pytest.mark.parametrize("walk", ["metric index", "filter index"])
 async def test_sorting_ranks_the_whole_filtered_set_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, walk: str
@@ -165,7 +180,7 @@ async def test_sorting_ranks_the_whole_filtered_set_exactly(
     """Both ways of a sorted read give the brute-force order: the core metric's index (here even
     for small filters), and ranking the filter's own entries (here for every filter)."""
     monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=25))
-    monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 0 if walk == "metric index" else 10**9)
+    force_sorted_walk(monkeypatch, walk)
     async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
         written = await write_burst(conn, 6000, seed=2)
         # The true top result by qps comes first, though it is neither newest nor oldest; with no
@@ -211,11 +226,12 @@ async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path, monkeypatch:
     async with perfdb_with_provider(tmp_path, max_sort_examined=50) as (server, _), connect(server) as conn:
         written = await write_burst(conn, 250, seed=3)
         # Ranking a filter's entries: only the newest 50 of alice's 84 are ranked.
+        force_sorted_walk(monkeypatch, "filter index")
         reply = await conn.request("get_user", user_id="alice", sort="qps", limit=5)
         hello = await conn.request("hello")
         # The metric index: a page that the bound cuts short ranks exactly but holds what it found
         # (here fewer than `limit` of the rare test), and its cursor goes on past what it examined.
-        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 0)
+        force_sorted_walk(monkeypatch, "metric index")
         pages = await page_through(conn, "get_all", sort="qps", order="asc", limit=5, test_name="rare")
     assert hello["limits"]["max_sort_examined"] == 50
     assert (reply["examined"], reply["complete"]) == (50, False)
@@ -427,11 +443,13 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(
         entries, _ = counting.take_counts()
         assert entries == 200  # through the test index, not the 19,867 of static:many
 
+        # Ranked from the test index entries' metrics: only the page's records are read.
         page = await store.get_all(query(test_name="rare", limit=5, sort="qps"))
         assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == [19_900, 19_800, 19_700, 19_600, 19_500]
         assert (page.examined, page.complete) == (200, True)
-        entries, _ = counting.take_counts()
+        entries, gets = counting.take_counts()
         assert entries == 200
+        assert gets <= 5 + 1 + 3 + 2  # the records, the record count, the counts compared, the profiles
 
         # Over all 20,000 records the qps index gives a page of 50 from 51 entries (one more to
         # see a next page), best first, and reads only the page's records.
@@ -443,13 +461,17 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(
             assert entries <= 52  # a descending walk reads one entry past the next one's tie group
             assert gets <= 50 + 1 + 2  # the records, the record count, the profiles
 
-        # A time range counts as a filter: one holding the 20,000 records ranks them itself (not
-        # above METRIC_INDEX_MIN_FILTERED), one more record and it would walk the index.
-        page = await store.get_all(query(limit=50, sort="qps", since=0))
-        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (20_000, 19_999)
-        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 19_999)
+        # A time range counts as a filter, measured by counting its keys. Ranking the records of
+        # one that holds all 20,000 would mean reading each (RANK_RECORD_MICROS), dearer than
+        # walking the whole qps index: it walks the index. One that holds the newest 500 ranks them.
         page = await store.get_all(query(limit=50, sort="qps", since=0))
         assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (51, 19_999)
+        newest = await store.get_all(query(limit=500, reverse=True))
+        since = record_id_micros(orjson.loads(newest.records[-1])["record_id"])
+        in_range = len((await store.get_all(query(limit=5000, since=since))).records)
+        assert 500 <= in_range < 600
+        page = await store.get_all(query(limit=50, sort="qps", since=since))
+        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (in_range, 19_999)
     finally:
         store._db = counting.real
         await loop.run_in_executor(None, store.close)
