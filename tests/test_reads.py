@@ -242,6 +242,67 @@ async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path, monkeypatch:
     assert [page["complete"] for page in pages] == [False] * 4 + [True]
 
 
+@pytest.mark.timeout(180)
+async def test_a_sorted_read_over_30000_records_of_one_filter_finds_the_true_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slow machine's 30,000 results, all below everyone else's qps but one old fast run among
+    them. Whichever way the read goes (by cost; ranking the filter; walking the qps index) the true
+    top comes first, page after page; ranking from the user or test index entries reads only the
+    page's records."""
+    store = build_store(Config(database=tmp_path / "db", sync=False))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    slow, fast = Profile.create("static:slow", {}), Profile.create("static:fast", {})
+    drafts = []
+    for n in range(36_000):
+        if n % 6:  # 30,000 of the slow machine, interleaved with the others'
+            qps: float = 1_000_000.5 if n == 12_001 else float(n % 4999)
+            drafts.append((slow, RecordDraft("slow_test", "slow", {}, {"qps": qps, "perc_lat_50": n % 77}, {}, {})))
+        else:
+            drafts.append((fast, RecordDraft("fast_test", "fast", {}, {"qps": 10_000.0 + n}, {}, {})))
+    written = []
+    for first in range(0, len(drafts), 4000):
+        chunk = drafts[first : first + 4000]
+        acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in chunk))
+        written += [
+            {"record_id": ack.record_id, "user_id": ack.user_id, "metrics": draft.metrics}
+            for ack, (_, draft) in zip(acks, chunk, strict=True)
+        ]
+    slow_records = [r for r in written if r["user_id"] == "static:slow"]
+    assert len(slow_records) == 30_000
+    expected = {descending: brute_force_sorted(slow_records, "qps", descending) for descending in (True, False)}
+    assert expected[True][0] == written[12_001]["record_id"]
+    counting = CountingDB(store._db)
+    store._db = counting
+    try:
+
+        def query(**fields: Any) -> Query:
+            return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
+
+        for walk in ("by cost", "filter index", "metric index"):
+            if walk != "by cost":
+                force_sorted_walk(monkeypatch, walk)
+            for filters in ({"user_id": "static:slow"}, {"test_name": "slow_test"}, {"tag": "slow"}):
+                for descending in (True, False):
+                    sort = {"limit": 10, "sort": "qps", "descending": descending, **filters}
+                    counting.take_counts()
+                    page = await store.get_all(query(**sort))
+                    gets = counting.take_record_gets()
+                    following = await store.get_all(query(**sort, cursor=page.next_cursor))
+                    where = (walk, filters, descending)
+                    assert ids([orjson.loads(r) for r in page.records]) == expected[descending][:10], where
+                    assert ids([orjson.loads(r) for r in following.records]) == expected[descending][10:20], where
+                    assert page.complete, where
+                    if walk == "filter index":
+                        assert page.examined == 30_000, where
+                        if "tag" not in filters:  # the tag index entries carry no metrics
+                            assert gets == 10, where  # the page's records only
+    finally:
+        store._db = counting.real
+        await loop.run_in_executor(None, store.close)
+
+
 def histogram_check(values: list[float], histogram: list[list[Any]]) -> None:
     """Every bucket counts exactly the values inside its bounds, and all values are counted."""
     assert sum(count for _, _, count in histogram) == len(values)
@@ -374,6 +435,7 @@ class CountingSnapshot:
 
     def get(self, key: bytes) -> bytes | None:
         self._counts["gets"] += 1
+        self._counts["record_gets"] += key.startswith(layout.RECORD_PREFIX)
         value: bytes | None = self._real.get(key)
         return value
 
@@ -394,15 +456,21 @@ class CountingSnapshot:
 class CountingDB:
     def __init__(self, real: Any) -> None:
         self.real = real
-        self.counts = {"entries": 0, "gets": 0}
+        self.counts = {"entries": 0, "gets": 0, "record_gets": 0}
 
     def snapshot(self) -> CountingSnapshot:
         return CountingSnapshot(self.real.snapshot(), self.counts)
 
     def take_counts(self) -> tuple[int, int]:
         counts = (self.counts["entries"], self.counts["gets"])
-        self.counts.update(entries=0, gets=0)
+        self.counts.update(entries=0, gets=0, record_gets=0)
         return counts
+
+    def take_record_gets(self) -> int:
+        """How many of the gets since the last take were of records."""
+        record_gets = self.counts["record_gets"]
+        self.take_counts()
+        return record_gets
 
 
 async def test_filtered_reads_examine_only_the_matching_index_entries(
