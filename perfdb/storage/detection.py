@@ -338,7 +338,7 @@ def read_series(
     `start` (a record id) left out. Walks the user's index, at most SERIES_SCAN_BUDGET entries."""
     wanted_metrics = set(metrics) or {key.metric}
     user_prefix = layout.user_index_prefix(key.user_id)
-    wanted = layout.user_index_head(key.test_name, key.tag)
+    wanted = layout.index_entry_head(key.test_name, key.tag)
     points: list[StoredPoint] = []
     lower = user_prefix + start.encode() if start else user_prefix
     scanned = 0

@@ -305,10 +305,12 @@ def index_entry_reader(prefix: bytes) -> Callable[[bytes], IndexEntry]:
     return user_or_test_entry
 
 
-def user_index_head(test_name: str, tag: str) -> bytes:
-    """The bytes every user index entry of a record of this test and tag begins with (its value's
-    JSON up to the metrics): a walk over one user's entries matches a series by it undecoded."""
-    return orjson.dumps([test_name, tag])[:-1] + b","
+def index_entry_head(*leading: str) -> bytes:
+    """The bytes every user or test index entry value whose first fields are these begins with (a
+    user index entry's test name and tag, a test index entry's user id): a walk matches a filter by
+    it before decoding the entry. (A JSON string ends at its first unescaped quote, so no other
+    fields begin the same way.)"""
+    return orjson.dumps(list(leading))[:-1] + b","
 
 
 def index_record_id(key: bytes) -> str:

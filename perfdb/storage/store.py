@@ -757,8 +757,14 @@ class ResultStore:
 
             return from_record
         read_entry = layout.index_entry_reader(source.prefix)
+        # The entry's first field, when the query filters on it, is matched before the entry is
+        # decoded: a user's series of one test skips the other tests' entries for a prefix test.
+        first_field = query.test_name if source.prefix.startswith(layout.USER_INDEX_PREFIX) else query.user_id
+        head = None if first_field is None or not source.carries_metrics else layout.index_entry_head(first_field)
 
         def from_entry(key: bytes, value: bytes) -> tuple[bytes, str, dict[str, Any]] | None:
+            if head is not None and not value.startswith(head):
+                return None
             try:
                 user_id, test_name, tag, numbers = read_entry(value)
             except (ValueError, TypeError):  # orjson's decode error is a ValueError
