@@ -757,8 +757,8 @@ class ResultStore:
 
             return from_record
         read_entry = layout.index_entry_reader(source.prefix)
-        # The entry's first field, when the query filters on it, is matched before the entry is
-        # decoded: a user's series of one test skips the other tests' entries for a prefix test.
+        # The entry's first field, when the query filters on it, is matched on the undecoded bytes:
+        # a user's series of one test skips the other tests' entries without decoding them.
         first_field = query.test_name if source.prefix.startswith(layout.USER_INDEX_PREFIX) else query.user_id
         head = None if first_field is None or not source.carries_metrics else layout.index_entry_head(first_field)
 
