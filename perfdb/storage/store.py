@@ -751,7 +751,7 @@ class ResultStore:
         _, fetch = self._entry_readers(snapshot, source, query)
         if source.prefix == layout.RECORD_PREFIX:
 
-            def from_record(key: bytes, value: bytes) -> tuple[bytes, str, dict[str, Any]] | None:
+            def from_record(key: bytes, value: bytes) -> tuple[bytes, str, _Metrics] | None:
                 document = fetch(key, value, b"")
                 return None if document is None else _record_numbers(key[layout.RECORD_ID_END :], document)
 
@@ -762,7 +762,7 @@ class ResultStore:
         first_field = query.test_name if source.prefix.startswith(layout.USER_INDEX_PREFIX) else query.user_id
         head = None if first_field is None or not source.carries_metrics else layout.index_entry_head(first_field)
 
-        def from_entry(key: bytes, value: bytes) -> tuple[bytes, str, dict[str, Any]] | None:
+        def from_entry(key: bytes, value: bytes) -> tuple[bytes, str, _Metrics] | None:
             if head is not None and not value.startswith(head):
                 return None
             try:
@@ -1135,8 +1135,10 @@ class ResultStore:
 
 _Admits = Callable[[bytes, bytes], bytes | None]
 _Fetch = Callable[[bytes, bytes, bytes], memoryview | None]
-# (user id, test name, numeric metrics) of an entry's record, None if the read does not admit it.
-_Numbers = Callable[[bytes, bytes], tuple[bytes, str, dict[str, Any]] | None]
+# A record's metrics, as its user or test index entry holds them or as the record does: read with get().
+_Metrics = layout.EntryMetrics | dict[str, Any]
+# (user id, test name, metrics) of an entry's record, None if the read does not admit it.
+_Numbers = Callable[[bytes, bytes], tuple[bytes, str, _Metrics] | None]
 # Where a record stands in a sorted read: (lacks the metric, value signed so smaller comes
 # first, record id); records lacking the metric come last, ties go by record id.
 _Rank = tuple[int, int | float, str]
@@ -1198,14 +1200,14 @@ class _BoundedWalk:
             yield key, user_id, document
 
 
-def _record_numbers(user_id: bytes, document: memoryview) -> tuple[bytes, str, dict[str, Any]]:
+def _record_numbers(user_id: bytes, document: memoryview) -> tuple[bytes, str, _Metrics]:
     """(user id, test name, metrics) of a record's JSON, as _Numbers reads them."""
     record = orjson.loads(document)
     metrics = record["metrics"]
     return user_id, record["test_name"], metrics if isinstance(metrics, dict) else {}
 
 
-def _add_points(series: dict[str, MetricSeries], metrics: dict[str, Any], record_id: str) -> None:
+def _add_points(series: dict[str, MetricSeries], metrics: _Metrics, record_id: str) -> None:
     """A record's numeric values of the series' metrics, into their buckets."""
     micros = record_id_micros(record_id)
     for metric, points in series.items():
