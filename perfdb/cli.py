@@ -975,8 +975,9 @@ def build_parser() -> argparse.ArgumentParser:
         "repair",
         help="repair a database directory offline (server stopped), and check every record's checksum",
         description="Run LevelDB's repair on the database, then check every record against its checksum "
-        "and its tombstone (a deleted record must stay deleted), rebuild the test and tag indexes and every "
-        "count from the good records, and check every other index entry against its record. "
+        "and its tombstone (a deleted record must stay deleted), rebuild the test, tag and metric indexes, the "
+        "user index entries and every count from the good records, and check every other index entry against "
+        "its record. "
         "Exits 1 if damage remains.",
     )
     repair.add_argument("--database", required=True, help="the server's --database directory")

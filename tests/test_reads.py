@@ -17,9 +17,11 @@ import pytest
 from perfdb.config import Config
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
+from perfdb.records.record_ids import record_id_micros
 from perfdb.records.schema import Query, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
 from perfdb.server import build_store
+from perfdb.storage import layout
 from perfdb.storage import store as store_module
 from perfdb.storage.overview import PENDING_ROWS, Overview
 from tests.support import (
@@ -158,6 +160,19 @@ def brute_force_sorted(records: list[dict[str, Any]], metric: str, descending: b
     return ids(having) + ids(sorted(lacking, key=lambda r: r["record_id"]))
 
 
+def force_sorted_walk(monkeypatch: pytest.MonkeyPatch, walk: str) -> None:
+    """Make every read sorted by a core metric walk the metric's index ("metric index") or rank
+    the records its filters (or time range) hold ("filter index"), whatever each would cost; a
+    read of everything walks the index either way."""
+    walks = walk == "metric index"
+
+    def chosen(snapshot: Any, source: Any, query: Query, max_examined: int) -> bool:
+        everything = source.prefix == layout.RECORD_PREFIX and query.since is None and query.until is None
+        return query.sort in layout.INDEXED_METRICS and (walks or everything)
+
+    monkeypatch.setattr(store_module, "_walks_metric_index", chosen)
+
+
 @pytest.mark.parametrize("walk", ["metric index", "filter index"])
 async def test_sorting_ranks_the_whole_filtered_set_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, walk: str
@@ -165,7 +180,7 @@ async def test_sorting_ranks_the_whole_filtered_set_exactly(
     """Both ways of a sorted read give the brute-force order: the core metric's index (here even
     for small filters), and ranking the filter's own entries (here for every filter)."""
     monkeypatch.setattr(record_ids, "now_micros", DenseClock(records_per_tick=25))
-    monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 0 if walk == "metric index" else 10**9)
+    force_sorted_walk(monkeypatch, walk)
     async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
         written = await write_burst(conn, 6000, seed=2)
         # The true top result by qps comes first, though it is neither newest nor oldest; with no
@@ -211,11 +226,12 @@ async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path, monkeypatch:
     async with perfdb_with_provider(tmp_path, max_sort_examined=50) as (server, _), connect(server) as conn:
         written = await write_burst(conn, 250, seed=3)
         # Ranking a filter's entries: only the newest 50 of alice's 84 are ranked.
+        force_sorted_walk(monkeypatch, "filter index")
         reply = await conn.request("get_user", user_id="alice", sort="qps", limit=5)
         hello = await conn.request("hello")
         # The metric index: a page that the bound cuts short ranks exactly but holds what it found
         # (here fewer than `limit` of the rare test), and its cursor goes on past what it examined.
-        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 0)
+        force_sorted_walk(monkeypatch, "metric index")
         pages = await page_through(conn, "get_all", sort="qps", order="asc", limit=5, test_name="rare")
     assert hello["limits"]["max_sort_examined"] == 50
     assert (reply["examined"], reply["complete"]) == (50, False)
@@ -224,6 +240,67 @@ async def test_a_sorted_read_past_its_bound_says_so(tmp_path: Path, monkeypatch:
     assert paged_ids(pages, 5) == brute_force_sorted(matching(written, test_name="rare"), "qps", False)
     assert len(pages) == 5 and [page["examined"] for page in pages] == [50, 50, 50, 50, 50]
     assert [page["complete"] for page in pages] == [False] * 4 + [True]
+
+
+@pytest.mark.timeout(180)
+async def test_a_sorted_read_over_30000_records_of_one_filter_finds_the_true_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slow machine's 30,000 results, all below everyone else's qps but one old fast run among
+    them. Whichever way the read goes (by cost; ranking the filter; walking the qps index) the true
+    top comes first, page after page; ranking from the user or test index entries reads only the
+    page's records."""
+    store = build_store(Config(database=tmp_path / "db", sync=False))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    slow, fast = Profile.create("static:slow", {}), Profile.create("static:fast", {})
+    drafts = []
+    for n in range(36_000):
+        if n % 6:  # 30,000 of the slow machine, interleaved with the others'
+            qps: float = 1_000_000.5 if n == 12_001 else float(n % 4999)
+            drafts.append((slow, RecordDraft("slow_test", "slow", {}, {"qps": qps, "perc_lat_50": n % 77}, {}, {})))
+        else:
+            drafts.append((fast, RecordDraft("fast_test", "fast", {}, {"qps": 10_000.0 + n}, {}, {})))
+    written = []
+    for first in range(0, len(drafts), 4000):
+        chunk = drafts[first : first + 4000]
+        acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in chunk))
+        written += [
+            {"record_id": ack.record_id, "user_id": ack.user_id, "metrics": draft.metrics}
+            for ack, (_, draft) in zip(acks, chunk, strict=True)
+        ]
+    slow_records = [r for r in written if r["user_id"] == "static:slow"]
+    assert len(slow_records) == 30_000
+    expected = {descending: brute_force_sorted(slow_records, "qps", descending) for descending in (True, False)}
+    assert expected[True][0] == written[12_001]["record_id"]
+    counting = CountingDB(store._db)
+    store._db = counting
+    try:
+
+        def query(**fields: Any) -> Query:
+            return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
+
+        for walk in ("by cost", "filter index", "metric index"):
+            if walk != "by cost":
+                force_sorted_walk(monkeypatch, walk)
+            for filters in ({"user_id": "static:slow"}, {"test_name": "slow_test"}, {"tag": "slow"}):
+                for descending in (True, False):
+                    sort = {"limit": 10, "sort": "qps", "descending": descending, **filters}
+                    counting.take_counts()
+                    page = await store.get_all(query(**sort))
+                    gets = counting.take_record_gets()
+                    following = await store.get_all(query(**sort, cursor=page.next_cursor))
+                    where = (walk, filters, descending)
+                    assert ids([orjson.loads(r) for r in page.records]) == expected[descending][:10], where
+                    assert ids([orjson.loads(r) for r in following.records]) == expected[descending][10:20], where
+                    assert page.complete, where
+                    if walk == "filter index":
+                        assert page.examined == 30_000, where
+                        if "tag" not in filters:  # the tag index entries carry no metrics
+                            assert gets == 10, where  # the page's records only
+    finally:
+        store._db = counting.real
+        await loop.run_in_executor(None, store.close)
 
 
 def histogram_check(values: list[float], histogram: list[list[Any]]) -> None:
@@ -358,6 +435,7 @@ class CountingSnapshot:
 
     def get(self, key: bytes) -> bytes | None:
         self._counts["gets"] += 1
+        self._counts["record_gets"] += key.startswith(layout.RECORD_PREFIX)
         value: bytes | None = self._real.get(key)
         return value
 
@@ -378,15 +456,21 @@ class CountingSnapshot:
 class CountingDB:
     def __init__(self, real: Any) -> None:
         self.real = real
-        self.counts = {"entries": 0, "gets": 0}
+        self.counts = {"entries": 0, "gets": 0, "record_gets": 0}
 
     def snapshot(self) -> CountingSnapshot:
         return CountingSnapshot(self.real.snapshot(), self.counts)
 
     def take_counts(self) -> tuple[int, int]:
         counts = (self.counts["entries"], self.counts["gets"])
-        self.counts.update(entries=0, gets=0)
+        self.counts.update(entries=0, gets=0, record_gets=0)
         return counts
+
+    def take_record_gets(self) -> int:
+        """How many of the gets since the last take were of records."""
+        record_gets = self.counts["record_gets"]
+        self.take_counts()
+        return record_gets
 
 
 async def test_filtered_reads_examine_only_the_matching_index_entries(
@@ -427,11 +511,13 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(
         entries, _ = counting.take_counts()
         assert entries == 200  # through the test index, not the 19,867 of static:many
 
+        # Ranked from the test index entries' metrics: only the page's records are read.
         page = await store.get_all(query(test_name="rare", limit=5, sort="qps"))
         assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == [19_900, 19_800, 19_700, 19_600, 19_500]
         assert (page.examined, page.complete) == (200, True)
-        entries, _ = counting.take_counts()
+        entries, gets = counting.take_counts()
         assert entries == 200
+        assert gets <= 5 + 1 + 3 + 2  # the records, the record count, the counts compared, the profiles
 
         # Over all 20,000 records the qps index gives a page of 50 from 51 entries (one more to
         # see a next page), best first, and reads only the page's records.
@@ -443,13 +529,17 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(
             assert entries <= 52  # a descending walk reads one entry past the next one's tie group
             assert gets <= 50 + 1 + 2  # the records, the record count, the profiles
 
-        # A time range counts as a filter: one holding the 20,000 records ranks them itself (not
-        # above METRIC_INDEX_MIN_FILTERED), one more record and it would walk the index.
-        page = await store.get_all(query(limit=50, sort="qps", since=0))
-        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (20_000, 19_999)
-        monkeypatch.setattr(store_module, "METRIC_INDEX_MIN_FILTERED", 19_999)
+        # A time range counts as a filter, measured by counting its keys. Ranking the records of
+        # one that holds all 20,000 would mean reading each (RANK_RECORD_MICROS), dearer than
+        # walking the whole qps index: it walks the index. One that holds the newest 500 ranks them.
         page = await store.get_all(query(limit=50, sort="qps", since=0))
         assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (51, 19_999)
+        newest = await store.get_all(query(limit=500, reverse=True))
+        since = record_id_micros(orjson.loads(newest.records[-1])["record_id"])
+        in_range = len((await store.get_all(query(limit=5000, since=since))).records)
+        assert 500 <= in_range < 600
+        page = await store.get_all(query(limit=50, sort="qps", since=since))
+        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (in_range, 19_999)
     finally:
         store._db = counting.real
         await loop.run_in_executor(None, store.close)

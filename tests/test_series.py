@@ -3,6 +3,7 @@ LevelDB, checked against brute force over the records that were written."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import statistics
 from pathlib import Path
@@ -10,13 +11,17 @@ from typing import Any
 
 import pytest
 
+from perfdb.config import Config
 from perfdb.records import record_ids
+from perfdb.records.profiles import Profile
+from perfdb.records.schema import RecordDraft, SeriesQuery
 from perfdb.records.timestamps import format_micros, parse_rfc3339
+from perfdb.server import build_store
 from perfdb.storage import series as series_module
 from perfdb.storage import store as series_store
 from perfdb.storage.series import BucketGrid, MetricSeries
 from tests.support import connect, error_code, perfdb_with_provider, record_request, send_burst
-from tests.test_reads import DenseClock, matching, write_burst
+from tests.test_reads import CountingDB, DenseClock, matching, write_burst
 
 
 def micros_of(record: dict[str, Any]) -> int:
@@ -302,3 +307,48 @@ async def test_a_range_holding_one_record_at_its_start_is_read_newest_first(tmp_
     assert [r["record_id"] for r in newest_first["records"]] == [acks[1]["record_id"]]
     assert [r["record_id"] for r in user_newest_first["records"]] == [acks[1]["record_id"]]
     assert series["series"]["qps"]["points"][0]["record_id"] == acks[1]["record_id"]
+
+
+async def test_series_over_the_user_or_test_index_read_no_record(tmp_path: Path) -> None:
+    """The user and test index entries carry the metrics: a series walking them reads no record
+    and still agrees with brute force; one walking the tag index reads the records it admits."""
+    store = build_store(Config(database=tmp_path / "db", sync=False))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    profiles = [Profile.create(f"static:u{n}", {}) for n in range(3)]
+    drafts = []
+    for n in range(3000):
+        metrics: dict[str, Any] = {"qps": n % 97 + 0.5, "perc_lat_50": n % 13, "warm": True}
+        if n % 7 == 0:
+            del metrics["qps"]
+        test_name, tag = ("rare", "x" if n % 20 else "") if n % 10 == 0 else ("common", "")
+        drafts.append((profiles[n % 3], RecordDraft(test_name, tag, {}, metrics, {}, {})))
+    acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in drafts))
+    written = [
+        {"record_id": ack.record_id, "user_id": ack.user_id, "test_name": draft.test_name, "tag": draft.tag,
+         "metrics": {name: value for name, value in draft.metrics.items() if name != "warm"}}
+        for ack, (_, draft) in zip(acks, drafts, strict=True)
+    ]  # fmt: skip
+    counting = CountingDB(store._db)
+    store._db = counting
+    charted = ("qps", "perc_lat_50")
+    try:
+        for filters in ({"test_name": "rare"}, {"test_name": "common", "user_id": "static:u1"}):
+            request = SeriesQuery(charted, filters["test_name"], filters.get("user_id"), None, None, None, 50)
+            reply = {"ok": True, **await store.series(request)}
+            check_series(reply, matching(written, **filters), list(charted), 50)
+            assert counting.take_record_gets() == 0, filters
+        grouped = await store.series(SeriesQuery(charted, None, "static:u2", None, None, None, 50))
+        assert counting.take_record_gets() == 0
+        for test_name in ("rare", "common"):
+            alone = {"ok": True, **grouped, "series": grouped["tests"][test_name]}
+            expected = matching(written, user_id="static:u2", test_name=test_name)
+            check_series({**alone, "records": len(expected)}, expected, list(charted), 50)
+        # The tag index (150 entries) is smaller than the rare test's (300): its records are read.
+        request = SeriesQuery(charted, "rare", None, "x", None, None, 50)
+        reply = {"ok": True, **await store.series(request)}
+        check_series(reply, matching(written, test_name="rare", tag="x"), list(charted), 50)
+        assert counting.take_record_gets() == len(matching(written, test_name="rare", tag="x"))
+    finally:
+        store._db = counting.real
+        await loop.run_in_executor(None, store.close)

@@ -31,6 +31,42 @@ def open_store(database: Path) -> None:
         loop.close()
 
 
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {name: float(n) + 0.5 for n, name in enumerate(layout.INDEXED_METRICS)},  # every core metric
+        {"qps": 7, "perc_lat_50": 1.25, "rpc_bytes": 2**40, "ratio": -0.5},  # ints, floats, custom ones
+        {"qps": True, "perc_lat_99": "fast", "warm": False, "note": "x", "nested": {"qps": 1}},  # no numbers
+        {},
+        None,  # not an object: no metrics at all
+    ],
+)
+def test_user_and_test_index_entries_carry_exactly_the_numeric_metrics(metrics: object) -> None:
+    numbers = {
+        name: value
+        for name, value in (metrics if isinstance(metrics, dict) else {}).items()
+        if type(value) in (int, float)
+    }
+    entries = dict(layout.record_index_entries("0662102fe9f88d000002", "static:u", "unary", "nightly", metrics))
+    for prefix, fields in (
+        (layout.user_index_prefix("static:u"), ("static:u", "unary", "nightly")),
+        (layout.test_index_prefix("unary"), ("static:u", "unary", "nightly")),
+    ):
+        value = entries[prefix + b"0662102fe9f88d000002"]
+        user_id, test_name, tag, carried = layout.index_entry(prefix, value)
+        assert (user_id, test_name, tag) == fields
+        assert layout.index_fields(prefix, value) == fields
+        assert carried is not None
+        for name in [*layout.INDEXED_METRICS, "rpc_bytes", "ratio", "warm", "note", "nested", "absent"]:
+            got = carried.get(name)
+            assert got == numbers.get(name) and type(got) is type(numbers.get(name)), name
+    # The tag index entries carry no metrics: the record has them.
+    tag_prefix = layout.tag_index_prefix("nightly")
+    assert layout.index_entry(tag_prefix, entries[tag_prefix + b"0662102fe9f88d000002"]) == (
+        "static:u", "unary", "nightly", None,
+    )  # fmt: skip
+
+
 def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
     database = tmp_path / "db"
     db = plyvel.DB(str(database), create_if_missing=True)

@@ -361,7 +361,7 @@ def read_series(
     `start` (a record id) left out. Walks the user's index, at most SERIES_SCAN_BUDGET entries."""
     wanted_metrics = set(metrics) or {key.metric}
     user_prefix = layout.user_index_prefix(key.user_id)
-    wanted = orjson.dumps([key.test_name, key.tag])
+    wanted = layout.index_entry_head(key.test_name, key.tag)
     points: list[StoredPoint] = []
     lower = user_prefix + start.encode() if start else user_prefix
     scanned = 0
@@ -370,7 +370,7 @@ def read_series(
             scanned += 1
             if scanned > SERIES_SCAN_BUDGET or len(points) == limit:
                 break
-            if index_value != wanted:
+            if not index_value.startswith(wanted):
                 continue
             record_id = layout.index_record_id(index_key)
             if excluded(record_id):

@@ -6,8 +6,11 @@
     m:upgrade                    -> the last record key an unfinished schema upgrade indexed
     p:<user_id>                  -> the user's profile (JSON)
     r:<record_id><user_id>       -> the record (checksummed JSON); record ids sort by time
-    u:<user_id>\\0<record_id>     -> [test_name, tag] (JSON): per-user index with its filter fields
-    t:<test_name>\\0<record_id>   -> [user_id, tag] (JSON): per-test index (schema 2)
+    u:<user_id>\\0<record_id>     -> [test_name, tag, [core metric values], {metric: number}] (JSON):
+                                    per-user index with its filter fields and the record's numeric
+                                    metrics (schema 3; see EntryMetrics)
+    t:<test_name>\\0<record_id>   -> [user_id, tag, [core metric values], {metric: number}] (JSON):
+                                    per-test index (schema 2; its metrics since schema 3)
     g:<tag>\\0<record_id>         -> [user_id, test_name] (JSON): per-tag index (schema 2)
     s:<metric>\\0<value><record_id> -> [user_id, test_name, tag] (JSON): per-core-metric index
                                     (schema 2): <value> is 8 bytes that sort as the numbers do
@@ -35,7 +38,12 @@
 
 Record ids (perfdb.records.record_ids) sort by time and are unique across users, so the record
 keyspace is the time index, and each index lists its records in time order too. Each index entry
-carries the other filter fields, so a combined filter is decided without fetching the record.
+carries the other filter fields, so a combined filter is decided without fetching the record; the
+user and test index entries also carry every metric of the record whose value is a number (an int
+or a float, not a bool), so series and sorted reads over them read no record (decoding an entry
+takes 1-2 us, fetching and decoding the record 20-40 us). The core metrics are held by position
+(in CORE_METRIC_NAMES order; null where the record has no number), which keeps each entry about
+120 bytes long where the metrics by name took 260.
 Every key derived from a record comes from record_index_entries, record_keys and record_counts,
 the one place used to write a record, delete it, upgrade an older database and repair one, so a
 new index is removed with its record. The idempotency entry is not among them: it is written only
@@ -44,7 +52,9 @@ A deletion leaves a tombstone (d:) and an audit entry (a:); tombstones travel wi
 
 Schema history: 1 had the user index only; 2 added the test, tag and core-metric indexes, the
 test and tag counts, tombstones and audit entries (an older database is upgraded when opened, see
-ResultStore; it has no tombstones or audit entries, and the upgrade leaves those prefixes alone).
+ResultStore; it has no tombstones or audit entries, and the upgrade leaves those prefixes alone);
+3 added the numeric metrics to the user and test index entries (the upgrade from 2 rewrites those
+entries and nothing else).
 Exclusions (e:), alerts (w:), alerted change points (n:) and verdicts (v:) need no schema change:
 the upgrade leaves them alone, and repair only drops verdicts whose record is gone. A record's
 verdicts are among record_keys, so they are removed with it.
@@ -54,7 +64,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -63,7 +73,7 @@ from perfdb.records.record_ids import RECORD_ID_CHARS, make_record_id
 from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.regression.verdicts import unpack_verdicts
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA_KEY = b"m:schema"
 RECORD_COUNT_KEY = b"m:records"
@@ -94,6 +104,11 @@ _SIGN_BIT = 1 << 63
 _ALL_BITS = (1 << 64) - 1
 SORTABLE_NUMBER_BYTES = _BITS.size
 INDEXED_METRICS = CORE_METRIC_NAMES  # the metrics with an index each (sorted reads walk it)
+# The user and test index entries hold the core metrics by position in this order (see EntryMetrics):
+# part of the stored format, so a new core metric goes at the end.
+_CORE = CORE_METRIC_NAMES
+_CORE_POSITIONS = {name: position for position, name in enumerate(_CORE)}
+_NUMBER_TYPES = frozenset((float, int))  # by type(), so not bool
 _LACKING = b"\x01"  # after SEPARATOR: a metric index's entries of records without the metric
 
 
@@ -189,13 +204,26 @@ def record_index_entries(
     """The index entries (key, value) of a record: the one place that derives them. `metrics` is
     the record's metrics object (anything else: it lacks every metric)."""
     rid = record_id.encode()
+    values: dict[str, Any] = metrics if isinstance(metrics, dict) else {}
+    # The numbers encoded once for the user and test entries and spliced into each array; type()
+    # not isinstance(): a bool is no number.
+    core = list(map(values.get, _CORE))
+    if not _NUMBER_TYPES.issuperset(map(type, core)):  # a core metric missing, or not a number
+        core = [value if type(value) is float or type(value) is int else None for value in core]
+    others = {}
+    if len(values) > len(core) - core.count(None):  # metrics besides the core ones' numbers
+        others = {
+            name: value
+            for name, value in values.items()
+            if name not in _CORE_POSITIONS and (type(value) is float or type(value) is int)
+        }
+    numbers_tail = b"," + orjson.dumps(core) + b"," + orjson.dumps(others) + b"]"
     entries = [
-        (user_index_prefix(user_id) + rid, orjson.dumps([test_name, tag])),
-        (test_index_prefix(test_name) + rid, orjson.dumps([user_id, tag])),
+        (user_index_prefix(user_id) + rid, orjson.dumps([test_name, tag])[:-1] + numbers_tail),
+        (test_index_prefix(test_name) + rid, orjson.dumps([user_id, tag])[:-1] + numbers_tail),
         (tag_index_prefix(tag) + rid, orjson.dumps([user_id, test_name])),
     ]
     fields = orjson.dumps([user_id, test_name, tag])
-    values: dict[str, Any] = metrics if isinstance(metrics, dict) else {}
     # sortable_number inlined, with the prefixes computed once: this runs for every metric of
     # every record the writer stores.
     pack_double, unpack_bits, pack_bits = _DOUBLE.pack, _BITS.unpack, _BITS.pack
@@ -248,16 +276,76 @@ def index_fields(prefix: bytes, value: bytes) -> tuple[str, str, str]:
     """(user_id, test_name, tag) of a record, from one of its index entries and the index's prefix
     (user_index_prefix, test_index_prefix or tag_index_prefix of the name it is filed under, or
     any prefix of a metric index)."""
+    user_id, test_name, tag, _ = index_entry(prefix, value)
+    return user_id, test_name, tag
+
+
+class EntryMetrics:
+    """A record's numeric metrics as a user or test index entry holds them: the core metrics by
+    position in CORE_METRIC_NAMES (None where the record has no number; a core metric added to the
+    end of that list later is among the others in older entries), the other metrics by name."""
+
+    __slots__ = ("_core", "_others")
+
+    def __init__(self, core: list[int | float | None], others: dict[str, int | float]) -> None:
+        self._core = core
+        self._others = others
+
+    def get(self, name: str) -> int | float | None:
+        position = _CORE_POSITIONS.get(name)
+        if position is not None and position < len(self._core):
+            return self._core[position]
+        return self._others.get(name)
+
+
+# (user_id, test_name, tag, numeric metrics or None) of a record, from one of its index entries.
+IndexEntry = tuple[str, str, str, EntryMetrics | None]
+
+
+def index_entry(prefix: bytes, value: bytes) -> IndexEntry:
+    """(user_id, test_name, tag, numeric metrics) of a record from one of its index entries, as
+    index_fields; the metrics are None where the entry does not carry them (a tag or metric index
+    entry), and then only the record has them. Raises ValueError or TypeError if it is damaged."""
+    return index_entry_reader(prefix)(value)
+
+
+def index_entry_reader(prefix: bytes) -> Callable[[bytes], IndexEntry]:
+    """index_entry for the entries under one prefix, with what the prefix says worked out once:
+    a walk calls it for every entry."""
+    loads = orjson.loads
     if prefix.startswith(METRIC_INDEX_PREFIX):
-        user_id, test_name, tag = orjson.loads(value)
-        return user_id, test_name, tag
-    first, second = orjson.loads(value)
+
+        def metric_entry(value: bytes) -> IndexEntry:
+            user_id, test_name, tag = loads(value)
+            return user_id, test_name, tag, None
+
+        return metric_entry
     name = prefix[2:-1].decode()
-    if prefix.startswith(USER_INDEX_PREFIX):
-        return name, first, second
-    if prefix.startswith(TEST_INDEX_PREFIX):
-        return first, name, second
-    return first, second, name
+    if prefix.startswith(TAG_INDEX_PREFIX):
+
+        def tag_entry(value: bytes) -> IndexEntry:
+            user_id, test_name = loads(value)
+            return user_id, test_name, name, None
+
+        return tag_entry
+    by_user = prefix.startswith(USER_INDEX_PREFIX)
+
+    def user_or_test_entry(value: bytes) -> IndexEntry:
+        first, second, *rest = loads(value)  # rest: [core values, {other metrics}] (schema 3), or nothing
+        numbers = None
+        if len(rest) == 2 and type(rest[0]) is list and type(rest[1]) is dict:
+            numbers = EntryMetrics(rest[0], rest[1])
+        return (name, first, second, numbers) if by_user else (first, name, second, numbers)
+
+    return user_or_test_entry
+
+
+def index_entry_head(*leading: str) -> bytes:
+    """The bytes every user or test index entry value whose first fields are these begins with (a
+    user index entry's test name and tag, a test index entry's user id): a walk matches a filter by
+    it before decoding the entry. (A JSON string ends at its first unescaped quote, so no other
+    fields begin the same way.)"""
+    return orjson.dumps(list(leading))[:-1] + b","
 
 
 def index_record_id(key: bytes) -> str:

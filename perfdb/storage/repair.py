@@ -1,6 +1,7 @@
 """Offline repair: LevelDB's own repair, then a check of every record against its checksum and
-its tombstone, a rebuild of the test and tag indexes and of every count from the good records,
-and a check of the remaining index entries against their records. Run with the server stopped."""
+its tombstone, a rebuild of the test, tag and metric indexes, of the user index entries (with the
+metrics they carry since schema 3) and of every count from the good records, and a check of the
+remaining index entries against their records. Run with the server stopped."""
 
 from __future__ import annotations
 

@@ -66,11 +66,15 @@ SCAN_BUDGET = 50_000
 # A page also stops once its records add up to this many bytes, whatever the limit, so one
 # reply (and the memory behind it) stays bounded.
 PAGE_BYTES = 8 * 1024 * 1024
-# A read sorted by a core metric walks that metric's index (best first) unless its filters (or
-# time range) hold at most this many records: then ranking the filter's own entries (at most
-# this many, under half a second) is cheaper than skipping the index entries of the records the
-# filters turn away, and the walk could not run into max_sort_examined.
-METRIC_INDEX_MIN_FILTERED = 20_000
+# What a sorted read costs per entry it examines, in microseconds of CPU on one reader thread
+# (see _walks_metric_index): ranking a user or test index entry by the metrics it carries (11
+# core metrics); ranking a tag index entry or a record, which reads and decodes the record (14 us
+# with every record in the block cache, 20-40 us over a 1,000,000-record database); walking a
+# core metric's index, which decodes each entry's fields to match the filters. Measured on the
+# shared 2-core machine over 40,000 gRPC-shaped records; only their ratios matter.
+RANK_ENTRY_MICROS = 6.5
+RANK_RECORD_MICROS = 25.0
+METRIC_WALK_MICROS = 4.0
 # Records that tie on a metric are read back in id order; a tie group up to this size is
 # buffered from the descending walk, a larger one read forward on its own.
 _TIE_BUFFER = 256
@@ -323,7 +327,7 @@ class ResultStore:
             self._db.put(layout.SCHEMA_KEY, str(layout.SCHEMA_VERSION).encode(), sync=True)
         elif version in UPGRADABLE_VERSIONS:
             try:
-                upgrade_schema(self._db, batch_records=self._upgrade_batch, pause=self._upgrade_pause)
+                upgrade_schema(self._db, version, batch_records=self._upgrade_batch, pause=self._upgrade_pause)
             except plyvel.Error as exc:
                 raise StoreOpenError(f"cannot upgrade database {self._path}: {exc}") from None
         elif version != str(layout.SCHEMA_VERSION).encode():
@@ -697,7 +701,7 @@ class ResultStore:
     def _read_page(self, snapshot: plyvel.Snapshot, query: Query, *, through: str | None = None) -> Page:
         """A page of the query; `through`: a record id past which a time-ordered page does not go."""
         source = _choose_source(snapshot, query)
-        if _walks_metric_index(snapshot, source, query):
+        if _walks_metric_index(snapshot, source, query, self._max_sort_examined):
             page = self._read_by_metric_index(snapshot, query)
         elif query.sort is not None:
             page = self._read_sorted(snapshot, source, query)
@@ -740,6 +744,43 @@ class ResultStore:
 
         return admits, fetch
 
+    def _entry_numbers(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> _Numbers:
+        """How to read the numbers of the source's entries: (user id, test name, numeric metrics)
+        of an entry's record if the query's filters admit it, else None. They come from the entry
+        itself where it carries them (the user and test indexes), else from the record."""
+        _, fetch = self._entry_readers(snapshot, source, query)
+        if source.prefix == layout.RECORD_PREFIX:
+
+            def from_record(key: bytes, value: bytes) -> tuple[bytes, str, _Metrics] | None:
+                document = fetch(key, value, b"")
+                return None if document is None else _record_numbers(key[layout.RECORD_ID_END :], document)
+
+            return from_record
+        read_entry = layout.index_entry_reader(source.prefix)
+        # The entry's first field, when the query filters on it, is matched on the undecoded bytes:
+        # a user's series of one test skips the other tests' entries without decoding them.
+        first_field = query.test_name if source.prefix.startswith(layout.USER_INDEX_PREFIX) else query.user_id
+        head = None if first_field is None or not source.carries_metrics else layout.index_entry_head(first_field)
+
+        def from_entry(key: bytes, value: bytes) -> tuple[bytes, str, _Metrics] | None:
+            if head is not None and not value.startswith(head):
+                return None
+            try:
+                user_id, test_name, tag, numbers = read_entry(value)
+            except (ValueError, TypeError):  # orjson's decode error is a ValueError
+                self.corrupt_records += 1
+                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                return None
+            if not _matches(query, user_id, test_name, tag):
+                return None
+            owner = user_id.encode()
+            if numbers is not None:
+                return owner, test_name, numbers
+            document = fetch(key, value, owner)  # a tag index entry: the record has the metrics
+            return None if document is None else _record_numbers(owner, document)
+
+        return from_entry
+
     def _read_in_time_order(
         self, snapshot: plyvel.Snapshot, source: _Source, query: Query, through: str | None = None
     ) -> Page:
@@ -779,40 +820,47 @@ class ResultStore:
 
     def _read_sorted(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
         """The top `limit` of the query's records by a metric, after the cursor's place in that
-        order; examines at most max_sort_examined entries, newest first, holding `limit` rows."""
+        order; examines at most max_sort_examined entries, newest first, holding `limit` rows.
+        Over the user or test index the ranks come from the entries and only the page's records
+        are read; over the tag index or the records, each record is read to rank it."""
         assert query.sort is not None
         metric, descending = query.sort, query.descending
         after = None if query.cursor is None else _parse_sort_cursor(query.cursor)
         start, stop = _key_range(source.prefix, query, after_cursor=False)
-        admits, fetch = self._entry_readers(snapshot, source, query)
+        numbers = self._entry_numbers(snapshot, source, query)
         record_id_of = source.record_id
         walk = _BoundedWalk(self._max_sort_examined)
         candidates = 0
 
-        def ranked() -> Iterator[tuple[_Rank, memoryview, bytes]]:
+        def ranked() -> Iterator[tuple[_Rank, bytes, bytes]]:
             nonlocal candidates
             with _entries(snapshot, start, stop, reverse=True) as entries:
-                for key, user_id, document in walk.documents(entries, admits, fetch):
-                    rank = _rank(orjson.loads(document)["metrics"].get(metric), descending, record_id_of(key))
+                for key, (user_id, _, metrics) in walk.admitted(entries, numbers):
+                    rank = _rank(metrics.get(metric), descending, record_id_of(key))
                     if after is not None and rank <= after:
                         continue
                     candidates += 1
-                    yield rank, document, user_id
+                    yield rank, key, user_id
 
         # nsmallest keeps a heap of `limit` items, whatever the number of candidates.
         top = heapq.nsmallest(query.limit, ranked(), key=operator.itemgetter(0))
         records: list[bytes | memoryview] = []
         user_ids: set[bytes] = set()
-        page_bytes = 0
+        page_bytes = taken = 0
         last_rank: _Rank | None = None
-        for rank, document, user_id in top:
+        for rank, _, user_id in top:
             if page_bytes >= PAGE_BYTES:
                 break
+            taken += 1
+            last_rank = rank  # past it even if it is gone: the next page must not offer it again
+            record_key = layout.record_key(rank[2], user_id.decode())
+            document = self._checked(snapshot.get(record_key), record_key)
+            if document is None:
+                continue
             records.append(document)
             user_ids.add(user_id)
             page_bytes += len(document)
-            last_rank = rank
-        more = candidates > len(records) and last_rank is not None
+        more = candidates > taken and last_rank is not None
         next_cursor = _sort_cursor(last_rank) if more and last_rank is not None else None
         return Page(records, {}, next_cursor, user_ids=user_ids, examined=walk.examined, complete=walk.complete)
 
@@ -870,7 +918,8 @@ class ResultStore:
 
     def _read_series(self, request: SeriesQuery) -> dict[str, Any]:
         """Walk the series' records newest first over the smallest index, at most
-        max_sort_examined entries, adding each metric value to its time bucket."""
+        max_sort_examined entries, adding each metric value to its time bucket. Over the user
+        or test index the values come from the entries: no record is read."""
         if request.by_test:
             return self._read_series_by_test(request)
         query = request.as_query()
@@ -885,13 +934,13 @@ class ResultStore:
                         snapshot, request, _series_fields(request, None, {}, records=0, examined=0, complete=True)
                     )
                 series = {metric: MetricSeries(grid) for metric in request.metrics}
-                admits, fetch = self._entry_readers(snapshot, source, query)
+                numbers = self._entry_numbers(snapshot, source, query)
                 walk = _BoundedWalk(self._max_sort_examined)
                 records = 0
                 with _entries(snapshot, start, stop, reverse=True) as entries:
-                    for key, _, document in walk.documents(entries, admits, fetch):
+                    for key, (_, _, metrics) in walk.admitted(entries, numbers):
                         records += 1
-                        _add_points(series, orjson.loads(document)["metrics"], source.record_id(key))
+                        _add_points(series, metrics, source.record_id(key))
                 fields = _series_fields(
                     request, grid, series, records=records, examined=walk.examined, complete=walk.complete
                 )
@@ -916,20 +965,17 @@ class ResultStore:
                 records = 0
                 truncated = False
                 if grid is not None:
-                    admits, fetch = self._entry_readers(snapshot, source, query)
+                    numbers = self._entry_numbers(snapshot, source, query)
                     with _entries(snapshot, start, stop, reverse=True) as entries:
-                        for key, _, document in walk.documents(entries, admits, fetch):
-                            record = orjson.loads(document)
-                            series = tests.get(record["test_name"])
+                        for key, (_, test_name, metrics) in walk.admitted(entries, numbers):
+                            series = tests.get(test_name)
                             if series is None:
                                 if len(tests) == MAX_SERIES_TESTS:
                                     truncated = True
                                     continue
-                                series = tests[record["test_name"]] = {
-                                    metric: MetricSeries(grid) for metric in request.metrics
-                                }
+                                series = tests[test_name] = {metric: MetricSeries(grid) for metric in request.metrics}
                             records += 1
-                            _add_points(series, record["metrics"], source.record_id(key))
+                            _add_points(series, metrics, source.record_id(key))
                 fields = _series_fields(
                     request, grid, {}, records=records, examined=walk.examined, complete=walk.complete
                 )
@@ -1089,6 +1135,10 @@ class ResultStore:
 
 _Admits = Callable[[bytes, bytes], bytes | None]
 _Fetch = Callable[[bytes, bytes, bytes], memoryview | None]
+# A record's metrics, as its user or test index entry holds them or as the record does: read with get().
+_Metrics = layout.EntryMetrics | dict[str, Any]
+# (user id, test name, metrics) of an entry's record, None if the read does not admit it.
+_Numbers = Callable[[bytes, bytes], tuple[bytes, str, _Metrics] | None]
 # Where a record stands in a sorted read: (lacks the metric, value signed so smaller comes
 # first, record id); records lacking the metric come last, ties go by record id.
 _Rank = tuple[int, int | float, str]
@@ -1100,6 +1150,11 @@ class _Source:
 
     prefix: bytes
     count: int  # entries under the prefix, from its stored count
+
+    @property
+    def carries_metrics(self) -> bool:
+        """Whether its entries hold their records' numeric metrics (see layout.index_entry)."""
+        return self.prefix.startswith((layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX))
 
     def record_id(self, key: bytes) -> str:
         if self.prefix == layout.RECORD_PREFIX:
@@ -1118,23 +1173,41 @@ class _BoundedWalk:
         self.examined = 0
         self.complete = True
 
-    def documents(
-        self, entries: Iterator[tuple[bytes, bytes]], admits: _Admits, fetch: _Fetch
-    ) -> Iterator[tuple[bytes, bytes, memoryview]]:
-        """(key, user id, record JSON) of each admitted, readable record among `entries`."""
+    def admitted(
+        self, entries: Iterator[tuple[bytes, bytes]], read: Callable[[bytes, bytes], _T | None]
+    ) -> Iterator[tuple[bytes, _T]]:
+        """(key, what `read` made of it) of each entry among `entries` it made something of."""
         for key, value in entries:
             if self.examined == self._limit:
                 self.complete = False
                 return
             self.examined += 1
+            found = read(key, value)
+            if found is not None:
+                yield key, found
+
+    def documents(
+        self, entries: Iterator[tuple[bytes, bytes]], admits: _Admits, fetch: _Fetch
+    ) -> Iterator[tuple[bytes, bytes, memoryview]]:
+        """(key, user id, record JSON) of each admitted, readable record among `entries`."""
+
+        def read(key: bytes, value: bytes) -> tuple[bytes, memoryview] | None:
             user_id = admits(key, value)
             document = None if user_id is None else fetch(key, value, user_id)
-            if document is not None:
-                assert user_id is not None
-                yield key, user_id, document
+            return None if document is None or user_id is None else (user_id, document)
+
+        for key, (user_id, document) in self.admitted(entries, read):
+            yield key, user_id, document
 
 
-def _add_points(series: dict[str, MetricSeries], metrics: dict[str, Any], record_id: str) -> None:
+def _record_numbers(user_id: bytes, document: memoryview) -> tuple[bytes, str, _Metrics]:
+    """(user id, test name, metrics) of a record's JSON, as _Numbers reads them."""
+    record = orjson.loads(document)
+    metrics = record["metrics"]
+    return user_id, record["test_name"], metrics if isinstance(metrics, dict) else {}
+
+
+def _add_points(series: dict[str, MetricSeries], metrics: _Metrics, record_id: str) -> None:
     """A record's numeric values of the series' metrics, into their buckets."""
     micros = record_id_micros(record_id)
     for metric, points in series.items():
@@ -1182,17 +1255,25 @@ class _MetricRanks:
         return (0, -number if self._descending else number, record_id)
 
 
-def _walks_metric_index(snapshot: plyvel.Snapshot, source: _Source, query: Query) -> bool:
-    """Whether a sorted read walks its metric's index: a core metric with no filter, or with
-    filters (a time range counts) that admit more than METRIC_INDEX_MIN_FILTERED records. A time
-    range is measured by counting the keys of the source within it, up to that many."""
+def _walks_metric_index(snapshot: plyvel.Snapshot, source: _Source, query: Query, max_examined: int) -> bool:
+    """Whether a sorted read walks its metric's index rather than rank the records its filters
+    (a time range counts) admit, by what each costs. Ranking costs the same whatever the values:
+    the filter's entries (its count; within a time range, its keys there, counted) times the cost
+    of ranking one. The walk stops once the page is full, after few entries when the filter's
+    records are spread along the index, but it examines the whole index (up to max_examined) when
+    they all rank last, as one slow machine's results do sorted by qps; so it is chosen only when
+    ranking would cost more than that, or could not rank the whole filter within max_examined."""
     if query.sort not in layout.INDEXED_METRICS:
         return False
+    total = layout.read_count(snapshot.get(layout.RECORD_COUNT_KEY))
+    walk_micros = min(total, max_examined) * METRIC_WALK_MICROS
+    rank_micros = RANK_ENTRY_MICROS if source.carries_metrics else RANK_RECORD_MICROS
+    most_ranked = min(max_examined, int(walk_micros / rank_micros))  # the largest filter ranked
     if query.since is None and query.until is None:
-        return source.prefix == layout.RECORD_PREFIX or source.count > METRIC_INDEX_MIN_FILTERED
+        return source.count > most_ranked
     start, stop = _key_range(source.prefix, query, after_cursor=False)
     with snapshot.iterator(start=start, stop=stop, include_value=False, fill_cache=False) as keys:
-        return sum(1 for _ in itertools.islice(keys, METRIC_INDEX_MIN_FILTERED + 1)) > METRIC_INDEX_MIN_FILTERED
+        return sum(1 for _ in itertools.islice(keys, most_ranked + 1)) > most_ranked
 
 
 def _metric_walk(

@@ -1,11 +1,14 @@
 """Bringing a database written by an older perfdb up to the current schema, at open.
 
-Schema 1 -> 2 files every record under the test, tag and core-metric indexes and counts the
-records of each user, test and tag (layout.record_index_entries, layout.record_counts). It walks the records in
-key order in bounded batches; each batch is one synced write that also records the last record
+Schema 1 -> 3 files every record under the test, tag and core-metric indexes, rewrites its user
+index entry, and counts the records of each user, test and tag (layout.record_index_entries,
+layout.record_counts). Schema 2 -> 3 rewrites each record's user and test index entries, which now
+carry its numeric metrics; every other entry and count is already there. Either walks the records
+in key order in bounded batches; each batch is one synced write that also records the last record
 key it covered (layout.UPGRADE_RESUME_KEY), so a process killed during the upgrade leaves a
-database that opens and carries on from there. The schema version changes only once every
-record is indexed, in the same write that removes the resume key.
+database that opens and carries on from there (the stored schema version says which upgrade it
+was). The schema version changes only once every record is indexed, in the same write that
+removes the resume key.
 """
 
 from __future__ import annotations
@@ -20,19 +23,24 @@ from perfdb.storage import layout
 
 log = logging.getLogger("perfdb.storage")
 
-UPGRADABLE_VERSIONS = (b"1",)
+UPGRADABLE_VERSIONS = (b"1", b"2")
+# The index entries a schema 2 database lacks in their schema 3 form (their values gained the metrics).
+_REWRITTEN_FROM_2 = (layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX)
 
 
-def upgrade_schema(db: plyvel.DB, *, batch_records: int, pause: float) -> None:
+def upgrade_schema(db: plyvel.DB, version: bytes, *, batch_records: int, pause: float) -> None:
     """Index every record not yet indexed, then set the current schema version. Blocking.
 
-    pause: seconds to wait after each batch (a test seam: lets a test interrupt an upgrade).
+    version: the stored one (one of UPGRADABLE_VERSIONS). pause: seconds to wait after each batch
+    (a test seam: lets a test interrupt an upgrade).
     """
+    from_schema_1 = version == b"1"
     resume = db.get(layout.UPGRADE_RESUME_KEY)
     total = layout.read_count(db.get(layout.RECORD_COUNT_KEY))
     done = 0
     log.info(
-        "upgrading the database to schema %d: indexing %d records%s",
+        "upgrading the database from schema %s to %d: indexing %d records%s",
+        version.decode(),
         layout.SCHEMA_VERSION,
         total,
         " (resuming an interrupted upgrade)" if resume is not None else "",
@@ -41,7 +49,7 @@ def upgrade_schema(db: plyvel.DB, *, batch_records: int, pause: float) -> None:
     stop = layout.prefix_end(layout.RECORD_PREFIX)
     with db.iterator(start=start, stop=stop, fill_cache=False) as records:
         while True:
-            batch_done, last_key = _index_batch(db, records, batch_records)
+            batch_done, last_key = _index_batch(db, records, batch_records, from_schema_1=from_schema_1)
             if last_key is None:
                 break
             done += batch_done
@@ -54,8 +62,11 @@ def upgrade_schema(db: plyvel.DB, *, batch_records: int, pause: float) -> None:
     log.info("database upgraded to schema %d", layout.SCHEMA_VERSION)
 
 
-def _index_batch(db: plyvel.DB, records: plyvel.Iterator, limit: int) -> tuple[int, bytes | None]:
-    """Index up to `limit` more records in one synced write; (records indexed, last key seen)."""
+def _index_batch(
+    db: plyvel.DB, records: plyvel.Iterator, limit: int, *, from_schema_1: bool
+) -> tuple[int, bytes | None]:
+    """Index up to `limit` more records in one synced write; (records indexed, last key seen).
+    From schema 1 every entry is written and counted, from 2 the user and test entries rewritten."""
     counts: dict[bytes, int] = {}
     last_key = None
     indexed = 0
@@ -71,9 +82,11 @@ def _index_batch(db: plyvel.DB, records: plyvel.Iterator, limit: int) -> tuple[i
                 log.error("record %s is damaged; not indexed", record_id)
             else:
                 for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag, metrics):
-                    batch.put(index_key, index_value)
-                for count_key in layout.record_counts(user_id, test_name, tag):
-                    counts[count_key] = counts.get(count_key, 0) + 1
+                    if from_schema_1 or index_key.startswith(_REWRITTEN_FROM_2):
+                        batch.put(index_key, index_value)
+                if from_schema_1:
+                    for count_key in layout.record_counts(user_id, test_name, tag):
+                        counts[count_key] = counts.get(count_key, 0) + 1
                 indexed += 1
             if indexed == limit:
                 break
