@@ -443,10 +443,10 @@ def _typed_draft(fields: _RecordFields) -> RecordDraft:
     )
 
 
-FreeFormObjects = tuple[str | dict[str, Any], dict[str, Any], dict[str, Any]]
+_FreeFormObjects = tuple[str | dict[str, Any], dict[str, Any], dict[str, Any]]
 
 
-def _free_form_objects(fields: _RecordFields) -> FreeFormObjects:
+def _free_form_objects(fields: _RecordFields) -> _FreeFormObjects:
     """sys_info, client_config and server_config, bounded and scrubbed. A machine sends the same
     three with every result of a benchmark, so their JSON, once found clean (within bounds, no
     address, no host field: the checks change nothing), is remembered: one orjson.dumps and a set
@@ -454,7 +454,7 @@ def _free_form_objects(fields: _RecordFields) -> FreeFormObjects:
     searches."""
     sys_info, client_config, server_config = fields.sys_info, fields.client_config, fields.server_config
     # Absent and null are {}, and check as {} does: one entry for both.
-    as_sent: FreeFormObjects = (
+    as_sent: _FreeFormObjects = (
         {} if sys_info is None else sys_info,
         {} if client_config is None else client_config,
         {} if server_config is None else server_config,
@@ -481,7 +481,8 @@ _MAX_REMEMBERED_OBJECTS_BYTES = 4096
 
 def typed_record(request: dict[str, Any]) -> tuple[str, RecordDraft] | None:
     """parse_record's result for a request the fast path accepts, else None (the request may still
-    be valid). request: a JSON object as decoded (plain dicts, lists, strings, numbers)."""
+    be valid). request: a JSON object as orjson decodes it, of plain dicts, lists, strings, numbers,
+    booleans and null (msgspec takes a subclass, such as an IntEnum, for its base type)."""
     try:
         typed = msgspec.convert(request, _RecordRequest)
         token = typed.access_token
