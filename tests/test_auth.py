@@ -20,9 +20,12 @@ import plyvel
 import pytest
 from aiohttp import web
 
-from perfdb.auth.tokens import STATIC_USER_PREFIX, load_static_tokens, token_digest
+from perfdb.auth import tokens
+from perfdb.auth.tokens import STATIC_USER_PREFIX, TokenResolver, load_static_tokens, token_digest
 from perfdb.config import GOOGLE_USERINFO_URL, ConfigError, check_userinfo_url, config_from_args
 from perfdb.observability.logformat import log_formatter
+from perfdb.protocol.errors import PerfdbError
+from perfdb.records.profiles import Profile
 from perfdb.server import PerfdbServer, StartupError
 from perfdb.storage import layout
 from tests.support import (
@@ -334,6 +337,45 @@ async def test_single_flight_across_connections(tmp_path: Path) -> None:
         finally:
             for connection in connections:
                 await connection.close()
+
+
+async def test_a_token_is_hashed_once_a_turn_of_the_event_loop_and_each_lookup_still_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipelined records repeat their token; within one turn of the loop it is hashed once. The
+    next turn looks it up afresh, so a cache entry that expired meanwhile is not used."""
+    hashed: list[str] = []
+
+    def counted_digest(token: str) -> bytes:
+        hashed.append(token)
+        return token_digest(token)
+
+    monkeypatch.setattr(tokens, "token_digest", counted_digest)
+    bot, alice = Profile.create("static:ci-bot", {}), Profile.create("alice", {})
+    resolver = TokenResolver(
+        userinfo_url=closed_port_url(),
+        static_tokens={token_digest("ci-token"): bot},
+        cache_ttl=60.0,
+        negative_ttl=10.0,
+        cache_size=10,
+        timeout=1.0,
+        max_connections=1,
+    )
+    resolver.cache.put(token_digest("user-alice"), alice, time.monotonic() + 60.0)
+    assert [resolver.resolve("ci-token") for _ in range(3)] == [bot, bot, bot]
+    assert [resolver.resolve("user-alice") for _ in range(3)] == [alice, alice, alice]
+    assert hashed == ["ci-token", "user-alice"]
+    assert (resolver.cache.hits, resolver.cache.misses) == (3, 0)
+
+    resolver.cache.put(token_digest("user-alice"), alice, time.monotonic() - 1.0)  # expired since
+    await asyncio.sleep(0)  # the next turn
+    assert resolver.resolve("ci-token") is bot
+    lookup = resolver.resolve("user-alice")
+    assert isinstance(lookup, asyncio.Future)  # asks the provider again (here: no session, so it fails)
+    with pytest.raises(PerfdbError):
+        await lookup
+    assert hashed == ["ci-token", "user-alice", "ci-token", "user-alice"]
+    assert (resolver.cache.hits, resolver.cache.misses) == (3, 1)
 
 
 async def test_token_travels_only_in_the_authorization_header(tmp_path: Path) -> None:
