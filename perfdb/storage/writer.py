@@ -23,7 +23,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
 from perfdb.storage import layout
 from perfdb.storage.detection import CommittedRecord, RegressionDetector, StoredVerdicts
+from perfdb.storage.known_requests import KnownRequests
 from perfdb.storage.overview import Overview, Row
 
 log = logging.getLogger("perfdb.storage")
@@ -225,7 +226,8 @@ class _Batch:
         self.writer = writer
         self.db = writer._db
         self.batch = writer._db.write_batch(sync=sync)
-        self.requests: dict[bytes, RecordAck] = {}
+        self.requests: dict[bytes, RecordAck] = {}  # idempotency key -> ack, for the keys put in this batch
+        self.absent: set[bytes] = set()  # idempotency keys certainly not stored before this batch
         self.staged: dict[str, dict[str, Any]] = {}  # record id -> document, for records put in this batch
         self.deleted: set[str] = set()  # ids of the records this batch deletes (and does not put again)
         self.tombstones: dict[str, bytes | None] = {}  # record id -> tombstone put (its value) or deleted (None) here
@@ -242,7 +244,10 @@ class _Batch:
         self.overview_removed: set[str] = set()  # tests this batch removes records from
 
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
-        return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id, request_key)
+        earlier = self.requests.get(request_key)
+        if earlier is not None or request_key in self.absent:
+            return earlier  # the database is read only for a request_id it may hold
+        return _stored_ack(self.db.get(request_key), user_id, request_key)
 
     def add_record(
         self,
@@ -437,6 +442,7 @@ class _Batch:
                 self.batch.put(count_key, str(count).encode())
             else:  # no record left under that name
                 self.batch.delete(count_key)
+        writer.known_requests.add(self.requests.keys())  # if the write fails, they are false positives
         if writer.write_batch_hook is not None:
             writer.write_batch_hook()
         writer.overview.batch_writing()
@@ -498,6 +504,8 @@ class GroupCommitWriter:
         self._user_chunk = min(USER_DELETION_CHUNK, max_batch)
         self._user_removals: dict[str, UserRemoval] = {}  # user deletions between two chunks, by user
         self._profiles: dict[str, bytes] = {}
+        # Which request_ids may be stored, so that a new one costs no read (filled when the writer starts).
+        self.known_requests = KnownRequests(expected_keys=record_count)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="perfdb-writer", daemon=True)
         # Durable batches waiting for their verdicts; one thread judges them in commit order.
@@ -542,6 +550,9 @@ class GroupCommitWriter:
             self._queue.put(self._HEAL)
 
     def start(self) -> None:
+        # The snapshot is taken before the writer stores anything: each key stored later reaches the filter
+        # from the writer itself.
+        self.known_requests.start_filling(_snapshot_keys(self._db.snapshot(), layout.IDEMPOTENCY_PREFIX))
         self._thread.start()
         self._verdict_thread.start()
 
@@ -600,6 +611,7 @@ class GroupCommitWriter:
         self._accepting = False
         self._queue.put(self._STOP)
         self._thread.join()
+        self.known_requests.stop_filling()  # before the database it reads is closed
         if self._verdict_thread.is_alive():  # the writer thread died without ending it
             self._verdict_queue.put(self._STOP)
             self._verdict_thread.join()
@@ -739,6 +751,7 @@ class GroupCommitWriter:
         except (plyvel.Error, RuntimeError):  # RuntimeError: a reopen failed and left it closed
             if not self._has_room():
                 raise
+            self.known_requests.stop_filling()  # it reads the handle about to be closed
             self._db = self._reopen()
             self.reopens += 1
             # Recovery may have replayed a batch whose write reported failure: count afresh.
@@ -761,6 +774,16 @@ class GroupCommitWriter:
         # were acknowledged without waiting for it.
         sync = self._sync and not all(isinstance(item, StoredVerdicts) for item in items)
         batch = _Batch(self, sync=sync)
+        # One look at the filter for every new request_id in the batch, rather than a read each.
+        batch.absent = self.known_requests.absent(
+            [
+                layout.idempotency_key(item.profile.user_id, draft.request_id)
+                for item in items
+                if isinstance(item, (Submission, BatchSubmission))
+                for draft in ((item.draft,) if isinstance(item, Submission) else item.drafts)
+                if draft.request_id is not None
+            ]
+        )
         outcomes: list[Outcome] = []
         unfinished: list[UserRemoval] = []
         for item in items:
@@ -1052,6 +1075,15 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
         if getattr(draft, field) is not None:
             document[field] = getattr(draft, field)
     return document, orjson.dumps(document)
+
+
+def _snapshot_keys(snapshot: Any, prefix: bytes) -> Iterator[bytes]:
+    """The keys under `prefix` in a LevelDB snapshot, which is released when the iteration ends or is closed."""
+    try:
+        with snapshot.iterator(prefix=prefix, include_value=False, fill_cache=False) as keys:
+            yield from keys
+    finally:
+        snapshot.close()
 
 
 def _stored_document(key: bytes, value: bytes) -> dict[str, Any]:
