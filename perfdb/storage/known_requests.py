@@ -6,11 +6,13 @@ was not (false positives, about 0.2% here); on a claim the writer reads the key,
 positive costs one db.get and never a wrong answer. Keys removed from the database (a deleted
 record's, a deleted user's) stay in the filter: they are false positives too.
 
-The filter is filled at open from a snapshot of the database, on a thread of its own, while the
-writer already runs. Until it is complete, every key is a "maybe" (the writer reads each one, as
-before), and the keys the writer stores meanwhile wait in a list; the writer adopts the complete
-filter, with those keys added, between two batches. Only the writer thread changes a filter it
-has adopted, so no bit is ever set by two threads at once.
+The writer asks about all of a batch's request ids in one call (numpy does the probing), and
+adds the batch's new keys in one call when it commits. The filter is filled at open from a
+snapshot of the database, on a thread of its own, while the writer already runs. Until it is
+complete, every key is a "maybe" (the writer reads each one, as before), and the keys the writer
+stores meanwhile wait in a list; the writer adopts the complete filter, with those keys added, at
+its next call. Only the writer thread changes a filter it has adopted, so no bit is ever set by
+two threads at once.
 
 It grows as a scalable Bloom filter: when a layer holds as many keys as it was sized for, a new
 layer twice its size takes the next ones, and a key may be in any layer. 2 bytes a key: 1,000,000
@@ -133,8 +135,8 @@ class KnownRequests:
 
     @property
     def ready(self) -> bool:
-        """Whether the filter answers (rather than every key being a maybe)."""
-        return self._filter is not None or self._adopt() is not None
+        """Whether the writer has adopted the filter (before, every key is a maybe)."""
+        return self._filter is not None
 
     def absent(self, keys: Collection[bytes]) -> set[bytes]:
         """Those of `keys` that are certainly not stored (none while the filter is not ready, or
