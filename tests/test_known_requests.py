@@ -114,7 +114,9 @@ async def test_a_false_positive_costs_a_read_and_stores_the_record_as_new(tmp_pa
             keys = [layout.idempotency_key(user_id, request_id) for request_id in request_ids]
             # The filter rules out every new request id but the claimed ones: those (and "first") are read.
             assert crowded.absent(keys) == set(keys[4:])
-            server.store.writer.known_requests = crowded  # no write is in flight
+            # The writer's own filter is done reading the database before it is replaced (no write is in flight).
+            assert server.store.writer.known_requests.wait_filled(FILL_DEADLINE)
+            server.store.writer.known_requests = crowded
             fresh = (await conn.request(**batch_of(request_ids)))["results"]
             resent = (await conn.request(**batch_of(request_ids)))["results"]
             stats = await conn.request("stats")
