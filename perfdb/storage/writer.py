@@ -228,15 +228,9 @@ class _KeyOrderedOps(list[tuple[bytes, bytes | None]]):
     record order a record's 16 keys land in 16 places far apart, each search missing the CPU's
     caches; in key order each search follows much of the one before (memtable inserts 10-30% less
     CPU in a test writing batches of 1,000 records into a memtable of 30,000, sorting included).
-    The sort is stable, so operations on one key keep their order, and only theirs matters.
-
-    They are sorted a run of SORTED_RUN at a time (the runs in their order), which keeps most of the
-    gain: a sort holds the GIL throughout, and one of a whole batch of 4,096 records (65,000
-    operations) would stop the event loop for tens of milliseconds; a run takes 1-2 ms."""
+    The sort is stable, so operations on one key keep their order, and only theirs matters."""
 
     __slots__ = ()
-
-    SORTED_RUN = 4096
 
     def put(self, key: bytes, value: bytes) -> None:
         self.append((key, value))
@@ -247,12 +241,11 @@ class _KeyOrderedOps(list[tuple[bytes, bytes | None]]):
     def write(self, db: plyvel.DB, *, sync: bool) -> None:
         batch = db.write_batch(sync=sync)
         put, delete = batch.put, batch.delete
-        for start in range(0, len(self), self.SORTED_RUN):
-            for key, value in sorted(self[start : start + self.SORTED_RUN], key=_OPERATION_KEY):
-                if value is None:
-                    delete(key)
-                else:
-                    put(key, value)
+        for key, value in sorted(self, key=_OPERATION_KEY):
+            if value is None:
+                delete(key)
+            else:
+                put(key, value)
         batch.write()
 
 
