@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import operator
 import os
 import queue
 import secrets
@@ -221,45 +220,13 @@ Outcome = tuple[Settleable, Ack | PerfdbError]
 _DAMAGED: dict[str, Any] = {}  # stands for a stored record whose checksum fails
 
 
-class _KeyOrderedOps(list[tuple[bytes, bytes | None]]):
-    """A write batch's puts and deletes (value None), handed to LevelDB in key order at the write.
-
-    LevelDB inserts each into its memtable, a skip list, searching from the top every time: in
-    record order a record's 16 keys land in 16 places far apart, each search missing the CPU's
-    caches; in key order each search follows much of the one before (memtable inserts 10-30% less
-    CPU in a test writing batches of 1,000 records into a memtable of 30,000, sorting included).
-    The sort is stable, so operations on one key keep their order, and only theirs matters."""
-
-    __slots__ = ()
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self.append((key, value))
-
-    def delete(self, key: bytes) -> None:
-        self.append((key, None))
-
-    def write(self, db: plyvel.DB, *, sync: bool) -> None:
-        batch = db.write_batch(sync=sync)
-        put, delete = batch.put, batch.delete
-        for key, value in sorted(self, key=_OPERATION_KEY):
-            if value is None:
-                delete(key)
-            else:
-                put(key, value)
-        batch.write()
-
-
-_OPERATION_KEY = operator.itemgetter(0)
-
-
 class _Batch:
     """One write batch being built, with the state it will change staged beside it."""
 
     def __init__(self, writer: GroupCommitWriter, *, sync: bool) -> None:
         self.writer = writer
         self.db = writer._db
-        self.sync = sync
-        self.batch = _KeyOrderedOps()
+        self.batch = writer._db.write_batch(sync=sync)
         self.requests: dict[bytes, RecordAck] = {}  # idempotency key -> ack, for the keys put in this batch
         self.absent: set[bytes] = set()  # idempotency keys certainly not stored before this batch
         self.staged: dict[str, dict[str, Any]] = {}  # record id -> document, for records put in this batch
@@ -318,7 +285,8 @@ class _Batch:
         if draft.samples is not None:
             put(layout.samples_key(record_id), layout.seal(orjson.dumps(draft.samples)))
         test_name, tag = draft.test_name, draft.tag
-        self.batch += layout.record_index_entries(record_id, user_id, test_name, tag, draft.metrics)
+        for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag, draft.metrics):
+            put(index_key, index_value)
         names = (user_id, test_name, tag)
         self.added_names[names] = self.added_names.get(names, 0) + 1
         if self.writer._user_removals:
@@ -504,7 +472,7 @@ class _Batch:
         writer.overview.batch_writing()
         started = time.perf_counter()
         try:
-            self.batch.write(self.db, sync=self.sync)
+            self.batch.write()
         except BaseException:
             writer.overview.batch_written((), ())
             raise
