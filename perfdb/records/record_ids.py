@@ -41,7 +41,10 @@ class RecordIdClock:
             self._micros, self._sequence = micros, sequence
 
     def next(self) -> tuple[str, int]:
-        now = now_micros()
+        return self.next_at(now_micros())
+
+    def next_at(self, now: int) -> tuple[str, int]:
+        """The next id at `now` (microseconds), read once for many ids; ids still never go back."""
         if now > self._micros:
             self._micros, self._sequence = now, 0
         else:

@@ -62,6 +62,7 @@ verdicts are among record_keys, so they are removed with it.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -180,6 +181,14 @@ _METRIC_INDEX_PREFIXES = tuple(
 )
 
 
+# For record_index_entries' path of records with every indexed metric, none negative.
+_ALL_DOUBLES = struct.Struct(f">{len(INDEXED_METRICS)}d")
+_ALL_SIGN_BITS = sum(_SIGN_BIT << (64 * place) for place in range(len(INDEXED_METRICS)))
+_PRESENT_PREFIXES = tuple(
+    (place * SORTABLE_NUMBER_BYTES, present) for place, (_, present, _) in enumerate(_METRIC_INDEX_PREFIXES)
+)
+
+
 def metric_number(metrics: object, metric: str) -> int | float | None:
     """A record's value of a metric if it is a number (bools are not), else None."""
     value = metrics.get(metric) if isinstance(metrics, dict) else None
@@ -198,17 +207,38 @@ def tag_count_key(tag: str) -> bytes:
     return COUNT_PREFIX + b"g" + tag.encode()
 
 
+@functools.lru_cache(maxsize=4096)
+def _index_heads(user_id: str, test_name: str, tag: str) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes]:
+    """What a record's index entries share with every record of the same user, test and tag: the
+    user, test and tag index prefixes, each followed by its entries' value (for the user and test
+    entries its head, the array left open for the record's numbers), then the metric entries'
+    value. Cached: a writer's batch holds many records of few such triples."""
+    return (
+        user_index_prefix(user_id),
+        orjson.dumps([test_name, tag])[:-1],
+        test_index_prefix(test_name),
+        orjson.dumps([user_id, tag])[:-1],
+        tag_index_prefix(tag),
+        orjson.dumps([user_id, test_name]),
+        orjson.dumps([user_id, test_name, tag]),
+    )
+
+
 def record_index_entries(
     record_id: str, user_id: str, test_name: str, tag: str, metrics: object
 ) -> list[tuple[bytes, bytes]]:
     """The index entries (key, value) of a record: the one place that derives them. `metrics` is
     the record's metrics object (anything else: it lacks every metric)."""
     rid = record_id.encode()
+    user_prefix, user_head, test_prefix, test_head, tag_prefix, tag_value, fields = _index_heads(
+        user_id, test_name, tag
+    )
     values: dict[str, Any] = metrics if isinstance(metrics, dict) else {}
     # The numbers encoded once for the user and test entries and spliced into each array; type()
     # not isinstance(): a bool is no number.
     core = list(map(values.get, _CORE))
-    if not _NUMBER_TYPES.issuperset(map(type, core)):  # a core metric missing, or not a number
+    every_core_number = _NUMBER_TYPES.issuperset(map(type, core))
+    if not every_core_number:  # a core metric missing, or not a number
         core = [value if type(value) is float or type(value) is int else None for value in core]
     others = {}
     if len(values) > len(core) - core.count(None):  # metrics besides the core ones' numbers
@@ -219,23 +249,35 @@ def record_index_entries(
         }
     numbers_tail = b"," + orjson.dumps(core) + b"," + orjson.dumps(others) + b"]"
     entries = [
-        (user_index_prefix(user_id) + rid, orjson.dumps([test_name, tag])[:-1] + numbers_tail),
-        (test_index_prefix(test_name) + rid, orjson.dumps([user_id, tag])[:-1] + numbers_tail),
-        (tag_index_prefix(tag) + rid, orjson.dumps([user_id, test_name])),
+        (user_prefix + rid, user_head + numbers_tail),
+        (test_prefix + rid, test_head + numbers_tail),
+        (tag_prefix + rid, tag_value),
     ]
-    fields = orjson.dumps([user_id, test_name, tag])
-    # sortable_number inlined, with the prefixes computed once: this runs for every metric of
-    # every record the writer stores.
+    append = entries.append
+    # The common record has every core metric, each a number of at least zero: its sortable numbers
+    # come from one pack of all of them and one XOR setting their sign bits (as sortable_number does
+    # for such a number), rather than three struct calls a metric.
+    if every_core_number:
+        try:
+            packed = int.from_bytes(_ALL_DOUBLES.pack(*core))
+        except OverflowError:  # an integer past the largest double
+            packed = _ALL_SIGN_BITS
+        if not packed & _ALL_SIGN_BITS:  # none negative, nor -0.0 (stored as 0.0)
+            sortable = (packed | _ALL_SIGN_BITS).to_bytes(_ALL_DOUBLES.size)
+            for offset, present in _PRESENT_PREFIXES:
+                append((present + sortable[offset : offset + SORTABLE_NUMBER_BYTES] + rid, fields))
+            return entries
+    get = values.get
+    # sortable_number inlined, with the prefixes computed once.
     pack_double, unpack_bits, pack_bits = _DOUBLE.pack, _BITS.unpack, _BITS.pack
     for metric, present, lacking in _METRIC_INDEX_PREFIXES:
-        number: Any = values.get(metric)
+        number: Any = get(metric)
         kind = type(number)
         if kind is float or kind is int:
-            bits: int = unpack_bits(pack_double(float(number) + 0.0))[0]
-            sortable = pack_bits(bits ^ _ALL_BITS if bits & _SIGN_BIT else bits | _SIGN_BIT)
-            entries.append((present + sortable + rid, fields))
+            bits: int = unpack_bits(pack_double(number + 0.0))[0]
+            append((present + pack_bits(bits ^ _ALL_BITS if bits & _SIGN_BIT else bits | _SIGN_BIT) + rid, fields))
         else:
-            entries.append((lacking + rid, fields))
+            append((lacking + rid, fields))
     return entries
 
 

@@ -23,7 +23,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from perfdb.records.schema import ImportedRecord, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
 from perfdb.storage import layout
 from perfdb.storage.detection import CommittedRecord, RegressionDetector, StoredVerdicts
+from perfdb.storage.known_requests import KnownRequests
 from perfdb.storage.overview import Overview, Row
 
 log = logging.getLogger("perfdb.storage")
@@ -73,9 +74,10 @@ class Settleable(Protocol):
     def set_exception(self, exception: BaseException, /) -> None: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class RecordAck:
-    """What the client is told once its record is durable."""
+    """What the client is told once its record is durable. Never changed once made; not frozen, as a
+    frozen dataclass's __init__ (a setattr through object per field) was 4% of the writer's samples."""
 
     record_id: str
     user_id: str
@@ -225,7 +227,8 @@ class _Batch:
         self.writer = writer
         self.db = writer._db
         self.batch = writer._db.write_batch(sync=sync)
-        self.requests: dict[bytes, RecordAck] = {}
+        self.requests: dict[bytes, RecordAck] = {}  # idempotency key -> ack, for the keys put in this batch
+        self.absent: set[bytes] = set()  # idempotency keys certainly not stored before this batch
         self.staged: dict[str, dict[str, Any]] = {}  # record id -> document, for records put in this batch
         self.deleted: set[str] = set()  # ids of the records this batch deletes (and does not put again)
         self.tombstones: dict[str, bytes | None] = {}  # record id -> tombstone put (its value) or deleted (None) here
@@ -237,12 +240,28 @@ class _Batch:
         self.removed_records = 0
         self.write_seconds = 0.0  # LevelDB's write of the batch, fsync included
         self.counts: dict[bytes, int] = {}  # count key -> records this batch adds to it (or takes away)
+        # (user id, test name, tag) -> records put here under those names, not yet in counts: many records
+        # share their names, so their count keys are made once a batch (see _count_added).
+        self.added_names: dict[tuple[str, str, str], int] = {}
         self.count_bases: dict[bytes, int] = {}  # count key -> its value before counts, if not the stored one
         self.overview_rows: list[Row] = []
+        # The commit time of the records this batch adds: their ids take it with their own sequence numbers.
+        self.now = now_micros()
+        self._timestamps: dict[int, str] = {}  # commit time (microseconds) -> its RFC 3339 form
         self.overview_removed: set[str] = set()  # tests this batch removes records from
 
+    def timestamp(self, micros: int) -> str:
+        """A record's commit time in RFC 3339, formatted once a batch."""
+        formatted = self._timestamps.get(micros)
+        if formatted is None:
+            formatted = self._timestamps[micros] = format_micros(micros)
+        return formatted
+
     def earlier_request(self, request_key: bytes, user_id: str) -> RecordAck | None:
-        return self.requests.get(request_key) or _stored_ack(self.db.get(request_key), user_id, request_key)
+        earlier = self.requests.get(request_key)
+        if earlier is not None or request_key in self.absent:
+            return earlier  # the database is read only for a request_id it may hold
+        return _stored_ack(self.db.get(request_key), user_id, request_key)
 
     def add_record(
         self,
@@ -252,33 +271,36 @@ class _Batch:
         draft: RecordDraft,
         record: tuple[dict[str, Any], bytes],
         *,
+        request_key: bytes | None,
         request_checked: bool,
     ) -> RecordAck:
         """Stage a record: its document and that document's JSON (see _record_document).
 
-        request_checked: the caller already found no earlier record with this request_id.
+        request_key: its idempotency key (None: it has no request_id); request_checked: the caller
+        already found no earlier record with this request_id.
         """
         document, encoded = record
-        self.batch.put(layout.record_key(record_id, user_id), layout.seal(encoded))
+        put = self.batch.put
+        put(layout.record_key(record_id, user_id), layout.seal(encoded))
         if draft.samples is not None:
-            self.batch.put(layout.samples_key(record_id), layout.seal(orjson.dumps(draft.samples)))
-        for index_key, index_value in layout.record_index_entries(
-            record_id, user_id, draft.test_name, draft.tag, draft.metrics
-        ):
-            self.batch.put(index_key, index_value)
-        self._count(layout.record_counts(user_id, draft.test_name, draft.tag), 1)
-        removal = self.writer._user_removals.get(user_id)
-        if removal is not None:
-            removal.index_key_added(layout.user_index_prefix(user_id) + record_id.encode())
-        self.overview_rows.append((draft.test_name, user_id, draft.metrics))
+            put(layout.samples_key(record_id), layout.seal(orjson.dumps(draft.samples)))
+        test_name, tag = draft.test_name, draft.tag
+        for index_key, index_value in layout.record_index_entries(record_id, user_id, test_name, tag, draft.metrics):
+            put(index_key, index_value)
+        names = (user_id, test_name, tag)
+        self.added_names[names] = self.added_names.get(names, 0) + 1
+        if self.writer._user_removals:
+            removal = self.writer._user_removals.get(user_id)
+            if removal is not None:
+                removal.index_key_added(layout.user_index_prefix(user_id) + record_id.encode())
+        self.overview_rows.append((test_name, user_id, draft.metrics))
         self.staged[record_id] = document
-        self.deleted.discard(record_id)
+        if self.deleted:
+            self.deleted.discard(record_id)
         ack = RecordAck(record_id, user_id, timestamp, duplicate=False)
-        if draft.request_id is not None:
-            request_key = layout.idempotency_key(user_id, draft.request_id)
-            if request_checked or self.earlier_request(request_key, user_id) is None:
-                self.batch.put(request_key, orjson.dumps({"record_id": record_id, "timestamp": timestamp}))
-                self.requests[request_key] = ack
+        if request_key is not None and (request_checked or self.earlier_request(request_key, user_id) is None):
+            put(request_key, orjson.dumps({"record_id": record_id, "timestamp": timestamp}))
+            self.requests[request_key] = ack
         self.new_records += 1
         return ack
 
@@ -379,8 +401,14 @@ class _Batch:
         for count_key in count_keys:
             self.counts[count_key] = self.counts.get(count_key, 0) + change
 
+    def _count_added(self) -> None:
+        for (user_id, test_name, tag), records in self.added_names.items():
+            self._count(layout.record_counts(user_id, test_name, tag), records)
+        self.added_names.clear()
+
     def clear_count(self, count_key: bytes) -> None:
         """Count from zero under this key: whatever the database holds there is gone."""
+        self._count_added()  # records added before this point count in what is cleared
         self.count_bases[count_key] = 0
         self.counts[count_key] = 0
 
@@ -430,6 +458,7 @@ class _Batch:
         if self.new_users or self.removed_users:
             self.batch.put(layout.USER_COUNT_KEY, str(writer.user_count + user_change).encode())
         # The writer is the only one to change counts, so what the database holds is current.
+        self._count_added()
         for count_key, change in self.counts.items():
             base = self.count_bases.get(count_key)
             count = (layout.read_count(self.db.get(count_key)) if base is None else base) + change
@@ -437,6 +466,7 @@ class _Batch:
                 self.batch.put(count_key, str(count).encode())
             else:  # no record left under that name
                 self.batch.delete(count_key)
+        writer.known_requests.add(self.requests.keys())  # if the write fails, they are false positives
         if writer.write_batch_hook is not None:
             writer.write_batch_hook()
         writer.overview.batch_writing()
@@ -498,6 +528,8 @@ class GroupCommitWriter:
         self._user_chunk = min(USER_DELETION_CHUNK, max_batch)
         self._user_removals: dict[str, UserRemoval] = {}  # user deletions between two chunks, by user
         self._profiles: dict[str, bytes] = {}
+        # Which request_ids may be stored, so that a new one costs no read (filled when the writer starts).
+        self.known_requests = KnownRequests(expected_keys=record_count)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="perfdb-writer", daemon=True)
         # Durable batches waiting for their verdicts; one thread judges them in commit order.
@@ -542,6 +574,9 @@ class GroupCommitWriter:
             self._queue.put(self._HEAL)
 
     def start(self) -> None:
+        # The snapshot is taken before the writer stores anything: each key stored later reaches the filter
+        # from the writer itself.
+        self.known_requests.start_filling(_snapshot_keys(self._db.snapshot(), layout.IDEMPOTENCY_PREFIX))
         self._thread.start()
         self._verdict_thread.start()
 
@@ -600,6 +635,7 @@ class GroupCommitWriter:
         self._accepting = False
         self._queue.put(self._STOP)
         self._thread.join()
+        self.known_requests.stop_filling()  # before the database it reads is closed
         if self._verdict_thread.is_alive():  # the writer thread died without ending it
             self._verdict_queue.put(self._STOP)
             self._verdict_thread.join()
@@ -739,6 +775,7 @@ class GroupCommitWriter:
         except (plyvel.Error, RuntimeError):  # RuntimeError: a reopen failed and left it closed
             if not self._has_room():
                 raise
+            self.known_requests.stop_filling()  # it reads the handle about to be closed
             self._db = self._reopen()
             self.reopens += 1
             # Recovery may have replayed a batch whose write reported failure: count afresh.
@@ -761,15 +798,33 @@ class GroupCommitWriter:
         # were acknowledged without waiting for it.
         sync = self._sync and not all(isinstance(item, StoredVerdicts) for item in items)
         batch = _Batch(self, sync=sync)
+        # Each new submission's idempotency key, made once, and one look at the filter for all of them
+        # rather than a read each.
+        request_keys = {
+            id(draft): layout.idempotency_key(item.profile.user_id, draft.request_id)
+            for item in items
+            if isinstance(item, (Submission, BatchSubmission))
+            for draft in ((item.draft,) if isinstance(item, Submission) else item.drafts)
+            if draft.request_id is not None
+        }
+        batch.absent = self.known_requests.absent(list(request_keys.values()))
         outcomes: list[Outcome] = []
         unfinished: list[UserRemoval] = []
         for item in items:
             if isinstance(item, StoredVerdicts):
                 batch.add_verdicts(item)
             elif isinstance(item, Submission):
-                outcomes.append((item.future, self._add_submission(batch, item.profile, item.draft)))
+                draft = item.draft
+                added = self._add_submission(batch, item.profile, draft, request_keys.get(id(draft)))
+                outcomes.append((item.future, added))
             elif isinstance(item, BatchSubmission):
-                acks = tuple(self._add_submission(batch, item.profile, draft) for draft in item.drafts)
+                profile = item.profile
+                acks = tuple(
+                    self._add_submission(batch, profile, draft, request_keys.get(id(draft)), add_profile=False)
+                    for draft in item.drafts
+                )
+                if any(isinstance(ack, RecordAck) and not ack.duplicate for ack in acks):
+                    batch.add_profile(profile)  # once for all its records
                 outcomes.append((item.future, BatchAck(acks)))
             elif isinstance(item, Restoration):
                 outcomes.append((item.future, self._add_restoration(batch, item)))
@@ -932,20 +987,33 @@ class GroupCommitWriter:
         )
         return judged, stored
 
-    def _add_submission(self, batch: _Batch, profile: Profile, draft: RecordDraft) -> RecordAck | PerfdbError:
-        if draft.request_id is not None:
-            earlier = batch.earlier_request(layout.idempotency_key(profile.user_id, draft.request_id), profile.user_id)
+    def _add_submission(
+        self,
+        batch: _Batch,
+        profile: Profile,
+        draft: RecordDraft,
+        request_key: bytes | None,
+        *,
+        add_profile: bool = True,
+    ) -> RecordAck | PerfdbError:
+        """Stage a new record (request_key: its idempotency key, None without a request_id), or answer
+        for the earlier one its request_id names; and its submitter's profile, unless add_profile is False."""
+        if request_key is not None:
+            earlier = batch.earlier_request(request_key, profile.user_id)
             if earlier is not None:
                 return dataclasses.replace(earlier, duplicate=True, verdicts=() if self.detector.enabled else None)
         record_id, micros = self._place(batch, draft.run_time)
-        timestamp = format_micros(micros)
+        timestamp = batch.timestamp(micros)
         try:
             record = _record_document(record_id, profile.user_id, timestamp, draft)
         except orjson.JSONEncodeError as exc:
             # Only this record fails, not the batch it shares with others.
             return PerfdbError(ErrorCode.BAD_REQUEST, f"the record cannot be stored as JSON ({exc})")
-        ack = batch.add_record(record_id, profile.user_id, timestamp, draft, record, request_checked=True)
-        batch.add_profile(profile)
+        ack = batch.add_record(
+            record_id, profile.user_id, timestamp, draft, record, request_key=request_key, request_checked=True
+        )
+        if add_profile:
+            batch.add_profile(profile)
         return ack
 
     def _place(self, batch: _Batch, run_time: str | None) -> tuple[str, int]:
@@ -953,7 +1021,7 @@ class GroupCommitWriter:
         benchmark ran for a record whose run_time is older than RUN_TIME_SLACK_MICROS (an
         imported history charts over the time it ran, and reads filter and order it so), by
         commit time otherwise. A past id gets a random sequence number, checked unused."""
-        record_id, micros = self._clock.next()
+        record_id, micros = self._clock.next_at(batch.now)
         if run_time is None:
             return record_id, micros
         ran = parse_rfc3339(run_time)
@@ -988,8 +1056,16 @@ class GroupCommitWriter:
             self._clock.advance_past(record.record_id)
             if restoration.force and batch.is_tombstoned(record.record_id):
                 batch.delete_tombstone(record.record_id)
+            draft = record.draft
+            request_key = None if draft.request_id is None else layout.idempotency_key(record.user_id, draft.request_id)
             batch.add_record(
-                record.record_id, record.user_id, record.timestamp, record.draft, document, request_checked=False
+                record.record_id,
+                record.user_id,
+                record.timestamp,
+                draft,
+                document,
+                request_key=request_key,
+                request_checked=False,
             )
             # A restored profile never replaces the newer one a user's own submissions wrote.
             batch.add_profile(restoration.profiles[record.user_id], replace=False)
@@ -1050,10 +1126,23 @@ def _record_document(record_id: str, user_id: str, timestamp: str, draft: Record
         document["scenario"] = draft.scenario
     if draft.better is not None:
         document["better"] = draft.better
-    for field in ("units", "run_time", "source"):  # the samples live under their own key
-        if getattr(draft, field) is not None:
-            document[field] = getattr(draft, field)
+    # The samples live under their own key.
+    if draft.units is not None:
+        document["units"] = draft.units
+    if draft.run_time is not None:
+        document["run_time"] = draft.run_time
+    if draft.source is not None:
+        document["source"] = draft.source
     return document, orjson.dumps(document)
+
+
+def _snapshot_keys(snapshot: Any, prefix: bytes) -> Iterator[bytes]:
+    """The keys under `prefix` in a LevelDB snapshot, which is released when the iteration ends or is closed."""
+    try:
+        with snapshot.iterator(prefix=prefix, include_value=False, fill_cache=False) as keys:
+            yield from keys
+    finally:
+        snapshot.close()
 
 
 def _stored_document(key: bytes, value: bytes) -> dict[str, Any]:
