@@ -47,9 +47,11 @@ def test_a_window_summary_equals_the_two_pass_summary_of_its_points() -> None:
             window.append(str(index), awkward_value(rng))
             n, mean, stddev, median, low, high = window.summary()
             expected = reference_summary([point.value for point in window.points])
-            # The mean, median, min and max are the same floats; the stddev agrees to rounding (the two-pass
-            # reference rounds its mean first, so allow for the spread being tiny next to the level).
-            assert (n, mean, median, low, high) == (expected[0], expected[1], *expected[3:])
+            # The median, min and max are the same floats, the mean agrees to its last bits; the stddev agrees to
+            # rounding (the two-pass reference rounds its mean first, so allow for the spread being tiny next to the
+            # level).
+            assert (n, median, low, high) == (expected[0], *expected[3:])
+            assert mean == pytest.approx(expected[1], rel=1e-12)
             assert math.isclose(stddev, expected[2], rel_tol=1e-6, abs_tol=1e-9 * max(abs(low), abs(high)))
 
 
@@ -67,8 +69,38 @@ def test_a_window_of_tiny_and_huge_values_is_summarised_past_the_float_range_of_
         window.append(str(index), value)
     n, mean, stddev, *rest = window.summary()
     expected = reference_summary(values)
-    assert (n, mean, *rest) == (expected[0], expected[1], *expected[3:])
+    assert (n, *rest) == (expected[0], *expected[3:])
+    assert mean == pytest.approx(expected[1], rel=1e-12)
     assert stddev == pytest.approx(expected[2], rel=1e-12)
+
+
+def test_a_window_whose_sum_leaves_the_float_range_still_has_a_finite_mean_and_stddev() -> None:
+    window = SeriesWindow(4)
+    for index, value in enumerate([1e308, 1.5e308, 1.7e308]):
+        window.append(str(index), value)
+    n, mean, stddev, median, low, high = window.summary()
+    assert (n, median, low, high) == (3, 1.5e308, 1e308, 1.7e308)
+    assert mean == pytest.approx(1.4e308, rel=1e-12)
+    assert stddev == pytest.approx(math.sqrt((0.4**2 + 0.1**2 + 0.3**2) / 2) * 1e308, rel=1e-12)
+
+
+def test_a_series_met_several_times_in_a_batch_is_summarised_as_each_record_left_it() -> None:
+    """Queued in one batch: each summary sees the values queued before it and none after, baseline tag included."""
+    windows = SeriesWindows(10)
+    group, other = ("alice", "unary", ""), ("alice", "unary", "exp")
+    values = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+    queued = [windows.queue(group, None, f"{index:03d}", ["qps"], [value], [4]) for index, value in enumerate(values)]
+    against = windows.queue(other, group, "100", ["qps"], [1000.0], [4])
+    summaries = windows.summaries()
+    assert queued[0] == [None]
+    for index in range(1, len(values)):
+        kept = values[max(0, index - 4) : index]
+        position = queued[index][0]
+        assert position is not None and summaries[position] == pytest.approx(reference_summary(kept), rel=1e-12)
+    position = against[0]
+    assert position is not None and summaries[position] == pytest.approx(reference_summary(values[-4:]), rel=1e-12)
+    assert windows.values(SeriesKey(*group, "qps")) == values[-4:]
+    assert windows.values(SeriesKey(*other, "qps")) == [1000.0]
 
 
 def test_a_window_summary_depends_only_on_the_points_it_keeps() -> None:

@@ -24,10 +24,8 @@ import orjson
 
 from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.regression.direction import Better, MetricDirection, direction_of
+from perfdb.regression.series import Summary
 from perfdb.regression.thresholds import IMPROVEMENT, NO_CHANGE, REGRESSION, ThresholdModel, decide_all
-
-# (n, mean, stddev, median, min, max) of a baseline, as SeriesWindow.summary gives it.
-Summary = tuple[int, float, float, float, float, float]
 
 # A template's key: a decision's code (status * 4 + governed_by_sigmas * 2 + changed), _UNDECIDED (too few points)
 # or _EMPTY (no baseline).

@@ -21,9 +21,9 @@ import orjson
 import plyvel
 
 from perfdb.regression.direction import direction_of
-from perfdb.regression.series import SeriesKey, SeriesWindow, SeriesWindows
-from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig
-from perfdb.regression.verdicts import Summary, VerdictBatch, VerdictShapeCache, VerdictShapes, packed_head
+from perfdb.regression.series import SeriesKey, SeriesWindows
+from perfdb.regression.thresholds import ThresholdConfig
+from perfdb.regression.verdicts import VerdictBatch, VerdictShapeCache, VerdictShapes, packed_head
 from perfdb.storage import layout
 
 log = logging.getLogger("perfdb.detection")
@@ -76,6 +76,11 @@ class StoredVerdicts:
         return cls(entries) if entries else None
 
 
+# A judged record's queued metrics: their verdict shapes, the packed head, their values and where their baseline
+# summaries will be in SeriesWindows.summaries (None: no baseline).
+_QueuedRecord = tuple[list[VerdictShapes], bytes | None, list[float], list[int | None]]
+
+
 class JudgedVerdicts(NamedTuple):
     """A record's verdicts: the JSON array its ack carries, and the packed numbers stored (about a ninth of it)."""
 
@@ -125,53 +130,64 @@ class RegressionDetector:
         return [None if verdicts is None else verdicts.json for verdicts in self.judge_committed(records)]
 
     def judge_committed(self, records: Sequence[CommittedRecord]) -> list[JudgedVerdicts | None]:
-        """judge_batch, with each record's verdicts packed to store too (the writer's verdict thread). The windows
-        give each metric its baseline summary in commit order; the batch's verdicts are then decided and encoded
-        at once (VerdictBatch)."""
+        """judge_batch, with each record's verdicts packed to store too (the writer's verdict thread). Each metric
+        is queued on the windows in commit order (its baseline summary, then its value joining); the windows make
+        the batch's summaries at once (SeriesWindows.summaries), then the verdicts are decided and encoded at once
+        (VerdictBatch)."""
         if not self.enabled:
             return [None] * len(records)
-        batch = VerdictBatch()
+        queued: list[_QueuedRecord | None] = []  # None: a record that only joined, or whose metrics failed
         with self._lock:
             for record in records:
                 try:
                     if record.judged:
-                        self._judge_and_join(record, batch)
+                        queued.append(self._queue_record(record))
                         continue
-                    batch.drop_record()
+                    queued.append(None)
                     self._join_all(record.user_id, record.record_id, record.test_name, record.tag, record.metrics)
                 except Exception:  # the record is durable: a failed verdict must not fail its ack
                     failed = "verdicts of record %s failed" if record.judged else "record %s did not join its windows"
                     log.exception(failed, record.record_id)
                     if record.judged:
-                        batch.drop_record()
+                        queued.append(None)
+            summaries = self.windows.summaries()
         try:
+            batch = VerdictBatch()
+            for entry in queued:
+                if entry is None:
+                    batch.drop_record()
+                    continue
+                plan, packed, values, indexes = entry
+                add = batch.add
+                for shapes, value, index in zip(plan, values, indexes, strict=True):
+                    add(shapes, value, None if index is None else summaries[index])
+                batch.end_record(packed)
             finished = batch.finish()
         except Exception:  # the records are durable and joined their windows: acknowledged without verdicts
             log.exception("verdicts of a batch of %d records failed", len(records))
             return [None] * len(records)
         return [None if verdicts is None else JudgedVerdicts(*verdicts) for verdicts in finished]
 
-    def _judge_and_join(self, record: CommittedRecord, batch: VerdictBatch) -> None:
-        user_id, record_id, test_name, tag, metrics = (
-            record.user_id, record.record_id, record.test_name, record.tag, record.metrics
-        )  # fmt: skip
-        judged_tag = None if record.baseline_tag is None or record.baseline_tag == tag else record.baseline_tag
-        summarise_and_append = self.windows.summarise_and_append
-        add = batch.add
-        plan, packed = self._plan(test_name, metrics, record.better)
+    def _queue_record(self, record: CommittedRecord) -> _QueuedRecord:
+        """Queue the record's baseline summaries and joining; what its verdicts are made of then."""
+        group = (record.user_id, record.test_name, record.tag)
+        metrics = record.metrics
+        judged_tag = None if record.baseline_tag is None or record.baseline_tag == record.tag else record.baseline_tag
+        plan, packed = self._plan(record.test_name, metrics, record.better)
+        values = [float(value) for value in metrics.values()]
+        windows = [shapes.model.window for shapes in plan]
+        baseline_group = None if judged_tag is None else (record.user_id, record.test_name, judged_tag)
         try:
-            for (metric, raw_value), shapes in zip(metrics.items(), plan, strict=True):
-                value = float(raw_value)
-                if not math.isfinite(value):  # judged before it joins: a bad value stays out of the window
-                    raise ValueError(f"the value judged must be a finite number, not {value}")
-                baseline = None if judged_tag is None else (user_id, test_name, judged_tag, metric)
-                summary = summarise_and_append(
-                    (user_id, test_name, tag, metric), baseline, record_id, value, shapes.model.window
-                )
-                add(shapes, value, summary)
+            if all(map(math.isfinite, values)):
+                indexes = self.windows.queue(group, baseline_group, record.record_id, metrics, values, windows)
+            else:  # judged before it joins: a bad value stays out of the window, the metrics before it join
+                bad = next(index for index, value in enumerate(values) if not math.isfinite(value))
+                names = list(metrics)[:bad]
+                self.windows.queue(group, None, record.record_id, names, values[:bad], windows[:bad], summarise=False)
+                raise ValueError(f"the value judged must be a finite number, not {values[bad]}")
         finally:  # the metrics that joined before a failure are new points for the analysis too
-            self._mark_all((user_id, test_name, tag), metrics)
-        batch.end_record(packed)
+            self._mark_all(group, metrics)
+        return plan, packed, values, indexes
 
     def _plan(
         self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None
@@ -195,25 +211,25 @@ class RegressionDetector:
         if not self.enabled:
             return
         with self._lock:
-            self._join_all(user_id, record_id, test_name, tag, metrics)
+            try:
+                self._join_all(user_id, record_id, test_name, tag, metrics)
+            finally:
+                self.windows.summaries()
 
     def _join_all(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
-        for metric, value in metrics.items():
-            self._join(SeriesKey(user_id, test_name, tag, metric), record_id, value, self.window_for(test_name, metric))
+        # An import may restore a record older than the window's newest: it stays out of the window until the
+        # series is next rebuilt (at start, say), since a window holds the newest records in time order. Queued
+        # like a judged record's points (a batch may hold both); in the windows at the next summaries().
+        windows = [self.window_for(test_name, metric) for metric in metrics]
+        values = [float(value) for value in metrics.values()]
+        self.windows.queue((user_id, test_name, tag), None, record_id, metrics, values, windows, summarise=False)
+        self._mark_all((user_id, test_name, tag), metrics)
 
     def batch_committed(self) -> None:
         """Called by the writer after the judged records' acks are on their way."""
         listener = self.dirty_listener
         if listener is not None and self._dirty:
             listener()
-
-    def _join(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
-        series = self.windows.get(key)
-        # An import may restore a record older than the window's newest: it stays out of the window until the
-        # series is next rebuilt (at start, say), since a window holds the newest records in time order.
-        if series is None or series.points[-1].record_id < record_id:
-            self.windows.used(key, window).append(record_id, float(value))
-        self._mark(key)
 
     def _mark_all(self, group: tuple[str, str, str], metrics: Iterable[str]) -> None:
         dirty = self._dirty.get(group)
@@ -384,12 +400,6 @@ def read_series(
                 points.append(StoredPoint(record_id, values, better if isinstance(better, dict) else None))
     points.reverse()
     return points
-
-
-def _summary(window: SeriesWindow, last: int) -> Summary:
-    values = [point.value for point in window.points][-last:]
-    summary = BaselineSummary.of(values)
-    return summary.n, summary.mean, summary.stddev, summary.median, summary.min, summary.max
 
 
 def _decode(value: bytes | None) -> dict[str, Any] | None:
