@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import orjson
 import pytest
 
 from perfdb.storage import layout
@@ -17,9 +18,14 @@ def entries_one_metric_at_a_time(metrics: object) -> list[tuple[bytes, bytes]]:
     """What record_index_entries must give, from the documented encoding (sortable_number)."""
     rid = RECORD_ID.encode()
     fields = b'["alice","unary","nightly"]'
+    # The user and test entries carry the core metrics' numbers by position (null where not a
+    # number) and the other numeric metrics by name.
+    core = [layout.metric_number(metrics, metric) for metric in METRICS]
+    values = metrics if isinstance(metrics, dict) else {}
+    others = {name: value for name, value in values.items() if name not in METRICS and type(value) in (int, float)}
     entries = [
-        (layout.user_index_prefix("alice") + rid, b'["unary","nightly"]'),
-        (layout.test_index_prefix("unary") + rid, b'["alice","nightly"]'),
+        (layout.user_index_prefix("alice") + rid, orjson.dumps(["unary", "nightly", core, others])),
+        (layout.test_index_prefix("unary") + rid, orjson.dumps(["alice", "nightly", core, others])),
         (layout.tag_index_prefix("nightly") + rid, b'["alice","unary"]'),
     ]
     for metric in METRICS:
@@ -38,7 +44,7 @@ CASES = {
     "zeros, and more metrics": {**{metric: 0 for metric in METRICS}, "custom": 1.5},
     "one negative": {**{metric: 1.0 for metric in METRICS}, METRICS[4]: -2.5},
     "negative zero": {**{metric: 1.0 for metric in METRICS}, METRICS[0]: -0.0},
-    "huge integer": {**{metric: 1.0 for metric in METRICS}, METRICS[1]: 10**300},
+    "largest integer": {**{metric: 1.0 for metric in METRICS}, METRICS[1]: 2**63 - 1},
     "some lacking": {metric: 7.0 for metric in METRICS[:5]},
     "a bool": {**{metric: 1.0 for metric in METRICS}, METRICS[2]: True},
     "a string": {**{metric: 1.0 for metric in METRICS}, METRICS[2]: "fast"},

@@ -258,10 +258,7 @@ def record_index_entries(
     # come from one pack of all of them and one XOR setting their sign bits (as sortable_number does
     # for such a number), rather than three struct calls a metric.
     if every_core_number:
-        try:
-            packed = int.from_bytes(_ALL_DOUBLES.pack(*core))
-        except OverflowError:  # an integer past the largest double
-            packed = _ALL_SIGN_BITS
+        packed = int.from_bytes(_ALL_DOUBLES.pack(*core))  # every int fits: JSON parsing keeps them to 64 bits
         if not packed & _ALL_SIGN_BITS:  # none negative, nor -0.0 (stored as 0.0)
             sortable = (packed | _ALL_SIGN_BITS).to_bytes(_ALL_DOUBLES.size)
             for offset, present in _PRESENT_PREFIXES:
