@@ -20,10 +20,11 @@ import orjson
 
 from perfdb import __version__
 from perfdb.client import AsyncClient, PerfdbClientError, tls_context
-from perfdb.client.common import CONNECTION_FAILED, MAX_BATCH_RECORDS, TIMEOUT
+from perfdb.client.common import CONNECTION_FAILED, TIMEOUT
 from perfdb.config import DEFAULT_ADDRESS, positive_int
 from perfdb.importers import AUTO, FORMATS, ImportFormatError, import_file
 from perfdb.protocol.addresses import AddressError
+from perfdb.protocol.limits import MAX_BATCH_RECORDS
 from perfdb.records.sysinfo import collect_sys_info
 from perfdb.records.units import CORE_METRICS, format_value
 

@@ -21,7 +21,6 @@ from perfdb.storage import layout
 from perfdb.storage.detection import CommittedRecord, RegressionDetector
 from tests.support import connect, perfdb_with_provider, record_request
 from tests.test_batch_verdicts import awkward_value
-from tests.test_detection import noisy
 from tests.test_stored_verdicts import DETECTING, record_all, stored_verdicts, two_metrics
 
 SMALL = ThresholdModel(window=6, min_points=3, sigmas=2.0, min_change=0.1)
@@ -131,22 +130,6 @@ async def test_verdicts_stored_as_json_by_an_earlier_server_still_read(tmp_path:
             assert await stored_verdicts(connection, ack["record_id"]) == ack["verdicts"], ack["record_id"]
         (later,) = await record_all(connection, [record_request(metrics={"qps": 1000.0, "perc_lat_99": 500.0})])
         assert [verdict["baseline"]["n"] for verdict in later["verdicts"]] == [10, 10]
-
-
-async def test_sealed_but_unreadable_packed_verdicts_leave_the_reply_without_them(tmp_path: Path) -> None:
-    """Say a newer server's form: the record is answered without verdicts and the connection carries on."""
-    async with perfdb_with_provider(tmp_path, **DETECTING) as (server, _), connect(server) as connection:
-        acks = await record_all(connection, [record_request(metrics={"qps": value}) for value in noisy(
-            random.Random(8), 1000.0, 2)])  # fmt: skip
-    db = plyvel.DB(str(tmp_path / "db"))
-    try:
-        db.put(layout.verdicts_key(acks[0]["record_id"]), layout.verdicts_value(b"\x02later form"), sync=True)
-    finally:
-        db.close()
-    async with perfdb_with_provider(tmp_path, **DETECTING) as (server, _), connect(server) as connection:
-        reply = await connection.request("get_record", record_id=acks[0]["record_id"])
-        assert reply["ok"] and reply["record"]["record_id"] == acks[0]["record_id"] and "verdicts" not in reply
-        assert await stored_verdicts(connection, acks[1]["record_id"]) == acks[1]["verdicts"]
 
 
 LISTENING_CHECK = """

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from perfdb.records.schema import MAX_BATCH_RECORDS
+from perfdb.protocol.limits import MAX_BATCH_RECORDS
 from tests.support import (
     Connection,
     all_records_pages,

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import plyvel
+import pytest
 
 from perfdb.config import Config
 from perfdb.records.profiles import Profile
@@ -178,16 +180,28 @@ async def test_repair_keeps_verdicts_and_drops_those_without_a_record(tmp_path: 
         assert (await connection.request("ping"))["ok"]
 
 
-async def test_damaged_stored_verdicts_are_left_out_of_the_reply_not_the_record(tmp_path: Path) -> None:
+def _flip_one_bit(stored: bytes) -> bytes:
+    damaged = bytearray(stored)
+    damaged[len(damaged) // 2] ^= 0x01
+    return bytes(damaged)
+
+
+def _newer_form(stored: bytes) -> bytes:
+    """Sealed, but a form of packed verdicts this server cannot read (say a newer server's)."""
+    return layout.verdicts_value(b"\x02later form")
+
+
+@pytest.mark.parametrize("damage", [_flip_one_bit, _newer_form])
+async def test_damaged_stored_verdicts_are_left_out_of_the_reply_not_the_record(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
     rng = random.Random(37)
     async with perfdb_with_provider(tmp_path, **DETECTING) as (server, _), connect(server) as connection:
         acks = await record_all(connection, two_metrics(rng, 2))
     db = plyvel.DB(str(tmp_path / "db"))
     try:
         key = layout.verdicts_key(acks[0]["record_id"])
-        value = bytearray(db.get(key))
-        value[len(value) // 2] ^= 0x01  # one flipped bit
-        db.put(key, bytes(value), sync=True)
+        db.put(key, damage(db.get(key)), sync=True)
     finally:
         db.close()
     async with perfdb_with_provider(tmp_path, **DETECTING) as (server, _), connect(server) as connection:

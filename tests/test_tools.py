@@ -69,8 +69,7 @@ def submit_and_read(server: test_cli.RunningServer, path: Path, count: int) -> d
     assert first.err.endswith(f": {count} stored, 0 duplicate, 0 refused\n"), first.err
     again = test_cli.ok("submit", str(path), *token, server=server)
     assert len(test_cli.stored_ids(again.lines(), str(path), "duplicate")) == count
-    host, port = server.address.rsplit(":", 1)
-    with Client(f"{host}:{port}") as client:
+    with Client(server.address) as client:
         page = client.call("get_user", user_id=test_cli.BOT_USER, samples=True)
     records = {record["test_name"]: record for record in page["records"]}
     assert len(records) == count

@@ -27,6 +27,16 @@ from tests.test_series import check_series
 TESTS = ("unary", "streaming", "rare")
 
 
+def put_profiles_and_counters(batch: Any, count: int, *, schema: int) -> None:
+    """What both older layouts' writers end with: the four users' profiles, the record and user
+    counters and the schema version."""
+    for user in range(4):
+        batch.put(layout.profile_key(f"user{user}"), orjson.dumps({"user_id": f"user{user}"}))
+    batch.put(layout.RECORD_COUNT_KEY, str(count).encode())
+    batch.put(layout.USER_COUNT_KEY, b"4")
+    batch.put(layout.SCHEMA_KEY, str(schema).encode())
+
+
 def write_schema_1_database(path: Path, count: int) -> list[dict[str, Any]]:
     """A database as perfdb 0.1.0 (schema 1) wrote it: records, the user index with its
     [test_name, tag] values, profiles, the record and user counters, schema "1". Several
@@ -56,11 +66,7 @@ def write_schema_1_database(path: Path, count: int) -> list[dict[str, Any]]:
                     layout.user_index_prefix(user_id) + record_id.encode(),
                     orjson.dumps([record["test_name"], record["tag"]]),
                 )
-            for user in range(4):
-                batch.put(layout.profile_key(f"user{user}"), orjson.dumps({"user_id": f"user{user}"}))
-            batch.put(layout.RECORD_COUNT_KEY, str(count).encode())
-            batch.put(layout.USER_COUNT_KEY, b"4")
-            batch.put(layout.SCHEMA_KEY, b"1")
+            put_profiles_and_counters(batch, count, schema=1)
     finally:
         db.close()
     return records
@@ -115,11 +121,7 @@ def write_schema_2_database(path: Path, count: int) -> list[dict[str, Any]]:
                 )
             for count_key, counted in counts.items():
                 batch.put(count_key, str(counted).encode())
-            for user in range(4):
-                batch.put(layout.profile_key(f"user{user}"), orjson.dumps({"user_id": f"user{user}"}))
-            batch.put(layout.RECORD_COUNT_KEY, str(count).encode())
-            batch.put(layout.USER_COUNT_KEY, b"4")
-            batch.put(layout.SCHEMA_KEY, b"2")
+            put_profiles_and_counters(batch, count, schema=2)
     finally:
         db.close()
     return records

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from perfdb.client.common import (
-    MAX_BATCH_RECORDS,
     NO_RETRY,
     TIMEOUT,
     ClientSettings,
@@ -26,6 +25,7 @@ from perfdb.client.common import (
     result_outcome,
     with_request_id,
 )
+from perfdb.protocol.limits import MAX_BATCH_RECORDS
 
 
 class _ReplyStream(asyncio.Protocol):

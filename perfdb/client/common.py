@@ -140,9 +140,6 @@ def may_resend(op: str, fields: dict[str, Any]) -> bool:
     return op in IDEMPOTENT_OPS or (op == "record" and fields.get("request_id") is not None)
 
 
-MAX_BATCH_RECORDS = 1000  # records one record_batch may carry (protocol section 3.21)
-
-
 def result_outcome(result: dict[str, Any], index: int) -> dict[str, Any] | PerfdbClientError:
     """One entry of record_batch's results as a record outcome: the ack, or its error with `index`."""
     error = result.get("error")

@@ -49,7 +49,7 @@ def import_file(data: bytes, name: str, file_format: str = AUTO) -> tuple[str, l
     for candidate, module in IMPORTERS.items():
         if module.looks_like(data, document):
             try:
-                return candidate, module.parse(data, name)
+                return candidate, module.parse(data, name, document)
             except ImportFormatError as error:
                 failures.append(str(error).removeprefix(f"{name}: "))
     tried = ", ".join(FORMATS)

@@ -19,8 +19,11 @@ class ImportFormatError(ValueError):
     """A file that is not what its importer expects; the message names the file and what was expected."""
 
 
-def load_json(data: bytes, name: str, expected: str) -> Any:
-    """The one JSON document in `data`, or an error naming the file and the format expected."""
+def load_json(data: bytes, name: str, expected: str, document: Any = None) -> Any:
+    """The one JSON document in `data` (`document` when the caller already decoded it), or an error
+    naming the file and the format expected."""
+    if document is not None:
+        return document
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:

@@ -54,7 +54,8 @@ def _lines(data: bytes) -> list[str]:
     return data.decode("utf-8", errors="replace").splitlines()
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    """`document` is unused: the format is text."""
     lines = _lines(data)
     records = []
     for number, line in enumerate(lines):

@@ -38,7 +38,8 @@ def _lines(data: bytes) -> list[str]:
     return data.decode("utf-8", errors="replace").splitlines()
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    """`document` is unused: the format is text."""
     header: dict[str, str] = {}
     runs: dict[tuple[str, str, str], list[dict[str, float]]] = {}  # (pkg, name, procs) -> each run's values
     units: dict[tuple[str, str, str], dict[str, str]] = {}

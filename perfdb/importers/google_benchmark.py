@@ -37,8 +37,8 @@ def looks_like(data: bytes, document: object) -> bool:
     )
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
-    document = load_json(data, name, EXPECTED)
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    document = load_json(data, name, EXPECTED, document)
     require(looks_like(data, document), name, EXPECTED, 'expected an object with "context" and "benchmarks"')
     context: dict[str, Any] = document["context"]
     run_time = parse_time(context.get("date"))

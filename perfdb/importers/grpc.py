@@ -8,12 +8,10 @@ from typing import Any
 import orjson
 
 from perfdb.importers.common import ImportFormatError
-from perfdb.records.schema import RECORD_FIELDS
+from perfdb.records.schema import BATCH_RECORD_FIELDS
 
 FORMAT = "grpc"
 EXPECTED = "a gRPC ScenarioResult or perfdb record (JSON, or one per line)"
-# What a record file may carry into a record request; the token comes from the command line.
-SUBMITTED_FIELDS = RECORD_FIELDS - {"op", "id", "access_token"}
 
 
 def looks_like(data: bytes, document: object) -> bool:
@@ -33,11 +31,11 @@ def _is_grpc(document: dict[str, Any]) -> bool:
     return "summary" in document or "metrics" in document or "scenario_result" in document
 
 
-def documents(data: bytes, name: str) -> list[tuple[int, dict[str, Any]]]:
+def documents(data: bytes, name: str, whole: Any = None) -> list[tuple[int, dict[str, Any]]]:
     """The JSON objects in a file with their line numbers: one document (pretty-printed or not,
-    line 1), or one per line."""
+    line 1; `whole` when the caller already decoded it), or one per line."""
     try:
-        whole = orjson.loads(data)
+        whole = orjson.loads(data) if whole is None else whole
     except orjson.JSONDecodeError:
         whole = None
     else:
@@ -68,12 +66,13 @@ def record_fields(document: dict[str, Any], where: str) -> dict[str, Any]:
     if "scenarios" in document:
         raise ImportFormatError(f"{where}: a scenario input file (what qps_json_driver reads), not a result")
     if "metrics" in document or "scenario_result" in document:
-        return {key: value for key, value in document.items() if key in SUBMITTED_FIELDS}
+        # A batch record's fields: the token comes from the command line.
+        return {key: value for key, value in document.items() if key in BATCH_RECORD_FIELDS}
     raise ImportFormatError(f"{where}: neither a gRPC ScenarioResult nor a perfdb record (no summary or metrics)")
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
-    found = documents(data, name)
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    found = documents(data, name, document)
     if len(found) == 1:
         return [record_fields(found[0][1], name)]
     return [record_fields(document, f"{name}: line {number}") for number, document in found]

@@ -20,8 +20,8 @@ def looks_like(data: bytes, document: object) -> bool:
     return isinstance(results, list) and all(isinstance(result, dict) and "command" in result for result in results)
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
-    document = load_json(data, name, EXPECTED)
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    document = load_json(data, name, EXPECTED, document)
     require(looks_like(data, document), name, EXPECTED, 'expected an object with "results" naming commands')
     require(bool(document["results"]), name, EXPECTED, "no results in it")
     records = []

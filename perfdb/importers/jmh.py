@@ -31,8 +31,8 @@ def looks_like(data: bytes, document: object) -> bool:
     )
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
-    document = load_json(data, name, EXPECTED)
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    document = load_json(data, name, EXPECTED, document)
     shape = 'expected a list of objects with "benchmark" and "primaryMetric"'
     require(looks_like(data, document), name, EXPECTED, shape)
     records = []

@@ -29,8 +29,8 @@ def looks_like(data: bytes, document: object) -> bool:
     )
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
-    document = load_json(data, name, EXPECTED)
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    document = load_json(data, name, EXPECTED, document)
     require(looks_like(data, document), name, EXPECTED, 'expected an object with "version" and "benchmarks"')
     suite_metadata = document.get("metadata")
     suite_metadata = suite_metadata if isinstance(suite_metadata, dict) else {}

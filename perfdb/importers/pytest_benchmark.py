@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from perfdb.importers.common import load_json, metric_name, number, parse_time, record, require, test_name
+from perfdb.records.schema import MAX_SOURCE_CHARS
 
 FORMAT = "pytest-benchmark"
 EXPECTED = "pytest-benchmark JSON (--benchmark-json)"
 _SECONDS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "total")
 _COUNTS = ("rounds", "iterations", "iqr_outliers", "stddev_outliers")
-_MAX_SOURCE_CHARS = 256
 
 
 def looks_like(data: bytes, document: object) -> bool:
@@ -26,8 +26,8 @@ def looks_like(data: bytes, document: object) -> bool:
     )
 
 
-def parse(data: bytes, name: str) -> list[dict[str, Any]]:
-    document = load_json(data, name, EXPECTED)
+def parse(data: bytes, name: str, document: Any = None) -> list[dict[str, Any]]:
+    document = load_json(data, name, EXPECTED, document)
     require(looks_like(data, document), name, EXPECTED, 'expected an object with "machine_info" and "benchmarks"')
     require(bool(document["benchmarks"]), name, EXPECTED, "no benchmark results in it")
     machine = document.get("machine_info")
@@ -73,5 +73,5 @@ def _source(commit_info: Any) -> dict[str, str] | None:
         "commit_time": parse_time(commit_info.get("time")),
         "repository": commit_info.get("project"),
     }
-    kept = {key: value[:_MAX_SOURCE_CHARS] for key, value in source.items() if isinstance(value, str) and value}
+    kept = {key: value[:MAX_SOURCE_CHARS] for key, value in source.items() if isinstance(value, str) and value}
     return kept or None

@@ -17,10 +17,11 @@ import msgspec
 import orjson
 
 from perfdb.protocol.errors import ErrorCode, PerfdbError, bad_request, quote_input
+from perfdb.protocol.limits import MAX_BATCH_RECORDS
 from perfdb.records.record_ids import is_record_id, record_id_micros
 from perfdb.records.scenario import map_scenario_result
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
-from perfdb.records.units import CORE_METRIC_UNITS, is_unit
+from perfdb.records.units import CORE_METRIC_UNITS, UNITS, is_unit
 
 # Size bounds, documented in protocol_spec.md.
 MAX_ACCESS_TOKEN_CHARS = 4096
@@ -65,7 +66,6 @@ RECORD_FIELDS = ENVELOPE_FIELDS | frozenset(
 # A record inside record_batch: a record request's fields without the envelope and the token.
 BATCH_RECORD_FIELDS = RECORD_FIELDS - ENVELOPE_FIELDS - {"access_token"}
 RECORD_BATCH_FIELDS = ENVELOPE_FIELDS | frozenset({"access_token", "records"})
-MAX_BATCH_RECORDS = 1000  # records one record_batch may carry
 ADMIN_FIELDS = frozenset({"admin_key"})
 OWNER_FIELDS = frozenset({"access_token", "admin_key"})  # ops the owner's token or the admin key may do
 MAX_NOTE_CHARS = 1000  # exclusion and alert notes
@@ -706,8 +706,7 @@ def _units(
         if not is_unit(unit):
             raise bad_request(
                 field,
-                "must be a unit: ps, ns, us, ms, s, ns/op, us/op, ms/op, s/op, ops/s, ops/ms, ops/us, ops/ns, B, "
-                "B/s, B/op, allocs/op, elem/s, percent, 1, or <name>/op, <name>/s",
+                f"must be a unit: {', '.join(UNITS)}, or <name>/op, <name>/s",
             )
         core_unit = CORE_METRIC_UNITS.get(metric)
         if core_unit is not None and unit != core_unit:
@@ -822,7 +821,7 @@ def _imported_record(document: Any, index: int) -> ImportedRecord:
         if stamped is None:
             raise bad_request("timestamp", "is required")
         # A record is filed at its commit time, or at its run_time when it ran long before it was stored.
-        ran = _timestamp(document, "run_time") if document.get("run_time") is not None else None
+        ran = _timestamp(document, "run_time")
         if filed_at not in (stamped, ran):
             raise bad_request("timestamp", "does not match the record id")
         if max(stamped, filed_at) > now_micros() + MAX_FUTURE_SKEW_MICROS:

@@ -114,15 +114,14 @@ def _prefixed(peak: float, label: str, per_unit: float) -> DisplayScale:
 
 # The units a record may give its metrics, documented in protocol_spec.md section 4. Times are
 # per operation (iteration) unless the metric's name says otherwise; "1" is a plain count or ratio.
-UNIT_NAMES = frozenset(
-    {
-        "ps", "ns", "us", "ms", "s",  # durations
-        "ns/op", "us/op", "ms/op", "s/op",  # JMH's average-time units
-        "ops/s", "ops/ms", "ops/us", "ops/ns",  # throughput
-        "B", "B/s", "B/op", "allocs/op", "elem/s",
-        "percent", "1",
-    }
+UNITS = (
+    "ps", "ns", "us", "ms", "s",  # durations
+    "ns/op", "us/op", "ms/op", "s/op",  # JMH's average-time units
+    "ops/s", "ops/ms", "ops/us", "ops/ns",  # throughput
+    "B", "B/s", "B/op", "allocs/op", "elem/s",
+    "percent", "1",
 )  # fmt: skip
+UNIT_NAMES = frozenset(UNITS)
 # Besides those, a tool's own counter unit "<name>/op" or "<name>/s" (Go's b.ReportMetric units).
 _CUSTOM_UNIT = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,31}/(?:op|s)")
 # The core metrics' units are fixed: a record may restate them, never change them.

@@ -97,11 +97,6 @@ class SeriesWindow:
         return self._rows.width
 
     @property
-    def newest_record_id(self) -> str:
-        """Not for an empty window."""
-        return self.record_ids[-1]
-
-    @property
     def points(self) -> tuple[SeriesPoint, ...]:
         """The kept points, oldest first."""
         return tuple(map(SeriesPoint._make, zip(self.record_ids, self.ordered_values().tolist(), strict=True)))
@@ -238,11 +233,6 @@ class SeriesWindows:
         series = self._series.get(key)
         return () if series is None else series.points
 
-    def newest_record_id(self, key: SeriesKey) -> str | None:
-        """The record id of the series' newest kept point (None if none); does not count as a use."""
-        series = self._series.get(key)
-        return series.newest_record_id if series else None
-
     def values(self, key: SeriesKey) -> list[float]:
         """The kept values, oldest first: the baseline to `judge` the series' next value against."""
         self._flush()
@@ -264,10 +254,7 @@ class SeriesWindows:
         `window` points as needed, and now the most recently used; `append` to it (no batch queued)."""
         series = self._series.get(key)
         if series is None:
-            rows = self._rows.get(window)
-            if rows is None:
-                rows = self._rows[window] = _WindowRows(window)
-            series = self._series[key] = SeriesWindow(window, rows=rows)
+            series = self._series[key] = SeriesWindow(window, rows=self._rows_of(window))
             if len(self._series) > self.max_series:
                 self._retire(self._series.popitem(last=False)[1])
                 self.evictions += 1
@@ -340,9 +327,7 @@ class SeriesWindows:
             if not appends:
                 self._counted.append(series)
             series._batch_appends = appends + 1
-            slot = series._next_slot
-            series._next_slot = 0 if slot + 1 == window else slot + 1
-            series.record_ids.append(record_id)
+            slot = series._take_slot(record_id)
             self._write_rows.append(series._rows)
             self._write_row.append(series._row)
             self._write_slot.append(slot)

@@ -206,16 +206,6 @@ class RegressionDetector:
             plan = self._plans[(test_name, *metrics)] = (made, packed_head(made))
         return plan
 
-    def join(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
-        """A record that joins its windows without verdicts (an import)."""
-        if not self.enabled:
-            return
-        with self._lock:
-            try:
-                self._join_all(user_id, record_id, test_name, tag, metrics)
-            finally:
-                self.windows.summaries()
-
     def _join_all(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
         # An import may restore a record older than the window's newest: it stays out of the window until the
         # series is next rebuilt (at start, say), since a window holds the newest records in time order. Queued

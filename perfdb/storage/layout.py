@@ -211,13 +211,13 @@ def tag_count_key(tag: str) -> bytes:
 def _index_heads(user_id: str, test_name: str, tag: str) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes]:
     """What a record's index entries share with every record of the same user, test and tag: the
     user, test and tag index prefixes, each followed by its entries' value (for the user and test
-    entries its head, the array left open for the record's numbers), then the metric entries'
+    entries its index_entry_head, the array left open for the record's numbers), then the metric entries'
     value. Cached: a writer's batch holds many records of few such triples."""
     return (
         user_index_prefix(user_id),
-        orjson.dumps([test_name, tag])[:-1],
+        index_entry_head(test_name, tag),
         test_index_prefix(test_name),
-        orjson.dumps([user_id, tag])[:-1],
+        index_entry_head(user_id, tag),
         tag_index_prefix(tag),
         orjson.dumps([user_id, test_name]),
         orjson.dumps([user_id, test_name, tag]),
@@ -247,7 +247,7 @@ def record_index_entries(
             for name, value in values.items()
             if name not in _CORE_POSITIONS and (type(value) is float or type(value) is int)
         }
-    numbers_tail = b"," + orjson.dumps(core) + b"," + orjson.dumps(others) + b"]"
+    numbers_tail = orjson.dumps(core) + b"," + orjson.dumps(others) + b"]"
     entries = [
         (user_prefix + rid, user_head + numbers_tail),
         (test_prefix + rid, test_head + numbers_tail),

@@ -502,10 +502,11 @@ class ResultStore:
     def _test_rows(self, snapshot: plyvel.Snapshot, test_name: str) -> Iterator[Row]:
         """The overview's rows of every record filed under the test."""
         prefix = layout.test_index_prefix(test_name)
+        read_entry = layout.index_entry_reader(prefix)
         with snapshot.iterator(prefix=prefix, fill_cache=False) as entries:
             for key, value in entries:
                 try:
-                    user_id, _, _ = layout.index_fields(prefix, value)
+                    user_id = read_entry(value)[0]
                 except (ValueError, TypeError):  # orjson's decode error is a ValueError
                     log.error("index entry %r is damaged; left out of the overview", key[:80])
                     continue
@@ -720,6 +721,10 @@ class ResultStore:
             page.total = source.count  # the one filter's index count, or every record's
         return page
 
+    def _skip_damaged_entry(self, key: bytes) -> None:
+        self.corrupt_records += 1
+        log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+
     def _entry_readers(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> tuple[_Admits, _Fetch]:
         """How to read the source's entries: `admits` gives the user id of an entry's record if the
         query's filters admit it (else None), without reading the record; `fetch` gives the
@@ -727,14 +732,13 @@ class ResultStore:
         if source.prefix == layout.RECORD_PREFIX:
             id_end = layout.RECORD_ID_END
             return (lambda key, value: key[id_end:]), (lambda key, value, user_id: self._checked(value, key))
-        prefix = source.prefix
+        read_entry = layout.index_entry_reader(source.prefix)
 
         def admits(key: bytes, value: bytes) -> bytes | None:
             try:
-                user_id, test_name, tag = layout.index_fields(prefix, value)
+                user_id, test_name, tag, _ = read_entry(value)
             except (ValueError, TypeError):  # orjson's decode error is a ValueError
-                self.corrupt_records += 1
-                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                self._skip_damaged_entry(key)
                 return None
             return user_id.encode() if _matches(query, user_id, test_name, tag) else None
 
@@ -768,8 +772,7 @@ class ResultStore:
             try:
                 user_id, test_name, tag, numbers = read_entry(value)
             except (ValueError, TypeError):  # orjson's decode error is a ValueError
-                self.corrupt_records += 1
-                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                self._skip_damaged_entry(key)
                 return None
             if not _matches(query, user_id, test_name, tag):
                 return None
@@ -881,6 +884,7 @@ class ResultStore:
         more = full = False
         complete = True
         rank_of = _MetricRanks(query.sort, query.descending)
+        read_entry = layout.index_entry_reader(layout.METRIC_INDEX_PREFIX)
         for key, value in _metric_walk(snapshot, query.sort, query.descending, after):
             if examined == self._max_sort_examined:
                 more = True
@@ -892,10 +896,9 @@ class ResultStore:
                 last_key = key  # the next page starts past entries this one skipped
                 continue
             try:
-                user_id, test_name, tag = layout.index_fields(layout.METRIC_INDEX_PREFIX, value)
+                user_id, test_name, tag, _ = read_entry(value)
             except (ValueError, TypeError):  # orjson's decode error is a ValueError
-                self.corrupt_records += 1
-                log.error("index entry %r is damaged; skipped (perfdb repair rebuilds it)", key[:80])
+                self._skip_damaged_entry(key)
                 last_key = key
                 continue
             if not _matches(query, user_id, test_name, tag):
@@ -1100,6 +1103,7 @@ class ResultStore:
         """The time of the oldest (newest) entry that the filters admit; a walk past
         max_sort_examined entries settles for the first entry of the range."""
         query = request.as_query()
+        read_entry = layout.index_entry_reader(source.prefix)
         edge: bytes | None = None
         with _entries(snapshot, start, stop, reverse=newest) as entries:
             for examined, (key, value) in enumerate(entries):
@@ -1107,7 +1111,7 @@ class ResultStore:
                     edge = key
                 if examined == self._max_sort_examined:
                     break
-                if _matches(query, *layout.index_fields(source.prefix, value)):
+                if _matches(query, *read_entry(value)[:3]):
                     edge = key
                     break
             else:

@@ -172,3 +172,12 @@ def sample_summary(samples: list[float]) -> SampleSummary:
             first = 0.75 * ordered[quarter] + 0.25 * ordered[quarter + 1]
             third = 0.25 * ordered[3 * quarter + 1] + 0.75 * ordered[3 * quarter + 2]
     return SampleSummary(count, ordered[0], first, statistics.median(ordered), third, ordered[-1])
+
+
+def metric_unit(record: dict[str, Any], name: str) -> str:
+    """The unit a metric (or samples series) of a record is shown in: a core metric's fixed one,
+    else the one the record gives it ("" when it gives none)."""
+    if name in METRICS_BY_NAME:
+        return METRICS_BY_NAME[name].unit
+    unit = (record.get("units") or {}).get(name, "")
+    return unit if isinstance(unit, str) else ""

@@ -17,7 +17,7 @@ from typing import Any
 
 from perfdb.records.timestamps import parse_rfc3339
 from perfdb.records.units import CORE_METRIC_NAMES, CORE_METRICS
-from perfdb.web.analysis import CHARTS, axis_scale
+from perfdb.web.analysis import CHARTS, axis_scale, metric_unit
 from perfdb.web.queries import QueryError
 from perfdb.web.source import RecordQuery, ResultSource
 
@@ -213,9 +213,8 @@ def other_metric_units(record: dict[str, Any]) -> dict[str, str]:
     """A result's metrics other than the core ones, by name, each with the unit the result gives
     it ("" when it gives none)."""
     metrics = record.get("metrics") or {}
-    units = record.get("units") or {}
     names = sorted(name for name in metrics if name not in CORE_METRIC_NAMES)[:MAX_OTHER_METRICS]
-    return {name: str(units.get(name, "")) for name in names}
+    return {name: metric_unit(record, name) for name in names}
 
 
 def _charts(lines: list[dict[str, Any]], other_units: dict[str, str]) -> list[dict[str, Any]]:

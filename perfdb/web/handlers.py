@@ -412,11 +412,16 @@ async def api_one_test_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view = _one_test_view(request)
     tests = await dashboard.source.test_counts(None, CHART_TEST_METRICS)
-    # A test without the core metrics (another tool's benchmark) is charted if perfdb has it at all.
-    test = view.filters.test
-    if test not in tests and await dashboard.source.edges(RecordQuery(test_name=test)) is None:
-        raise NotFoundError(f"perfdb has no results of a test named {view.filters.test[:100]!r}.")
     data = await _chart_data(dashboard, request, record_query(view.filters), tests)
+    # A test without the core metrics (another tool's benchmark) is charted if perfdb has it at all;
+    # only an empty chart asks whether it has any outside the range.
+    test = view.filters.test
+    if (
+        test not in tests
+        and data["range"] is None
+        and await dashboard.source.edges(RecordQuery(test_name=test)) is None
+    ):
+        raise NotFoundError(f"perfdb has no results of a test named {view.filters.test[:100]!r}.")
     return json_response({"test": view.filters.test, **data, "links": {"page": view.url(), "table": view.url("/")}})
 
 

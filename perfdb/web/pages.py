@@ -12,7 +12,7 @@ import orjson
 
 from perfdb import __version__
 from perfdb.records.units import CORE_METRICS, format_value
-from perfdb.web.analysis import LeaderboardEntry, sample_summary
+from perfdb.web.analysis import LeaderboardEntry, metric_unit, sample_summary
 from perfdb.web.markup import Markup, concat, json_data_block, render
 from perfdb.web.queries import (
     ALERT_STATES,
@@ -748,15 +748,6 @@ def result_page(
         sections=concat(sections),
     )
     return layout(site, title=test, active="result", body=body)
-
-
-def metric_unit(record: dict[str, Any], name: str) -> str:
-    """The unit a metric (or samples series) of a record is shown in: a core metric's fixed one,
-    else the one the record gives it ("" when it gives none)."""
-    if name in METRICS_BY_NAME:
-        return METRICS_BY_NAME[name].unit
-    unit = (record.get("units") or {}).get(name, "")
-    return unit if isinstance(unit, str) else ""
 
 
 def _custom_description(record: dict[str, Any], name: str) -> str:

@@ -1401,18 +1401,9 @@ async def test_a_record_batch_survives_kill_9_whole_once_acknowledged_and_is_nev
     server.wait_listening()
     connection = await Connection.open(server.port)
     try:
-        stored: dict[str, dict[str, Any]] = {}
-        cursor = None
         async with asyncio.timeout(READ_BACK_SECONDS):
-            while True:
-                page = await connection.request(
-                    "get_user", user_id=BOT_TOKENS[token], limit=1000, **({"cursor": cursor} if cursor else {})
-                )
-                assert page["ok"], page
-                stored.update((record["request_id"], record) for record in page["records"])
-                cursor = page["next_cursor"]
-                if cursor is None:
-                    break
+            records = await page_through(connection, "get_user", user_id=BOT_TOKENS[token])
+        stored = {record["request_id"]: record for record in records}
     finally:
         await connection.close()
     for number, records in enumerate(batches):

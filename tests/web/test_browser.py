@@ -3,6 +3,7 @@ against perfdb-web started as a process. Screenshots of every page go to test-ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -94,21 +95,28 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             context.close()
 
 
-def _open_tab(browser: Any, base_url: str) -> BrowserPage:
+@contextlib.contextmanager
+def opened_tab(browser: Any, base_url: str) -> Iterator[BrowserPage]:
+    """A new tab on the dashboard at `base_url` that collects console errors; closed after."""
     page = browser.new_page()
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
-    return BrowserPage(page, base_url, errors)
+    try:
+        yield BrowserPage(page, base_url, errors)
+    finally:
+        page.close()
+
+
+def wait_for_charts(tab: BrowserPage) -> None:
+    """Until the page's time charts are drawn from their data."""
+    tab.page.wait_for_selector("#charts[data-ready=true]", timeout=60_000)
 
 
 @pytest.fixture
 def tab(browser: Any, dashboard: DashboardProcess) -> Iterator[BrowserPage]:
-    opened = _open_tab(browser, dashboard.url)
-    try:
+    with opened_tab(browser, dashboard.url) as opened:
         yield opened
-    finally:
-        opened.page.close()
 
 
 def _cell_values(tab: BrowserPage, column: str) -> list[str]:
@@ -187,7 +195,7 @@ def test_columns_can_be_hidden_from_the_table(tab: BrowserPage) -> None:
 
 def test_user_page_draws_charts_and_a_click_on_a_point_opens_the_result(tab: BrowserPage) -> None:
     tab.goto("/users/static:nightly-ci")
-    tab.page.wait_for_selector("#charts[data-ready=true]")
+    wait_for_charts(tab)
     canvases = tab.page.locator("#charts canvas")
     assert canvases.count() == 5
     for chart in ("qps", "qps_per_core", "latency", "server_cpu", "client_cpu"):
@@ -236,7 +244,7 @@ def test_user_page_draws_charts_and_a_click_on_a_point_opens_the_result(tab: Bro
 
 def test_user_page_percentile_charts_follow_the_chosen_test(tab: BrowserPage) -> None:
     tab.goto("/users/static:nightly-ci")
-    tab.page.wait_for_selector("#charts[data-ready=true]")
+    wait_for_charts(tab)
     latency = "window.perfdbCharts.find((c) => c.id === 'latency')"
     metrics = tab.page.evaluate(f"() => {latency}.lines.map((l) => l.line.metric)")
     assert metrics == ["perc_lat_50", "perc_lat_90", "perc_lat_95", "perc_lat_99", "perc_lat_99_point_9"]
@@ -246,13 +254,13 @@ def test_user_page_percentile_charts_follow_the_chosen_test(tab: BrowserPage) ->
     first = tab.page.evaluate(tests_shown)
     tab.page.select_option("#detail-test", GO_PING_PONG)  # loads that test's lines
     tab.page.wait_for_function(f"() => ({tests_shown})()[0] === {GO_PING_PONG!r}")
-    tab.page.wait_for_selector("#charts[data-ready=true]")
+    wait_for_charts(tab)
     assert tab.page.evaluate(tests_shown) == [GO_PING_PONG] != first
     assert tab.coloured_pixels("#chart-latency canvas") > 300
     assert f"detail={GO_PING_PONG}" in tab.page.url
     # The choice is part of the link: opening it again shows the same test.
     tab.page.reload()
-    tab.page.wait_for_selector("#charts[data-ready=true]")
+    wait_for_charts(tab)
     assert tab.page.evaluate(tests_shown) == [GO_PING_PONG]
     # A legend entry hides its line and band, and shows them again.
     tab.page.click("#chart-latency .legend-item >> nth=4")
@@ -284,19 +292,15 @@ def test_overview_draws_the_histogram_and_the_leaderboard(tab: BrowserPage) -> N
 
 def test_perfdb_down_shows_a_readable_page_that_retries(browser: Any) -> None:
     perfdb_address = f"127.0.0.1:{closed_port()}"
-    with dashboard_process(perfdb_address) as down:
-        tab = _open_tab(browser, down.url)
-        try:
-            response = tab.goto("/")
-            assert response.status == 503
-            message = tab.page.inner_text("#error-message")
-            assert message.startswith(f"The perfdb server at {perfdb_address} cannot be reached")
-            assert "Retrying by itself in" in tab.page.inner_text("#retry-countdown")
-            tab.screenshot("perfdb-down.png")
-            # The only console error is the browser noting the 503 itself.
-            assert [error for error in tab.errors if "503" not in error] == []
-        finally:
-            tab.page.close()
+    with dashboard_process(perfdb_address) as down, opened_tab(browser, down.url) as tab:
+        response = tab.goto("/")
+        assert response.status == 503
+        message = tab.page.inner_text("#error-message")
+        assert message.startswith(f"The perfdb server at {perfdb_address} cannot be reached")
+        assert "Retrying by itself in" in tab.page.inner_text("#retry-countdown")
+        tab.screenshot("perfdb-down.png")
+        # The only console error is the browser noting the 503 itself.
+        assert [error for error in tab.errors if "503" not in error] == []
 
 
 # -- after a burst: 24,000 results within seconds ---------------------------------------------
@@ -310,11 +314,8 @@ def burst_dashboard(burst: BurstPerfdb) -> Iterator[DashboardProcess]:
 
 @pytest.fixture
 def burst_tab(browser: Any, burst_dashboard: DashboardProcess) -> Iterator[BrowserPage]:
-    opened = _open_tab(browser, burst_dashboard.url)
-    try:
+    with opened_tab(browser, burst_dashboard.url) as opened:
         yield opened
-    finally:
-        opened.page.close()
 
 
 def _row_ids(tab: BrowserPage) -> list[str]:

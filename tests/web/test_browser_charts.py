@@ -12,7 +12,7 @@ import pytest
 
 from tests.web.conftest import DashboardProcess, dashboard_process
 from tests.web.dense import BIG_TEST, DENSE_USER, HIGHEST_QPS, LOWEST_QPS, SPARSE_TEST, DensePerfdb
-from tests.web.test_browser import CHROMIUM, BrowserPage, _open_tab, browser  # noqa: F401  (fixtures)
+from tests.web.test_browser import CHROMIUM, BrowserPage, browser, opened_tab, wait_for_charts  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="browser tests need Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
@@ -81,22 +81,15 @@ def dense_dashboard(dense_perfdb: DensePerfdb, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture
 def dense_tab(browser: Any, dense_dashboard: DashboardProcess) -> Iterator[BrowserPage]:  # noqa: F811
-    opened = _open_tab(browser, dense_dashboard.url)
-    try:
+    with opened_tab(browser, dense_dashboard.url) as opened:
         yield opened
-    finally:
-        opened.page.close()
-
-
-def _wait_for_charts(tab: BrowserPage) -> None:
-    tab.page.wait_for_selector("#charts[data-ready=true]", timeout=60_000)
 
 
 def test_a_dense_user_page_draws_bands_keeps_extremes_and_opens_a_single_result(
     dense_tab: BrowserPage, dense_perfdb: DensePerfdb
 ) -> None:
     dense_tab.goto(f"/users/{DENSE_USER}")
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     assert dense_tab.page.locator("#charts canvas").count() == 5
     for chart in ("qps", "qps_per_core", "latency", "server_cpu", "client_cpu"):
         assert dense_tab.coloured_pixels(f"#chart-{chart} canvas") > 300, chart
@@ -113,12 +106,12 @@ def test_a_dense_user_page_draws_bands_keeps_extremes_and_opens_a_single_result(
     # What the page and its chart data cost on the wire (static files are cached for good).
     for path in (f"/users/{DENSE_USER}", f"/users/{DENSE_USER}?test={BIG_TEST}"):
         dense_tab.goto(path)
-        _wait_for_charts(dense_tab)
+        wait_for_charts(dense_tab)
         assert dense_tab.page.evaluate(TRANSFERRED) < 300_000, path
 
     # A single result of the sparse test is a dot: hovering it names it, a click opens it.
     dense_tab.goto(f"/users/{DENSE_USER}?test={SPARSE_TEST}")
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     point = dense_tab.page.evaluate(SINGLE_POINT, ["qps", SPARSE_TEST, 2])
     dense_tab.page.mouse.move(point["x"] + 2, point["y"] + 2)
     dense_tab.page.mouse.move(point["x"], point["y"])
@@ -134,7 +127,7 @@ def test_a_dense_user_page_draws_bands_keeps_extremes_and_opens_a_single_result(
 
 def test_dragging_across_a_chart_zooms_into_a_finer_grid_and_back(dense_tab: BrowserPage) -> None:
     dense_tab.goto(f"/users/{DENSE_USER}?test={BIG_TEST}")
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     before = dense_tab.page.evaluate(DRAWN_LINE, ["qps", BIG_TEST])
     box = dense_tab.page.locator("#chart-qps .u-over").bounding_box()
     assert box is not None
@@ -144,7 +137,7 @@ def test_dragging_across_a_chart_zooms_into_a_finer_grid_and_back(dense_tab: Bro
     dense_tab.page.mouse.move(box["x"] + box["width"] * 0.97, y, steps=5)
     dense_tab.page.mouse.up()
     dense_tab.page.wait_for_url(re.compile(r"wfrom="))
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     after = dense_tab.page.evaluate(DRAWN_LINE, ["qps", BIG_TEST])
     assert after["grid"][1] < before["grid"][1] / 5  # buckets several times narrower
     assert re.search(r"[?&]from=20\d\d-", dense_tab.page.url)
@@ -152,11 +145,11 @@ def test_dragging_across_a_chart_zooms_into_a_finer_grid_and_back(dense_tab: Bro
     dense_tab.screenshot("user-zoomed.png")
     # The link keeps the zoom; the button goes back to the whole range.
     dense_tab.page.reload()
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     assert dense_tab.page.evaluate(DRAWN_LINE, ["qps", BIG_TEST])["grid"] == after["grid"]
     dense_tab.page.click("#zoom-out")
     dense_tab.page.wait_for_url(re.compile(r"^(?!.*wfrom=)"))
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     assert dense_tab.page.evaluate(DRAWN_LINE, ["qps", BIG_TEST])["grid"] == before["grid"]
     # A click on a moment of many results lists them in the table.
     bucket = dense_tab.page.evaluate(MANY_POINT, ["qps", BIG_TEST])
@@ -176,7 +169,7 @@ def test_dragging_across_a_chart_zooms_into_a_finer_grid_and_back(dense_tab: Bro
 
 def test_a_test_across_users_charts_on_its_own_page(dense_tab: BrowserPage) -> None:
     dense_tab.goto(f"/tests/{BIG_TEST}")
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     assert dense_tab.page.inner_text("h1") == BIG_TEST
     for chart in ("qps", "latency"):
         assert dense_tab.coloured_pixels(f"#chart-{chart} canvas") > 300, chart
@@ -189,7 +182,7 @@ def test_the_page_formats_values_as_the_server_does(dense_tab: BrowserPage) -> N
     from perfdb.records.units import format_value
 
     dense_tab.goto(f"/tests/{BIG_TEST}")
-    _wait_for_charts(dense_tab)
+    wait_for_charts(dense_tab)
     samples = [(value, unit) for unit in ("qps", "us", "percent") for value in (0.5, 42.26, 999.4, 1234.6, 2_500_000.0)]
     samples += [(value, "") for value in (1_403_434.0, 1234.5, 250_000.7, 42.0)]  # counts of unknown metrics
     # Records' own units (Google Benchmark, pytest-benchmark, ...), scaled as the server scales them.

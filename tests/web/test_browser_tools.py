@@ -16,7 +16,7 @@ from perfdb.client import Client
 from perfdb.importers import import_file
 from tests.support import FIXTURES, static_token_server
 from tests.web.conftest import DashboardProcess, dashboard_process
-from tests.web.test_browser import CHROMIUM, BrowserPage, _open_tab, browser  # noqa: F401  (fixtures)
+from tests.web.test_browser import CHROMIUM, BrowserPage, browser, opened_tab, wait_for_charts  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="browser tests need Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
@@ -77,16 +77,13 @@ def tools_dashboard(tools_perfdb: ToolsPerfdb) -> Iterator[DashboardProcess]:
 
 @pytest.fixture
 def tools_tab(browser: Any, tools_dashboard: DashboardProcess) -> Iterator[BrowserPage]:  # noqa: F811
-    opened = _open_tab(browser, tools_dashboard.url)
-    try:
+    with opened_tab(browser, tools_dashboard.url) as opened:
         yield opened
-    finally:
-        opened.page.close()
 
 
 def _chart_axes(tab: BrowserPage, test: str) -> dict[str, dict[str, Any]]:
     tab.goto("/tests/" + test.replace("/", "%2F"))
-    tab.page.wait_for_selector("#charts[data-ready=true]", timeout=60_000)
+    wait_for_charts(tab)
     axes: list[dict[str, Any]] = tab.page.evaluate(CHART_AXES)
     return {axis["title"]: axis for axis in axes}
 
