@@ -113,6 +113,12 @@ class Config:
         "past it the reply says complete: false",
         "storage",
     )
+    series_cache_mb: int = setting(
+        64,
+        "memory (MiB) for the columns of the user and test indexes that series reads (the "
+        "dashboard's charts) keep between reads, least recently read out first",
+        "storage",
+    )
     max_compare_records: int = setting(
         10_000,
         "most records each side of a compare holds; past it the side holds its newest and the reply says truncated",

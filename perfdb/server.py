@@ -78,6 +78,7 @@ def build_store(config: Config) -> ResultStore:
         max_batch=config.max_batch_records,
         paranoid_checks=config.paranoid_checks,
         max_sort_examined=config.max_sort_examined,
+        series_cache_bytes=config.series_cache_mb * 1024 * 1024,
         upgrade_batch=config.upgrade_batch_records,
         upgrade_pause=config.upgrade_pause,
         # The thresholds from --regression-config are read at start (off the event loop).

@@ -9,18 +9,32 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import pytest
 
 from perfdb.config import Config
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.schema import RecordDraft, SeriesQuery
-from perfdb.records.timestamps import format_micros, parse_rfc3339
+from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
 from perfdb.server import build_store
-from perfdb.storage import series as series_module
+from perfdb.storage import layout
 from perfdb.storage import store as series_store
-from perfdb.storage.series import BucketGrid, MetricSeries
+from perfdb.storage.series import (
+    BucketBounds,
+    BucketGrid,
+    CachedIndex,
+    IndexColumns,
+    MetricColumn,
+    SeriesCache,
+    SeriesColumns,
+    index_columns,
+    metric_fields,
+)
 from tests.support import connect, error_code, perfdb_with_provider, record_request, send_burst
+from tests.test_deletion import ADMIN_KEY as DELETION_ADMIN_KEY
+from tests.test_deletion import perfdb as deletion_perfdb
 from tests.test_reads import CountingDB, DenseClock, matching, write_burst
 
 
@@ -194,19 +208,16 @@ async def test_the_extremes_survive_among_thousands_of_points(tmp_path: Path) ->
     assert sum(p["count"] for p in series["points"]) == 5000
 
 
-async def test_big_buckets_sample_their_median_and_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(series_module, "MEDIAN_SAMPLE", 64)
+async def test_big_buckets_have_exact_medians(tmp_path: Path) -> None:
     async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
         values = [float(n % 1000) for n in range(3000)]
         acks = await send_burst(conn, [record_request(metrics={"qps": value}) for value in values])
         assert all(ack["ok"] for ack in acks)
         first = await conn.request("series", metric="qps", test_name="unary", buckets=1)
-        again = await conn.request("series", metric="qps", test_name="unary", buckets=1)
     [point] = first["series"]["qps"]["points"]
-    assert first["series"]["qps"]["exact_medians"] is False
+    assert first["series"]["qps"]["exact_medians"] is True
     assert (point["count"], point["min"], point["max"], point["mean"]) == (3000, 0.0, 999.0, 499.5)
-    assert 200 <= point["median"] <= 800  # a median of a uniform sample of 64 values of 0..999
-    assert again == first  # the sample is seeded: the same request, the same answer
+    assert point["median"] == statistics.median(values) == 499.5
 
 
 async def test_a_series_past_the_examined_bound_covers_the_newest_records(tmp_path: Path) -> None:
@@ -281,16 +292,25 @@ def test_the_grid_has_at_most_the_buckets_asked_for_and_covers_the_range() -> No
         assert grid.width == 1 or grid.count == buckets or grid.width * (grid.count - 1) < end - start
 
 
-def test_values_must_come_newest_first_and_single_buckets_name_their_record() -> None:
-    grid = BucketGrid(start=0, end=100, width=10)
-    series = MetricSeries(grid)
-    for value, micros in ((5, 95), (7, 91), (1, 55), (3, 2)):
-        series.add(value, f"r{micros}", micros)
-    fields = series.to_fields()
-    assert [(p["bucket"], p["count"], p["median"]) for p in fields["points"]] == [(0, 1, 3), (5, 1, 1), (9, 2, 6)]
-    assert fields["points"][0]["record_id"] == "r2" and fields["points"][0]["value"] == 3
-    assert "record_id" not in fields["points"][2]
-    assert fields["min"]["record_id"] == "r55" and fields["max"]["record_id"] == "r91"
+def test_buckets_keep_ints_as_ints_and_single_buckets_name_their_record() -> None:
+    rows = [(2, 3), (55, 1), (91, 7), (95, 5.0), (96, 2)]  # (microseconds, value), oldest first
+    ids = np.array([record_ids.make_record_id(micros, 0) for micros, _ in rows], dtype="S20")
+    values = [value for _, value in rows]
+    column = MetricColumn(np.array(values, dtype=np.float64), np.array([type(v) is int for v in values]))
+    columns = SeriesColumns(
+        np.array([micros for micros, _ in rows], dtype=np.int64), ids, np.zeros(5, dtype=np.int32), ["t"],
+        {"qps": column},
+    )  # fmt: skip
+    fields = metric_fields(columns, "qps", BucketBounds(BucketGrid(start=0, end=100, width=10)))
+    points = fields["points"]
+    assert [(p["bucket"], p["count"], p["median"], p["min"], p["max"]) for p in points] == [
+        (0, 1, 3, 3, 3), (5, 1, 1, 1, 1), (9, 3, 5.0, 2, 7),
+    ]  # fmt: skip
+    assert [type(p["min"]) for p in points] == [int, int, int] and type(points[2]["median"]) is float
+    assert points[0]["record_id"] == ids[0].decode() and points[0]["value"] == 3
+    assert "record_id" not in points[2]
+    assert fields["min"]["record_id"] == ids[1].decode() and fields["max"]["value"] == 7
+    assert fields["count"] == 5 and fields["first"] == format_micros(2) and fields["last"] == format_micros(96)
 
 
 async def test_a_range_holding_one_record_at_its_start_is_read_newest_first(tmp_path: Path) -> None:
@@ -352,3 +372,105 @@ async def test_series_over_the_user_or_test_index_read_no_record(tmp_path: Path)
     finally:
         store._db = counting.real
         await loop.run_in_executor(None, store.close)
+
+
+CHARTED = ["qps", "perc_lat_50"]
+# Over a test's index (unary's), over a user's (bob's is smaller than streaming's), and below a
+# user's every test (by_test over carol's).
+CACHED_FILTERS: tuple[dict[str, str], ...] = ({"test_name": "unary"}, {"test_name": "streaming", "user_id": "bob"})
+
+
+async def check_cached_reads(conn: Any, written: list[dict[str, Any]]) -> None:
+    for filters in CACHED_FILTERS:
+        for buckets in (9, 400):
+            reply = await conn.request("series", metric=CHARTED, buckets=buckets, **filters)
+            check_series(reply, matching(written, **filters), CHARTED, buckets)
+    grouped = await conn.request("series", metric=CHARTED, by="test", user_id="carol", buckets=50)
+    records = matching(written, user_id="carol")
+    assert grouped["records"] == len(records)
+    for test_name, series in grouped["tests"].items():
+        alone = {**grouped, "series": series, "records": len(matching(records, test_name=test_name))}
+        check_series(alone, matching(records, test_name=test_name), CHARTED, 50)
+
+
+async def test_cached_index_columns_follow_appends_deletions_and_back_filled_records(tmp_path: Path) -> None:
+    """Series reads keep a user's or a test's index in memory; every write after shows in the next
+    read: new records (read from the index past the cached ones), a deletion and a record filed at
+    its past run_time (the whole index read again)."""
+    async with deletion_perfdb(tmp_path) as (server, _), connect(server) as conn:
+        cache = server.store.series_cache
+        written = await write_burst(conn, 3000, seed=21)
+        await check_cached_reads(conn, written)
+        assert cache.cached_bytes > 0
+        hits, epoch = cache.hits, cache.epoch
+
+        written += await write_burst(conn, 700, seed=22)
+        await check_cached_reads(conn, written)
+        assert cache.hits > hits and cache.epoch == epoch  # the appended entries were read on their own
+
+        for victim in (matching(written, test_name="unary")[-5], matching(written, user_id="carol")[7]):
+            deleted = await conn.request("delete_record", record_id=victim["record_id"], admin_key=DELETION_ADMIN_KEY)
+            assert deleted["deleted"] is True
+            written.remove(victim)
+        await check_cached_reads(conn, written)
+        assert cache.epoch > epoch
+
+        epoch = cache.epoch
+        ran = now_micros() - 300 * 86_400_000_000
+        metrics = {"qps": 123.25, "perc_lat_50": 7}
+        past = await conn.request(**record_request("user-carol", "unary", metrics=metrics, run_time=format_micros(ran)))
+        assert past["ok"] and micros_of(past) < min(micros_of(r) for r in written)
+        written.append(
+            {"record_id": past["record_id"], "user_id": "carol", "test_name": "unary", "tag": "", "metrics": metrics}
+        )
+        await check_cached_reads(conn, written)
+        assert cache.epoch > epoch
+
+
+async def test_an_index_too_big_for_the_cache_is_walked_and_agrees(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path, series_cache_mb=1) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 6000, seed=23)
+        cache = server.store.series_cache
+        unary = matching(written, test_name="unary")
+        assert not cache.fits(len(unary))  # 2,000 entries: more than a quarter of 1 MiB
+        for buckets in (9, 400):
+            reply = await conn.request("series", metric=CHARTED, test_name="unary", buckets=buckets)
+            check_series(reply, unary, CHARTED, buckets)
+        assert cache.cached_bytes == 0
+        rare = await conn.request("series", metric=CHARTED, test_name="rare", buckets=30)
+        check_series(rare, matching(written, test_name="rare"), CHARTED, 30)
+        assert cache.cached_bytes > 0
+
+
+def synthetic_index(entries: int, first_micros: int) -> IndexColumns:
+    rows = [
+        (
+            layout.user_index_prefix("u") + record_ids.make_record_id(first_micros + n, 0).encode(),
+            orjson.dumps(["t", "", [float(n)] + [None] * 10, {"extra": n}]),
+        )
+        for n in range(entries)
+    ]
+    columns = index_columns(rows, True, "u", lambda key: None)
+    assert columns is not None
+    return columns
+
+
+def test_the_cache_holds_its_budget_and_drops_the_least_recently_read() -> None:
+    index = synthetic_index(100, 1_000)
+    cache = SeriesCache(max_bytes=index.bytes * 4)
+    for name in (b"a", b"b", b"c", b"d"):
+        cache.put(name, CachedIndex(index, b"k", cache.epoch))
+    assert cache.get(b"a", cache.epoch) is not None  # a is now the most recently read
+    cache.put(b"e", CachedIndex(index, b"k", cache.epoch))
+    assert cache.get(b"b", cache.epoch) is None and cache.get(b"a", cache.epoch) is not None
+    assert cache.cached_bytes <= cache.max_bytes
+    stale = cache.epoch
+    cache.invalidate()
+    assert cache.get(b"a", cache.epoch) is None and cache.cached_bytes == 0
+    cache.put(b"a", CachedIndex(index, b"k", stale))  # read before the invalidation: not kept
+    assert cache.get(b"a", cache.epoch) is None
+    # Columns extended by newer entries keep every metric, other ones included.
+    longer = index.extended(synthetic_index(3, 5_000))
+    assert longer.entries == 103 and len(longer.series) == 103
+    assert longer.series.metrics["extra"].values[-1] == 2 and longer.series.metrics["extra"].integral.all()
+    assert longer.series.micros[-1] == 5_002

@@ -45,7 +45,18 @@ from perfdb.storage.alerts import AlertBook, AlertQuery
 from perfdb.storage.dbstats import DatabaseStats, read_database_stats
 from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview, Row
-from perfdb.storage.series import BucketGrid, MetricSeries
+from perfdb.storage.series import (
+    EMPTY_SERIES,
+    BucketBounds,
+    BucketGrid,
+    CachedIndex,
+    IndexColumns,
+    RowGatherer,
+    SeriesCache,
+    SeriesColumns,
+    index_columns,
+    metric_fields,
+)
 from perfdb.storage.upgrade import UPGRADABLE_VERSIONS, upgrade_schema
 from perfdb.storage.writer import (
     BatchAck,
@@ -80,6 +91,8 @@ METRIC_WALK_MICROS = 4.0
 _TIE_BUFFER = 256
 _READ_THREADS = 4
 _OVERVIEW_LOAD_BATCH = 10_000
+# Index entries a series read decodes at once when it reads an index into columns.
+_INDEX_CHUNK = 32_768
 
 
 _T = TypeVar("_T")
@@ -221,6 +234,7 @@ class ResultStore:
         upgrade_batch: int,
         upgrade_pause: float,
         detector: RegressionDetector,
+        series_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         """The settings come from Config (--max-sort-examined and so on), where their defaults are.
 
@@ -240,6 +254,7 @@ class ResultStore:
         self._upgrade_batch = upgrade_batch
         self._upgrade_pause = upgrade_pause
         self._overview = Overview()
+        self.series_cache = SeriesCache(series_cache_bytes)
         self._lock = DatabaseLock(path)
         self._guard = HandleGuard()
         self._closed = False
@@ -292,6 +307,7 @@ class ResultStore:
             detector=self.detector,
         )
         self._writer.overview_stale_observer = self._queue_overview_rebuild
+        self._writer.history_observer = self.series_cache.invalidate
         self._writer.start()
 
     def _open_leveldb(self) -> plyvel.DB:
@@ -920,77 +936,115 @@ class ResultStore:
         return Page(records, {}, next_cursor, user_ids=user_ids, examined=examined, complete=complete)
 
     def _read_series(self, request: SeriesQuery) -> dict[str, Any]:
-        """Walk the series' records newest first over the smallest index, at most
-        max_sort_examined entries, adding each metric value to its time bucket. Over the user
-        or test index the values come from the entries: no record is read."""
+        """The series' records newest first over the smallest index, at most max_sort_examined
+        entries, bucketed on a grid over since..until (an open end: the oldest or newest record
+        found). Over the user or test index the numbers come from its cached columns; no record is
+        read."""
         if request.by_test:
             return self._read_series_by_test(request)
-        query = request.as_query()
+        with self._series_snapshot() as (snapshot, epoch):
+            columns, examined, complete = self._series_rows(snapshot, request, epoch)
+            grid = _series_grid(request, columns)
+            bounds = None if grid is None else BucketBounds(grid)
+            fields = _series_fields(request, bounds, columns, examined=examined, complete=complete)
+            return self._with_marks(snapshot, request, fields)
+
+    def _read_series_by_test(self, request: SeriesQuery) -> dict[str, Any]:
+        """One user's series of every test in one read, on one grid. The MAX_SERIES_TESTS tests
+        run most recently in the range are kept; others are left out and the reply says
+        `tests_truncated`."""
+        with self._series_snapshot() as (snapshot, epoch):
+            columns, examined, complete = self._series_rows(snapshot, request, epoch)
+            grid = _series_grid(request, columns)
+            tests, truncated = columns.by_test(MAX_SERIES_TESTS)
+            kept = sum(len(rows) for rows in tests.values())
+            bounds = None if grid is None else BucketBounds(grid)
+            fields = _series_fields(request, bounds, None, examined=examined, complete=complete, records=kept)
+            del fields["series"]
+            fields["tests_truncated"] = truncated
+            fields["tests"] = {}
+            for test_name in sorted(tests):
+                one = _series_fields(request, bounds, tests[test_name], examined=0, complete=True)
+                fields["tests"][test_name] = self._with_marks(snapshot, request, one, test_name)["series"]
+            return fields
+
+    @contextlib.contextmanager
+    def _series_snapshot(self) -> Iterator[tuple[plyvel.Snapshot, int]]:
+        """A snapshot for a series read, and the series cache's epoch taken before it."""
         with self._guard.reading():
+            epoch = self.series_cache.epoch
             snapshot = self._database().snapshot()
             try:
-                source = _choose_source(snapshot, query)
-                start, stop = _key_range(source.prefix, query, after_cursor=False)
-                grid = self._series_grid(snapshot, source, request, start, stop)
-                if grid is None:
-                    return self._with_marks(
-                        snapshot, request, _series_fields(request, None, {}, records=0, examined=0, complete=True)
-                    )
-                series = {metric: MetricSeries(grid) for metric in request.metrics}
-                numbers = self._entry_numbers(snapshot, source, query)
-                walk = _BoundedWalk(self._max_sort_examined)
-                records = 0
-                with _entries(snapshot, start, stop, reverse=True) as entries:
-                    for key, (_, _, metrics) in walk.admitted(entries, numbers):
-                        records += 1
-                        _add_points(series, metrics, source.record_id(key))
-                fields = _series_fields(
-                    request, grid, series, records=records, examined=walk.examined, complete=walk.complete
-                )
-                return self._with_marks(snapshot, request, fields)
+                yield snapshot, epoch
             finally:
                 snapshot.close()
 
-    def _read_series_by_test(self, request: SeriesQuery) -> dict[str, Any]:
-        """One user's series of every test in one walk over the smallest index, newest first,
-        on one grid: each test's metrics have one open bucket each. The first MAX_SERIES_TESTS
-        tests met (those run most recently in the range) are kept; others are skipped and the
-        reply says `tests_truncated`."""
+    def _series_rows(
+        self, snapshot: plyvel.Snapshot, request: SeriesQuery, epoch: int
+    ) -> tuple[SeriesColumns, int, bool]:
+        """(the records the request admits, oldest first; entries examined; complete)."""
         query = request.as_query()
-        with self._guard.reading():
-            snapshot = self._database().snapshot()
-            try:
-                source = _choose_source(snapshot, query)
-                start, stop = _key_range(source.prefix, query, after_cursor=False)
-                grid = self._series_grid(snapshot, source, request, start, stop)
-                tests: dict[str, dict[str, MetricSeries]] = {}
-                walk = _BoundedWalk(self._max_sort_examined)
-                records = 0
-                truncated = False
-                if grid is not None:
-                    numbers = self._entry_numbers(snapshot, source, query)
-                    with _entries(snapshot, start, stop, reverse=True) as entries:
-                        for key, (_, test_name, metrics) in walk.admitted(entries, numbers):
-                            series = tests.get(test_name)
-                            if series is None:
-                                if len(tests) == MAX_SERIES_TESTS:
-                                    truncated = True
-                                    continue
-                                series = tests[test_name] = {metric: MetricSeries(grid) for metric in request.metrics}
-                            records += 1
-                            _add_points(series, metrics, source.record_id(key))
-                fields = _series_fields(
-                    request, grid, {}, records=records, examined=walk.examined, complete=walk.complete
-                )
-                del fields["series"]
-                fields["tests_truncated"] = truncated
-                fields["tests"] = {}
-                for test_name in sorted(tests):
-                    one = _series_fields(request, grid, tests[test_name], records=0, examined=0, complete=True)
-                    fields["tests"][test_name] = self._with_marks(snapshot, request, one, test_name)["series"]
-                return fields
-            finally:
-                snapshot.close()
+        source = _choose_source(snapshot, query)
+        if source.carries_metrics and self.series_cache.fits(source.count):
+            index = self._index_columns(snapshot, source, epoch)
+            if index is not None:
+                return index.select(
+                    query.user_id, query.test_name, query.tag, query.since, query.until, self._max_sort_examined,
+                    request.metrics,
+                )  # fmt: skip
+        start, stop = _key_range(source.prefix, query, after_cursor=False)
+        numbers = self._entry_numbers(snapshot, source, query)
+        walk = _BoundedWalk(self._max_sort_examined)
+        gathered = RowGatherer(request.metrics)
+        with _entries(snapshot, start, stop, reverse=True) as entries:
+            for key, (_, test_name, metrics) in walk.admitted(entries, numbers):
+                gathered.add(source.record_id(key), test_name, metrics)
+        return gathered.columns(), walk.examined, walk.complete
+
+    def _index_columns(self, snapshot: plyvel.Snapshot, source: _Source, epoch: int) -> IndexColumns | None:
+        """Every entry of a user's or test's index as columns: the cached ones and those written
+        since, or the whole index read again. None if its entries do not carry the metrics."""
+        prefix = source.prefix
+        cached = self.series_cache.get(prefix, epoch)
+        if cached is not None:
+            newer = self._index_columns_from(snapshot, source, cached.last_key + b"\x00")
+            if newer is not None and cached.columns.entries + newer[0].entries == source.count:
+                if newer[0].entries == 0:
+                    return cached.columns
+                columns = cached.columns.extended(newer[0])
+                self.series_cache.put(prefix, CachedIndex(columns, newer[1], epoch))
+                return columns
+        whole = self._index_columns_from(snapshot, source, prefix)
+        if whole is None:
+            return None
+        columns, last_key = whole
+        if last_key:
+            self.series_cache.put(prefix, CachedIndex(columns, last_key, epoch))
+        return columns
+
+    def _index_columns_from(
+        self, snapshot: plyvel.Snapshot, source: _Source, start: bytes
+    ) -> tuple[IndexColumns, bytes] | None:
+        """The columns of the index's entries from `start` on, and the last entry's key (b"" if none)."""
+        prefix = source.prefix
+        by_user = prefix.startswith(layout.USER_INDEX_PREFIX)
+        name = prefix[len(layout.USER_INDEX_PREFIX) : -len(layout.SEPARATOR)].decode()
+        columns: IndexColumns | None = None
+        last_key = b""
+        with snapshot.iterator(start=start, stop=layout.prefix_end(prefix), fill_cache=False) as entries:
+            while True:
+                chunk = list(itertools.islice(entries, _INDEX_CHUNK))
+                if not chunk and columns is not None:
+                    break
+                more = index_columns(chunk, by_user, name, self._skip_damaged_entry)
+                if more is None:
+                    return None
+                columns = more if columns is None else columns.extended(more)
+                if not chunk:
+                    break
+                last_key = chunk[-1][0]
+        assert columns is not None
+        return columns, last_key
 
     def _compare(self, query: CompareQuery) -> dict[str, Any]:
         with self._guard.reading():
@@ -1071,52 +1125,6 @@ class ResultStore:
                 and (until is None or record_id_micros(mark["record_id"]) < until)
             ]
         return fields
-
-    def _series_grid(
-        self, snapshot: plyvel.Snapshot, source: _Source, request: SeriesQuery, start: bytes, stop: bytes
-    ) -> BucketGrid | None:
-        """The buckets over since..until; an open end is the oldest (newest) matching record,
-        found from index entries alone. None when the range is open and nothing matches."""
-        low, high = request.since, request.until
-        if low is None:
-            first = self._edge_micros(snapshot, source, request, start, stop, newest=False)
-            if first is None:
-                return None
-            low = first
-        if high is None:
-            last = self._edge_micros(snapshot, source, request, start, stop, newest=True)
-            if last is None:
-                return None
-            high = last + 1
-        return BucketGrid.spanning(low, high, request.buckets)
-
-    def _edge_micros(
-        self,
-        snapshot: plyvel.Snapshot,
-        source: _Source,
-        request: SeriesQuery,
-        start: bytes,
-        stop: bytes,
-        *,
-        newest: bool,
-    ) -> int | None:
-        """The time of the oldest (newest) entry that the filters admit; a walk past
-        max_sort_examined entries settles for the first entry of the range."""
-        query = request.as_query()
-        read_entry = layout.index_entry_reader(source.prefix)
-        edge: bytes | None = None
-        with _entries(snapshot, start, stop, reverse=newest) as entries:
-            for examined, (key, value) in enumerate(entries):
-                if edge is None:
-                    edge = key
-                if examined == self._max_sort_examined:
-                    break
-                if _matches(query, *read_entry(value)[:3]):
-                    edge = key
-                    break
-            else:
-                return None  # the whole range holds nothing that matches
-        return None if edge is None else record_id_micros(source.record_id(edge))
 
     def _checked(self, value: bytes | None, record_key: bytes) -> memoryview | None:
         """The record's JSON, or None (logged and counted) if it is missing or damaged."""
@@ -1209,15 +1217,6 @@ def _record_numbers(user_id: bytes, document: memoryview) -> tuple[bytes, str, _
     record = orjson.loads(document)
     metrics = record["metrics"]
     return user_id, record["test_name"], metrics if isinstance(metrics, dict) else {}
-
-
-def _add_points(series: dict[str, MetricSeries], metrics: _Metrics, record_id: str) -> None:
-    """A record's numeric values of the series' metrics, into their buckets."""
-    micros = record_id_micros(record_id)
-    for metric, points in series.items():
-        number: Any = metrics.get(metric)  # type() not isinstance(): a bool is no value
-        if type(number) in (int, float):
-            points.add(number, record_id, micros)
 
 
 @contextlib.contextmanager
@@ -1348,32 +1347,41 @@ def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:
     )
 
 
+def _series_grid(request: SeriesQuery, columns: SeriesColumns) -> BucketGrid | None:
+    """The buckets over since..until; an open end is the oldest (newest) record read. None when
+    the range is open and no record matched."""
+    if len(columns) == 0 and (request.since is None or request.until is None):
+        return None
+    low = request.since if request.since is not None else int(columns.micros[0])
+    high = request.until if request.until is not None else int(columns.micros[-1]) + 1
+    return BucketGrid.spanning(low, high, request.buckets)
+
+
 def _series_fields(
     request: SeriesQuery,
-    grid: BucketGrid | None,
-    series: dict[str, MetricSeries],
+    bounds: BucketBounds | None,
+    columns: SeriesColumns | None,
     *,
-    records: int,
     examined: int,
     complete: bool,
+    records: int | None = None,
 ) -> dict[str, Any]:
+    grid = None if bounds is None else bounds.grid
     return {
         "since": None if grid is None else format_micros(grid.start),
         "until": None if grid is None else format_micros(grid.end),
         "bucket_micros": None if grid is None else grid.width,
         "buckets": 0 if grid is None else grid.count,
-        "records": records,
+        "records": (0 if columns is None else len(columns)) if records is None else records,
         "examined": examined,
         "complete": complete,
         "series": {
-            metric: series[metric].to_fields() if metric in series else _EMPTY_SERIES for metric in request.metrics
+            metric: metric_fields(columns, metric, bounds)
+            if columns is not None and bounds is not None
+            else dict(EMPTY_SERIES)
+            for metric in request.metrics
         },
     }
-
-
-_EMPTY_SERIES: dict[str, Any] = {
-    "count": 0, "first": None, "last": None, "min": None, "max": None, "exact_medians": True, "points": [],
-}  # fmt: skip
 
 
 def _filter_count(query: Query) -> int:

@@ -249,6 +249,9 @@ class _Batch:
         self.now = now_micros()
         self._timestamps: dict[int, str] = {}  # commit time (microseconds) -> its RFC 3339 form
         self.overview_removed: set[str] = set()  # tests this batch removes records from
+        # Whether it changes an index other than by appending to it: a removal, or a record filed
+        # before the newest (see GroupCommitWriter.history_observer).
+        self.rewrites_history = False
 
     def timestamp(self, micros: int) -> str:
         """A record's commit time in RFC 3339, formatted once a batch."""
@@ -378,6 +381,7 @@ class _Batch:
         self.staged.pop(record_id, None)
         self.deleted.add(record_id)
         self.removed_records += 1
+        self.rewrites_history = True
 
     def add_verdicts(self, stored: StoredVerdicts) -> None:
         """Store judged records' verdicts, each only if its record is still there (a deletion committed
@@ -480,6 +484,8 @@ class _Batch:
         writer.overview.batch_written(self.overview_rows, self.overview_removed)
         if self.overview_removed and writer.overview_stale_observer is not None:
             writer.overview_stale_observer()
+        if self.rewrites_history and writer.history_observer is not None:
+            writer.history_observer()
         writer.record_count += record_change
         writer.user_count += user_change
         for user_id in self.deleted_profiles:
@@ -551,6 +557,10 @@ class GroupCommitWriter:
         # Told, on the writer thread, after a batch that made overview tests stale (a deletion):
         # the store has them rebuilt off the event loop.
         self.overview_stale_observer: Callable[[], None] | None = None
+        # Told, on the writer thread, after a batch that changed an index other than by appending
+        # to it (a removal, a record filed at its past run_time, a restored record): the series
+        # cache follows appends only.
+        self.history_observer: Callable[[], None] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -1030,6 +1040,7 @@ class GroupCommitWriter:
         for _ in range(8):
             candidate = make_record_id(ran, secrets.randbelow(SEQUENCE_LIMIT))
             if not batch.has_record(candidate) and not batch.is_tombstoned(candidate):
+                batch.rewrites_history = True
                 return candidate, micros
         return record_id, micros  # that microsecond is crowded beyond belief: commit order it is
 
@@ -1052,6 +1063,7 @@ class GroupCommitWriter:
                 return PerfdbError(ErrorCode.BAD_REQUEST, f"record {record.record_id} cannot be stored as JSON ({exc})")
             staged.append((record, document))
         removed = self._add_tombstones(batch, restoration.tombstones)
+        batch.rewrites_history = batch.rewrites_history or bool(staged)
         for record, document in staged:
             self._clock.advance_past(record.record_id)
             if restoration.force and batch.is_tombstoned(record.record_id):
