@@ -474,3 +474,35 @@ def test_the_cache_holds_its_budget_and_drops_the_least_recently_read() -> None:
     assert longer.entries == 103 and len(longer.series) == 103
     assert longer.series.metrics["extra"].values[-1] == 2 and longer.series.metrics["extra"].integral.all()
     assert longer.series.micros[-1] == 5_002
+
+
+async def test_columns_hold_the_points_of_the_same_series(tmp_path: Path) -> None:
+    async with perfdb_with_provider(tmp_path) as (server, _), connect(server) as conn:
+        written = await write_burst(conn, 2000, seed=24)
+        for filters in ({"test_name": "unary"}, {"by": "test", "user_id": "bob"}):
+            points = await conn.request("series", metric=CHARTED, buckets=300, **filters)
+            columns = await conn.request("series", metric=CHARTED, buckets=300, columns=True, **filters)
+            by_test = "by" in filters
+            assert (
+                points["records"]
+                == columns["records"]
+                == len(matching(written, **{k: v for k, v in filters.items() if k != "by"}))
+            )
+            pairs = (
+                [(points["tests"][t], columns["tests"][t]) for t in points["tests"]]
+                if by_test
+                else [(points["series"], columns["series"])]
+            )
+            for as_points, as_columns in pairs:
+                for metric in CHARTED:
+                    given = as_columns[metric].pop("columns")
+                    listed = as_points[metric].pop("points")
+                    assert as_columns[metric] == as_points[metric]  # count, first, last, extremes, marks
+                    assert len(listed) > 1 and all(len(values) == len(listed) for values in given.values())
+                    for position, point in enumerate(listed):
+                        for name in ("bucket", "count", "min", "median", "max", "mean"):
+                            assert given[name][position] == point[name]
+                        assert given["record_id"][position] == point.get("record_id")
+                        assert given["timestamp"][position] == point.get("timestamp")
+        refused = await conn.request("series", metric="qps", test_name="unary", columns="yes")
+        assert error_code(refused) == "bad_request" and refused["error"]["message"].startswith("columns: must be")

@@ -81,7 +81,7 @@ OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metri
 SERIES_FIELDS = (
     ENVELOPE_FIELDS
     | READ_FIELDS
-    | frozenset({"metric", "test_name", "user_id", "tag", "since", "until", "buckets", "by"})
+    | frozenset({"metric", "test_name", "user_id", "tag", "since", "until", "buckets", "by", "columns"})
 )
 # A series reply holds at most MAX_SERIES_METRICS x MAX_SERIES_BUCKETS points.
 DEFAULT_SERIES_BUCKETS = 1000
@@ -144,6 +144,7 @@ class SeriesQuery:
     since: int | None  # microseconds since the epoch, inclusive
     until: int | None  # microseconds since the epoch, exclusive
     buckets: int
+    columns: bool = False  # each series' buckets as columns (arrays) rather than point objects
 
     @property
     def by_test(self) -> bool:
@@ -932,7 +933,10 @@ def parse_series(request: dict[str, Any]) -> SeriesQuery:
         raise bad_request("buckets", f"must be an integer, got {_json_type(buckets)}")
     if not 1 <= buckets <= MAX_SERIES_BUCKETS:
         raise bad_request("buckets", f"must be between 1 and {MAX_SERIES_BUCKETS}")
-    return SeriesQuery(metrics, test_name, user_id, _optional_tag(request), since, until, buckets)
+    columns = request.get("columns", False)
+    if not isinstance(columns, bool):
+        raise bad_request("columns", f"must be a boolean, got {_json_type(columns)}")
+    return SeriesQuery(metrics, test_name, user_id, _optional_tag(request), since, until, buckets, columns)
 
 
 def parse_compare(request: dict[str, Any], *, max_records: int) -> CompareQuery:

@@ -353,14 +353,15 @@ def _core_columns(cores: list[Any]) -> dict[str, MetricColumn]:
     }
 
 
-def metric_fields(columns: SeriesColumns, metric: str, bounds: BucketBounds) -> dict[str, Any]:
-    """One metric's series reply fields (protocol_spec.md section 3.14) over the grid of `bounds`."""
+def metric_fields(
+    columns: SeriesColumns, metric: str, bounds: BucketBounds, *, as_columns: bool = False
+) -> dict[str, Any]:
+    """One metric's series reply fields (protocol_spec.md section 3.14) over the grid of `bounds`:
+    its non-empty buckets as point objects, or (as_columns) as one array per statistic."""
     column = columns.metrics.get(metric)
-    if column is None:
-        return dict(EMPTY_SERIES)
-    rows = np.flatnonzero(~np.isnan(column.values))
-    if len(rows) == 0:
-        return dict(EMPTY_SERIES)
+    rows = np.zeros(0, dtype=np.intp) if column is None else np.flatnonzero(~np.isnan(column.values))
+    if column is None or len(rows) == 0:
+        return empty_series(as_columns)
     values, integral = column.values[rows], column.integral[rows]
     micros = columns.micros[rows]
     grid = bounds.grid
@@ -374,40 +375,48 @@ def metric_fields(columns: SeriesColumns, metric: str, bounds: BucketBounds) -> 
     upper = starts + counts // 2
     lower = upper - 1 + odd
     medians = np.where(odd, ranked[upper], (ranked[lower] + ranked[upper]) / 2)
-    means = np.add.reduceat(values, starts) / counts
     lows = _numbers(ranked[starts], ranked_integral[starts])
     highs = _numbers(ranked[ends - 1], ranked_integral[ends - 1])
-    middles = _numbers(medians, odd & ranked_integral[upper])
-    points: list[dict[str, Any]] = []
-    record_ids = columns.record_ids
-    for bucket, start, count, low, median, high, mean in zip(
-        buckets[starts].tolist(), starts.tolist(), counts.tolist(), lows, middles, highs, means.tolist(), strict=True
-    ):
-        since, until = bounds(bucket)
-        point = {
-            "bucket": bucket,
-            "since": since,
-            "until": until,
-            "count": count,
-            "min": low,
-            "median": median,
-            "max": high,
-            "mean": mean,
-        }
-        if count == 1:
-            point["record_id"] = record_ids[rows[start]].decode()
-            point["timestamp"] = format_micros(int(micros[start]))
-            point["value"] = low
-        points.append(point)
-    return {
+    statistics = {
+        "bucket": buckets[starts].tolist(),
+        "count": counts.tolist(),
+        "min": lows,
+        "median": _numbers(medians, odd & ranked_integral[upper]),
+        "max": highs,
+        "mean": (np.add.reduceat(values, starts) / counts).tolist(),
+    }
+    singles = np.flatnonzero(counts == 1)
+    single_ids = columns.record_ids[rows[starts[singles]]].tolist()
+    single_times = [format_micros(moment) for moment in micros[starts[singles]].tolist()]
+    fields: dict[str, Any] = {
         "count": len(values),
         "first": format_micros(int(micros[0])),
         "last": format_micros(int(micros[-1])),
         "min": _extreme(columns, rows, column, int(np.argmin(values))),  # the first: the oldest on a tie
         "max": _extreme(columns, rows, column, int(np.argmax(values))),
         "exact_medians": True,
-        "points": points,
     }
+    if as_columns:
+        record_ids: list[str | None] = [None] * len(starts)
+        timestamps: list[str | None] = [None] * len(starts)
+        for position, record_id, timestamp in zip(singles.tolist(), single_ids, single_times, strict=True):
+            record_ids[position] = record_id.decode()
+            timestamps[position] = timestamp
+        fields["columns"] = {**statistics, "record_id": record_ids, "timestamp": timestamps}
+        return fields
+    points: list[dict[str, Any]] = []
+    for bucket, count, low, median, high, mean in zip(
+        statistics["bucket"], statistics["count"], lows, statistics["median"], highs, statistics["mean"], strict=True
+    ):
+        since, until = bounds(bucket)
+        points.append(
+            {"bucket": bucket, "since": since, "until": until, "count": count, "min": low, "median": median,
+             "max": high, "mean": mean}
+        )  # fmt: skip
+    for position, record_id, timestamp in zip(singles.tolist(), single_ids, single_times, strict=True):
+        points[position].update(record_id=record_id.decode(), timestamp=timestamp, value=lows[position])
+    fields["points"] = points
+    return fields
 
 
 def _numbers(values: Floats, integral: Flags) -> list[int | float]:
@@ -424,9 +433,16 @@ def _extreme(columns: SeriesColumns, rows: npt.NDArray[np.intp], column: MetricC
     }
 
 
-EMPTY_SERIES: dict[str, Any] = {
-    "count": 0, "first": None, "last": None, "min": None, "max": None, "exact_medians": True, "points": [],
-}  # fmt: skip
+_EMPTY_COLUMNS = ("bucket", "count", "min", "median", "max", "mean", "record_id", "timestamp")
+
+
+def empty_series(as_columns: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {"count": 0, "first": None, "last": None, "min": None, "max": None, "exact_medians": True}
+    if as_columns:
+        fields["columns"] = {name: [] for name in _EMPTY_COLUMNS}
+    else:
+        fields["points"] = []
+    return fields
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -46,7 +46,6 @@ from perfdb.storage.dbstats import DatabaseStats, read_database_stats
 from perfdb.storage.detection import RegressionDetector
 from perfdb.storage.overview import Overview, Row
 from perfdb.storage.series import (
-    EMPTY_SERIES,
     BucketBounds,
     BucketGrid,
     CachedIndex,
@@ -54,6 +53,7 @@ from perfdb.storage.series import (
     RowGatherer,
     SeriesCache,
     SeriesColumns,
+    empty_series,
     index_columns,
     metric_fields,
 )
@@ -1376,9 +1376,9 @@ def _series_fields(
         "examined": examined,
         "complete": complete,
         "series": {
-            metric: metric_fields(columns, metric, bounds)
+            metric: metric_fields(columns, metric, bounds, as_columns=request.columns)
             if columns is not None and bounds is not None
-            else dict(EMPTY_SERIES)
+            else empty_series(request.columns)
             for metric in request.metrics
         },
     }

@@ -249,6 +249,7 @@ class ResultSource:
             since=format_micros(since),
             until=format_micros(until),
             buckets=buckets,
+            columns=True,
         )
 
     async def series_by_test(
@@ -264,6 +265,7 @@ class ResultSource:
             since=format_micros(since),
             until=format_micros(until),
             buckets=buckets,
+            columns=True,
         )
 
     async def test_counts(self, user_id: str | None, metrics: tuple[str, ...]) -> dict[str, int]:

@@ -4,10 +4,11 @@ the seeded one (two months, a few results a day) and the dense one (20,000 resul
 from __future__ import annotations
 
 import gzip
+import random
 from typing import Any
 
 from perfdb.records.timestamps import format_micros, parse_rfc3339
-from perfdb.web.charts import GAP_BUCKETS, SIGNIFICANT_DIGITS, encode_line
+from perfdb.web.charts import GAP_BUCKETS, SIGNIFICANT_DIGITS, encode_line, rounded_values
 from tests.web.conftest import SeededPerfdb, dashboard_client
 from tests.web.dense import (
     BIG_TEST,
@@ -193,7 +194,8 @@ async def test_a_test_across_users_has_its_own_page(dense_perfdb: DensePerfdb) -
 
 
 def _reply(points: list[tuple[int, int]]) -> dict[str, Any]:
-    """A series reply holding buckets (index, count) of the value 1.0."""
+    """A series reply (as columns) holding buckets (index, count) of the value 1.0."""
+    single = [count == 1 for _, count in points]
     return {
         "since": "2026-01-01T00:00:00Z",
         "bucket_micros": 1_000_000,
@@ -203,14 +205,25 @@ def _reply(points: list[tuple[int, int]]) -> dict[str, Any]:
                 "min": None,
                 "max": None,
                 "exact_medians": True,
-                "points": [
-                    {"bucket": bucket, "count": count, "min": 1.0, "median": 1.0, "max": 1.0}
-                    | ({"record_id": f"{bucket:020x}", "timestamp": "2026-01-01T00:00:00Z"} if count == 1 else {})
-                    for bucket, count in points
-                ],
+                "columns": {
+                    "bucket": [bucket for bucket, _ in points],
+                    "count": [count for _, count in points],
+                    **{name: [1.0] * len(points) for name in ("min", "median", "max", "mean")},
+                    "record_id": [
+                        f"{bucket:020x}" if alone else None for (bucket, _), alone in zip(points, single, strict=True)
+                    ],
+                    "timestamp": ["2026-01-01T00:00:00Z" if alone else None for alone in single],
+                },
             }
         },
     }
+
+
+def test_bucket_statistics_are_rounded_as_text_would_round_them() -> None:
+    chooser = random.Random(5)
+    values = [chooser.uniform(-1, 1) * 10 ** chooser.randint(-12, 15) for _ in range(20_000)]
+    values += [0.0, 1.0, -2.5, 99_999.5, 123_456_789.0, 1e-5, 5e-324, 1.7e308]
+    assert rounded_values(values) == [float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in values]
 
 
 def test_a_line_breaks_only_across_a_long_pause() -> None:
