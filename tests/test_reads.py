@@ -376,11 +376,21 @@ async def test_overview_matches_brute_force_before_and_after_a_restart(tmp_path:
         latency = await conn.request("overview", metric="perc_lat_50")
         one = await conn.request("overview", metric="qps", test_name="rare")
         none = await conn.request("overview", metric="qps", test_name="no such test")
+        narrowed = {user: await conn.request("overview", metric="qps", user_id=user) for user in (*USERS, "nobody")}
     check_overview(qps, written, "qps")
     check_overview(latency, written, "perc_lat_50")
     assert qps["better"] == "higher" and latency["better"] == "lower"
     assert list(one["tests"]) == ["rare"] and one["tests"]["rare"] == qps["tests"]["rare"]
     assert none["tests"] == {}
+    # Narrowed to one user: the tests where they have the metric, each listing only them.
+    for user in USERS:
+        expected = {
+            name: {**summary, "users": {user: summary["users"][user]}}
+            for name, summary in qps["tests"].items()
+            if user in summary["users"]
+        }
+        assert expected and narrowed[user]["tests"] == expected
+    assert narrowed["nobody"]["tests"] == {}
 
 
 @pytest.mark.parametrize(

@@ -340,9 +340,10 @@ class AsyncClient(ClientSettings):
             for record in page["records"]:
                 yield record
 
-    async def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
-        """The server's aggregates of one metric, for one test or (by default) every test."""
-        return await self.call("overview", metric=metric, test_name=test_name)
+    async def overview(self, metric: str, test_name: str | None = None, user_id: str | None = None) -> dict[str, Any]:
+        """The server's aggregates of one metric, for one test or (by default) every test, with
+        every user's best value or (given user_id) only that user's."""
+        return await self.call("overview", metric=metric, test_name=test_name, user_id=user_id)
 
     async def compare(
         self,

@@ -219,9 +219,10 @@ class Client(ClientSettings):
         for page in self.pages("get_all", **order_fields(reverse, sort, order), **filters):
             yield from page["records"]
 
-    def overview(self, metric: str, test_name: str | None = None) -> dict[str, Any]:
-        """The server's aggregates of one metric, for one test or (by default) every test."""
-        return self.call("overview", metric=metric, test_name=test_name)
+    def overview(self, metric: str, test_name: str | None = None, user_id: str | None = None) -> dict[str, Any]:
+        """The server's aggregates of one metric, for one test or (by default) every test, with
+        every user's best value or (given user_id) only that user's."""
+        return self.call("overview", metric=metric, test_name=test_name, user_id=user_id)
 
     def compare(
         self,

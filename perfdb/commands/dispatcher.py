@@ -476,8 +476,8 @@ class CommandDispatcher:
 
     def op_overview(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)
-        test_name, metric = parse_overview(request)
-        return self._store.overview(test_name, metric)
+        test_name, metric, user_id = parse_overview(request)
+        return self._store.overview(test_name, metric, user_id)
 
     def op_series(self, request: dict[str, Any], peer: str) -> Outcome:
         self._require_read(request)

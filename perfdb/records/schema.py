@@ -77,7 +77,7 @@ AUDIT_LOG_FIELDS = ENVELOPE_FIELDS | ADMIN_FIELDS | frozenset({"limit", "cursor"
 QUERY_FIELDS = ENVELOPE_FIELDS | frozenset({"test_name", "tag", "since", "until", "limit", "cursor"})
 ORDER_FIELDS = frozenset({"reverse", "sort", "order"})  # get_user and get_all only
 SAMPLES_FIELDS = frozenset({"samples"})  # get_user and get_all: attach each record's samples
-OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric"})
+OVERVIEW_FIELDS = ENVELOPE_FIELDS | READ_FIELDS | frozenset({"test_name", "metric", "user_id"})
 SERIES_FIELDS = (
     ENVELOPE_FIELDS
     | READ_FIELDS
@@ -886,13 +886,15 @@ def parse_query(
     )
 
 
-def parse_overview(request: dict[str, Any]) -> tuple[str | None, str]:
-    """Validate an overview request; returns (test_name or None for all tests, metric)."""
+def parse_overview(request: dict[str, Any]) -> tuple[str | None, str, str | None]:
+    """Validate an overview request; returns (test_name or None for all tests, metric, user_id or
+    None for every user)."""
     check_fields(request, OVERVIEW_FIELDS)
     metric = request.get("metric")
     if metric is None:
         raise bad_request("metric", "is required")
-    return optional_string(request, "test_name", MAX_NAME_CHARS), _metric_name("metric", metric)
+    test_name = optional_string(request, "test_name", MAX_NAME_CHARS)
+    return test_name, _metric_name("metric", metric), optional_string(request, "user_id", MAX_USER_ID_CHARS)
 
 
 def parse_series(request: dict[str, Any]) -> SeriesQuery:

@@ -88,15 +88,19 @@ class MetricSummary:
         np.minimum.at(self.user_lows, users, values)
         np.maximum.at(self.user_highs, users, values)
 
-    def to_fields(self, better: str, user_ids: list[str]) -> dict[str, Any]:
-        """The overview's fields for this metric; user_ids names the test's user indexes."""
+    def to_fields(self, better: str, user_ids: list[str], only: int | None = None) -> dict[str, Any]:
+        """The overview's fields for this metric; user_ids names the test's user indexes, `only`
+        is the one user index to list (None: every user)."""
         best = self.user_lows if better == "lower" else self.user_highs
+        if only is not None:
+            counted = only < self.user_counts.size and self.user_counts[only] > 0
+            chosen = [only] if counted else []
+        else:
+            chosen = np.flatnonzero(self.user_counts).tolist()
+        counts, values = self.user_counts[chosen].tolist(), best[chosen].tolist()
         users = {
             user_ids[index]: {"count": count, "best": value}
-            for index, count, value in zip(
-                range(self.user_counts.size), self.user_counts.tolist(), best.tolist(), strict=True
-            )
-            if count
+            for index, count, value in zip(chosen, counts, values, strict=True)
         }
         return {
             "count": self.count,
@@ -262,8 +266,9 @@ class Overview:
                     summary = aggregates.metrics[metric] = MetricSummary()
                 summary.add_values(values, whose, known_users)
 
-    def report(self, test_name: str | None, metric: str) -> dict[str, Any]:
-        """The overview reply's fields: every test (or just `test_name`) that has `metric`."""
+    def report(self, test_name: str | None, metric: str, user_id: str | None = None) -> dict[str, Any]:
+        """The overview reply's fields: every test (or just `test_name`) that has `metric`; with
+        user_id, only the tests where that user has it, each listing only that user."""
         better = better_direction(metric)
         with self._lock:
             self._fold()
@@ -272,8 +277,15 @@ class Overview:
             for name in names:
                 aggregates = self._tests.get(name)
                 summary = aggregates.metrics.get(metric) if aggregates is not None else None
-                if aggregates is not None and summary is not None:
-                    tests[name] = {"records": aggregates.records, **summary.to_fields(better, aggregates.user_ids)}
+                if aggregates is None or summary is None:
+                    continue
+                only = None
+                if user_id is not None:
+                    only = aggregates.user_index.get(user_id)
+                    if only is None or only >= summary.user_counts.size or not summary.user_counts[only]:
+                        continue
+                fields = summary.to_fields(better, aggregates.user_ids, only)
+                tests[name] = {"records": aggregates.records, **fields}
         return {"metric": metric, "better": better, "tests": tests}
 
 

@@ -478,12 +478,13 @@ class ResultStore:
         """One page of every user's records."""
         return await self._read(self._read_all_page, query)
 
-    async def overview(self, test_name: str | None, metric: str) -> dict[str, Any]:
-        """The aggregates of `metric` for one test or all of them (see overview.py), with the
-        tests that deletions made stale rebuilt first."""
-        return await self._read(self._read_overview, (test_name, metric))
+    async def overview(self, test_name: str | None, metric: str, user_id: str | None = None) -> dict[str, Any]:
+        """The aggregates of `metric` for one test or all of them (see overview.py), each with
+        every user's best value or just user_id's, with the tests that deletions made stale
+        rebuilt first."""
+        return await self._read(self._read_overview, (test_name, metric, user_id))
 
-    def _read_overview(self, request: tuple[str | None, str]) -> dict[str, Any]:
+    def _read_overview(self, request: tuple[str | None, str, str | None]) -> dict[str, Any]:
         self._rebuild_overview()
         return self._overview.report(*request)
 

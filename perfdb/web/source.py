@@ -272,7 +272,9 @@ class ResultSource:
         """Test name -> results (of the user, or of everyone) that have one of these metrics, of
         all time, from perfdb's in-memory overview: nothing is read from disk."""
         counts: dict[str, int] = {}
-        for reply in await asyncio.gather(*(self._call("overview", metric=metric) for metric in metrics)):
+        # Asked for one user, perfdb lists only that user's tests and counts.
+        calls = (self._call("overview", metric=metric, user_id=user_id) for metric in metrics)
+        for reply in await asyncio.gather(*calls):
             for test_name, summary in reply["tests"].items():
                 mine = summary["users"].get(user_id, {}) if user_id is not None else {"count": summary["records"]}
                 count = mine.get("count", 0)
