@@ -114,7 +114,7 @@ class Config:
         "storage",
     )
     series_cache_mb: int = setting(
-        64,
+        128,
         "memory (MiB) for the columns of the user and test indexes that series reads (the "
         "dashboard's charts) keep between reads, least recently read out first",
         "storage",

@@ -154,6 +154,8 @@ async def test_metrics_count_requests_errors_records_tokens_and_connections(tmp_
         assert error_code(await connection.request("ping", surprise=1)) == "bad_request"
         assert error_code(await connection.request(**record_request("nobody"))) == "unauthenticated"
         assert error_code(await connection.request(**record_request("tok-broken"))) == "auth_unavailable"
+        for _ in range(2):  # the test's index is read whole, then found in the series cache
+            assert (await connection.request("series", metric="qps", test_name="unary"))["ok"]
         refused = await Connection.open(server.port)
         try:
             assert error_code(await refused.reply()) == "overloaded"
@@ -214,6 +216,9 @@ async def test_metrics_count_requests_errors_records_tokens_and_connections(tmp_
     assert value(samples, "perfdb_token_cache_entries") == 3  # alice, bob, and nobody's rejection
     assert value(samples, "perfdb_token_provider_requests_total") == 4
     assert value(samples, "perfdb_token_provider_errors_total") == 1
+    assert value(samples, "perfdb_series_cache_misses_total") == 1
+    assert value(samples, "perfdb_series_cache_hits_total") == 1
+    assert value(samples, "perfdb_series_cache_bytes") > 0
     # LevelDB, read on the store's threads; the records are still in its memtable.
     assert value(samples, "perfdb_leveldb_memory_usage_bytes") > 0
     assert value(samples, "perfdb_leveldb_approximate_size_bytes") >= 0

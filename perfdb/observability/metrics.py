@@ -174,6 +174,20 @@ class ServerMetrics:
         yield CounterMetricFamily(
             "perfdb_corrupt_records", "Damaged or missing records that reads skipped", value=self._store.corrupt_records
         )
+        series_cache = self._store.series_cache
+        yield CounterMetricFamily(
+            "perfdb_series_cache_hits", "Series reads that found their index in the cache", value=series_cache.hits
+        )
+        yield CounterMetricFamily(
+            "perfdb_series_cache_misses",
+            "Series reads of the user or test index that read it whole (not cached, or cached before a rewrite)",
+            value=series_cache.misses,
+        )
+        yield GaugeMetricFamily(
+            "perfdb_series_cache_bytes",
+            "Bytes of index columns the series cache holds",
+            value=series_cache.cached_bytes,
+        )
         alert_counts = self._store.alerts.counts
         yield _labelled(
             GaugeMetricFamily("perfdb_alerts", "Stored regression alerts, by state", labels=["state"]),

@@ -234,7 +234,7 @@ class ResultStore:
         upgrade_batch: int,
         upgrade_pause: float,
         detector: RegressionDetector,
-        series_cache_bytes: int = 64 * 1024 * 1024,
+        series_cache_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         """The settings come from Config (--max-sort-examined and so on), where their defaults are.
 
