@@ -94,9 +94,13 @@ class Process:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.port = self._wait_listening()
+        try:
+            self.port = self._wait_listening()
+        except BaseException:
+            self.stop()  # a server that never listened would otherwise outlive the run, holding its database
+            raise
 
-    def _wait_listening(self, timeout: float = 30.0) -> int:
+    def _wait_listening(self, timeout: float = 120.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log_path.read_text(errors="replace"))
