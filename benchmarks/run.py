@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--quick] [--json FILE]
     python benchmarks/run.py --web [--quick] [--json FILE]    (the dashboard: benchmarks/web.py)
+    python benchmarks/run.py --get-all RECORDS [--database DIR]    (only the get_all figures)
 
 The server runs as its own process on a fresh database; the load generator (loadgen.py) is
 another process. Baselines, in the same run and on the same records: the store's own write
@@ -93,9 +94,13 @@ class Process:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.port = self._wait_listening()
+        try:
+            self.port = self._wait_listening()
+        except BaseException:
+            self.stop()  # a server that never listened would otherwise outlive the run, holding its database
+            raise
 
-    def _wait_listening(self, timeout: float = 30.0) -> int:
+    def _wait_listening(self, timeout: float = 120.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log_path.read_text(errors="replace"))
@@ -161,12 +166,35 @@ def ingest(port: int, records: int, start: int, *extra: str, window: int = 256) 
 
 def compact(database: Path) -> None:
     """Compact the whole keyspace (server stopped), so no background compaction competes with
-    what is measured next."""
+    what is measured next.
+
+    LevelDB's compact_range moves everything down to the deepest level that held files, which
+    then holds more than that level's size budget (10 MiB for level 1, ten times more a level
+    down): the next server to open the database would spend its first minutes compacting it
+    further, during the measurement. So this waits, the database open, until LevelDB's own
+    compactions have brought every level within its budget and nothing has moved for a second."""
     db = plyvel.DB(str(database))
     try:
         db.compact_range()
+        previous = None
+        while True:
+            levels = _level_sizes_mb(db)
+            if levels == previous and all(size < 10 * 10 ** (level - 1) for level, size in levels if level > 0):
+                return
+            previous = levels
+            time.sleep(1.0)
     finally:
         db.close()
+
+
+def _level_sizes_mb(db: plyvel.DB) -> list[tuple[int, float]]:
+    """(level, MiB) of each level that holds files, from LevelDB's stats table."""
+    stats = (db.get_property(b"leveldb.stats") or b"").decode()
+    return [
+        (int(fields[0]), float(fields[2]))
+        for fields in map(str.split, stats.splitlines())
+        if fields[:1] != [] and fields[0].isdigit()
+    ]
 
 
 def machine() -> dict[str, Any]:
@@ -177,6 +205,51 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+
+
+def measure_get_all(work: Path, big: Path, records: int) -> dict[str, Any]:
+    """get_all_rps, server_peak_rss_mb and server_peak_anon_mb: a fresh server process streams
+    the database at `big` to one reader through get_all pages of 5,000."""
+    progress(f"get_all: streaming {records:,} records in pages of 5,000, fresh server process")
+    with perfdb_server(work, big) as server:
+        peak_anon = 0.0
+        stop_sampling = threading.Event()
+
+        def sample_anon() -> None:
+            nonlocal peak_anon
+            while not stop_sampling.wait(0.02):
+                peak_anon = max(peak_anon, server.memory_mb("RssAnon"))
+
+        sampler = threading.Thread(target=sample_anon)
+        sampler.start()
+        try:
+            result = loadgen("read-all", server.port, "--page-size", "5000")
+        finally:
+            stop_sampling.set()
+            sampler.join()
+        return {
+            "get_all_rps": result["rps"],
+            "get_all_records": result["records"],
+            "server_peak_rss_mb": server.memory_mb("VmHWM"),
+            "server_peak_anon_mb": peak_anon,
+        }
+
+
+def run_get_all(records: int, work: Path, database: Path | None) -> dict[str, Any]:
+    """Only the get_all figures, over `records` records: loaded (no-sync) and compacted as in the
+    full run, into `database` when given and not there yet, so that runs can be repeated on it."""
+    figures: dict[str, Any] = {"machine": machine(), "sizes": {"big_records": records}}
+    write_tokens_file(work / "tokens.json")
+    big = database if database is not None else work / "db-big"
+    if not (big / "CURRENT").exists():
+        progress(f"filling a database with {records:,} records (no-sync)")
+        with perfdb_server(work, big, "--no-sync") as server:
+            for start in range(0, records, 250_000):
+                ingest(server.port, min(250_000, records - start), start)
+        progress("compacting the database")
+        compact(big)
+    figures.update(measure_get_all(work, big, records))
+    return figures
 
 
 def run(sizes: Sizes, work: Path) -> dict[str, Any]:
@@ -252,27 +325,7 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
     progress("compacting the database, as one that grew over weeks would be")
     compact(big)
 
-    progress(f"get_all: streaming {sizes.big_records:,} records in pages of 5,000, fresh server process")
-    with perfdb_server(work, big) as server:
-        peak_anon = 0.0
-        stop_sampling = threading.Event()
-
-        def sample_anon() -> None:
-            nonlocal peak_anon
-            while not stop_sampling.wait(0.02):
-                peak_anon = max(peak_anon, server.memory_mb("RssAnon"))
-
-        sampler = threading.Thread(target=sample_anon)
-        sampler.start()
-        try:
-            result = loadgen("read-all", server.port, "--page-size", "5000")
-        finally:
-            stop_sampling.set()
-            sampler.join()
-        figures["get_all_rps"] = result["rps"]
-        figures["get_all_records"] = result["records"]
-        figures["server_peak_rss_mb"] = server.memory_mb("VmHWM")
-        figures["server_peak_anon_mb"] = peak_anon
+    figures.update(measure_get_all(work, big, sizes.big_records))
 
     progress(f"durable ingest with {sizes.big_records:,} records already stored")
     with perfdb_server(work, big) as server:
@@ -321,9 +374,12 @@ ROWS: list[tuple[str, str, str | None]] = [
 ]
 
 
-def table(figures: dict[str, Any]) -> str:
+GET_ALL_ROWS = [row for row in ROWS if row[0] in ("get_all_rps", "server_peak_rss_mb", "server_peak_anon_mb")]
+
+
+def table(figures: dict[str, Any], rows: list[tuple[str, str, str | None]]) -> str:
     lines = [f"{'figure':<26} {'value':>14} {'baseline':>28} {'ratio':>7}  target"]
-    for name, unit, baseline in ROWS:
+    for name, unit, baseline in rows:
         value = figures[name]
         base = f"{figures[baseline]:,.0f} ({baseline})" if baseline else ""
         ratio = f"{value / figures[baseline]:.2f}" if baseline else ""
@@ -347,21 +403,35 @@ def main() -> None:
         action="store_true",
         help="run the dashboard benchmark (benchmarks/web.py: 1,000,000 results, pages in Chromium) instead",
     )
+    parser.add_argument(
+        "--get-all",
+        type=int,
+        metavar="RECORDS",
+        help="only the get_all figures (get_all_rps, server_peak_rss_mb, server_peak_anon_mb) over RECORDS records",
+    )
+    parser.add_argument(
+        "--database",
+        type=Path,
+        metavar="DIR",
+        help="with --get-all: the database to read, filled first if DIR holds none (kept, for repeated runs)",
+    )
     args = parser.parse_args()
     if args.web:
         extra = [flag for flag, given in (("--quick", args.quick), ("--keep", args.keep)) if given]
         extra += ["--json", args.json] if args.json else []
         sys.exit(subprocess.call(python(str(HERE / "web.py"), *extra), cwd=ROOT))
+    if args.database is not None and args.get_all is None:
+        parser.error("--database goes with --get-all")
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="perfdb-bench-"))
     started = time.monotonic()
     try:
-        figures = run(sizes, work)
+        figures = run_get_all(args.get_all, work, args.database) if args.get_all is not None else run(sizes, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     figures["seconds"] = time.monotonic() - started
-    print(table(figures))
+    print(table(figures, GET_ALL_ROWS if args.get_all is not None else ROWS))
     print(f"\n{figures['machine']['cores']} cores, {figures['machine']['cpu']}; {figures['seconds']:.0f}s")
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import random
 import signal
 import time
@@ -607,6 +608,36 @@ def test_blocking_client_refused_and_unanswered() -> None:
 
 
 # -- the blocking Client ------------------------------------------------------------------
+
+
+async def test_blocking_client_reads_replies_however_the_reads_cut_them() -> None:
+    """A reply line sent in many writes, its newline alone in the last one, or in one write, is
+    found whole, once (TCP may join writes into one read, so this holds the reading to the
+    replies rather than to exact read boundaries)."""
+    big = {"id": None, "ok": True, "records": [{"n": n, "pad": "x" * 900} for n in range(1000)], "next_cursor": None}
+    replies = [orjson.dumps(big) + b"\n", b'{"id":null,"ok":true,"n":1}\n', b'{"id":null,"ok":true,"n":2}\n']
+    big_line = replies[0]
+    cuts = [0, 100_000, 300_000, 700_000, len(big_line) - 1, len(big_line)]  # the newline alone, last
+    pieces = [[big_line[start:end] for start, end in itertools.pairwise(cuts)], [replies[1][:5], replies[1][5:]]]
+    pieces.append([replies[2]])
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for reply in pieces:
+            await reader.readline()
+            for piece in reply:
+                writer.write(piece)
+                await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    def session(port: int) -> list[dict[str, Any]]:
+        with Client(f"127.0.0.1:{port}") as client:
+            return [client.call("ping") for _ in pieces]
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        seen = await asyncio.to_thread(session, server.sockets[0].getsockname()[1])
+    assert seen == [big, orjson.loads(replies[1]), orjson.loads(replies[2])]
 
 
 def client_error(call: Callable[[], object]) -> PerfdbClientError | None:

@@ -99,7 +99,9 @@ class Client(ClientSettings):
 
     def _read_line(self) -> bytes:
         sock = self._connection()
-        while (newline := self._buffer.find(b"\n")) < 0:
+        searched = 0  # the buffer up to here holds no newline: a page of megabytes is searched once, not per read
+        while (newline := self._buffer.find(b"\n", searched)) < 0:
+            searched = len(self._buffer)
             with self._socket_failures("no reply"):
                 chunk = sock.recv(_READ_CHUNK)
             if not chunk:

@@ -63,10 +63,11 @@ verdicts are among record_keys, so they are removed with it.
 from __future__ import annotations
 
 import functools
+import operator
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -479,3 +480,21 @@ def unseal(value: bytes) -> memoryview:
     if _CHECKSUM.unpack_from(value)[0] != zlib.crc32(document):
         raise CorruptValueError("checksum mismatch")
     return document
+
+
+_AFTER_CHECKSUM = operator.itemgetter(slice(_CHECKSUM.size, None))
+_VIEW = cast("Callable[[bytes], memoryview]", memoryview)  # for map(): typeshed's memoryview is generic
+_STORED_CHECKSUM = operator.itemgetter(0)
+
+
+def unseal_all(values: Sequence[bytes]) -> list[bytes | memoryview] | None:
+    """The documents inside sealed values, without copying them, each checked as unseal checks
+    it; None if any of them is damaged (unseal each to know which). One pass of C calls over the
+    values rather than Python code per value: a full scan's pages of thousands of records."""
+    documents: list[bytes | memoryview] = list(map(_AFTER_CHECKSUM, map(_VIEW, values)))
+    try:
+        stored = map(_STORED_CHECKSUM, map(_CHECKSUM.unpack_from, values))
+        intact = all(map(operator.eq, stored, map(zlib.crc32, documents)))
+    except struct.error:  # a value shorter than its checksum
+        return None
+    return documents if intact else None
