@@ -1,6 +1,7 @@
-"""Pages read straight from the record keyspace (get_all and export without filters) are built
-over the whole run of records at once (store._record_run_page): they must be exactly the pages the
-entry-by-entry read makes, damaged records included."""
+"""Pages whose every entry is admitted (get_all and export without filters, read straight from the
+record keyspace, and get_user without other filters, over the user's index) are built over the
+whole run of records at once (store._run_page): they must be exactly the pages the entry-by-entry
+read makes, damaged records included."""
 
 from __future__ import annotations
 
@@ -70,20 +71,22 @@ async def fill(database: Path) -> list[str]:
 
 def entry_by_entry(results: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the store read every page entry by entry, as before the run path."""
-    monkeypatch.setattr(results, "_record_run_page", lambda entries, limit: None)
+    monkeypatch.setattr(results, "_run_page", lambda snapshot, source, query, entries: None)
 
 
 PageFields = tuple[list[bytes], str | None, set[bytes], dict[str, Any]]
 
 
 async def all_pages(results: ResultStore, **fields: Any) -> list[PageFields]:
-    """Every page of a get_all, following the cursor: (records, next_cursor, user ids, profiles)."""
+    """Every page of a get_all (or, given user_id, a get_user), following the cursor: (records,
+    next_cursor, user ids, profiles)."""
     pages: list[PageFields] = []
     cursor: str | None = None
+    user_id = fields.get("user_id")
     while len(pages) <= RECORDS + 1:
-        query = Query(None, None, None, fields.get("since"), fields.get("until"), fields["limit"], cursor,
+        query = Query(user_id, None, None, fields.get("since"), fields.get("until"), fields["limit"], cursor,
                       reverse=fields.get("reverse", False))  # fmt: skip
-        page: Page = await results.get_all(query)
+        page: Page = await results.get_all(query) if user_id is None else (await results.get_user(query))[1]
         pages.append(([bytes(document) for document in page.records], page.next_cursor, page.user_ids, page.profiles))
         if page.next_cursor is None:
             return pages
@@ -95,15 +98,17 @@ async def all_pages(results: ResultStore, **fields: Any) -> list[PageFields]:
 def run_pages(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the pages the run path built (not None), so a test knows it ran."""
     built: list[int] = []
-    run_page = ResultStore._record_run_page
+    run_page = ResultStore._run_page
 
-    def counted(self: ResultStore, entries: Iterator[tuple[bytes, bytes]], limit: int) -> Page | None:
-        page = run_page(self, entries, limit)
+    def counted(
+        self: ResultStore, snapshot: Any, source: Any, query: Query, entries: Iterator[tuple[bytes, bytes]]
+    ) -> Page | None:
+        page = run_page(self, snapshot, source, query, entries)
         if page is not None:
             built.append(len(page.records))
         return page
 
-    monkeypatch.setattr(ResultStore, "_record_run_page", counted)
+    monkeypatch.setattr(ResultStore, "_run_page", counted)
     return built
 
 
@@ -125,14 +130,17 @@ async def test_pages_built_over_a_run_of_records_are_the_entry_by_entry_pages(
 ) -> None:
     ids = await fill(tmp_path / "db")
     since, until = record_id_micros(ids[9]), record_id_micros(ids[30])
-    within = sum(since <= record_id_micros(record_id) < until for record_id in ids)
-    for limit, page_bytes, budget in itertools.product((1, 3, 7, 40, 41), (1, 2_000, 8 * 1024 * 1024), (5, 50_000)):
-        monkeypatch.setattr(store, "PAGE_BYTES", page_bytes)
-        monkeypatch.setattr(store, "SCAN_BUDGET", budget)
-        for reverse, bounds in itertools.product((False, True), ({}, {"since": since, "until": until})):
-            pages = await compared(tmp_path / "db", monkeypatch, limit=limit, reverse=reverse, **bounds)
-            records = [record for page in pages for record in page[0]]
-            assert len(records) == (within if bounds else RECORDS)
+    for user in (None, 1):  # every record, then user 1's (every third)
+        mine = [record_id for n, record_id in enumerate(ids) if user is None or n % 3 == user]
+        within = sum(since <= record_id_micros(record_id) < until for record_id in mine)
+        owner = {} if user is None else {"user_id": f"static:user-{user}"}
+        for limit, page_bytes, budget in itertools.product((1, 3, 7, 40, 41), (1, 2_000, 8 * 1024 * 1024), (5, 50_000)):
+            monkeypatch.setattr(store, "PAGE_BYTES", page_bytes)
+            monkeypatch.setattr(store, "SCAN_BUDGET", budget)
+            for reverse, bounds in itertools.product((False, True), ({}, {"since": since, "until": until})):
+                pages = await compared(tmp_path / "db", monkeypatch, limit=limit, reverse=reverse, **bounds, **owner)
+                records = [record for page in pages for record in page[0]]
+                assert len(records) == (within if bounds else len(mine))
     assert run_pages, "the run path never built a page"
     # The excluded record carries its exclusion both ways (compared above); here it shows.
     results = await open_store(tmp_path / "db")
@@ -164,6 +172,9 @@ async def test_a_damaged_record_is_skipped_and_counted_and_the_page_stays_exact(
         records = [record for page in pages for record in page[0]]
         assert [record for record in records if b'"record_id":"%s"' % ids[3].encode() in record] == []
         assert len(records) == RECORDS - 3
+        # User 1 holds ids[4] and ids[31] (n % 3 == 1): both damaged, skipped over their index too.
+        theirs = await compared(tmp_path / "db", monkeypatch, limit=limit, user_id="static:user-1")
+        assert len([record for page in theirs for record in page[0]]) == len(range(1, RECORDS, 3)) - 2
     results = await open_store(tmp_path / "db")
     try:
         page = await results.get_all(Query(None, None, None, None, None, 10, None))

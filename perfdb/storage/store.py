@@ -808,12 +808,14 @@ class ResultStore:
         start, stop = _key_range(source.prefix, query, after_cursor=True)
         if through is not None:
             stop = max(start, min(stop, source.prefix + through.encode() + b"\xff"))
-        if source.prefix == layout.RECORD_PREFIX:
-            with _entries(snapshot, start, stop, reverse=query.reverse) as entries:
-                page = self._record_run_page(entries, query.limit)
+        # A scan of history should not push recent data out of LevelDB's block cache.
+        fill_cache = source.prefix != layout.RECORD_PREFIX
+        if source.prefix == layout.RECORD_PREFIX or _only_filter_is_user(source, query):
+            with _entries(snapshot, start, stop, reverse=query.reverse, fill_cache=fill_cache) as entries:
+                page = self._run_page(snapshot, source, query, entries)
             if page is not None:
                 return page
-            # A damaged record: read entry by entry below, which skips and reports it.
+            # A damaged record or entry: read entry by entry below, which skips and reports it.
         admits, fetch = self._entry_readers(snapshot, source, query)
         records: list[bytes | memoryview] = []
         user_ids: set[bytes] = set()
@@ -821,8 +823,6 @@ class ResultStore:
         more = full = False
         scanned = 0
         page_bytes = 0
-        # A scan of history should not push recent data out of LevelDB's block cache.
-        fill_cache = source.prefix != layout.RECORD_PREFIX
         with _entries(snapshot, start, stop, reverse=query.reverse, fill_cache=fill_cache) as entries:
             for key, value in entries:
                 if scanned == SCAN_BUDGET:
@@ -845,13 +845,23 @@ class ResultStore:
                     full = len(records) == query.limit or page_bytes >= PAGE_BYTES
         return Page(records, {}, source.record_id(last_key) if more else None, user_ids=user_ids)
 
-    def _record_run_page(self, entries: Iterator[tuple[bytes, bytes]], limit: int) -> Page | None:
-        """The page _read_in_time_order makes of records read straight from the record keyspace
-        (no filter to match, no index to follow), built with C calls over the whole run rather
-        than Python code per record; None if one of them is damaged."""
-        run = list(itertools.islice(entries, min(limit, SCAN_BUDGET)))
+    def _run_page(
+        self, snapshot: plyvel.Snapshot, source: _Source, query: Query, entries: Iterator[tuple[bytes, bytes]]
+    ) -> Page | None:
+        """The page _read_in_time_order makes where every entry is admitted: records read straight
+        from the record keyspace, or a user's index read for that user alone. Built with C calls
+        over the whole run rather than Python code per record; None if a record is damaged or
+        missing."""
+        limit = min(query.limit, SCAN_BUDGET)
+        run = list(itertools.islice(entries, limit))
         keys = list(map(_KEY, run))
-        documents = layout.unseal_all(list(map(_VALUE, run)))
+        owner = None if query.user_id is None else query.user_id.encode()
+        if owner is None:
+            values = list(map(_VALUE, run))
+        else:
+            record_keys = [layout.RECORD_PREFIX + key[-RECORD_ID_CHARS:] + owner for key in keys]
+            values = list(map(snapshot.get, record_keys))
+        documents = None if None in values else layout.unseal_all(values)
         if documents is None:
             return None
         page_bytes = list(itertools.accumulate(map(len, documents)))
@@ -859,14 +869,14 @@ class ResultStore:
         if page_bytes and page_bytes[-1] >= PAGE_BYTES:  # the page ends with the record that reaches the bound
             taken = bisect.bisect_left(page_bytes, PAGE_BYTES) + 1
             del keys[taken:], documents[taken:]
-        more = taken < len(run) or (taken == min(limit, SCAN_BUDGET) and next(entries, None) is not None)
+        more = taken < len(run) or (taken == limit and next(entries, None) is not None)
         if self.exclusions:
             for index, key in enumerate(keys):
-                exclusion = self.exclusions.get(layout.split_record_key(key)[0])
+                exclusion = self.exclusions.get(source.record_id(key))
                 if exclusion is not None:
                     documents[index] = memoryview(with_exclusion(documents[index], exclusion))
-        user_ids = set(map(_RECORD_KEY_USER, keys))
-        next_cursor = layout.split_record_key(keys[-1])[0] if more else None
+        next_cursor = source.record_id(keys[-1]) if more else None
+        user_ids = set(map(_RECORD_KEY_USER, keys)) if owner is None else ({owner} if keys else set())
         return Page(documents, {}, next_cursor, user_ids=user_ids)
 
     def _read_sorted(self, snapshot: plyvel.Snapshot, source: _Source, query: Query) -> Page:
@@ -1417,6 +1427,17 @@ def _series_fields(
             for metric in request.metrics
         },
     }
+
+
+def _only_filter_is_user(source: _Source, query: Query) -> bool:
+    """Whether the source is the query's user's index and the query has no other filter: then
+    every entry is admitted and names a record of that user."""
+    return (
+        query.user_id is not None
+        and query.test_name is None
+        and query.tag is None
+        and source.prefix == layout.user_index_prefix(query.user_id)
+    )
 
 
 def _filter_count(query: Query) -> int:
