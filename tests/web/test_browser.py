@@ -108,9 +108,27 @@ def opened_tab(browser: Any, base_url: str) -> Iterator[BrowserPage]:
         page.close()
 
 
-def wait_for_charts(tab: BrowserPage) -> None:
-    """Until the page's time charts are drawn from their data."""
+# Scrolls each chart into view until it is drawn (those off screen are drawn as they come near),
+# then back to the top; gives up after `deadline` ms.
+DRAW_EVERY_CHART = """async (deadline) => {
+  const until = performance.now() + deadline;
+  for (const plot of document.querySelectorAll("#charts .chart")) {
+    plot.scrollIntoView({ block: "center" });
+    while (plot.dataset.drawn !== "true") {
+      if (performance.now() > until) throw new Error(`${plot.id} was not drawn once in view`);
+      await new Promise((resolve) => requestAnimationFrame(resolve));
+    }
+  }
+  window.scrollTo(0, 0);
+}"""
+
+
+def wait_for_charts(tab: BrowserPage, *, every: bool = True) -> None:
+    """Until the page's time charts are drawn from their data: those on screen (the page is
+    ready), and with `every` the others too."""
     tab.page.wait_for_selector("#charts[data-ready=true]", timeout=60_000)
+    if every:
+        tab.page.evaluate(DRAW_EVERY_CHART, 30_000)
 
 
 @pytest.fixture
