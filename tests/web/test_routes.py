@@ -3,6 +3,8 @@ two months of results from several users and the real gRPC result files."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import re
@@ -437,6 +439,28 @@ async def test_health_api_index_and_security_headers(seeded: SeededPerfdb) -> No
         assert "script-src 'self'" in response.headers["Content-Security-Policy"]
         assert response.headers["Cache-Control"] == "no-store"
         assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_chart_pages_inline_only_the_data_prefetch_and_the_policy_allows_it_by_hash(
+    seeded: SeededPerfdb,
+) -> None:
+    async with dashboard_client(seeded.address) as client:
+        for path in ("/users/static:nightly-ci", f"/tests/{GO_PING_PONG}", "/", "/overview"):
+            response = await client.get(path)
+            text = await response.text()
+            policy = response.headers["Content-Security-Policy"]
+            # Scripts in the page other than JSON data blocks and files.
+            inline = re.findall(r"<script(?![^>]*(?:\bsrc=|application/json))([^>]*)>(.*?)</script>", text, re.S)
+            if path == "/" or path == "/overview":
+                assert inline == [], path
+                continue
+            [(attributes, code)] = inline
+            digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in policy.split("script-src", 1)[1].split(";", 1)[0]
+            # It asks for the same data the charts draw, before anything else in the head.
+            api = re.search(r'id="charts" data-api="([^"]+)"', text)
+            assert api is not None and f'data-api="{api.group(1)}"' in attributes
+            assert text.index("<script") < text.index("<link")
 
 
 async def test_static_assets_come_from_the_package_with_the_uplot_licence(seeded: SeededPerfdb) -> None:
