@@ -115,9 +115,16 @@ def time_cell(timestamp: str) -> Markup:
 
 
 def layout(
-    site: Site, *, title: str, active: str, body: Markup, scripts: Iterable[str] = (), series_api: str | None = None
+    site: Site,
+    *,
+    title: str,
+    active: str,
+    body: Markup,
+    script: str = "dashboard.js",
+    series_api: str | None = None,
 ) -> Markup:
-    """The page around `body`; `series_api`, on the chart pages, is fetched from the <head> at once."""
+    """The page around `body`, with its one script (dashboard.js, or the charts' bundle that holds
+    it); `series_api`, on the chart pages, is fetched from the <head> at once."""
     nav = concat(
         render('<a href="{href}"{current}>{label}</a>', href=href, label=label, current=_current(name == active))
         for name, href, label in (
@@ -127,11 +134,7 @@ def layout(
             ("compare", "/compare", "Compare"),
         )
     )
-    script_tags = concat(
-        render('<script src="{src}" defer></script>', src=site.assets[name])
-        for name in ("vendor/uplot/uPlot.iife.min.js", *scripts)
-        if scripts
-    )
+    script_tag = render('<script src="{src}" defer></script>', src=site.assets[script])
     return render(
         """<!doctype html>
 <html lang="en">
@@ -140,8 +143,8 @@ def layout(
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} · perfdb</title>
 {prefetch}<link rel="icon" href="{favicon}">
-<link rel="stylesheet" href="{uplot_css}">
 <link rel="stylesheet" href="{css}">
+{script}
 </head>
 <body data-page="{active}">
 <header class="topbar">
@@ -153,8 +156,6 @@ def layout(
 {body}
 </main>
 <footer>perfdb {version} · reading from {server} · <a href="/api">JSON API</a></footer>
-<script src="{common_js}" defer></script>
-{script_tags}
 </body>
 </html>
 """,
@@ -166,10 +167,8 @@ def layout(
         server=site.server_address,
         version=__version__,
         favicon=site.assets["favicon.svg"],
-        uplot_css=site.assets["vendor/uplot/uPlot.min.css"],
         css=site.assets["dashboard.css"],
-        common_js=site.assets["dashboard.js"],
-        script_tags=script_tags,
+        script=script_tag,
     )
 
 
@@ -508,7 +507,7 @@ def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
         ranges=ranges,
         api=view.api_url(),
     )
-    return layout(site, title=name, active="user", body=body, scripts=("charts.js",), series_api=view.api_url())
+    return layout(site, title=name, active="user", body=body, script="charts.js", series_api=view.api_url())
 
 
 def one_test_url(test_name: str) -> str:
@@ -544,7 +543,7 @@ def one_test_page(site: Site, view: OneTestView) -> Markup:
         ranges=ranges,
         api=view.api_url(),
     )
-    return layout(site, title=filters.test, active="test", body=body, scripts=("charts.js",), series_api=view.api_url())
+    return layout(site, title=filters.test, active="test", body=body, script="charts.js", series_api=view.api_url())
 
 
 def _dates(filters: Filters, date_from: str, date_to: str) -> dict[str, Any]:
@@ -631,7 +630,7 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage, data: byte
         leaderboard=_leaderboard(view, page, better),
         data=json_data_block("histogram-data", data),
     )
-    return layout(site, title="Overview", active="overview", body=body, scripts=("charts.js",))
+    return layout(site, title="Overview", active="overview", body=body, script="charts.js")
 
 
 def _leaderboard(view: OverviewView, page: OverviewPage, better: str) -> Markup:

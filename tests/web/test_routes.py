@@ -17,7 +17,7 @@ from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient
 from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.web import source as source_module
-from perfdb.web.app import STATIC_DIR
+from perfdb.web.assets import BUNDLES, STATIC_DIR
 from tests.web.conftest import SeededPerfdb, dashboard_client, newest_first
 from tests.web.parse import Page, parse_page
 from tests.web.seed import DAY, GRPC_USER, GRPC_USER_NAME, HOSTILE_TAG, USERS
@@ -467,22 +467,35 @@ async def test_static_assets_come_from_the_package_with_the_uplot_licence(seeded
     assert "MIT License" in (STATIC_DIR / "vendor" / "uplot" / "LICENSE").read_text()
     async with dashboard_client(seeded.address) as client:
         _, text = await _page(client, "/users/static:nightly-ci")
-        assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', text)
-        assert {asset.split("?")[0] for asset in assets} >= {
-            "/static/vendor/uplot/uPlot.iife.min.js",
-            "/static/vendor/uplot/uPlot.min.css",
-            "/static/charts.js",
-            "/static/dashboard.js",
-            "/static/dashboard.css",
-        }
+        assets = [asset.replace("&amp;", "&") for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', text)]
+        # One stylesheet and one script: each a bundle of the files the page needs.
+        assert [asset.split("?")[0] for asset in assets] == [
+            "/static/favicon.svg",
+            "/static/bundle/dashboard.css",
+            "/static/bundle/charts.js",
+        ]
         for asset in assets:
-            response = await client.get(asset.replace("&amp;", "&"))
+            response = await client.get(asset)  # the test client takes gzip and decodes it
             assert response.status == 200, asset
             assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
             body = await response.read()
-            assert body == (STATIC_DIR / asset.split("?")[0].removeprefix("/static/")).read_bytes()
+            path = asset.split("?")[0].removeprefix("/static/")
+            if not path.startswith("bundle/"):
+                assert body == (STATIC_DIR / path).read_bytes()
+                continue
+            assert response.headers["Content-Encoding"] == "gzip" and response.headers["Vary"] == "Accept-Encoding"
+            parts = [(STATIC_DIR / part).read_bytes().rstrip() for part in BUNDLES[path.removeprefix("bundle/")]]
+            positions = [body.index(part) for part in parts]  # each whole, in order
+            assert positions == sorted(positions) and len(body) < sum(map(len, parts)) + 16
+            plain = await client.get(asset, headers={"Accept-Encoding": "identity"})
+            assert "Content-Encoding" not in plain.headers and await plain.read() == body
         licence = await client.get("/static/vendor/uplot/LICENSE")
         assert "Leon Sorokin" in await licence.text()
+        # Pages without charts load no charting code.
+        _, table = await _page(client, "/")
+        assert re.findall(r'<script src="(/static/[^"?]+)', table) == ["/static/bundle/dashboard.js"]
+        missing = await client.get("/static/bundle/nothing.js")
+        assert missing.status == 404
     # No page refers to anything outside the dashboard: it works offline.
     assert not re.search(r'(?:src|href)="(?:https?:)?//', text)
 

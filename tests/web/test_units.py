@@ -24,7 +24,8 @@ from perfdb.web.analysis import (
     ranked_users,
     sample_summary,
 )
-from perfdb.web.app import asset_urls, build_parser, config_from_args, main
+from perfdb.web.app import build_parser, config_from_args, main
+from perfdb.web.assets import asset_urls
 from perfdb.web.markup import Markup, render
 from perfdb.web.pages import flatten
 from perfdb.web.queries import (
