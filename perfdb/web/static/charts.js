@@ -546,11 +546,11 @@
     async function load() {
       const ticket = ++loading;
       container.dataset.ready = "false";
-      const reply = firstReply || fetch(`${api.pathname}${api.search}`, { headers: { Accept: "application/json" } });
+      const prefetchedReply = firstReply;
       firstReply = null;
       let data;
       try {
-        data = await readJson(reply);
+        data = await (prefetchedReply ? readJson(prefetchedReply) : fetchJson(`${api.pathname}${api.search}`));
       } catch (error) {
         summary.textContent = "";
         removeCharts();
