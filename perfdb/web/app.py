@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
 import signal
@@ -31,9 +30,9 @@ from perfdb.observability.http import HttpRequestMetrics, metrics_handler, proce
 from perfdb.protocol.addresses import AddressError, format_address, parse_address
 from perfdb.runtime import configure_logging, run_event_loop
 from perfdb.web import handlers, pages
+from perfdb.web.assets import BUNDLE_PREFIX, STATIC_DIR, asset_urls, build_bundles, bundle_handler
 from perfdb.web.source import PerfdbError, ResultSource
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_LISTEN = "localhost:8080"
 log = logging.getLogger("perfdb.web")
 
@@ -53,17 +52,6 @@ class WebConfig:
     log_format: str = DEFAULT_LOG_FORMAT  # or "json": one object per line
 
 
-def asset_urls(static_dir: Path = STATIC_DIR) -> dict[str, str]:
-    """Each static file's URL with a hash of its content, so a new version is never served stale."""
-    urls = {}
-    for path in sorted(static_dir.rglob("*")):
-        if path.is_file():
-            name = path.relative_to(static_dir).as_posix()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-            urls[name] = f"/static/{name}?v={digest}"
-    return urls
-
-
 def build_app(config: WebConfig) -> web.Application:
     """The dashboard as an aiohttp application; perfdb is connected to on first use."""
     parse_address(config.server)  # fail now, not on the first page
@@ -78,12 +66,18 @@ def build_app(config: WebConfig) -> web.Application:
         connect_timeout=min(config.connect_timeout, config.timeout),
         request_timeout=config.timeout,
     )
+    bundles = build_bundles()
     app[handlers.DASHBOARD] = handlers.Dashboard(
         source=source,
-        site=pages.Site(server_address=config.server, assets=asset_urls()),
+        # A bundle stands in for the file of its name in the pages.
+        site=pages.Site(
+            server_address=config.server, assets={**asset_urls(), **{name: b.url for name, b in bundles.items()}}
+        ),
     )
     handlers.add_routes(app)
     app.router.add_get("/metrics", metrics_handler(registry), name="metrics")
+    # Before the static files, whose prefix it shares.
+    app.router.add_get(BUNDLE_PREFIX + "{name}", bundle_handler(bundles), name="bundle")
     app.router.add_static("/static", STATIC_DIR, name="static")
     app.on_response_prepare.append(handlers.add_headers)
     app.cleanup_ctx.append(_close_source)

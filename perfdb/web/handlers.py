@@ -52,11 +52,12 @@ from perfdb.web.source import (
 
 log = logging.getLogger("perfdb.web")
 
-# Response headers for every page: no inline script or style, nothing loaded from elsewhere.
+# Response headers for every page: no inline style, no inline script but the chart pages' data
+# prefetch (allowed by its hash), nothing loaded from elsewhere.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+        f"default-src 'none'; script-src 'self' {pages.SERIES_PREFETCH_CSP_SOURCE}; style-src 'self'; "
+        "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import math
 import urllib.parse
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,6 +37,16 @@ from perfdb.web.queries import (
     quick_range,
 )
 from perfdb.web.source import ResultRow, display_name
+
+# Inlined in the chart pages' <head>, so that their data is asked for before any static file is
+# in; the Content-Security-Policy allows this exact text by its hash.
+SERIES_PREFETCH_SCRIPT = (Path(__file__).resolve().parent / "static" / "series-prefetch.js").read_text()
+SERIES_PREFETCH_CSP_SOURCE = (
+    "'sha256-" + base64.b64encode(hashlib.sha256(SERIES_PREFETCH_SCRIPT.encode()).digest()).decode() + "'"
+)
+# <main>'s max-width and horizontal padding in dashboard.css: the prefetch sizes the charts from them.
+MAIN_MAX_WIDTH_PX = 1760
+MAIN_PADDING_PX = 2 * 24
 
 COLUMN_LABELS = {
     "time": "Time (UTC)",
@@ -101,7 +114,17 @@ def time_cell(timestamp: str) -> Markup:
     return render('<time datetime="{full}" title="{full}">{short}</time>', full=timestamp, short=short_time(timestamp))
 
 
-def layout(site: Site, *, title: str, active: str, body: Markup, scripts: Iterable[str] = ()) -> Markup:
+def layout(
+    site: Site,
+    *,
+    title: str,
+    active: str,
+    body: Markup,
+    script: str = "dashboard.js",
+    series_api: str | None = None,
+) -> Markup:
+    """The page around `body`, with its one script (dashboard.js, or the charts' bundle that holds
+    it); `series_api`, on the chart pages, is fetched from the <head> at once."""
     nav = concat(
         render('<a href="{href}"{current}>{label}</a>', href=href, label=label, current=_current(name == active))
         for name, href, label in (
@@ -111,11 +134,7 @@ def layout(site: Site, *, title: str, active: str, body: Markup, scripts: Iterab
             ("compare", "/compare", "Compare"),
         )
     )
-    script_tags = concat(
-        render('<script src="{src}" defer></script>', src=site.assets[name])
-        for name in ("vendor/uplot/uPlot.iife.min.js", *scripts)
-        if scripts
-    )
+    script_tag = render('<script src="{src}" defer></script>', src=site.assets[script])
     return render(
         """<!doctype html>
 <html lang="en">
@@ -123,9 +142,9 @@ def layout(site: Site, *, title: str, active: str, body: Markup, scripts: Iterab
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} · perfdb</title>
-<link rel="icon" href="{favicon}">
-<link rel="stylesheet" href="{uplot_css}">
+{prefetch}<link rel="icon" href="{favicon}">
 <link rel="stylesheet" href="{css}">
+{script}
 </head>
 <body data-page="{active}">
 <header class="topbar">
@@ -137,22 +156,31 @@ def layout(site: Site, *, title: str, active: str, body: Markup, scripts: Iterab
 {body}
 </main>
 <footer>perfdb {version} · reading from {server} · <a href="/api">JSON API</a></footer>
-<script src="{common_js}" defer></script>
-{script_tags}
 </body>
 </html>
 """,
         title=title,
+        prefetch=_series_prefetch(series_api),
         active=active,
         nav=nav,
         body=body,
         server=site.server_address,
         version=__version__,
         favicon=site.assets["favicon.svg"],
-        uplot_css=site.assets["vendor/uplot/uPlot.min.css"],
         css=site.assets["dashboard.css"],
-        common_js=site.assets["dashboard.js"],
-        script_tags=script_tags,
+        script=script_tag,
+    )
+
+
+def _series_prefetch(api: str | None) -> Markup:
+    if api is None:
+        return Markup("")
+    return render(
+        '<script data-api="{api}" data-max-width="{max_width}" data-padding="{padding}">{code}</script>\n',
+        api=api,
+        max_width=MAIN_MAX_WIDTH_PX,
+        padding=MAIN_PADDING_PX,
+        code=Markup(SERIES_PREFETCH_SCRIPT),
     )
 
 
@@ -479,7 +507,7 @@ def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
         ranges=ranges,
         api=view.api_url(),
     )
-    return layout(site, title=name, active="user", body=body, scripts=("charts.js",))
+    return layout(site, title=name, active="user", body=body, script="charts.js", series_api=view.api_url())
 
 
 def one_test_url(test_name: str) -> str:
@@ -515,7 +543,7 @@ def one_test_page(site: Site, view: OneTestView) -> Markup:
         ranges=ranges,
         api=view.api_url(),
     )
-    return layout(site, title=filters.test, active="test", body=body, scripts=("charts.js",))
+    return layout(site, title=filters.test, active="test", body=body, script="charts.js", series_api=view.api_url())
 
 
 def _dates(filters: Filters, date_from: str, date_to: str) -> dict[str, Any]:
@@ -602,7 +630,7 @@ def overview_page(site: Site, view: OverviewView, page: OverviewPage, data: byte
         leaderboard=_leaderboard(view, page, better),
         data=json_data_block("histogram-data", data),
     )
-    return layout(site, title="Overview", active="overview", body=body, scripts=("charts.js",))
+    return layout(site, title="Overview", active="overview", body=body, script="charts.js")
 
 
 def _leaderboard(view: OverviewView, page: OverviewPage, better: str) -> Markup:

@@ -108,9 +108,27 @@ def opened_tab(browser: Any, base_url: str) -> Iterator[BrowserPage]:
         page.close()
 
 
-def wait_for_charts(tab: BrowserPage) -> None:
-    """Until the page's time charts are drawn from their data."""
+# Scrolls each chart into view until it is drawn (those off screen are drawn as they come near),
+# then back to the top; gives up after `deadline` ms.
+DRAW_EVERY_CHART = """async (deadline) => {
+  const until = performance.now() + deadline;
+  for (const plot of document.querySelectorAll("#charts .chart")) {
+    plot.scrollIntoView({ block: "center" });
+    while (plot.dataset.drawn !== "true") {
+      if (performance.now() > until) throw new Error(`${plot.id} was not drawn once in view`);
+      await new Promise((resolve) => requestAnimationFrame(resolve));
+    }
+  }
+  window.scrollTo(0, 0);
+}"""
+
+
+def wait_for_charts(tab: BrowserPage, *, every: bool = True) -> None:
+    """Until the page's time charts are drawn from their data: those on screen (the page is
+    ready), and with `every` the others too."""
     tab.page.wait_for_selector("#charts[data-ready=true]", timeout=60_000)
+    if every:
+        tab.page.evaluate(DRAW_EVERY_CHART, 30_000)
 
 
 @pytest.fixture
@@ -398,3 +416,56 @@ def test_after_a_burst_paging_forwards_then_backwards_returns_the_same_rows(
     assert backwards[::-1] == forwards
     assert tab.page.locator("a[data-pager=prev]").count() == 0  # back at the newest page
     assert tab.errors == []
+
+
+# Per chart of the page: whether it is drawn, and whether it lies in the viewport or near it.
+CHART_PLACES = """(margin) => [...document.querySelectorAll("#charts .chart")].map((plot) => {
+  const box = plot.getBoundingClientRect();
+  return {
+    id: plot.id,
+    drawn: plot.dataset.drawn === "true",
+    canvas: plot.querySelector("canvas") !== null,
+    listed: window.perfdbCharts.some((chart) => `chart-${chart.id}` === plot.id),
+    onScreen: box.bottom > 0 && box.top < window.innerHeight,
+    near: box.bottom > -margin && box.top < window.innerHeight + margin,
+  };
+})"""
+SERIES_TIMING = """() => {
+  const series = performance.getEntriesByType("resource").filter((entry) => entry.name.includes("/series"));
+  const navigation = performance.getEntriesByType("navigation")[0];
+  return { fetches: series.length, startedAt: series[0].startTime, parsedAt: navigation.domInteractive };
+}"""
+
+
+def test_user_page_asks_for_its_data_once_from_the_head_and_draws_charts_as_they_come_near(
+    browser: Any, dashboard: DashboardProcess
+) -> None:
+    with opened_tab(browser, dashboard.url) as tab:
+        tab.page.set_viewport_size({"width": 1200, "height": 500})
+        requested: list[str] = []
+        tab.page.on("request", lambda request: requested.append(request.url) if "/api/" in request.url else None)
+        tab.goto("/users/static:nightly-ci")
+        wait_for_charts(tab, every=False)
+
+        # One request for the data, started by the head's script while the page was still being
+        # parsed (charts.js, deferred, runs only after that), sized for the charts' width.
+        timing = tab.page.evaluate(SERIES_TIMING)
+        assert timing["fetches"] == 1 and timing["startedAt"] < timing["parsedAt"], timing
+        [series_url] = requested
+        assert "/api/users/static%3Anightly-ci/series?points=" in series_url
+
+        # The page is ready with the charts on screen drawn; those far below are not, yet.
+        places = tab.page.evaluate(CHART_PLACES, 400)
+        assert len(places) == 5
+        assert all(place["drawn"] and place["canvas"] for place in places if place["onScreen"]), places
+        waiting = [place["id"] for place in places if not place["near"]]
+        assert waiting and not any(place["drawn"] or place["canvas"] for place in places if not place["near"]), places
+        assert all(place["listed"] == place["drawn"] for place in places), places
+
+        # Scrolled into view, each is drawn (with its lines), and no data is asked for again.
+        for plot in waiting:
+            tab.page.locator(f"#{plot}").scroll_into_view_if_needed()
+            tab.page.wait_for_selector(f"#{plot}[data-drawn=true] canvas", timeout=30_000)
+            assert tab.coloured_pixels(f"#{plot} canvas") > 300, plot
+        assert requested == [series_url]
+        assert tab.errors == []

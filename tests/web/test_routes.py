@@ -3,6 +3,8 @@ two months of results from several users and the real gRPC result files."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import re
@@ -15,7 +17,7 @@ from perfdb import PROTOCOL_VERSION
 from perfdb.client import AsyncClient
 from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.web import source as source_module
-from perfdb.web.app import STATIC_DIR
+from perfdb.web.assets import BUNDLES, STATIC_DIR
 from tests.web.conftest import SeededPerfdb, dashboard_client, newest_first
 from tests.web.parse import Page, parse_page
 from tests.web.seed import DAY, GRPC_USER, GRPC_USER_NAME, HOSTILE_TAG, USERS
@@ -439,26 +441,61 @@ async def test_health_api_index_and_security_headers(seeded: SeededPerfdb) -> No
         assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
+async def test_chart_pages_inline_only_the_data_prefetch_and_the_policy_allows_it_by_hash(
+    seeded: SeededPerfdb,
+) -> None:
+    async with dashboard_client(seeded.address) as client:
+        for path in ("/users/static:nightly-ci", f"/tests/{GO_PING_PONG}", "/", "/overview"):
+            response = await client.get(path)
+            text = await response.text()
+            policy = response.headers["Content-Security-Policy"]
+            # Scripts in the page other than JSON data blocks and files.
+            inline = re.findall(r"<script(?![^>]*(?:\bsrc=|application/json))([^>]*)>(.*?)</script>", text, re.S)
+            if path == "/" or path == "/overview":
+                assert inline == [], path
+                continue
+            [(attributes, code)] = inline
+            digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in policy.split("script-src", 1)[1].split(";", 1)[0]
+            # It asks for the same data the charts draw, before anything else in the head.
+            api = re.search(r'id="charts" data-api="([^"]+)"', text)
+            assert api is not None and f'data-api="{api.group(1)}"' in attributes
+            assert text.index("<script") < text.index("<link")
+
+
 async def test_static_assets_come_from_the_package_with_the_uplot_licence(seeded: SeededPerfdb) -> None:
     assert "MIT License" in (STATIC_DIR / "vendor" / "uplot" / "LICENSE").read_text()
     async with dashboard_client(seeded.address) as client:
         _, text = await _page(client, "/users/static:nightly-ci")
-        assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', text)
-        assert {asset.split("?")[0] for asset in assets} >= {
-            "/static/vendor/uplot/uPlot.iife.min.js",
-            "/static/vendor/uplot/uPlot.min.css",
-            "/static/charts.js",
-            "/static/dashboard.js",
-            "/static/dashboard.css",
-        }
+        assets = [asset.replace("&amp;", "&") for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', text)]
+        # One stylesheet and one script: each a bundle of the files the page needs.
+        assert [asset.split("?")[0] for asset in assets] == [
+            "/static/favicon.svg",
+            "/static/bundle/dashboard.css",
+            "/static/bundle/charts.js",
+        ]
         for asset in assets:
-            response = await client.get(asset.replace("&amp;", "&"))
+            response = await client.get(asset)  # the test client takes gzip and decodes it
             assert response.status == 200, asset
             assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
             body = await response.read()
-            assert body == (STATIC_DIR / asset.split("?")[0].removeprefix("/static/")).read_bytes()
+            path = asset.split("?")[0].removeprefix("/static/")
+            if not path.startswith("bundle/"):
+                assert body == (STATIC_DIR / path).read_bytes()
+                continue
+            assert response.headers["Content-Encoding"] == "gzip" and response.headers["Vary"] == "Accept-Encoding"
+            parts = [(STATIC_DIR / part).read_bytes().rstrip() for part in BUNDLES[path.removeprefix("bundle/")]]
+            positions = [body.index(part) for part in parts]  # each whole, in order
+            assert positions == sorted(positions) and len(body) < sum(map(len, parts)) + 16
+            plain = await client.get(asset, headers={"Accept-Encoding": "identity"})
+            assert "Content-Encoding" not in plain.headers and await plain.read() == body
         licence = await client.get("/static/vendor/uplot/LICENSE")
         assert "Leon Sorokin" in await licence.text()
+        # Pages without charts load no charting code.
+        _, table = await _page(client, "/")
+        assert re.findall(r'<script src="(/static/[^"?]+)', table) == ["/static/bundle/dashboard.js"]
+        missing = await client.get("/static/bundle/nothing.js")
+        assert missing.status == 404
     # No page refers to anything outside the dashboard: it works offline.
     assert not re.search(r'(?:src|href)="(?:https?:)?//', text)
 

@@ -24,9 +24,10 @@ from perfdb.web.analysis import (
     ranked_users,
     sample_summary,
 )
-from perfdb.web.app import asset_urls, build_parser, config_from_args, main
+from perfdb.web.app import build_parser, config_from_args, main
+from perfdb.web.assets import STATIC_DIR, asset_urls, build_bundles
 from perfdb.web.markup import Markup, render
-from perfdb.web.pages import flatten
+from perfdb.web.pages import MAIN_MAX_WIDTH_PX, MAIN_PADDING_PX, flatten
 from perfdb.web.queries import (
     MICROS_PER_DAY,
     OPTIONAL_COLUMNS,
@@ -226,6 +227,27 @@ def test_asset_urls_change_with_the_content(tmp_path: Path) -> None:
     first = asset_urls(tmp_path)["a.js"]
     (tmp_path / "a.js").write_text("two")
     assert asset_urls(tmp_path)["a.js"] != first and first.startswith("/static/a.js?v=")
+
+
+def test_bundle_urls_change_with_any_part(tmp_path: Path) -> None:
+    for path in STATIC_DIR.rglob("*"):
+        if path.is_file():
+            copy = tmp_path / path.relative_to(STATIC_DIR)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
+    before = build_bundles(tmp_path)
+    (tmp_path / "charts.js").write_text("// another version\n")
+    after = build_bundles(tmp_path)
+    assert after["charts.js"].url != before["charts.js"].url and after["charts.js"].url.startswith("/static/bundle/")
+    assert after["dashboard.js"].url == before["dashboard.js"].url  # not a part of it
+
+
+def test_the_series_prefetch_sizes_the_charts_from_mains_box_in_the_stylesheet() -> None:
+    rule = re.search(r"^main \{([^}]*)\}", (STATIC_DIR / "dashboard.css").read_text(), re.M)
+    assert rule is not None
+    assert f"max-width: {MAIN_MAX_WIDTH_PX}px;" in rule.group(1)
+    padding = re.search(r"padding: \d+px (\d+)px", rule.group(1))
+    assert padding is not None and 2 * int(padding.group(1)) == MAIN_PADDING_PX
 
 
 # -- the command line -----------------------------------------------------------------------------

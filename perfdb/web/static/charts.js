@@ -38,8 +38,13 @@
     container.replaceChildren(element("p", kind === "error" ? "notice notice-warn" : "chart-empty", text));
   }
 
-  async function fetchJson(url) {
-    const response = await fetch(url, { headers: { Accept: "application/json" } });
+  function fetchJson(url) {
+    return readJson(fetch(url, { headers: { Accept: "application/json" } }));
+  }
+
+  // The JSON of a reply on its way, or the error it carries as an exception.
+  async function readJson(reply) {
+    const response = await reply;
     let body = null;
     try {
       body = await response.json();
@@ -54,7 +59,11 @@
   }
 
   function chartWidth(container) {
-    return Math.max(280, Math.floor(container.getBoundingClientRect().width));
+    return widthOf(container.getBoundingClientRect());
+  }
+
+  function widthOf(box) {
+    return Math.max(280, Math.floor(box.width));
   }
 
   function placeTooltip(u, left, top) {
@@ -188,7 +197,7 @@
     return many ? line.test : metric;
   }
 
-  function timeSeriesChart(plot, chart, data, page) {
+  function timeSeriesChart(plot, chart, data, page, width) {
     const lines = linesFor(chart, data);
     if (lines.length === 0) {
       showMessage(plot, "No values of these metrics in this range.");
@@ -203,7 +212,6 @@
     const columns = [xs];
     const bands = [];
     const drawn = []; // per line: its aligned columns, colour and uPlot series indices
-    const width = chartWidth(plot);
     aligned.forEach((item, index) => {
       const color = PALETTE[index % PALETTE.length];
       const medianIndex = series.length;
@@ -465,7 +473,51 @@
     return plot;
   }
 
+  // The charts on screen are drawn at once; the others once they come within this many pixels of
+  // the viewport, ahead of a scroll (drawing every chart before the page showed any held it up).
+  const DRAW_MARGIN = 400;
+  let nearViewport = null; // the IntersectionObserver of the charts not drawn yet
+
+  // Calls each `drawIt(width)` of a [plot, drawIt] pair now if its plot is on screen, else once it
+  // comes near; each plot gets data-drawn=true once drawn.
+  function drawWhenNear(items) {
+    const draw = (plot, drawIt, box) => {
+      drawIt(widthOf(box));
+      plot.style.minHeight = "";
+      plot.dataset.drawn = "true";
+    };
+    // Every card at its chart's height first, so that one layout places them all where they stay
+    // and gives each its width (no layout per chart drawn).
+    for (const [plot] of items) plot.style.minHeight = `${CHART_HEIGHT}px`;
+    const boxes = items.map(([plot]) => plot.getBoundingClientRect());
+    const waiting = new Map();
+    items.forEach(([plot, drawIt], index) => {
+      const box = boxes[index];
+      if (box.bottom > 0 && box.top < window.innerHeight) draw(plot, drawIt, box);
+      else waiting.set(plot, drawIt);
+    });
+    if (waiting.size === 0) return;
+    const observer = new IntersectionObserver(
+      (entries) => {
+        for (const entry of entries) {
+          if (!entry.isIntersecting || !waiting.has(entry.target)) continue;
+          observer.unobserve(entry.target);
+          const drawIt = waiting.get(entry.target);
+          waiting.delete(entry.target);
+          draw(entry.target, drawIt, entry.boundingClientRect);
+        }
+      },
+      { rootMargin: `${DRAW_MARGIN}px 0px` },
+    );
+    for (const plot of waiting.keys()) observer.observe(plot);
+    nearViewport = observer;
+  }
+
   function removeCharts() {
+    if (nearViewport) {
+      nearViewport.disconnect();
+      nearViewport = null;
+    }
     for (let index = charts.length - 1; index >= 0; index -= 1) {
       if (charts[index].id !== "histogram") {
         charts[index].plot.destroy();
@@ -481,23 +533,24 @@
   // The user and test pages: load the API for the page's range (or a zoomed part of it), draw.
   function timeCharts(container) {
     const summary = document.getElementById("chart-summary");
-    const api = new URL(container.dataset.api, window.location.href);
+    // The page's <head> asked for the data already (series-prefetch.js), at the points the charts'
+    // width calls for; later loads (zoom, another detail test) change that URL's parameters.
+    const prefetched = window.perfdbSeries;
+    const api = new URL(prefetched.url, window.location.href);
+    let firstReply = prefetched.response; // taken by the first load alone
     const pageUrl = new URL(window.location.href);
     // While zoomed, the URL keeps the range to go back to (wfrom, wto) beside the zoomed one.
     const zoomed = () => pageUrl.searchParams.has("wfrom");
-    // About one point per pixel column of a chart.
-    api.searchParams.set("points", String(Math.max(50, Math.min(2000, Math.round(chartWidth(container) / 2)))));
-    for (const name of ["detail", "from", "to"]) {
-      if (pageUrl.searchParams.get(name)) api.searchParams.set(name, pageUrl.searchParams.get(name));
-    }
     let loading = 0;
 
     async function load() {
       const ticket = ++loading;
       container.dataset.ready = "false";
+      const prefetchedReply = firstReply;
+      firstReply = null;
       let data;
       try {
-        data = await fetchJson(`${api.pathname}${api.search}`);
+        data = await (prefetchedReply ? readJson(prefetchedReply) : fetchJson(`${api.pathname}${api.search}`));
       } catch (error) {
         summary.textContent = "";
         removeCharts();
@@ -571,8 +624,14 @@
         container.append(detailSelector(choices, data.detail, (test) => navigate({ detail: test })));
       }
       for (const chart of data.charts.filter((chart) => !SINGLE_METRIC(chart))) plots.set(chart.id, chartCard(container, chart));
-      // Drawn once every card is in place, so each chart is measured at its final width.
-      for (const chart of data.charts) timeSeriesChart(plots.get(chart.id), chart, data, page);
+      // Drawn once every card is in place, so each chart is measured at its final width; the page
+      // is ready when those in view are drawn.
+      drawWhenNear(
+        data.charts.map((chart) => {
+          const plot = plots.get(chart.id);
+          return [plot, (width) => timeSeriesChart(plot, chart, data, page, width)];
+        }),
+      );
     }
 
     load();
