@@ -19,7 +19,7 @@ from perfdb.records.timestamps import parse_rfc3339
 from perfdb.records.units import CORE_METRIC_NAMES, CORE_METRICS
 from perfdb.web.analysis import CHARTS, axis_scale, metric_unit
 from perfdb.web.queries import QueryError
-from perfdb.web.source import RecordQuery, ResultSource
+from perfdb.web.source import Edges, RecordQuery, ResultSource
 
 # Points per line when the page does not say how wide its charts are, and the bounds of what it
 # may ask for (about one point per pixel column).
@@ -65,10 +65,10 @@ def points_param(raw: str) -> int:
     return int(raw)
 
 
-async def chart_data(source: ResultSource, request: ChartRequest) -> dict[str, Any]:
-    """The charts' data: one downsampled line per test and metric, on one time grid per chart."""
+async def chart_data(source: ResultSource, request: ChartRequest, edges: Edges | None) -> dict[str, Any]:
+    """The charts' data: one downsampled line per test and metric, on one time grid per chart;
+    `edges` are the query's (source.edges), asked for beside the other reads of the page."""
     query = request.query
-    edges = await source.edges(query)
     shown = [query.test_name] if query.test_name else [name for name, _ in request.tests]
     detail = query.test_name or (request.detail if request.detail in shown else (shown[0] if shown else None))
     empty = {

@@ -42,6 +42,7 @@ from perfdb.web.queries import (
     picked_pair,
 )
 from perfdb.web.source import (
+    Edges,
     PerfdbError,
     RecordQuery,
     ResultRow,
@@ -384,9 +385,17 @@ async def user_handler(request: web.Request) -> web.Response:
 
 async def api_user_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
-    view, profile = await _user(request)
-    tests = await dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS)
-    data = await _chart_data(dashboard, request, record_query(view.filters), tests)
+    view = UserView.from_params(request.match_info["user_id"], request.query)
+    query = record_query(view.filters)
+    # Three independent reads at once: on a busy server each waits its turn on perfdb's threads.
+    profile, tests, edges = await asyncio.gather(
+        dashboard.source.profile(view.user_id),
+        dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS),
+        dashboard.source.edges(query),
+    )
+    if profile is None:
+        raise NotFoundError(f"perfdb has no user {view.user_id[:100]!r}.")
+    data = await _chart_data(dashboard, request, query, tests, edges)
     return json_response(
         {
             "user": profile,
@@ -412,8 +421,11 @@ async def one_test_handler(request: web.Request) -> web.Response:
 async def api_one_test_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view = _one_test_view(request)
-    tests = await dashboard.source.test_counts(None, CHART_TEST_METRICS)
-    data = await _chart_data(dashboard, request, record_query(view.filters), tests)
+    query = record_query(view.filters)
+    tests, edges = await asyncio.gather(
+        dashboard.source.test_counts(None, CHART_TEST_METRICS), dashboard.source.edges(query)
+    )
+    data = await _chart_data(dashboard, request, query, tests, edges)
     # A test without the core metrics (another tool's benchmark) is charted if perfdb has it at all;
     # only an empty chart asks whether it has any outside the range.
     test = view.filters.test
@@ -427,7 +439,7 @@ async def api_one_test_series(request: web.Request) -> web.Response:
 
 
 async def _chart_data(
-    dashboard: Dashboard, request: web.Request, query: RecordQuery, tests: dict[str, int]
+    dashboard: Dashboard, request: web.Request, query: RecordQuery, tests: dict[str, int], edges: Edges | None
 ) -> dict[str, Any]:
     """The time charts of a query, downsampled for the page's width (`points`); `detail` picks the
     test of the percentile and CPU charts when every test is shown."""
@@ -438,7 +450,7 @@ async def _chart_data(
         detail=request.query.get("detail") or None,
         points=points_param(request.query.get("points", "")),
     )
-    data = await chart_data(dashboard.source, chart_request)
+    data = await chart_data(dashboard.source, chart_request, edges)
     note = None
     if not data["complete"]:
         note = (
