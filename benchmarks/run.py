@@ -164,6 +164,10 @@ def ingest(port: int, records: int, start: int, *extra: str, window: int = 256) 
     return result
 
 
+# Longest compact() waits for LevelDB's own compactions to settle the levels.
+SETTLE_SECONDS = 300
+
+
 def compact(database: Path) -> None:
     """Compact the whole keyspace (server stopped), so no background compaction competes with
     what is measured next.
@@ -172,14 +176,20 @@ def compact(database: Path) -> None:
     then holds more than that level's size budget (10 MiB for level 1, ten times more a level
     down): the next server to open the database would spend its first minutes compacting it
     further, during the measurement. So this waits, the database open, until LevelDB's own
-    compactions have brought every level within its budget and nothing has moved for a second."""
+    compactions have brought every level within its budget and nothing has moved for a second
+    (LevelDB prints sizes rounded to whole MiB, so a level shown at its budget is within it; and
+    after SETTLE_SECONDS it goes on regardless, saying so)."""
     db = plyvel.DB(str(database))
     try:
         db.compact_range()
         previous = None
+        deadline = time.monotonic() + SETTLE_SECONDS
         while True:
             levels = _level_sizes_mb(db)
-            if levels == previous and all(size < 10 * 10 ** (level - 1) for level, size in levels if level > 0):
+            if levels == previous and all(size <= 10 * 10 ** (level - 1) for level, size in levels if level > 0):
+                return
+            if time.monotonic() > deadline:
+                progress(f"LevelDB's levels did not settle within {SETTLE_SECONDS} s: {levels}; going on")
                 return
             previous = levels
             time.sleep(1.0)
