@@ -27,7 +27,8 @@ import orjson
 from aiohttp import web
 
 from perfdb.config import Config
-from perfdb.server import PerfdbServer
+from perfdb.server import PerfdbServer, build_store
+from perfdb.storage import ResultStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRPC_DATA = REPO_ROOT.parent / "shared" / "data" / "grpc"
@@ -129,6 +130,19 @@ async def running_server(config: Config) -> AsyncIterator[PerfdbServer]:
         yield server
     finally:
         await server.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def opened_store(database: Path, **settings: Any) -> AsyncIterator[ResultStore]:
+    """A ResultStore on `database` without a server (commits not synced unless `settings` say),
+    opened and closed off the event loop."""
+    store = build_store(Config(database=database, **{"sync": False, **settings}))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.open, loop)
+    try:
+        yield store
+    finally:
+        await loop.run_in_executor(None, store.close)
 
 
 @contextlib.asynccontextmanager

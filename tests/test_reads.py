@@ -14,13 +14,11 @@ from typing import Any
 import orjson
 import pytest
 
-from perfdb.config import Config
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import record_id_micros
 from perfdb.records.schema import Query, RecordDraft
 from perfdb.records.timestamps import format_micros, now_micros
-from perfdb.server import build_store
 from perfdb.storage import layout
 from perfdb.storage import store as store_module
 from perfdb.storage.overview import PENDING_ROWS, Overview
@@ -28,6 +26,7 @@ from tests.support import (
     Connection,
     connect,
     error_code,
+    opened_store,
     page_through,
     perfdb_with_provider,
     record_request,
@@ -252,57 +251,54 @@ async def test_a_sorted_read_over_30000_records_of_one_filter_finds_the_true_top
     them. Whichever way the read goes (by cost; ranking the filter; walking the qps index) the true
     top comes first, page after page; ranking from the user or test index entries reads only the
     page's records."""
-    store = build_store(Config(database=tmp_path / "db", sync=False))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, store.open, loop)
-    slow, fast = Profile.create("static:slow", {}), Profile.create("static:fast", {})
-    drafts = []
-    for n in range(36_000):
-        if n % 6:  # 30,000 of the slow machine, interleaved with the others'
-            qps: float = 1_000_000.5 if n == 12_001 else float(n % 4999)
-            drafts.append((slow, RecordDraft("slow_test", "slow", {}, {"qps": qps, "perc_lat_50": n % 77}, {}, {})))
-        else:
-            drafts.append((fast, RecordDraft("fast_test", "fast", {}, {"qps": 10_000.0 + n}, {}, {})))
-    written = []
-    for first in range(0, len(drafts), 4000):
-        chunk = drafts[first : first + 4000]
-        acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in chunk))
-        written += [
-            {"record_id": ack.record_id, "user_id": ack.user_id, "metrics": draft.metrics}
-            for ack, (_, draft) in zip(acks, chunk, strict=True)
-        ]
-    slow_records = [r for r in written if r["user_id"] == "static:slow"]
-    assert len(slow_records) == 30_000
-    expected = {descending: brute_force_sorted(slow_records, "qps", descending) for descending in (True, False)}
-    assert expected[True][0] == written[12_001]["record_id"]
-    counting = CountingDB(store._db)
-    store._db = counting
-    try:
+    async with opened_store(tmp_path / "db") as store:
+        slow, fast = Profile.create("static:slow", {}), Profile.create("static:fast", {})
+        drafts = []
+        for n in range(36_000):
+            if n % 6:  # 30,000 of the slow machine, interleaved with the others'
+                qps: float = 1_000_000.5 if n == 12_001 else float(n % 4999)
+                drafts.append((slow, RecordDraft("slow_test", "slow", {}, {"qps": qps, "perc_lat_50": n % 77}, {}, {})))
+            else:
+                drafts.append((fast, RecordDraft("fast_test", "fast", {}, {"qps": 10_000.0 + n}, {}, {})))
+        written = []
+        for first in range(0, len(drafts), 4000):
+            chunk = drafts[first : first + 4000]
+            acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in chunk))
+            written += [
+                {"record_id": ack.record_id, "user_id": ack.user_id, "metrics": draft.metrics}
+                for ack, (_, draft) in zip(acks, chunk, strict=True)
+            ]
+        slow_records = [r for r in written if r["user_id"] == "static:slow"]
+        assert len(slow_records) == 30_000
+        expected = {descending: brute_force_sorted(slow_records, "qps", descending) for descending in (True, False)}
+        assert expected[True][0] == written[12_001]["record_id"]
+        counting = CountingDB(store._db)
+        store._db = counting
+        try:
 
-        def query(**fields: Any) -> Query:
-            return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
+            def query(**fields: Any) -> Query:
+                return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
 
-        for walk in ("by cost", "filter index", "metric index"):
-            if walk != "by cost":
-                force_sorted_walk(monkeypatch, walk)
-            for filters in ({"user_id": "static:slow"}, {"test_name": "slow_test"}, {"tag": "slow"}):
-                for descending in (True, False):
-                    sort = {"limit": 10, "sort": "qps", "descending": descending, **filters}
-                    counting.take_counts()
-                    page = await store.get_all(query(**sort))
-                    gets = counting.take_record_gets()
-                    following = await store.get_all(query(**sort, cursor=page.next_cursor))
-                    where = (walk, filters, descending)
-                    assert ids([orjson.loads(r) for r in page.records]) == expected[descending][:10], where
-                    assert ids([orjson.loads(r) for r in following.records]) == expected[descending][10:20], where
-                    assert page.complete, where
-                    if walk == "filter index":
-                        assert page.examined == 30_000, where
-                        if "tag" not in filters:  # the tag index entries carry no metrics
-                            assert gets == 10, where  # the page's records only
-    finally:
-        store._db = counting.real
-        await loop.run_in_executor(None, store.close)
+            for walk in ("by cost", "filter index", "metric index"):
+                if walk != "by cost":
+                    force_sorted_walk(monkeypatch, walk)
+                for filters in ({"user_id": "static:slow"}, {"test_name": "slow_test"}, {"tag": "slow"}):
+                    for descending in (True, False):
+                        sort = {"limit": 10, "sort": "qps", "descending": descending, **filters}
+                        counting.take_counts()
+                        page = await store.get_all(query(**sort))
+                        gets = counting.take_record_gets()
+                        following = await store.get_all(query(**sort, cursor=page.next_cursor))
+                        where = (walk, filters, descending)
+                        assert ids([orjson.loads(r) for r in page.records]) == expected[descending][:10], where
+                        assert ids([orjson.loads(r) for r in following.records]) == expected[descending][10:20], where
+                        assert page.complete, where
+                        if walk == "filter index":
+                            assert page.examined == 30_000, where
+                            if "tag" not in filters:  # the tag index entries carry no metrics
+                                assert gets == 10, where  # the page's records only
+        finally:
+            store._db = counting.real
 
 
 def histogram_check(values: list[float], histogram: list[list[Any]]) -> None:
@@ -490,71 +486,68 @@ async def test_filtered_reads_examine_only_the_matching_index_entries(
 ) -> None:
     """A page of 100 of a rare test among many records reads about 100 index entries and 100
     records, however many records there are: the cost does not grow with the database."""
-    store = build_store(Config(database=tmp_path / "db", sync=False))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, store.open, loop)
-    many, few = Profile.create("static:many", {}), Profile.create("static:few", {})
-    submissions = []
-    for n in range(20_000):
-        rare = n % 100 == 0  # 200 rare records, half of them tagged "x"
-        draft = RecordDraft("rare" if rare else "common", "x" if rare and n % 200 else "", {}, {"qps": n}, {}, {})
-        submissions.append(store.submit(few if rare and n % 300 else many, draft))
-        if n == 19_499:  # the newest 500 committed after the rest: a time range can hold just them
-            await asyncio.gather(*submissions)
-            submissions.clear()
-    await asyncio.gather(*submissions)
-    counting = CountingDB(store._db)
-    store._db = counting
-    try:
+    async with opened_store(tmp_path / "db") as store:
+        many, few = Profile.create("static:many", {}), Profile.create("static:few", {})
+        submissions = []
+        for n in range(20_000):
+            rare = n % 100 == 0  # 200 rare records, half of them tagged "x"
+            draft = RecordDraft("rare" if rare else "common", "x" if rare and n % 200 else "", {}, {"qps": n}, {}, {})
+            submissions.append(store.submit(few if rare and n % 300 else many, draft))
+            if n == 19_499:  # the newest 500 committed after the rest: a time range can hold just them
+                await asyncio.gather(*submissions)
+                submissions.clear()
+        await asyncio.gather(*submissions)
+        counting = CountingDB(store._db)
+        store._db = counting
+        try:
 
-        def query(**fields: Any) -> Query:
-            return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
+            def query(**fields: Any) -> Query:
+                return Query(**{**dict.fromkeys(("user_id", "test_name", "tag", "since", "until", "cursor")), **fields})
 
-        page = await store.get_all(query(test_name="rare", limit=100))
-        assert len(page.records) == 100 and page.total == 200
-        entries, gets = counting.take_counts()
-        assert entries == 101  # 100 taken, one more to see that the page is not the last
-        assert gets <= 100 + 3 + 2  # the records, the counts compared, the profiles
-
-        page = await store.get_all(query(test_name="rare", tag="x", limit=100, reverse=True))
-        assert len(page.records) == 100 and page.total is None
-        entries, _ = counting.take_counts()
-        assert entries == 100  # the tag index (100 entries) is smaller than the test index (200)
-
-        _, page = await store.get_user(query(user_id="static:many", test_name="rare", limit=100))
-        assert len(page.records) == 200 // 3 + 1
-        entries, _ = counting.take_counts()
-        assert entries == 200  # through the test index, not the 19,867 of static:many
-
-        # Ranked from the test index entries' metrics: only the page's records are read.
-        page = await store.get_all(query(test_name="rare", limit=5, sort="qps"))
-        assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == [19_900, 19_800, 19_700, 19_600, 19_500]
-        assert (page.examined, page.complete) == (200, True)
-        entries, gets = counting.take_counts()
-        assert entries == 200
-        assert gets <= 5 + 1 + 3 + 2  # the records, the record count, the counts compared, the profiles
-
-        # Over all 20,000 records the qps index gives a page of 50 from 51 entries (one more to
-        # see a next page), best first, and reads only the page's records.
-        for order, best in ((True, list(range(19_999, 19_949, -1))), (False, list(range(50)))):
-            page = await store.get_all(query(limit=50, sort="qps", descending=order))
-            assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == best
-            assert (page.examined, page.complete) == (51, True)
+            page = await store.get_all(query(test_name="rare", limit=100))
+            assert len(page.records) == 100 and page.total == 200
             entries, gets = counting.take_counts()
-            assert entries <= 52  # a descending walk reads one entry past the next one's tie group
-            assert gets <= 50 + 1 + 2  # the records, the record count, the profiles
+            assert entries == 101  # 100 taken, one more to see that the page is not the last
+            assert gets <= 100 + 3 + 2  # the records, the counts compared, the profiles
 
-        # A time range counts as a filter, measured by counting its keys. Ranking the records of
-        # one that holds all 20,000 would mean reading each (RANK_RECORD_MICROS), dearer than
-        # walking the whole qps index: it walks the index. One that starts at the newest 500 ranks them.
-        page = await store.get_all(query(limit=50, sort="qps", since=0))
-        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (51, 19_999)
-        newest = await store.get_all(query(limit=500, reverse=True))
-        since = record_id_micros(orjson.loads(newest.records[-1])["record_id"])
-        in_range = len((await store.get_all(query(limit=5000, since=since))).records)
-        assert 500 <= in_range < 5_000  # records committed in one write batch share their time
-        page = await store.get_all(query(limit=50, sort="qps", since=since))
-        assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (in_range, 19_999)
-    finally:
-        store._db = counting.real
-        await loop.run_in_executor(None, store.close)
+            page = await store.get_all(query(test_name="rare", tag="x", limit=100, reverse=True))
+            assert len(page.records) == 100 and page.total is None
+            entries, _ = counting.take_counts()
+            assert entries == 100  # the tag index (100 entries) is smaller than the test index (200)
+
+            _, page = await store.get_user(query(user_id="static:many", test_name="rare", limit=100))
+            assert len(page.records) == 200 // 3 + 1
+            entries, _ = counting.take_counts()
+            assert entries == 200  # through the test index, not the 19,867 of static:many
+
+            # Ranked from the test index entries' metrics: only the page's records are read.
+            page = await store.get_all(query(test_name="rare", limit=5, sort="qps"))
+            assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == [19_900, 19_800, 19_700, 19_600, 19_500]
+            assert (page.examined, page.complete) == (200, True)
+            entries, gets = counting.take_counts()
+            assert entries == 200
+            assert gets <= 5 + 1 + 3 + 2  # the records, the record count, the counts compared, the profiles
+
+            # Over all 20,000 records the qps index gives a page of 50 from 51 entries (one more to
+            # see a next page), best first, and reads only the page's records.
+            for order, best in ((True, list(range(19_999, 19_949, -1))), (False, list(range(50)))):
+                page = await store.get_all(query(limit=50, sort="qps", descending=order))
+                assert [orjson.loads(r)["metrics"]["qps"] for r in page.records] == best
+                assert (page.examined, page.complete) == (51, True)
+                entries, gets = counting.take_counts()
+                assert entries <= 52  # a descending walk reads one entry past the next one's tie group
+                assert gets <= 50 + 1 + 2  # the records, the record count, the profiles
+
+            # A time range counts as a filter, measured by counting its keys. Ranking the records of
+            # one that holds all 20,000 would mean reading each (RANK_RECORD_MICROS), dearer than
+            # walking the whole qps index: it walks the index. One that starts at the newest 500 ranks them.
+            page = await store.get_all(query(limit=50, sort="qps", since=0))
+            assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (51, 19_999)
+            newest = await store.get_all(query(limit=500, reverse=True))
+            since = record_id_micros(orjson.loads(newest.records[-1])["record_id"])
+            in_range = len((await store.get_all(query(limit=5000, since=since))).records)
+            assert 500 <= in_range < 5_000  # records committed in one write batch share their time
+            page = await store.get_all(query(limit=50, sort="qps", since=since))
+            assert (page.examined, orjson.loads(page.records[0])["metrics"]["qps"]) == (in_range, 19_999)
+        finally:
+            store._db = counting.real

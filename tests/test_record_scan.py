@@ -5,7 +5,6 @@ read makes, damaged records included."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,12 @@ from typing import Any
 import plyvel
 import pytest
 
-from perfdb.config import Config
 from perfdb.records.profiles import Profile
 from perfdb.records.record_ids import record_id_micros
 from perfdb.records.schema import Query, RecordDraft
-from perfdb.server import build_store
 from perfdb.storage import ResultStore, layout, store
 from perfdb.storage.store import Page
+from tests.support import opened_store
 
 RECORDS = 40
 
@@ -43,21 +41,9 @@ def test_unseal_all_gives_what_unseal_gives_or_none_when_any_value_is_damaged() 
         assert layout.unseal_all([*values[:10], damaged, *values[10:]]) is None
 
 
-async def open_store(database: Path) -> ResultStore:
-    results = build_store(Config(database=database, sync=False, max_batch_records=8))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, results.open, loop)
-    return results
-
-
-async def close_store(results: ResultStore) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, results.close)
-
-
 async def fill(database: Path) -> list[str]:
     """RECORDS records of growing size from three users, one of them excluded; their ids."""
-    results = await open_store(database)
-    try:
+    async with opened_store(database, max_batch_records=8) as results:
         users = [Profile.create(f"static:user-{n}", {"name": f"User {n}"}) for n in range(3)]
         ids = []
         for n in range(RECORDS):  # one at a time, so record ids follow n
@@ -65,8 +51,6 @@ async def fill(database: Path) -> list[str]:
             ids.append((await results.submit(users[n % 3], draft)).record_id)
         await results.set_exclusion(ids[5], {"note": "noisy host", "excluded_by": "admin", "excluded_at": "-"}, None)
         return ids
-    finally:
-        await close_store(results)
 
 
 def entry_by_entry(results: ResultStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,14 +98,11 @@ def run_pages(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 async def compared(database: Path, monkeypatch: pytest.MonkeyPatch, **fields: Any) -> list[PageFields]:
     """The pages of one get_all read both ways; they must be equal."""
-    results = await open_store(database)
-    try:
+    async with opened_store(database, max_batch_records=8) as results:
         run = await all_pages(results, **fields)
         with monkeypatch.context() as patch:
             entry_by_entry(results, patch)
             assert await all_pages(results, **fields) == run
-    finally:
-        await close_store(results)
     return run
 
 
@@ -143,11 +124,8 @@ async def test_pages_built_over_a_run_of_records_are_the_entry_by_entry_pages(
                 assert len(records) == (within if bounds else len(mine))
     assert run_pages, "the run path never built a page"
     # The excluded record carries its exclusion both ways (compared above); here it shows.
-    results = await open_store(tmp_path / "db")
-    try:
+    async with opened_store(tmp_path / "db", max_batch_records=8) as results:
         pages = await all_pages(results, limit=RECORDS)
-    finally:
-        await close_store(results)
     assert [b'"noisy host"' in record for record in pages[0][0]] == [n == 5 for n in range(RECORDS)]
 
 
@@ -175,10 +153,7 @@ async def test_a_damaged_record_is_skipped_and_counted_and_the_page_stays_exact(
         # User 1 holds ids[4] and ids[31] (n % 3 == 1): both damaged, skipped over their index too.
         theirs = await compared(tmp_path / "db", monkeypatch, limit=limit, user_id="static:user-1")
         assert len([record for page in theirs for record in page[0]]) == len(range(1, RECORDS, 3)) - 2
-    results = await open_store(tmp_path / "db")
-    try:
+    async with opened_store(tmp_path / "db", max_batch_records=8) as results:
         page = await results.get_all(Query(None, None, None, None, None, 10, None))
         assert len(page.records) == 10  # the two damaged among the first 12 skipped, the page still full
         assert results.corrupt_records == 2
-    finally:
-        await close_store(results)

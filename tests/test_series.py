@@ -13,12 +13,10 @@ import numpy as np
 import orjson
 import pytest
 
-from perfdb.config import Config
 from perfdb.records import record_ids
 from perfdb.records.profiles import Profile
 from perfdb.records.schema import RecordDraft, SeriesQuery
 from perfdb.records.timestamps import format_micros, now_micros, parse_rfc3339
-from perfdb.server import build_store
 from perfdb.storage import layout
 from perfdb.storage import store as series_store
 from perfdb.storage.series import (
@@ -32,7 +30,7 @@ from perfdb.storage.series import (
     index_columns,
     metric_fields,
 )
-from tests.support import connect, error_code, perfdb_with_provider, record_request, send_burst
+from tests.support import connect, error_code, opened_store, perfdb_with_provider, record_request, send_burst
 from tests.test_deletion import ADMIN_KEY as DELETION_ADMIN_KEY
 from tests.test_deletion import perfdb as deletion_perfdb
 from tests.test_reads import CountingDB, DenseClock, matching, write_burst
@@ -332,46 +330,43 @@ async def test_a_range_holding_one_record_at_its_start_is_read_newest_first(tmp_
 async def test_series_over_the_user_or_test_index_read_no_record(tmp_path: Path) -> None:
     """The user and test index entries carry the metrics: a series walking them reads no record
     and still agrees with brute force; one walking the tag index reads the records it admits."""
-    store = build_store(Config(database=tmp_path / "db", sync=False))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, store.open, loop)
-    profiles = [Profile.create(f"static:u{n}", {}) for n in range(3)]
-    drafts = []
-    for n in range(3000):
-        metrics: dict[str, Any] = {"qps": n % 97 + 0.5, "perc_lat_50": n % 13, "warm": True}
-        if n % 7 == 0:
-            del metrics["qps"]
-        test_name, tag = ("rare", "x" if n % 20 else "") if n % 10 == 0 else ("common", "")
-        drafts.append((profiles[n % 3], RecordDraft(test_name, tag, {}, metrics, {}, {})))
-    acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in drafts))
-    written = [
-        {"record_id": ack.record_id, "user_id": ack.user_id, "test_name": draft.test_name, "tag": draft.tag,
-         "metrics": {name: value for name, value in draft.metrics.items() if name != "warm"}}
-        for ack, (_, draft) in zip(acks, drafts, strict=True)
-    ]  # fmt: skip
-    counting = CountingDB(store._db)
-    store._db = counting
-    charted = ("qps", "perc_lat_50")
-    try:
-        for filters in ({"test_name": "rare"}, {"test_name": "common", "user_id": "static:u1"}):
-            request = SeriesQuery(charted, filters["test_name"], filters.get("user_id"), None, None, None, 50)
+    async with opened_store(tmp_path / "db") as store:
+        profiles = [Profile.create(f"static:u{n}", {}) for n in range(3)]
+        drafts = []
+        for n in range(3000):
+            metrics: dict[str, Any] = {"qps": n % 97 + 0.5, "perc_lat_50": n % 13, "warm": True}
+            if n % 7 == 0:
+                del metrics["qps"]
+            test_name, tag = ("rare", "x" if n % 20 else "") if n % 10 == 0 else ("common", "")
+            drafts.append((profiles[n % 3], RecordDraft(test_name, tag, {}, metrics, {}, {})))
+        acks = await asyncio.gather(*(store.submit(profile, draft) for profile, draft in drafts))
+        written = [
+            {"record_id": ack.record_id, "user_id": ack.user_id, "test_name": draft.test_name, "tag": draft.tag,
+             "metrics": {name: value for name, value in draft.metrics.items() if name != "warm"}}
+            for ack, (_, draft) in zip(acks, drafts, strict=True)
+        ]  # fmt: skip
+        counting = CountingDB(store._db)
+        store._db = counting
+        charted = ("qps", "perc_lat_50")
+        try:
+            for filters in ({"test_name": "rare"}, {"test_name": "common", "user_id": "static:u1"}):
+                request = SeriesQuery(charted, filters["test_name"], filters.get("user_id"), None, None, None, 50)
+                reply = {"ok": True, **await store.series(request)}
+                check_series(reply, matching(written, **filters), list(charted), 50)
+                assert counting.take_record_gets() == 0, filters
+            grouped = await store.series(SeriesQuery(charted, None, "static:u2", None, None, None, 50))
+            assert counting.take_record_gets() == 0
+            for test_name in ("rare", "common"):
+                alone = {"ok": True, **grouped, "series": grouped["tests"][test_name]}
+                expected = matching(written, user_id="static:u2", test_name=test_name)
+                check_series({**alone, "records": len(expected)}, expected, list(charted), 50)
+            # The tag index (150 entries) is smaller than the rare test's (300): its records are read.
+            request = SeriesQuery(charted, "rare", None, "x", None, None, 50)
             reply = {"ok": True, **await store.series(request)}
-            check_series(reply, matching(written, **filters), list(charted), 50)
-            assert counting.take_record_gets() == 0, filters
-        grouped = await store.series(SeriesQuery(charted, None, "static:u2", None, None, None, 50))
-        assert counting.take_record_gets() == 0
-        for test_name in ("rare", "common"):
-            alone = {"ok": True, **grouped, "series": grouped["tests"][test_name]}
-            expected = matching(written, user_id="static:u2", test_name=test_name)
-            check_series({**alone, "records": len(expected)}, expected, list(charted), 50)
-        # The tag index (150 entries) is smaller than the rare test's (300): its records are read.
-        request = SeriesQuery(charted, "rare", None, "x", None, None, 50)
-        reply = {"ok": True, **await store.series(request)}
-        check_series(reply, matching(written, test_name="rare", tag="x"), list(charted), 50)
-        assert counting.take_record_gets() == len(matching(written, test_name="rare", tag="x"))
-    finally:
-        store._db = counting.real
-        await loop.run_in_executor(None, store.close)
+            check_series(reply, matching(written, test_name="rare", tag="x"), list(charted), 50)
+            assert counting.take_record_gets() == len(matching(written, test_name="rare", tag="x"))
+        finally:
+            store._db = counting.real
 
 
 CHARTED = ["qps", "perc_lat_50"]
@@ -393,10 +388,10 @@ async def check_cached_reads(conn: Any, written: list[dict[str, Any]]) -> None:
         check_series(alone, matching(records, test_name=test_name), CHARTED, 50)
 
 
-async def test_cached_index_columns_follow_appends_deletions_and_back_filled_records(tmp_path: Path) -> None:
+async def test_cached_index_columns_follow_appends_deletions_imports_and_back_filled_records(tmp_path: Path) -> None:
     """Series reads keep a user's or a test's index in memory; every write after shows in the next
-    read: new records (read from the index past the cached ones), a deletion and a record filed at
-    its past run_time (the whole index read again)."""
+    read: new records (read from the index past the cached ones), deletions, records restored by an
+    import and a record filed at its past run_time (the whole index read again)."""
     async with deletion_perfdb(tmp_path) as (server, _), connect(server) as conn:
         cache = server.store.series_cache
         written = await write_burst(conn, 3000, seed=21)
@@ -408,10 +403,26 @@ async def test_cached_index_columns_follow_appends_deletions_and_back_filled_rec
         await check_cached_reads(conn, written)
         assert cache.hits > hits and cache.epoch == epoch  # the appended entries were read on their own
 
-        for victim in (matching(written, test_name="unary")[-5], matching(written, user_id="carol")[7]):
+        victims = (matching(written, test_name="unary")[-5], matching(written, user_id="carol")[7])
+        moments = [micros_of(victim) for victim in victims]
+        window = {"since": format_micros(min(moments)), "until": format_micros(max(moments) + 1)}
+        dump = await conn.request("export", admin_key=DELETION_ADMIN_KEY, limit=5000, **window)
+        for victim in victims:
             deleted = await conn.request("delete_record", record_id=victim["record_id"], admin_key=DELETION_ADMIN_KEY)
             assert deleted["deleted"] is True
             written.remove(victim)
+        await check_cached_reads(conn, written)
+        assert cache.epoch > epoch
+
+        # Restored from an export (forced past their tombstones): back in the next reads.
+        epoch = cache.epoch
+        gone = {victim["record_id"] for victim in victims}
+        exported = [record for record in dump["records"] if record["record_id"] in gone]
+        restored = await conn.request(
+            "import", admin_key=DELETION_ADMIN_KEY, records=exported, users=dump["users"], force=True
+        )
+        assert restored.get("imported") == len(victims), restored
+        written += victims
         await check_cached_reads(conn, written)
         assert cache.epoch > epoch
 

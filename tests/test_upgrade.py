@@ -6,8 +6,10 @@ upgraded database removes every entry the upgrade wrote; repair rebuilds the ent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,16 @@ def write_schema_2_database(path: Path, count: int) -> list[dict[str, Any]]:
     return records
 
 
+@contextlib.contextmanager
+def plyvel_db(database: Path) -> Iterator[plyvel.DB]:
+    """The (closed) database opened straight through plyvel, closed again after."""
+    db = plyvel.DB(str(database))
+    try:
+        yield db
+    finally:
+        db.close()
+
+
 def entries_of(db: plyvel.DB, prefix: bytes) -> dict[bytes, bytes]:
     return dict(db.iterator(prefix=prefix))
 
@@ -185,16 +197,13 @@ async def test_a_schema_1_database_is_upgraded_and_answers_through_the_new_index
             records, "qps", order == "desc"
         )
         assert pages[0]["examined"] == 301
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 2500
         assert key_count(db, layout.METRIC_INDEX_PREFIX) == 2500 * len(layout.INDEXED_METRICS)
         assert db.get(layout.test_count_key("rare")) == str(len(expected_rare)).encode()
         assert db.get(layout.user_count_key("user1")) == b"625"
-    finally:
-        db.close()
 
 
 @pytest.mark.timeout(120)
@@ -206,14 +215,11 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
     with ServerProcess(*common, "--upgrade-pause=600") as first:
         first.wait_for_log("schema upgrade: 500 more records indexed", timeout=30)
         first.kill()  # SIGKILL: no chance to tidy up
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == b"1"  # not bumped before the end
         assert db.get(layout.UPGRADE_RESUME_KEY) == layout.record_key(records[499]["record_id"], "user3")
         assert key_count(db, layout.TEST_INDEX_PREFIX) == 500
         assert key_count(db, layout.METRIC_INDEX_PREFIX) == 500 * len(layout.INDEXED_METRICS)
-    finally:
-        db.close()
     with ServerProcess(*common) as second:
         second.wait_for_log("resuming an interrupted upgrade", timeout=30)
         port = second.wait_listening(timeout=60)
@@ -224,8 +230,7 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
     assert everything == records
     assert rare == [r for r in records if r["test_name"] == "rare"][::-1]
     assert first_page["total"] == sum(1 for r in records if r["test_name"] == "unary")
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         # Each record indexed once: the restart went on from the resume key, it did not count twice.
@@ -233,36 +238,28 @@ def test_an_upgrade_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
         assert key_count(db, layout.METRIC_INDEX_PREFIX) == 3000 * len(layout.INDEXED_METRICS)
         assert db.get(layout.test_count_key("unary")) == str(first_page["total"]).encode()
         assert sum(int(db.get(layout.user_count_key(f"user{n}"))) for n in range(4)) == 3000
-    finally:
-        db.close()
 
 
 async def test_repair_rebuilds_the_indexes_and_counts_and_finishes_an_upgrade(tmp_path: Path) -> None:
     database = tmp_path / "db"
     records = write_schema_1_database(database, 1200)
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         # An upgrade interrupted after a few entries, plus a stray entry and a wrong count.
         db.put(layout.test_index_prefix("rare") + records[1]["record_id"].encode(), b'["user1",""]')
         db.put(layout.test_count_key("rare"), b"999")
         stray_qps = layout.metric_index_prefix("qps") + layout.sortable_number(5e9) + records[2]["record_id"].encode()
         db.put(stray_qps, b'["user2","unary",""]')
         db.put(layout.UPGRADE_RESUME_KEY, layout.record_key(records[0]["record_id"], "user0"))
-    finally:
-        db.close()
     command = [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(database)]
     repaired = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
     assert repaired.returncode == 0, repaired.stderr
     assert "indexes and counts rebuilt for 1200 records" in repaired.stdout
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         assert key_count(db, layout.TEST_INDEX_PREFIX) == key_count(db, layout.TAG_INDEX_PREFIX) == 1200
         assert key_count(db, layout.METRIC_INDEX_PREFIX) == 1200 * len(layout.INDEXED_METRICS)
         assert db.get(stray_qps) is None
-    finally:
-        db.close()
     rare = [r for r in records if r["test_name"] == "rare"]
     config = make_config(database, closed_port_url())
     async with running_server(config) as server, connect(server) as conn:
@@ -279,9 +276,8 @@ async def test_records_of_an_upgraded_database_delete_with_every_entry_the_upgra
     database = tmp_path / "db"
     records = write_schema_1_database(database, 900)
     gone_before = make_record_id(now_micros() - 120_000_000, 0)  # a deletion the upgrade must keep
-    db = plyvel.DB(str(database))
-    db.put(layout.tombstone_key(gone_before), b"2026-01-01T00:00:00Z")
-    db.close()
+    with plyvel_db(database) as db:
+        db.put(layout.tombstone_key(gone_before), b"2026-01-01T00:00:00Z")
     key_file = tmp_path / "admin.key"
     key_file.write_text(ADMIN_KEY + "\n")
     config = make_config(database, closed_port_url(), upgrade_batch_records=200, admin_key_file=key_file)
@@ -308,14 +304,11 @@ async def test_records_of_an_upgraded_database_delete_with_every_entry_the_upgra
 async def test_a_schema_2_database_is_upgraded_and_answers_series_and_sorted_reads(tmp_path: Path) -> None:
     database = tmp_path / "db"
     records = write_schema_2_database(database, 2500)
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         untouched = {
             prefix: entries_of(db, prefix)
             for prefix in (layout.TAG_INDEX_PREFIX, layout.METRIC_INDEX_PREFIX, layout.COUNT_PREFIX)
         }
-    finally:
-        db.close()
     config = make_config(database, closed_port_url(), upgrade_batch_records=700)
     metrics = ["qps", "perc_lat_50", "rpc_bytes", "warm", "note"]
     async with running_server(config) as server, connect(server) as conn:
@@ -340,33 +333,26 @@ async def test_a_schema_2_database_is_upgraded_and_answers_series_and_sorted_rea
         matching(records, user_id="user3"), "qps", False
     )
     assert ids(top["records"]) == brute_force_sorted(matching(records, test_name="unary"), "rpc_bytes", True)[:5]
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         for prefix in (layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX):
             assert entries_of(db, prefix) == expected_entries(records, prefix)
         for prefix, before in untouched.items():  # what schema 2 already had is left as it was
             assert entries_of(db, prefix) == before
-    finally:
-        db.close()
 
 
 @pytest.mark.timeout(120)
 def test_an_upgrade_from_schema_2_killed_half_way_finishes_on_restart(tmp_path: Path) -> None:
     database = tmp_path / "db"
     records = write_schema_2_database(database, 3000)
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         counts_before = entries_of(db, layout.COUNT_PREFIX)
-    finally:
-        db.close()
     common = ("--address=127.0.0.1:0", f"--database={database}", "--upgrade-batch-records=500")
     with ServerProcess(*common, "--upgrade-pause=600") as first:
         first.wait_for_log("schema upgrade: 500 more records indexed", timeout=30)
         first.kill()  # SIGKILL: no chance to tidy up
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == b"2"  # not bumped before the end
         assert db.get(layout.UPGRADE_RESUME_KEY) == layout.record_key(records[499]["record_id"], "user3")
         stored = entries_of(db, layout.USER_INDEX_PREFIX)
@@ -374,8 +360,6 @@ def test_an_upgrade_from_schema_2_killed_half_way_finishes_on_restart(tmp_path: 
         assert {key: stored[key] for key in done} == done  # the first batch rewritten...
         assert all(len(orjson.loads(stored[key])) == 2 for key in stored.keys() - done.keys())  # ... not the rest
         assert entries_of(db, layout.COUNT_PREFIX) == counts_before
-    finally:
-        db.close()
     with ServerProcess(*common) as second:
         second.wait_for_log("resuming an interrupted upgrade", timeout=30)
         port = second.wait_listening(timeout=60)
@@ -384,39 +368,32 @@ def test_an_upgrade_from_schema_2_killed_half_way_finishes_on_restart(tmp_path: 
             everything = list(client.get_all(limit=5000))
     assert everything == records
     check_series(series, matching(records, test_name="streaming", user_id="user1"), ["qps"], 10)
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         assert db.get(layout.SCHEMA_KEY) == str(layout.SCHEMA_VERSION).encode()
         assert db.get(layout.UPGRADE_RESUME_KEY) is None
         for prefix in (layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX):
             assert entries_of(db, prefix) == expected_entries(records, prefix)
         assert entries_of(db, layout.COUNT_PREFIX) == counts_before  # counted once, by schema 2
-    finally:
-        db.close()
 
 
 async def test_repair_rebuilds_the_metrics_of_the_user_and_test_index_entries(tmp_path: Path) -> None:
     database = tmp_path / "db"
     records = write_schema_2_database(database, 600)
-    db = plyvel.DB(str(database))
-    try:  # a schema 3 database whose entries are stale: without their metrics, one with wrong ones
+    with plyvel_db(
+        database
+    ) as db:  # a schema 3 database whose entries are stale: without their metrics, one with wrong ones
         db.put(layout.SCHEMA_KEY, str(layout.SCHEMA_VERSION).encode())
         second = records[1]
         db.put(
             layout.user_index_prefix(second["user_id"]) + second["record_id"].encode(),
             orjson.dumps([second["test_name"], second["tag"], {"qps": 1e9}]),
         )
-    finally:
-        db.close()
     command = [sys.executable, "-m", "perfdb.cli", "repair", "--database", str(database)]
     repaired = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
     assert repaired.returncode == 0, repaired.stderr
-    db = plyvel.DB(str(database))
-    try:
+    with plyvel_db(database) as db:
         for prefix in (layout.USER_INDEX_PREFIX, layout.TEST_INDEX_PREFIX):
             assert entries_of(db, prefix) == expected_entries(records, prefix)
-    finally:
-        db.close()
     config = make_config(database, closed_port_url())
     async with running_server(config) as server, connect(server) as conn:
         series = await conn.request("series", metric="qps", user_id=second["user_id"], test_name=second["test_name"])

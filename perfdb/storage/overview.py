@@ -88,15 +88,15 @@ class MetricSummary:
         np.minimum.at(self.user_lows, users, values)
         np.maximum.at(self.user_highs, users, values)
 
+    def counts_user(self, index: int | None) -> bool:
+        """Whether the user at this index of the test's users has a value of this metric."""
+        return index is not None and index < self.user_counts.size and bool(self.user_counts[index])
+
     def to_fields(self, better: str, user_ids: list[str], only: int | None = None) -> dict[str, Any]:
         """The overview's fields for this metric; user_ids names the test's user indexes, `only`
-        is the one user index to list (None: every user)."""
+        is the one user index to list, one that counts_user (None: every user with a value)."""
         best = self.user_lows if better == "lower" else self.user_highs
-        if only is not None:
-            counted = only < self.user_counts.size and self.user_counts[only] > 0
-            chosen = [only] if counted else []
-        else:
-            chosen = np.flatnonzero(self.user_counts).tolist()
+        chosen = np.flatnonzero(self.user_counts).tolist() if only is None else [only]
         counts, values = self.user_counts[chosen].tolist(), best[chosen].tolist()
         users = {
             user_ids[index]: {"count": count, "best": value}
@@ -279,11 +279,9 @@ class Overview:
                 summary = aggregates.metrics.get(metric) if aggregates is not None else None
                 if aggregates is None or summary is None:
                     continue
-                only = None
-                if user_id is not None:
-                    only = aggregates.user_index.get(user_id)
-                    if only is None or only >= summary.user_counts.size or not summary.user_counts[only]:
-                        continue
+                only = None if user_id is None else aggregates.user_index.get(user_id)
+                if user_id is not None and not summary.counts_user(only):
+                    continue
                 fields = summary.to_fields(better, aggregates.user_ids, only)
                 tests[name] = {"records": aggregates.records, **fields}
         return {"metric": metric, "better": better, "tests": tests}

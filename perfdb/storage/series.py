@@ -121,12 +121,10 @@ class SeriesColumns:
     def by_test(self, max_tests: int) -> tuple[dict[str, SeriesColumns], bool]:
         """Each test's rows, of the `max_tests` tests whose newest record is newest, and whether
         any test was left out."""
-        codes = np.unique(self.tests)
-        newest = {int(code): int(np.flatnonzero(self.tests == code)[-1]) for code in codes}
-        kept = sorted(newest, key=lambda code: -newest[code])[:max_tests]
+        rows = {code: np.flatnonzero(self.tests == code) for code in np.unique(self.tests).tolist()}
+        kept = sorted(rows, key=lambda code: -rows[code][-1])[:max_tests]  # rows are oldest first
         metrics = list(self.metrics)
-        columns = {self.test_names[code]: self.take(np.flatnonzero(self.tests == code), metrics) for code in kept}
-        return columns, len(kept) < len(codes)
+        return {self.test_names[code]: self.take(rows[code], metrics) for code in kept}, len(kept) < len(rows)
 
 
 class RowGatherer:

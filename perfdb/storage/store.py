@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import heapq
 import itertools
 import logging
@@ -1071,22 +1072,20 @@ class ResultStore:
         prefix = source.prefix
         by_user = prefix.startswith(layout.USER_INDEX_PREFIX)
         name = prefix[len(layout.USER_INDEX_PREFIX) : -len(layout.SEPARATOR)].decode()
-        columns: IndexColumns | None = None
+        parts: list[IndexColumns] = []
         last_key = b""
         with snapshot.iterator(start=start, stop=layout.prefix_end(prefix), fill_cache=False) as entries:
-            while True:
-                chunk = list(itertools.islice(entries, _INDEX_CHUNK))
-                if not chunk and columns is not None:
-                    break
-                more = index_columns(chunk, by_user, name, self._skip_damaged_entry)
-                if more is None:
+            for chunk in iter(lambda: list(itertools.islice(entries, _INDEX_CHUNK)), []):
+                columns = index_columns(chunk, by_user, name, self._skip_damaged_entry)
+                if columns is None:
                     return None
-                columns = more if columns is None else columns.extended(more)
-                if not chunk:
-                    break
+                parts.append(columns)
                 last_key = chunk[-1][0]
-        assert columns is not None
-        return columns, last_key
+        if not parts:  # nothing past `start`
+            empty = index_columns([], by_user, name, self._skip_damaged_entry)
+            assert empty is not None
+            return empty, last_key
+        return functools.reduce(IndexColumns.extended, parts), last_key
 
     def _compare(self, query: CompareQuery) -> dict[str, Any]:
         with self._guard.reading():
