@@ -7,11 +7,10 @@ so that the code before and after a change can be measured in turns on the same 
 perfdb and perfdb-web from this checkout and opens each page as web.py does (a fresh browser
 context per first visit, two repeat visits in it, 1600x1000, the browser's own clock), with
 perfdb idle or, with --ingest, while web.py's background process stores 2,000 results/s. Per page
-and kind of visit, medians of: the page's time until its main content is drawn; when the chart
-data request left and how long its reply took (perfdb's read and perfdb-web's work on it); the
-rest (the page's time less that wait: what the browser and perfdb-web spend on the critical
-path); from the reply to the page drawn; and the renderer main thread's busy time and script time
-(CDP Performance.getMetrics).
+and kind of visit, medians of: the page's time until its main content is drawn; when its HTML
+was in (the chart pages carry their data: perfdb's reads and perfdb-web's work on them); from
+then to the page drawn (the static files and the browser's work); and the renderer main
+thread's busy time and script time (CDP Performance.getMetrics).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -43,21 +41,16 @@ PAGES = [
 ]
 REPEATS_PER_CONTEXT = 2
 # What the page's own clock says once its main content is drawn (see web.SHOWN_WATCH).
-TIMINGS = """() => {
-  const api = performance.getEntriesByType("resource").find((entry) => entry.name.includes("/api/"));
-  return {
-    shown_ms: window.__perfdbShown.ms,
-    api_start_ms: api ? api.startTime : null,
-    api_end_ms: api ? api.responseEnd : null,
-  };
-}"""
+TIMINGS = """() => ({
+  shown_ms: window.__perfdbShown.ms,
+  html_end_ms: performance.getEntriesByType("navigation")[0].responseEnd,
+})"""
 
 
 @dataclasses.dataclass(frozen=True)
 class Visit:
     shown_ms: float  # from the navigation's start to the first frame with the main content
-    api_start_ms: float | None  # the chart data request (None: the page has none)
-    api_end_ms: float | None
+    html_end_ms: float  # the page's HTML received
     renderer_busy_ms: float  # the renderer's main thread, from the document's start
     script_ms: float
 
@@ -70,28 +63,19 @@ def visit(page: Any, cdp: Any, url: str, selector: str) -> Visit:
     metrics = {metric["name"]: metric["value"] for metric in cdp.send("Performance.getMetrics")["metrics"]}
     return Visit(
         shown_ms=timings["shown_ms"],
-        api_start_ms=timings["api_start_ms"],
-        api_end_ms=timings["api_end_ms"],
+        html_end_ms=timings["html_end_ms"],
         renderer_busy_ms=1000 * metrics["TaskDuration"],
         script_ms=1000 * metrics["ScriptDuration"],
     )
 
 
 def summary(visits: list[Visit]) -> dict[str, float]:
-    def median(values: list[float]) -> float:
-        return statistics.median(values) if values else math.nan
-
-    # (start, end) of each visit's chart data request
-    requests = [(v, v.api_start_ms, v.api_end_ms) for v in visits if v.api_start_ms is not None]
-    spans = [(v, start, end) for v, start, end in requests if end is not None]
     return {
-        "page_ms": median([v.shown_ms for v in visits]),
-        "api_start_ms": median([start for _, start, _ in spans]),
-        "api_wait_ms": median([end - start for _, start, end in spans]),
-        "rest_ms": median([v.shown_ms - (end - start) for v, start, end in spans]),
-        "after_data_ms": median([v.shown_ms - end for v, _, end in spans]),
-        "renderer_busy_ms": median([v.renderer_busy_ms for v in visits]),
-        "script_ms": median([v.script_ms for v in visits]),
+        "page_ms": statistics.median(v.shown_ms for v in visits),
+        "html_ms": statistics.median(v.html_end_ms for v in visits),
+        "after_html_ms": statistics.median(v.shown_ms - v.html_end_ms for v in visits),
+        "renderer_busy_ms": statistics.median(v.renderer_busy_ms for v in visits),
+        "script_ms": statistics.median(v.script_ms for v in visits),
     }
 
 
@@ -126,15 +110,14 @@ def maybe_ingest(ingest: bool, port: int, work: Path) -> Iterator[None]:
 
 def table(figures: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [
-        f"{'page':<22} {'visit':<7} {'page':>6} {'api at':>7} {'api wait':>9} {'rest':>6} {'after data':>11}"
-        f" {'renderer':>9} {'script':>7}   (ms, medians)"
+        f"{'page':<22} {'visit':<7} {'page':>6} {'html in':>8} {'after html':>11} {'renderer':>9} {'script':>7}"
+        "   (ms, medians)"
     ]
     for name, kinds in figures.items():
         for kind, row in kinds.items():
             lines.append(
-                f"{name:<22} {kind:<7} {row['page_ms']:>6.0f} {row['api_start_ms']:>7.0f} {row['api_wait_ms']:>9.0f}"
-                f" {row['rest_ms']:>6.0f} {row['after_data_ms']:>11.0f} {row['renderer_busy_ms']:>9.0f}"
-                f" {row['script_ms']:>7.0f}"
+                f"{name:<22} {kind:<7} {row['page_ms']:>6.0f} {row['html_ms']:>8.0f} {row['after_html_ms']:>11.0f}"
+                f" {row['renderer_busy_ms']:>9.0f} {row['script_ms']:>7.0f}"
             )
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ from perfdb.storage.series import (
     MetricColumn,
     SeriesCache,
     SeriesColumns,
+    formatted_micros,
     index_columns,
     metric_fields,
 )
@@ -309,6 +310,15 @@ def test_buckets_keep_ints_as_ints_and_single_buckets_name_their_record() -> Non
     assert "record_id" not in points[2]
     assert fields["min"]["record_id"] == ids[1].decode() and fields["max"]["value"] == 7
     assert fields["count"] == 5 and fields["first"] == format_micros(2) and fields["last"] == format_micros(96)
+
+
+def test_times_formatted_at_once_read_as_format_micros_writes_them() -> None:
+    # Either side of the epoch, leap days, whole seconds, and the microsecond before a new year.
+    moments = np.random.default_rng(7).integers(-(10**15), 4 * 10**15, 5_000)
+    edges = [0, -1, 1, 951_782_400_000_000, 1_798_761_599_999_999, 4_102_444_800_000_000]
+    micros = np.concatenate([moments, np.array(edges, dtype=np.int64)])
+    assert formatted_micros(micros) == [format_micros(moment) for moment in micros.tolist()]
+    assert formatted_micros(np.zeros(0, dtype=np.int64)) == []
 
 
 async def test_a_range_holding_one_record_at_its_start_is_read_newest_first(tmp_path: Path) -> None:

@@ -385,7 +385,7 @@ def metric_fields(
     }
     singles = np.flatnonzero(counts == 1)
     single_ids = columns.record_ids[rows[starts[singles]]].tolist()
-    single_times = [format_micros(moment) for moment in micros[starts[singles]].tolist()]
+    single_times = formatted_micros(micros[starts[singles]])
     fields: dict[str, Any] = {
         "count": len(values),
         "first": format_micros(int(micros[0])),
@@ -415,6 +415,13 @@ def metric_fields(
         points[position].update(record_id=record_id.decode(), timestamp=timestamp, value=lows[position])
     fields["points"] = points
     return fields
+
+
+def formatted_micros(micros: npt.NDArray[np.int64]) -> list[str]:
+    """format_micros of each moment, in one numpy call: a year's chart has a single result in most of
+    its buckets, and formatting their times one by one took half of a series read."""
+    text = np.datetime_as_string(micros.astype("datetime64[us]"), unit="us")
+    return [moment + "Z" for moment in text.tolist()]
 
 
 def _numbers(values: Floats, integral: Flags) -> list[int | float]:

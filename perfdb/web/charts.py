@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from perfdb.records.timestamps import parse_rfc3339
 from perfdb.records.units import CORE_METRIC_NAMES, CORE_METRICS
@@ -165,19 +166,20 @@ def encode_line(test: str, metric: str, reply: dict[str, Any]) -> dict[str, Any]
     spacing = float(np.median(steps)) if len(steps) else 1.0
     longest_bridge = max(GAP_BUCKETS + 1, GAP_SPACINGS * spacing)
     breaks = (np.flatnonzero(steps > longest_bridge) + 1).tolist()  # a null row goes before each
-    single = [count == 1 for count in given["count"]]
+    # A single result's value is exact (it opens that result); bucket statistics are rounded.
+    statistics = np.array([given["min"], given["median"], given["max"]], dtype=np.float64)
+    single = np.asarray(given["count"], dtype=np.int64) == 1
+    low, median, high = np.where(single, statistics, rounded(statistics)).tolist()
+    nulls = [None] * len(breaks)
     columns: dict[str, list[Any]] = {
         "bucket": _broken(given["bucket"], breaks, [given["bucket"][at - 1] + 1 for at in breaks]),
         "count": _broken(given["count"], breaks, [0] * len(breaks)),
+        "min": _broken(low, breaks, nulls),
+        "median": _broken(median, breaks, nulls),
+        "max": _broken(high, breaks, nulls),
+        "record_id": _broken(given["record_id"], breaks, nulls),
+        "timestamp": _broken(given["timestamp"], breaks, nulls),
     }
-    for name in ("min", "median", "max"):
-        # A single result's value is exact (it opens that result); bucket statistics are rounded.
-        values = [value if alone else rounded for value, rounded, alone in zip(
-            given[name], rounded_values(given[name]), single, strict=True
-        )]  # fmt: skip
-        columns[name] = _broken(values, breaks, [None] * len(breaks))
-    for name in ("record_id", "timestamp"):
-        columns[name] = _broken(given[name], breaks, [None] * len(breaks))
     return {
         "test": test,
         "metric": metric,
@@ -205,7 +207,7 @@ def encode_line(test: str, metric: str, reply: dict[str, Any]) -> dict[str, Any]
 def _broken(values: list[Any], breaks: list[int], fillers: list[Any]) -> list[Any]:
     """`values` with fillers[i] inserted before position breaks[i]."""
     if not breaks:
-        return list(values)
+        return values
     pieces: list[Any] = []
     previous = 0
     for at, filler in zip(breaks, fillers, strict=True):
@@ -216,22 +218,26 @@ def _broken(values: list[Any], breaks: list[int], fillers: list[Any]) -> list[An
     return pieces
 
 
-def rounded_values(values: list[float]) -> list[float]:
+# 10 ** k for every k a double's decimal places can call for (those past 1e308 are infinite, and
+# their values are kept as they are); a table look-up, not a power per value.
+with np.errstate(over="ignore"):
+    _POWERS_OF_TEN = 10.0 ** np.arange(SIGNIFICANT_DIGITS + 330)
+
+
+def rounded(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Each value to SIGNIFICANT_DIGITS significant digits, as float(f"{value:.5g}") gives it, at
     numpy's speed: a decimal scaling by an exact power of ten, rounded."""
-    array = np.asarray(values, dtype=np.float64)
-    magnitude = np.zeros_like(array)
-    np.log10(np.abs(array), where=array != 0, out=magnitude)
+    magnitude = np.zeros_like(values)
+    np.log10(np.abs(values), where=values != 0, out=magnitude)
     places = (SIGNIFICANT_DIGITS - 1 - np.floor(magnitude)).astype(np.int64)
-    rounded = np.empty_like(array)
+    result = np.empty_like(values)
     with np.errstate(all="ignore"):
         up = places >= 0
-        scale = 10.0 ** places[up]
-        rounded[up] = np.round(array[up] * scale) / scale
-        scale = 10.0 ** -places[~up]
-        rounded[~up] = np.round(array[~up] / scale) * scale
-    rounded = np.where(np.isfinite(rounded), rounded, array)  # beyond the powers of ten a double holds
-    return list(rounded.tolist())
+        scale = _POWERS_OF_TEN[places[up]]
+        result[up] = np.round(values[up] * scale) / scale
+        scale = _POWERS_OF_TEN[-places[~up]]
+        result[~up] = np.round(values[~up] / scale) * scale
+    return np.where(np.isfinite(result), result, values)  # beyond the powers of ten a double holds
 
 
 def other_metric_units(record: dict[str, Any]) -> dict[str, str]:

@@ -53,11 +53,10 @@ from perfdb.web.source import (
 
 log = logging.getLogger("perfdb.web")
 
-# Response headers for every page: no inline style, no inline script but the chart pages' data
-# prefetch (allowed by its hash), nothing loaded from elsewhere.
+# Response headers for every page: no inline style or script, nothing loaded from elsewhere.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        f"default-src 'none'; script-src 'self' {pages.SERIES_PREFETCH_CSP_SOURCE}; style-src 'self'; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; "
         "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
@@ -103,13 +102,17 @@ def flat_query(query: MultiMapping[str]) -> dict[str, str]:
 
 
 def html_response(markup: Markup, status: int = 200) -> web.Response:
-    return web.Response(text=markup, status=status, content_type="text/html", charset="utf-8")
+    response = web.Response(text=markup, status=status, content_type="text/html", charset="utf-8")
+    response.enable_compression()  # the chart pages carry their data
+    return response
+
+
+def _json_bytes(data: Any) -> bytes:
+    return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    response = web.Response(
-        body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS), status=status, content_type="application/json"
-    )
+    response = web.Response(body=_json_bytes(data), status=status, content_type="application/json")
     response.enable_compression()
     return response
 
@@ -378,12 +381,8 @@ async def _user(request: web.Request) -> tuple[UserView, dict[str, Any]]:
     return view, profile
 
 
-async def user_handler(request: web.Request) -> web.Response:
-    view, profile = await _user(request)
-    return html_response(pages.user_page(request.app[DASHBOARD].site, view, profile))
-
-
-async def api_user_series(request: web.Request) -> web.Response:
+async def _user_series(request: web.Request, points: int) -> tuple[UserView, dict[str, Any], dict[str, Any]]:
+    """The user page's view, the user's profile and the charts' data (`/api/users/{id}/series`)."""
     dashboard = request.app[DASHBOARD]
     view = UserView.from_params(request.match_info["user_id"], request.query)
     query = record_query(view.filters)
@@ -395,16 +394,24 @@ async def api_user_series(request: web.Request) -> web.Response:
     )
     if profile is None:
         raise NotFoundError(f"perfdb has no user {view.user_id[:100]!r}.")
-    data = await _chart_data(dashboard, request, query, tests, edges)
-    return json_response(
-        {
-            "user": profile,
-            "user_id": view.user_id,
-            "test": view.filters.test,
-            **data,
-            "links": {"page": view.url(), "table": build_url("/", [("user", view.user_id), *view.params()])},
-        }
-    )
+    data = await _chart_data(dashboard, request, query, tests, edges, points)
+    links = {"page": view.url(), "table": build_url("/", [("user", view.user_id), *view.params()])}
+    return view, profile, {"user": profile, "user_id": view.user_id, "test": view.filters.test, **data, "links": links}
+
+
+async def user_handler(request: web.Request) -> web.Response:
+    # The page carries its charts' data, so a first visit waits for one reply, not two in a row.
+    try:
+        view, profile, series = await _user_series(request, pages.PAGE_CHART_POINTS)
+    except PerfdbError:  # the page still shows, and its script asks the API and shows what fails
+        view, profile = await _user(request)
+        return html_response(pages.user_page(request.app[DASHBOARD].site, view, profile, None))
+    return html_response(pages.user_page(request.app[DASHBOARD].site, view, profile, _json_bytes(series)))
+
+
+async def api_user_series(request: web.Request) -> web.Response:
+    _, _, series = await _user_series(request, points_param(request.query.get("points", "")))
+    return json_response(series)
 
 
 # -- one test across users -------------------------------------------------------------------
@@ -414,18 +421,15 @@ def _one_test_view(request: web.Request) -> OneTestView:
     return OneTestView.from_params(request.match_info["test_name"], request.query)
 
 
-async def one_test_handler(request: web.Request) -> web.Response:
-    return html_response(pages.one_test_page(request.app[DASHBOARD].site, _one_test_view(request)))
-
-
-async def api_one_test_series(request: web.Request) -> web.Response:
+async def _one_test_series(request: web.Request, points: int) -> dict[str, Any]:
+    """The test page's charts' data (`/api/tests/{name}/series`)."""
     dashboard = request.app[DASHBOARD]
     view = _one_test_view(request)
     query = record_query(view.filters)
     tests, edges = await asyncio.gather(
         dashboard.source.test_counts(None, CHART_TEST_METRICS), dashboard.source.edges(query)
     )
-    data = await _chart_data(dashboard, request, query, tests, edges)
+    data = await _chart_data(dashboard, request, query, tests, edges, points)
     # A test without the core metrics (another tool's benchmark) is charted if perfdb has it at all;
     # only an empty chart asks whether it has any outside the range.
     test = view.filters.test
@@ -435,20 +439,38 @@ async def api_one_test_series(request: web.Request) -> web.Response:
         and await dashboard.source.edges(RecordQuery(test_name=test)) is None
     ):
         raise NotFoundError(f"perfdb has no results of a test named {view.filters.test[:100]!r}.")
-    return json_response({"test": view.filters.test, **data, "links": {"page": view.url(), "table": view.url("/")}})
+    return {"test": view.filters.test, **data, "links": {"page": view.url(), "table": view.url("/")}}
+
+
+async def one_test_handler(request: web.Request) -> web.Response:
+    view = _one_test_view(request)
+    try:
+        series: bytes | None = _json_bytes(await _one_test_series(request, pages.PAGE_CHART_POINTS))
+    except PerfdbError:  # the page's script asks the API and shows what fails
+        series = None
+    return html_response(pages.one_test_page(request.app[DASHBOARD].site, view, series))
+
+
+async def api_one_test_series(request: web.Request) -> web.Response:
+    return json_response(await _one_test_series(request, points_param(request.query.get("points", ""))))
 
 
 async def _chart_data(
-    dashboard: Dashboard, request: web.Request, query: RecordQuery, tests: dict[str, int], edges: Edges | None
+    dashboard: Dashboard,
+    request: web.Request,
+    query: RecordQuery,
+    tests: dict[str, int],
+    edges: Edges | None,
+    points: int,
 ) -> dict[str, Any]:
-    """The time charts of a query, downsampled for the page's width (`points`); `detail` picks the
-    test of the percentile and CPU charts when every test is shown."""
+    """The time charts of a query, downsampled to `points` a line (about the charts' width in
+    pixels); `detail` picks the test of the percentile and CPU charts when every test is shown."""
     ranked = sorted(tests.items(), key=lambda item: (-item[1], item[0]))
     chart_request = ChartRequest(
         query=query,
         tests=ranked,
         detail=request.query.get("detail") or None,
-        points=points_param(request.query.get("points", "")),
+        points=points,
     )
     data = await chart_data(dashboard.source, chart_request, edges)
     note = None
@@ -500,7 +522,7 @@ async def overview_handler(request: web.Request) -> web.Response:
     view = OverviewView.from_params(request.query)
     view, page, distribution = await _overview(dashboard, view, test_given="test" in request.query)
     # The histogram's data goes in the page, so that it draws without asking perfdb a second time.
-    embedded = orjson.dumps(_overview_json(view, page, distribution), option=orjson.OPT_NON_STR_KEYS)
+    embedded = _json_bytes(_overview_json(view, page, distribution))
     return html_response(pages.overview_page(dashboard.site, view, page, embedded))
 
 

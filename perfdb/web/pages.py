@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import math
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,15 +35,11 @@ from perfdb.web.queries import (
 )
 from perfdb.web.source import ResultRow, display_name
 
-# Inlined in the chart pages' <head>, so that their data is asked for before any static file is
-# in; the Content-Security-Policy allows this exact text by its hash.
-SERIES_PREFETCH_SCRIPT = (Path(__file__).resolve().parent / "static" / "series-prefetch.js").read_text()
-SERIES_PREFETCH_CSP_SOURCE = (
-    "'sha256-" + base64.b64encode(hashlib.sha256(SERIES_PREFETCH_SCRIPT.encode()).digest()).decode() + "'"
-)
-# <main>'s max-width and horizontal padding in dashboard.css: the prefetch sizes the charts from them.
+# <main>'s max-width and horizontal padding in dashboard.css. The chart pages carry their data at
+# about one point per two pixels of that width, the widest their charts get.
 MAIN_MAX_WIDTH_PX = 1760
 MAIN_PADDING_PX = 2 * 24
+PAGE_CHART_POINTS = (MAIN_MAX_WIDTH_PX - MAIN_PADDING_PX) // 2
 
 COLUMN_LABELS = {
     "time": "Time (UTC)",
@@ -121,10 +114,8 @@ def layout(
     active: str,
     body: Markup,
     script: str = "dashboard.js",
-    series_api: str | None = None,
 ) -> Markup:
-    """The page around `body`, with its one script (dashboard.js, or the charts' bundle that holds
-    it); `series_api`, on the chart pages, is fetched from the <head> at once."""
+    """The page around `body`, with its one script (dashboard.js, or the charts' bundle that holds it)."""
     nav = concat(
         render('<a href="{href}"{current}>{label}</a>', href=href, label=label, current=_current(name == active))
         for name, href, label in (
@@ -142,7 +133,7 @@ def layout(
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} · perfdb</title>
-{prefetch}<link rel="icon" href="{favicon}">
+<link rel="icon" href="{favicon}">
 <link rel="stylesheet" href="{css}">
 {script}
 </head>
@@ -160,7 +151,6 @@ def layout(
 </html>
 """,
         title=title,
-        prefetch=_series_prefetch(series_api),
         active=active,
         nav=nav,
         body=body,
@@ -169,18 +159,6 @@ def layout(
         favicon=site.assets["favicon.svg"],
         css=site.assets["dashboard.css"],
         script=script_tag,
-    )
-
-
-def _series_prefetch(api: str | None) -> Markup:
-    if api is None:
-        return Markup("")
-    return render(
-        '<script data-api="{api}" data-max-width="{max_width}" data-padding="{padding}">{code}</script>\n',
-        api=api,
-        max_width=MAIN_MAX_WIDTH_PX,
-        padding=MAIN_PADDING_PX,
-        code=Markup(SERIES_PREFETCH_SCRIPT),
     )
 
 
@@ -468,7 +446,12 @@ def _pager_link(view: TableView | None, label: str, rel: str) -> Markup:
 # -- user page ---------------------------------------------------------------------------
 
 
-def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
+def _chart_data(series: bytes | None) -> Markup:
+    """The charts' first data, as their API gives it; without it (a failed read) the script asks the API."""
+    return Markup("") if series is None else json_data_block("chart-data", series)
+
+
+def user_page(site: Site, view: UserView, profile: dict[str, Any], series: bytes | None) -> Markup:
     filters = view.filters
     name = display_name(view.user_id, profile)
     test_options = render('<option value="">All tests (one line each)</option>')
@@ -499,22 +482,24 @@ def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
 {ranges}
 <p class="summary" id="chart-summary" aria-live="polite">Loading results…</p>
 <div class="charts" id="charts" data-api="{api}"></div>
-<div class="chart-tooltip" id="chart-tooltip" hidden></div>""",
+<div class="chart-tooltip" id="chart-tooltip" hidden></div>
+{data}""",
+        data=_chart_data(series),
         name=name,
         user_id=view.user_id,
         table=table_link,
         form=form,
         ranges=ranges,
-        api=view.api_url(),
+        api=view.api_url(PAGE_CHART_POINTS),
     )
-    return layout(site, title=name, active="user", body=body, script="charts.js", series_api=view.api_url())
+    return layout(site, title=name, active="user", body=body, script="charts.js")
 
 
 def one_test_url(test_name: str) -> str:
     return "/tests/" + urllib.parse.quote(test_name, safe="")
 
 
-def one_test_page(site: Site, view: OneTestView) -> Markup:
+def one_test_page(site: Site, view: OneTestView, series: bytes | None) -> Markup:
     filters = view.filters
     form = render(
         """<form class="filters" method="get" action="{action}" id="filters">
@@ -536,14 +521,16 @@ def one_test_page(site: Site, view: OneTestView) -> Markup:
 {ranges}
 <p class="summary" id="chart-summary" aria-live="polite">Loading results…</p>
 <div class="charts" id="charts" data-api="{api}"></div>
-<div class="chart-tooltip" id="chart-tooltip" hidden></div>""",
+<div class="chart-tooltip" id="chart-tooltip" hidden></div>
+{data}""",
+        data=_chart_data(series),
         test=filters.test,
         table=view.url("/"),
         form=form,
         ranges=ranges,
-        api=view.api_url(),
+        api=view.api_url(PAGE_CHART_POINTS),
     )
-    return layout(site, title=filters.test, active="test", body=body, script="charts.js", series_api=view.api_url())
+    return layout(site, title=filters.test, active="test", body=body, script="charts.js")
 
 
 def _dates(filters: Filters, date_from: str, date_to: str) -> dict[str, Any]:

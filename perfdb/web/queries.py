@@ -311,8 +311,10 @@ class UserView:
         filters = dataclasses.replace(self.filters, **filter_changes)
         return build_url(self.path, [(n, v) for n, v in filters.params() if n != "user"])
 
-    def api_url(self) -> str:
-        return build_url(self.path.replace("/users/", "/api/users/", 1) + "/series", self.params())
+    def api_url(self, points: int) -> str:
+        """The charts' data, at `points` a line."""
+        path = self.path.replace("/users/", "/api/users/", 1) + "/series"
+        return build_url(path, [*self.params(), ("points", str(points))])
 
 
 # -- one test across users -----------------------------------------------------------------
@@ -344,8 +346,9 @@ class OneTestView:
             return build_url(path, filters.params())
         return build_url(self.path, [(n, v) for n, v in filters.params() if n != "test"])
 
-    def api_url(self) -> str:
-        return build_url("/api" + self.path + "/series", self.params())
+    def api_url(self, points: int) -> str:
+        """The charts' data, at `points` a line."""
+        return build_url("/api" + self.path + "/series", [*self.params(), ("points", str(points))])
 
 
 # -- the overview ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from perfdb.web.pages import PAGE_CHART_POINTS
 from tests.support import closed_port
 from tests.web.burst import BURST_TESTS
 from tests.web.conftest import ARTIFACTS, BurstPerfdb, DashboardProcess, SeededPerfdb, dashboard_process
@@ -430,14 +431,9 @@ CHART_PLACES = """(margin) => [...document.querySelectorAll("#charts .chart")].m
     near: box.bottom > -margin && box.top < window.innerHeight + margin,
   };
 })"""
-SERIES_TIMING = """() => {
-  const series = performance.getEntriesByType("resource").filter((entry) => entry.name.includes("/series"));
-  const navigation = performance.getEntriesByType("navigation")[0];
-  return { fetches: series.length, startedAt: series[0].startTime, parsedAt: navigation.domInteractive };
-}"""
 
 
-def test_user_page_asks_for_its_data_once_from_the_head_and_draws_charts_as_they_come_near(
+def test_user_page_draws_from_its_own_data_and_draws_charts_as_they_come_near(
     browser: Any, dashboard: DashboardProcess
 ) -> None:
     with opened_tab(browser, dashboard.url) as tab:
@@ -446,13 +442,8 @@ def test_user_page_asks_for_its_data_once_from_the_head_and_draws_charts_as_they
         tab.page.on("request", lambda request: requested.append(request.url) if "/api/" in request.url else None)
         tab.goto("/users/static:nightly-ci")
         wait_for_charts(tab, every=False)
-
-        # One request for the data, started by the head's script while the page was still being
-        # parsed (charts.js, deferred, runs only after that), sized for the charts' width.
-        timing = tab.page.evaluate(SERIES_TIMING)
-        assert timing["fetches"] == 1 and timing["startedAt"] < timing["parsedAt"], timing
-        [series_url] = requested
-        assert "/api/users/static%3Anightly-ci/series?points=" in series_url
+        # The page carried its data: nothing is asked of the API to draw it.
+        assert requested == []
 
         # The page is ready with the charts on screen drawn; those far below are not, yet.
         places = tab.page.evaluate(CHART_PLACES, 400)
@@ -467,5 +458,13 @@ def test_user_page_asks_for_its_data_once_from_the_head_and_draws_charts_as_they
             tab.page.locator(f"#{plot}").scroll_into_view_if_needed()
             tab.page.wait_for_selector(f"#{plot}[data-drawn=true] canvas", timeout=30_000)
             assert tab.coloured_pixels(f"#{plot} canvas") > 300, plot
-        assert requested == [series_url]
+        assert requested == []
+
+        # Another test's percentiles come from the API, at the page's resolution.
+        tab.page.select_option("#detail-test", GO_PING_PONG)
+        tab.page.wait_for_function(f"() => window.perfdbCharts.some((c) => c.lines[0].line.test === {GO_PING_PONG!r})")
+        wait_for_charts(tab, every=False)
+        [series_url] = requested
+        assert "/api/users/static%3Anightly-ci/series?" in series_url
+        assert f"points={PAGE_CHART_POINTS}" in series_url and "detail=" in series_url
         assert tab.errors == []

@@ -7,8 +7,11 @@ import gzip
 import random
 from typing import Any
 
+import numpy as np
+
 from perfdb.records.timestamps import format_micros, parse_rfc3339
-from perfdb.web.charts import GAP_BUCKETS, SIGNIFICANT_DIGITS, encode_line, rounded_values
+from perfdb.web.charts import GAP_BUCKETS, SIGNIFICANT_DIGITS, encode_line, rounded
+from perfdb.web.pages import PAGE_CHART_POINTS
 from tests.web.conftest import SeededPerfdb, dashboard_client
 from tests.web.dense import (
     BIG_TEST,
@@ -71,7 +74,8 @@ async def test_user_charts_are_downsampled_lines_per_test(seeded: SeededPerfdb) 
     async with dashboard_client(seeded.address) as client:
         text = await (await client.get("/users/static:nightly-ci")).text()
         data = await _json(client, "/api/users/static:nightly-ci/series?points=400")
-    assert 'data-api="/api/users/static%3Anightly-ci/series"' in text and "charts.js" in text
+    assert f'data-api="/api/users/static%3Anightly-ci/series?points={PAGE_CHART_POINTS}"' in text
+    assert "charts.js" in text
     assert data["user"] == {"name": "Nightly CI", "user_id": NIGHTLY}
     assert {test["name"]: test["count"] for test in data["tests"]} == dict.fromkeys(TESTS, 60)
     assert data["results"] == len(nightly) and data["complete"] is True
@@ -182,7 +186,7 @@ async def test_a_test_across_users_has_its_own_page(dense_perfdb: DensePerfdb) -
         data = await _json(client, f"/api/tests/{BIG_TEST}/series?tag=burst")
         missing = await _json(client, "/api/tests/no-such-test/series", status=404)
         result = await (await client.get(f"/results/{dense_perfdb.lowest_id}")).text()
-    assert page.status == 200 and f'data-api="/api/tests/{BIG_TEST}/series"' in text
+    assert page.status == 200 and f'data-api="/api/tests/{BIG_TEST}/series?points={PAGE_CHART_POINTS}"' in text
     assert {line["test"] for line in data["lines"]} == {BIG_TEST}
     assert data["results"] == len(everyone) == 22_000
     qps = _line(data, BIG_TEST, "qps")
@@ -223,7 +227,7 @@ def test_bucket_statistics_are_rounded_as_text_would_round_them() -> None:
     chooser = random.Random(5)
     values = [chooser.uniform(-1, 1) * 10 ** chooser.randint(-12, 15) for _ in range(20_000)]
     values += [0.0, 1.0, -2.5, 99_999.5, 123_456_789.0, 1e-5, 5e-324, 1.7e308]
-    assert rounded_values(values) == [float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in values]
+    assert rounded(np.array(values)).tolist() == [float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in values]
 
 
 def test_a_line_breaks_only_across_a_long_pause() -> None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from perfdb.client import AsyncClient
@@ -122,6 +123,63 @@ async def test_a_perfdb_that_never_answers_times_out_quickly() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def swallowing(upstream_port: int, op: str) -> AsyncIterator[int]:
+    """A proxy in front of perfdb that never forwards requests of one op (they go unanswered)."""
+    relays: set[asyncio.Task[Any]] = set()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        relays.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+
+        async def requests() -> None:
+            while line := await reader.readline():
+                if orjson.loads(line).get("op") != op:
+                    up_writer.write(line)
+
+        async def replies() -> None:
+            while line := await up_reader.readline():
+                writer.write(line)
+
+        try:
+            await asyncio.gather(requests(), replies())
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            up_writer.close()
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_a_chart_page_whose_data_read_fails_still_shows_and_leaves_the_charts_to_its_script(
+    tmp_path: Path,
+) -> None:
+    keys = _key_files(tmp_path)
+    async with perfdb_with_provider(tmp_path, **keys) as (server, _):
+        await _import_three(f"127.0.0.1:{server.port}")
+        async with swallowing(server.port, "series") as port, dashboard_client(f"127.0.0.1:{port}", timeout=0.5) as web:
+            for path in ("/users/carol", "/tests/unary"):
+                response = await web.get(path)
+                text = await response.text()
+                assert response.status == 200, path
+                assert 'id="chart-data"' not in text and 'id="charts" data-api="/api' in text
+                api = await web.get("/api" + path + "/series")
+                assert api.status == 503
+                assert (await api.json())["error"]["code"] in ("timeout", "connection_failed")
+            assert parse_page(await (await web.get("/users/carol")).text()).ids["chart-summary"] == "Loading results…"
 
 
 async def test_the_read_key_is_sent_when_configured(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_user_and_overview_views() -> None:
     user = UserView.from_params("static:ci/bot", {"test": "unary", "user": "ignored", "q": "ignored"})
     assert user.path == "/users/static%3Aci%2Fbot"
     assert user.url() == "/users/static%3Aci%2Fbot?test=unary"
-    assert user.api_url() == "/api/users/static%3Aci%2Fbot/series?test=unary"
+    assert user.api_url(600) == "/api/users/static%3Aci%2Fbot/series?test=unary&points=600"
     with pytest.raises(QueryError):
         UserView.from_params("bad\nid", {})
     assert OverviewView.from_params({}) == OverviewView("qps", "")
@@ -242,7 +242,7 @@ def test_bundle_urls_change_with_any_part(tmp_path: Path) -> None:
     assert after["dashboard.js"].url == before["dashboard.js"].url  # not a part of it
 
 
-def test_the_series_prefetch_sizes_the_charts_from_mains_box_in_the_stylesheet() -> None:
+def test_the_chart_pages_resolution_comes_from_mains_box_in_the_stylesheet() -> None:
     rule = re.search(r"^main \{([^}]*)\}", (STATIC_DIR / "dashboard.css").read_text(), re.M)
     assert rule is not None
     assert f"max-width: {MAIN_MAX_WIDTH_PX}px;" in rule.group(1)

@@ -38,13 +38,9 @@
     container.replaceChildren(element("p", kind === "error" ? "notice notice-warn" : "chart-empty", text));
   }
 
-  function fetchJson(url) {
-    return readJson(fetch(url, { headers: { Accept: "application/json" } }));
-  }
-
-  // The JSON of a reply on its way, or the error it carries as an exception.
-  async function readJson(reply) {
-    const response = await reply;
+  // The JSON of an API reply, or the error it carries as an exception.
+  async function fetchJson(url) {
+    const response = await fetch(url, { headers: { Accept: "application/json" } });
     let body = null;
     try {
       body = await response.json();
@@ -533,12 +529,14 @@
   // The user and test pages: load the API for the page's range (or a zoomed part of it), draw.
   function timeCharts(container) {
     const summary = document.getElementById("chart-summary");
-    // The page's <head> asked for the data already (series-prefetch.js), at the points the charts'
-    // width calls for; later loads (zoom, another detail test) change that URL's parameters.
-    const prefetched = window.perfdbSeries;
-    const api = new URL(prefetched.url, window.location.href);
-    let firstReply = prefetched.response; // taken by the first load alone
+    // The page carries its first data; later loads (zoom, another detail test) ask the API at the
+    // same resolution (about one point per two pixels of the widest charts).
+    const api = new URL(container.dataset.api, window.location.href);
     const pageUrl = new URL(window.location.href);
+    for (const name of ["detail", "from", "to"]) {
+      if (pageUrl.searchParams.get(name)) api.searchParams.set(name, pageUrl.searchParams.get(name));
+    }
+    let embedded = document.getElementById("chart-data"); // taken by the first load alone
     // While zoomed, the URL keeps the range to go back to (wfrom, wto) beside the zoomed one.
     const zoomed = () => pageUrl.searchParams.has("wfrom");
     let loading = 0;
@@ -546,11 +544,11 @@
     async function load() {
       const ticket = ++loading;
       container.dataset.ready = "false";
-      const prefetchedReply = firstReply;
-      firstReply = null;
+      const given = embedded;
+      embedded = null;
       let data;
       try {
-        data = await (prefetchedReply ? readJson(prefetchedReply) : fetchJson(`${api.pathname}${api.search}`));
+        data = given ? JSON.parse(given.textContent) : await fetchJson(`${api.pathname}${api.search}`);
       } catch (error) {
         summary.textContent = "";
         removeCharts();
