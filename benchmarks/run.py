@@ -38,6 +38,8 @@ sys.path.insert(0, str(HERE))
 from workload import USERS, write_tokens_file  # noqa: E402
 
 GET_USER_ID = USERS - 1  # the user who gets 10,000 records of their own
+# The half-load ingest beside the get_user reads is sized for this long; the reads take seconds.
+READS_UNDER_LOAD_MAX_SECONDS = 600
 LISTENING = re.compile(r"listening on [^\s:]+:(\d+)|listening on \[[^\]]+\]:(\d+)")
 
 
@@ -297,10 +299,26 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         paced = loadgen("paced", server.port, "--records", str(count), "--start", str(take(count)),
                         "--rate", str(rate), "--connections", "16")  # fmt: skip
         figures.update(ack_p50_ms=paced["p50_ms"], ack_p99_ms=paced["p99_ms"], ack_max_ms=paced["max_ms"])
-        progress(f"get_user: one user with {sizes.user_records:,} records, read in full pages of 1,000")
+        progress(f"get_user: one user with {sizes.user_records:,} records, read in full pages of 1,000, "
+                 f"while {rate:,.0f} records/s are stored")  # fmt: skip
         ingest(server.port, sizes.user_records, take(sizes.user_records), "--single-user", str(GET_USER_ID))
-        reads = loadgen("read-user", server.port, "--user-id", f"static:bench-{GET_USER_ID:04d}",
-                        "--rounds", str(sizes.user_read_rounds), "--page-size", "1000")  # fmt: skip
+        # The half-load ingest runs until the reads are done (it is stopped then): its count
+        # only needs to outlast them.
+        count = int(rate * READS_UNDER_LOAD_MAX_SECONDS)
+        paced_beside = subprocess.Popen(
+            python(str(HERE / "loadgen.py"), "paced", "--port", str(server.port), "--records", str(count),
+                   "--start", str(take(count)), "--rate", str(rate), "--connections", "16"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            reads = loadgen("read-user", server.port, "--user-id", f"static:bench-{GET_USER_ID:04d}",
+                            "--rounds", str(sizes.user_read_rounds), "--page-size", "1000")  # fmt: skip
+            ingest_went_on = paced_beside.poll() is None
+        finally:
+            paced_beside.kill()
+            paced_beside.wait()
+        if not ingest_went_on:
+            raise RuntimeError("the half-load ingest ended before the get_user reads: the figures would be idle ones")
         figures.update(
             get_user_p50_ms=reads["page_p50_ms"],
             get_user_p99_ms=reads["page_p99_ms"],
