@@ -1,8 +1,9 @@
 """Where a dashboard page's time goes: the user pages and the overview in Chromium, split up.
 
-    python benchmarks/web_breakdown.py [--database DIR] [--ingest] [--visits N] [--json FILE]
+    python benchmarks/web_breakdown.py [--database DIR] [--full] [--ingest] [--visits N] [--json FILE]
 
-Loads web.py's --quick data (100,000 results) into DIR, or reuses DIR when it holds them already,
+Loads web.py's --quick data (100,000 results; with --full its 1,000,000, the heavy user's 20,000
+among them) into DIR, or reuses DIR when it holds them already,
 so that the code before and after a change can be measured in turns on the same data. Then runs
 perfdb and perfdb-web from this checkout and opens each page as web.py does (a fresh browser
 context per first visit, two repeat visits in it, 1600x1000, the browser's own clock), with
@@ -125,6 +126,7 @@ def table(figures: dict[str, dict[str, dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database", type=Path, help="where the data is, or goes (default: a temporary folder)")
+    parser.add_argument("--full", action="store_true", help="load web.py's full data (when DIR is new)")
     parser.add_argument("--ingest", action="store_true", help="measure while 2,000 results/s are stored")
     parser.add_argument("--visits", type=int, default=3, help="first visits per page (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -141,8 +143,9 @@ def main() -> None:
     fresh = not database.exists()
     with perfdb_server(work, database, "--no-sync", f"--admin-key-file={work / 'admin.key'}") as server:
         if fresh:
-            progress(f"loading web.py's --quick data into {database}")
-            asyncio.run(web.load(server.port, web.QUICK))
+            sizes = web.FULL if args.full else web.QUICK
+            progress(f"loading web.py's {'full' if args.full else '--quick'} data into {database}")
+            asyncio.run(web.load(server.port, sizes))
         with web.dashboard(server.port, work) as base, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(web.CHROMIUM), args=web.CHROMIUM_ARGS)
             try:

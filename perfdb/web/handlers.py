@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from isal import isal_zlib
 from multidict import MultiMapping
 
 from perfdb import __version__
@@ -63,6 +64,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 RETRY_AFTER_SECONDS = 5
+GZIP_WBITS = 16 + 15  # a gzip stream with zlib's largest window
 # A sorted table with a free-text search examines this many ranked results per page.
 SORTED_SEARCH_BLOCK = 500
 
@@ -103,7 +105,7 @@ def flat_query(query: MultiMapping[str]) -> dict[str, str]:
 
 def html_response(markup: Markup, status: int = 200) -> web.Response:
     response = web.Response(text=markup, status=status, content_type="text/html", charset="utf-8")
-    response.enable_compression()  # the chart pages carry their data
+    response.enable_compression()
     return response
 
 
@@ -381,37 +383,77 @@ async def _user(request: web.Request) -> tuple[UserView, dict[str, Any]]:
     return view, profile
 
 
-async def _user_series(request: web.Request, points: int) -> tuple[UserView, dict[str, Any], dict[str, Any]]:
-    """The user page's view, the user's profile and the charts' data (`/api/users/{id}/series`)."""
+async def _user_series(
+    request: web.Request,
+    view: UserView,
+    profile: dict[str, Any],
+    tests: dict[str, int],
+    edges: Edges | None,
+    points: int,
+) -> dict[str, Any]:
+    """The user page's charts' data (`/api/users/{id}/series`), from its reads."""
+    data = await _chart_data(request.app[DASHBOARD], request, record_query(view.filters), tests, edges, points)
+    links = {"page": view.url(), "table": build_url("/", [("user", view.user_id), *view.params()])}
+    return {"user": profile, "user_id": view.user_id, "test": view.filters.test, **data, "links": links}
+
+
+async def user_handler(request: web.Request) -> web.StreamResponse:
+    dashboard = request.app[DASHBOARD]
+    view, profile = await _user(request)
+
+    async def series() -> dict[str, Any]:
+        query = record_query(view.filters)
+        tests, edges = await asyncio.gather(
+            dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS), dashboard.source.edges(query)
+        )
+        return await _user_series(request, view, profile, tests, edges, pages.PAGE_CHART_POINTS)
+
+    return await _chart_page(request, pages.user_page(dashboard.site, view, profile), series)
+
+
+async def api_user_series(request: web.Request) -> web.Response:
     dashboard = request.app[DASHBOARD]
     view = UserView.from_params(request.match_info["user_id"], request.query)
-    query = record_query(view.filters)
     # Three independent reads at once: on a busy server each waits its turn on perfdb's threads.
     profile, tests, edges = await asyncio.gather(
         dashboard.source.profile(view.user_id),
         dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS),
-        dashboard.source.edges(query),
+        dashboard.source.edges(record_query(view.filters)),
     )
     if profile is None:
         raise NotFoundError(f"perfdb has no user {view.user_id[:100]!r}.")
-    data = await _chart_data(dashboard, request, query, tests, edges, points)
-    links = {"page": view.url(), "table": build_url("/", [("user", view.user_id), *view.params()])}
-    return view, profile, {"user": profile, "user_id": view.user_id, "test": view.filters.test, **data, "links": links}
+    points = points_param(request.query.get("points", ""))
+    return json_response(await _user_series(request, view, profile, tests, edges, points))
 
 
-async def user_handler(request: web.Request) -> web.Response:
-    # The page carries its charts' data, so a first visit waits for one reply, not two in a row.
+async def _chart_page(
+    request: web.Request, page: Markup, series: Callable[[], Awaitable[dict[str, Any]]]
+) -> web.StreamResponse:
+    """A chart page in two parts: everything before its charts' data at once, so that the browser
+    fetches and compiles the page's script while perfdb reads, then the data (`series()`, the
+    API's reply) and the rest. Gzipped, flushed after the first part, when the browser takes it.
+    If the read fails the page goes without its data, and its script asks the API and shows why."""
+    before, after = page.split(pages.CHART_DATA_SLOT, 1)
+    response = web.StreamResponse(headers={"Content-Type": "text/html; charset=utf-8", "Vary": "Accept-Encoding"})
+    gzip_stream = None
+    if "gzip" in request.headers.get("Accept-Encoding", "").lower():
+        gzip_stream = isal_zlib.compressobj(isal_zlib.Z_DEFAULT_COMPRESSION, isal_zlib.DEFLATED, GZIP_WBITS)
+        response.headers["Content-Encoding"] = "gzip"
+
+    def encoded(text: str, flush_mode: int) -> bytes:
+        body = text.encode()
+        return body if gzip_stream is None else gzip_stream.compress(body) + gzip_stream.flush(flush_mode)
+
+    await response.prepare(request)
+    await response.write(encoded(before, isal_zlib.Z_SYNC_FLUSH))
     try:
-        view, profile, series = await _user_series(request, pages.PAGE_CHART_POINTS)
-    except PerfdbError:  # the page still shows, and its script asks the API and shows what fails
-        view, profile = await _user(request)
-        return html_response(pages.user_page(request.app[DASHBOARD].site, view, profile, None))
-    return html_response(pages.user_page(request.app[DASHBOARD].site, view, profile, _json_bytes(series)))
-
-
-async def api_user_series(request: web.Request) -> web.Response:
-    _, _, series = await _user_series(request, points_param(request.query.get("points", "")))
-    return json_response(series)
+        data = pages.chart_data_block(_json_bytes(await series()))
+    except PerfdbError as exc:
+        log.warning("chart data for %s not read: %s", request.path, exc)
+        data = Markup("")
+    await response.write(encoded(data + after, isal_zlib.Z_FINISH))
+    await response.write_eof()
+    return response
 
 
 # -- one test across users -------------------------------------------------------------------
@@ -443,12 +485,15 @@ async def _one_test_series(request: web.Request, points: int) -> dict[str, Any]:
 
 
 async def one_test_handler(request: web.Request) -> web.Response:
+    # Read whole before the page goes out: a test perfdb does not have is known only from the read.
     view = _one_test_view(request)
     try:
-        series: bytes | None = _json_bytes(await _one_test_series(request, pages.PAGE_CHART_POINTS))
-    except PerfdbError:  # the page's script asks the API and shows what fails
-        series = None
-    return html_response(pages.one_test_page(request.app[DASHBOARD].site, view, series))
+        data = pages.chart_data_block(_json_bytes(await _one_test_series(request, pages.PAGE_CHART_POINTS)))
+    except PerfdbError as exc:  # the page's script asks the API and shows what fails
+        log.warning("chart data for %s not read: %s", request.path, exc)
+        data = Markup("")
+    page = pages.one_test_page(request.app[DASHBOARD].site, view)
+    return html_response(Markup(page.replace(pages.CHART_DATA_SLOT, data, 1)))
 
 
 async def api_one_test_series(request: web.Request) -> web.Response:

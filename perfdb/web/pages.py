@@ -446,12 +446,17 @@ def _pager_link(view: TableView | None, label: str, rel: str) -> Markup:
 # -- user page ---------------------------------------------------------------------------
 
 
-def _chart_data(series: bytes | None) -> Markup:
-    """The charts' first data, as their API gives it; without it (a failed read) the script asks the API."""
-    return Markup("") if series is None else json_data_block("chart-data", series)
+# Where a chart page's data goes (it cannot come from a value: every `<` of one is escaped).
+CHART_DATA_SLOT = Markup("<!--chart-data-->")
 
 
-def user_page(site: Site, view: UserView, profile: dict[str, Any], series: bytes | None) -> Markup:
+def chart_data_block(series: bytes) -> Markup:
+    """The charts' first data (their API's reply), in CHART_DATA_SLOT; without it (a failed read)
+    the page's script asks the API."""
+    return json_data_block("chart-data", series)
+
+
+def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:
     filters = view.filters
     name = display_name(view.user_id, profile)
     test_options = render('<option value="">All tests (one line each)</option>')
@@ -484,7 +489,7 @@ def user_page(site: Site, view: UserView, profile: dict[str, Any], series: bytes
 <div class="charts" id="charts" data-api="{api}"></div>
 <div class="chart-tooltip" id="chart-tooltip" hidden></div>
 {data}""",
-        data=_chart_data(series),
+        data=CHART_DATA_SLOT,
         name=name,
         user_id=view.user_id,
         table=table_link,
@@ -499,7 +504,7 @@ def one_test_url(test_name: str) -> str:
     return "/tests/" + urllib.parse.quote(test_name, safe="")
 
 
-def one_test_page(site: Site, view: OneTestView, series: bytes | None) -> Markup:
+def one_test_page(site: Site, view: OneTestView) -> Markup:
     filters = view.filters
     form = render(
         """<form class="filters" method="get" action="{action}" id="filters">
@@ -523,7 +528,7 @@ def one_test_page(site: Site, view: OneTestView, series: bytes | None) -> Markup
 <div class="charts" id="charts" data-api="{api}"></div>
 <div class="chart-tooltip" id="chart-tooltip" hidden></div>
 {data}""",
-        data=_chart_data(series),
+        data=CHART_DATA_SLOT,
         test=filters.test,
         table=view.url("/"),
         form=form,

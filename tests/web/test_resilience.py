@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -126,8 +127,9 @@ async def test_a_perfdb_that_never_answers_times_out_quickly() -> None:
 
 
 @contextlib.asynccontextmanager
-async def swallowing(upstream_port: int, op: str) -> AsyncIterator[int]:
-    """A proxy in front of perfdb that never forwards requests of one op (they go unanswered)."""
+async def holding(upstream_port: int, op: str, release: asyncio.Event | None = None) -> AsyncIterator[int]:
+    """A proxy in front of perfdb that holds back requests of one op until `release` is set (with
+    no event, for good: they go unanswered)."""
     relays: set[asyncio.Task[Any]] = set()
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -138,8 +140,11 @@ async def swallowing(upstream_port: int, op: str) -> AsyncIterator[int]:
 
         async def requests() -> None:
             while line := await reader.readline():
-                if orjson.loads(line).get("op") != op:
-                    up_writer.write(line)
+                if orjson.loads(line).get("op") == op:
+                    if release is None:
+                        continue
+                    await release.wait()
+                up_writer.write(line)
 
         async def replies() -> None:
             while line := await up_reader.readline():
@@ -170,7 +175,7 @@ async def test_a_chart_page_whose_data_read_fails_still_shows_and_leaves_the_cha
     keys = _key_files(tmp_path)
     async with perfdb_with_provider(tmp_path, **keys) as (server, _):
         await _import_three(f"127.0.0.1:{server.port}")
-        async with swallowing(server.port, "series") as port, dashboard_client(f"127.0.0.1:{port}", timeout=0.5) as web:
+        async with holding(server.port, "series") as port, dashboard_client(f"127.0.0.1:{port}", timeout=0.5) as web:
             for path in ("/users/carol", "/tests/unary"):
                 response = await web.get(path)
                 text = await response.text()
@@ -180,6 +185,27 @@ async def test_a_chart_page_whose_data_read_fails_still_shows_and_leaves_the_cha
                 assert api.status == 503
                 assert (await api.json())["error"]["code"] in ("timeout", "connection_failed")
             assert parse_page(await (await web.get("/users/carol")).text()).ids["chart-summary"] == "Loading results…"
+
+
+async def test_a_user_page_sends_its_head_before_perfdb_has_read_its_charts(tmp_path: Path) -> None:
+    keys = _key_files(tmp_path)
+    release = asyncio.Event()
+    async with perfdb_with_provider(tmp_path, **keys) as (server, _):
+        await _import_three(f"127.0.0.1:{server.port}")
+        async with holding(server.port, "series", release) as port, dashboard_client(f"127.0.0.1:{port}") as web:
+            response = await web.get("/users/carol", headers={"Accept-Encoding": "gzip"})
+            assert response.status == 200 and response.headers["Content-Encoding"] == "gzip"
+            received = b""
+            while b"</head>" not in received:  # decompressed by the client as it comes
+                received += await asyncio.wait_for(response.content.readany(), timeout=30)
+            # The stylesheet and script are named, so the browser fetches them while perfdb reads.
+            assert b'rel="stylesheet"' in received and b"charts.js" in received
+            assert b"chart-data" not in received and not release.is_set()
+            release.set()
+            page = received + await asyncio.wait_for(response.content.read(), timeout=30)
+            block = re.search(rb'<script type="application/json" id="chart-data">(.*?)</script>', page, re.S)
+            assert block is not None and orjson.loads(block.group(1))["results"] == 3
+            assert page.endswith(b"</html>\n")
 
 
 async def test_the_read_key_is_sent_when_configured(tmp_path: Path) -> None:
