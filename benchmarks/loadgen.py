@@ -119,6 +119,9 @@ class Paced(asyncio.Protocol):
             self.latencies.append(now - self.scheduled.popleft())
 
 
+SENDING = "paced: sending"
+
+
 async def paced(port: int, lines: list[bytes], rate: float, connections: int) -> dict[str, Any]:
     """Open-loop load at `rate` requests/s, each request's latency counted from when it was due.
 
@@ -130,6 +133,9 @@ async def paced(port: int, lines: list[bytes], rate: float, connections: int) ->
     for _ in range(connections):
         _, pipe = await loop.create_connection(Paced, "127.0.0.1", port)
         pipes.append(pipe)
+    # For a driver that runs other work beside this load: it starts now.
+    sys.stderr.write(f"{SENDING}\n")
+    sys.stderr.flush()
     started = time.perf_counter()
     sent = 0
     total = len(lines)

@@ -35,11 +35,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from loadgen import SENDING  # noqa: E402
 from workload import USERS, write_tokens_file  # noqa: E402
 
 GET_USER_ID = USERS - 1  # the user who gets 10,000 records of their own
-# The half-load ingest beside the get_user reads is sized for this long; the reads take seconds.
-READS_UNDER_LOAD_MAX_SECONDS = 600
+# The half-load ingest beside the get_user reads is sized for this long (its lines are made up
+# front); the reads take seconds.
+READS_UNDER_LOAD_MAX_SECONDS = 60
 LISTENING = re.compile(r"listening on [^\s:]+:(\d+)|listening on \[[^\]]+\]:(\d+)")
 
 
@@ -302,15 +304,19 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
         progress(f"get_user: one user with {sizes.user_records:,} records, read in full pages of 1,000, "
                  f"while {rate:,.0f} records/s are stored")  # fmt: skip
         ingest(server.port, sizes.user_records, take(sizes.user_records), "--single-user", str(GET_USER_ID))
-        # The half-load ingest runs until the reads are done (it is stopped then): its count
-        # only needs to outlast them.
+        # The half-load ingest (of the other users' records) runs until the reads are done, and
+        # is stopped then: its count only needs to outlast them. The reads start once it sends.
         count = int(rate * READS_UNDER_LOAD_MAX_SECONDS)
         paced_beside = subprocess.Popen(
             python(str(HERE / "loadgen.py"), "paced", "--port", str(server.port), "--records", str(count),
-                   "--start", str(take(count)), "--rate", str(rate), "--connections", "16"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                   "--start", str(take(count)), "--rate", str(rate), "--connections", "16",
+                   "--users", str(GET_USER_ID)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
         try:
+            assert paced_beside.stderr is not None
+            if paced_beside.stderr.readline().strip() != SENDING:
+                raise RuntimeError("the half-load ingest beside the get_user reads did not start")
             reads = loadgen("read-user", server.port, "--user-id", f"static:bench-{GET_USER_ID:04d}",
                             "--rounds", str(sizes.user_read_rounds), "--page-size", "1000")  # fmt: skip
             ingest_went_on = paced_beside.poll() is None

@@ -386,16 +386,16 @@ def measure_apis(base: str, burst_record: str, sizes: Sizes) -> dict[str, dict[s
 
 
 def wait_quiet(server: Process) -> float:
-    """Seconds until perfdb's CPU use (LevelDB's compaction of the import, in its own thread) stays
-    under QUIET_CPU of a core for QUIET_SECONDS, so that "idle" means idle; at most SETTLE_LIMIT_S."""
+    """Seconds perfdb stayed busy (LevelDB's compaction of the import, in its own thread) before
+    its CPU use fell under QUIET_CPU of a core for QUIET_SECONDS, so that "idle" means idle; it
+    waits at most SETTLE_LIMIT_S."""
     started = time.monotonic()
     while time.monotonic() - started < SETTLE_LIMIT_S:
         before = server.cpu_seconds()
         time.sleep(QUIET_SECONDS)
         if server.cpu_seconds() - before < QUIET_CPU * QUIET_SECONDS:
-            break
-    else:
-        progress(f"perfdb still busy after {SETTLE_LIMIT_S} s: measuring anyway")
+            return time.monotonic() - started - QUIET_SECONDS
+    progress(f"perfdb still busy after {SETTLE_LIMIT_S} s: measuring anyway")
     return time.monotonic() - started
 
 

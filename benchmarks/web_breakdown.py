@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -71,12 +72,15 @@ def visit(page: Any, cdp: Any, url: str, selector: str) -> Visit:
 
 
 def summary(visits: list[Visit]) -> dict[str, float]:
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else math.nan
+
     return {
-        "page_ms": statistics.median(v.shown_ms for v in visits),
-        "html_ms": statistics.median(v.html_end_ms for v in visits),
-        "after_html_ms": statistics.median(v.shown_ms - v.html_end_ms for v in visits),
-        "renderer_busy_ms": statistics.median(v.renderer_busy_ms for v in visits),
-        "script_ms": statistics.median(v.script_ms for v in visits),
+        "page_ms": median([v.shown_ms for v in visits]),
+        "html_ms": median([v.html_end_ms for v in visits]),
+        "after_html_ms": median([v.shown_ms - v.html_end_ms for v in visits]),
+        "renderer_busy_ms": median([v.renderer_busy_ms for v in visits]),
+        "script_ms": median([v.script_ms for v in visits]),
     }
 
 
@@ -146,6 +150,8 @@ def main() -> None:
             sizes = web.FULL if args.full else web.QUICK
             progress(f"loading web.py's {'full' if args.full else '--quick'} data into {database}")
             asyncio.run(web.load(server.port, sizes))
+        # Also after a restart on loaded data: LevelDB may still be compacting it.
+        progress(f"perfdb quiet after {web.wait_quiet(server):.0f} s")
         with web.dashboard(server.port, work) as base, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(web.CHROMIUM), args=web.CHROMIUM_ARGS)
             try:

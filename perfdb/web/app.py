@@ -57,8 +57,9 @@ class WebConfig:
 def build_app(config: WebConfig) -> web.Application:
     """The dashboard as an aiohttp application; perfdb is connected to on first use."""
     parse_address(config.server)  # fail now, not on the first page
-    # Replies are gzipped with ISA-L's zlib: a user page's chart data (465 kB of JSON) takes 1.2 ms
-    # of CPU at about the size zlib's default level gives in 23 ms.
+    # Replies are compressed with ISA-L's zlib (process-wide: aiohttp has one backend): a user
+    # page's chart data (465 kB of JSON) takes 1.2 ms of CPU at about the size zlib's default
+    # level gives in 23 ms.
     aiohttp.set_zlib_backend(isal_zlib)
     registry = process_registry()
     request_metrics = HttpRequestMetrics(registry, "perfdb_web")

@@ -67,7 +67,7 @@ def bundle_handler(bundles: Mapping[str, Bundle]) -> Callable[[web.Request], Awa
             raise web.HTTPNotFound()
         response = web.Response(content_type=bundle.content_type, charset="utf-8")
         response.headers["Vary"] = "Accept-Encoding"
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
+        if accepts_gzip(request):
             response.body = bundle.gzipped
             response.headers["Content-Encoding"] = "gzip"
         else:
@@ -75,6 +75,20 @@ def bundle_handler(bundles: Mapping[str, Bundle]) -> Callable[[web.Request], Awa
         return response
 
     return serve_bundle
+
+
+def accepts_gzip(request: web.Request) -> bool:
+    """Whether the client takes gzip: named in Accept-Encoding (or `*`) without q=0."""
+    for item in request.headers.get("Accept-Encoding", "").lower().split(","):
+        coding, _, parameters = item.partition(";")
+        if coding.strip() not in ("gzip", "*"):
+            continue
+        weight = parameters.strip().removeprefix("q=")
+        try:
+            return not parameters.strip() or float(weight) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def _digest(content: bytes) -> str:

@@ -1,5 +1,5 @@
 """The time charts' data (user and test pages): every line downsampled by perfdb's series op to
-about one point per pixel column, so a chart of 200,000 results costs what one of 200 does.
+about one point per two pixel columns, so a chart of 200,000 results costs what one of 200 does.
 
 Each line is a band (min..max of each time bucket) around its median, in columns. A bucket of one
 result names it, so the chart can open it. A line breaks (a null row) across a stretch with no
@@ -23,7 +23,7 @@ from perfdb.web.queries import QueryError
 from perfdb.web.source import Edges, RecordQuery, ResultSource
 
 # Points per line when the page does not say how wide its charts are, and the bounds of what it
-# may ask for (about one point per pixel column).
+# may ask for (the pages ask for one point per two pixels of their widest charts).
 DEFAULT_POINTS = 600
 MIN_POINTS, MAX_POINTS = 50, 2000
 # The lines of one chart together hold at most this many points, so a user with many tests gets
@@ -166,10 +166,14 @@ def encode_line(test: str, metric: str, reply: dict[str, Any]) -> dict[str, Any]
     spacing = float(np.median(steps)) if len(steps) else 1.0
     longest_bridge = max(GAP_BUCKETS + 1, GAP_SPACINGS * spacing)
     breaks = (np.flatnonzero(steps > longest_bridge) + 1).tolist()  # a null row goes before each
-    # A single result's value is exact (it opens that result); bucket statistics are rounded.
+    # A single result's value is exact, as perfdb gave it (it opens that result); bucket
+    # statistics are rounded.
     statistics = np.array([given["min"], given["median"], given["max"]], dtype=np.float64)
-    single = np.asarray(given["count"], dtype=np.int64) == 1
-    low, median, high = np.where(single, statistics, rounded(statistics)).tolist()
+    single = (np.asarray(given["count"], dtype=np.int64) == 1).tolist()
+    low, median, high = (
+        [value if alone else shown for value, shown, alone in zip(given[name], rounded_row, single, strict=True)]
+        for name, rounded_row in zip(("min", "median", "max"), rounded(statistics).tolist(), strict=True)
+    )
     nulls = [None] * len(breaks)
     columns: dict[str, list[Any]] = {
         "bucket": _broken(given["bucket"], breaks, [given["bucket"][at - 1] + 1 for at in breaks]),
@@ -218,26 +222,29 @@ def _broken(values: list[Any], breaks: list[int], fillers: list[Any]) -> list[An
     return pieces
 
 
-# 10 ** k for every k a double's decimal places can call for (those past 1e308 are infinite, and
-# their values are kept as they are); a table look-up, not a power per value.
-with np.errstate(over="ignore"):
-    _POWERS_OF_TEN = 10.0 ** np.arange(SIGNIFICANT_DIGITS + 330)
+# 10 ** k for every k up to the largest finite power of ten (a value that needs more decimal
+# places than that, below about 1e-304, is kept as it is); a table look-up, not a power per value.
+_POWERS_OF_TEN = 10.0 ** np.arange(309)
 
 
 def rounded(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Each value to SIGNIFICANT_DIGITS significant digits, as float(f"{value:.5g}") gives it, at
-    numpy's speed: a decimal scaling by an exact power of ten, rounded."""
-    magnitude = np.zeros_like(values)
-    np.log10(np.abs(values), where=values != 0, out=magnitude)
-    places = (SIGNIFICANT_DIGITS - 1 - np.floor(magnitude)).astype(np.int64)
-    result = np.empty_like(values)
+    """Each value to SIGNIFICANT_DIGITS significant digits at numpy's speed, by a scaling with a
+    power of ten, rounded: as float(f"{value:.5g}") gives it where those powers are exact (values
+    from about 1e-17 to 1e26), within a unit in the last place beyond; values below about 1e-304,
+    inf and NaN as they are. Any shape."""
+    result = values.copy()
+    finite = np.isfinite(values) & (values != 0)
+    shown = values[finite]
+    places = SIGNIFICANT_DIGITS - 1 - np.floor(np.log10(np.abs(shown))).astype(np.int64)
     with np.errstate(all="ignore"):
-        up = places >= 0
+        up = (places >= 0) & (places < len(_POWERS_OF_TEN))
         scale = _POWERS_OF_TEN[places[up]]
-        result[up] = np.round(values[up] * scale) / scale
-        scale = _POWERS_OF_TEN[-places[~up]]
-        result[~up] = np.round(values[~up] / scale) * scale
-    return np.where(np.isfinite(result), result, values)  # beyond the powers of ten a double holds
+        shown[up] = np.round(shown[up] * scale) / scale
+        down = places < 0
+        scale = _POWERS_OF_TEN[-places[down]]
+        shown[down] = np.round(shown[down] / scale) * scale
+    result[finite] = shown
+    return result
 
 
 def other_metric_units(record: dict[str, Any]) -> dict[str, str]:

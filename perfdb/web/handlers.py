@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -23,6 +23,7 @@ from perfdb.web.analysis import (
     overview_histogram,
     ranked_users,
 )
+from perfdb.web.assets import accepts_gzip
 from perfdb.web.charts import CHART_TEST_METRICS, ChartRequest, chart_data, points_param
 from perfdb.web.markup import Markup
 from perfdb.web.pages import COLUMN_LABELS
@@ -65,6 +66,7 @@ SECURITY_HEADERS = {
 }
 RETRY_AFTER_SECONDS = 5
 GZIP_WBITS = 16 + 15  # a gzip stream with zlib's largest window
+INTERNAL_MESSAGE = "The dashboard hit an unexpected error; its log has the details."
 # A sorted table with a free-text search examines this many ranked results per page.
 SORTED_SEARCH_BLOCK = 500
 
@@ -384,59 +386,62 @@ async def _user(request: web.Request) -> tuple[UserView, dict[str, Any]]:
 
 
 async def _user_series(
-    request: web.Request,
-    view: UserView,
-    profile: dict[str, Any],
-    tests: dict[str, int],
-    edges: Edges | None,
-    points: int,
+    request: web.Request, view: UserView, points: int, *, profile: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The user page's charts' data (`/api/users/{id}/series`), from its reads."""
-    data = await _chart_data(request.app[DASHBOARD], request, record_query(view.filters), tests, edges, points)
+    """The user page's charts' data (`/api/users/{id}/series`); the profile is read beside the
+    other reads unless it is given."""
+    dashboard = request.app[DASHBOARD]
+    query = record_query(view.filters)
+    # Independent reads at once: on a busy server each waits its turn on perfdb's threads.
+    read_profile = dashboard.source.profile(view.user_id) if profile is None else _given(profile)
+    profile, tests, edges = await asyncio.gather(
+        read_profile, dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS), dashboard.source.edges(query)
+    )
+    if profile is None:
+        raise NotFoundError(f"perfdb has no user {view.user_id[:100]!r}.")
+    data = await _chart_data(dashboard, request, query, tests, edges, points)
     links = {"page": view.url(), "table": build_url("/", [("user", view.user_id), *view.params()])}
     return {"user": profile, "user_id": view.user_id, "test": view.filters.test, **data, "links": links}
 
 
+async def _given(value: dict[str, Any]) -> dict[str, Any] | None:
+    return value
+
+
 async def user_handler(request: web.Request) -> web.StreamResponse:
-    dashboard = request.app[DASHBOARD]
-    view, profile = await _user(request)
-
-    async def series() -> dict[str, Any]:
-        query = record_query(view.filters)
-        tests, edges = await asyncio.gather(
-            dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS), dashboard.source.edges(query)
-        )
-        return await _user_series(request, view, profile, tests, edges, pages.PAGE_CHART_POINTS)
-
-    return await _chart_page(request, pages.user_page(dashboard.site, view, profile), series)
+    view, profile = await _user(request)  # an unknown user is a 404, before any of the page goes out
+    page = pages.user_page(request.app[DASHBOARD].site, view, profile)
+    return await _chart_page(request, page, _user_series(request, view, pages.PAGE_CHART_POINTS, profile=profile))
 
 
 async def api_user_series(request: web.Request) -> web.Response:
-    dashboard = request.app[DASHBOARD]
     view = UserView.from_params(request.match_info["user_id"], request.query)
-    # Three independent reads at once: on a busy server each waits its turn on perfdb's threads.
-    profile, tests, edges = await asyncio.gather(
-        dashboard.source.profile(view.user_id),
-        dashboard.source.test_counts(view.user_id, CHART_TEST_METRICS),
-        dashboard.source.edges(record_query(view.filters)),
-    )
-    if profile is None:
-        raise NotFoundError(f"perfdb has no user {view.user_id[:100]!r}.")
-    points = points_param(request.query.get("points", ""))
-    return json_response(await _user_series(request, view, profile, tests, edges, points))
+    return json_response(await _user_series(request, view, points_param(request.query.get("points", ""))))
+
+
+async def _chart_data_block(request: web.Request, series: Coroutine[Any, Any, dict[str, Any]]) -> Markup:
+    """The page's charts' data (what their API answers), or the error that read met, for the
+    page's script to show rather than ask the API again (and wait as long)."""
+    try:
+        return pages.chart_data_block(_json_bytes(await series))
+    except PerfdbError as exc:
+        log.warning("chart data for %s not read: %s", request.path, exc.message)
+        error = {"code": exc.code, "message": exc.message, "retryable": exc.unavailable}
+    except NotFoundError as exc:
+        error = {"code": "not_found", "message": str(exc), "retryable": False}
+    return pages.chart_data_block(_json_bytes({"error": error}))
 
 
 async def _chart_page(
-    request: web.Request, page: Markup, series: Callable[[], Awaitable[dict[str, Any]]]
+    request: web.Request, page: Markup, series: Coroutine[Any, Any, dict[str, Any]]
 ) -> web.StreamResponse:
     """A chart page in two parts: everything before its charts' data at once, so that the browser
-    fetches and compiles the page's script while perfdb reads, then the data (`series()`, the
-    API's reply) and the rest. Gzipped, flushed after the first part, when the browser takes it.
-    If the read fails the page goes without its data, and its script asks the API and shows why."""
-    before, after = page.split(pages.CHART_DATA_SLOT, 1)
+    fetches and compiles the page's script while perfdb reads, then the data (`series`, the API's
+    reply) and the rest. Gzipped, flushed after the first part, when the client takes it."""
+    before, after = pages.split_at_chart_data(page)
     response = web.StreamResponse(headers={"Content-Type": "text/html; charset=utf-8", "Vary": "Accept-Encoding"})
     gzip_stream = None
-    if "gzip" in request.headers.get("Accept-Encoding", "").lower():
+    if accepts_gzip(request):
         gzip_stream = isal_zlib.compressobj(isal_zlib.Z_DEFAULT_COMPRESSION, isal_zlib.DEFLATED, GZIP_WBITS)
         response.headers["Content-Encoding"] = "gzip"
 
@@ -444,13 +449,20 @@ async def _chart_page(
         body = text.encode()
         return body if gzip_stream is None else gzip_stream.compress(body) + gzip_stream.flush(flush_mode)
 
+    if request.method == "HEAD":  # the headers only, and nothing read
+        series.close()
+        await response.prepare(request)
+        await response.write_eof()
+        return response
     await response.prepare(request)
     await response.write(encoded(before, isal_zlib.Z_SYNC_FLUSH))
     try:
-        data = pages.chart_data_block(_json_bytes(await series()))
-    except PerfdbError as exc:
-        log.warning("chart data for %s not read: %s", request.path, exc)
-        data = Markup("")
+        data = await _chart_data_block(request, series)
+    except Exception:  # the page is on its way: it goes without its data rather than broken
+        log.exception("chart data for %s failed", request.path)
+        data = pages.chart_data_block(
+            _json_bytes({"error": {"code": "internal", "message": INTERNAL_MESSAGE, "retryable": False}})
+        )
     await response.write(encoded(data + after, isal_zlib.Z_FINISH))
     await response.write_eof()
     return response
@@ -463,10 +475,9 @@ def _one_test_view(request: web.Request) -> OneTestView:
     return OneTestView.from_params(request.match_info["test_name"], request.query)
 
 
-async def _one_test_series(request: web.Request, points: int) -> dict[str, Any]:
+async def _one_test_series(request: web.Request, view: OneTestView, points: int) -> dict[str, Any]:
     """The test page's charts' data (`/api/tests/{name}/series`)."""
     dashboard = request.app[DASHBOARD]
-    view = _one_test_view(request)
     query = record_query(view.filters)
     tests, edges = await asyncio.gather(
         dashboard.source.test_counts(None, CHART_TEST_METRICS), dashboard.source.edges(query)
@@ -484,20 +495,15 @@ async def _one_test_series(request: web.Request, points: int) -> dict[str, Any]:
     return {"test": view.filters.test, **data, "links": {"page": view.url(), "table": view.url("/")}}
 
 
-async def one_test_handler(request: web.Request) -> web.Response:
-    # Read whole before the page goes out: a test perfdb does not have is known only from the read.
+async def one_test_handler(request: web.Request) -> web.StreamResponse:
     view = _one_test_view(request)
-    try:
-        data = pages.chart_data_block(_json_bytes(await _one_test_series(request, pages.PAGE_CHART_POINTS)))
-    except PerfdbError as exc:  # the page's script asks the API and shows what fails
-        log.warning("chart data for %s not read: %s", request.path, exc)
-        data = Markup("")
     page = pages.one_test_page(request.app[DASHBOARD].site, view)
-    return html_response(Markup(page.replace(pages.CHART_DATA_SLOT, data, 1)))
+    return await _chart_page(request, page, _one_test_series(request, view, pages.PAGE_CHART_POINTS))
 
 
 async def api_one_test_series(request: web.Request) -> web.Response:
-    return json_response(await _one_test_series(request, points_param(request.query.get("points", ""))))
+    view = _one_test_view(request)
+    return json_response(await _one_test_series(request, view, points_param(request.query.get("points", ""))))
 
 
 async def _chart_data(
@@ -729,15 +735,11 @@ async def error_pages(request: web.Request, handler: Handler) -> web.StreamRespo
             return response
         log.warning("perfdb refused %s: %s", request.path, exc.message)
         return _error(request, 502, exc.code, "perfdb refused the request", exc.message)
+    except ConnectionError:  # the client went away: there is no one to answer
+        raise
     except Exception:
         log.exception("unexpected error serving %s", request.path)
-        return _error(
-            request,
-            500,
-            "internal",
-            "Something went wrong",
-            "The dashboard hit an unexpected error; its log has the details.",
-        )
+        return _error(request, 500, "internal", "Something went wrong", INTERNAL_MESSAGE)
 
 
 def _error(

@@ -451,9 +451,14 @@ CHART_DATA_SLOT = Markup("<!--chart-data-->")
 
 
 def chart_data_block(series: bytes) -> Markup:
-    """The charts' first data (their API's reply), in CHART_DATA_SLOT; without it (a failed read)
-    the page's script asks the API."""
+    """The charts' first data (their API's reply, or the error the read met), for CHART_DATA_SLOT."""
     return json_data_block("chart-data", series)
+
+
+def split_at_chart_data(page: Markup) -> tuple[Markup, Markup]:
+    """A chart page's markup before and after its CHART_DATA_SLOT."""
+    before, after = page.split(CHART_DATA_SLOT, 1)
+    return Markup(before), Markup(after)
 
 
 def user_page(site: Site, view: UserView, profile: dict[str, Any]) -> Markup:

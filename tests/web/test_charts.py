@@ -4,6 +4,7 @@ the seeded one (two months, a few results a day) and the dense one (20,000 resul
 from __future__ import annotations
 
 import gzip
+import math
 import random
 from typing import Any
 
@@ -197,8 +198,8 @@ async def test_a_test_across_users_has_its_own_page(dense_perfdb: DensePerfdb) -
     assert OTHER_USER in {record["user_id"] for record in everyone}
 
 
-def _reply(points: list[tuple[int, int]]) -> dict[str, Any]:
-    """A series reply (as columns) holding buckets (index, count) of the value 1.0."""
+def _reply(points: list[tuple[int, int]], value: float = 1.0) -> dict[str, Any]:
+    """A series reply (as columns) holding buckets (index, count) of one value."""
     single = [count == 1 for _, count in points]
     return {
         "since": "2026-01-01T00:00:00Z",
@@ -212,7 +213,7 @@ def _reply(points: list[tuple[int, int]]) -> dict[str, Any]:
                 "columns": {
                     "bucket": [bucket for bucket, _ in points],
                     "count": [count for _, count in points],
-                    **{name: [1.0] * len(points) for name in ("min", "median", "max", "mean")},
+                    **{name: [value] * len(points) for name in ("min", "median", "max", "mean")},
                     "record_id": [
                         f"{bucket:020x}" if alone else None for (bucket, _), alone in zip(points, single, strict=True)
                     ],
@@ -225,9 +226,29 @@ def _reply(points: list[tuple[int, int]]) -> dict[str, Any]:
 
 def test_bucket_statistics_are_rounded_as_text_would_round_them() -> None:
     chooser = random.Random(5)
-    values = [chooser.uniform(-1, 1) * 10 ** chooser.randint(-12, 15) for _ in range(20_000)]
-    values += [0.0, 1.0, -2.5, 99_999.5, 123_456_789.0, 1e-5, 5e-324, 1.7e308]
+    # Where the powers of ten are exact doubles (up to 1e22): exactly as the text rounds.
+    values = [chooser.choice((-1, 1)) * chooser.uniform(1, 10) * 10 ** chooser.randint(-17, 20) for _ in range(20_000)]
+    values += [0.0, -0.0, 1.0, -2.5, 99_999.5, 123_456_789.0, 1e-5]
     assert rounded(np.array(values)).tolist() == [float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in values]
+    # Beyond, within a unit in the last place or so.
+    wide = [chooser.uniform(-1, 1) * 10 ** chooser.randint(-300, 307) for _ in range(20_000)]
+    wide += [1.234567e-250, 1.7e308, -1.7976931348623157e308]
+    text = np.array([float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in wide])
+    assert np.allclose(rounded(np.array(wide)), text, rtol=4e-16, atol=0)
+    # Beyond what a scaling by a finite power of ten reaches, and what is no number: as they are.
+    odd = np.array([5e-324, 1.234567e-310, math.inf, -math.inf, math.nan])
+    assert np.array_equal(rounded(odd), odd, equal_nan=True)
+    # Any shape: a chart line's min, median and max rows at once.
+    rows = np.array([[1.234567, 2.345678], [1234567.0, math.inf]])
+    assert rounded(rows).tolist() == [[1.2346, 2.3457], [1234600.0, math.inf]]
+
+
+def test_a_single_results_value_is_sent_as_perfdb_gave_it() -> None:
+    # A bucket of one result, then one of three, of a whole number too big for five digits.
+    line = encode_line("t", "qps", _reply([(0, 1), (10, 3)], value=1_234_567))
+    assert [type(value) for value in line["median"]] == [int, float]
+    assert [line[name][0] for name in ("min", "median", "max")] == [1_234_567] * 3
+    assert [line[name][1] for name in ("min", "median", "max")] == [1_234_600.0] * 3
 
 
 def test_a_line_breaks_only_across_a_long_pause() -> None:

@@ -169,9 +169,14 @@ async def holding(upstream_port: int, op: str, release: asyncio.Event | None = N
         await server.wait_closed()
 
 
-async def test_a_chart_page_whose_data_read_fails_still_shows_and_leaves_the_charts_to_its_script(
-    tmp_path: Path,
-) -> None:
+def _chart_data(text: str) -> dict[str, Any]:
+    block = re.search(r'<script type="application/json" id="chart-data">(.*?)</script>', text, re.S)
+    assert block is not None, text[-500:]
+    data: dict[str, Any] = orjson.loads(block.group(1))
+    return data
+
+
+async def test_a_chart_page_whose_data_read_fails_still_shows_and_carries_the_error(tmp_path: Path) -> None:
     keys = _key_files(tmp_path)
     async with perfdb_with_provider(tmp_path, **keys) as (server, _):
         await _import_three(f"127.0.0.1:{server.port}")
@@ -180,11 +185,67 @@ async def test_a_chart_page_whose_data_read_fails_still_shows_and_leaves_the_cha
                 response = await web.get(path)
                 text = await response.text()
                 assert response.status == 200, path
-                assert 'id="chart-data"' not in text and 'id="charts" data-api="/api' in text
+                # The read's error, for the page's script to show at once (asking the API would wait as long).
+                error = _chart_data(text)["error"]
+                assert error["code"] in ("timeout", "connection_failed") and error["retryable"] is True, error
+                assert "perfdb server at 127.0.0.1" in error["message"]
+                assert text.endswith("</html>\n") and parse_page(text).ids["chart-summary"] == "Loading results…"
                 api = await web.get("/api" + path + "/series")
                 assert api.status == 503
                 assert (await api.json())["error"]["code"] in ("timeout", "connection_failed")
-            assert parse_page(await (await web.get("/users/carol")).text()).ids["chart-summary"] == "Loading results…"
+
+
+async def test_a_test_page_of_an_unknown_test_says_so_in_its_charts(tmp_path: Path) -> None:
+    keys = _key_files(tmp_path)
+    async with (
+        perfdb_with_provider(tmp_path, **keys) as (server, _),
+        dashboard_client(f"127.0.0.1:{server.port}") as web,
+    ):
+        response = await web.get("/tests/no-such-test")
+        assert response.status == 200
+        error = _chart_data(await response.text())["error"]
+        assert error == {"code": "not_found", "message": "perfdb has no results of a test named 'no-such-test'.",
+                         "retryable": False}  # fmt: skip
+        assert (await web.get("/api/tests/no-such-test/series")).status == 404
+
+
+async def test_a_chart_page_failing_after_its_head_went_out_ends_whole_and_logs_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(handlers, "chart_data", broken)
+    keys = _key_files(tmp_path)
+    async with perfdb_with_provider(tmp_path, **keys) as (server, _):
+        await _import_three(f"127.0.0.1:{server.port}")
+        async with dashboard_client(f"127.0.0.1:{server.port}") as web:
+            response = await web.get("/users/carol", headers={"Accept-Encoding": "gzip"})
+            text = await response.text()
+            assert response.status == 200 and text.endswith("</html>\n")
+            assert _chart_data(text)["error"]["code"] == "internal" and "secret" not in text
+            # The connection is still in step: the next request on it gets its own answer.
+            assert (await web.get("/api/health")).status == 200
+    assert "secret internals" in caplog.text
+
+
+async def test_a_chart_page_is_gzipped_only_for_a_client_that_takes_it_and_head_reads_nothing(tmp_path: Path) -> None:
+    keys = _key_files(tmp_path)
+    async with perfdb_with_provider(tmp_path, **keys) as (server, _):
+        await _import_three(f"127.0.0.1:{server.port}")
+        async with holding(server.port, "series") as port, dashboard_client(f"127.0.0.1:{port}") as web:
+            for accepted in ("identity", "gzip;q=0", "br, deflate"):
+                response = await web.get("/users/carol", headers={"Accept-Encoding": accepted})
+                # Held series reads: the page's head is sent, its data is not.
+                assert "Content-Encoding" not in response.headers, accepted
+                head = await asyncio.wait_for(response.content.readuntil(b"</head>"), timeout=30)
+                assert head.startswith(b"<!doctype html>"), accepted
+                response.close()
+            head_only = await web.head("/users/carol")
+            assert head_only.status == 200 and head_only.headers["Content-Type"] == "text/html; charset=utf-8"
+            assert await head_only.read() == b""
+            # The connection is still in step after a HEAD (no body went out with it).
+            assert (await web.get("/api/health")).status == 200
 
 
 async def test_a_user_page_sends_its_head_before_perfdb_has_read_its_charts(tmp_path: Path) -> None:

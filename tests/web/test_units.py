@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from perfdb.config import Config as ServerConfig
 from perfdb.config import ConfigError
@@ -25,7 +26,7 @@ from perfdb.web.analysis import (
     sample_summary,
 )
 from perfdb.web.app import build_parser, config_from_args, main
-from perfdb.web.assets import STATIC_DIR, asset_urls, build_bundles
+from perfdb.web.assets import STATIC_DIR, accepts_gzip, asset_urls, build_bundles
 from perfdb.web.markup import Markup, render
 from perfdb.web.pages import MAIN_MAX_WIDTH_PX, MAIN_PADDING_PX, flatten
 from perfdb.web.queries import (
@@ -240,6 +241,16 @@ def test_bundle_urls_change_with_any_part(tmp_path: Path) -> None:
     after = build_bundles(tmp_path)
     assert after["charts.js"].url != before["charts.js"].url and after["charts.js"].url.startswith("/static/bundle/")
     assert after["dashboard.js"].url == before["dashboard.js"].url  # not a part of it
+
+
+def test_gzip_is_sent_to_a_client_that_accepts_it_by_name_or_star_and_not_at_q0() -> None:
+    def accepts(header: str | None) -> bool:
+        return accepts_gzip(make_mocked_request("GET", "/", headers={} if header is None else {"Accept-Encoding": header}))
+
+    for header in ("gzip", "gzip, deflate, br, zstd", "GZIP", "br;q=1, gzip;q=0.5", "*", "deflate, *;q=0.1"):
+        assert accepts(header), header
+    for header in (None, "", "identity", "br, deflate", "gzip;q=0", "gzip; q=0.0", "*;q=0", "gzip;q=x", "x-gzip"):
+        assert not accepts(header), header
 
 
 def test_the_chart_pages_resolution_comes_from_mains_box_in_the_stylesheet() -> None:

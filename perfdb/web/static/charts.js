@@ -550,7 +550,13 @@
       embedded = null;
       let data;
       try {
-        data = given ? JSON.parse(given.textContent) : await fetchJson(`${api.pathname}${api.search}`);
+        if (given) {
+          data = JSON.parse(given.textContent);
+          given.remove(); // half a megabyte of text the page needs no more
+          if (data.error) throw new Error(data.error.message); // the read the page was built with failed
+        } else {
+          data = await fetchJson(`${api.pathname}${api.search}`);
+        }
       } catch (error) {
         summary.textContent = "";
         removeCharts();
