@@ -245,12 +245,13 @@ def test_bundle_urls_change_with_any_part(tmp_path: Path) -> None:
 
 def test_gzip_is_sent_to_a_client_that_accepts_it_by_name_or_star_and_not_at_q0() -> None:
     def accepts(header: str | None) -> bool:
-        return accepts_gzip(make_mocked_request("GET", "/", headers={} if header is None else {"Accept-Encoding": header}))
+        headers = {} if header is None else {"Accept-Encoding": header}
+        return accepts_gzip(make_mocked_request("GET", "/", headers=headers))
 
-    for header in ("gzip", "gzip, deflate, br, zstd", "GZIP", "br;q=1, gzip;q=0.5", "*", "deflate, *;q=0.1"):
-        assert accepts(header), header
-    for header in (None, "", "identity", "br, deflate", "gzip;q=0", "gzip; q=0.0", "*;q=0", "gzip;q=x", "x-gzip"):
-        assert not accepts(header), header
+    for taken in ("gzip", "gzip, deflate, br, zstd", "GZIP", "br;q=1, gzip;q=0.5", "*", "deflate, *;q=0.1"):
+        assert accepts(taken), taken
+    for refused in (None, "", "identity", "br, deflate", "gzip;q=0", "gzip; q=0.0", "*;q=0", "gzip;q=x", "x-gzip"):
+        assert not accepts(refused), refused
 
 
 def test_the_chart_pages_resolution_comes_from_mains_box_in_the_stylesheet() -> None:
