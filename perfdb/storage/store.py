@@ -987,8 +987,7 @@ class ResultStore:
             return self._read_series_by_test(request)
         with self._series_snapshot() as (snapshot, epoch):
             columns, examined, complete = self._series_rows(snapshot, request, epoch)
-            grid = _series_grid(request, columns)
-            bounds = None if grid is None else BucketBounds(grid)
+            bounds = _series_bounds(request, columns)
             fields = _series_fields(request, bounds, columns, examined=examined, complete=complete)
             return self._with_marks(snapshot, request, fields)
 
@@ -998,12 +997,10 @@ class ResultStore:
         `tests_truncated`."""
         with self._series_snapshot() as (snapshot, epoch):
             columns, examined, complete = self._series_rows(snapshot, request, epoch)
-            grid = _series_grid(request, columns)
+            bounds = _series_bounds(request, columns)
             tests, truncated = columns.by_test(MAX_SERIES_TESTS)
             kept = sum(len(rows) for rows in tests.values())
-            bounds = None if grid is None else BucketBounds(grid)
-            fields = _series_fields(request, bounds, None, examined=examined, complete=complete, records=kept)
-            del fields["series"]
+            fields = _series_head(bounds, records=kept, examined=examined, complete=complete)
             fields["tests_truncated"] = truncated
             fields["tests"] = {}
             for test_name in sorted(tests):
@@ -1391,38 +1388,40 @@ def _choose_source(snapshot: plyvel.Snapshot, query: Query) -> _Source:
     )
 
 
-def _series_grid(request: SeriesQuery, columns: SeriesColumns) -> BucketGrid | None:
+def _series_bounds(request: SeriesQuery, columns: SeriesColumns) -> BucketBounds | None:
     """The buckets over since..until; an open end is the oldest (newest) record read. None when
     the range is open and no record matched."""
     if len(columns) == 0 and (request.since is None or request.until is None):
         return None
     low = request.since if request.since is not None else int(columns.micros[0])
     high = request.until if request.until is not None else int(columns.micros[-1]) + 1
-    return BucketGrid.spanning(low, high, request.buckets)
+    return BucketBounds(BucketGrid.spanning(low, high, request.buckets))
 
 
-def _series_fields(
-    request: SeriesQuery,
-    bounds: BucketBounds | None,
-    columns: SeriesColumns | None,
-    *,
-    examined: int,
-    complete: bool,
-    records: int | None = None,
-) -> dict[str, Any]:
+def _series_head(bounds: BucketBounds | None, *, records: int, examined: int, complete: bool) -> dict[str, Any]:
+    """A series reply's fields about its grid and its walk."""
     grid = None if bounds is None else bounds.grid
     return {
         "since": None if grid is None else format_micros(grid.start),
         "until": None if grid is None else format_micros(grid.end),
         "bucket_micros": None if grid is None else grid.width,
         "buckets": 0 if grid is None else grid.count,
-        "records": (0 if columns is None else len(columns)) if records is None else records,
+        "records": records,
         "examined": examined,
         "complete": complete,
+    }
+
+
+def _series_fields(
+    request: SeriesQuery, bounds: BucketBounds | None, columns: SeriesColumns, *, examined: int, complete: bool
+) -> dict[str, Any]:
+    """A series reply's fields over `columns`: the head and each metric's series."""
+    return {
+        **_series_head(bounds, records=len(columns), examined=examined, complete=complete),
         "series": {
-            metric: metric_fields(columns, metric, bounds, as_columns=request.columns)
-            if columns is not None and bounds is not None
-            else empty_series(request.columns)
+            metric: empty_series(request.columns)
+            if bounds is None
+            else metric_fields(columns, metric, bounds, as_columns=request.columns)
             for metric in request.metrics
         },
     }

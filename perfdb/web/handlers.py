@@ -66,7 +66,6 @@ SECURITY_HEADERS = {
 }
 RETRY_AFTER_SECONDS = 5
 GZIP_WBITS = 16 + 15  # a gzip stream with zlib's largest window
-INTERNAL_MESSAGE = "The dashboard hit an unexpected error; its log has the details."
 # A sorted table with a free-text search examines this many ranked results per page.
 SORTED_SEARCH_BLOCK = 500
 
@@ -420,16 +419,15 @@ async def api_user_series(request: web.Request) -> web.Response:
 
 
 async def _chart_data_block(request: web.Request, series: Coroutine[Any, Any, dict[str, Any]]) -> Markup:
-    """The page's charts' data (what their API answers), or the error that read met, for the
-    page's script to show rather than ask the API again (and wait as long)."""
+    """The page's charts' data (what their API answers), or the error that read met (as the API
+    would say it), for the page's script to show rather than ask the API again and wait as long."""
     try:
-        return pages.chart_data_block(_json_bytes(await series))
-    except PerfdbError as exc:
-        log.warning("chart data for %s not read: %s", request.path, exc.message)
-        error = {"code": exc.code, "message": exc.message, "retryable": exc.unavailable}
-    except NotFoundError as exc:
-        error = {"code": "not_found", "message": str(exc), "retryable": False}
-    return pages.chart_data_block(_json_bytes({"error": error}))
+        data = await series
+    except ConnectionError:  # the client went away
+        raise
+    except Exception as exc:
+        data = {"error": failure_of(request, exc).body()}
+    return pages.chart_data_block(_json_bytes(data))
 
 
 async def _chart_page(
@@ -456,13 +454,8 @@ async def _chart_page(
         return response
     await response.prepare(request)
     await response.write(encoded(before, isal_zlib.Z_SYNC_FLUSH))
-    try:
-        data = await _chart_data_block(request, series)
-    except Exception:  # the page is on its way: it goes without its data rather than broken
-        log.exception("chart data for %s failed", request.path)
-        data = pages.chart_data_block(
-            _json_bytes({"error": {"code": "internal", "message": INTERNAL_MESSAGE, "retryable": False}})
-        )
+    # Whatever the read meets, the page ends whole: its data or the error in its place.
+    data = await _chart_data_block(request, series)
     await response.write(encoded(data + after, isal_zlib.Z_FINISH))
     await response.write_eof()
     return response
@@ -712,48 +705,68 @@ async def api_index(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """What a failed request tells whoever asked: a page, a JSON error, or a chart page's data."""
+
+    status: int
+    code: str
+    title: str
+    message: str
+    retry: bool = False  # perfdb is away: the same request may work in a moment
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retryable": self.retry}
+
+
+def failure_of(request: web.Request, exc: Exception) -> Failure:
+    """The Failure an exception of a handler stands for, logged as it deserves."""
+    if isinstance(exc, web.HTTPException):
+        title = "Page not found" if exc.status == 404 else exc.reason
+        message = "There is no such page here." if exc.status == 404 else exc.reason
+        return Failure(exc.status, exc.reason.lower().replace(" ", "_"), title, message)
+    if isinstance(exc, QueryError):
+        return Failure(400, "bad_query", "That link does not work", str(exc))
+    if isinstance(exc, NotFoundError):
+        return Failure(404, "not_found", "Not found", str(exc))
+    if isinstance(exc, PerfdbError):
+        if exc.unavailable:
+            log.warning("perfdb unavailable for %s: %s", request.path, exc.message)
+            return Failure(503, exc.code, "perfdb is not answering", exc.message, retry=True)
+        log.warning("perfdb refused %s: %s", request.path, exc.message)
+        return Failure(502, exc.code, "perfdb refused the request", exc.message)
+    log.exception("unexpected error serving %s", request.path, exc_info=exc)
+    return Failure(
+        500, "internal", "Something went wrong", "The dashboard hit an unexpected error; its log has the details."
+    )
+
+
 @web.middleware
 async def error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes a readable page (or a JSON error under /api/), never a stack trace."""
     try:
         return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        title = "Page not found" if exc.status == 404 else exc.reason
-        message = "There is no such page here." if exc.status == 404 else exc.reason
-        return _error(request, exc.status, exc.reason.lower().replace(" ", "_"), title, message)
-    except QueryError as exc:
-        return _error(request, 400, "bad_query", "That link does not work", str(exc))
-    except NotFoundError as exc:
-        return _error(request, 404, "not_found", "Not found", str(exc))
-    except PerfdbError as exc:
-        if exc.unavailable:
-            log.warning("perfdb unavailable for %s: %s", request.path, exc.message)
-            response = _error(request, 503, exc.code, "perfdb is not answering", exc.message, retry=True)
-            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-            return response
-        log.warning("perfdb refused %s: %s", request.path, exc.message)
-        return _error(request, 502, exc.code, "perfdb refused the request", exc.message)
     except ConnectionError:  # the client went away: there is no one to answer
         raise
-    except Exception:
-        log.exception("unexpected error serving %s", request.path)
-        return _error(request, 500, "internal", "Something went wrong", INTERNAL_MESSAGE)
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        return _error(request, failure_of(request, exc))
 
 
-def _error(
-    request: web.Request, status: int, code: str, title: str, message: str, *, retry: bool = False
-) -> web.Response:
+def _error(request: web.Request, failure: Failure) -> web.Response:
     if request.path.startswith("/api/"):
-        return json_response({"error": {"code": code, "message": message, "retryable": retry}}, status=status)
-    site = request.app[DASHBOARD].site
-    return html_response(
-        pages.error_page(
-            site, status=status, title=title, message=message, retry_url=str(request.rel_url) if retry else None
-        ),
-        status=status,
-    )
+        response = json_response({"error": failure.body()}, status=failure.status)
+    else:
+        site = request.app[DASHBOARD].site
+        retry_url = str(request.rel_url) if failure.retry else None
+        page = pages.error_page(
+            site, status=failure.status, title=failure.title, message=failure.message, retry_url=retry_url
+        )
+        response = html_response(page, status=failure.status)
+    if failure.retry:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
