@@ -89,16 +89,19 @@ def test_a_series_met_several_times_in_a_batch_is_summarised_as_each_record_left
     windows = SeriesWindows(10)
     group, other = ("alice", "unary", ""), ("alice", "unary", "exp")
     values = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
-    queued = [windows.queue(group, None, f"{index:03d}", ["qps"], [value], [4]) for index, value in enumerate(values)]
+    starts = [windows.queue(group, None, f"{index:03d}", ["qps"], [value], [4]) for index, value in enumerate(values)]
     against = windows.queue(other, group, "100", ["qps"], [1000.0], [4])
-    summaries = windows.summaries()
-    assert queued[0] == [None]
+    counts, summaries = windows.summaries()
+    assert starts == list(range(len(values))) and against == len(values)
+
+    def summary(position: int) -> tuple[float, ...]:
+        return (int(counts[position]), *summaries[position].tolist())
+
+    assert counts[starts[0]] == 0  # a new series: no baseline
     for index in range(1, len(values)):
         kept = values[max(0, index - 4) : index]
-        position = queued[index][0]
-        assert position is not None and summaries[position] == pytest.approx(reference_summary(kept), rel=1e-12)
-    position = against[0]
-    assert position is not None and summaries[position] == pytest.approx(reference_summary(values[-4:]), rel=1e-12)
+        assert summary(starts[index]) == pytest.approx(reference_summary(kept), rel=1e-12)
+    assert summary(against) == pytest.approx(reference_summary(values[-4:]), rel=1e-12)
     assert windows.values(SeriesKey(*group, "qps")) == values[-4:]
     assert windows.values(SeriesKey(*other, "qps")) == [1000.0]
 
@@ -259,3 +262,63 @@ def test_new_thresholds_apply_to_the_next_batch() -> None:
     detector.thresholds = ThresholdConfig(default=SMALL)
     second = detector.judge_batch([record(2, "unary", {"qps": 1000.0})])[0]
     assert second is not None and orjson.loads(second)[0]["model"] == SMALL.to_json()
+
+
+def _summary_at(summaries: tuple[Any, Any], position: int) -> tuple[float, ...]:
+    counts, numbers = summaries
+    return (int(counts[position]), *numbers[position].tolist())
+
+
+def test_a_baseline_kept_wider_than_its_window_counts_only_its_newest_points() -> None:
+    """A baseline tag's series kept with 8 points, judged with a model of 4: the newest 4 count."""
+    windows = SeriesWindows(10)
+    wide, narrow = ("alice", "unary", "nightly"), ("alice", "unary", "pr")
+    for index in range(8):
+        windows.append(SeriesKey(*wide, "qps"), f"{index:03d}", float(index), 8)
+    start = windows.queue(narrow, wide, "100", ["qps"], [50.0], [4])
+    assert _summary_at(windows.summaries(), start) == pytest.approx(reference_summary([4.0, 5.0, 6.0, 7.0]))
+    assert windows.values(SeriesKey(*wide, "qps")) == [float(index) for index in range(8)]
+
+
+def test_points_of_records_older_than_their_series_newest_stay_out_in_any_order() -> None:
+    """Queued out of id order (an import of old records beside new ones): each point joins only if newer than its
+    series' newest so far, and each baseline sees the points that joined before it."""
+    windows = SeriesWindows(10)
+    group = ("alice", "unary", "")
+    key = SeriesKey(*group, "qps")
+    windows.append(key, "050", 1.0, 30)
+    starts = [
+        windows.queue(group, None, record_id, ["qps"], [value], [30])
+        for record_id, value in (("060", 2.0), ("040", 99.0), ("070", 3.0), ("065", 98.0))
+    ]
+    summaries = windows.summaries()
+    assert windows.values(key) == [1.0, 2.0, 3.0]
+    assert [point.record_id for point in windows.points(key)] == ["050", "060", "070"]
+    seen = [_summary_at(summaries, start)[0] for start in starts]
+    assert seen == [1, 2, 2, 3]
+
+
+def test_series_windows_evict_a_hundredth_of_their_series_at_a_time() -> None:
+    def key(n: int) -> SeriesKey:
+        return SeriesKey(f"user{n}", "unary", "", "qps")
+
+    windows = SeriesWindows(max_series=200)
+    for n in range(200):
+        windows.append(key(n), "id", 1.0, window=30)
+    windows.append(key(0), "id2", 2.0, window=30)  # used last: it stays
+    windows.append(key(200), "id", 1.0, window=30)
+    assert (len(windows), windows.evictions) == (199, 2)
+    assert key(0) in windows and key(200) in windows and key(1) not in windows and key(2) not in windows
+
+
+def test_a_baseline_series_made_after_a_plan_was_looked_up_is_found() -> None:
+    """The series looked up for a plan are looked up again once a series is made: a record judged against a tag
+    that had no series yet is judged against it once it has one."""
+    windows = SeriesWindows(10)
+    pull, nightly = ("alice", "unary", "pr"), ("alice", "unary", "nightly")
+    first = windows.queue(pull, nightly, "001", ["qps"], [1.0], [30], plan="unary qps")
+    windows.queue(nightly, None, "002", ["qps"], [5.0], [30], plan="unary qps")
+    again = windows.queue(pull, nightly, "003", ["qps"], [1.0], [30], plan="unary qps")
+    summaries = windows.summaries()
+    assert _summary_at(summaries, first)[0] == 0
+    assert _summary_at(summaries, again) == pytest.approx((1, 5.0, 0.0, 5.0, 5.0, 5.0))

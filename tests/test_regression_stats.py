@@ -361,7 +361,7 @@ def test_series_windows_evict_the_least_recently_appended_series() -> None:
         windows.append(key(n), "id", 1.0, window=30)
     windows.append(key(1), "id", 2.0, window=30)  # series 2 is now the least recently used
     windows.append(key(4), "id", 1.0, window=30)
-    assert list(windows) == [key(3), key(1), key(4)]
+    assert set(windows) == {key(1), key(3), key(4)}
     assert (len(windows), windows.evictions, key(2) in windows) == (3, 1, False)
     windows.discard(key(3))
     windows.discard(key(3))

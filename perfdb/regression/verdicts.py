@@ -2,10 +2,11 @@
 `judge(...).to_json()` of each metric, byte for byte, without building a Verdict, its dataclasses and dicts per
 metric.
 
-Per metric the server adds only its baseline summary and value (`VerdictBatch.add`); the decisions of the whole
-batch are then made at once with numpy (`decide_all`: the same float operations as `decide`), and every number of
-every verdict goes through one of two orjson calls (so each reads exactly as orjson writes it in a Verdict's dict)
-and is spliced into a %-template of its metric: the constant parts (name, model, direction) and those that take
+Per record the server adds only its metrics' shapes and values (`VerdictBatch.add_record`), and their baseline
+summaries come as arrays for the whole batch (SeriesWindows.summaries); the decisions of the whole batch are then
+made at once with numpy (`decide_all`: the same float operations as `decide`), and every number of every verdict
+goes through one of two orjson calls (so each reads exactly as orjson writes it in a Verdict's dict) and is spliced
+into a %-template of its metric: the constant parts (name, model, direction) and those that take
 one of a few values (status, governed_by, changed) are encoded once per template, at most 14 a metric and model.
 
 What is stored is not that JSON (about 470 bytes a metric) but the numbers it was built from (packed, 55 bytes a
@@ -20,6 +21,7 @@ import math
 import struct
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from perfdb.records.units import CORE_METRIC_NAMES
@@ -118,63 +120,51 @@ class VerdictShapeCache:
 
 
 class VerdictBatch:
-    """The verdicts of a batch of records, metric by metric in each record's order; `finish` decides and encodes
-    them all at once. A record whose metrics failed part-way is dropped (`drop_record`) and gets none."""
+    """The verdicts of a batch of records, each record's metrics in its order; `finish` decides and encodes them
+    all at once, given the batch's baseline summaries (as SeriesWindows.summaries gives them)."""
 
-    __slots__ = ("_counts", "_heads", "_numbers", "_records", "_shapes", "_start")
+    __slots__ = ("_heads", "_lengths", "_shapes", "_starts", "_values")
 
     def __init__(self) -> None:
         self._shapes: list[VerdictShapes] = []
-        self._counts: list[int] = []  # each metric's baseline n (0: none)
-        self._numbers: list[float] = []  # each metric's baseline mean, stddev, median, min, max (0.0s: none), value
-        self._records: list[tuple[int, int] | None] = []  # each record's metrics, [start, end) (None: dropped)
+        self._values: list[float] = []
+        self._starts: list[int] = []  # where each record's baseline summaries start
+        self._lengths: list[int] = []  # each record's number of metrics
         self._heads: list[bytes | None] = []  # each record's packed head, if its caller had it made already
-        self._start = 0  # the current record's first metric
 
-    def add(self, shapes: VerdictShapes, value: float, summary: Summary | None) -> None:
-        """Judge `value` (finite: the caller checked, before it joined its window) against the baseline `summary`
-        (None: no baseline) as `judge` does."""
-        self._shapes.append(shapes)
-        if summary is None or not summary[0]:
-            self._counts.append(0)
-            self._numbers += (0.0, 0.0, 0.0, 0.0, 0.0, value)
-            return
-        n, mean, stddev, median, low, high = summary
-        self._counts.append(n)
-        self._numbers += (mean, stddev, median, low, high, value)
-
-    def end_record(self, packed_head: bytes | None = None) -> None:
-        """The current record's metrics are all added; `packed_head` is `packed_head(its shapes)`, if known."""
-        end = len(self._shapes)
-        self._records.append((self._start, end))
+    def add_record(
+        self, shapes: list[VerdictShapes], values: list[float], start: int, packed_head: bytes | None = None
+    ) -> None:
+        """A record's metrics: their shapes and values (finite: the caller checked, before they joined their
+        windows), each judged as `judge` does against its baseline summary, the record's being those from `start`
+        on; `packed_head` is `packed_head(shapes)`, if known."""
+        self._shapes += shapes
+        self._values += values
+        self._starts.append(start)
+        self._lengths.append(len(shapes))
         self._heads.append(packed_head)
-        self._start = end
 
-    def drop_record(self) -> None:
-        """The current record failed: its metrics added so far go, and it gets no verdicts."""
-        start = self._start
-        del self._shapes[start:], self._counts[start:], self._numbers[start * _BASELINE_COLUMNS :]
-        self._records.append(None)
-        self._heads.append(None)
-
-    def finish(self) -> list[tuple[bytes, bytes] | None]:
-        """Each record's verdicts (None if dropped): the JSON array of them, and their numbers packed."""
+    def finish(self, counts: npt.NDArray[np.intp], summaries: npt.NDArray[np.float64]) -> list[tuple[bytes, bytes]]:
+        """Each record's verdicts: the JSON array of them, and their numbers packed. `counts` and `summaries` hold
+        each baseline's n (0: none) and its mean, stddev, median, min and max (0.0s without one)."""
         shapes = self._shapes
         count = len(shapes)
-        numbers = np.array(self._numbers, dtype="<f8").reshape(count, _BASELINE_COLUMNS)
-        counts = np.array(self._counts, dtype=np.int64)
-        encoded = self._encode(shapes, numbers, counts) if count else []
-        packed_counts = counts.astype("<u4")
-        finished: list[tuple[bytes, bytes] | None] = []
-        for span, head in zip(self._records, self._heads, strict=True):
-            if span is None:
-                finished.append(None)
-                continue
-            start, end = span
+        lengths = np.array(self._lengths, dtype=np.intp)
+        firsts = np.cumsum(lengths) - lengths
+        entries = np.repeat(np.array(self._starts, dtype=np.intp) - firsts, lengths) + np.arange(count)
+        numbers = np.empty((count, _BASELINE_COLUMNS), dtype="<f8")
+        numbers[:, :_VALUE_COLUMN] = summaries[entries]
+        numbers[:, _VALUE_COLUMN] = self._values
+        taken = counts[entries].astype(np.int64)
+        encoded = self._encode(shapes, numbers, taken) if count else []
+        packed_counts = taken.astype("<u4")
+        finished = []
+        for first, length, head in zip(firsts.tolist(), self._lengths, self._heads, strict=True):
+            end = first + length
             if head is None:
-                head = packed_head(shapes[start:end])
-            packed = head + packed_counts[start:end].tobytes() + numbers[start:end].tobytes()
-            finished.append((b"[" + b",".join(encoded[start:end]) + b"]", packed))
+                head = packed_head(shapes[first:end])
+            packed = head + packed_counts[first:end].tobytes() + numbers[first:end].tobytes()
+            finished.append((b"[" + b",".join(encoded[first:end]) + b"]", packed))
         return finished
 
     @staticmethod
@@ -208,10 +198,12 @@ class VerdictBatch:
 class RecordVerdicts:
     """One record's verdicts: a batch of that record alone (to judge a record by itself); add, then encode or pack."""
 
-    __slots__ = ("_batch", "_finished")
+    __slots__ = ("_finished", "_shapes", "_summaries", "_values")
 
     def __init__(self) -> None:
-        self._batch = VerdictBatch()
+        self._shapes: list[VerdictShapes] = []
+        self._values: list[float] = []
+        self._summaries: list[Summary | None] = []
         self._finished: tuple[bytes, bytes] | None = None
 
     def add(self, shapes: VerdictShapes, value: float, summary: Summary | None) -> None:
@@ -220,7 +212,9 @@ class RecordVerdicts:
         assert self._finished is None, "a record's verdicts are added before they are encoded"
         if not math.isfinite(value):
             raise ValueError(f"the value judged must be a finite number, not {value}")
-        self._batch.add(shapes, value, summary)
+        self._shapes.append(shapes)
+        self._values.append(value)
+        self._summaries.append(summary if summary is not None and summary[0] else None)
 
     def encode(self) -> bytes:
         """The JSON array of the verdicts."""
@@ -232,9 +226,14 @@ class RecordVerdicts:
 
     def _finish(self) -> tuple[bytes, bytes]:
         if self._finished is None:
-            self._batch.end_record()
-            (self._finished,) = self._batch.finish()
-            assert self._finished is not None
+            counts = np.array([0 if summary is None else summary[0] for summary in self._summaries], dtype=np.intp)
+            summaries = np.zeros((len(self._summaries), _VALUE_COLUMN))
+            for index, summary in enumerate(self._summaries):
+                if summary is not None:
+                    summaries[index] = summary[1:]
+            batch = VerdictBatch()
+            batch.add_record(self._shapes, self._values, 0)
+            (self._finished,) = batch.finish(counts, summaries)
         return self._finished
 
 

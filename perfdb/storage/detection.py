@@ -58,14 +58,16 @@ class CommittedRecord(NamedTuple):
 
 @dataclasses.dataclass(slots=True)
 class StoredVerdicts:
-    """The verdicts of one judged batch, handed to the writer to store (it is the only writer) as one write item:
-    (record id, user id, layout.verdicts_value) each. Nobody waits for it: a crash before it is committed leaves
-    those records without stored verdicts."""
+    """The verdicts of judged batches, handed to the writer to store (it is the only writer) as one write item:
+    (record id, user id, layout.verdicts_value) each, and how many batches that removed records the writer had
+    committed when the first of those batches was (a record can only be gone if another has been since). Nobody
+    waits for it: a crash before it is committed leaves those records without stored verdicts."""
 
     entries: list[tuple[str, str, bytes]]
+    removals_seen: int
 
     @classmethod
-    def of(cls, judged: Iterable[tuple[str, str, JudgedVerdicts | None]]) -> StoredVerdicts | None:
+    def of(cls, judged: Iterable[tuple[str, str, JudgedVerdicts | None]], removals_seen: int) -> StoredVerdicts | None:
         """The verdicts to store of judged records ((record id, user id, their verdicts as judge_committed gave
         them) each; a record without verdicts, such as a duplicate resend, has none). None if none."""
         entries = [
@@ -73,12 +75,15 @@ class StoredVerdicts:
             for record_id, user_id, verdicts in judged
             if verdicts is not None
         ]
-        return cls(entries) if entries else None
+        return cls(entries, removals_seen) if entries else None
 
 
-# A judged record's queued metrics: their verdict shapes, the packed head, their values and where their baseline
-# summaries will be in SeriesWindows.summaries (None: no baseline).
-_QueuedRecord = tuple[list[VerdictShapes], bytes | None, list[float], list[int | None]]
+# A judged record's queued metrics, as VerdictBatch.add_record takes them: their verdict shapes, their values, where
+# their baseline summaries will be in what SeriesWindows.summaries gives, and the packed head (None: not made yet).
+_QueuedRecord = tuple[list[VerdictShapes], list[float], int, bytes | None]
+# A record's plan (RegressionDetector._plan): its metrics' verdict shapes, their packed head, their windows and
+# the plan's key.
+_Plan = tuple[list[VerdictShapes], bytes | None, list[int], tuple[str, ...] | None]
 
 
 class JudgedVerdicts(NamedTuple):
@@ -98,7 +103,7 @@ class RegressionDetector:
         self._shapes = VerdictShapeCache()
         # (test name, *metric names) -> the verdict shapes of each metric and their packed head, for records
         # declaring no directions
-        self._plans: dict[tuple[str, ...], tuple[list[VerdictShapes], bytes]] = {}
+        self._plans: dict[tuple[str, ...], _Plan] = {}
         self._lock = threading.Lock()
         # (user_id, test_name, tag) -> metrics of it that received records, oldest group first
         self._dirty: dict[tuple[str, str, str], set[str]] = {}
@@ -117,6 +122,7 @@ class RegressionDetector:
         with self._lock:
             self._thresholds = thresholds
             self._plans.clear()
+            self.windows.forget_plans()
 
     def window_for(self, test_name: str, metric: str) -> int:
         return self.thresholds.model_for(test_name, metric).window
@@ -130,8 +136,8 @@ class RegressionDetector:
         return [None if verdicts is None else verdicts.json for verdicts in self.judge_committed(records)]
 
     def judge_committed(self, records: Sequence[CommittedRecord]) -> list[JudgedVerdicts | None]:
-        """judge_batch, with each record's verdicts packed to store too (the writer's verdict thread). Each metric
-        is queued on the windows in commit order (its baseline summary, then its value joining); the windows make
+        """judge_batch, with each record's verdicts packed to store too (the writer's verdict thread). Each record's
+        points are queued on the windows in commit order (its baselines, then its points joining); the windows make
         the batch's summaries at once (SeriesWindows.summaries), then the verdicts are decided and encoded at once
         (VerdictBatch)."""
         if not self.enabled:
@@ -144,42 +150,35 @@ class RegressionDetector:
                         queued.append(self._queue_record(record))
                         continue
                     queued.append(None)
-                    self._join_all(record.user_id, record.record_id, record.test_name, record.tag, record.metrics)
+                    self._join_all(record)
                 except Exception:  # the record is durable: a failed verdict must not fail its ack
                     failed = "verdicts of record %s failed" if record.judged else "record %s did not join its windows"
                     log.exception(failed, record.record_id)
                     if record.judged:
                         queued.append(None)
-            summaries = self.windows.summaries()
+            counts, summaries = self.windows.summaries()
         try:
             batch = VerdictBatch()
             for entry in queued:
-                if entry is None:
-                    batch.drop_record()
-                    continue
-                plan, packed, values, indexes = entry
-                add = batch.add
-                for shapes, value, index in zip(plan, values, indexes, strict=True):
-                    add(shapes, value, None if index is None else summaries[index])
-                batch.end_record(packed)
-            finished = batch.finish()
+                if entry is not None:
+                    batch.add_record(*entry)
+            finished = iter(batch.finish(counts, summaries))
         except Exception:  # the records are durable and joined their windows: acknowledged without verdicts
             log.exception("verdicts of a batch of %d records failed", len(records))
             return [None] * len(records)
-        return [None if verdicts is None else JudgedVerdicts(*verdicts) for verdicts in finished]
+        return [None if entry is None else JudgedVerdicts(*next(finished)) for entry in queued]
 
     def _queue_record(self, record: CommittedRecord) -> _QueuedRecord:
-        """Queue the record's baseline summaries and joining; what its verdicts are made of then."""
+        """Queue the record's baselines and points; what its verdicts are made of then."""
         group = (record.user_id, record.test_name, record.tag)
         metrics = record.metrics
         judged_tag = None if record.baseline_tag is None or record.baseline_tag == record.tag else record.baseline_tag
-        plan, packed = self._plan(record.test_name, metrics, record.better)
-        values = [float(value) for value in metrics.values()]
-        windows = [shapes.model.window for shapes in plan]
+        shapes, packed, windows, plan = self._plan(record.test_name, metrics, record.better)
+        values = list(map(float, metrics.values()))
         baseline_group = None if judged_tag is None else (record.user_id, record.test_name, judged_tag)
         try:
             if all(map(math.isfinite, values)):
-                indexes = self.windows.queue(group, baseline_group, record.record_id, metrics, values, windows)
+                start = self.windows.queue(group, baseline_group, record.record_id, metrics, values, windows, plan=plan)
             else:  # judged before it joins: a bad value stays out of the window, the metrics before it join
                 bad = next(index for index, value in enumerate(values) if not math.isfinite(value))
                 names = list(metrics)[:bad]
@@ -187,33 +186,35 @@ class RegressionDetector:
                 raise ValueError(f"the value judged must be a finite number, not {values[bad]}")
         finally:  # the metrics that joined before a failure are new points for the analysis too
             self._mark_all(group, metrics)
-        return plan, packed, values, indexes
+        return shapes, values, start, packed
 
-    def _plan(
-        self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None
-    ) -> tuple[list[VerdictShapes], bytes | None]:
-        """Each metric's model, direction and verdict shapes, in the record's order, and the packed verdicts' head
-        of them: the same for every record of a test with the same metrics and no declared directions, so those
-        are made once (for the others the batch makes the head)."""
-        plan = self._plans.get((test_name, *metrics)) if better is None else None
+    def _plan(self, test_name: str, metrics: Mapping[str, float], better: Mapping[str, object] | None) -> _Plan:
+        """Each metric's verdict shapes (model and direction) in the record's order, the packed verdicts' head of
+        them, each metric's window and the plan's key: the same for every record of a test with the same metrics
+        and no declared directions, so those are made once (for the others the batch makes the head, and the
+        windows look their series up each time: the key is None)."""
+        key = (test_name, *metrics)
+        plan = self._plans.get(key) if better is None else None
         if plan is None:
             model_for, shapes = self.thresholds.model_for, self._shapes.shapes
             made = [shapes(direction_of(metric, better), model_for(test_name, metric)) for metric in metrics]
+            windows = [shape.model.window for shape in made]
             if better is not None:
-                return made, None
+                return made, None, windows, None
             if len(self._plans) >= _MAX_PLANS:  # many test names: start again rather than grow without end
                 self._plans.clear()
-            plan = self._plans[(test_name, *metrics)] = (made, packed_head(made))
+            plan = self._plans[key] = (made, packed_head(made), windows, key)
         return plan
 
-    def _join_all(self, user_id: str, record_id: str, test_name: str, tag: str, metrics: Mapping[str, float]) -> None:
+    def _join_all(self, record: CommittedRecord) -> None:
         # An import may restore a record older than the window's newest: it stays out of the window until the
         # series is next rebuilt (at start, say), since a window holds the newest records in time order. Queued
         # like a judged record's points (a batch may hold both); in the windows at the next summaries().
-        windows = [self.window_for(test_name, metric) for metric in metrics]
-        values = [float(value) for value in metrics.values()]
-        self.windows.queue((user_id, test_name, tag), None, record_id, metrics, values, windows, summarise=False)
-        self._mark_all((user_id, test_name, tag), metrics)
+        _, _, windows, plan = self._plan(record.test_name, record.metrics, None)
+        values = list(map(float, record.metrics.values()))
+        group = (record.user_id, record.test_name, record.tag)
+        self.windows.queue(group, None, record.record_id, record.metrics, values, windows, summarise=False, plan=plan)
+        self._mark_all(group, record.metrics)
 
     def batch_committed(self) -> None:
         """Called by the writer after the judged records' acks are on their way."""

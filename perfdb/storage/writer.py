@@ -385,11 +385,17 @@ class _Batch:
 
     def add_verdicts(self, stored: StoredVerdicts) -> None:
         """Store judged records' verdicts, each only if its record is still there (a deletion committed
-        since would leave them behind; one later in this batch deletes them after this put)."""
+        since would leave them behind; one later in this batch deletes them after this put). The records
+        are looked up only if some were removed since they were committed."""
+        removed_since = stored.removals_seen != self.writer.removals_committed
         for record_id, user_id, value in stored.entries:
             if record_id in self.deleted:
                 continue
-            if record_id in self.staged or self.db.get(layout.record_key(record_id, user_id)) is not None:
+            if (
+                not removed_since
+                or record_id in self.staged
+                or self.db.get(layout.record_key(record_id, user_id)) is not None
+            ):
                 self.batch.put(layout.verdicts_key(record_id), value)
 
     def _indexed_fields(self, record_id: str, user_id: str) -> tuple[str, str] | None:
@@ -495,6 +501,8 @@ class _Batch:
         writer._profiles.update(self.profiles)
         writer.batches += 1
         writer.batched_records += self.new_records
+        if self.removed_records or self.deleted:
+            writer.removals_committed += 1
 
 
 class GroupCommitWriter:
@@ -546,6 +554,7 @@ class GroupCommitWriter:
         self.user_count = user_count
         self.batches = 0
         self.batched_records = 0
+        self.removals_committed = 0  # committed batches that removed records (see StoredVerdicts)
         self.failed_batches = 0
         self.reopens = 0
         self._heal_requested = False
@@ -714,6 +723,7 @@ class GroupCommitWriter:
         outcomes: list[Outcome]
         unfinished: list[UserRemoval] = []
         write_seconds: float | None = None
+        removals_seen = self.removals_committed  # before this batch's own: it may remove what it adds
         try:
             if self._needs_heal:
                 self._heal()
@@ -737,7 +747,7 @@ class GroupCommitWriter:
                 if not isinstance(item, StoredVerdicts) and all(item is not removal for removal in unfinished)
             ]
             if answered:
-                self._verdict_queue.put((answered, outcomes))
+                self._verdict_queue.put((answered, outcomes, removals_seen))
         elif outcomes:
             self._loop.call_soon_threadsafe(_settle, outcomes)
         for removal in unfinished:
@@ -747,13 +757,26 @@ class GroupCommitWriter:
             self.commit_observer(sum(map(self._record_count, items)), write_seconds)
 
     def _run_verdicts(self) -> None:
-        """The verdict thread: judges each durable batch in commit order, then hands out its outcomes."""
-        while True:
+        """The verdict thread: judges the durable batches in commit order, then hands out their outcomes. The
+        batches waiting when it comes round are judged together: a bigger batch costs less a record (numpy's
+        calls are made once for all of it), so a verdict thread that falls behind catches up."""
+        stopping = False
+        while not stopping:
             work = self._verdict_queue.get()
             if work is self._STOP:
                 return
-            items, outcomes = work
-            judged, verdicts = self._judge(items, outcomes)
+            items, outcomes, removals_seen = list(work[0]), list(work[1]), work[2]
+            while True:
+                try:
+                    more = self._verdict_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is self._STOP:
+                    stopping = True
+                    break
+                items += more[0]
+                outcomes += more[1]
+            judged, verdicts = self._judge(items, outcomes, removals_seen)
             # Queued before the acks go out: a write acknowledged after them is committed after these verdicts.
             if verdicts is not None:
                 self._queue.put(verdicts)
@@ -957,7 +980,9 @@ class GroupCommitWriter:
         self._user_removals.pop(user_id, None)
         return UserDeletionAck(user_id, removal.audit_id is not None, removal.removed)
 
-    def _judge(self, items: list[AnsweredItem], outcomes: list[Outcome]) -> tuple[list[Outcome], StoredVerdicts | None]:
+    def _judge(
+        self, items: list[AnsweredItem], outcomes: list[Outcome], removals_seen: int
+    ) -> tuple[list[Outcome], StoredVerdicts | None]:
         """The committed records join the verdict windows; new submissions get their verdicts, each judged
         against its window before it joined, in commit order, all in one call (see RegressionDetector.judge_batch).
         Also the verdicts to store, packed."""
@@ -993,7 +1018,8 @@ class GroupCommitWriter:
             judged.append((future, outcome))
         detector.batch_committed()
         stored = StoredVerdicts.of(
-            (record.record_id, record.user_id, verdicts) for record, verdicts in zip(committed, encoded, strict=True)
+            ((record.record_id, record.user_id, verdicts) for record, verdicts in zip(committed, encoded, strict=True)),
+            removals_seen,
         )
         return judged, stored
 
