@@ -27,6 +27,7 @@ from perfdb.storage.series import (
     MetricColumn,
     SeriesCache,
     SeriesColumns,
+    bucket_order,
     formatted_micros,
     index_columns,
     metric_fields,
@@ -527,3 +528,18 @@ async def test_columns_hold_the_points_of_the_same_series(tmp_path: Path) -> Non
                         assert given["timestamp"][position] == point.get("timestamp")
         refused = await conn.request("series", metric="qps", test_name="unary", columns="yes")
         assert error_code(refused) == "bad_request" and refused["error"]["message"].startswith("columns: must be")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bucket_order_is_lexsorts_order_with_ties_and_bursts(seed: int) -> None:
+    """The matrix sort keeps equal values oldest first, as lexsort does, and a burst falls back to lexsort."""
+    rng = np.random.default_rng(seed)
+    for trial in range(300):
+        size = int(rng.integers(1, 400))
+        buckets = np.sort(rng.integers(0, int(rng.integers(1, 60)), size)).astype(np.int64)
+        if trial % 3 == 0:
+            buckets[: size // 2] = buckets[0]  # half of the records in one bucket
+        values = rng.integers(-3, 3, size).astype(float) if trial % 2 else rng.uniform(-1e6, 1e6, size)
+        starts = np.flatnonzero(np.concatenate(([True], buckets[1:] != buckets[:-1])))
+        counts = np.diff(np.append(starts, size))
+        assert bucket_order(values, buckets, starts, counts).tolist() == np.lexsort((values, buckets)).tolist()
