@@ -196,35 +196,47 @@ def _summary_columns(
     matter): one pass of numpy calls for all of them.
 
     The rows are sorted first (the min, max and median are read off them) and summed in that order, so a summary
-    depends only on the values. The sum is compensated (each addition's rounding error, found exactly, is added
-    up too), so the mean is math.fsum(values) / n but in the rare case where the exact sum lies within a rounding
-    error or so of halfway between two floats (it may then differ in its last bit); the stddev is the two-pass
-    one around that mean, so identical values give their value and a stddev of exactly 0.0.
+    depends only on the values. The sum is compensated (_compensated_sums), so the mean is math.fsum(values) / n
+    but in the rare case where the exact sum lies within a rounding error or so of halfway between two floats (it
+    may then differ in its last bit); the stddev is the two-pass one around that mean, so identical values give
+    their value and a stddev of exactly 0.0.
     """
     width = rows.shape[1]
+    full = bool((counts == width).all())  # as a batch's windows mostly are: no slot to leave out
     valid = np.arange(width) < counts[:, None]
-    ordered = np.sort(np.where(valid, rows, np.inf), axis=1)
-    kept = np.where(valid, ordered, 0.0)
+    ordered = np.sort(rows if full else np.where(valid, rows, np.inf), axis=1)
+    kept = ordered if full else np.where(valid, ordered, 0.0)
     picked = np.arange(len(rows))
     low, high = ordered[:, 0], ordered[picked, counts - 1]
     below, above = ordered[picked, (counts - 1) // 2], ordered[picked, counts // 2]
     with np.errstate(over="ignore", invalid="ignore"):  # sums past the float range: see below
         median = np.where(counts % 2 == 1, above, (below + above) / 2)
-        columns = np.ascontiguousarray(kept.T)
-        total, errors = columns[0].copy(), np.zeros(len(rows))
-        for column in columns[1:]:  # Knuth's two-sum: the rounding error of each addition, exactly
-            summed = total + column
-            virtual = summed - total
-            errors += (total - (summed - virtual)) + (column - virtual)
-            total = summed
-        mean = (total + errors) / counts
-        deviations = np.where(valid, kept - mean[:, None], 0.0)
+        mean = _compensated_sums(kept) / counts
+        deviations = kept - mean[:, None]
+        if not full:
+            deviations[~valid] = 0.0
         stddev = np.sqrt(np.square(deviations).sum(axis=1) / np.maximum(counts - 1, 1))
     unfit = ~(np.isfinite(mean) & np.isfinite(stddev))
     if unfit.any():
         for index in np.flatnonzero(unfit).tolist():
             mean[index], stddev[index] = _scaled_mean_and_stddev(kept[index, : counts[index]])
     return mean, stddev, median, low, high
+
+
+def _compensated_sums(rows: FloatArray) -> FloatArray:
+    """Each row's sum, added up pairwise (columns 0 and 1, 2 and 3, ..., then the sums likewise) with the rounding
+    error of each addition found exactly (Knuth's two-sum) and added back at the end: as accurate as a sum in twice
+    the precision, in a few numpy calls a level rather than a few a column."""
+    errors = np.zeros(len(rows))
+    while rows.shape[1] > 1:
+        if rows.shape[1] % 2:
+            rows = np.concatenate((rows, np.zeros((len(rows), 1))), axis=1)
+        left, right = rows[:, 0::2], rows[:, 1::2]
+        summed = left + right
+        virtual = summed - left
+        errors += ((left - (summed - virtual)) + (right - virtual)).sum(axis=1)
+        rows = summed
+    return rows[:, 0] + errors
 
 
 def _scaled_mean_and_stddev(values: FloatArray) -> tuple[float, float]:
