@@ -322,3 +322,25 @@ def test_a_baseline_series_made_after_a_plan_was_looked_up_is_found() -> None:
     summaries = windows.summaries()
     assert _summary_at(summaries, first)[0] == 0
     assert _summary_at(summaries, again) == pytest.approx((1, 5.0, 0.0, 5.0, 5.0, 5.0))
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+def test_eviction_never_hands_a_series_row_to_another_while_its_points_are_queued(one_batch: bool) -> None:
+    """At max_series, a record with new metrics makes new series: the series it and the queued records name keep
+    their rows (the eviction waits for the batch to be written), and a looked-up plan keeps naming the right ones."""
+    windows = SeriesWindows(max_series=3)
+    group = ("alice", "unary", "")
+    queued = [
+        ("r01", ["a", "b"], [1.0, 2.0]),
+        ("r02", ["c"], [3.0]),
+        ("r03", ["a", "d", "e"], [10.0, 20.0, 30.0]),
+        ("r04", ["a", "d", "e"], [11.0, 21.0, 31.0]),
+    ]
+    for record_id, metrics, values in queued:
+        windows.queue(group, None, record_id, metrics, values, [30] * len(values), plan=tuple(metrics))
+        if not one_batch:
+            windows.summaries()
+    windows.summaries()
+    kept = {key.metric: windows.values(key) for key in windows}
+    assert kept == {"a": [1.0, 10.0, 11.0], "d": [20.0, 21.0], "e": [30.0, 31.0]}
+    assert windows.evictions == 2

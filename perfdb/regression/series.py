@@ -261,8 +261,8 @@ class SeriesWindows:
     """
 
     __slots__ = (
-        "_clock", "_joins", "_made", "_made_entries", "_pool_list", "_pools", "_reads", "_record_ids", "_retired",
-        "_row_plans", "_series", "_spans", "_values", "_windows", "evictions", "max_series",
+        "_clock", "_joins", "_looking_up", "_made", "_made_entries", "_pool_list", "_pools", "_reads", "_record_ids",
+        "_retired", "_row_plans", "_series", "_spans", "_values", "_windows", "evictions", "max_series",
     )  # fmt: skip
 
     def __init__(self, max_series: int) -> None:
@@ -288,6 +288,7 @@ class SeriesWindows:
         self._made: list[tuple[IntArray, FloatArray]] = []  # the batch's summaries made so far, and how many
         self._made_entries = 0
         self._retired: list[SeriesWindow] = []  # dropped while a batch was queued: freed once it is written
+        self._looking_up = False  # in _series_of
 
     def __len__(self) -> int:
         return len(self._series)
@@ -356,9 +357,15 @@ class SeriesWindows:
         series = self._series[key] = SeriesWindow(window, rows=self._rows_of(window))
         series.rows.used[series.row] = self._tick()
         self._row_plans.clear()
-        if len(self._series) > self.max_series:
-            self._evict(len(self._series) - self.max_series)
+        self._evict_past_limit()
         return series
+
+    def _evict_past_limit(self) -> None:
+        """Evict what is past max_series, unless points are queued or a record's series are being looked up:
+        a series they name must keep its row, so the eviction waits for the end of the batch's flush (the
+        windows may hold a batch's new series more than max_series meanwhile)."""
+        if len(self._series) > self.max_series and not self._values and not self._looking_up:
+            self._evict(len(self._series) - self.max_series)
 
     def _resized(self, key: tuple[str, str, str, str], series: SeriesWindow, window: int) -> SeriesWindow:
         self._flush()  # the resized window is made of its values, queued ones included
@@ -426,16 +433,20 @@ class SeriesWindows:
         """The numbers of the series each metric joins (made or resized as needed) and is judged against."""
         joins: list[int] = []
         reads: list[int] = []
-        for metric, window in zip(metrics, windows, strict=True):
-            key = (*group, metric)
-            series = self._series.get(key)
-            if series is None:
-                series = self._made_series(SeriesKey(*key), window)
-            elif series.maxlen != window:
-                series = self._resized(key, series, window)
-            joins.append(series.number)
-            judged = series if baseline_group is None else self._series.get((*baseline_group, metric))
-            reads.append(judged.number if summarise and judged is not None else _NONE)
+        self._looking_up = True  # nothing is evicted meanwhile: the numbers found so far stay theirs
+        try:
+            for metric, window in zip(metrics, windows, strict=True):
+                key = (*group, metric)
+                series = self._series.get(key)
+                if series is None:
+                    series = self._made_series(SeriesKey(*key), window)
+                elif series.maxlen != window:
+                    series = self._resized(key, series, window)
+                joins.append(series.number)
+                judged = series if baseline_group is None else self._series.get((*baseline_group, metric))
+                reads.append(judged.number if summarise and judged is not None else _NONE)
+        finally:
+            self._looking_up = False
         return joins, reads
 
     def summaries(self) -> tuple[IntArray, FloatArray]:
@@ -496,6 +507,7 @@ class SeriesWindows:
         for series in self._retired:
             series.release()
         self._retired.clear()
+        self._evict_past_limit()
 
     def _joining(
         self, joins: npt.NDArray[np.int64], entry_ids: ObjectArray, record_ids: ObjectArray

@@ -480,6 +480,9 @@ class _Batch:
         if writer.write_batch_hook is not None:
             writer.write_batch_hook()
         writer.overview.batch_writing()
+        if self.removed_records:
+            # Counted before the write: one that reports failure may still be in the database (see _heal).
+            writer.removals_committed += 1
         started = time.perf_counter()
         try:
             self.batch.write()
@@ -501,8 +504,6 @@ class _Batch:
         writer._profiles.update(self.profiles)
         writer.batches += 1
         writer.batched_records += self.new_records
-        if self.removed_records or self.deleted:
-            writer.removals_committed += 1
 
 
 class GroupCommitWriter:
@@ -554,7 +555,7 @@ class GroupCommitWriter:
         self.user_count = user_count
         self.batches = 0
         self.batched_records = 0
-        self.removals_committed = 0  # committed batches that removed records (see StoredVerdicts)
+        self.removals_committed = 0  # batches written (or tried) that removed records (see StoredVerdicts)
         self.failed_batches = 0
         self.reopens = 0
         self._heal_requested = False
