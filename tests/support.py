@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -23,10 +24,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 
 from perfdb.config import Config
+from perfdb.regression.series import Summary
+from perfdb.regression.verdicts import VerdictBatch, VerdictShapes
 from perfdb.server import PerfdbServer, build_store
 from perfdb.storage import ResultStore
 
@@ -553,3 +557,46 @@ def silent_port() -> Iterator[int]:
 def closed_port_url() -> str:
     """A userinfo URL nothing answers: for servers that must do without the provider."""
     return f"http://127.0.0.1:{closed_port()}/userinfo"
+
+
+class RecordVerdicts:
+    """One record's verdicts through the server's VerdictBatch, a metric at a time with its baseline summary as
+    a tuple (as the tests make them); add, then encode or pack."""
+
+    __slots__ = ("_finished", "_shapes", "_summaries", "_values")
+
+    def __init__(self) -> None:
+        self._shapes: list[VerdictShapes] = []
+        self._values: list[float] = []
+        self._summaries: list[Summary | None] = []
+        self._finished: tuple[bytes, bytes] | None = None
+
+    def add(self, shapes: VerdictShapes, value: float, summary: Summary | None) -> None:
+        """Judge `value` against the baseline `summary` (None: no baseline) as `judge` does; ValueError unless
+        `value` is finite."""
+        assert self._finished is None, "a record's verdicts are added before they are encoded"
+        if not math.isfinite(value):
+            raise ValueError(f"the value judged must be a finite number, not {value}")
+        self._shapes.append(shapes)
+        self._values.append(value)
+        self._summaries.append(summary if summary is not None and summary[0] else None)
+
+    def encode(self) -> bytes:
+        """The JSON array of the verdicts."""
+        return self._finish()[0]
+
+    def pack(self) -> bytes:
+        """The numbers the verdicts were built from, packed: what is stored."""
+        return self._finish()[1]
+
+    def _finish(self) -> tuple[bytes, bytes]:
+        if self._finished is None:
+            counts = np.array([0 if summary is None else summary[0] for summary in self._summaries], dtype=np.intp)
+            summaries = np.zeros((len(self._summaries), 5))  # mean, stddev, median, min, max
+            for index, summary in enumerate(self._summaries):
+                if summary is not None:
+                    summaries[index] = summary[1:]
+            batch = VerdictBatch()
+            batch.add_record(self._shapes, self._values, 0)
+            (self._finished,) = batch.finish(counts, summaries)
+        return self._finished

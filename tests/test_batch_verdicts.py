@@ -13,8 +13,9 @@ import pytest
 from perfdb.regression.direction import direction_of
 from perfdb.regression.series import SeriesKey, SeriesWindow, SeriesWindows
 from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig, ThresholdModel, ThresholdRule, judge
-from perfdb.regression.verdicts import RecordVerdicts, VerdictShapeCache
+from perfdb.regression.verdicts import VerdictShapeCache
 from perfdb.storage.detection import CommittedRecord, RegressionDetector
+from tests.support import RecordVerdicts
 
 SMALL = ThresholdModel(window=6, min_points=3, sigmas=2.0, min_change=0.1)
 

@@ -16,10 +16,10 @@ import pytest
 
 from perfdb.regression.direction import direction_of
 from perfdb.regression.thresholds import BaselineSummary, ThresholdConfig, ThresholdModel, ThresholdRule
-from perfdb.regression.verdicts import RecordVerdicts, VerdictShapeCache, unpack_verdicts
+from perfdb.regression.verdicts import VerdictShapeCache, unpack_verdicts
 from perfdb.storage import layout
 from perfdb.storage.detection import CommittedRecord, RegressionDetector
-from tests.support import connect, perfdb_with_provider, record_request
+from tests.support import RecordVerdicts, connect, perfdb_with_provider, record_request
 from tests.test_batch_verdicts import awkward_value
 from tests.test_stored_verdicts import DETECTING, record_all, stored_verdicts, two_metrics
 

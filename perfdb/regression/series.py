@@ -58,9 +58,9 @@ def _grown(array: np.ndarray, size: int, fill: object) -> np.ndarray:
 
 class _WindowRows:
     """The windows of one width, a row each: ring buffers of values and of record ids (a row's next point goes to
-    its `next_slots`), and per row its count of points, its newest record id and when it was last used."""
+    its `next_slots`), and per row its count of points and when it was last used."""
 
-    __slots__ = ("_free", "_next_unused", "counts", "ids", "newest", "next_slots", "number", "used", "values", "width")
+    __slots__ = ("_free", "_next_unused", "counts", "ids", "next_slots", "number", "used", "values", "width")
 
     def __init__(self, width: int, number: int = 0) -> None:
         self.width = width
@@ -69,7 +69,6 @@ class _WindowRows:
         self.ids: ObjectArray = np.full((4, width), None, dtype=object)
         self.counts: IntArray = np.zeros(4, dtype=np.intp)
         self.next_slots: IntArray = np.zeros(4, dtype=np.intp)
-        self.newest: ObjectArray = np.full(4, "", dtype=object)  # "" sorts before every record id
         self.used: npt.NDArray[np.int64] = np.zeros(4, dtype=np.int64)
         self._free: list[int] = []
         self._next_unused = 0
@@ -84,14 +83,12 @@ class _WindowRows:
             self.ids = _grown(self.ids, size, None)
             self.counts = _grown(self.counts, size, 0)
             self.next_slots = _grown(self.next_slots, size, 0)
-            self.newest = _grown(self.newest, size, "")
             self.used = _grown(self.used, size, 0)
         self._next_unused = row + 1
         return row
 
     def release(self, row: int) -> None:
         self.counts[row] = self.next_slots[row] = 0
-        self.newest[row] = ""
         self.ids[row] = None  # the record ids go now, not when the row is next used
         self._free.append(row)
 
@@ -101,7 +98,6 @@ class _WindowRows:
         self.ids[row, slot] = record_id
         self.next_slots[row] = (slot + 1) % self.width
         self.counts[row] = min(int(self.counts[row]) + 1, self.width)
-        self.newest[row] = record_id
 
     def write(self, rows: IntArray, record_ids: ObjectArray, values: FloatArray) -> None:
         """append() to many rows at once, each at most once."""
@@ -110,7 +106,11 @@ class _WindowRows:
         self.ids[rows, slots] = record_ids
         self.next_slots[rows] = (slots + 1) % self.width
         self.counts[rows] = np.minimum(self.counts[rows] + 1, self.width)
-        self.newest[rows] = record_ids
+
+    def newest_ids(self, rows: IntArray) -> ObjectArray:
+        """The rows' newest record ids, the last appended ("" for an empty row: it sorts before every id)."""
+        last = self.ids[rows, (self.next_slots[rows] - 1) % self.width]
+        return np.where(self.counts[rows] > 0, last, "")
 
     def ordered(self, row: int) -> tuple[FloatArray, list[str]]:
         """A row's values (a copy) and record ids, oldest first."""
@@ -261,8 +261,8 @@ class SeriesWindows:
     """
 
     __slots__ = (
-        "_clock", "_joins", "_looking_up", "_made", "_made_entries", "_pool_list", "_pools", "_reads", "_record_ids",
-        "_retired", "_row_plans", "_series", "_spans", "_values", "_windows", "evictions", "max_series",
+        "_clock", "_joins", "_made", "_made_entries", "_pool_list", "_pools", "_reads", "_record_ids", "_row_plans",
+        "_series", "_spans", "_values", "_windows", "evictions", "max_series",
     )  # fmt: skip
 
     def __init__(self, max_series: int) -> None:
@@ -287,8 +287,6 @@ class SeriesWindows:
         self._spans: list[int] = []
         self._made: list[tuple[IntArray, FloatArray]] = []  # the batch's summaries made so far, and how many
         self._made_entries = 0
-        self._retired: list[SeriesWindow] = []  # dropped while a batch was queued: freed once it is written
-        self._looking_up = False  # in _series_of
 
     def __len__(self) -> int:
         return len(self._series)
@@ -317,25 +315,23 @@ class SeriesWindows:
         return self._series.get(key)
 
     def append(self, key: SeriesKey, record_id: str, value: float, window: int) -> None:
-        """Add the newest point; keeps `window` points (a changed window for the series takes effect now)."""
+        """Add the newest point; keeps `window` points (a changed window for the series takes effect now). The
+        series is now the most recently used; past `max_series`, the least recently used are evicted."""
         self._flush()
-        self.used(key, window).append(record_id, float(value))
-
-    def used(self, key: SeriesKey, window: int) -> SeriesWindow:
-        """The series' window, made (evicting the least recently used series past `max_series`) or resized to
-        `window` points as needed, and now the most recently used."""
         series = self._series.get(key)
         if series is None:
-            return self._made_series(key, window)
-        if series.maxlen != window:
-            return self._resized(key, series, window)
+            series = self._made_series(key, window)
+        elif series.maxlen != window:
+            series = self._resized(key, series, window)
+        series.append(record_id, float(value))
         series.rows.used[series.row] = self._tick()
-        return series
+        self._evict_past_limit()
 
     def discard(self, key: SeriesKey) -> None:
+        self._flush()  # a row is freed only with no point queued that names it
         series = self._series.pop(key, None)
         if series is not None:
-            self._retire(series)
+            series.release()
             self._row_plans.clear()
 
     def forget_plans(self) -> None:
@@ -353,28 +349,27 @@ class SeriesWindows:
             self._pool_list.append(rows)
         return rows
 
-    def _made_series(self, key: tuple[str, str, str, str], window: int) -> SeriesWindow:
-        series = self._series[key] = SeriesWindow(window, rows=self._rows_of(window))
+    def _made_series(
+        self, key: tuple[str, str, str, str], window: int, points: Iterable[SeriesPoint] = ()
+    ) -> SeriesWindow:
+        """A new window for the series (nothing is evicted here: the numbers of the series a record or a queued
+        point names must stay theirs until the batch is written)."""
+        series = self._series[key] = SeriesWindow(window, points, self._rows_of(window))
         series.rows.used[series.row] = self._tick()
         self._row_plans.clear()
-        self._evict_past_limit()
         return series
-
-    def _evict_past_limit(self) -> None:
-        """Evict what is past max_series, unless points are queued or a record's series are being looked up:
-        a series they name must keep its row, so the eviction waits for the end of the batch's flush (the
-        windows may hold a batch's new series more than max_series meanwhile)."""
-        if len(self._series) > self.max_series and not self._values and not self._looking_up:
-            self._evict(len(self._series) - self.max_series)
 
     def _resized(self, key: tuple[str, str, str, str], series: SeriesWindow, window: int) -> SeriesWindow:
         self._flush()  # the resized window is made of its values, queued ones included
         points = series.points
-        self._retire(series)
-        resized = self._series[key] = SeriesWindow(window, points, self._rows_of(window))
-        resized.rows.used[resized.row] = self._tick()
-        self._row_plans.clear()
-        return resized
+        series.release()
+        return self._made_series(key, window, points)
+
+    def _evict_past_limit(self) -> None:
+        """With no point queued (a batch written, or a point appended), evict what is past max_series: the windows
+        hold a batch's new series beyond it only until the batch is written."""
+        if len(self._series) > self.max_series:
+            self._evict(len(self._series) - self.max_series)
 
     def _evict(self, overflow: int) -> None:
         """Drop the least recently used series: `overflow` of them, or a hundredth of max_series when that is more,
@@ -386,16 +381,9 @@ class SeriesWindows:
         )
         oldest = np.argpartition(used, count - 1)[:count] if count < len(keys) else np.arange(len(keys))
         for index in oldest.tolist():
-            self._retire(self._series.pop(keys[index]))
+            self._series.pop(keys[index]).release()
         self.evictions += count
         self._row_plans.clear()
-
-    def _retire(self, series: SeriesWindow) -> None:
-        """A dropped window's row is freed, once no queued point needs it."""
-        if self._values:
-            self._retired.append(series)
-        else:
-            series.release()
 
     def queue(
         self, group: tuple[str, str, str], baseline_group: tuple[str, str, str] | None, record_id: str,
@@ -433,20 +421,16 @@ class SeriesWindows:
         """The numbers of the series each metric joins (made or resized as needed) and is judged against."""
         joins: list[int] = []
         reads: list[int] = []
-        self._looking_up = True  # nothing is evicted meanwhile: the numbers found so far stay theirs
-        try:
-            for metric, window in zip(metrics, windows, strict=True):
-                key = (*group, metric)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._made_series(SeriesKey(*key), window)
-                elif series.maxlen != window:
-                    series = self._resized(key, series, window)
-                joins.append(series.number)
-                judged = series if baseline_group is None else self._series.get((*baseline_group, metric))
-                reads.append(judged.number if summarise and judged is not None else _NONE)
-        finally:
-            self._looking_up = False
+        for metric, window in zip(metrics, windows, strict=True):
+            key = (*group, metric)
+            series = self._series.get(key)
+            if series is None:
+                series = self._made_series(SeriesKey(*key), window)
+            elif series.maxlen != window:
+                series = self._resized(key, series, window)
+            joins.append(series.number)
+            judged = series if baseline_group is None else self._series.get((*baseline_group, metric))
+            reads.append(judged.number if summarise and judged is not None else _NONE)
         return joins, reads
 
     def summaries(self) -> tuple[IntArray, FloatArray]:
@@ -454,6 +438,7 @@ class SeriesWindows:
         numbered them: each baseline's n (0: no baseline) and its mean, stddev, median, min and max (0.0 without
         one). The points are in the windows now."""
         self._flush()
+        self._evict_past_limit()
         made, self._made, self._made_entries = self._made, [], 0
         if len(made) == 1:
             return made[0]
@@ -504,10 +489,6 @@ class SeriesWindows:
             self._write(written, joins, entry_ids, values)
         self._made.append((counts, numbers))
         self._made_entries += len(values)
-        for series in self._retired:
-            series.release()
-        self._retired.clear()
-        self._evict_past_limit()
 
     def _joining(
         self, joins: npt.NDArray[np.int64], entry_ids: ObjectArray, record_ids: ObjectArray
@@ -518,7 +499,7 @@ class SeriesWindows:
         joined = np.flatnonzero(joins != _NONE)
         newest = np.empty(len(joined), dtype=object)
         for pool, positions, rows in self._by_pool(joins[joined]):
-            newest[positions] = pool.newest[rows]
+            newest[positions] = pool.newest_ids(rows)
         if len(record_ids) == 1 or bool(np.all(record_ids[1:] > record_ids[:-1])):
             # Records in id order, as nearly always: a point joins if newer than its series' newest before.
             keep = entry_ids[joined] > newest

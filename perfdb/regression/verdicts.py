@@ -17,7 +17,6 @@ core metric: its name, direction and model, the models' parameters once, the bas
 from __future__ import annotations
 
 import dataclasses
-import math
 import struct
 
 import numpy as np
@@ -26,7 +25,6 @@ import orjson
 
 from perfdb.records.units import CORE_METRIC_NAMES
 from perfdb.regression.direction import Better, MetricDirection, direction_of
-from perfdb.regression.series import Summary
 from perfdb.regression.thresholds import IMPROVEMENT, NO_CHANGE, REGRESSION, ThresholdModel, decide_all
 
 # A template's key: a decision's code (status * 4 + governed_by_sigmas * 2 + changed), _UNDECIDED (too few points)
@@ -195,48 +193,6 @@ class VerdictBatch:
         ]
 
 
-class RecordVerdicts:
-    """One record's verdicts: a batch of that record alone (to judge a record by itself); add, then encode or pack."""
-
-    __slots__ = ("_finished", "_shapes", "_summaries", "_values")
-
-    def __init__(self) -> None:
-        self._shapes: list[VerdictShapes] = []
-        self._values: list[float] = []
-        self._summaries: list[Summary | None] = []
-        self._finished: tuple[bytes, bytes] | None = None
-
-    def add(self, shapes: VerdictShapes, value: float, summary: Summary | None) -> None:
-        """Judge `value` against the baseline `summary` (None: no baseline) as `judge` does; ValueError unless
-        `value` is finite."""
-        assert self._finished is None, "a record's verdicts are added before they are encoded"
-        if not math.isfinite(value):
-            raise ValueError(f"the value judged must be a finite number, not {value}")
-        self._shapes.append(shapes)
-        self._values.append(value)
-        self._summaries.append(summary if summary is not None and summary[0] else None)
-
-    def encode(self) -> bytes:
-        """The JSON array of the verdicts."""
-        return self._finish()[0]
-
-    def pack(self) -> bytes:
-        """The numbers the verdicts were built from, packed: what is stored."""
-        return self._finish()[1]
-
-    def _finish(self) -> tuple[bytes, bytes]:
-        if self._finished is None:
-            counts = np.array([0 if summary is None else summary[0] for summary in self._summaries], dtype=np.intp)
-            summaries = np.zeros((len(self._summaries), _VALUE_COLUMN))
-            for index, summary in enumerate(self._summaries):
-                if summary is not None:
-                    summaries[index] = summary[1:]
-            batch = VerdictBatch()
-            batch.add_record(self._shapes, self._values, 0)
-            (self._finished,) = batch.finish(counts, summaries)
-        return self._finished
-
-
 # The packed form of a record's verdicts, little-endian:
 #   version (B, 1); models (B), each: window (I), min_points (I), sigmas (d), min_change (d), flags (B: which of
 #   those two were ints); metrics (H), each:
@@ -330,10 +286,13 @@ def _unpack(packed: memoryview) -> bytes:
         offset += 1
     if len(packed) != offset + metric_count * (4 + 8 * _BASELINE_COLUMNS):
         raise ValueError("packed verdicts of the wrong length for their metrics")
-    counts = struct.unpack_from(f"<{metric_count}I", packed, offset)
-    numbers = struct.unpack_from(f"<{metric_count * _BASELINE_COLUMNS}d", packed, offset + 4 * metric_count)
-    verdicts = RecordVerdicts()
-    for index, (shape, n) in enumerate(zip(shapes, counts, strict=True)):
-        mean, stddev, median, low, high, value = numbers[index * _BASELINE_COLUMNS : (index + 1) * _BASELINE_COLUMNS]
-        verdicts.add(shape, value, (n, mean, stddev, median, low, high) if n else None)
-    return verdicts.encode()
+    # The numbers go back into the batch as they came out of it (0.0s where there was no baseline).
+    counts = np.frombuffer(packed, dtype="<u4", count=metric_count, offset=offset).astype(np.intp)
+    numbers = np.frombuffer(
+        packed, dtype="<f8", count=metric_count * _BASELINE_COLUMNS, offset=offset + 4 * metric_count
+    )
+    numbers = numbers.reshape(metric_count, _BASELINE_COLUMNS)
+    batch = VerdictBatch()
+    batch.add_record(shapes, numbers[:, _VALUE_COLUMN].tolist(), 0)
+    ((json, _),) = batch.finish(counts, numbers[:, :_VALUE_COLUMN])
+    return json

@@ -673,11 +673,7 @@ class GroupCommitWriter:
                 continue
             batch = [first]
             records = self._record_count(first)
-            while records < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            for item in _waiting(self._queue) if records < self._max_batch else ():
                 if item is self._STOP:
                     stopping = True
                     break
@@ -685,6 +681,8 @@ class GroupCommitWriter:
                     continue  # committing the batch heals first anyway
                 batch.append(item)
                 records += self._record_count(item)
+                if records >= self._max_batch:
+                    break
             self._commit(batch)
         self._refuse_leftovers()
 
@@ -767,11 +765,7 @@ class GroupCommitWriter:
             if work is self._STOP:
                 return
             items, outcomes, removals_seen = list(work[0]), list(work[1]), work[2]
-            while True:
-                try:
-                    more = self._verdict_queue.get_nowait()
-                except queue.Empty:
-                    break
+            for more in _waiting(self._verdict_queue):
                 if more is self._STOP:
                     stopping = True
                     break
@@ -1215,6 +1209,15 @@ def _stored_ack(value: bytes | None, user_id: str, request_key: bytes) -> Record
         # Damaged: treat the request as new (its entry is rewritten) rather than fail the batch.
         log.error("idempotency entry %r is damaged; treating the request as new", request_key[:80])
         return None
+
+
+def _waiting(work: queue.SimpleQueue[Any]) -> Iterator[Any]:
+    """The items in the queue now, one by one, without waiting for more (the caller may stop taking them)."""
+    while True:
+        try:
+            yield work.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _judged_record(ack: RecordAck, draft: RecordDraft) -> CommittedRecord:
